@@ -1,0 +1,43 @@
+"""Command-line flags derived from the config declaration: one flag per config key."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .config import leaves
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onlinemix.train",
+        description="Self-supervised training with synthetic views generated on the fly (MixDiff). "
+                    "Producers run a Stable Diffusion image-variation model and fill a shared-memory ring of "
+                    "(real, synthetic) pairs; trainers consume it through accelerate. With no arguments, trains "
+                    "the embedded default: SimCLR + MixDiff, tiny convnet, bundled digits, tiny stub diffuser, CPU.")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="YAML preset (see configs/); command-line flags override it")
+    parser.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                        help="continue a run from its latest checkpoint, with its saved config "
+                             "(flags given here still override it, e.g. more --train.epochs)")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for key, f, tp in leaves():
+        section = key.split(".")[0] if "." in key else "run"
+        group = groups.setdefault(section, parser.add_argument_group(f"{section} options"))
+        flags = ["--" + key.replace("_", "-")]
+        if "_" in key:
+            flags.append("--" + key)
+        help_text = f.metadata["help"]
+        if f.metadata.get("choices"):
+            help_text += f" ({' | '.join(f.metadata['choices'])})"
+        group.add_argument(*flags, dest=key, default=None, metavar=tp.__name__.upper(),
+                           help=f"{help_text} [default: {f.default}]")
+    parser.set_defaults(**{key: None for key, _, _ in leaves()})
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, str]]:
+    """Parsed args and the config overrides the user actually gave (dotted key -> text)."""
+    args = build_parser().parse_args(argv)
+    overrides = {key: getattr(args, key) for key, _, _ in leaves() if getattr(args, key) is not None}
+    return args, overrides

@@ -1,0 +1,273 @@
+"""Typed run configuration: dataclass defaults, YAML presets, command-line overrides.
+
+Every leaf is declared once, with its help text and allowed values, so that the YAML
+loader, the command-line parser and ``--help`` all derive from the same declaration.
+Validation happens before any process or file is created: an unknown key, a wrong type
+or an out-of-range value raises :class:`ConfigError` naming the key, the value and what
+is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped, out of range or inconsistent."""
+
+
+def opt(default: Any, help: str, *, low: float | None = None, high: float | None = None,
+        choices: tuple[str, ...] | None = None) -> Any:
+    """Declare a config leaf with its documentation and allowed values."""
+    return field(default=default, metadata={"help": help, "low": low, "high": high, "choices": choices})
+
+
+@dataclass
+class DataConfig:
+    dataset: str = opt("digits", "'digits' (bundled 8x8 handwritten digits, 1,797 images, 10 classes) "
+                       "or the path of an ImageFolder directory (one sub-directory per class)")
+    resolution: int = opt(32, "side in pixels of the real and synthetic images held in the ring", low=8, high=1024)
+    holdout_fraction: float = opt(0.2, "fraction of images held out (never trained on) for the probe's test split",
+                                  low=0.05, high=0.9)
+
+
+@dataclass
+class GeneratorConfig:
+    model: str = opt("stub", "'stub' (tiny random-weight diffuser, CPU friendly) or a hub id / local directory "
+                     "of a StableDiffusionImageVariationPipeline, e.g. lambdalabs/sd-image-variations-diffusers")
+    revision: str = opt("v2.0", "hub revision of the model (ignored for 'stub' and local directories)")
+    steps: int = opt(10, "denoising steps per image", low=1, high=1000)
+    guidance: float = opt(3.0, "classifier-free guidance scale k (k <= 1 disables guidance and halves the cost)",
+                          low=0.0, high=50.0)
+    scheduler: str = opt("dpm++", "sampler", choices=("dpm++", "ddim", "pndm", "euler"))
+    dtype: str = opt("auto", "generator precision; auto = fp16 on GPU, fp32 on CPU",
+                     choices=("auto", "fp16", "bf16", "fp32"))
+    attention: str = opt("auto", "attention backend; auto = xformers when it loads, else PyTorch SDPA",
+                         choices=("auto", "sdpa", "xformers"))
+    batch_size: int = opt(16, "images generated per pipeline call", low=1, high=1024)
+    seed: int = opt(0, "base seed; each image's seed derives from (seed, image id, epoch)", low=0)
+    stub_seed: int = opt(0, "seed of the tiny stub diffuser's random weights", low=0)
+    cpu_threads: int = opt(1, "torch threads per producer when it runs on the CPU", low=1, high=256)
+
+
+@dataclass
+class RingConfig:
+    slots: int = opt(2048, "number of (real, synthetic) pair slots in shared memory", low=1, high=10_000_000)
+    verify_checksums: bool = opt(True, "check each pair's CRC32 when a trainer copies it out")
+
+
+@dataclass
+class StalenessConfig:
+    max_reuse: int = opt(4, "times one synthetic view may serve before it is retired", low=1, high=1_000_000)
+    max_age: int = opt(4, "epochs after which a synthetic view is too old to serve", low=0, high=1_000_000)
+    policy: str = opt("wait", "what a trainer does when an image has no acceptable synthetic view: "
+                      "'wait' for a producer (bounded by wait_timeout_s, then 'real'), "
+                      "'real' = use a second augmented real view at once", choices=("wait", "real"))
+    wait_timeout_s: float = opt(5.0, "longest a batch waits for missing views under the 'wait' policy",
+                                low=0.0, high=3600.0)
+
+
+@dataclass
+class TrainConfig:
+    method: str = opt("simclr", "self-supervised method", choices=("simclr",))
+    pairing: str = opt("mixdiff", "view composition: 'mixdiff' pairs each real image with its synthetic "
+                       "variation, 'real' pairs two augmentations of the real image (plain SSL)",
+                       choices=("mixdiff", "real"))
+    backbone: str = opt("tinycnn", "backbone network", choices=("tinycnn", "resnet18", "resnet50"))
+    width: int = opt(32, "channel width of the tinycnn backbone", low=4, high=1024)
+    proj_dim: int = opt(64, "output size of the projection head", low=2, high=8192)
+    temperature: float = opt(0.2, "NT-Xent temperature tau", low=1e-4, high=10.0)
+    epochs: int = opt(10, "training epochs over the real images", low=0, high=100_000)
+    batch_size: int = opt(128, "real images per batch per trainer rank", low=2, high=65536)
+    lr: float = opt(2e-3, "AdamW learning rate (cosine decay, linear warm-up)", low=0.0, high=10.0)
+    weight_decay: float = opt(1e-4, "AdamW weight decay", low=0.0, high=10.0)
+    warmup_epochs: float = opt(1.0, "epochs of linear learning-rate warm-up", low=0.0, high=10_000.0)
+    seed: int = opt(0, "seed of the model initialisation, data order and augmentations", low=0)
+    cpu_threads: int = opt(0, "torch threads of a trainer on the CPU; 0 = cores left after the producers",
+                           low=0, high=256)
+    checkpoint_every: int = opt(0, "save a checkpoint every N steps (0 = only at the end)", low=0)
+    log_every: int = opt(10, "write a metrics line every N steps", low=1)
+
+
+@dataclass
+class ProbeConfig:
+    enabled: bool = opt(True, "after training, fit a linear probe on frozen features of real images")
+    epochs: int = opt(300, "full-batch optimisation steps of the probe", low=1, high=100_000)
+    lr: float = opt(0.05, "probe learning rate (Adam)", low=1e-6, high=10.0)
+    weight_decay: float = opt(1e-4, "probe weight decay", low=0.0, high=10.0)
+
+
+@dataclass
+class Config:
+    gen_gpus: int = opt(1, "producer processes; each takes one GPU not used by a trainer, "
+                        "or runs on the CPU when there is no GPU", low=0, high=64)
+    output_dir: str = opt("runs", "directory under which each run gets its own sub-directory")
+    run_name: str = opt("", "name of the run directory (default: timestamp, method and pairing)")
+    data: DataConfig = field(default_factory=DataConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    ring: RingConfig = field(default_factory=RingConfig)
+    staleness: StalenessConfig = field(default_factory=StalenessConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+    def check_consistency(self) -> None:
+        """Reject combinations that are individually valid but cannot run."""
+        if self.train.pairing == "mixdiff" and self.gen_gpus < 1:
+            raise ConfigError("train.pairing=mixdiff needs at least one producer: gen_gpus=0 is not allowed "
+                              "(use train.pairing=real for plain SSL)")
+        if self.staleness.policy == "wait" and self.staleness.wait_timeout_s <= 0:
+            raise ConfigError("staleness.policy=wait needs staleness.wait_timeout_s > 0 "
+                              "(use staleness.policy=real to never wait)")
+        if self.train.pairing == "mixdiff" and self.ring.slots < self.generator.batch_size:
+            raise ConfigError(f"ring.slots={self.ring.slots} is smaller than one producer batch "
+                              f"(generator.batch_size={self.generator.batch_size}); producers could never write")
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def _is_section(tp: Any) -> bool:
+    return dataclasses.is_dataclass(tp)
+
+
+def leaves(cls: type = Config, prefix: str = "") -> list[tuple[str, dataclasses.Field, type]]:
+    """All leaf fields as (dotted key, field, type), sections expanded."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_section(tp):
+            out += leaves(tp, f"{prefix}{f.name}.")
+        else:
+            out.append((f"{prefix}{f.name}", f, tp))
+    return out
+
+
+def _allowed(f: dataclasses.Field, tp: type) -> str:
+    m = f.metadata
+    if m.get("choices"):
+        return "one of " + ", ".join(repr(c) for c in m["choices"])
+    parts = [tp.__name__]
+    if m.get("low") is not None:
+        parts.append(f">= {m['low']}")
+    if m.get("high") is not None:
+        parts.append(f"<= {m['high']}")
+    return " ".join(parts)
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field, tp: type, from_text: bool) -> Any:
+    """Convert and check one value; raise ConfigError naming key, value and what is allowed."""
+    bad = ConfigError(f"{key}={value!r} is not valid: expected {_allowed(f, tp)}")
+    if from_text and tp is not str:
+        text = str(value).strip().lower()
+        try:
+            if tp is bool:
+                if text not in ("true", "false", "1", "0", "yes", "no"):
+                    raise bad
+                value = text in ("true", "1", "yes")
+            else:
+                value = tp(text)
+        except ValueError:
+            raise bad from None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise bad from None
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise bad
+    m = f.metadata
+    if m.get("choices") and value not in m["choices"]:
+        raise bad
+    if m.get("low") is not None and value < m["low"]:
+        raise bad
+    if m.get("high") is not None and value > m["high"]:
+        raise bad
+    if tp is float and value != value:
+        raise bad
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, from_text: bool) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown key '{key}'{hint}; allowed in this section: {', '.join(known)}")
+        tp = hints[name]
+        if _is_section(tp):
+            kwargs[name] = _build(tp, value, f"{key}.", from_text)
+        else:
+            kwargs[name] = _coerce(key, value, known[name], tp, from_text)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        node = out
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, str] | None = None) -> Config:
+    """Defaults, then the YAML preset at ``path``, then textual ``overrides`` (dotted keys)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    cfg = _build(Config, data, "", from_text=False)
+    if overrides:
+        cfg = _apply_text_overrides(cfg, overrides)
+    cfg.check_consistency()
+    return cfg
+
+
+def _apply_text_overrides(cfg: Config, overrides: dict[str, str]) -> Config:
+    types = {key: (f, tp) for key, f, tp in leaves()}
+    typed = {}
+    for key, text in overrides.items():
+        if key not in types:
+            close = difflib.get_close_matches(key, types, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown key '{key}'{hint}")
+        f, tp = types[key]
+        typed[key] = _coerce(key, text, f, tp, from_text=True)
+    return _build(Config, _merge(to_dict(cfg), _nest(typed)), "", from_text=False)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

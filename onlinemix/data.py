@@ -1,0 +1,110 @@
+"""Real images: the bundled digits set or any ImageFolder directory, decoded once to uint8.
+
+Both producers and trainers hold the same (N, 3, R, R) uint8 tensor, so an image id means
+the same pixels everywhere and only ids ever cross process boundaries.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from .config import DataConfig
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+class DataError(ValueError):
+    """The real dataset is missing, empty or unreadable."""
+
+
+@dataclass
+class RealImages:
+    images: torch.Tensor        # (N, 3, R, R) uint8
+    labels: torch.Tensor        # (N,) int64
+    classes: list[str]
+    train_ids: torch.Tensor     # ids the self-supervised trainer and the probe fit on
+    holdout_ids: torch.Tensor   # ids only the probe's evaluation sees
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def load_digits(resolution: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The UCI handwritten digits (as shipped by scikit-learn): 8x8, 17 grey levels, to RGB."""
+    with resources.files("onlinemix").joinpath("assets/digits.npz").open("rb") as fh:
+        arrays = np.load(fh)
+        grey = torch.from_numpy(arrays["images"].astype(np.float32) * (255.0 / 16.0))
+        labels = torch.from_numpy(arrays["labels"].astype(np.int64))
+    up = F.interpolate(grey[:, None], size=(resolution, resolution), mode="bilinear", align_corners=False)
+    images = up.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    return images, labels, [str(d) for d in range(10)]
+
+
+def _load_rgb(path: Path, resolution: int) -> torch.Tensor:
+    """Decode any mode (grey, RGBA, palette, 16-bit) to RGB, resize the short side, centre crop."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(img, dtype=np.float64)
+            img = Image.fromarray((arr * (255.0 / max(arr.max(), 1.0))).astype(np.uint8))
+        img = img.convert("RGB")
+        w, h = img.size
+        if w == 0 or h == 0:
+            raise DataError(f"{path}: zero-size image")
+        scale = resolution / min(w, h)
+        img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
+                         Image.Resampling.BICUBIC)
+        w, h = img.size
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        img = img.crop((left, top, left + resolution, top + resolution))
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def load_image_folder(root: Path, resolution: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """An ImageFolder tree (root/class/image); unreadable files are skipped with a warning naming them."""
+    if not root.is_dir():
+        raise DataError(f"dataset directory {root} does not exist")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"{root} has no class sub-directories (expected root/<class>/<image>)")
+    images, labels, bad = [], [], []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                images.append(_load_rgb(path, resolution))
+                labels.append(label)
+            except (UnidentifiedImageError, OSError, DataError, ValueError) as e:
+                bad.append(f"{path} ({e.__class__.__name__}: {e})")
+    for line in bad:
+        log.warning("skipping unreadable image %s", line)
+    if not images:
+        raise DataError(f"no readable images under {root}" + (f"; {len(bad)} unreadable" if bad else ""))
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), classes
+
+
+def split_ids(n: int, holdout_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random split; the same seed always holds out the same images."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_hold = max(1, int(round(n * holdout_fraction)))
+    return perm[n_hold:].sort().values, perm[:n_hold].sort().values
+
+
+def load_real_images(cfg: DataConfig) -> RealImages:
+    if cfg.dataset == "digits":
+        images, labels, classes = load_digits(cfg.resolution)
+    else:
+        images, labels, classes = load_image_folder(Path(cfg.dataset), cfg.resolution)
+    train_ids, holdout_ids = split_ids(len(images), cfg.holdout_fraction)
+    return RealImages(images, labels, classes, train_ids, holdout_ids)

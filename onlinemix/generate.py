@@ -1,0 +1,150 @@
+"""Generators of synthetic variations behind one small interface.
+
+``generate(images uint8 (B, 3, H, W), seeds) -> uint8 (B, 3, H, W)`` on the generator's
+device. The diffusers implementation preprocesses on the device exactly as the
+image-variation model was trained (whole image squashed to the CLIP size, bicubic, no
+antialiasing, CLIP mean/std) and never goes through PIL or the CLIP processor, which
+would antialias and centre-crop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler,
+                       StableDiffusionImageVariationPipeline)
+
+from .config import GeneratorConfig
+from .stub_diffuser import build_stub_pipeline
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS = {"dpm++": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "pndm": PNDMScheduler,
+              "euler": EulerDiscreteScheduler}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+PREPROCESSING_VERSION = 1  # bump when the input preprocessing changes the output
+MAX_RETRIES = 3
+
+
+class GeneratorError(RuntimeError):
+    """The generator cannot be built or keeps producing unusable images."""
+
+
+class VariationGenerator(Protocol):
+    fingerprint: str
+    attention: str
+
+    def generate(self, images: torch.Tensor, seeds: list[int]) -> torch.Tensor: ...
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def select_attention(pipe: StableDiffusionImageVariationPipeline, requested: str) -> tuple[str, str]:
+    """Pick the attention backend; returns (backend, reason). xformers is optional and never imported eagerly."""
+    if requested == "sdpa":
+        return "sdpa", "requested"
+    try:
+        pipe.enable_xformers_memory_efficient_attention()
+        return "xformers", "xformers kernels loaded"
+    except Exception as e:  # ImportError, or kernels built for another torch / no CUDA
+        reason = f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if requested == "xformers":
+            raise GeneratorError(f"attention=xformers was requested but xformers cannot be used: {reason}") from e
+        return "sdpa", f"xformers unavailable ({reason})"
+
+
+def load_pipeline(cfg: GeneratorConfig, device: torch.device, dtype: torch.dtype) -> StableDiffusionImageVariationPipeline:
+    if cfg.model == "stub":
+        pipe = build_stub_pipeline(cfg.stub_seed)
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
+    else:
+        pipe = StableDiffusionImageVariationPipeline.from_pretrained(
+            cfg.model, revision=cfg.revision, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = SCHEDULERS[cfg.scheduler].from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+class DiffusersVariationGenerator:
+    """StableDiffusionImageVariationPipeline with device-side preprocessing and per-image seeds."""
+
+    def __init__(self, cfg: GeneratorConfig, device: torch.device | str, resolution: int) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.resolution = resolution
+        self.pipe = load_pipeline(cfg, self.device, self.dtype)
+        self.attention, reason = select_attention(self.pipe, cfg.attention)
+        log.info("generator %s on %s, %s, attention=%s (%s)", cfg.model, self.device, self.dtype, self.attention, reason)
+        fe = self.pipe.feature_extractor
+        self.clip_size = int(self.pipe.image_encoder.config.image_size)
+        self.clip_mean = torch.tensor(fe.image_mean, device=self.device).view(1, 3, 1, 1)
+        self.clip_std = torch.tensor(fe.image_std, device=self.device).view(1, 3, 1, 1)
+        # The VAE's spatial factor sets which output sizes the UNet can denoise.
+        factor = self.pipe.vae_scale_factor
+        self.gen_size = max(factor, -(-resolution // factor) * factor)
+        self.fingerprint = self._fingerprint()
+        self.retries = 0
+
+    def _fingerprint(self) -> str:
+        identity = {"model": self.cfg.model, "revision": self.cfg.revision if self.cfg.model != "stub" else "",
+                    "stub_seed": self.cfg.stub_seed if self.cfg.model == "stub" else None,
+                    "dtype": str(self.dtype), "scheduler": self.cfg.scheduler, "steps": self.cfg.steps,
+                    "guidance": self.cfg.guidance, "size": self.gen_size, "resolution": self.resolution,
+                    "preprocessing": PREPROCESSING_VERSION}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> CLIP pixel values, as the model was trained: squash, bicubic, no antialias."""
+        x = images.to(self.device, torch.float32) / 255.0
+        x = F.interpolate(x, size=(self.clip_size, self.clip_size), mode="bicubic", align_corners=False, antialias=False)
+        return ((x - self.clip_mean) / self.clip_std).to(self.dtype)
+
+    def _run(self, pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
+        with torch.inference_mode():
+            out = self.pipe(pixels, height=self.gen_size, width=self.gen_size, num_inference_steps=self.cfg.steps,
+                            guidance_scale=self.cfg.guidance, generator=generators, output_type="pt").images
+        return out.float()
+
+    def generate(self, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        check_images(images)
+        if len(seeds) != images.shape[0]:
+            raise ValueError(f"got {images.shape[0]} images but {len(seeds)} seeds")
+        pixels = self.preprocess(images)
+        out = self._run(pixels, seeds)
+        # Non-finite outputs (fp16 overflow) are regenerated with a new seed, never passed on.
+        for attempt in range(1, MAX_RETRIES + 1):
+            bad = ~torch.isfinite(out).flatten(1).all(dim=1)
+            if not bad.any():
+                break
+            idx = bad.nonzero().flatten()
+            self.retries += len(idx)
+            log.warning("generator produced %d non-finite images; regenerating (attempt %d)", len(idx), attempt)
+            out[idx] = self._run(pixels[idx], [seeds[i] + attempt * 1_000_003 for i in idx.tolist()])
+        else:
+            raise GeneratorError(f"generator keeps producing non-finite images after {MAX_RETRIES} retries "
+                                 f"(dtype {self.dtype}; try generator.dtype=bf16 or fp32)")
+        if out.shape[-1] != self.resolution:
+            out = F.interpolate(out, size=(self.resolution, self.resolution), mode="bilinear", antialias=True)
+        return (out.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def check_images(images: torch.Tensor) -> None:
+    """Reject inputs that are not a non-empty uint8 (B, 3, H, W) batch, saying what was expected."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor of uint8 images, got {type(images).__name__}")
+    if images.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images (B, 3, H, W), got dtype {images.dtype}")
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] == 0 or images.shape[2] == 0 or images.shape[3] == 0:
+        raise ValueError(f"expected a non-empty batch of shape (B, 3, H, W), got {tuple(images.shape)}")

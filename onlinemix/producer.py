@@ -1,0 +1,168 @@
+"""Producer processes: generate variations for the images the trainers will ask for next.
+
+Each producer claims the next positions of the trainers' schedule from the ring, skips
+images that already have an unused view waiting, generates the rest with per-image
+seeds and publishes (real, synthetic) pairs into ring slots. The pool starts producers
+with ``spawn``, watches them, and stops them on every exit path of the trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config
+from .data import load_real_images
+from .generate import DiffusersVariationGenerator
+from .ring import PairRing
+from .schedule import EpochSchedule, variation_seed
+
+log = logging.getLogger(__name__)
+
+IDLE_SLEEP_S = 0.005
+
+
+class ProducerDied(RuntimeError):
+    """A producer process exited while the trainers still needed it."""
+
+
+@dataclass
+class ProducerSpec:
+    """Everything a producer needs; small and picklable (no images, no tensors)."""
+    index: int
+    cfg: Config
+    ring_name: str
+    device: str
+    global_batch: int
+    parent_pid: int
+    log_path: str
+
+
+def producer_devices(gen_gpus: int, trainers_on_node: int) -> list[str]:
+    """Producer i takes the first GPU after the trainers' GPUs; without GPUs all run on the CPU."""
+    if not torch.cuda.is_available():
+        return ["cpu"] * gen_gpus
+    available = torch.cuda.device_count()
+    needed = trainers_on_node + gen_gpus
+    if needed > available:
+        raise RuntimeError(f"{trainers_on_node} trainer(s) + gen_gpus={gen_gpus} producer(s) need {needed} GPUs "
+                           f"but {available} are visible; lower gen_gpus or the number of trainer processes")
+    return [f"cuda:{trainers_on_node + i}" for i in range(gen_gpus)]
+
+
+def _setup_producer_logging(path: str, index: int) -> None:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s producer-{index} %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def producer_main(spec: ProducerSpec) -> None:
+    """Entry point of a producer process."""
+    # Ctrl-C reaches the whole process group; the trainer decides when producers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _setup_producer_logging(spec.log_path, spec.index)
+    cfg = spec.cfg
+    if spec.device == "cpu":
+        torch.set_num_threads(cfg.generator.cpu_threads)
+    ring = PairRing.attach(spec.ring_name)
+    try:
+        run_producer(spec, ring)
+    except Exception:
+        log.exception("producer %d failed", spec.index)
+        raise
+    finally:
+        ring.close()
+
+
+def run_producer(spec: ProducerSpec, ring: PairRing) -> None:
+    cfg = spec.cfg
+    real = load_real_images(cfg.data)
+    schedule = EpochSchedule(real.train_ids.numpy(), spec.global_batch, cfg.train.seed)
+    generator = DiffusersVariationGenerator(cfg.generator, spec.device, cfg.data.resolution)
+    log.info("started on %s; fingerprint %s; attention %s", spec.device, generator.fingerprint, generator.attention)
+    ring.add("ready_producers", 1)
+    lookahead = max(cfg.generator.batch_size, ring.slots - spec.global_batch)
+    while not ring.closed and os.getppid() == spec.parent_pid:
+        positions = ring.claim_positions(cfg.generator.batch_size, lookahead)
+        if len(positions) == 0:
+            time.sleep(IDLE_SLEEP_S)
+            continue
+        ids = schedule.ids_at(positions)
+        epochs = schedule.epoch_of(positions)
+        todo = ~ring.has_unused_view(ids, int(epochs[0]), cfg.staleness.max_age)
+        if not todo.any():
+            continue
+        positions, ids, epochs = positions[todo], ids[todo], epochs[todo]
+        seeds = [variation_seed(cfg.generator.seed, int(i), int(e)) for i, e in zip(ids, epochs)]
+        start = time.perf_counter_ns()
+        real_batch = real.images[torch.from_numpy(ids)]
+        synthetic = generator.generate(real_batch, seeds).cpu().numpy()
+        ring.add("generate_ns", time.perf_counter_ns() - start)
+        _write_pairs(ring, real_batch.numpy(), synthetic, ids, positions, seeds, epochs)
+
+
+def _write_pairs(ring: PairRing, real: np.ndarray, synthetic: np.ndarray, ids: np.ndarray,
+                 positions: np.ndarray, seeds: list[int], epochs: np.ndarray) -> None:
+    """Write pairs as slots become available; waits (bounded by the ring closing) when it is full."""
+    i = 0
+    while i < len(ids):
+        if ring.closed:
+            return
+        slots = ring.reserve(len(ids) - i)
+        if not slots:
+            time.sleep(IDLE_SLEEP_S)
+            continue
+        for slot in slots:
+            checksum = ring.write(slot, real[i], synthetic[i])
+            ring.publish(slot, real_id=int(ids[i]), position=int(positions[i]), seed=seeds[i],
+                         birth_epoch=int(epochs[i]), checksum=checksum)
+            i += 1
+
+
+class ProducerPool:
+    """Starts, watches and stops the producer processes of one node."""
+
+    def __init__(self, cfg: Config, ring: PairRing, devices: list[str], global_batch: int, log_dir: Path) -> None:
+        self.ring = ring
+        ctx = mp.get_context("spawn")
+        self.procs = []
+        for i, device in enumerate(devices):
+            spec = ProducerSpec(i, cfg, ring.name, device, global_batch, os.getpid(), str(log_dir / f"producer-{i}.log"))
+            self.procs.append(ctx.Process(target=producer_main, args=(spec,), name=f"onlinemix-producer-{i}", daemon=True))
+
+    def start(self) -> None:
+        for p in self.procs:
+            p.start()
+
+    def check(self) -> None:
+        """Raise if any producer has exited; the message names it and its exit cause."""
+        for i, p in enumerate(self.procs):
+            if p.exitcode is not None:
+                cause = (f"killed by signal {signal.Signals(-p.exitcode).name}" if p.exitcode < 0
+                         else f"exit code {p.exitcode}")
+                raise ProducerDied(f"producer {i} (pid {p.pid}) died: {cause}; see its log producer-{i}.log")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Ask producers to finish, then terminate and kill the ones that do not."""
+        self.ring.set("closed", 1)
+        deadline = time.monotonic() + timeout_s
+        for p in self.procs:
+            if p.pid is not None:
+                p.join(max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(2.0)
+            if p.is_alive():
+                p.kill()
+                p.join()

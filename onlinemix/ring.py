@@ -1,0 +1,315 @@
+"""Shared-memory ring of (real, synthetic) uint8 image pairs.
+
+Layout of one segment: a header of int64 counters, a table of int64 slot metadata and
+the pixel array ``(slots, 2, 3, R, R)`` uint8. Only slot indices and counters ever move
+between processes; pixels are written and copied in place.
+
+Concurrency: slot *state transitions* happen under an ``flock`` on the segment's own
+file, which the kernel releases when a holder dies, so a killed process can never leave
+the ring locked. Pixels are copied outside the lock: a writer owns a slot while it is
+``WRITING`` (readers never look at it) and a reader *pins* a ``READY`` slot while
+copying (writers never reuse a pinned slot). A slot whose writer died mid-write stays
+``WRITING`` until someone notices the writer is gone and frees it; it is never served.
+Each pair carries a CRC32 that readers can verify on copy-out.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import secrets
+import shutil
+import sys
+import threading
+import time
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing import resource_tracker, shared_memory
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+SHM_DIR = Path("/dev/shm")
+NAME_PREFIX = "onlinemix-"
+MAGIC = 0x6F6E6C696E656D78  # "onlinemx"
+
+FREE, WRITING, READY = 0, 1, 2
+
+HEADER = ("magic", "slots", "resolution", "creator_pid", "trainer_pos", "gen_pos", "closed",
+          "generated", "generate_ns", "checksum_errors", "ready_producers")
+SLOT = ("state", "real_id", "position", "seed", "birth_epoch", "birth_ns", "uses", "pins",
+        "writer_pid", "checksum")
+H = {name: i for i, name in enumerate(HEADER)}
+S = {name: i for i, name in enumerate(SLOT)}
+
+
+class RingError(RuntimeError):
+    """The ring cannot be created or attached."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def ring_nbytes(slots: int, resolution: int) -> int:
+    return 8 * len(HEADER) + 8 * len(SLOT) * slots + slots * 2 * 3 * resolution * resolution
+
+
+def remove_stale_segments() -> list[str]:
+    """Unlink ring segments whose creating process no longer exists (left by a killed run)."""
+    removed = []
+    if not SHM_DIR.is_dir():
+        return removed
+    for path in SHM_DIR.glob(f"{NAME_PREFIX}*"):
+        match = re.match(rf"{NAME_PREFIX}(\d+)-", path.name)
+        if match and not _pid_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+def _attach_untracked(name: str) -> shared_memory.SharedMemory:
+    """Attach without registering with this process's resource tracker.
+
+    Before Python 3.13 every attach registers the segment, and the tracker unlinks it
+    when the *attaching* process exits, pulling the ring from under everyone else
+    (CPython issue 82300). Only the creator should own the segment's lifetime.
+    """
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name=name, track=False)
+    register = resource_tracker.register
+    resource_tracker.register = lambda *args, **kwargs: None
+    try:
+        return shared_memory.SharedMemory(name=name)
+    finally:
+        resource_tracker.register = register
+
+
+@dataclass
+class TakeResult:
+    """Which requested ids got a synthetic view, and what kind of view it was."""
+    found: np.ndarray       # bool (B,)
+    fresh: np.ndarray       # bool (B,): the view had never served before
+    age: np.ndarray         # int (B,): epochs since the view was generated (valid where found)
+
+
+class PairRing:
+    """A fixed pool of pair slots in one shared-memory segment, usable from any process."""
+
+    def __init__(self, shm: shared_memory.SharedMemory, owner: bool) -> None:
+        self.shm = shm
+        self.owner = owner
+        header = np.ndarray((len(HEADER),), dtype=np.int64, buffer=shm.buf)
+        if header[H["magic"]] != MAGIC:
+            raise RingError(f"shared-memory segment {shm.name} is not an onlinemix ring")
+        self.slots = int(header[H["slots"]])
+        self.resolution = int(header[H["resolution"]])
+        offset = header.nbytes
+        self.header = header
+        self.meta = np.ndarray((self.slots, len(SLOT)), dtype=np.int64, buffer=shm.buf, offset=offset)
+        offset += self.meta.nbytes
+        r = self.resolution
+        self.pixels = np.ndarray((self.slots, 2, 3, r, r), dtype=np.uint8, buffer=shm.buf, offset=offset)
+        self._lock_fd = os.open(SHM_DIR / shm.name, os.O_RDWR)
+        self._thread_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lifetime
+    @classmethod
+    def create(cls, slots: int, resolution: int) -> "PairRing":
+        nbytes = ring_nbytes(slots, resolution)
+        if not SHM_DIR.is_dir():
+            raise RingError(f"{SHM_DIR} does not exist: the ring needs POSIX shared memory (Linux)")
+        free = shutil.disk_usage(SHM_DIR).free
+        if nbytes > free:
+            raise RingError(
+                f"the ring needs {nbytes / 2**20:.1f} MiB of shared memory but {SHM_DIR} has "
+                f"{free / 2**20:.1f} MiB free; lower ring.slots or data.resolution, or give the "
+                f"container more (docker run --shm-size={max(1, nbytes * 2 // 2**30 + 1)}g)")
+        name = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
+        header = np.ndarray((len(HEADER),), dtype=np.int64, buffer=shm.buf)
+        header[:] = 0
+        header[H["slots"]], header[H["resolution"]] = slots, resolution
+        header[H["creator_pid"]] = os.getpid()
+        np.ndarray((slots, len(SLOT)), dtype=np.int64, buffer=shm.buf, offset=header.nbytes)[:] = 0
+        header[H["magic"]] = MAGIC
+        return cls(shm, owner=True)
+
+    @classmethod
+    def attach(cls, name: str) -> "PairRing":
+        try:
+            return cls(_attach_untracked(name), owner=False)
+        except FileNotFoundError:
+            raise RingError(f"ring {name} does not exist (its creator has exited?)") from None
+
+    @property
+    def name(self) -> str:
+        return self.shm.name
+
+    def close(self) -> None:
+        """Detach; the creator also unlinks the segment. Safe to call twice."""
+        if self._lock_fd < 0:
+            return
+        os.close(self._lock_fd)
+        self._lock_fd = -1
+        del self.header, self.meta, self.pixels
+        self.shm.close()
+        if self.owner:
+            try:
+                self.shm.unlink()
+            except FileNotFoundError:
+                pass
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._thread_lock:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------ counters
+    def get(self, key: str) -> int:
+        return int(self.header[H[key]])
+
+    def set(self, key: str, value: int) -> None:
+        self.header[H[key]] = value
+
+    def add(self, key: str, value: int) -> None:
+        with self._locked():
+            self.header[H[key]] += value
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.header[H["closed"]])
+
+    def occupancy(self) -> dict[str, int]:
+        states = self.meta[:, S["state"]]
+        return {"free": int((states == FREE).sum()), "writing": int((states == WRITING).sum()),
+                "ready": int((states == READY).sum())}
+
+    # ------------------------------------------------------------------ producer side
+    def claim_positions(self, n: int, lookahead: int) -> np.ndarray:
+        """Reserve the next ``n`` positions to generate for, never behind the trainers and
+        never more than ``lookahead`` positions ahead of them. May return fewer (or none)."""
+        with self._locked():
+            trainer = int(self.header[H["trainer_pos"]])
+            start = max(int(self.header[H["gen_pos"]]), trainer)
+            end = min(start + n, trainer + lookahead)
+            if end <= start:
+                return np.empty(0, dtype=np.int64)
+            self.header[H["gen_pos"]] = end
+        return np.arange(start, end, dtype=np.int64)
+
+    def has_unused_view(self, ids: np.ndarray, epoch: int, max_age: int) -> np.ndarray:
+        """For each id: is a never-served, young-enough view already waiting in the ring?"""
+        m = self.meta
+        live = (m[:, S["state"]] == READY) & (m[:, S["uses"]] == 0) & (epoch - m[:, S["birth_epoch"]] <= max_age)
+        return np.isin(ids, m[live, S["real_id"]])
+
+    def reserve(self, n: int) -> list[int]:
+        """Take up to ``n`` slots for writing: free ones first, then those of dead writers,
+        then unpinned ready pairs whose position the trainers have passed, oldest first."""
+        with self._locked():
+            m = self.meta
+            state = m[:, S["state"]]
+            picked = list(np.flatnonzero(state == FREE)[:n])
+            if len(picked) < n:
+                for slot in np.flatnonzero(state == WRITING):
+                    if len(picked) == n:
+                        break
+                    if not _pid_alive(int(m[slot, S["writer_pid"]])):
+                        picked.append(slot)
+            if len(picked) < n:
+                passed = (state == READY) & (m[:, S["pins"]] == 0) & (m[:, S["position"]] < self.header[H["trainer_pos"]])
+                candidates = np.flatnonzero(passed)
+                candidates = candidates[np.argsort(m[candidates, S["birth_ns"]], kind="stable")]
+                picked += list(candidates[: n - len(picked)])
+            pid = os.getpid()
+            for slot in picked:
+                m[slot, S["state"]] = WRITING
+                m[slot, S["writer_pid"]] = pid
+                m[slot, S["pins"]] = 0
+        return [int(s) for s in picked]
+
+    def write(self, slot: int, real: np.ndarray, synthetic: np.ndarray) -> int:
+        """Copy one pair into a reserved slot; returns its checksum (pass it to ``publish``)."""
+        self.pixels[slot, 0] = real
+        self.pixels[slot, 1] = synthetic
+        return zlib.crc32(self.pixels[slot])
+
+    def publish(self, slot: int, *, real_id: int, position: int, seed: int, birth_epoch: int, checksum: int) -> None:
+        with self._locked():
+            row = self.meta[slot]
+            row[S["real_id"]], row[S["position"]], row[S["seed"]] = real_id, position, seed
+            row[S["birth_epoch"]], row[S["birth_ns"]] = birth_epoch, time.time_ns()
+            row[S["uses"]], row[S["pins"]], row[S["checksum"]] = 0, 0, checksum
+            row[S["state"]] = READY
+            self.header[H["generated"]] += 1
+
+    def release(self, slots: list[int]) -> None:
+        """Give back reserved slots that will not be written after all."""
+        with self._locked():
+            for slot in slots:
+                self.meta[slot, S["state"]] = FREE
+
+    # ------------------------------------------------------------------ trainer side
+    def take(self, ids: np.ndarray, out: np.ndarray, *, epoch: int, max_reuse: int, max_age: int,
+             skip: np.ndarray | None = None, verify: bool = True) -> TakeResult:
+        """Copy the freshest acceptable pair of each id into ``out[i]`` (shape (B, 2, 3, R, R)).
+
+        Acceptable: ready, served fewer than ``max_reuse`` times, at most ``max_age``
+        epochs old. Entries where ``skip`` is true are not looked up. A pair whose
+        checksum does not match is dropped from the ring and reported as not found.
+        """
+        b = len(ids)
+        chosen = np.full(b, -1, dtype=np.int64)
+        m = self.meta
+        with self._locked():
+            # In-flight copies (pins) count as uses, so concurrent readers never overshoot max_reuse.
+            ok = ((m[:, S["state"]] == READY) & (m[:, S["uses"]] + m[:, S["pins"]] < max_reuse)
+                  & (epoch - m[:, S["birth_epoch"]] <= max_age))
+            candidates = np.flatnonzero(ok)
+            # Freshest first, so the first match of each id is the one to serve.
+            candidates = candidates[np.argsort(-m[candidates, S["birth_ns"]], kind="stable")]
+            first: dict[int, int] = {}
+            for slot, real_id in zip(candidates.tolist(), m[candidates, S["real_id"]].tolist()):
+                first.setdefault(real_id, slot)
+            for i, real_id in enumerate(ids.tolist()):
+                if skip is not None and skip[i]:
+                    continue
+                slot = first.pop(real_id, -1)  # one slot serves one request per call
+                if slot >= 0:
+                    chosen[i] = slot
+                    m[slot, S["pins"]] += 1
+        corrupt = np.zeros(b, dtype=bool)
+        for i in np.flatnonzero(chosen >= 0):
+            out[i] = self.pixels[chosen[i]]
+            corrupt[i] = verify and zlib.crc32(out[i]) != m[chosen[i], S["checksum"]]
+        found = (chosen >= 0) & ~corrupt
+        fresh = np.zeros(b, dtype=bool)
+        age = np.zeros(b, dtype=np.int64)
+        with self._locked():
+            for i in np.flatnonzero(chosen >= 0):
+                slot = chosen[i]
+                m[slot, S["pins"]] -= 1
+                if corrupt[i]:
+                    m[slot, S["state"]] = FREE
+                    self.header[H["checksum_errors"]] += 1
+                    continue
+                fresh[i] = m[slot, S["uses"]] == 0
+                age[i] = epoch - m[slot, S["birth_epoch"]]
+                m[slot, S["uses"]] += 1
+                if m[slot, S["uses"]] >= max_reuse and m[slot, S["pins"]] == 0:
+                    m[slot, S["state"]] = FREE
+        return TakeResult(found, fresh, age)

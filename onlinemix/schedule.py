@@ -1,0 +1,52 @@
+"""The order in which trainers see real images: a pure function of (seed, epoch).
+
+Producers rebuild the same schedule from the same inputs, so a global *position*
+(a sample index counted from the start of training) is all they need to know which
+image a trainer will ask for next.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+
+class EpochSchedule:
+    """Seeded per-epoch permutation of the training ids, cut into full global batches."""
+
+    def __init__(self, train_ids: np.ndarray, global_batch: int, seed: int) -> None:
+        self.train_ids = np.asarray(train_ids, dtype=np.int64)
+        self.global_batch = global_batch
+        self.seed = seed
+        self.steps_per_epoch = len(self.train_ids) // global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.train_ids)} training images cannot fill one global batch of {global_batch}")
+        self.positions_per_epoch = self.steps_per_epoch * global_batch
+        self._order = lru_cache(maxsize=4)(self._compute_order)
+
+    def _compute_order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        return self.train_ids[rng.permutation(len(self.train_ids))[: self.positions_per_epoch]]
+
+    def epoch_of(self, positions: np.ndarray | int) -> np.ndarray | int:
+        return positions // self.positions_per_epoch
+
+    def ids_at(self, positions: np.ndarray) -> np.ndarray:
+        positions = np.asarray(positions, dtype=np.int64)
+        out = np.empty_like(positions)
+        epochs = positions // self.positions_per_epoch
+        for epoch in np.unique(epochs):
+            sel = epochs == epoch
+            out[sel] = self._order(int(epoch))[positions[sel] % self.positions_per_epoch]
+        return out
+
+    def rank_positions(self, step: int, rank: int, local_batch: int) -> np.ndarray:
+        """Positions a rank trains on at a global step: its slice of the global batch."""
+        start = step * self.global_batch + rank * local_batch
+        return np.arange(start, start + local_batch, dtype=np.int64)
+
+
+def variation_seed(base_seed: int, image_id: int, epoch: int) -> int:
+    """Seed of one image's variation in one epoch: new each epoch, reproducible across runs."""
+    return int(np.random.SeedSequence([base_seed, image_id, epoch]).generate_state(1)[0])

@@ -1,0 +1,316 @@
+"""Train a self-supervised model with synthetic views generated on the fly.
+
+    accelerate launch onlinemix/train.py --gen-gpus 2
+    python -m onlinemix.train            # the same, one process
+
+The launching process of each node creates the shared-memory ring and starts the
+producers; every trainer rank attaches to the ring by name, looks up its batch's pairs,
+augments them and steps the optimizer. Checkpoints, metrics and the resolved config go
+to a run directory; a linear probe on real images closes the run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script: this directory would shadow other top-level modules with ours; use the package.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import time
+from contextlib import ExitStack
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from onlinemix.augment import augment_batch, augment_second_views, simclr_views
+from onlinemix.cli import parse_args
+from onlinemix.config import Config, ConfigError, load_config, save_config
+from onlinemix.data import RealImages, load_real_images
+from onlinemix.eval import BACKBONE_FILE, compare_with_random_init, format_probe
+from onlinemix.losses import nt_xent
+from onlinemix.models import SSLModel
+from onlinemix.pairs import BatchPairs, PairSource
+from onlinemix.producer import ProducerPool, producer_devices
+from onlinemix.ring import PairRing, remove_stale_segments
+from onlinemix.schedule import EpochSchedule
+
+log = logging.getLogger("onlinemix")
+
+CHECKPOINT_DIR = "checkpoints"
+PRODUCER_START_TIMEOUT_S = 600.0
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = sorted((run_dir / CHECKPOINT_DIR).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return checkpoints[-1] if checkpoints else None
+
+
+class Trainer:
+    """One trainer rank: model, optimizer, schedule and the training loop."""
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, run_dir: Path, real: RealImages) -> None:
+        self.cfg = cfg
+        self.acc = accelerator
+        self.run_dir = run_dir
+        self.real = real
+        tc = cfg.train
+        self.schedule = EpochSchedule(real.train_ids.numpy(), tc.batch_size * accelerator.num_processes, tc.seed)
+        self.total_steps = self.schedule.steps_per_epoch * tc.epochs
+        self.warmup_steps = int(tc.warmup_epochs * self.schedule.steps_per_epoch)
+        torch.manual_seed(tc.seed)  # the model's initial weights depend on this seed only
+        model = SSLModel(tc)
+        if accelerator.num_processes > 1:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.real_views = simclr_views(cfg.data.resolution, synthetic=False)
+        self.synthetic_views = simclr_views(cfg.data.resolution, synthetic=True)
+        self.step = 0
+        # Augmentation randomness per rank, reproducible from the seed.
+        torch.manual_seed(tc.seed * 1000 + accelerator.process_index + 1)
+
+    # ------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        path = self.run_dir / CHECKPOINT_DIR / f"step-{self.step}"
+        self.acc.save_state(str(path))
+        if self.acc.is_main_process:
+            (path / "trainer_state.json").write_text(json.dumps({"step": self.step}))
+        self.acc.wait_for_everyone()
+
+    def load_checkpoint(self, path: Path) -> None:
+        self.acc.load_state(str(path))
+        self.step = json.loads((path / "trainer_state.json").read_text())["step"]
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save_backbone(self) -> None:
+        if self.acc.is_main_process:
+            backbone = self.acc.unwrap_model(self.model).backbone
+            state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+            save_file(state, str(self.run_dir / BACKBONE_FILE))
+
+    # ------------------------------------------------------------ training
+    def batch_pairs(self, ids: np.ndarray, epoch: int, pairs: PairSource | None) -> BatchPairs:
+        if pairs is None:  # plain SSL: two views of the real image
+            real = self.real.images[torch.from_numpy(ids)]
+            return BatchPairs(real, real, torch.zeros(len(ids), dtype=torch.bool),
+                              {"fresh": 0, "cached": 0, "fallback": 0, "mean_age": float("nan"), "wait_s": 0.0})
+        return pairs.get(ids, epoch)
+
+    def train_step(self, batch: BatchPairs) -> float:
+        device = self.acc.device
+        view_a = augment_batch(self.real_views, batch.real).to(device, non_blocking=True)
+        view_b = augment_second_views(batch.other, batch.is_synthetic, self.real_views,
+                                      self.synthetic_views).to(device, non_blocking=True)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, self.total_steps, self.warmup_steps, self.cfg.train.lr)
+        z = self.model(torch.cat([view_a, view_b]))
+        z_a, z_b = z.chunk(2)
+        loss = nt_xent(z_a, z_b, self.cfg.train.temperature)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; stopping before the weights are corrupted")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.acc.backward(loss)
+        self.optimizer.step()
+        return loss.item()
+
+    def fit(self, pairs: PairSource | None, ring: PairRing | None) -> None:
+        tc = self.cfg.train
+        acc = self.acc
+        rank, spe = acc.process_index, self.schedule.steps_per_epoch
+        metrics = open(self.run_dir / "metrics.jsonl", "a") if acc.is_main_process else None
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process,
+                   desc="train", unit="step", dynamic_ncols=True)
+        totals = {"fresh": 0, "cached": 0, "fallback": 0}
+        started, generated0 = time.monotonic(), ring.get("generated") if ring else 0
+        try:
+            while self.step < self.total_steps:
+                epoch = self.step // spe
+                if pairs is not None:
+                    pairs.health_check()
+                if ring is not None and acc.is_local_main_process:
+                    ring.set("trainer_pos", self.step * self.schedule.global_batch)
+                ids = self.schedule.ids_at(self.schedule.rank_positions(self.step, rank, tc.batch_size))
+                t0 = time.monotonic()
+                batch = self.batch_pairs(ids, epoch, pairs)
+                loss = self.train_step(batch)
+                self.step += 1
+                for k in totals:
+                    totals[k] += batch.stats[k]
+                elapsed = time.monotonic() - started
+                gen_rate = (ring.get("generated") - generated0) / elapsed if ring else 0.0
+                bar.set_postfix(loss=f"{loss:.3f}", fresh=totals["fresh"], cached=totals["cached"],
+                                fallback=totals["fallback"], gen=f"{gen_rate:.0f}/s", refresh=False)
+                bar.update()
+                if metrics and (self.step % tc.log_every == 0 or self.step == self.total_steps):
+                    row = {"step": self.step, "epoch": epoch, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                           **batch.stats, "step_s": time.monotonic() - t0, "generated_per_s": gen_rate,
+                           **{f"total_{k}": v for k, v in totals.items()}}
+                    if ring is not None:
+                        row.update({f"ring_{k}": v for k, v in ring.occupancy().items()})
+                        row["checksum_errors"] = ring.get("checksum_errors")
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            if metrics:
+                metrics.close()
+        log.info("trained %d steps; second views: %d fresh, %d cached, %d fallback",
+                 self.step, totals["fresh"], totals["cached"], totals["fallback"])
+        self.save_checkpoint()
+        self.save_backbone()
+
+
+# ---------------------------------------------------------------------------- setup
+
+def resolve_config(args, overrides: dict[str, str]) -> Config:
+    if args.resume is not None:
+        saved = args.resume / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"--resume {args.resume}: no config.yaml there, not an onlinemix run directory")
+        return load_config(saved, overrides)
+    return load_config(args.config, overrides)
+
+
+def make_run_dir(cfg: Config, accelerator: Accelerator, resume: Path | None) -> Path:
+    """Rank 0 names the run directory; every rank gets the same path."""
+    if resume is not None:
+        return resume
+    name = [cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.train.method}-{cfg.train.pairing}"]
+    name = broadcast_object_list(name) if accelerator.num_processes > 1 else name
+    run_dir = Path(cfg.output_dir) / name[0]
+    if accelerator.is_main_process:
+        if (run_dir / "config.yaml").exists():
+            raise FileExistsError(f"run directory {run_dir} already holds a run; pick another run_name or --resume it")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def setup_logging(accelerator: Accelerator, run_dir: Path) -> None:
+    level = logging.INFO if accelerator.is_main_process else logging.WARNING
+    fmt = logging.Formatter(f"%(asctime)s rank{accelerator.process_index} %(levelname)s %(message)s")
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if accelerator.is_main_process:
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    for h in handlers:
+        h.setFormatter(fmt)
+    root = logging.getLogger()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for noisy in ("diffusers", "transformers", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def start_generation(cfg: Config, accelerator: Accelerator, run_dir: Path, global_batch: int,
+                     stack: ExitStack) -> tuple[PairRing, ProducerPool | None]:
+    """The node's launching rank creates the ring and producers; other local ranks attach by name."""
+    name_file = run_dir / f".ring-{socket.gethostname()}"
+    pool = None
+    if accelerator.is_local_main_process:
+        for stale in remove_stale_segments():
+            log.warning("removed shared-memory segment %s left by a dead run", stale)
+        ring = PairRing.create(cfg.ring.slots, cfg.data.resolution)
+        stack.callback(ring.close)
+        name_file.write_text(ring.name)
+        devices = producer_devices(cfg.gen_gpus, accelerator.num_processes)
+        pool = ProducerPool(cfg, ring, devices, global_batch, run_dir)
+        stack.callback(pool.stop)
+        pool.start()
+        log.info("ring %s: %d slots, %.1f MiB; %d producer(s) on %s", ring.name, ring.slots,
+                 ring.shm.size / 2**20, len(devices), ", ".join(devices))
+    accelerator.wait_for_everyone()
+    if not accelerator.is_local_main_process:
+        ring = PairRing.attach(name_file.read_text())
+        stack.callback(ring.close)
+    return ring, pool
+
+
+def wait_for_producers(ring: PairRing, pool: ProducerPool | None, n: int) -> None:
+    """Block until every producer has loaded its generator, so the first batches are not all fallbacks."""
+    log.info("waiting for %d producer(s) to load the generator", n)
+    started = time.monotonic()
+    while ring.get("ready_producers") < n:
+        if pool is not None:
+            pool.check()
+        if time.monotonic() - started > PRODUCER_START_TIMEOUT_S:
+            raise TimeoutError(f"producers not ready after {PRODUCER_START_TIMEOUT_S:.0f}s; see producer-*.log")
+        time.sleep(0.05)
+    log.info("producers ready after %.1fs", time.monotonic() - started)
+
+
+def run(argv: list[str] | None = None) -> dict | None:
+    """Parse, validate, train, probe. Returns the probe results on the main process."""
+    args, overrides = parse_args(argv)
+    cfg = resolve_config(args, overrides)  # every config error surfaces here, before anything starts
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    run_dir = make_run_dir(cfg, accelerator, args.resume)
+    setup_logging(accelerator, run_dir)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    mixdiff = cfg.train.pairing == "mixdiff"
+    if accelerator.device.type == "cpu":
+        producers_here = cfg.gen_gpus if mixdiff and not torch.cuda.is_available() else 0
+        torch.set_num_threads(cfg.train.cpu_threads or max(1, ((os.cpu_count() or 1) - producers_here)
+                                                            // accelerator.num_processes))
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir / "config.yaml")
+        log.info("run directory %s", run_dir)
+    real = load_real_images(cfg.data)
+    trainer = Trainer(cfg, accelerator, run_dir, real)
+    if args.resume is not None:
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(f"--resume {run_dir}: no checkpoint under {run_dir / CHECKPOINT_DIR}")
+        trainer.load_checkpoint(checkpoint)
+    with ExitStack() as stack:
+        pairs = None
+        if mixdiff and trainer.step < trainer.total_steps:
+            ring, pool = start_generation(cfg, accelerator, run_dir, trainer.schedule.global_batch, stack)
+            wait_for_producers(ring, pool, cfg.gen_gpus)
+            health = pool.check if pool is not None else (lambda: None)
+            pairs = PairSource(ring, cfg.staleness, real.images, cfg.ring.verify_checksums, health)
+        trainer.fit(pairs, pairs.ring if pairs else None)
+    if not (cfg.probe.enabled and accelerator.is_main_process):
+        return None
+    results = compare_with_random_init(accelerator.unwrap_model(trainer.model).backbone, cfg, accelerator.device, real)
+    (run_dir / "probe.json").write_text(json.dumps(results, indent=2))
+    print(format_probe(results), flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        run(argv)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted; producers stopped and shared memory released")
+
+
+if __name__ == "__main__":
+    main()
