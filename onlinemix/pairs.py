@@ -42,24 +42,25 @@ class PairSource:
         r = ring.resolution
         self._buffer = np.empty((0, 2, 3, r, r), dtype=np.uint8)
 
-    def _take(self, ids: np.ndarray, epoch: int, skip: np.ndarray | None):
-        return self.ring.take(ids, self._buffer[: len(ids)], epoch=epoch, max_reuse=self.staleness.max_reuse,
+    def _take(self, ids: np.ndarray, positions: np.ndarray, epoch: int, skip: np.ndarray | None):
+        return self.ring.take(ids, positions, epoch, self._buffer[: len(ids)], max_reuse=self.staleness.max_reuse,
                               max_age=self.staleness.max_age, skip=skip, verify=self.verify)
 
-    def get(self, ids: np.ndarray, epoch: int) -> BatchPairs:
+    def get(self, ids: np.ndarray, positions: np.ndarray, epoch: int) -> BatchPairs:
         b = len(ids)
         if self._buffer.shape[0] < b:
             self._buffer = np.empty((b, *self._buffer.shape[1:]), dtype=np.uint8)
-        result = self._take(ids, epoch, None)
+        result = self._take(ids, positions, epoch, None)
         found, fresh, age = result.found, result.fresh, result.age
         waited = 0.0
         if self.staleness.policy == "wait" and not found.all():
             start = time.monotonic()
+            self.ring.rewind_claims(int(positions[~found].min()))
             deadline = start + self.staleness.wait_timeout_s
             while not found.all() and time.monotonic() < deadline:
                 self.health_check()
                 time.sleep(POLL_S)
-                more = self._take(ids, epoch, found)
+                more = self._take(ids, positions, epoch, found)
                 fresh |= more.fresh
                 age = np.where(more.found, more.age, age)
                 found |= more.found

@@ -99,7 +99,7 @@ def run_producer(spec: ProducerSpec, ring: PairRing) -> None:
             continue
         ids = schedule.ids_at(positions)
         epochs = schedule.epoch_of(positions)
-        todo = ~ring.has_unused_view(ids, int(epochs[0]), cfg.staleness.max_age)
+        todo = ~ring.has_unused_view(ids, positions, epochs, cfg.staleness.max_age)
         if not todo.any():
             continue
         positions, ids, epochs = positions[todo], ids[todo], epochs[todo]
@@ -108,17 +108,17 @@ def run_producer(spec: ProducerSpec, ring: PairRing) -> None:
         real_batch = real.images[torch.from_numpy(ids)]
         synthetic = generator.generate(real_batch, seeds).cpu().numpy()
         ring.add("generate_ns", time.perf_counter_ns() - start)
-        _write_pairs(ring, real_batch.numpy(), synthetic, ids, positions, seeds, epochs)
+        _write_pairs(ring, real_batch.numpy(), synthetic, ids, positions, seeds, epochs, cfg.staleness.max_age)
 
 
 def _write_pairs(ring: PairRing, real: np.ndarray, synthetic: np.ndarray, ids: np.ndarray,
-                 positions: np.ndarray, seeds: list[int], epochs: np.ndarray) -> None:
+                 positions: np.ndarray, seeds: list[int], epochs: np.ndarray, max_age: int) -> None:
     """Write pairs as slots become available; waits (bounded by the ring closing) when it is full."""
     i = 0
     while i < len(ids):
         if ring.closed:
             return
-        slots = ring.reserve(len(ids) - i)
+        slots = ring.reserve(len(ids) - i, int(epochs[i]), max_age)
         if not slots:
             time.sleep(IDLE_SLEEP_S)
             continue

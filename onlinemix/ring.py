@@ -211,15 +211,27 @@ class PairRing:
             self.header[H["gen_pos"]] = end
         return np.arange(start, end, dtype=np.int64)
 
-    def has_unused_view(self, ids: np.ndarray, epoch: int, max_age: int) -> np.ndarray:
-        """For each id: is a never-served, young-enough view already waiting in the ring?"""
+    def has_unused_view(self, ids: np.ndarray, positions: np.ndarray, epochs: np.ndarray, max_age: int) -> np.ndarray:
+        """For each (id, position): is a never-served view that could serve it already in the ring?"""
         m = self.meta
-        live = (m[:, S["state"]] == READY) & (m[:, S["uses"]] == 0) & (epoch - m[:, S["birth_epoch"]] <= max_age)
-        return np.isin(ids, m[live, S["real_id"]])
+        unused = np.flatnonzero((m[:, S["state"]] == READY) & (m[:, S["uses"]] == 0))
+        out = np.zeros(len(ids), dtype=bool)
+        for i, (real_id, position, epoch) in enumerate(zip(ids.tolist(), positions.tolist(), epochs.tolist())):
+            rows = m[unused]
+            out[i] = bool(((rows[:, S["real_id"]] == real_id) & (rows[:, S["position"]] <= position)
+                           & (epoch - rows[:, S["birth_epoch"]] <= max_age)).any())
+        return out
 
-    def reserve(self, n: int) -> list[int]:
-        """Take up to ``n`` slots for writing: free ones first, then those of dead writers,
-        then unpinned ready pairs whose position the trainers have passed, oldest first."""
+    def rewind_claims(self, position: int) -> None:
+        """Make producers claim from ``position`` again: a trainer is waiting for views there."""
+        with self._locked():
+            self.header[H["gen_pos"]] = min(int(self.header[H["gen_pos"]]), position)
+
+    def reserve(self, n: int, epoch: int, max_age: int) -> list[int]:
+        """Take up to ``n`` slots for writing, least valuable first: free slots, slots of dead
+        writers, pairs too old to serve in ``epoch``, then pairs for positions the trainers
+        have passed (already-served ones first, oldest first). Pinned pairs and pairs for
+        positions still ahead of the trainers are never taken."""
         with self._locked():
             m = self.meta
             state = m[:, S["state"]]
@@ -231,10 +243,13 @@ class PairRing:
                     if not _pid_alive(int(m[slot, S["writer_pid"]])):
                         picked.append(slot)
             if len(picked) < n:
-                passed = (state == READY) & (m[:, S["pins"]] == 0) & (m[:, S["position"]] < self.header[H["trainer_pos"]])
+                evictable = (state == READY) & (m[:, S["pins"]] == 0)
+                expired = evictable & (epoch - m[:, S["birth_epoch"]] > max_age)
+                passed = evictable & ~expired & (m[:, S["position"]] < self.header[H["trainer_pos"]])
+                picked += list(np.flatnonzero(expired)[: n - len(picked)])
                 candidates = np.flatnonzero(passed)
-                candidates = candidates[np.argsort(m[candidates, S["birth_ns"]], kind="stable")]
-                picked += list(candidates[: n - len(picked)])
+                order = np.lexsort((m[candidates, S["birth_ns"]], m[candidates, S["uses"]] == 0))
+                picked += list(candidates[order][: n - len(picked)])
             pid = os.getpid()
             for slot in picked:
                 m[slot, S["state"]] = WRITING
@@ -264,13 +279,15 @@ class PairRing:
                 self.meta[slot, S["state"]] = FREE
 
     # ------------------------------------------------------------------ trainer side
-    def take(self, ids: np.ndarray, out: np.ndarray, *, epoch: int, max_reuse: int, max_age: int,
-             skip: np.ndarray | None = None, verify: bool = True) -> TakeResult:
+    def take(self, ids: np.ndarray, positions: np.ndarray, epoch: int, out: np.ndarray, *, max_reuse: int,
+             max_age: int, skip: np.ndarray | None = None, verify: bool = True) -> TakeResult:
         """Copy the freshest acceptable pair of each id into ``out[i]`` (shape (B, 2, 3, R, R)).
 
-        Acceptable: ready, served fewer than ``max_reuse`` times, at most ``max_age``
-        epochs old. Entries where ``skip`` is true are not looked up. A pair whose
-        checksum does not match is dropped from the ring and reported as not found.
+        Acceptable for the request at ``positions[i]``: ready, generated for that position
+        or an earlier one (a view made for a later occurrence of the image stays reserved
+        for it), served fewer than ``max_reuse`` times, at most ``max_age`` epochs old.
+        Entries where ``skip`` is true are not looked up. A pair whose checksum does not
+        match is dropped from the ring and reported as not found.
         """
         b = len(ids)
         chosen = np.full(b, -1, dtype=np.int64)
@@ -280,18 +297,19 @@ class PairRing:
             ok = ((m[:, S["state"]] == READY) & (m[:, S["uses"]] + m[:, S["pins"]] < max_reuse)
                   & (epoch - m[:, S["birth_epoch"]] <= max_age))
             candidates = np.flatnonzero(ok)
-            # Freshest first, so the first match of each id is the one to serve.
+            # Freshest first, so the first match of each request is the one to serve.
             candidates = candidates[np.argsort(-m[candidates, S["birth_ns"]], kind="stable")]
-            first: dict[int, int] = {}
+            by_id: dict[int, list[int]] = {}
             for slot, real_id in zip(candidates.tolist(), m[candidates, S["real_id"]].tolist()):
-                first.setdefault(real_id, slot)
-            for i, real_id in enumerate(ids.tolist()):
+                by_id.setdefault(real_id, []).append(slot)
+            for i, (real_id, position) in enumerate(zip(ids.tolist(), positions.tolist())):
                 if skip is not None and skip[i]:
                     continue
-                slot = first.pop(real_id, -1)  # one slot serves one request per call
-                if slot >= 0:
-                    chosen[i] = slot
-                    m[slot, S["pins"]] += 1
+                for slot in by_id.get(real_id, ()):
+                    if m[slot, S["position"]] <= position and m[slot, S["uses"]] + m[slot, S["pins"]] < max_reuse:
+                        chosen[i] = slot
+                        m[slot, S["pins"]] += 1
+                        break
         corrupt = np.zeros(b, dtype=bool)
         for i in np.flatnonzero(chosen >= 0):
             out[i] = self.pixels[chosen[i]]

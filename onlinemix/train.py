@@ -109,12 +109,12 @@ class Trainer:
             save_file(state, str(self.run_dir / BACKBONE_FILE))
 
     # ------------------------------------------------------------ training
-    def batch_pairs(self, ids: np.ndarray, epoch: int, pairs: PairSource | None) -> BatchPairs:
+    def batch_pairs(self, ids: np.ndarray, positions: np.ndarray, epoch: int, pairs: PairSource | None) -> BatchPairs:
         if pairs is None:  # plain SSL: two views of the real image
             real = self.real.images[torch.from_numpy(ids)]
             return BatchPairs(real, real, torch.zeros(len(ids), dtype=torch.bool),
                               {"fresh": 0, "cached": 0, "fallback": 0, "mean_age": float("nan"), "wait_s": 0.0})
-        return pairs.get(ids, epoch)
+        return pairs.get(ids, positions, epoch)
 
     def train_step(self, batch: BatchPairs) -> float:
         device = self.acc.device
@@ -149,9 +149,10 @@ class Trainer:
                     pairs.health_check()
                 if ring is not None and acc.is_local_main_process:
                     ring.set("trainer_pos", self.step * self.schedule.global_batch)
-                ids = self.schedule.ids_at(self.schedule.rank_positions(self.step, rank, tc.batch_size))
+                positions = self.schedule.rank_positions(self.step, rank, tc.batch_size)
+                ids = self.schedule.ids_at(positions)
                 t0 = time.monotonic()
-                batch = self.batch_pairs(ids, epoch, pairs)
+                batch = self.batch_pairs(ids, positions, epoch, pairs)
                 loss = self.train_step(batch)
                 self.step += 1
                 for k in totals:
