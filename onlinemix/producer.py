@@ -89,7 +89,8 @@ def run_producer(spec: ProducerSpec, ring: PairRing) -> None:
     real = load_real_images(cfg.data)
     schedule = EpochSchedule(real.train_ids.numpy(), spec.global_batch, cfg.train.seed)
     generator = DiffusersVariationGenerator(cfg.generator, spec.device, cfg.data.resolution)
-    log.info("started on %s; fingerprint %s; attention %s", spec.device, generator.fingerprint, generator.attention)
+    log.info("pid %d started on %s; fingerprint %s; attention %s", os.getpid(), spec.device,
+             generator.fingerprint, generator.attention)
     ring.add("ready_producers", 1)
     lookahead = max(cfg.generator.batch_size, ring.slots - spec.global_batch)
     while not ring.closed and os.getppid() == spec.parent_pid:

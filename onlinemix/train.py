@@ -37,13 +37,13 @@ from tqdm.auto import tqdm
 from onlinemix.augment import augment_batch, augment_second_views, simclr_views
 from onlinemix.cli import parse_args
 from onlinemix.config import Config, ConfigError, load_config, save_config
-from onlinemix.data import RealImages, load_real_images
+from onlinemix.data import DataError, RealImages, load_real_images
 from onlinemix.eval import BACKBONE_FILE, compare_with_random_init, format_probe
 from onlinemix.losses import nt_xent
 from onlinemix.models import SSLModel
 from onlinemix.pairs import BatchPairs, PairSource
-from onlinemix.producer import ProducerPool, producer_devices
-from onlinemix.ring import PairRing, remove_stale_segments
+from onlinemix.producer import ProducerDied, ProducerPool, producer_devices
+from onlinemix.ring import PairRing, RingError, remove_stale_segments
 from onlinemix.schedule import EpochSchedule
 
 log = logging.getLogger("onlinemix")
@@ -309,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
         run(argv)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    except (ProducerDied, RingError, DataError, FileExistsError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted; producers stopped and shared memory released")
 

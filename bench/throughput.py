@@ -1,0 +1,635 @@
+"""Generation vs training throughput, measured side by side in one run on one device.
+
+    python bench/throughput.py                       # tiny stub diffuser, CPU (or CUDA when present)
+    python bench/throughput.py --quick               # seconds; what tests/test_bench.py runs
+    python bench/throughput.py --model lambdalabs/sd-image-variations-diffusers --resolution 256   # on a GPU
+
+Four measurements, each on the current device:
+
+1. generation: images/s of ``DiffusersVariationGenerator.generate`` (the producers' call) and of the
+   bare ``pipe(...)`` call on already-preprocessed pixels, per batch size, and their ratio;
+2. training: real images/s of one trainer step (augment both views, forward, NT-Xent, backward,
+   AdamW step), built from the package's own pieces, pairs held in memory (no ring);
+3. ring: pairs/s through ``PairRing`` (reserve/write/publish, then take) against a plain numpy
+   copy of the same bytes with the same batching;
+4. a gen/train split model for a node of ``--node-gpus`` devices, derived from 1 and 2.
+
+See bench/README.md for how to read the output.
+"""
+
+from __future__ import annotations
+
+import time
+
+_T0 = time.perf_counter()  # before the heavy imports: the reported wall time includes them
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import diffusers
+import transformers
+
+from onlinemix.augment import augment_batch, augment_second_views, simclr_views
+from onlinemix.config import ConfigError, load_config
+from onlinemix.data import load_real_images
+from onlinemix.generate import DiffusersVariationGenerator
+from onlinemix.losses import nt_xent
+from onlinemix.models import SSLModel
+from onlinemix.ring import PairRing
+
+BENCH_DIR = Path(__file__).resolve().parent
+
+# Values used when a flag is not given: (default run, --quick run).
+DEFAULTS = {
+    "gen_batch_sizes": ("1,4,16", "1,4"),
+    "gen_repeats": (8, 2),
+    "train_batch_size": (128, 32),
+    "train_steps": (15, 2),
+    "train_warmup": (3, 1),
+    "ring_pairs": (2048, 256),
+    "ring_repeats": (3, 1),
+}
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bench/throughput.py",
+        description="Measure, in one run on one device, how many synthetic images/s the generator makes,\n"
+                    "how many real images/s a trainer consumes, and how fast pairs move through the\n"
+                    "shared-memory ring; then model how to split a node's devices between generation\n"
+                    "and training.",
+        epilog="Flags left out take the default run's value, or the --quick value when --quick is\n"
+               "given (shown as 'default / quick'). Results: a table on stdout, JSON at --out and a\n"
+               "PNG plot next to it. Progress bars go to stderr.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    q = lambda key: f"(default {DEFAULTS[key][0]} / quick {DEFAULTS[key][1]})"  # noqa: E731
+    p.add_argument("--device", default=None,
+                   help="torch device to measure on, e.g. cpu, cuda, cuda:1 (default: cuda when "
+                        "torch.cuda.is_available(), else cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (torch.set_num_threads). Default 1 on CPU, so that numbers are "
+                        "per core and comparable between machines; on CUDA the torch default is kept unless "
+                        "this is given (the CPU-side augmentation of the trainer step uses these threads)")
+    p.add_argument("--model", default=None,
+                   help="generator: 'stub' (tiny random-weight StableDiffusionImageVariationPipeline, the "
+                        "default) or a hub id / local directory, e.g. lambdalabs/sd-image-variations-diffusers")
+    p.add_argument("--revision", default=None, help="hub revision of --model (default: the package's, v2.0)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps per image (default: the package's generator.steps, 10)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale; <= 1 disables guidance and halves the UNet work "
+                        "(default: the package's generator.guidance, 3.0)")
+    p.add_argument("--dtype", default=None, choices=("auto", "fp16", "bf16", "fp32"),
+                   help="generator precision (default auto: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--attention", default=None, choices=("auto", "sdpa", "xformers"),
+                   help="generator attention backend (default auto: xformers when it loads, else SDPA)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="side of the real/synthetic images in pixels; sets the generator's output size "
+                        "(rounded up to the VAE factor), the training crop and the ring's pair size "
+                        "(default: the package's data.resolution, 32)")
+    p.add_argument("--gen-batch-sizes", default=None,
+                   help=f"comma-separated generator batch sizes to measure {q('gen_batch_sizes')}")
+    p.add_argument("--gen-repeats", type=int, default=None,
+                   help=f"timed calls per batch size, for the wrapper and for the bare pipeline each, after one "
+                        f"warm-up call of each; the rate uses the median call {q('gen_repeats')}")
+    p.add_argument("--train-batch-size", type=int, default=None,
+                   help=f"real images per trainer step {q('train_batch_size')}")
+    p.add_argument("--train-steps", type=int, default=None, help=f"timed trainer steps {q('train_steps')}")
+    p.add_argument("--train-warmup", type=int, default=None,
+                   help=f"untimed trainer steps before timing {q('train_warmup')}")
+    p.add_argument("--ring-pairs", type=int, default=None,
+                   help=f"pairs written and then taken per ring round; the ring gets this many slots "
+                        f"{q('ring_pairs')}")
+    p.add_argument("--ring-repeats", type=int, default=None,
+                   help=f"timed ring rounds (and numpy rounds), after one warm-up round {q('ring_repeats')}")
+    p.add_argument("--node-gpus", type=int, default=8,
+                   help="devices per node for the gen/train split table (default 8); the table has one row per "
+                        "split g generators + (node-gpus - g) trainers, g = 1 .. node-gpus-1")
+    p.add_argument("--max-reuse", default="1,4",
+                   help="comma-separated staleness.max_reuse values (times one synthetic view may serve) to "
+                        "model in the split table (default 1,4)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON results path; the PNG goes next to it with the same stem "
+                        "(default bench/results/throughput-<device type>.json)")
+    p.add_argument("--quick", action="store_true",
+                   help="shrink every measurement so the run takes well under 30 s on 2 CPU cores (smoke test); "
+                        "the numbers are then noisy")
+    args = p.parse_args(argv)
+    for key, (default, quick) in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else default)
+    args.gen_batch_sizes = _int_list(p, "--gen-batch-sizes", args.gen_batch_sizes)
+    args.max_reuse = _int_list(p, "--max-reuse", args.max_reuse)
+    for flag in ("gen_repeats", "train_batch_size", "train_steps", "ring_pairs", "ring_repeats"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.train_batch_size < 2:
+        p.error("--train-batch-size must be >= 2 (NT-Xent needs negatives, BatchNorm needs > 1 sample)")
+    if args.train_warmup < 0:
+        p.error("--train-warmup must be >= 0")
+    if args.node_gpus < 2:
+        p.error("--node-gpus must be >= 2 (at least one generator and one trainer)")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
+    return args
+
+
+def _int_list(p: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        p.error(f"{flag} expects comma-separated integers, got {text!r}")
+    if not values or min(values) < 1:
+        p.error(f"{flag} expects positive integers, got {text!r}")
+    return values
+
+
+# ----------------------------------------------------------------------------- helpers
+
+class Timer:
+    """Wall-clock timer that waits for queued CUDA work at both ends; ``with timer() as t`` then ``t.seconds``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __call__(self) -> "_Span":
+        return _Span(self.device)
+
+
+class _Span:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds = float("nan")
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self) -> "_Span":
+        self._sync()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sync()
+        self.seconds = time.perf_counter() - self.start
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor()
+    try:  # platform.processor() is often empty on Linux
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name or platform.machine()} ({os.cpu_count()} logical cores)"
+
+
+class _Capture(logging.Handler):
+    """Keeps the generator's start-up log line, which carries the reason for its attention backend."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def build_generator(cfg, device: torch.device) -> tuple[DiffusersVariationGenerator, str]:
+    gen_log = logging.getLogger("onlinemix.generate")
+    capture, level, propagate = _Capture(), gen_log.level, gen_log.propagate
+    gen_log.addHandler(capture)
+    gen_log.setLevel(logging.INFO)
+    gen_log.propagate = False
+    try:
+        gen = DiffusersVariationGenerator(cfg.generator, device, cfg.data.resolution)
+    finally:
+        gen_log.removeHandler(capture)
+        gen_log.setLevel(level)
+        gen_log.propagate = propagate
+    # The log call is log.info(fmt, model, device, dtype, attention, reason).
+    reason = next((str(r.args[-1]) for r in capture.records if isinstance(r.args, tuple) and len(r.args) == 5), "")
+    return gen, reason
+
+
+# ----------------------------------------------------------------------------- 1. generation
+
+def bench_generation(gen: DiffusersVariationGenerator, images: torch.Tensor, batch_sizes: list[int], repeats: int,
+                     timer: Timer, bar: tqdm) -> list[dict]:
+    """Wrapper (``generate``: preprocess, per-image seeds, finite check, resize, uint8) vs bare ``pipe`` call.
+
+    Wrapper and bare calls alternate so that drift of the machine hits both alike. Inputs are uint8
+    CPU tensors, as a producer passes them; outputs stay on the device (the producer's ``.cpu()``
+    copy is not timed). Rates use the median call.
+    """
+    cfg = gen.cfg
+    rows = []
+    for b in batch_sizes:
+        idx = torch.arange(b) % images.shape[0]
+        batch = images[idx].contiguous()
+        seeds = list(range(b))
+        pixels = gen.preprocess(batch)  # bare call gets already-preprocessed pixels on the device
+
+        def bare() -> float:
+            generators = [torch.Generator(gen.device).manual_seed(s) for s in seeds]
+            with torch.inference_mode(), timer() as t:
+                gen.pipe(pixels, height=gen.gen_size, width=gen.gen_size, num_inference_steps=cfg.steps,
+                         guidance_scale=cfg.guidance, generator=generators, output_type="pt")
+            return t.seconds
+
+        def wrapper() -> float:
+            with timer() as t:
+                gen.generate(batch, seeds)
+            return t.seconds
+
+        bar.set_description(f"generation b={b} (warm-up)")
+        wrapper(), bare()
+        bar.update(2)
+        wrapper_s, bare_s = [], []
+        bar.set_description(f"generation b={b}")
+        for _ in range(repeats):
+            wrapper_s.append(wrapper())
+            bare_s.append(bare())
+            bar.update(2)
+        w, p = statistics.median(wrapper_s), statistics.median(bare_s)
+        rows.append({"batch_size": b, "wrapper_img_s": b / w, "bare_img_s": b / p, "overhead_ratio": w / p,
+                     "wrapper_call_s": wrapper_s, "bare_call_s": bare_s})
+    return rows
+
+
+# ----------------------------------------------------------------------------- 2. training
+
+def bench_training(cfg, device: torch.device, real_images: torch.Tensor, synthetic_images: torch.Tensor,
+                   batch_size: int, steps: int, warmup: int, timer: Timer, bar: tqdm) -> dict:
+    """The body of ``onlinemix.train.Trainer.train_step`` on pairs held in memory.
+
+    Built from the package's pieces rather than through ``Trainer`` (which needs an Accelerator,
+    a run directory and a schedule); single process, so no SyncBatchNorm and no gradient
+    all-reduce. Every second view is synthetic (the mixdiff path with no fallbacks). Augmentation
+    runs on the CPU per image, then both views move to the device, as in ``train_step``.
+    """
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    model = SSLModel(tc).to(device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    real_views = simclr_views(cfg.data.resolution, synthetic=False)
+    synthetic_views = simclr_views(cfg.data.resolution, synthetic=True)
+    n = real_images.shape[0]
+    gen = torch.Generator().manual_seed(tc.seed)
+    is_synthetic = torch.ones(batch_size, dtype=torch.bool)
+
+    def step() -> tuple[float, float, float]:
+        ids = torch.randint(0, n, (batch_size,), generator=gen)
+        real, other = real_images[ids], synthetic_images[ids]
+        with timer() as t_aug:
+            view_a = augment_batch(real_views, real).to(device, non_blocking=True)
+            view_b = augment_second_views(other, is_synthetic, real_views, synthetic_views).to(device, non_blocking=True)
+        with timer() as t_compute:
+            z = model(torch.cat([view_a, view_b]))
+            z_a, z_b = z.chunk(2)
+            loss = nt_xent(z_a, z_b, tc.temperature)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            value = loss.item()  # train_step returns loss.item(): a host sync on CUDA
+        return t_aug.seconds, t_compute.seconds, value
+
+    bar.set_description(f"training b={batch_size} (warm-up)")
+    for _ in range(warmup):
+        step()
+        bar.update()
+    bar.set_description(f"training b={batch_size}")
+    aug_s, compute_s, losses = [], [], []
+    for _ in range(steps):
+        a, c, value = step()
+        aug_s.append(a)
+        compute_s.append(c)
+        losses.append(value)
+        bar.update()
+    total = sum(aug_s) + sum(compute_s)
+    return {"batch_size": batch_size, "steps": steps, "warmup_steps": warmup, "img_s": batch_size * steps / total,
+            "step_s_mean": total / steps, "augment_s_mean": sum(aug_s) / steps, "compute_s_mean": sum(compute_s) / steps,
+            "augment_fraction": sum(aug_s) / total, "last_loss": losses[-1],
+            "backbone": tc.backbone, "width": tc.width, "params": sum(p.numel() for p in model.parameters())}
+
+
+# ----------------------------------------------------------------------------- 3. ring
+
+def bench_ring(cfg, real: np.ndarray, synthetic: np.ndarray, write_batch: int, take_batch: int, repeats: int,
+               bar: tqdm) -> dict:
+    """Pairs/s through ``PairRing`` in one process vs a numpy copy of the same bytes, same batching.
+
+    A ring round: reserve slots ``write_batch`` at a time and write + publish each pair (what a
+    producer does), then ``take`` them ``take_batch`` ids at a time with max_reuse=1 so every slot
+    is freed again (what a trainer does; CRC32 verified when ring.verify_checksums). The numpy
+    round copies the same pairs into a (N, 2, 3, R, R) array in the same chunks and back out.
+    Producer and trainer sides run in different processes in a real run; here their costs add up.
+    """
+    n, r = real.shape[0], real.shape[-1]
+    max_age = cfg.staleness.max_age
+    verify = cfg.ring.verify_checksums
+    ids = np.arange(n, dtype=np.int64)
+    out = np.empty((take_batch, 2, 3, r, r), dtype=np.uint8)
+    ring = PairRing.create(n, r)
+    try:
+        def ring_round() -> tuple[float, float]:
+            t0 = time.perf_counter()
+            i = 0
+            while i < n:
+                slots = ring.reserve(min(write_batch, n - i), 0, max_age)
+                if not slots:
+                    raise RuntimeError("ring full: a previous round left slots behind")
+                for slot in slots:
+                    checksum = ring.write(slot, real[i], synthetic[i])
+                    ring.publish(slot, real_id=i, position=i, seed=i, birth_epoch=0, checksum=checksum)
+                    i += 1
+            t1 = time.perf_counter()
+            for s in range(0, n, take_batch):
+                e = min(n, s + take_batch)
+                result = ring.take(ids[s:e], ids[s:e], 0, out[: e - s], max_reuse=1, max_age=max_age, verify=verify)
+                if not result.found.all():
+                    raise RuntimeError(f"ring lost {int((~result.found).sum())} pairs")
+            return t1 - t0, time.perf_counter() - t1
+
+        dest = np.empty((n, 2, 3, r, r), dtype=np.uint8)
+
+        def numpy_round() -> tuple[float, float]:
+            t0 = time.perf_counter()
+            for s in range(0, n, write_batch):
+                e = min(n, s + write_batch)
+                dest[s:e, 0] = real[s:e]
+                dest[s:e, 1] = synthetic[s:e]
+            t1 = time.perf_counter()
+            for s in range(0, n, take_batch):
+                e = min(n, s + take_batch)
+                out[: e - s] = dest[s:e]
+            return t1 - t0, time.perf_counter() - t1
+
+        bar.set_description(f"ring {n} pairs (warm-up)")
+        ring_round(), numpy_round()
+        bar.update(2)
+        bar.set_description(f"ring {n} pairs")
+        ring_w, ring_t, np_w, np_t = [], [], [], []
+        for _ in range(repeats):
+            w, t = ring_round()
+            ring_w.append(w)
+            ring_t.append(t)
+            w, t = numpy_round()
+            np_w.append(w)
+            np_t.append(t)
+            bar.update(2)
+        if ring.get("checksum_errors"):
+            raise RuntimeError(f"ring reported {ring.get('checksum_errors')} checksum errors")
+    finally:
+        ring.close()
+    ring_s, np_s = sum(ring_w) + sum(ring_t), sum(np_w) + sum(np_t)
+    pairs = n * repeats
+    return {"pairs": n, "slots": n, "resolution": r, "repeats": repeats, "write_batch": write_batch,
+            "take_batch": take_batch, "verify_checksums": verify, "pair_bytes": 2 * 3 * r * r,
+            "ring_pairs_s": pairs / ring_s, "ring_write_pairs_s": pairs / sum(ring_w),
+            "ring_take_pairs_s": pairs / sum(ring_t),
+            "numpy_pairs_s": pairs / np_s, "numpy_write_pairs_s": pairs / sum(np_w),
+            "numpy_take_pairs_s": pairs / sum(np_t),
+            "numpy_over_ring": (pairs / np_s) / (pairs / ring_s)}
+
+
+# ----------------------------------------------------------------------------- 4. split model
+
+def split_model(train_img_s: float, gen_img_s: float, node_gpus: int, max_reuse: list[int]) -> dict:
+    """How to split a node of ``node_gpus`` devices into g generators and t = node_gpus - g trainers.
+
+    This is a MODEL computed from the per-device rates measured above on this one device, not a
+    multi-device measurement: it assumes every device runs as fast as the one measured, that
+    trainers scale linearly (no all-reduce or data-loading cost) and that generators run at the
+    best measured batch size with no producer-side overhead beyond the wrapper (the ring costs are
+    measured separately and are orders of magnitude smaller). With each synthetic view serving up
+    to ``r`` times (staleness.max_reuse), g generators feed at most g * gen_rate * r trainer images/s,
+    so the trainers' throughput with a synthetic view for every image is
+
+        min(t * train_rate, g * gen_rate * r).
+
+    Beyond that point trainers would wait (staleness.policy=wait) or fall back to real views.
+    """
+    rows = []
+    for g in range(1, node_gpus):
+        t = node_gpus - g
+        rows.append({"gen": g, "train": t, "train_capacity_img_s": t * train_img_s,
+                     "gen_capacity_img_s": g * gen_img_s,
+                     "throughput_img_s": {str(r): min(t * train_img_s, g * gen_img_s * r) for r in max_reuse}})
+    best = {}
+    for r in max_reuse:
+        top = max(row["throughput_img_s"][str(r)] for row in rows)
+        # Among equal throughputs prefer fewer generators (more trainer devices free for other work).
+        best[str(r)] = min(row["gen"] for row in rows if row["throughput_img_s"][str(r)] >= top * (1 - 1e-12))
+    ratio = train_img_s / gen_img_s
+    return {"node_gpus": node_gpus, "max_reuse": max_reuse, "train_img_s": train_img_s, "gen_img_s": gen_img_s,
+            "gen_devices_per_train_device": {str(r): ratio / r for r in max_reuse}, "rows": rows, "best_gen": best}
+
+
+# ----------------------------------------------------------------------------- output
+
+def format_report(res: dict) -> str:
+    m, g, tr, rg, sp = res["meta"], res["generation"], res["training"], res["ring"], res["split"]
+    lines = [
+        f"device      {m['device']}: {m['device_name']}",
+        f"threads     torch.get_num_threads() = {m['threads']}"
+        + (" (the default on CPU: rates are per core)" if m["device"] == "cpu" and m["threads_default"] else ""),
+        f"versions    torch {m['torch']}, diffusers {m['diffusers']}, transformers {m['transformers']}",
+        f"attention   {m['attention']} ({m['attention_reason']})",
+        f"generator   {res['config']['model']}, {m['dtype']}, {res['config']['steps']} steps, guidance {res['config']['guidance']}, {res['config']['scheduler']}, "
+        f"{res['config']['gen_size']}px out -> {res['config']['resolution']}px",
+        f"date        {m['date']}",
+        f"load        1-min load average {m['loadavg_1min_before']:.2f} before, {m['loadavg_1min_after']:.2f} after"
+        + (f"  WARNING: other processes were competing for the {m['cpu_count']} cores; numbers are skewed"
+           if m["loadavg_1min_before"] > max(0.5, 0.25 * (m["cpu_count"] or 1)) else ""),
+        "",
+        "Generation (median call)",
+        f"  {'batch':>5}  {'wrapper img/s':>13}  {'bare img/s':>10}  {'wrapper/bare':>12}",
+    ]
+    for row in g["rows"]:
+        lines.append(f"  {row['batch_size']:>5}  {row['wrapper_img_s']:>13.2f}  {row['bare_img_s']:>10.2f}  "
+                     f"{row['overhead_ratio']:>11.3f}x")
+    lines += [
+        "",
+        f"Training (tinycnn w={tr['width']}, {tr['params']:,} params, batch {tr['batch_size']}, "
+        f"{tr['steps']} steps after {tr['warmup_steps']} warm-up)",
+        f"  {tr['img_s']:.1f} real img/s; {tr['step_s_mean'] * 1e3:.0f} ms/step = "
+        f"{tr['augment_s_mean'] * 1e3:.0f} ms augment (CPU, per image) + {tr['compute_s_mean'] * 1e3:.0f} ms "
+        f"forward/loss/backward/step ({100 * tr['augment_fraction']:.0f}% augment)",
+        "",
+        f"Ring ({rg['pairs']} pairs of {rg['pair_bytes']} B, write batch {rg['write_batch']}, "
+        f"take batch {rg['take_batch']}, checksums {'on' if rg['verify_checksums'] else 'off'})",
+        f"  {'':<6}  {'pairs/s':>11}  {'write':>11}  {'take':>11}",
+        f"  {'ring':<6}  {rg['ring_pairs_s']:>11,.0f}  {rg['ring_write_pairs_s']:>11,.0f}  {rg['ring_take_pairs_s']:>11,.0f}",
+        f"  {'numpy':<6}  {rg['numpy_pairs_s']:>11,.0f}  {rg['numpy_write_pairs_s']:>11,.0f}  {rg['numpy_take_pairs_s']:>11,.0f}",
+        f"  numpy copy is {rg['numpy_over_ring']:.1f}x faster than the ring; the ring moves "
+        f"{rg['ring_pairs_s'] / g['best_img_s']:.0f}x the best generation rate",
+        "",
+        f"Training / generation = {tr['img_s']:.1f} / {g['best_img_s']:.2f} (wrapper, batch {g['best_batch_size']}) "
+        f"= {sp['gen_devices_per_train_device'][str(sp['max_reuse'][0])] * sp['max_reuse'][0]:.2f} generator devices "
+        f"per trainer device for a fresh view on every step",
+    ]
+    for r in sp["max_reuse"]:
+        if r != 1:
+            lines.append(f"  with max_reuse={r}: {sp['gen_devices_per_train_device'][str(r)]:.2f}")
+    lines += ["", f"Split of a {sp['node_gpus']}-device node (model from the rates above, not measured; "
+                  f"img/s with a synthetic view on every image; * = best)"]
+    head = f"  {'gen':>3}  {'train':>5}  {'train cap':>10}  {'gen cap':>9}" + "".join(
+        f"  {'reuse ' + str(r):>11}" for r in sp["max_reuse"])
+    lines.append(head)
+    for row in sp["rows"]:
+        cells = "".join(f"  {row['throughput_img_s'][str(r)]:>10.1f}{'*' if sp['best_gen'][str(r)] == row['gen'] else ' '}"
+                        for r in sp["max_reuse"])
+        lines.append(f"  {row['gen']:>3}  {row['train']:>5}  {row['train_capacity_img_s']:>10.1f}  "
+                     f"{row['gen_capacity_img_s']:>9.1f}{cells}")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("bench/throughput.py: the plot needs matplotlib (pip install matplotlib)")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    rows = res["generation"]["rows"]
+    bs = [r["batch_size"] for r in rows]
+    left.plot(bs, [r["wrapper_img_s"] for r in rows], "o-", label="generate() (wrapper)")
+    left.plot(bs, [r["bare_img_s"] for r in rows], "s--", label="pipe() (bare)")
+    left.set_xscale("log", base=2)
+    left.set_xticks(bs, [str(b) for b in bs])
+    left.set_xlabel("generator batch size")
+    left.set_ylabel("images / s")
+    left.set_title("Generation")
+    left.set_ylim(bottom=0)
+    left.grid(alpha=0.3)
+    left.legend()
+
+    sp = res["split"]
+    g = [r["gen"] for r in sp["rows"]]
+    right.plot(g, [r["train_capacity_img_s"] for r in sp["rows"]], ":", color="grey", label="trainer capacity")
+    for r in sp["max_reuse"]:
+        y = [row["throughput_img_s"][str(r)] for row in sp["rows"]]
+        (line,) = right.plot(g, y, "o-", label=f"max_reuse={r}")
+        best = sp["best_gen"][str(r)]
+        right.plot([best], [y[g.index(best)]], "*", ms=16, color=line.get_color())
+    right.set_xlabel(f"generator devices (of {sp['node_gpus']}; the rest train)")
+    right.set_ylabel("trainer images / s with a synthetic view")
+    right.set_title("Gen/train split (model from per-device rates)")
+    right.set_xticks(g)
+    right.set_ylim(bottom=0)
+    right.grid(alpha=0.3)
+    right.legend()
+    m = res["meta"]
+    fig.suptitle(f"{m['device']}: {m['device_name']}, {m['threads']} thread(s), {res['config']['model']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device {device}: CUDA is not available here")
+    threads_default = args.threads is None
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif device.type == "cpu":
+        torch.set_num_threads(1)
+
+    overrides = {k: str(v) for k, v in {
+        "generator.model": args.model, "generator.revision": args.revision, "generator.steps": args.steps,
+        "generator.guidance": args.guidance, "generator.dtype": args.dtype, "generator.attention": args.attention,
+        "data.resolution": args.resolution}.items() if v is not None}
+    try:
+        cfg = load_config(None, overrides)
+    except ConfigError as e:
+        sys.exit(f"bench/throughput.py: {e}")
+
+    out = args.out or BENCH_DIR / "results" / f"throughput-{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    load_before = os.getloadavg()[0]  # other processes on the machine skew every number below
+    real = load_real_images(cfg.data)
+    gen, attention_reason = build_generator(cfg, device)
+    timer = Timer(device)
+    # Synthetic views for the training and ring benchmarks: real outputs of this generator.
+    n_syn = min(len(real), max(args.train_batch_size, 64))
+    synthetic = torch.cat([gen.generate(real.images[s:min(n_syn, s + 64)], list(range(s, min(n_syn, s + 64))))
+                           for s in range(0, n_syn, 64)]).cpu()
+    synthetic = synthetic[torch.arange(len(real)) % n_syn]
+
+    total = (2 * len(args.gen_batch_sizes) * (args.gen_repeats + 1) + args.train_warmup + args.train_steps
+             + 2 * (args.ring_repeats + 1))
+    with tqdm(total=total, unit="call", dynamic_ncols=True) as bar:
+        gen_rows = bench_generation(gen, real.images, args.gen_batch_sizes, args.gen_repeats, timer, bar)
+        training = bench_training(cfg, device, real.images, synthetic, args.train_batch_size, args.train_steps,
+                                  args.train_warmup, timer, bar)
+        idx = np.arange(args.ring_pairs) % len(real)
+        ring = bench_ring(cfg, real.images.numpy()[idx], synthetic.numpy()[idx], cfg.generator.batch_size,
+                          args.train_batch_size, args.ring_repeats, bar)
+
+    best = max(gen_rows, key=lambda r: r["wrapper_img_s"])
+    generation = {"rows": gen_rows, "repeats": args.gen_repeats, "best_img_s": best["wrapper_img_s"],
+                  "best_batch_size": best["batch_size"]}
+    res = {
+        "meta": {
+            "device": str(device), "device_name": device_name(device), "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(), "threads_default": threads_default,
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "attention": gen.attention, "attention_reason": attention_reason, "dtype": str(gen.dtype).replace("torch.", ""),
+            "loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0],
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
+            "command": " ".join([Path(sys.argv[0]).name if argv is None else "throughput.py", *(argv or sys.argv[1:])]),
+        },
+        "config": {"model": cfg.generator.model, "revision": cfg.generator.revision, "steps": cfg.generator.steps,
+                   "guidance": cfg.generator.guidance, "scheduler": cfg.generator.scheduler,
+                   "resolution": cfg.data.resolution, "gen_size": gen.gen_size, "clip_size": gen.clip_size,
+                   "fingerprint": gen.fingerprint},
+        "generation": generation,
+        "training": training,
+        "ring": ring,
+        "split": split_model(training["img_s"], generation["best_img_s"], args.node_gpus, args.max_reuse),
+    }
+    res["meta"]["wall_s"] = time.perf_counter() - _T0
+    res["meta"]["measure_s"] = time.perf_counter() - started
+    png = out.with_suffix(".png")
+    plot(res, png)
+    res["plot"] = str(png)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(format_report(res))
+    print(f"\nwrote {out} and {png}; {res['meta']['wall_s']:.1f}s in all, "
+          f"{res['meta']['measure_s']:.1f}s after imports")
+    return res
+
+
+if __name__ == "__main__":
+    main()

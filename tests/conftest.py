@@ -1,0 +1,40 @@
+"""Shared fixtures: a check that no test leaves a ring segment behind, and a training runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from onlinemix.ring import NAME_PREFIX, SHM_DIR
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def ring_segments() -> set[str]:
+    return {p.name for p in SHM_DIR.glob(f"{NAME_PREFIX}*")}
+
+
+@pytest.fixture
+def no_leaked_segments():
+    """Fails the test if it leaves any onlinemix shared-memory segment in /dev/shm."""
+    before = ring_segments()
+    yield
+    leaked = ring_segments() - before
+    assert not leaked, f"shared-memory segments left behind: {sorted(leaked)}"
+
+
+def train_command(*args: str, launcher: str = "python") -> list[str]:
+    if launcher == "accelerate":
+        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+                str(REPO / "onlinemix" / "train.py"), *args]
+    return [sys.executable, "-m", "onlinemix.train", *args]
+
+
+def run_training(*args: str, launcher: str = "python", timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(train_command(*args, launcher=launcher), capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env=env)

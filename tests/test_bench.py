@@ -1,0 +1,48 @@
+"""Smoke test of bench/throughput.py: the quick run completes and reports sane, complete results.
+
+Timings are never asserted: they depend on the machine and on whatever else runs on it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib", reason="bench/throughput.py plots with matplotlib (the test extra)")
+
+SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "throughput.py"
+
+
+def test_quick_benchmark_writes_complete_results(tmp_path: Path) -> None:
+    out = tmp_path / "t.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=SCRIPT.parent.parent)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+
+    gen = res["generation"]["rows"]
+    assert gen and all(r["wrapper_img_s"] > 0 and r["bare_img_s"] > 0 and r["overhead_ratio"] > 0 for r in gen)
+    assert res["generation"]["best_img_s"] > 0
+    assert res["training"]["img_s"] > 0
+    assert res["ring"]["ring_pairs_s"] > 0 and res["ring"]["numpy_pairs_s"] > 0
+
+    split = res["split"]
+    assert len(split["rows"]) == split["node_gpus"] - 1
+    assert [r["gen"] + r["train"] for r in split["rows"]] == [split["node_gpus"]] * (split["node_gpus"] - 1)
+    assert set(split["best_gen"]) == {str(r) for r in split["max_reuse"]}
+
+    assert res["meta"]["device"] == "cpu" and res["meta"]["threads"] == 1
+    assert out.with_suffix(".png").is_file() and out.with_suffix(".png").stat().st_size > 0
+    assert "Generation" in proc.stdout and "Split of a" in proc.stdout
+
+
+def test_help_explains_every_flag() -> None:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for flag in ("--device", "--threads", "--model", "--gen-batch-sizes", "--train-batch-size", "--node-gpus",
+                 "--out", "--quick"):
+        assert flag in proc.stdout

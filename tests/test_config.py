@@ -1,0 +1,316 @@
+"""Configuration: YAML preset, command-line overrides, validation and --help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from onlinemix.cli import build_parser, parse_args
+from onlinemix.config import Config, ConfigError, leaves, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def write_yaml(tmp_path: Path, data: Any, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def dotted_keys(data: dict[str, Any], prefix: str = "") -> set[str]:
+    """Dotted leaf keys of a nested mapping."""
+    out: set[str] = set()
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out |= dotted_keys(v, f"{prefix}{k}.")
+        else:
+            out.add(f"{prefix}{k}")
+    return out
+
+
+def squash(text: str) -> str:
+    """Drop all whitespace, so argparse's line wrapping (also at hyphens) does not matter."""
+    return "".join(text.split())
+
+
+# ----------------------------------------------------------------------------- preset
+
+
+def test_tiny_preset_equals_dataclass_defaults() -> None:
+    assert load_config(TINY) == Config()
+
+
+def test_tiny_preset_spells_out_every_key() -> None:
+    """A key missing from the preset would silently take the default, so the two could drift."""
+    data = yaml.safe_load(TINY.read_text())
+    assert dotted_keys(data) == {key for key, _, _ in leaves()}
+
+
+def test_no_file_gives_defaults() -> None:
+    assert load_config() == Config()
+    assert load_config(None, {}) == Config()
+
+
+# ----------------------------------------------------------------------------- unknown keys
+
+
+def test_unknown_yaml_key_is_named_with_suggestion(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, {"train": {"epochz": 3}})
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    msg = str(exc.value)
+    assert "train.epochz" in msg
+    assert "train.epochs" in msg
+
+
+def test_unknown_override_key_is_named_with_suggestion() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, {"train.epochz": "3"})
+    msg = str(exc.value)
+    assert "train.epochz" in msg
+    assert "train.epochs" in msg
+
+
+def test_unknown_top_level_section(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, {"trian": {"epochs": 3}})
+    with pytest.raises(ConfigError, match="trian"):
+        load_config(path)
+
+
+def test_section_given_a_scalar_is_rejected(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, {"train": 3})
+    with pytest.raises(ConfigError, match="train"):
+        load_config(path)
+
+
+# ----------------------------------------------------------------------------- types
+
+
+def test_wrong_type_in_yaml(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, {"train": {"epochs": "many"}})
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    msg = str(exc.value)
+    assert "train.epochs" in msg
+    assert "many" in msg
+    assert "int" in msg
+
+
+def test_wrong_type_on_command_line() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, {"train.lr": "fast"})
+    msg = str(exc.value)
+    assert "train.lr" in msg
+    assert "fast" in msg
+    assert "float" in msg
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_yaml_bool_is_not_an_int(tmp_path: Path, value: bool) -> None:
+    path = write_yaml(tmp_path, {"train": {"epochs": value}})
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert "train.epochs" in str(exc.value)
+    assert "int" in str(exc.value)
+
+
+def test_command_line_bool_is_not_an_int() -> None:
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(None, {"train.epochs": "true"})
+
+
+def test_yaml_float_is_not_an_int(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, {"train": {"epochs": 2.5}})
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(path)
+
+
+def test_command_line_bool_rejects_other_words() -> None:
+    with pytest.raises(ConfigError, match="probe.enabled"):
+        load_config(None, {"probe.enabled": "maybe"})
+
+
+# ----------------------------------------------------------------------------- ranges and choices
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("train.batch_size", "1", ">= 2"),
+        ("data.holdout_fraction", "0.99", "<= 0.9"),
+        ("train.epochs", "-1", ">= 0"),
+    ],
+)
+def test_out_of_range_override(key: str, value: str, allowed: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, {key: value})
+    msg = str(exc.value)
+    assert key in msg
+    assert value in msg
+    assert allowed in msg
+
+
+def test_out_of_range_in_yaml(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, {"data": {"holdout_fraction": 0.99}})
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    msg = str(exc.value)
+    assert "data.holdout_fraction" in msg
+    assert "0.99" in msg
+    assert "0.9" in msg.replace("0.99", "")
+
+
+def test_nan_float_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(None, {"train.lr": "nan"})
+
+
+def test_bad_choice_lists_the_choices() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, {"generator.scheduler": "foo"})
+    msg = str(exc.value)
+    assert "generator.scheduler" in msg
+    assert "foo" in msg
+    for choice in ("dpm++", "ddim", "pndm", "euler"):
+        assert choice in msg
+
+
+# ----------------------------------------------------------------------------- consistency
+
+
+def test_mixdiff_needs_a_producer() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, {"train.pairing": "mixdiff", "gen_gpus": "0"})
+    assert "gen_gpus" in str(exc.value)
+    # Plain SSL needs no producer.
+    cfg = load_config(None, {"train.pairing": "real", "gen_gpus": "0"})
+    assert cfg.gen_gpus == 0 and cfg.train.pairing == "real"
+
+
+def test_wait_policy_needs_a_timeout(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, {"staleness": {"policy": "wait", "wait_timeout_s": 0}})
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert "wait_timeout_s" in str(exc.value)
+    with pytest.raises(ConfigError, match="wait_timeout_s"):
+        load_config(None, {"staleness.policy": "wait", "staleness.wait_timeout_s": "0"})
+    cfg = load_config(None, {"staleness.policy": "real", "staleness.wait_timeout_s": "0"})
+    assert cfg.staleness.wait_timeout_s == 0.0
+
+
+def test_ring_must_hold_one_producer_batch() -> None:
+    with pytest.raises(ConfigError, match="ring.slots"):
+        load_config(None, {"ring.slots": "4", "generator.batch_size": "8"})
+
+
+def test_command_line_overrides_yaml(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, {"train": {"epochs": 3, "lr": 0.5}})
+    cfg = load_config(path, {"train.epochs": "7"})
+    assert cfg.train.epochs == 7
+    assert cfg.train.lr == 0.5  # untouched by the override
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def test_overrides_are_converted_to_field_types() -> None:
+    cfg = load_config(None, {
+        "train.epochs": "5",
+        "train.lr": "1e-3",
+        "train.warmup_epochs": "2",
+        "probe.enabled": "false",
+        "ring.verify_checksums": "False",
+        "generator.scheduler": "ddim",
+        "run_name": "123",
+    })
+    assert cfg.train.epochs == 5 and type(cfg.train.epochs) is int
+    assert cfg.train.lr == pytest.approx(1e-3) and type(cfg.train.lr) is float
+    assert cfg.train.warmup_epochs == 2.0 and type(cfg.train.warmup_epochs) is float
+    assert cfg.probe.enabled is False
+    assert cfg.ring.verify_checksums is False
+    assert cfg.generator.scheduler == "ddim"
+    assert cfg.run_name == "123"
+
+
+@pytest.mark.parametrize(("text", "expected"), [("true", True), ("1", True), ("yes", True),
+                                                 ("false", False), ("0", False), ("no", False)])
+def test_bool_override_spellings(text: str, expected: bool) -> None:
+    assert load_config(None, {"probe.enabled": text}).probe.enabled is expected
+
+
+def test_yaml_int_for_float_field_becomes_float(tmp_path: Path) -> None:
+    cfg = load_config(write_yaml(tmp_path, {"train": {"lr": 1}}))
+    assert cfg.train.lr == 1.0 and type(cfg.train.lr) is float
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_help_lists_every_key_with_its_help() -> None:
+    text = squash(build_parser().format_help())
+    for key, f, _ in leaves():
+        flag = "--" + key.replace("_", "-")
+        assert flag in text, f"--help lacks {flag}"
+        assert squash(f.metadata["help"]) in text, f"--help lacks the help text of {key}"
+
+
+def test_parse_args_accepts_both_spellings() -> None:
+    _, dashed = parse_args(["--train.batch-size", "64", "--gen-gpus", "2"])
+    _, underscored = parse_args(["--train.batch_size", "64", "--gen_gpus", "2"])
+    assert dashed == underscored == {"train.batch_size": "64", "gen_gpus": "2"}
+    _, none = parse_args([])
+    assert none == {}
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def test_invalid_yaml_raises_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: {epochs: [1, 2\n  lr: : :\n")
+    with pytest.raises(ConfigError, match="YAML"):
+        load_config(path)
+
+
+def test_missing_file_raises_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(path)
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+
+
+def test_empty_yaml_gives_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_config(path) == Config()
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def test_train_rejects_bad_config_before_creating_anything(tmp_path: Path) -> None:
+    out_dir = tmp_path / "runs"
+    work = tmp_path / "cwd"
+    work.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "onlinemix.train", "--train.epochs", "-1", "--output-dir", str(out_dir)],
+        cwd=work, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "config error" in proc.stderr
+    assert "train.epochs" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out_dir.exists()
+    assert list(work.iterdir()) == []

@@ -1,0 +1,195 @@
+"""The shared-memory pair ring: integrity, staleness rules, dead writers, segment hygiene."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import zlib
+from multiprocessing import shared_memory
+
+import numpy as np
+import pytest
+
+from onlinemix import ring as ring_module
+from onlinemix.ring import READY, S, WRITING, PairRing, RingError, remove_stale_segments
+
+R = 8
+
+
+def random_pair(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 256, (3, R, R), dtype=np.uint8), rng.integers(0, 256, (3, R, R), dtype=np.uint8))
+
+
+def put(ring: PairRing, real_id: int, position: int = 0, epoch: int = 0, seed: int = 0) -> int:
+    slot = ring.reserve(1, epoch, max_age=100)[0]
+    real, synthetic = random_pair(seed)
+    checksum = ring.write(slot, real, synthetic)
+    ring.publish(slot, real_id=real_id, position=position, seed=seed, birth_epoch=epoch, checksum=checksum)
+    return slot
+
+
+def take(ring: PairRing, ids, positions, epoch=0, max_reuse=1, max_age=100):
+    ids, positions = np.asarray(ids), np.asarray(positions)
+    out = np.zeros((len(ids), 2, 3, R, R), dtype=np.uint8)
+    return ring.take(ids, positions, epoch, out, max_reuse=max_reuse, max_age=max_age), out
+
+
+@pytest.fixture
+def ring(no_leaked_segments):
+    r = PairRing.create(slots=8, resolution=R)
+    yield r
+    r.close()
+
+
+def _child_writes(name: str, n: int) -> None:
+    r = PairRing.attach(name)
+    for i in range(n):
+        put(r, real_id=i, position=i, seed=i)
+    r.close()
+
+
+def test_pairs_written_by_another_process_arrive_intact(ring: PairRing) -> None:
+    child = mp.get_context("spawn").Process(target=_child_writes, args=(ring.name, 5))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    result, out = take(ring, [4, 0, 2], [4, 0, 2])
+    assert result.found.all() and result.fresh.all()
+    for row, real_id in enumerate([4, 0, 2]):
+        real, synthetic = random_pair(real_id)
+        assert np.array_equal(out[row, 0], real) and np.array_equal(out[row, 1], synthetic)
+
+
+def test_attaching_process_exit_does_not_unlink_the_ring(ring: PairRing) -> None:
+    # CPython issue 82300: an attaching process's resource tracker would unlink the segment.
+    child = mp.get_context("spawn").Process(target=_child_writes, args=(ring.name, 1))
+    child.start()
+    child.join(60)
+    other = PairRing.attach(ring.name)
+    assert other.get("generated") == 1
+    other.close()
+
+
+def test_corrupt_pair_is_detected_and_never_served(ring: PairRing) -> None:
+    slot = put(ring, real_id=7)
+    ring.pixels[slot, 1, 0, 0, 0] ^= 0xFF
+    result, _ = take(ring, [7], [0])
+    assert not result.found[0]
+    assert ring.get("checksum_errors") == 1
+    assert ring.occupancy()["ready"] == 0
+
+
+def test_max_reuse_bounds_how_often_a_view_serves(ring: PairRing) -> None:
+    put(ring, real_id=3)
+    served = [take(ring, [3], [10 * k], max_reuse=2)[0] for k in range(3)]
+    assert [bool(r.found[0]) for r in served] == [True, True, False]
+    assert [bool(r.fresh[0]) for r in served[:2]] == [True, False]
+    assert ring.occupancy()["free"] == ring.slots
+
+
+def test_repeated_ids_in_one_call_count_against_max_reuse(ring: PairRing) -> None:
+    put(ring, real_id=3)
+    assert take(ring, [3, 3, 3], [0, 1, 2], max_reuse=2)[0].found.tolist() == [True, True, False]
+    assert not take(ring, [3], [3], max_reuse=2)[0].found[0]
+
+
+def test_views_older_than_max_age_are_not_served(ring: PairRing) -> None:
+    put(ring, real_id=1, epoch=0)
+    assert not take(ring, [1], [0], epoch=3, max_age=2)[0].found[0]
+    result, _ = take(ring, [1], [0], epoch=2, max_age=2)
+    assert result.found[0] and result.age[0] == 2
+
+
+def test_view_made_for_a_later_position_is_kept_for_it(ring: PairRing) -> None:
+    put(ring, real_id=5, position=100)
+    assert not take(ring, [5], [50])[0].found[0]
+    assert take(ring, [5], [100])[0].found[0]
+
+
+def test_freshest_acceptable_view_is_served_first(ring: PairRing) -> None:
+    put(ring, real_id=2, position=0, seed=11)
+    put(ring, real_id=2, position=5, seed=22)
+    _, out = take(ring, [2], [9], max_reuse=3)
+    assert np.array_equal(out[0, 1], random_pair(22)[1])
+
+
+def _child_dies_mid_write(name: str) -> None:
+    r = PairRing.attach(name)
+    slot = r.reserve(1, 0, 100)[0]
+    r.pixels[slot, 0] = 1  # half a pair, never published
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_writer_killed_mid_write_is_never_served_and_its_slot_is_reclaimed(ring: PairRing) -> None:
+    child = mp.get_context("spawn").Process(target=_child_dies_mid_write, args=(ring.name,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == -signal.SIGKILL
+    states = ring.meta[:, S["state"]]
+    assert (states == WRITING).sum() == 1
+    dead_slot = int(np.flatnonzero(states == WRITING)[0])
+    ring.meta[dead_slot, S["real_id"]] = 9  # even if its metadata looked right, it must not be served
+    assert not take(ring, [9], [0])[0].found[0]
+    assert dead_slot in ring.reserve(ring.slots, 0, 100)
+
+
+def test_full_ring_never_evicts_pairs_ahead_of_the_trainers(ring: PairRing) -> None:
+    ring.set("trainer_pos", 10)
+    for i in range(ring.slots):
+        put(ring, real_id=i, position=10 + i)
+    assert ring.reserve(1, 0, 100) == []
+    ring.set("trainer_pos", 12)  # the trainers passed positions 10 and 11
+    assert sorted(ring.reserve(4, 0, 100)) == sorted(
+        int(s) for s in np.flatnonzero(ring.meta[:, S["position"]] < 12))
+
+
+def test_claims_stay_within_lookahead_and_rewind_for_a_waiting_trainer(ring: PairRing) -> None:
+    assert ring.claim_positions(4, lookahead=6).tolist() == [0, 1, 2, 3]
+    assert ring.claim_positions(4, lookahead=6).tolist() == [4, 5]
+    assert ring.claim_positions(4, lookahead=6).tolist() == []
+    ring.rewind_claims(2)
+    assert ring.claim_positions(2, lookahead=6).tolist() == [2, 3]
+
+
+def test_stale_segments_of_dead_creators_are_removed(no_leaked_segments) -> None:
+    child = mp.get_context("spawn").Process(target=os.getpid)
+    child.start()
+    child.join(60)
+    dead = shared_memory.SharedMemory(name=f"onlinemix-{child.pid}-deadbeef", create=True, size=64)
+    live = PairRing.create(slots=1, resolution=R)
+    try:
+        removed = remove_stale_segments()
+        assert dead.name in removed and live.name not in removed
+        assert PairRing.attach(live.name).get("slots") == 1
+    finally:
+        dead.close()
+        try:
+            dead.unlink()
+        except FileNotFoundError:
+            pass
+        live.close()
+
+
+def test_too_small_shared_memory_is_a_clear_error_at_start(monkeypatch, no_leaked_segments) -> None:
+    class Usage:
+        total = used = 0
+        free = 64 * 2**20
+
+    monkeypatch.setattr(ring_module.shutil, "disk_usage", lambda path: Usage)
+    with pytest.raises(RingError, match="shm-size"):
+        PairRing.create(slots=100_000, resolution=64)
+
+
+def test_attach_to_missing_ring_is_a_clear_error() -> None:
+    with pytest.raises(RingError, match="does not exist"):
+        PairRing.attach("onlinemix-1-nothere")
+
+
+def test_checksum_is_crc32_of_both_images(ring: PairRing) -> None:
+    real, synthetic = random_pair(1)
+    slot = ring.reserve(1, 0, 100)[0]
+    assert ring.write(slot, real, synthetic) == zlib.crc32(np.stack([real, synthetic]).tobytes())
+    ring.release([slot])
+    assert ring.meta[slot, S["state"]] != READY

@@ -1,0 +1,144 @@
+"""Training end to end: the default run shortened, resume, the learning check, clean exits."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from onlinemix import train as train_module
+from onlinemix.train import run
+
+from conftest import REPO, ring_segments, run_training, train_command
+
+FAST = ["--train.batch-size", "64", "--probe.epochs", "100"]
+STEPS_PER_EPOCH = 1438 // 64  # bundled digits: 1,797 images, 20% held out for the probe
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_default_run_shortened_through_accelerate_launch(tmp_path: Path, no_leaked_segments) -> None:
+    proc = run_training("--train.epochs", "1", "--output-dir", str(tmp_path), "--run-name", "e2e", *FAST,
+                        launcher="accelerate")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "e2e"
+    for name in ("config.yaml", "metrics.jsonl", "backbone.safetensors", "probe.json", "train.log", "producer-0.log"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "checkpoints" / f"step-{STEPS_PER_EPOCH}" / "model.safetensors").is_file()
+    probe = json.loads((run_dir / "probe.json").read_text())
+    assert 0 <= probe["trained"]["top1"] <= 100 and 0 <= probe["random_init"]["top1"] <= 100
+    assert re.search(r"trained\s+\d+\.\d\d%", proc.stdout) and re.search(r"random_init\s+\d+\.\d\d%", proc.stdout)
+    rows = metrics(run_dir)
+    assert rows[-1]["step"] == STEPS_PER_EPOCH
+    assert rows[-1]["total_fresh"] > 0, "no synthetic view reached the trainer"
+    assert rows[-1]["total_fresh"] + rows[-1]["total_cached"] + rows[-1]["total_fallback"] == STEPS_PER_EPOCH * 64
+    assert rows[-1]["checksum_errors"] == 0
+    assert "attention" in (run_dir / "producer-0.log").read_text()
+
+
+def test_resume_continues_from_the_saved_step(tmp_path: Path) -> None:
+    common = ["--train.pairing", "real", "--gen-gpus", "0", "--output-dir", str(tmp_path), "--probe.enabled", "false",
+              "--train.width", "8", *FAST]
+    run([*common, "--train.epochs", "1", "--run-name", "r"])
+    run_dir = tmp_path / "r"
+    first = metrics(run_dir)
+    saved = load_file(run_dir / "checkpoints" / f"step-{STEPS_PER_EPOCH}" / "model.safetensors")
+    # Same number of epochs: nothing left to train, the weights must be exactly the checkpoint's.
+    run(["--resume", str(run_dir)])
+    backbone = load_file(run_dir / "backbone.safetensors")
+    assert all((backbone[k] == saved[f"backbone.{k}"]).all() for k in backbone)
+    assert len(metrics(run_dir)) == len(first)
+    run(["--resume", str(run_dir), "--train.epochs", "2"])
+    steps = [row["step"] for row in metrics(run_dir)]
+    assert steps[: len(first)] == [row["step"] for row in first]
+    assert steps[len(first)] > STEPS_PER_EPOCH and steps[-1] == 2 * STEPS_PER_EPOCH
+    assert (run_dir / "checkpoints" / f"step-{2 * STEPS_PER_EPOCH}").is_dir()
+
+
+def test_plain_simclr_learns_better_features_than_random_init(tmp_path: Path) -> None:
+    """A learning check independent of the stub diffuser: two augmented real views per image."""
+    results = run(["--train.pairing", "real", "--gen-gpus", "0", "--train.epochs", "6", "--train.width", "16",
+                   "--output-dir", str(tmp_path), "--run-name", "learn"])
+    assert results["trained"]["top1"] > results["random_init"]["top1"] + 2.0, results
+
+
+def test_exception_in_the_trainer_stops_producers_and_frees_shared_memory(tmp_path: Path, monkeypatch,
+                                                                          no_leaked_segments) -> None:
+    def failing_step(self, batch):
+        if self.step == 2:
+            raise RuntimeError("injected failure")
+        return original(self, batch)
+
+    original = train_module.Trainer.train_step
+    monkeypatch.setattr(train_module.Trainer, "train_step", failing_step)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run(["--train.epochs", "1", "--output-dir", str(tmp_path), "--run-name", "boom", *FAST])
+    assert not mp.active_children()
+
+
+def _start(tmp_path: Path, name: str) -> subprocess.Popen:
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    return subprocess.Popen(train_command("--train.epochs", "5", "--output-dir", str(tmp_path), "--run-name", name,
+                                          *FAST), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for_training(run_dir: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text()):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+
+
+def _session_processes(sid: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _assert_session_ends(sid: int, timeout: float = 20.0) -> None:
+    """Every process of the job (producers, resource tracker) is gone shortly after the trainer."""
+    deadline = time.monotonic() + timeout
+    while (left := _session_processes(sid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, [Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ") for pid in left]
+
+
+def test_ctrl_c_stops_every_process_and_frees_shared_memory(tmp_path: Path, no_leaked_segments) -> None:
+    proc = _start(tmp_path, "interrupted")
+    _wait_for_training(tmp_path / "interrupted", proc)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "interrupted" in stderr
+    _assert_session_ends(proc.pid)
+
+
+def test_dead_producer_stops_the_job_cleanly(tmp_path: Path, no_leaked_segments) -> None:
+    before = ring_segments()
+    proc = _start(tmp_path, "dead")
+    _wait_for_training(tmp_path / "dead", proc)
+    pid = int(re.search(r"pid (\d+) started", (tmp_path / "dead" / "producer-0.log").read_text()).group(1))
+    os.kill(pid, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert f"producer 0 (pid {pid}) died: killed by signal SIGKILL" in stderr
+    assert ring_segments() == before
+    _assert_session_ends(proc.pid)
