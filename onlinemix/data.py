@@ -54,9 +54,9 @@ def _load_rgb(path: Path, resolution: int) -> torch.Tensor:
     """Decode any mode (grey, RGBA, palette, 16-bit) to RGB, resize the short side, centre crop."""
     with Image.open(path) as img:
         img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: map the full range to 8 bits
             arr = np.asarray(img, dtype=np.float64)
-            img = Image.fromarray((arr * (255.0 / max(arr.max(), 1.0))).astype(np.uint8))
+            img = Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8))
         img = img.convert("RGB")
         w, h = img.size
         if w == 0 or h == 0:

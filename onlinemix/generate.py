@@ -10,6 +10,7 @@ would antialias and centre-crop.
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import logging
 from typing import Protocol
@@ -90,9 +91,9 @@ class DiffusersVariationGenerator:
         self.clip_size = int(self.pipe.image_encoder.config.image_size)
         self.clip_mean = torch.tensor(fe.image_mean, device=self.device).view(1, 3, 1, 1)
         self.clip_std = torch.tensor(fe.image_std, device=self.device).view(1, 3, 1, 1)
-        # The VAE's spatial factor sets which output sizes the UNet can denoise.
-        factor = self.pipe.vae_scale_factor
-        self.gen_size = max(factor, -(-resolution // factor) * factor)
+        # The pipeline accepts sizes divisible by 8 (and by the VAE's spatial factor).
+        multiple = math.lcm(8, self.pipe.vae_scale_factor)
+        self.gen_size = -(-resolution // multiple) * multiple
         self.fingerprint = self._fingerprint()
         self.retries = 0
 
@@ -124,17 +125,16 @@ class DiffusersVariationGenerator:
         pixels = self.preprocess(images)
         out = self._run(pixels, seeds)
         # Non-finite outputs (fp16 overflow) are regenerated with a new seed, never passed on.
-        for attempt in range(1, MAX_RETRIES + 1):
-            bad = ~torch.isfinite(out).flatten(1).all(dim=1)
-            if not bad.any():
+        for attempt in range(1, MAX_RETRIES + 2):
+            bad = (~torch.isfinite(out).flatten(1).all(dim=1)).nonzero().flatten()
+            if len(bad) == 0:
                 break
-            idx = bad.nonzero().flatten()
-            self.retries += len(idx)
-            log.warning("generator produced %d non-finite images; regenerating (attempt %d)", len(idx), attempt)
-            out[idx] = self._run(pixels[idx], [seeds[i] + attempt * 1_000_003 for i in idx.tolist()])
-        else:
-            raise GeneratorError(f"generator keeps producing non-finite images after {MAX_RETRIES} retries "
-                                 f"(dtype {self.dtype}; try generator.dtype=bf16 or fp32)")
+            if attempt > MAX_RETRIES:
+                raise GeneratorError(f"generator keeps producing non-finite images after {MAX_RETRIES} retries "
+                                     f"(dtype {self.dtype}; try generator.dtype=bf16 or fp32)")
+            self.retries += len(bad)
+            log.warning("generator produced %d non-finite images; regenerating (attempt %d)", len(bad), attempt)
+            out[bad] = self._run(pixels[bad], [seeds[i] + attempt * 1_000_003 for i in bad.tolist()])
         if out.shape[-1] != self.resolution:
             out = F.interpolate(out, size=(self.resolution, self.resolution), mode="bilinear", antialias=True)
         return (out.clamp(0, 1) * 255).round().to(torch.uint8)

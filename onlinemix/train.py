@@ -301,6 +301,10 @@ def run(argv: list[str] | None = None) -> dict | None:
     results = compare_with_random_init(accelerator.unwrap_model(trainer.model).backbone, cfg, accelerator.device, real)
     (run_dir / "probe.json").write_text(json.dumps(results, indent=2))
     print(format_probe(results), flush=True)
+    if mixdiff and cfg.generator.model == "stub":
+        print("note: the stub diffuser has random weights, so its 'variations' carry no information about the\n"
+              "      image; this run exercises the system, not the method. --train.pairing real shows learning.",
+              flush=True)
     return results
 
 
