@@ -98,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="generator attention backend (default auto: xformers when it loads, else SDPA)")
     p.add_argument("--resolution", type=int, default=None,
                    help="side of the real/synthetic images in pixels; sets the generator's output size "
-                        "(rounded up to the VAE factor), the training crop and the ring's pair size "
+                        "(rounded up to a multiple of 8 and of the VAE factor, as the package does), the training crop and the ring's pair size "
                         "(default: the package's data.resolution, 32)")
     p.add_argument("--gen-batch-sizes", default=None,
                    help=f"comma-separated generator batch sizes to measure {q('gen_batch_sizes')}")
@@ -200,6 +200,20 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"{name or platform.machine()} ({os.cpu_count()} logical cores)"
+
+
+def _busy_cpu_s() -> float | None:
+    """CPU seconds all processes on the machine have spent so far (Linux /proc/stat), or None."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in (fields + ["0"] * 8)[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    return sum(os.times()[:4])  # user + system, this process and its waited-for children
 
 
 class _Capture(logging.Handler):
@@ -444,6 +458,7 @@ def split_model(train_img_s: float, gen_img_s: float, node_gpus: int, max_reuse:
         best[str(r)] = min(row["gen"] for row in rows if row["throughput_img_s"][str(r)] >= top * (1 - 1e-12))
     ratio = train_img_s / gen_img_s
     return {"node_gpus": node_gpus, "max_reuse": max_reuse, "train_img_s": train_img_s, "gen_img_s": gen_img_s,
+            "train_over_gen": ratio,
             "gen_devices_per_train_device": {str(r): ratio / r for r in max_reuse}, "rows": rows, "best_gen": best}
 
 
@@ -460,9 +475,11 @@ def format_report(res: dict) -> str:
         f"generator   {res['config']['model']}, {m['dtype']}, {res['config']['steps']} steps, guidance {res['config']['guidance']}, {res['config']['scheduler']}, "
         f"{res['config']['gen_size']}px out -> {res['config']['resolution']}px",
         f"date        {m['date']}",
-        f"load        1-min load average {m['loadavg_1min_before']:.2f} before, {m['loadavg_1min_after']:.2f} after"
-        + (f"  WARNING: other processes were competing for the {m['cpu_count']} cores; numbers are skewed"
-           if m["loadavg_1min_before"] > max(0.5, 0.25 * (m["cpu_count"] or 1)) else ""),
+        "load        " + ("other processes used n/a" if m["other_processes_cores"] is None else
+                            f"other processes used {m['other_processes_cores']:.2f} cores on average while measuring")
+        + f" (1-min load average {m['loadavg_1min_before']:.2f} before, {m['loadavg_1min_after']:.2f} after)"
+        + (f"\n            WARNING: other processes competed for the {m['cpu_count']} cores; the numbers are skewed"
+           if (m["other_processes_cores"] or 0) > 0.2 else ""),
         "",
         "Generation (median call)",
         f"  {'batch':>5}  {'wrapper img/s':>13}  {'bare img/s':>10}  {'wrapper/bare':>12}",
@@ -487,12 +504,13 @@ def format_report(res: dict) -> str:
         f"{rg['ring_pairs_s'] / g['best_img_s']:.0f}x the best generation rate",
         "",
         f"Training / generation = {tr['img_s']:.1f} / {g['best_img_s']:.2f} (wrapper, batch {g['best_batch_size']}) "
-        f"= {sp['gen_devices_per_train_device'][str(sp['max_reuse'][0])] * sp['max_reuse'][0]:.2f} generator devices "
-        f"per trainer device for a fresh view on every step",
+        f"= {sp['train_over_gen']:.2f} generator devices per trainer device for a fresh view of every image "
+        f"on every step",
     ]
     for r in sp["max_reuse"]:
         if r != 1:
-            lines.append(f"  with max_reuse={r}: {sp['gen_devices_per_train_device'][str(r)]:.2f}")
+            lines.append(f"  with each view serving up to max_reuse={r} times: "
+                         f"{sp['gen_devices_per_train_device'][str(r)]:.2f}")
     lines += ["", f"Split of a {sp['node_gpus']}-device node (model from the rates above, not measured; "
                   f"img/s with a synthetic view on every image; * = best)"]
     head = f"  {'gen':>3}  {'train':>5}  {'train cap':>10}  {'gen cap':>9}" + "".join(
@@ -576,14 +594,19 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or BENCH_DIR / "results" / f"throughput-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    load_before = os.getloadavg()[0]  # other processes on the machine skew every number below
+    # Other processes on the machine skew every number below: measure how much CPU they used meanwhile.
+    load_before, busy_before, own_before, wall_before = os.getloadavg()[0], _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
     real = load_real_images(cfg.data)
-    gen, attention_reason = build_generator(cfg, device)
+    try:
+        gen, attention_reason = build_generator(cfg, device)
+    except Exception as e:  # a missing model directory, no network for a hub id, xformers requested but absent
+        sys.exit(f"bench/throughput.py: cannot build the generator {cfg.generator.model!r}: "
+                 f"{e.__class__.__name__}: {e}")
     timer = Timer(device)
-    # Synthetic views for the training and ring benchmarks: real outputs of this generator.
-    n_syn = min(len(real), max(args.train_batch_size, 64))
-    synthetic = torch.cat([gen.generate(real.images[s:min(n_syn, s + 64)], list(range(s, min(n_syn, s + 64))))
-                           for s in range(0, n_syn, 64)]).cpu()
+    # Synthetic views for the training and ring benchmarks: real outputs of this generator, one call at the
+    # largest measured batch size (so no larger than what the generation benchmark asks of the device), tiled.
+    n_syn = min(len(real), max(args.gen_batch_sizes))
+    synthetic = gen.generate(real.images[:n_syn], list(range(n_syn))).cpu()
     synthetic = synthetic[torch.arange(len(real)) % n_syn]
 
     total = (2 * len(args.gen_batch_sizes) * (args.gen_repeats + 1) + args.train_warmup + args.train_steps
@@ -596,6 +619,9 @@ def main(argv: list[str] | None = None) -> dict:
         ring = bench_ring(cfg, real.images.numpy()[idx], synthetic.numpy()[idx], cfg.generator.batch_size,
                           args.train_batch_size, args.ring_repeats, bar)
 
+    busy_after, own_after, wall_after = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
+    other_cores = (None if busy_before is None or busy_after is None else
+                   max(0.0, (busy_after - busy_before) - (own_after - own_before)) / (wall_after - wall_before))
     best = max(gen_rows, key=lambda r: r["wrapper_img_s"])
     generation = {"rows": gen_rows, "repeats": args.gen_repeats, "best_img_s": best["wrapper_img_s"],
                   "best_batch_size": best["batch_size"]}
@@ -607,8 +633,9 @@ def main(argv: list[str] | None = None) -> dict:
             "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "attention": gen.attention, "attention_reason": attention_reason, "dtype": str(gen.dtype).replace("torch.", ""),
             "loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0],
+            "other_processes_cores": other_cores,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
-            "command": " ".join([Path(sys.argv[0]).name if argv is None else "throughput.py", *(argv or sys.argv[1:])]),
+            "command": " ".join(["python bench/throughput.py", *(sys.argv[1:] if argv is None else argv)]),
         },
         "config": {"model": cfg.generator.model, "revision": cfg.generator.revision, "steps": cfg.generator.steps,
                    "guidance": cfg.generator.guidance, "scheduler": cfg.generator.scheduler,
@@ -619,11 +646,11 @@ def main(argv: list[str] | None = None) -> dict:
         "ring": ring,
         "split": split_model(training["img_s"], generation["best_img_s"], args.node_gpus, args.max_reuse),
     }
-    res["meta"]["wall_s"] = time.perf_counter() - _T0
-    res["meta"]["measure_s"] = time.perf_counter() - started
     png = out.with_suffix(".png")
     plot(res, png)
-    res["plot"] = str(png)
+    res["plot"] = png.name  # next to the JSON
+    res["meta"]["wall_s"] = time.perf_counter() - _T0
+    res["meta"]["measure_s"] = time.perf_counter() - started
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(format_report(res))
     print(f"\nwrote {out} and {png}; {res['meta']['wall_s']:.1f}s in all, "

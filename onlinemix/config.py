@@ -46,6 +46,8 @@ class GeneratorConfig:
     steps: int = opt(10, "denoising steps per image", low=1, high=1000)
     guidance: float = opt(3.0, "classifier-free guidance scale k (k <= 1 disables guidance and halves the cost)",
                           low=0.0, high=50.0)
+    resolution: int = opt(0, "side of the generated images before they are resized to data.resolution; "
+                          "0 = data.resolution (right for the stub; the real model is trained at 512)", low=0, high=2048)
     scheduler: str = opt("dpm++", "sampler", choices=("dpm++", "ddim", "pndm", "euler"))
     dtype: str = opt("auto", "generator precision; auto = fp16 on GPU, fp32 on CPU",
                      choices=("auto", "fp16", "bf16", "fp32"))

@@ -93,7 +93,7 @@ class DiffusersVariationGenerator:
         self.clip_std = torch.tensor(fe.image_std, device=self.device).view(1, 3, 1, 1)
         # The pipeline accepts sizes divisible by 8 (and by the VAE's spatial factor).
         multiple = math.lcm(8, self.pipe.vae_scale_factor)
-        self.gen_size = -(-resolution // multiple) * multiple
+        self.gen_size = -(-(cfg.resolution or resolution) // multiple) * multiple
         self.fingerprint = self._fingerprint()
         self.retries = 0
 
@@ -113,11 +113,11 @@ class DiffusersVariationGenerator:
 
     def _run(self, pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
-        with torch.inference_mode():
-            out = self.pipe(pixels, height=self.gen_size, width=self.gen_size, num_inference_steps=self.cfg.steps,
-                            guidance_scale=self.cfg.guidance, generator=generators, output_type="pt").images
+        out = self.pipe(pixels, height=self.gen_size, width=self.gen_size, num_inference_steps=self.cfg.steps,
+                        guidance_scale=self.cfg.guidance, generator=generators, output_type="pt").images
         return out.float()
 
+    @torch.inference_mode()
     def generate(self, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         check_images(images)
         if len(seeds) != images.shape[0]:

@@ -79,7 +79,7 @@ class Trainer:
         self.warmup_steps = int(tc.warmup_epochs * self.schedule.steps_per_epoch)
         torch.manual_seed(tc.seed)  # the model's initial weights depend on this seed only
         model = SSLModel(tc)
-        if accelerator.num_processes > 1:
+        if accelerator.num_processes > 1 and accelerator.device.type == "cuda":  # SyncBatchNorm is CUDA-only
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)

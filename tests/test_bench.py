@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("matplotlib", reason="bench/throughput.py plots with matplotlib (the test extra)")
-
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "throughput.py"
 
 

@@ -260,3 +260,29 @@ def test_every_scheduler_generates(name: str) -> None:
     out = g.generate(random_images(2), [1, 2])
     assert out.shape == (2, 3, RES, RES) and out.dtype == torch.uint8
     assert torch.equal(out, g.generate(random_images(2), [1, 2]))
+
+
+def test_non_finite_output_of_the_real_pipeline_is_regenerated(fresh_gen: DiffusersVariationGenerator,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline's own output is an inference tensor; regenerating into it must work."""
+    real_run = fresh_gen._run
+    calls = []
+
+    def run_with_one_nan(pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        out = real_run(pixels, seeds)
+        if not calls:
+            out[0, 0, 0, 0] = float("nan")
+        calls.append(seeds)
+        return out
+
+    monkeypatch.setattr(fresh_gen, "_run", run_with_one_nan)
+    images = random_images(3)
+    out = fresh_gen.generate(images, [5, 6, 7])
+    assert fresh_gen.retries == 1 and len(calls) == 2 and len(calls[1]) == 1
+    assert torch.equal(out[1:], fresh_gen.generate(images[1:], [6, 7]))
+
+
+def test_generation_size_is_independent_of_the_ring_resolution() -> None:
+    gen = DiffusersVariationGenerator(GeneratorConfig(resolution=64), "cpu", 24)
+    assert gen.gen_size == 64
+    assert gen.generate(random_images(2), [1, 2]).shape == (2, 3, 24, 24)
