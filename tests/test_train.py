@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -142,3 +143,18 @@ def test_dead_producer_stops_the_job_cleanly(tmp_path: Path, no_leaked_segments)
     assert f"producer 0 (pid {pid}) died: killed by signal SIGKILL" in stderr
     assert ring_segments() == before
     _assert_session_ends(proc.pid)
+
+
+def test_two_trainer_ranks_share_one_ring(tmp_path: Path, no_leaked_segments) -> None:
+    """torchrun with two gloo ranks: the second rank attaches to the ring by name and trains."""
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "onlinemix.train",
+         "--train.epochs", "1", "--train.batch-size", "32", "--probe.epochs", "50",
+         "--output-dir", str(tmp_path), "--run-name", "ddp"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = metrics(tmp_path / "ddp")
+    assert rows[-1]["step"] == 1438 // 64  # global batch 2 x 32
+    assert rows[-1]["total_fresh"] > 0
+    assert (tmp_path / "ddp" / "probe.json").is_file()
