@@ -60,6 +60,14 @@ class GeneratorConfig:
 
 
 @dataclass
+class ProducerConfig:
+    max_restarts: int = opt(3, "times dead producers are restarted (in all) before the job stops", low=0, high=1000)
+    lead_factor: float = opt(1.2, "claim images this many 'generation times' ahead of the trainers (measured "
+                             "trainer rate x measured batch time), so pairs arrive just in time; 0 = claim at "
+                             "the trainers' position", low=0.0, high=100.0)
+
+
+@dataclass
 class RingConfig:
     slots: int = opt(2048, "number of (real, synthetic) pair slots in shared memory", low=1, high=10_000_000)
     verify_checksums: bool = opt(True, "check each pair's CRC32 when a trainer copies it out")
@@ -114,6 +122,7 @@ class Config:
     run_name: str = opt("", "name of the run directory (default: timestamp, method and pairing)")
     data: DataConfig = field(default_factory=DataConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    producer: ProducerConfig = field(default_factory=ProducerConfig)
     ring: RingConfig = field(default_factory=RingConfig)
     staleness: StalenessConfig = field(default_factory=StalenessConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -127,9 +136,18 @@ class Config:
         if self.staleness.policy == "wait" and self.staleness.wait_timeout_s <= 0:
             raise ConfigError("staleness.policy=wait needs staleness.wait_timeout_s > 0 "
                               "(use staleness.policy=real to never wait)")
-        if self.train.pairing == "mixdiff" and self.ring.slots < self.generator.batch_size:
-            raise ConfigError(f"ring.slots={self.ring.slots} is smaller than one producer batch "
-                              f"(generator.batch_size={self.generator.batch_size}); producers could never write")
+        if self.train.pairing == "mixdiff":
+            self.check_ring_capacity(trainers_on_node=1)
+
+    def check_ring_capacity(self, trainers_on_node: int) -> None:
+        """The ring must hold every local trainer's batch plus one batch in flight per producer;
+        otherwise producers cannot place a whole batch ahead of the trainers and every batch stalls."""
+        needed = trainers_on_node * self.train.batch_size + self.gen_gpus * self.generator.batch_size
+        if self.ring.slots < needed:
+            raise ConfigError(
+                f"ring.slots={self.ring.slots} cannot hold {trainers_on_node} trainer batch(es) of "
+                f"train.batch_size={self.train.batch_size} plus one batch of generator.batch_size="
+                f"{self.generator.batch_size} per producer (gen_gpus={self.gen_gpus}): need at least {needed}")
 
 
 # ----------------------------------------------------------------------------- parsing

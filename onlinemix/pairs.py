@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .config import StalenessConfig
-from .ring import PairRing
+from .ring import PairRing, TakeResult
 
 POLL_S = 0.005
 
@@ -51,24 +51,32 @@ class PairSource:
         if self._buffer.shape[0] < b:
             self._buffer = np.empty((b, *self._buffer.shape[1:]), dtype=np.uint8)
         result = self._take(ids, positions, epoch, None)
-        found, fresh, age = result.found, result.fresh, result.age
         waited = 0.0
-        if self.staleness.policy == "wait" and not found.all():
+        if self.staleness.policy == "wait" and not result.found.all():
             start = time.monotonic()
-            self.ring.rewind_claims(int(positions[~found].min()))
+            missing = positions[~result.found]
+            self.ring.request_urgent(int(missing.min()), int(missing.max()) + 1)
             deadline = start + self.staleness.wait_timeout_s
-            while not found.all() and time.monotonic() < deadline:
+            while not result.found.all() and time.monotonic() < deadline:
                 self.health_check()
                 time.sleep(POLL_S)
-                more = self._take(ids, positions, epoch, found)
-                fresh |= more.fresh
-                age = np.where(more.found, more.age, age)
-                found |= more.found
+                more = self._take(ids, positions, epoch, result.found)
+                for name in ("age", "uses"):
+                    setattr(result, name, np.where(more.found, getattr(more, name), getattr(result, name)))
+                result.fresh |= more.fresh
+                result.found |= more.found
             waited = time.monotonic() - start
+        found = torch.from_numpy(result.found)[:, None, None, None]
         pairs = torch.from_numpy(self._buffer[:b].copy())
-        real = torch.where(torch.from_numpy(found)[:, None, None, None], pairs[:, 0], self.images[torch.from_numpy(ids)])
-        other = torch.where(torch.from_numpy(found)[:, None, None, None], pairs[:, 1], real)
-        n_found = int(found.sum())
-        stats = {"fresh": int(fresh.sum()), "cached": n_found - int(fresh.sum()), "fallback": b - n_found,
-                 "mean_age": float(age[found].mean()) if n_found else float("nan"), "wait_s": waited}
-        return BatchPairs(real, other, torch.from_numpy(found), stats)
+        real = torch.where(found, pairs[:, 0], self.images[torch.from_numpy(ids)])
+        other = torch.where(found, pairs[:, 1], real)
+        return BatchPairs(real, other, torch.from_numpy(result.found), batch_stats(result, waited))
+
+
+def batch_stats(result: TakeResult, waited_s: float) -> dict[str, float]:
+    found = result.found
+    n_found, n_fresh = int(found.sum()), int(result.fresh.sum())
+    return {"fresh": n_fresh, "cached": n_found - n_fresh, "fallback": len(found) - n_found,
+            "mean_age": float(result.age[found].mean()) if n_found else float("nan"),
+            "mean_reuse": float(result.uses[found].mean()) if n_found else float("nan"),
+            "wait_s": waited_s}

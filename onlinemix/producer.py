@@ -93,8 +93,10 @@ def run_producer(spec: ProducerSpec, ring: PairRing) -> None:
              generator.fingerprint, generator.attention)
     ring.add("ready_producers", 1)
     lookahead = max(cfg.generator.batch_size, ring.slots - spec.global_batch)
+    batch_s = LeadEstimator()
     while not ring.closed and os.getppid() == spec.parent_pid:
-        positions = ring.claim_positions(cfg.generator.batch_size, lookahead)
+        lead = batch_s.lead_positions(ring.get("trainer_rate_milli") / 1000.0, cfg.producer.lead_factor)
+        positions = ring.claim_positions(cfg.generator.batch_size, lookahead, lead)
         if len(positions) == 0:
             time.sleep(IDLE_SLEEP_S)
             continue
@@ -110,6 +112,24 @@ def run_producer(spec: ProducerSpec, ring: PairRing) -> None:
         synthetic = generator.generate(real_batch, seeds).cpu().numpy()
         ring.add("generate_ns", time.perf_counter_ns() - start)
         _write_pairs(ring, real_batch.numpy(), synthetic, ids, positions, seeds, epochs, cfg.staleness.max_age)
+        batch_s.observe((time.perf_counter_ns() - start) / 1e9 * cfg.generator.batch_size / len(ids))
+
+
+class LeadEstimator:
+    """How far ahead of the trainers to claim: they move ``rate`` positions per second and a
+    claimed batch takes ``batch_s`` seconds to reach the ring, so claim where they will be."""
+
+    def __init__(self, smoothing: float = 0.2) -> None:
+        self.smoothing = smoothing
+        self.batch_s: float | None = None
+
+    def observe(self, seconds: float) -> None:
+        self.batch_s = seconds if self.batch_s is None else (1 - self.smoothing) * self.batch_s + self.smoothing * seconds
+
+    def lead_positions(self, trainer_rate: float, factor: float) -> int:
+        if self.batch_s is None:
+            return 0
+        return int(trainer_rate * self.batch_s * factor)
 
 
 def _write_pairs(ring: PairRing, real: np.ndarray, synthetic: np.ndarray, ids: np.ndarray,
@@ -131,27 +151,41 @@ def _write_pairs(ring: PairRing, real: np.ndarray, synthetic: np.ndarray, ids: n
 
 
 class ProducerPool:
-    """Starts, watches and stops the producer processes of one node."""
+    """Starts, watches, restarts and stops the producer processes of one node."""
 
     def __init__(self, cfg: Config, ring: PairRing, devices: list[str], global_batch: int, log_dir: Path) -> None:
         self.ring = ring
-        ctx = mp.get_context("spawn")
-        self.procs = []
-        for i, device in enumerate(devices):
-            spec = ProducerSpec(i, cfg, ring.name, device, global_batch, os.getpid(), str(log_dir / f"producer-{i}.log"))
-            self.procs.append(ctx.Process(target=producer_main, args=(spec,), name=f"onlinemix-producer-{i}", daemon=True))
+        self.max_restarts = cfg.producer.max_restarts
+        self.restarts = 0
+        self._ctx = mp.get_context("spawn")
+        self.specs = [ProducerSpec(i, cfg, ring.name, device, global_batch, os.getpid(), str(log_dir / f"producer-{i}.log"))
+                      for i, device in enumerate(devices)]
+        self.procs = [self._process(spec) for spec in self.specs]
+
+    def _process(self, spec: ProducerSpec) -> mp.process.BaseProcess:
+        return self._ctx.Process(target=producer_main, args=(spec,), name=f"onlinemix-producer-{spec.index}", daemon=True)
 
     def start(self) -> None:
         for p in self.procs:
             p.start()
 
+    @staticmethod
+    def exit_cause(p: mp.process.BaseProcess) -> str:
+        return f"killed by signal {signal.Signals(-p.exitcode).name}" if p.exitcode < 0 else f"exit code {p.exitcode}"
+
     def check(self) -> None:
-        """Raise if any producer has exited; the message names it and its exit cause."""
+        """Restart dead producers while the restart budget lasts; then raise, naming the producer and its cause."""
         for i, p in enumerate(self.procs):
-            if p.exitcode is not None:
-                cause = (f"killed by signal {signal.Signals(-p.exitcode).name}" if p.exitcode < 0
-                         else f"exit code {p.exitcode}")
-                raise ProducerDied(f"producer {i} (pid {p.pid}) died: {cause}; see its log producer-{i}.log")
+            if p.exitcode is None:
+                continue
+            message = f"producer {i} (pid {p.pid}) died: {self.exit_cause(p)}; see its log producer-{i}.log"
+            if self.restarts >= self.max_restarts:
+                raise ProducerDied(message + f" (restart budget producer.max_restarts={self.max_restarts} spent)")
+            self.restarts += 1
+            self.procs[i] = self._process(self.specs[i])
+            self.procs[i].start()
+            log.warning("%s; restarted it as pid %d (restart %d of %d)", message, self.procs[i].pid,
+                        self.restarts, self.max_restarts)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Ask producers to finish, then terminate and kill the ones that do not."""

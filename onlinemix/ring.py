@@ -38,8 +38,8 @@ MAGIC = 0x6F6E6C696E656D78  # "onlinemx"
 
 FREE, WRITING, READY = 0, 1, 2
 
-HEADER = ("magic", "slots", "resolution", "creator_pid", "trainer_pos", "gen_pos", "closed",
-          "generated", "generate_ns", "checksum_errors", "ready_producers")
+HEADER = ("magic", "slots", "resolution", "creator_pid", "trainer_pos", "trainer_rate_milli", "gen_pos",
+          "urgent_start", "urgent_end", "closed", "generated", "generate_ns", "checksum_errors", "ready_producers")
 SLOT = ("state", "real_id", "position", "seed", "birth_epoch", "birth_ns", "uses", "pins",
         "writer_pid", "checksum")
 H = {name: i for i, name in enumerate(HEADER)}
@@ -100,6 +100,7 @@ class TakeResult:
     found: np.ndarray       # bool (B,)
     fresh: np.ndarray       # bool (B,): the view had never served before
     age: np.ndarray         # int (B,): epochs since the view was generated (valid where found)
+    uses: np.ndarray        # int (B,): times the view had served before this request (valid where found)
 
 
 class PairRing:
@@ -199,17 +200,33 @@ class PairRing:
                 "ready": int((states == READY).sum())}
 
     # ------------------------------------------------------------------ producer side
-    def claim_positions(self, n: int, lookahead: int) -> np.ndarray:
-        """Reserve the next ``n`` positions to generate for, never behind the trainers and
-        never more than ``lookahead`` positions ahead of them. May return fewer (or none)."""
+    def claim_positions(self, n: int, lookahead: int, lead: int = 0) -> np.ndarray:
+        """Reserve up to ``n`` positions to generate for; may return fewer or none.
+
+        Positions a trainer is waiting for (see ``request_urgent``) come first. Otherwise
+        claims continue from where the last one ended, but never start closer to the
+        trainers than ``lead`` positions (where they will be once the variation is ready)
+        and never reach more than ``lookahead`` positions ahead of them.
+        """
         with self._locked():
             trainer = int(self.header[H["trainer_pos"]])
-            start = max(int(self.header[H["gen_pos"]]), trainer)
+            urgent_start = max(int(self.header[H["urgent_start"]]), trainer)
+            urgent_end = int(self.header[H["urgent_end"]])
+            if urgent_start < urgent_end:
+                end = min(urgent_start + n, urgent_end)
+                self.header[H["urgent_start"]] = end
+                return np.arange(urgent_start, end, dtype=np.int64)
+            start = max(int(self.header[H["gen_pos"]]), trainer + min(lead, max(0, lookahead - n)))
             end = min(start + n, trainer + lookahead)
             if end <= start:
                 return np.empty(0, dtype=np.int64)
             self.header[H["gen_pos"]] = end
         return np.arange(start, end, dtype=np.int64)
+
+    def request_urgent(self, start: int, end: int) -> None:
+        """A trainer waits for views of positions [start, end): producers claim those first."""
+        with self._locked():
+            self.header[H["urgent_start"]], self.header[H["urgent_end"]] = start, end
 
     def has_unused_view(self, ids: np.ndarray, positions: np.ndarray, epochs: np.ndarray, max_age: int) -> np.ndarray:
         """For each (id, position): is a never-served view that could serve it already in the ring?"""
@@ -221,11 +238,6 @@ class PairRing:
             out[i] = bool(((rows[:, S["real_id"]] == real_id) & (rows[:, S["position"]] <= position)
                            & (epoch - rows[:, S["birth_epoch"]] <= max_age)).any())
         return out
-
-    def rewind_claims(self, position: int) -> None:
-        """Make producers claim from ``position`` again: a trainer is waiting for views there."""
-        with self._locked():
-            self.header[H["gen_pos"]] = min(int(self.header[H["gen_pos"]]), position)
 
     def reserve(self, n: int, epoch: int, max_age: int) -> list[int]:
         """Take up to ``n`` slots for writing, least valuable first: free slots, slots of dead
@@ -315,7 +327,7 @@ class PairRing:
             out[i] = self.pixels[chosen[i]]
             corrupt[i] = verify and zlib.crc32(out[i]) != m[chosen[i], S["checksum"]]
         found = (chosen >= 0) & ~corrupt
-        fresh = np.zeros(b, dtype=bool)
+        uses = np.zeros(b, dtype=np.int64)
         age = np.zeros(b, dtype=np.int64)
         with self._locked():
             for i in np.flatnonzero(chosen >= 0):
@@ -325,9 +337,9 @@ class PairRing:
                     m[slot, S["state"]] = FREE
                     self.header[H["checksum_errors"]] += 1
                     continue
-                fresh[i] = m[slot, S["uses"]] == 0
+                uses[i] = m[slot, S["uses"]]
                 age[i] = epoch - m[slot, S["birth_epoch"]]
                 m[slot, S["uses"]] += 1
                 if m[slot, S["uses"]] >= max_reuse and m[slot, S["pins"]] == 0:
                     m[slot, S["state"]] = FREE
-        return TakeResult(found, fresh, age)
+        return TakeResult(found, found & (uses == 0), age, uses)

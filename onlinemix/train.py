@@ -40,6 +40,7 @@ from onlinemix.config import Config, ConfigError, load_config, save_config
 from onlinemix.data import DataError, RealImages, load_real_images
 from onlinemix.eval import BACKBONE_FILE, compare_with_random_init, format_probe
 from onlinemix.losses import nt_xent
+from onlinemix.metrics import RunMetrics
 from onlinemix.models import SSLModel
 from onlinemix.pairs import BatchPairs, PairSource
 from onlinemix.producer import ProducerDied, ProducerPool, producer_devices
@@ -113,7 +114,8 @@ class Trainer:
         if pairs is None:  # plain SSL: two views of the real image
             real = self.real.images[torch.from_numpy(ids)]
             return BatchPairs(real, real, torch.zeros(len(ids), dtype=torch.bool),
-                              {"fresh": 0, "cached": 0, "fallback": 0, "mean_age": float("nan"), "wait_s": 0.0})
+                              {"fresh": 0, "cached": 0, "fallback": 0, "mean_age": float("nan"),
+                               "mean_reuse": float("nan"), "wait_s": 0.0})
         return pairs.get(ids, positions, epoch)
 
     def train_step(self, batch: BatchPairs) -> float:
@@ -133,54 +135,62 @@ class Trainer:
         self.optimizer.step()
         return loss.item()
 
-    def fit(self, pairs: PairSource | None, ring: PairRing | None) -> None:
+    def fit(self, pairs: PairSource | None, ring: PairRing | None, pool: ProducerPool | None = None) -> None:
         tc = self.cfg.train
         acc = self.acc
-        rank, spe = acc.process_index, self.schedule.steps_per_epoch
-        metrics = open(self.run_dir / "metrics.jsonl", "a") if acc.is_main_process else None
+        rank, spe, global_batch = acc.process_index, self.schedule.steps_per_epoch, self.schedule.global_batch
+        publish = ring is not None and acc.is_local_main_process
+        metrics = RunMetrics(self.run_dir / "metrics.jsonl" if acc.is_main_process else None, ring,
+                             (lambda: pool.restarts) if pool else (lambda: 0))
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process,
                    desc="train", unit="step", dynamic_ncols=True)
-        totals = {"fresh": 0, "cached": 0, "fallback": 0}
-        started, generated0 = time.monotonic(), ring.get("generated") if ring else 0
+        rate = RateMeter()
         try:
             while self.step < self.total_steps:
                 epoch = self.step // spe
                 if pairs is not None:
                     pairs.health_check()
-                if ring is not None and acc.is_local_main_process:
-                    ring.set("trainer_pos", self.step * self.schedule.global_batch)
+                if publish:
+                    ring.set("trainer_pos", self.step * global_batch)
                 positions = self.schedule.rank_positions(self.step, rank, tc.batch_size)
                 ids = self.schedule.ids_at(positions)
                 t0 = time.monotonic()
                 batch = self.batch_pairs(ids, positions, epoch, pairs)
                 loss = self.train_step(batch)
                 self.step += 1
-                for k in totals:
-                    totals[k] += batch.stats[k]
-                elapsed = time.monotonic() - started
-                gen_rate = (ring.get("generated") - generated0) / elapsed if ring else 0.0
-                bar.set_postfix(loss=f"{loss:.3f}", fresh=totals["fresh"], cached=totals["cached"],
-                                fallback=totals["fallback"], gen=f"{gen_rate:.0f}/s", refresh=False)
+                step_s = time.monotonic() - t0
+                if publish:
+                    ring.set("trainer_rate_milli", int(1000 * rate.update(global_batch, step_s)))
+                last = self.step == self.total_steps
+                metrics.record(self.step, epoch, batch.stats, self.step % tc.log_every == 0 or last,
+                               loss=loss, lr=self.optimizer.param_groups[0]["lr"], step_s=step_s)
+                if self.step % spe == 0 or last:
+                    metrics.end_epoch(epoch)
+                bar.set_postfix(metrics.postfix(loss), refresh=False)
                 bar.update()
-                if metrics and (self.step % tc.log_every == 0 or self.step == self.total_steps):
-                    row = {"step": self.step, "epoch": epoch, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
-                           **batch.stats, "step_s": time.monotonic() - t0, "generated_per_s": gen_rate,
-                           **{f"total_{k}": v for k, v in totals.items()}}
-                    if ring is not None:
-                        row.update({f"ring_{k}": v for k, v in ring.occupancy().items()})
-                        row["checksum_errors"] = ring.get("checksum_errors")
-                    metrics.write(json.dumps(row) + "\n")
-                    metrics.flush()
                 if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
                     self.save_checkpoint()
         finally:
             bar.close()
-            if metrics:
-                metrics.close()
+            metrics.close()
+        t = metrics.totals
         log.info("trained %d steps; second views: %d fresh, %d cached, %d fallback",
-                 self.step, totals["fresh"], totals["cached"], totals["fallback"])
+                 self.step, t["fresh"], t["cached"], t["fallback"])
         self.save_checkpoint()
         self.save_backbone()
+
+
+class RateMeter:
+    """Smoothed trainer speed in positions per second (waiting included): what producers plan with."""
+
+    def __init__(self, smoothing: float = 0.2) -> None:
+        self.smoothing = smoothing
+        self.rate: float | None = None
+
+    def update(self, positions: int, seconds: float) -> float:
+        current = positions / max(seconds, 1e-6)
+        self.rate = current if self.rate is None else (1 - self.smoothing) * self.rate + self.smoothing * current
+        return self.rate
 
 
 # ---------------------------------------------------------------------------- setup
@@ -224,6 +234,11 @@ def setup_logging(accelerator: Accelerator, run_dir: Path) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def local_world_size(accelerator: Accelerator) -> int:
+    """Trainer processes on this node (torchrun and accelerate launch export LOCAL_WORLD_SIZE)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+
+
 def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -239,7 +254,7 @@ def start_generation(cfg: Config, accelerator: Accelerator, run_dir: Path, globa
         ring = PairRing.create(cfg.ring.slots, cfg.data.resolution)
         stack.callback(ring.close)
         name_file.write_text(ring.name)
-        devices = producer_devices(cfg.gen_gpus, accelerator.num_processes)
+        devices = producer_devices(cfg.gen_gpus, local_world_size(accelerator))
         pool = ProducerPool(cfg, ring, devices, global_batch, run_dir)
         stack.callback(pool.stop)
         pool.start()
@@ -270,6 +285,8 @@ def run(argv: list[str] | None = None) -> dict | None:
     args, overrides = parse_args(argv)
     cfg = resolve_config(args, overrides)  # every config error surfaces here, before anything starts
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if cfg.train.pairing == "mixdiff":
+        cfg.check_ring_capacity(local_world_size(accelerator))
     run_dir = make_run_dir(cfg, accelerator, args.resume)
     setup_logging(accelerator, run_dir)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
@@ -289,13 +306,13 @@ def run(argv: list[str] | None = None) -> dict | None:
             raise FileNotFoundError(f"--resume {run_dir}: no checkpoint under {run_dir / CHECKPOINT_DIR}")
         trainer.load_checkpoint(checkpoint)
     with ExitStack() as stack:
-        pairs = None
+        pairs, pool = None, None
         if mixdiff and trainer.step < trainer.total_steps:
             ring, pool = start_generation(cfg, accelerator, run_dir, trainer.schedule.global_batch, stack)
             wait_for_producers(ring, pool, cfg.gen_gpus)
             health = pool.check if pool is not None else (lambda: None)
             pairs = PairSource(ring, cfg.staleness, real.images, cfg.ring.verify_checksums, health)
-        trainer.fit(pairs, pairs.ring if pairs else None)
+        trainer.fit(pairs, pairs.ring if pairs else None, pool)
     if not (cfg.probe.enabled and accelerator.is_main_process):
         return None
     results = compare_with_random_init(accelerator.unwrap_model(trainer.model).backbone, cfg, accelerator.device, real)

@@ -19,7 +19,8 @@ from onlinemix.schedule import EpochSchedule, variation_seed
 
 @pytest.fixture
 def cfg() -> Config:
-    return load_config(None, {"generator.batch_size": "8", "ring.slots": "64"})
+    return load_config(None, {"generator.batch_size": "8", "ring.slots": "64", "train.batch_size": "32",
+                              "producer.max_restarts": "1"})
 
 
 def wait_until(predicate, timeout: float = 120.0) -> None:
@@ -59,14 +60,27 @@ def test_pairs_from_a_producer_process_match_a_local_regeneration(cfg: Config, t
     assert not all(np.array_equal(out[0, 1], out[k, 1]) for k in range(1, 24))
 
 
-def test_dead_producer_is_reported_with_its_cause(cfg: Config, tmp_path: Path, no_leaked_segments) -> None:
+def _kill_and_reap(pool: ProducerPool) -> int:
+    pid = pool.procs[0].pid
+    pool.procs[0].kill()
+    pool.procs[0].join(30)
+    return pid
+
+
+def test_dead_producer_is_restarted_until_the_budget_is_spent(cfg: Config, tmp_path: Path, caplog,
+                                                              no_leaked_segments) -> None:
     ring = PairRing.create(cfg.ring.slots, cfg.data.resolution)
     pool = ProducerPool(cfg, ring, ["cpu"], 32, tmp_path)
     try:
         pool.start()
-        pool.procs[0].kill()
-        pool.procs[0].join(30)
-        with pytest.raises(ProducerDied, match="producer 0 .* died: killed by signal SIGKILL"):
+        wait_until(lambda: (pool.check() or ring.get("ready_producers")) == 1)
+        first = _kill_and_reap(pool)
+        pool.check()  # producer.max_restarts=1: restarted, training would go on
+        assert pool.restarts == 1 and pool.procs[0].pid != first and pool.procs[0].is_alive()
+        assert f"producer 0 (pid {first}) died: killed by signal SIGKILL" in caplog.text
+        wait_until(lambda: ring.get("ready_producers") == 2)  # the new producer works
+        second = _kill_and_reap(pool)
+        with pytest.raises(ProducerDied, match=rf"producer 0 \(pid {second}\) died: killed by signal SIGKILL.*budget"):
             pool.check()
     finally:
         pool.stop()

@@ -145,12 +145,30 @@ def test_full_ring_never_evicts_pairs_ahead_of_the_trainers(ring: PairRing) -> N
         int(s) for s in np.flatnonzero(ring.meta[:, S["position"]] < 12))
 
 
-def test_claims_stay_within_lookahead_and_rewind_for_a_waiting_trainer(ring: PairRing) -> None:
+def test_claims_stay_within_lookahead_and_serve_a_waiting_trainer_first(ring: PairRing) -> None:
     assert ring.claim_positions(4, lookahead=6).tolist() == [0, 1, 2, 3]
     assert ring.claim_positions(4, lookahead=6).tolist() == [4, 5]
     assert ring.claim_positions(4, lookahead=6).tolist() == []
-    ring.rewind_claims(2)
-    assert ring.claim_positions(2, lookahead=6).tolist() == [2, 3]
+    ring.request_urgent(1, 4)
+    assert ring.claim_positions(2, lookahead=6).tolist() == [1, 2]
+    assert ring.claim_positions(2, lookahead=6).tolist() == [3]
+    assert ring.claim_positions(2, lookahead=6).tolist() == []
+
+
+def test_claims_start_where_the_trainers_will_be(ring: PairRing) -> None:
+    ring.set("trainer_pos", 100)
+    assert ring.claim_positions(4, lookahead=1000, lead=50).tolist() == [150, 151, 152, 153]
+    # Once ahead of the lead, claims simply continue.
+    assert ring.claim_positions(2, lookahead=1000, lead=10).tolist() == [154, 155]
+    # A lead beyond the lookahead is capped by it.
+    ring.set("trainer_pos", 1000)
+    assert ring.claim_positions(2, lookahead=8, lead=50).tolist() == [1006, 1007]
+
+
+def test_urgent_positions_the_trainers_have_passed_are_skipped(ring: PairRing) -> None:
+    ring.request_urgent(10, 20)
+    ring.set("trainer_pos", 18)
+    assert ring.claim_positions(8, lookahead=100).tolist() == [18, 19]
 
 
 def test_stale_segments_of_dead_creators_are_removed(no_leaked_segments) -> None:

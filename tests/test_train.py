@@ -24,8 +24,17 @@ FAST = ["--train.batch-size", "64", "--probe.epochs", "100"]
 STEPS_PER_EPOCH = 1438 // 64  # bundled digits: 1,797 images, 20% held out for the probe
 
 
-def metrics(run_dir: Path) -> list[dict]:
+def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """Step rows."""
+    return [row for row in _rows(run_dir) if "step" in row]
+
+
+def epoch_rows(run_dir: Path) -> list[dict]:
+    return [row for row in _rows(run_dir) if "epoch_end" in row]
 
 
 def test_default_run_shortened_through_accelerate_launch(tmp_path: Path, no_leaked_segments) -> None:
@@ -87,11 +96,15 @@ def test_exception_in_the_trainer_stops_producers_and_frees_shared_memory(tmp_pa
     assert not mp.active_children()
 
 
-def _start(tmp_path: Path, name: str) -> subprocess.Popen:
+def _start(tmp_path: Path, name: str, *args: str, epochs: int = 5) -> subprocess.Popen:
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    return subprocess.Popen(train_command("--train.epochs", "5", "--output-dir", str(tmp_path), "--run-name", name,
-                                          *FAST), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(train_command("--train.epochs", str(epochs), "--output-dir", str(tmp_path),
+                                          "--run-name", name, *FAST, *args), cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _producer_pid(run_dir: Path) -> int:
+    return int(re.findall(r"pid (\d+) started", (run_dir / "producer-0.log").read_text())[-1])
 
 
 def _wait_for_training(run_dir: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -100,6 +113,18 @@ def _wait_for_training(run_dir: Path, proc: subprocess.Popen, timeout: float = 1
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "training did not start"
         time.sleep(0.2)
+
+
+def _live_pids() -> set[int]:
+    """Every process that is not a zombie (an orphan's zombie may wait for a container's init to reap it)."""
+    alive = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                alive.add(int(stat.parent.name))
+        except (OSError, IndexError):
+            continue
+    return alive
 
 
 def _session_processes(sid: int) -> list[int]:
@@ -132,17 +157,59 @@ def test_ctrl_c_stops_every_process_and_frees_shared_memory(tmp_path: Path, no_l
     _assert_session_ends(proc.pid)
 
 
-def test_dead_producer_stops_the_job_cleanly(tmp_path: Path, no_leaked_segments) -> None:
+def test_dead_producer_stops_the_job_cleanly_when_restarts_are_spent(tmp_path: Path, no_leaked_segments) -> None:
     before = ring_segments()
-    proc = _start(tmp_path, "dead")
+    proc = _start(tmp_path, "dead", "--producer.max-restarts", "0")
     _wait_for_training(tmp_path / "dead", proc)
-    pid = int(re.search(r"pid (\d+) started", (tmp_path / "dead" / "producer-0.log").read_text()).group(1))
+    pid = _producer_pid(tmp_path / "dead")
     os.kill(pid, signal.SIGKILL)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert f"producer 0 (pid {pid}) died: killed by signal SIGKILL" in stderr
     assert ring_segments() == before
     _assert_session_ends(proc.pid)
+
+
+def test_killed_producer_is_restarted_and_training_goes_on(tmp_path: Path, no_leaked_segments) -> None:
+    run_dir = tmp_path / "restart"
+    proc = _start(tmp_path, "restart", epochs=2)
+    _wait_for_training(run_dir, proc)
+    first = _producer_pid(run_dir)
+    os.kill(first, signal.SIGKILL)  # wherever it is, mid-generation or mid-write
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert f"producer 0 (pid {first}) died: killed by signal SIGKILL; see its log producer-0.log; restarted" in stderr
+    assert _producer_pid(run_dir) != first
+    last = metrics(run_dir)[-1]
+    assert last["producer_restarts"] == 1 and last["checksum_errors"] == 0
+    assert last["step"] == 2 * STEPS_PER_EPOCH
+    epochs = epoch_rows(run_dir)
+    assert [row["epoch_end"] for row in epochs] == [0, 1]
+    assert sum(row["fresh"] + row["cached"] + row["fallback"] for row in epochs) == 2 * STEPS_PER_EPOCH * 64
+
+
+def test_killed_job_leaves_nothing_the_next_run_does_not_clean(tmp_path: Path, no_leaked_segments) -> None:
+    """SIGKILL of every process of a job (no cleanup code runs), then a new run starts."""
+    proc = _start(tmp_path, "killed")
+    _wait_for_training(tmp_path / "killed", proc)
+    ring_name = next(tmp_path.glob("killed/.ring-*")).read_text()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    _assert_session_ends(proc.pid)
+    after = run_training("--train.epochs", "1", "--staleness.policy", "real", "--output-dir", str(tmp_path),
+                         "--run-name", "next", *FAST)
+    assert after.returncode == 0, after.stderr[-3000:]
+    assert ring_name not in ring_segments()
+
+
+def test_producers_exit_when_the_trainer_is_killed(tmp_path: Path, no_leaked_segments) -> None:
+    proc = _start(tmp_path, "orphans")
+    _wait_for_training(tmp_path / "orphans", proc)
+    producer = _producer_pid(tmp_path / "orphans")
+    os.kill(proc.pid, signal.SIGKILL)  # only the trainer: its producers must notice and exit
+    proc.communicate(timeout=60)
+    _assert_session_ends(proc.pid)
+    assert producer not in _live_pids()
 
 
 def test_two_trainer_ranks_share_one_ring(tmp_path: Path, no_leaked_segments) -> None:

@@ -1,0 +1,96 @@
+"""Run metrics: how each batch's second views were obtained, per step and per epoch.
+
+Step rows (every ``train.log_every`` steps) and epoch rows go to ``metrics.jsonl``; the
+running totals feed the progress bar; each epoch ends with one log line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+from .ring import PairRing
+
+log = logging.getLogger(__name__)
+
+COUNTS = ("fresh", "cached", "fallback")
+
+
+class RunMetrics:
+    def __init__(self, path: Path | None, ring: PairRing | None, restarts: Callable[[], int] = lambda: 0) -> None:
+        self.file = open(path, "a") if path is not None else None
+        self.ring = ring
+        self.restarts = restarts
+        self.totals = dict.fromkeys(COUNTS, 0)
+        self._epoch = self._empty_epoch()
+        self._started = time.monotonic()
+        self._generated0 = ring.get("generated") if ring else 0
+
+    @staticmethod
+    def _empty_epoch() -> dict[str, float]:
+        return {**dict.fromkeys(COUNTS, 0), "age_sum": 0.0, "reuse_sum": 0.0, "wait_s": 0.0, "steps": 0,
+                "started": time.monotonic()}
+
+    def producer_rate(self) -> float:
+        if self.ring is None:
+            return 0.0
+        return (self.ring.get("generated") - self._generated0) / max(1e-9, time.monotonic() - self._started)
+
+    def _ring_state(self) -> dict[str, float]:
+        if self.ring is None:
+            return {}
+        return {**{f"ring_{k}": v for k, v in self.ring.occupancy().items()},
+                "checksum_errors": self.ring.get("checksum_errors"), "producer_restarts": self.restarts(),
+                "generated_per_s": self.producer_rate()}
+
+    def record(self, step: int, epoch: int, stats: dict[str, float], write: bool, **values: float) -> None:
+        """Account one finished step; ``write`` also appends a step row."""
+        e = self._epoch
+        synthetic = stats["fresh"] + stats["cached"]
+        for k in COUNTS:
+            self.totals[k] += stats[k]
+            e[k] += stats[k]
+        if synthetic:
+            e["age_sum"] += stats["mean_age"] * synthetic
+            e["reuse_sum"] += stats["mean_reuse"] * synthetic
+        e["wait_s"] += stats["wait_s"]
+        e["steps"] += 1
+        if write and self.file:
+            row = {"step": step, "epoch": epoch, **values, **stats, **{f"total_{k}": v for k, v in self.totals.items()},
+                   **self._ring_state()}
+            self._write(row)
+
+    def end_epoch(self, epoch: int) -> None:
+        e = self._epoch
+        if not e["steps"]:
+            return
+        synthetic = e["fresh"] + e["cached"]
+        row = {"epoch_end": epoch, **{k: e[k] for k in COUNTS},
+               "mean_age": e["age_sum"] / synthetic if synthetic else math.nan,
+               "mean_reuse": e["reuse_sum"] / synthetic if synthetic else math.nan,
+               "wait_s": e["wait_s"], "epoch_s": time.monotonic() - e["started"], **self._ring_state()}
+        if self.file:
+            self._write(row)
+        log.info("epoch %d: %d fresh, %d cached, %d fallback; mean age %.2f epochs, mean reuse %.2f; "
+                 "waited %.1fs of %.1fs", epoch, e["fresh"], e["cached"], e["fallback"], row["mean_age"],
+                 row["mean_reuse"], e["wait_s"], row["epoch_s"])
+        self._epoch = self._empty_epoch()
+
+    def postfix(self, loss: float) -> dict[str, str | int]:
+        out: dict[str, str | int] = {"loss": f"{loss:.3f}", **self.totals}
+        if self.ring is not None:
+            out["gen"] = f"{self.producer_rate():.0f}/s"
+            out["wait"] = f"{self._epoch['wait_s']:.0f}s"
+        return out
+
+    def _write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
