@@ -242,8 +242,9 @@ class PairRing:
     def reserve(self, n: int, epoch: int, max_age: int) -> list[int]:
         """Take up to ``n`` slots for writing, least valuable first: free slots, slots of dead
         writers, pairs too old to serve in ``epoch``, then pairs for positions the trainers
-        have passed (already-served ones first, oldest first). Pinned pairs and pairs for
-        positions still ahead of the trainers are never taken."""
+        have passed: those whose image has a newer pair first, then already-served ones,
+        oldest first. Pinned pairs and pairs for positions still ahead of the trainers are
+        never taken."""
         with self._locked():
             m = self.meta
             state = m[:, S["state"]]
@@ -260,7 +261,8 @@ class PairRing:
                 passed = evictable & ~expired & (m[:, S["position"]] < self.header[H["trainer_pos"]])
                 picked += list(np.flatnonzero(expired)[: n - len(picked)])
                 candidates = np.flatnonzero(passed)
-                order = np.lexsort((m[candidates, S["birth_ns"]], m[candidates, S["uses"]] == 0))
+                superseded = self._superseded(state == READY)[candidates]
+                order = np.lexsort((m[candidates, S["birth_ns"]], m[candidates, S["uses"]] == 0, ~superseded))
                 picked += list(candidates[order][: n - len(picked)])
             pid = os.getpid()
             for slot in picked:
@@ -268,6 +270,18 @@ class PairRing:
                 m[slot, S["writer_pid"]] = pid
                 m[slot, S["pins"]] = 0
         return [int(s) for s in picked]
+
+    def _superseded(self, ready: np.ndarray) -> np.ndarray:
+        """Ready pairs whose image has a newer ready pair: the first to give up their slot."""
+        out = np.zeros(self.slots, dtype=bool)
+        idx = np.flatnonzero(ready)
+        if len(idx) < 2:
+            return out
+        ids = self.meta[idx, S["real_id"]]
+        order = np.lexsort((self.meta[idx, S["birth_ns"]], ids))
+        sorted_ids = ids[order]
+        out[idx[order[:-1]]] = sorted_ids[:-1] == sorted_ids[1:]
+        return out
 
     def write(self, slot: int, real: np.ndarray, synthetic: np.ndarray) -> int:
         """Copy one pair into a reserved slot; returns its checksum (pass it to ``publish``)."""

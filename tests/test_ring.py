@@ -145,6 +145,14 @@ def test_full_ring_never_evicts_pairs_ahead_of_the_trainers(ring: PairRing) -> N
         int(s) for s in np.flatnonzero(ring.meta[:, S["position"]] < 12))
 
 
+def test_eviction_prefers_pairs_whose_image_has_a_newer_pair(ring: PairRing) -> None:
+    ring.set("trainer_pos", 100)
+    slots = [put(ring, real_id=real_id, position=real_id) for real_id in range(ring.slots - 1)]  # all passed
+    put(ring, real_id=3, position=50)  # image 3 now has a newer pair
+    assert ring.reserve(1, 0, 100) == [slots[3]]
+    assert ring.reserve(1, 0, 100) == [slots[0]]  # then the oldest
+
+
 def test_claims_stay_within_lookahead_and_serve_a_waiting_trainer_first(ring: PairRing) -> None:
     assert ring.claim_positions(4, lookahead=6).tolist() == [0, 1, 2, 3]
     assert ring.claim_positions(4, lookahead=6).tolist() == [4, 5]

@@ -1,0 +1,89 @@
+"""Pair lookup under the staleness policies: bounded waiting, urgent requests, fallbacks."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from onlinemix.config import StalenessConfig
+from onlinemix.pairs import PairSource
+from onlinemix.producer import ProducerDied
+from onlinemix.ring import H, PairRing
+
+R = 8
+IMAGES = torch.arange(4 * 3 * R * R, dtype=torch.int64).remainder(251).to(torch.uint8).view(4, 3, R, R)
+
+
+@pytest.fixture
+def ring(no_leaked_segments):
+    r = PairRing.create(slots=8, resolution=R)
+    yield r
+    r.close()
+
+
+def publish(ring: PairRing, real_id: int, position: int, value: int = 200) -> None:
+    slot = ring.reserve(1, 0, 10)[0]
+    checksum = ring.write(slot, IMAGES[real_id].numpy(), np.full((3, R, R), value, dtype=np.uint8))
+    ring.publish(slot, real_id=real_id, position=position, seed=0, birth_epoch=0, checksum=checksum)
+
+
+def source(ring: PairRing, policy: str, timeout_s: float, health=lambda: None) -> PairSource:
+    return PairSource(ring, StalenessConfig(max_reuse=1, max_age=4, policy=policy, wait_timeout_s=timeout_s),
+                      IMAGES, verify=True, health_check=health)
+
+
+def publish_later(ring: PairRing, delay_s: float, real_id: int, position: int) -> threading.Thread:
+    thread = threading.Thread(target=lambda: (time.sleep(delay_s), publish(ring, real_id, position)))
+    thread.start()
+    return thread
+
+
+def test_short_wait_times_out_to_a_real_view_long_wait_gets_the_synthetic_one(ring: PairRing) -> None:
+    ids, positions = np.array([0, 1]), np.array([0, 1])
+    publish(ring, 0, 0)
+    late = publish_later(ring, 1.0, real_id=1, position=1)
+    short = source(ring, "wait", timeout_s=0.05).get(ids, positions, epoch=0)
+    assert short.is_synthetic.tolist() == [True, False]  # still blocked when the short timeout ended
+    assert torch.equal(short.other[1], IMAGES[1]) and short.stats["fallback"] == 1
+    late.join()
+    publish(ring, 0, 0)
+    late = publish_later(ring, 1.0, real_id=1, position=1)
+    long = source(ring, "wait", timeout_s=60.0).get(ids, positions, epoch=0)
+    late.join()
+    assert long.is_synthetic.tolist() == [True, True]  # unblocked by the producer, not by the timeout
+    assert long.stats["fresh"] == 2 and long.stats["fallback"] == 0
+    assert long.stats["wait_s"] < 60.0
+
+
+def test_waiting_trainer_asks_producers_for_exactly_its_missing_positions(ring: PairRing) -> None:
+    publish(ring, 0, 10)
+    source(ring, "wait", timeout_s=0.01).get(np.array([0, 1, 2, 3]), np.array([10, 11, 12, 13]), epoch=0)
+    assert (ring.header[H["urgent_start"]], ring.header[H["urgent_end"]]) == (11, 14)
+
+
+def test_real_policy_never_waits(ring: PairRing) -> None:
+    batch = source(ring, "real", timeout_s=60.0).get(np.array([2, 3]), np.array([0, 1]), epoch=0)
+    assert batch.stats["wait_s"] == 0.0 and batch.stats["fallback"] == 2
+    assert torch.equal(batch.real, IMAGES[[2, 3]]) and torch.equal(batch.other, IMAGES[[2, 3]])
+    assert ring.header[H["urgent_end"]] == 0
+
+
+def test_a_dead_producer_is_noticed_while_waiting(ring: PairRing) -> None:
+    def health() -> None:
+        raise ProducerDied("producer 0 (pid 1) died: exit code 1")
+
+    with pytest.raises(ProducerDied):
+        source(ring, "wait", timeout_s=60.0, health=health).get(np.array([0]), np.array([0]), epoch=0)
+
+
+def test_batch_mixes_ring_pairs_and_fallbacks_in_order(ring: PairRing) -> None:
+    publish(ring, 2, 1, value=77)
+    batch = source(ring, "real", timeout_s=1.0).get(np.array([1, 2, 3]), np.array([0, 1, 2]), epoch=0)
+    assert batch.is_synthetic.tolist() == [False, True, False]
+    assert torch.equal(batch.real, IMAGES[[1, 2, 3]])
+    assert (batch.other[1] == 77).all() and torch.equal(batch.other[[0, 2]], IMAGES[[1, 3]])
+    assert batch.stats["mean_age"] == 0.0 and batch.stats["mean_reuse"] == 0.0
