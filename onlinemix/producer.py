@@ -93,7 +93,7 @@ def run_producer(spec: ProducerSpec, ring: PairRing) -> None:
              generator.fingerprint, generator.attention)
     ring.add("ready_producers", 1)
     lookahead = max(cfg.generator.batch_size, ring.slots - spec.global_batch)
-    batch_s = LeadEstimator(spec.global_batch)
+    batch_s = LeadEstimator()
     while not ring.closed and os.getppid() == spec.parent_pid:
         lead = batch_s.lead_positions(ring.get("trainer_rate_milli") / 1000.0, cfg.producer.lead_factor)
         positions = ring.claim_positions(cfg.generator.batch_size, lookahead, lead)
@@ -116,13 +116,11 @@ def run_producer(spec: ProducerSpec, ring: PairRing) -> None:
 
 
 class LeadEstimator:
-    """How far ahead of the trainers to claim. A trainer takes its whole batch when it reaches
-    it, so the earliest useful position is the next global batch; trainers move ``rate``
-    positions per second and a claimed batch takes ``batch_s`` seconds to reach the ring, so
-    claim that much further ahead, times a safety ``factor`` (0 = claim at the trainers)."""
+    """How far ahead of the trainers to claim: they move ``rate`` positions per second and a
+    claimed batch takes ``batch_s`` seconds to reach the ring, so claim where they will be by
+    then, times a safety ``factor`` (0 = claim right at the trainers)."""
 
-    def __init__(self, global_batch: int, smoothing: float = 0.2) -> None:
-        self.global_batch = global_batch
+    def __init__(self, smoothing: float = 0.2) -> None:
         self.smoothing = smoothing
         self.batch_s: float | None = None
 
@@ -130,9 +128,7 @@ class LeadEstimator:
         self.batch_s = seconds if self.batch_s is None else (1 - self.smoothing) * self.batch_s + self.smoothing * seconds
 
     def lead_positions(self, trainer_rate: float, factor: float) -> int:
-        if factor == 0:
-            return 0
-        return self.global_batch + int(trainer_rate * (self.batch_s or 0.0) * factor)
+        return int(trainer_rate * (self.batch_s or 0.0) * factor)
 
 
 def _write_pairs(ring: PairRing, real: np.ndarray, synthetic: np.ndarray, ids: np.ndarray,

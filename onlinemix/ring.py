@@ -203,10 +203,11 @@ class PairRing:
     def claim_positions(self, n: int, lookahead: int, lead: int = 0) -> np.ndarray:
         """Reserve up to ``n`` positions to generate for; may return fewer or none.
 
-        Positions a trainer is waiting for (see ``request_urgent``) come first. Otherwise
-        claims continue from where the last one ended, but never start closer to the
-        trainers than ``lead`` positions (where they will be once the variation is ready)
-        and never reach more than ``lookahead`` positions ahead of them.
+        ``trainer_pos`` is the first position no trainer has asked for yet. Positions a
+        trainer is waiting for (see ``request_urgent``) come first. Otherwise claims
+        continue from where the last one ended, but never start closer to the trainers than
+        ``lead`` positions (where they will be once the variation is ready) and never reach
+        more than ``lookahead`` positions ahead of them.
         """
         with self._locked():
             trainer = int(self.header[H["trainer_pos"]])

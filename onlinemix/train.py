@@ -145,17 +145,19 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process,
                    desc="train", unit="step", dynamic_ncols=True)
         rate = RateMeter()
+        if publish:
+            ring.set("trainer_pos", self.step * global_batch)
         try:
             while self.step < self.total_steps:
                 epoch = self.step // spe
                 if pairs is not None:
                     pairs.health_check()
-                if publish:
-                    ring.set("trainer_pos", self.step * global_batch)
                 positions = self.schedule.rank_positions(self.step, rank, tc.batch_size)
                 ids = self.schedule.ids_at(positions)
                 t0 = time.monotonic()
                 batch = self.batch_pairs(ids, positions, epoch, pairs)
+                if publish:  # the first position no trainer has asked for yet
+                    ring.set("trainer_pos", (self.step + 1) * global_batch)
                 loss = self.train_step(batch)
                 self.step += 1
                 step_s = time.monotonic() - t0

@@ -16,10 +16,11 @@ from onlinemix.schedule import EpochSchedule
 BATCH = 32
 
 
-def simulate_trainer(tmp_path: Path, rate: float, lead_factor: float, steps: int) -> float:
+def simulate_trainer(tmp_path: Path, rate: float, lead_factor: float, steps: int, gen_batch: int = 8) -> float:
     """A trainer that consumes BATCH positions at ``rate`` positions/s and never waits
     (policy 'real'); returns the fraction of requests a synthetic view was ready for."""
-    cfg = load_config(None, {"generator.steps": "2", "generator.batch_size": "8", "train.batch_size": str(BATCH),
+    cfg = load_config(None, {"generator.steps": "2", "generator.batch_size": str(gen_batch),
+                             "train.batch_size": str(BATCH),
                              "ring.slots": "512", "producer.lead_factor": str(lead_factor)})
     real = load_real_images(cfg.data)
     schedule = EpochSchedule(real.train_ids.numpy(), BATCH, cfg.train.seed)
@@ -35,9 +36,9 @@ def simulate_trainer(tmp_path: Path, rate: float, lead_factor: float, steps: int
         ring.set("trainer_rate_milli", int(1000 * rate))
         for step in range(steps):
             started = time.monotonic()
-            ring.set("trainer_pos", step * BATCH)
             positions = schedule.rank_positions(step, 0, BATCH)
             result = ring.take(schedule.ids_at(positions), positions, 0, out, max_reuse=1, max_age=0)
+            ring.set("trainer_pos", (step + 1) * BATCH)  # as a trainer does once it has its batch
             found += int(result.found.sum())
             time.sleep(max(0.0, BATCH / rate - (time.monotonic() - started)))
             pool.check()
@@ -54,17 +55,18 @@ def test_pairs_are_ready_before_they_are_asked_for_when_generation_keeps_up(tmp_
 
 def test_lead_turns_late_pairs_into_fresh_ones_when_generation_is_slower(tmp_path: Path,
                                                                          no_leaked_segments) -> None:
-    # Without a lead every pair is generated for where the trainer is now, and is late.
-    at_trainer = simulate_trainer(tmp_path, rate=400.0, lead_factor=0.0, steps=40)
-    ahead = simulate_trainer(tmp_path, rate=400.0, lead_factor=1.2, steps=40)
+    # A producer batch takes longer than a trainer step: generated for where the trainer is
+    # now, every pair arrives after the trainer has passed its batch.
+    at_trainer = simulate_trainer(tmp_path, rate=400.0, lead_factor=0.0, steps=40, gen_batch=32)
+    ahead = simulate_trainer(tmp_path, rate=400.0, lead_factor=1.2, steps=40, gen_batch=32)
     assert ahead > 0.15 and ahead > 2 * at_trainer, (ahead, at_trainer)
 
 
-def test_lead_is_the_next_batch_plus_trainer_rate_times_batch_time() -> None:
-    lead = LeadEstimator(global_batch=64, smoothing=0.5)
-    assert lead.lead_positions(100.0, 1.0) == 64  # nothing measured yet: the next batch
+def test_lead_is_trainer_rate_times_batch_time() -> None:
+    lead = LeadEstimator(smoothing=0.5)
+    assert lead.lead_positions(100.0, 1.0) == 0  # nothing measured yet: claim at the trainers
     lead.observe(2.0)
-    assert lead.lead_positions(100.0, 1.5) == 64 + 300
+    assert lead.lead_positions(100.0, 1.5) == 300
     lead.observe(4.0)
-    assert lead.lead_positions(10.0, 1.0) == 64 + 30
-    assert lead.lead_positions(10.0, 0.0) == 0  # disabled: claim at the trainers
+    assert lead.lead_positions(10.0, 1.0) == 30
+    assert lead.lead_positions(10.0, 0.0) == 0  # disabled
