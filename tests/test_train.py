@@ -225,3 +225,43 @@ def test_two_trainer_ranks_share_one_ring(tmp_path: Path, no_leaked_segments) ->
     assert rows[-1]["step"] == 1438 // 64  # global batch 2 x 32
     assert rows[-1]["total_fresh"] > 0
     assert (tmp_path / "ddp" / "probe.json").is_file()
+
+
+def _trainer_ranks(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of torchrun's workers (they run in sessions of their own)."""
+    ranks = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != launcher_pid:
+                continue
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        for var in environ:
+            if var.startswith(b"RANK="):
+                ranks[int(var[5:])] = int(stat.parent.name)
+    return ranks
+
+
+def test_death_of_one_trainer_rank_stops_the_whole_job_cleanly(tmp_path: Path, no_leaked_segments) -> None:
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "onlinemix.train",
+         "--train.epochs", "5", "--train.batch-size", "32", "--output-dir", str(tmp_path), "--run-name", "ddp"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_training(tmp_path / "ddp", proc)
+        ranks = _trainer_ranks(proc.pid)
+        assert sorted(ranks) == [0, 1]
+        job = set(ranks.values()) | {_producer_pid(tmp_path / "ddp")}
+        os.kill(ranks[1], signal.SIGKILL)
+        proc.communicate(timeout=120)
+        assert proc.returncode != 0
+        deadline = time.monotonic() + 20
+        while job & _live_pids() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not job & _live_pids()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
