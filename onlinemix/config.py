@@ -40,8 +40,9 @@ class DataConfig:
 
 @dataclass
 class GeneratorConfig:
-    model: str = opt("stub", "'stub' (tiny random-weight diffuser, CPU friendly) or a hub id / local directory "
-                     "of a StableDiffusionImageVariationPipeline, e.g. lambdalabs/sd-image-variations-diffusers")
+    model: str = opt("stub", "'stub' (tiny random-weight diffuser, CPU friendly), 'full-size-random' (the real "
+                     "architecture with random weights, for speed measurements) or a hub id / local directory of a "
+                     "StableDiffusionImageVariationPipeline, e.g. lambdalabs/sd-image-variations-diffusers")
     revision: str = opt("v2.0", "hub revision of the model (ignored for 'stub' and local directories)")
     steps: int = opt(10, "denoising steps per image", low=1, high=1000)
     guidance: float = opt(3.0, "classifier-free guidance scale k (k <= 1 disables guidance and halves the cost)",
@@ -54,6 +55,11 @@ class GeneratorConfig:
     attention: str = opt("auto", "attention backend; auto = xformers when it loads, else PyTorch SDPA",
                          choices=("auto", "sdpa", "xformers"))
     batch_size: int = opt(16, "images generated per pipeline call", low=1, high=1024)
+    channels_last: bool = opt(False, "UNet and VAE in channels_last memory format (faster convolutions on GPUs)")
+    compile: bool = opt(False, "torch.compile the UNet (slow first call, faster afterwards)")
+    tiny_vae: str = opt("", "hub id or local directory of an AutoencoderTiny decoder (e.g. madebyollin/taesd) "
+                        "used instead of the full VAE; '' = the model's own VAE")
+    vae_slicing: bool = opt(False, "decode one image at a time (less peak memory, same output)")
     seed: int = opt(0, "base seed; each image's seed derives from (seed, image id, epoch)", low=0)
     stub_seed: int = opt(0, "seed of the tiny stub diffuser's random weights", low=0)
     cpu_threads: int = opt(1, "torch threads per producer when it runs on the CPU", low=1, high=256)

@@ -17,11 +17,11 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler,
-                       StableDiffusionImageVariationPipeline)
+from diffusers import (AutoencoderTiny, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                       PNDMScheduler, StableDiffusionImageVariationPipeline)
 
 from .config import GeneratorConfig
-from .stub_diffuser import build_stub_pipeline
+from .stub_diffuser import build_full_size_random_pipeline, build_stub_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ SCHEDULERS = {"dpm++": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "pndm
               "euler": EulerDiscreteScheduler}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PREPROCESSING_VERSION = 1  # bump when the input preprocessing changes the output
+FULL_SIZE_RANDOM = "full-size-random"
 MAX_RETRIES = 3
 
 
@@ -64,16 +65,28 @@ def select_attention(pipe: StableDiffusionImageVariationPipeline, requested: str
 
 
 def load_pipeline(cfg: GeneratorConfig, device: torch.device, dtype: torch.dtype) -> StableDiffusionImageVariationPipeline:
-    if cfg.model == "stub":
-        pipe = build_stub_pipeline(cfg.stub_seed)
+    """Build or load the pipeline, then apply the configured scheduler and speed options."""
+    if cfg.model in ("stub", FULL_SIZE_RANDOM):
+        pipe = (build_stub_pipeline(cfg.stub_seed) if cfg.model == "stub"
+                else build_full_size_random_pipeline(seed=cfg.stub_seed, device=device))
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:
         pipe = StableDiffusionImageVariationPipeline.from_pretrained(
             cfg.model, revision=cfg.revision, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    if cfg.tiny_vae:
+        pipe.vae = AutoencoderTiny.from_pretrained(cfg.tiny_vae, torch_dtype=dtype)
     pipe.scheduler = SCHEDULERS[cfg.scheduler].from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    pipe.to(device)
+    if cfg.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if cfg.vae_slicing:
+        pipe.vae.enable_slicing()
+    if cfg.compile:
+        pipe.unet = torch.compile(pipe.unet)
+    return pipe
 
 
 class DiffusersVariationGenerator:
@@ -98,8 +111,11 @@ class DiffusersVariationGenerator:
         self.retries = 0
 
     def _fingerprint(self) -> str:
-        identity = {"model": self.cfg.model, "revision": self.cfg.revision if self.cfg.model != "stub" else "",
-                    "stub_seed": self.cfg.stub_seed if self.cfg.model == "stub" else None,
+        random_weights = self.cfg.model in ("stub", FULL_SIZE_RANDOM)
+        # channels_last, compile and slicing change speed and memory, not the images: not part of the identity.
+        identity = {"pipeline": "sd-image-variation", "model": self.cfg.model,
+                    "revision": "" if random_weights else self.cfg.revision,
+                    "stub_seed": self.cfg.stub_seed if random_weights else None, "tiny_vae": self.cfg.tiny_vae,
                     "dtype": str(self.dtype), "scheduler": self.cfg.scheduler, "steps": self.cfg.steps,
                     "guidance": self.cfg.guidance, "size": self.gen_size, "resolution": self.resolution,
                     "preprocessing": PREPROCESSING_VERSION}
@@ -119,7 +135,7 @@ class DiffusersVariationGenerator:
 
     @torch.inference_mode()
     def generate(self, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        check_images(images)
+        images = to_rgb_uint8(images)
         if len(seeds) != images.shape[0]:
             raise ValueError(f"got {images.shape[0]} images but {len(seeds)} seeds")
         pixels = self.preprocess(images)
@@ -140,11 +156,24 @@ class DiffusersVariationGenerator:
         return (out.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def check_images(images: torch.Tensor) -> None:
-    """Reject inputs that are not a non-empty uint8 (B, 3, H, W) batch, saying what was expected."""
+def to_rgb_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Accept what image batches come as and return uint8 (B, 3, H, W): grey (1 channel) is
+    repeated, alpha (4 channels) dropped, 16-bit mapped to 8 bits. Anything else is rejected
+    with what was expected; float batches (which may hold NaNs) name the offending image."""
     if not isinstance(images, torch.Tensor):
-        raise TypeError(f"expected a torch.Tensor of uint8 images, got {type(images).__name__}")
-    if images.dtype != torch.uint8:
+        raise TypeError(f"expected a torch.Tensor of uint8 images (B, 3, H, W), got {type(images).__name__}")
+    if images.is_floating_point():
+        bad = (~torch.isfinite(images.flatten(1))).any(dim=1).nonzero().flatten().tolist() if images.ndim > 1 else []
+        if bad:
+            raise ValueError(f"image {bad[0]} of the batch contains NaN or infinite values; expected uint8 (B, 3, H, W)")
         raise TypeError(f"expected uint8 images (B, 3, H, W), got dtype {images.dtype}")
-    if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] == 0 or images.shape[2] == 0 or images.shape[3] == 0:
-        raise ValueError(f"expected a non-empty batch of shape (B, 3, H, W), got {tuple(images.shape)}")
+    if images.ndim != 4 or images.shape[1] not in (1, 3, 4) or 0 in images.shape:
+        raise ValueError(f"expected a non-empty batch of shape (B, 3, H, W) (1 or 4 channels are converted), "
+                         f"got {tuple(images.shape)}")
+    if images.dtype in (torch.uint16, torch.int16, torch.int32):
+        images = (images.to(torch.float32) / 257.0).round().clamp(0, 255).to(torch.uint8)
+    elif images.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 (or 16-bit) images (B, 3, H, W), got dtype {images.dtype}")
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return images[:, :3]

@@ -1,18 +1,27 @@
-"""A tiny StableDiffusionImageVariationPipeline built from the real diffusers classes.
+"""StableDiffusionImageVariationPipelines with random weights, built from the real classes.
 
-Same classes, same code path, random weights fixed by a seed and a few hundred thousand
-parameters in all, so the whole system (producers, ring, training) runs on a CPU in
-seconds. Its variations are noise-like images, not meaningful variations: it exercises
-the machinery, not the method.
+- the tiny stub: a few hundred thousand parameters, so the whole system (producers, ring,
+  training) runs on a CPU in seconds;
+- full size: the real model's architecture from the plain config files in
+  ``configs/sd-image-variations``, so generation speed can be measured at true size where
+  the weights cannot be downloaded (speed does not depend on weight values).
+
+Same classes, same code path as the real model. Their variations are noise-like images:
+they exercise the machinery, not the method.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
-from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionImageVariationPipeline, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionImageVariationPipeline,
+                       UNet2DConditionModel)
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 STUB_CLIP_SIZE = 32
+FULL_SIZE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "sd-image-variations"
 
 
 def build_stub_pipeline(seed: int = 0) -> StableDiffusionImageVariationPipeline:
@@ -36,6 +45,31 @@ def build_stub_pipeline(seed: int = 0) -> StableDiffusionImageVariationPipeline:
     pipe = StableDiffusionImageVariationPipeline(
         vae=vae, image_encoder=image_encoder, unet=unet, scheduler=DPMSolverMultistepScheduler(),
         safety_checker=None, feature_extractor=feature_extractor, requires_safety_checker=False)
+    for module in (unet, vae, image_encoder):
+        module.eval()
+    return pipe
+
+
+def _read(config_dir: Path, name: str) -> dict:
+    config = json.loads((config_dir / f"{name}.json").read_text())
+    config.pop("_class_name", None)
+    return config
+
+
+def build_full_size_random_pipeline(config_dir: Path = FULL_SIZE_CONFIGS, seed: int = 0,
+                                    device: torch.device | str = "cpu") -> StableDiffusionImageVariationPipeline:
+    """The real model's architecture with random weights (about 1.2B parameters), built on ``device``."""
+    if not (config_dir / "unet.json").is_file():
+        raise FileNotFoundError(f"full-size configs not found in {config_dir} (they ship in the repository's configs/)")
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_config(_read(config_dir, "unet"))
+        vae = AutoencoderKL.from_config(_read(config_dir, "vae"))
+        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**_read(config_dir, "image_encoder")))
+    pipe = StableDiffusionImageVariationPipeline(
+        vae=vae, image_encoder=image_encoder, unet=unet,
+        scheduler=PNDMScheduler.from_config(_read(config_dir, "scheduler")), safety_checker=None,
+        feature_extractor=CLIPImageProcessor(**_read(config_dir, "feature_extractor")), requires_safety_checker=False)
     for module in (unet, vae, image_encoder):
         module.eval()
     return pipe

@@ -130,12 +130,30 @@ def test_float_images_rejected(gen: DiffusersVariationGenerator) -> None:
         gen.generate(random_images(2).float(), [1, 2])
 
 
-@pytest.mark.parametrize("shape", [(2, 1, RES, RES), (0, 3, RES, RES), (3, RES, RES), (2, 4, RES, RES)])
+@pytest.mark.parametrize("shape", [(0, 3, RES, RES), (3, RES, RES), (2, 2, RES, RES), (2, 3, 0, RES)])
 def test_bad_shape_rejected(gen: DiffusersVariationGenerator, shape: tuple[int, ...]) -> None:
     images = torch.zeros(shape, dtype=torch.uint8)
     seeds = list(range(shape[0])) if len(shape) == 4 else [1, 2, 3]
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         gen.generate(images, seeds)
+
+
+def test_nan_images_are_rejected_naming_the_image(gen: DiffusersVariationGenerator) -> None:
+    images = torch.rand(3, 3, RES, RES)
+    images[2, 1, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match="image 2 .*NaN"):
+        gen.generate(images, [1, 2, 3])
+
+
+def test_grey_rgba_and_16_bit_batches_are_converted(gen: DiffusersVariationGenerator) -> None:
+    rgb = random_images(2)
+    grey = rgb[:, :1]
+    expected_grey = gen.generate(grey.expand(-1, 3, -1, -1).contiguous(), [1, 2])
+    assert torch.equal(gen.generate(grey, [1, 2]), expected_grey)
+    rgba = torch.cat([rgb, torch.full_like(rgb[:, :1], 7)], dim=1)
+    assert torch.equal(gen.generate(rgba, [1, 2]), gen.generate(rgb, [1, 2]))
+    sixteen = rgb.to(torch.int32).mul(257).to(torch.uint16)
+    assert torch.equal(gen.generate(sixteen, [1, 2]), gen.generate(rgb, [1, 2]))
 
 
 def test_list_rejected(gen: DiffusersVariationGenerator) -> None:
