@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from pathlib import Path
 import json
 import logging
 from typing import Protocol
@@ -31,6 +32,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PREPROCESSING_VERSION = 1  # bump when the input preprocessing changes the output
 FULL_SIZE_RANDOM = "full-size-random"
 MAX_RETRIES = 3
+BLANK_STD = 1e-3  # a generated image whose pixels vary less than this (on [0, 1]) is blank
 
 
 class GeneratorError(RuntimeError):
@@ -98,8 +100,9 @@ class DiffusersVariationGenerator:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.resolution = resolution
         self.pipe = load_pipeline(cfg, self.device, self.dtype)
-        self.attention, reason = select_attention(self.pipe, cfg.attention)
-        log.info("generator %s on %s, %s, attention=%s (%s)", cfg.model, self.device, self.dtype, self.attention, reason)
+        self.attention, self.attention_reason = select_attention(self.pipe, cfg.attention)
+        log.info("generator %s on %s, %s, attention=%s (%s)", cfg.model, self.device, self.dtype, self.attention,
+                 self.attention_reason)
         fe = self.pipe.feature_extractor
         self.clip_size = int(self.pipe.image_encoder.config.image_size)
         self.clip_mean = torch.tensor(fe.image_mean, device=self.device).view(1, 3, 1, 1)
@@ -116,6 +119,7 @@ class DiffusersVariationGenerator:
         identity = {"pipeline": "sd-image-variation", "model": self.cfg.model,
                     "revision": "" if random_weights else self.cfg.revision,
                     "stub_seed": self.cfg.stub_seed if random_weights else None, "tiny_vae": self.cfg.tiny_vae,
+                    "local_weights": local_weights_digest(self.cfg.model),
                     "dtype": str(self.dtype), "scheduler": self.cfg.scheduler, "steps": self.cfg.steps,
                     "guidance": self.cfg.guidance, "size": self.gen_size, "resolution": self.resolution,
                     "preprocessing": PREPROCESSING_VERSION}
@@ -140,20 +144,38 @@ class DiffusersVariationGenerator:
             raise ValueError(f"got {images.shape[0]} images but {len(seeds)} seeds")
         pixels = self.preprocess(images)
         out = self._run(pixels, seeds)
-        # Non-finite outputs (fp16 overflow) are regenerated with a new seed, never passed on.
+        # Non-finite (fp16 overflow) or blank outputs are regenerated with a new seed, never passed on.
         for attempt in range(1, MAX_RETRIES + 2):
-            bad = (~torch.isfinite(out).flatten(1).all(dim=1)).nonzero().flatten()
+            bad = unusable_images(out).nonzero().flatten()
             if len(bad) == 0:
                 break
             if attempt > MAX_RETRIES:
-                raise GeneratorError(f"generator keeps producing non-finite images after {MAX_RETRIES} retries "
-                                     f"(dtype {self.dtype}; try generator.dtype=bf16 or fp32)")
+                raise GeneratorError(f"generator keeps producing non-finite or blank images after {MAX_RETRIES} "
+                                     f"retries (dtype {self.dtype}; try generator.dtype=bf16 or fp32)")
             self.retries += len(bad)
-            log.warning("generator produced %d non-finite images; regenerating (attempt %d)", len(bad), attempt)
+            log.warning("generator produced %d non-finite or blank images; regenerating (attempt %d)", len(bad), attempt)
             out[bad] = self._run(pixels[bad], [seeds[i] + attempt * 1_000_003 for i in bad.tolist()])
         if out.shape[-1] != self.resolution:
             out = F.interpolate(out, size=(self.resolution, self.resolution), mode="bilinear", antialias=True)
         return (out.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def unusable_images(out: torch.Tensor) -> torch.Tensor:
+    """Per image of a float batch in [0, 1]: non-finite anywhere, or blank (one flat colour)."""
+    flat = out.flatten(1)
+    finite = torch.isfinite(flat).all(dim=1)
+    blank = torch.nan_to_num(flat).std(dim=1) < BLANK_STD
+    return ~finite | blank
+
+
+def local_weights_digest(model: str) -> str:
+    """Identity of a local model directory: its weight files' names and sizes (cheap, no hashing of GBs)."""
+    root = Path(model)
+    if not root.is_dir():
+        return ""
+    files = sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*")
+                   if p.suffix in (".safetensors", ".bin", ".json") and p.is_file())
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
 
 
 def to_rgb_uint8(images: torch.Tensor) -> torch.Tensor:

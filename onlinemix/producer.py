@@ -8,6 +8,7 @@ with ``spawn``, watches them, and stops them on every exit path of the trainer.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -91,6 +92,10 @@ def run_producer(spec: ProducerSpec, ring: PairRing) -> None:
     generator = DiffusersVariationGenerator(cfg.generator, spec.device, cfg.data.resolution)
     log.info("pid %d started on %s; fingerprint %s; attention %s", os.getpid(), spec.device,
              generator.fingerprint, generator.attention)
+    Path(spec.log_path).with_suffix(".json").write_text(json.dumps(
+        {"pid": os.getpid(), "device": spec.device, "model": cfg.generator.model, "dtype": str(generator.dtype),
+         "attention": generator.attention, "attention_reason": generator.attention_reason,
+         "fingerprint": generator.fingerprint}, indent=2))
     ring.add("ready_producers", 1)
     lookahead = max(cfg.generator.batch_size, ring.slots - spec.global_batch)
     batch_s = LeadEstimator()

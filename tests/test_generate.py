@@ -214,13 +214,15 @@ def test_sdpa_requested(gen: DiffusersVariationGenerator) -> None:
 
 def fake_run(gen: DiffusersVariationGenerator, nan_calls: int | None, nan_image: int = 1
              ) -> tuple[Callable[[torch.Tensor, list[int]], torch.Tensor], list[list[int]]]:
-    """A stand-in for ``_run``: the first call yields 0.25 everywhere with NaN in ``nan_image``;
-    the next ``nan_calls - 1`` calls yield all-NaN, later ones 0.75. ``None``: NaN for ever."""
+    """A stand-in for ``_run``: the first call yields 0.25 everywhere (but one black pixel, so
+    images are not blank) with NaN in ``nan_image``; the next ``nan_calls - 1`` calls yield
+    all-NaN, later ones 0.75. ``None``: NaN for ever."""
     calls: list[list[int]] = []
 
     def run(pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         calls.append(list(seeds))
         out = torch.full((len(seeds), 3, gen.gen_size, gen.gen_size), 0.25 if len(calls) == 1 else 0.75)
+        out[:, :, 0, 0] = 0.0
         if len(calls) == 1:
             out[nan_image] = float("nan")
         elif nan_calls is None or len(calls) <= nan_calls:
@@ -240,9 +242,9 @@ def test_non_finite_image_is_regenerated(fresh_gen: DiffusersVariationGenerator,
     assert len(calls) == 2
     assert len(calls[1]) == 1 and calls[1][0] != seeds[1]  # only image 1, with a new seed
     assert out.shape == (4, 3, RES, RES) and out.dtype == torch.uint8
-    assert (out[1] == round(0.75 * 255)).all()  # the regenerated image
+    assert (out[1, :, 1:] == round(0.75 * 255)).all()  # the regenerated image
     for i in (0, 2, 3):
-        assert (out[i] == round(0.25 * 255)).all()  # the untouched images
+        assert (out[i, :, 1:] == round(0.25 * 255)).all()  # the untouched images
 
 
 def test_last_allowed_retry_is_used(fresh_gen: DiffusersVariationGenerator,
@@ -253,7 +255,25 @@ def test_last_allowed_retry_is_used(fresh_gen: DiffusersVariationGenerator,
     out = fresh_gen.generate(random_images(4), [100, 101, 102, 103])
     assert len(calls) == 1 + MAX_RETRIES
     assert fresh_gen.retries == MAX_RETRIES
-    assert (out[1] == round(0.75 * 255)).all()
+    assert (out[1, :, 1:] == round(0.75 * 255)).all()
+
+
+def test_blank_image_is_regenerated(fresh_gen: DiffusersVariationGenerator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flat image (what a safety checker or a broken decoder leaves) is never passed on."""
+    real_run = fresh_gen._run
+    calls = []
+
+    def run_with_one_blank(pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        out = real_run(pixels, seeds)
+        if not calls:
+            out[2] = 0.0
+        calls.append(seeds)
+        return out
+
+    monkeypatch.setattr(fresh_gen, "_run", run_with_one_blank)
+    out = fresh_gen.generate(random_images(3), [5, 6, 7])
+    assert fresh_gen.retries == 1 and calls[1] != [7] and len(calls[1]) == 1
+    assert out[2].float().std() > 1
 
 
 def test_always_non_finite_raises(fresh_gen: DiffusersVariationGenerator,

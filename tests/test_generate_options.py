@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,9 +12,11 @@ import pytest
 import torch
 from diffusers import AutoencoderTiny
 
-from onlinemix.config import GeneratorConfig
+from onlinemix.config import GeneratorConfig, load_config
 from onlinemix.generate import DiffusersVariationGenerator
-from onlinemix.stub_diffuser import build_full_size_random_pipeline
+from onlinemix.producer import ProducerPool
+from onlinemix.ring import PairRing
+from onlinemix.stub_diffuser import build_full_size_random_pipeline, build_stub_pipeline
 
 RES = 32
 
@@ -66,3 +70,31 @@ def test_full_size_architecture_matches_the_released_model() -> None:
     assert counts == {"unet": 859_520_964, "vae": 83_653_863, "image_encoder": 303_966_208}
     assert pipe.unet.config.cross_attention_dim == pipe.image_encoder.config.projection_dim == 768
     assert pipe.image_encoder.config.image_size == 224 and pipe.vae_scale_factor == 8
+
+
+def test_loading_from_a_local_directory_goes_through_from_pretrained(images, baseline, tmp_path: Path) -> None:
+    """The real loading path (from_pretrained on a local directory), fed with the stub's weights."""
+    build_stub_pipeline(0).save_pretrained(tmp_path / "model")
+    gen, out = generate_with(images, model=str(tmp_path / "model"))
+    assert torch.equal(out, baseline)  # same weights, same images
+    stub_fingerprint = DiffusersVariationGenerator(GeneratorConfig(), "cpu", RES).fingerprint
+    assert gen.fingerprint != stub_fingerprint
+    (tmp_path / "model" / "unet" / "extra.safetensors").write_bytes(b"0" * 10)  # other weights, other identity
+    assert generate_with(images, model=str(tmp_path / "model"))[0].fingerprint != gen.fingerprint
+
+
+def test_producer_metadata_records_attention_and_fingerprint(tmp_path: Path, no_leaked_segments) -> None:
+    cfg = load_config(None, {"train.batch_size": "32", "ring.slots": "64"})
+    ring = PairRing.create(cfg.ring.slots, cfg.data.resolution)
+    pool = ProducerPool(cfg, ring, ["cpu"], 32, tmp_path)
+    try:
+        pool.start()
+        while ring.get("ready_producers") < 1:
+            pool.check()
+            time.sleep(0.05)
+        meta = json.loads((tmp_path / "producer-0.json").read_text())
+    finally:
+        pool.stop()
+        ring.close()
+    assert meta["attention"] == "sdpa" and "xformers" in meta["attention_reason"]
+    assert meta["fingerprint"] == DiffusersVariationGenerator(cfg.generator, "cpu", RES).fingerprint

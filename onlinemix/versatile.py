@@ -1,0 +1,221 @@
+"""The paper's alternative generator: Versatile Diffusion's image-variation flow.
+
+``VersatileVariationGenerator`` has the interface of
+:class:`onlinemix.generate.DiffusersVariationGenerator` (``generate(uint8 (B, 3, H, W), seeds)
+-> uint8 (B, 3, H, W)``, ``fingerprint``, ``attention``, ``dtype``, ``gen_size``, ``retries``,
+``preprocess``) and runs diffusers' ``VersatileDiffusionImageVariationPipeline``. That pipeline
+is deprecated (it lives in ``diffusers.pipelines.deprecated.versatile_diffusion``) and may be
+missing from a diffusers install: it is imported only when this generator or its stub is built,
+and its absence raises :class:`~onlinemix.generate.GeneratorError` saying so.
+
+How the image conditioning is fed
+---------------------------------
+VD conditions its UNet on *every* token of CLIP ViT's last hidden state (post-layernormed,
+projected by ``visual_projection``, divided by the norm of the projected class token), not on
+the pooled embedding that SD image variations uses. The pipeline's ``_encode_prompt`` always
+runs its ``image_feature_extractor`` (the CLIP processor) on whatever it is given: a tensor is
+split into a list and rescaled, resized and centre-cropped on the host. There is no
+``image_embeds`` / ``prompt_embeds`` argument and no processor-free path. Rather than copying
+``__call__``'s sampling loop (timesteps, per-image latents, guidance, decoding), the generator
+replaces only that one step: :func:`feed_pixel_values` sets, on its own pipeline instance, an
+``_encode_prompt`` that takes device-preprocessed CLIP pixel values and applies VD's
+normalisation (:func:`encode_pixel_values`, the pipeline's own ``normalize_embeddings``). The
+rest of ``__call__`` runs unchanged. The private signature is checked when the generator is
+built, so a diffusers that changes it fails there, with a clear error.
+
+Preprocessing (on the device, never PIL or the CLIP processor): VD's CLIP was fed through the
+CLIP processor after PIL conversion, i.e. a bicubic resize *with* antialiasing (PIL's filter)
+to 8-bit levels, then CLIP mean/std. The generator does the same with ``F.interpolate(...,
+antialias=True)``, clamps and rounds to 8-bit levels as PIL does, and squashes the whole image
+to the CLIP size like VD's own demo (which resizes to a square before encoding); the diffusers
+processor would centre-crop instead. The ring's images are square, where both agree.
+
+Classifier-free guidance: diffusers' pipeline encodes a constant image ``np.zeros((512, 512, 3))
++ 0.5`` through the processor, which since transformers 4.26 rescales that float image by 1/255
+a second time, so the unconditional image diffusers actually uses is a near-black constant
+(0.5/255). :data:`UNCOND_PIXEL` reproduces it exactly (the tests compare against the pipeline's
+own ``_encode_prompt``); its embedding is computed once, on the device, when the generator is
+built. (VD's own code uses a black image; the 0.5 literal suggests mid-grey was intended.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from .config import GeneratorConfig
+from .generate import (FULL_SIZE_RANDOM, SCHEDULERS, DiffusersVariationGenerator, GeneratorError, resolve_dtype,
+                       select_attention)
+
+log = logging.getLogger(__name__)
+
+PIPELINE_KIND = "versatile-diffusion-image-variation"
+DEFAULT_MODEL = "shi-labs/versatile-diffusion"
+VD_PREPROCESSING_VERSION = 1  # bump when preprocess() or the unconditional image changes the output
+UNCOND_PIXEL = 0.5 / 255  # the constant unconditional image diffusers' pipeline feeds CLIP, in [0, 1]
+STUB_CLIP_SIZE = 32
+_ENCODE_PROMPT_PARAMS = ["self", "prompt", "device", "num_images_per_prompt", "do_classifier_free_guidance",
+                         "negative_prompt"]
+# Speed options of load_pipeline that address SD's ``pipe.unet`` / ``pipe.vae`` and are not wired up here yet.
+_UNSUPPORTED_OPTIONS = {"tiny_vae": "", "channels_last": False, "vae_slicing": False, "compile": False}
+
+
+def versatile_pipeline_class() -> type:
+    """diffusers' VersatileDiffusionImageVariationPipeline, imported on demand."""
+    try:
+        from diffusers import VersatileDiffusionImageVariationPipeline as cls
+    except ImportError:
+        try:
+            from diffusers.pipelines.deprecated.versatile_diffusion import VersatileDiffusionImageVariationPipeline as cls
+        except ImportError as e:
+            import diffusers
+            raise GeneratorError(
+                f"the Versatile Diffusion generator needs diffusers' VersatileDiffusionImageVariationPipeline, which "
+                f"diffusers {diffusers.__version__} does not provide (it is deprecated); install a diffusers that "
+                f"still ships diffusers.pipelines.deprecated.versatile_diffusion (0.42 does)") from e
+    return cls
+
+
+def build_stub_versatile_pipeline(seed: int = 0):
+    """A tiny VersatileDiffusionImageVariationPipeline with random weights fixed by ``seed``.
+
+    The real classes with a few hundred thousand parameters. The UNet's cross-attention width is
+    CLIP's ``projection_dim`` (VD projects every token), deliberately different from CLIP's
+    ``hidden_size``; 32 x 32 CLIP input with 8 x 8 patches gives 17 conditioning tokens. The VAE
+    downsamples by 2.
+    """
+    cls = versatile_pipeline_class()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        image_unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=24,
+            attention_head_dim=4, norm_num_groups=4)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=32)
+        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            image_size=STUB_CLIP_SIZE, patch_size=8, projection_dim=24))
+    feature_extractor = CLIPImageProcessor(size={"shortest_edge": STUB_CLIP_SIZE},
+                                           crop_size={"height": STUB_CLIP_SIZE, "width": STUB_CLIP_SIZE})
+    pipe = cls(image_feature_extractor=feature_extractor, image_encoder=image_encoder, image_unet=image_unet,
+               vae=vae, scheduler=DPMSolverMultistepScheduler())
+    for module in (image_unet, vae, image_encoder):
+        module.eval()
+    return pipe
+
+
+def encode_pixel_values(pipe, pixel_values: torch.Tensor) -> torch.Tensor:
+    """CLIP pixel values (B, 3, S, S) -> VD conditioning (B, tokens, projection_dim).
+
+    The pipeline's ``_encode_prompt.normalize_embeddings`` (a closure there, so not importable):
+    all tokens post-layernormed and projected, scaled by the projected class token's norm.
+    """
+    encoder = pipe.image_encoder
+    hidden = encoder(pixel_values.to(encoder.dtype)).last_hidden_state
+    embeds = encoder.visual_projection(encoder.vision_model.post_layernorm(hidden))
+    return embeds / torch.norm(embeds[:, 0:1], dim=-1, keepdim=True)
+
+
+def feed_pixel_values(pipe, uncond_embeds: torch.Tensor) -> None:
+    """Make ``pipe(image=pixel_values, ...)`` condition on device-preprocessed CLIP pixel values.
+
+    Replaces, on this pipeline instance only, the one step of ``__call__`` that would run the
+    CLIP processor; ``uncond_embeds`` (1, tokens, dim) is the guidance branch's conditioning.
+    """
+    params = list(inspect.signature(type(pipe)._encode_prompt).parameters)
+    if params != _ENCODE_PROMPT_PARAMS:
+        raise GeneratorError(f"{type(pipe).__name__}._encode_prompt{tuple(params)} is not the signature this "
+                             f"generator replaces {tuple(_ENCODE_PROMPT_PARAMS)}; onlinemix.versatile needs updating")
+
+    def _encode_prompt(prompt: torch.Tensor, device: torch.device, num_images_per_prompt: int,
+                       do_classifier_free_guidance: bool, negative_prompt: None) -> torch.Tensor:
+        if not (isinstance(prompt, torch.Tensor) and prompt.ndim == 4) or negative_prompt is not None:
+            raise TypeError("this pipeline takes CLIP pixel values (B, 3, S, S) and no negative_prompt")
+        embeds = encode_pixel_values(pipe, prompt.to(device)).repeat_interleave(num_images_per_prompt, dim=0)
+        if do_classifier_free_guidance:
+            embeds = torch.cat([uncond_embeds.to(embeds.dtype).expand(len(embeds), -1, -1), embeds])
+        return embeds
+
+    pipe._encode_prompt = _encode_prompt
+
+
+def load_versatile_pipeline(cfg: GeneratorConfig, device: torch.device, dtype: torch.dtype):
+    """Build the stub or load a VD checkpoint, then apply the configured scheduler."""
+    unsupported = [k for k, off in _UNSUPPORTED_OPTIONS.items() if getattr(cfg, k, off) != off]
+    if unsupported:
+        raise GeneratorError(f"generator option(s) {', '.join(unsupported)} are not supported by the Versatile "
+                             f"Diffusion generator yet")
+    if cfg.model == FULL_SIZE_RANDOM:
+        raise GeneratorError(f"model={FULL_SIZE_RANDOM} builds SD image variations; the Versatile Diffusion "
+                             f"generator takes 'stub' or a VD checkpoint (e.g. {DEFAULT_MODEL})")
+    if cfg.model == "stub":
+        pipe = build_stub_versatile_pipeline(cfg.stub_seed)
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
+    else:
+        pipe = versatile_pipeline_class().from_pretrained(cfg.model, torch_dtype=dtype)
+    pipe.scheduler = SCHEDULERS[cfg.scheduler].from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+class VersatileVariationGenerator(DiffusersVariationGenerator):
+    """VersatileDiffusionImageVariationPipeline with device-side preprocessing and per-image seeds.
+
+    Inherits ``generate`` (input checks, NaN regeneration, resize to ``resolution``, uint8) and
+    ``_run`` (one ``torch.Generator`` per image, so an image's output does not depend on its
+    batch) from :class:`DiffusersVariationGenerator`; its ``__init__`` is not called, because it
+    loads an SD pipeline. This one sets the same attributes for a VD pipeline.
+    """
+
+    def __init__(self, cfg: GeneratorConfig, device: torch.device | str, resolution: int) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.resolution = resolution
+        self.pipe = load_versatile_pipeline(cfg, self.device, self.dtype)
+        self.attention, reason = select_attention(self.pipe, cfg.attention)
+        log.info("VD generator %s on %s, %s, attention=%s (%s)", cfg.model, self.device, self.dtype,
+                 self.attention, reason)
+        fe = self.pipe.image_feature_extractor
+        self.clip_size = int(self.pipe.image_encoder.config.image_size)
+        self.clip_mean = torch.tensor(fe.image_mean, device=self.device).view(1, 3, 1, 1)
+        self.clip_std = torch.tensor(fe.image_std, device=self.device).view(1, 3, 1, 1)
+        multiple = math.lcm(8, self.pipe.vae_scale_factor)  # the pipeline wants multiples of 8 and of the VAE factor
+        self.gen_size = -(-(cfg.resolution or resolution) // multiple) * multiple
+        with torch.inference_mode():
+            uncond = torch.full((1, 3, self.clip_size, self.clip_size), UNCOND_PIXEL, device=self.device)
+            self.uncond_embeds = encode_pixel_values(self.pipe, self._normalize(uncond))
+        feed_pixel_values(self.pipe, self.uncond_embeds)
+        self.fingerprint = self._fingerprint()
+        self.retries = 0
+
+    def _fingerprint(self) -> str:
+        # The SD generator's identity (model, stub seed, dtype, scheduler, steps, guidance, sizes, ...)
+        # re-hashed with the pipeline kind and VD's own preprocessing.
+        identity = {"pipeline": PIPELINE_KIND, "vd_preprocessing": VD_PREPROCESSING_VERSION,
+                    "uncond_pixel": UNCOND_PIXEL, "settings": super()._fingerprint()}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.clip_mean) / self.clip_std).to(self.dtype)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> CLIP pixel values as VD's CLIP saw them: whole image to the CLIP
+        size with PIL's antialiased bicubic, clipped and rounded to 8-bit levels, CLIP mean/std."""
+        x = images.to(self.device, torch.float32)
+        x = F.interpolate(x, size=(self.clip_size, self.clip_size), mode="bicubic", align_corners=False, antialias=True)
+        return self._normalize(x.clamp(0, 255).round() / 255.0)
+
