@@ -43,7 +43,12 @@ class GeneratorConfig:
     model: str = opt("stub", "'stub' (tiny random-weight diffuser, CPU friendly), 'full-size-random' (the real "
                      "architecture with random weights, for speed measurements) or a hub id / local directory of a "
                      "StableDiffusionImageVariationPipeline, e.g. lambdalabs/sd-image-variations-diffusers")
-    revision: str = opt("v2.0", "hub revision of the model (ignored for 'stub' and local directories)")
+    pipeline: str = opt("sd-image-variation", "which diffusers pipeline generates: Stable Diffusion image "
+                        "variations (the paper's main generator) or Versatile Diffusion's image variation "
+                        "(its alternative; default weights shi-labs/versatile-diffusion)",
+                        choices=("sd-image-variation", "versatile"))
+    revision: str = opt("v2.0", "hub revision of an SD image-variation model (ignored for 'stub', local "
+                        "directories and Versatile Diffusion)")
     steps: int = opt(10, "denoising steps per image", low=1, high=1000)
     guidance: float = opt(3.0, "classifier-free guidance scale k (k <= 1 disables guidance and halves the cost)",
                           low=0.0, high=50.0)

@@ -92,44 +92,65 @@ def load_pipeline(cfg: GeneratorConfig, device: torch.device, dtype: torch.dtype
 
 
 class DiffusersVariationGenerator:
-    """StableDiffusionImageVariationPipeline with device-side preprocessing and per-image seeds."""
+    """StableDiffusionImageVariationPipeline with device-side preprocessing and per-image seeds.
+
+    Subclasses for other diffusers variation pipelines override the hooks ``_load_pipeline``,
+    ``_clip_processor``, ``_prepare``, ``_identity`` and ``preprocess``."""
+
+    kind = "sd-image-variation"
 
     def __init__(self, cfg: GeneratorConfig, device: torch.device | str, resolution: int) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.resolution = resolution
-        self.pipe = load_pipeline(cfg, self.device, self.dtype)
+        self.pipe = self._load_pipeline()
         self.attention, self.attention_reason = select_attention(self.pipe, cfg.attention)
-        log.info("generator %s on %s, %s, attention=%s (%s)", cfg.model, self.device, self.dtype, self.attention,
-                 self.attention_reason)
-        fe = self.pipe.feature_extractor
+        log.info("%s generator %s on %s, %s, attention=%s (%s)", self.kind, cfg.model, self.device, self.dtype,
+                 self.attention, self.attention_reason)
+        processor = self._clip_processor()
         self.clip_size = int(self.pipe.image_encoder.config.image_size)
-        self.clip_mean = torch.tensor(fe.image_mean, device=self.device).view(1, 3, 1, 1)
-        self.clip_std = torch.tensor(fe.image_std, device=self.device).view(1, 3, 1, 1)
+        self.clip_mean = torch.tensor(processor.image_mean, device=self.device).view(1, 3, 1, 1)
+        self.clip_std = torch.tensor(processor.image_std, device=self.device).view(1, 3, 1, 1)
         # The pipeline accepts sizes divisible by 8 (and by the VAE's spatial factor).
         multiple = math.lcm(8, self.pipe.vae_scale_factor)
         self.gen_size = -(-(cfg.resolution or resolution) // multiple) * multiple
-        self.fingerprint = self._fingerprint()
+        self._prepare()
+        self.fingerprint = hashlib.sha256(json.dumps(self._identity(), sort_keys=True).encode()).hexdigest()[:16]
         self.retries = 0
 
-    def _fingerprint(self) -> str:
+    # ------------------------------------------------------------------ hooks
+    def _load_pipeline(self) -> StableDiffusionImageVariationPipeline:
+        return load_pipeline(self.cfg, self.device, self.dtype)
+
+    def _clip_processor(self):
+        """The pipeline's CLIP processor: read for its mean/std only, never run."""
+        return self.pipe.feature_extractor
+
+    def _prepare(self) -> None:
+        """Last set-up step, once the pipeline and the CLIP constants are known."""
+
+    def _identity(self) -> dict:
+        """Everything that changes the output images. channels_last, compile and slicing change
+        speed and memory, not the images, so they are not part of it."""
         random_weights = self.cfg.model in ("stub", FULL_SIZE_RANDOM)
-        # channels_last, compile and slicing change speed and memory, not the images: not part of the identity.
-        identity = {"pipeline": "sd-image-variation", "model": self.cfg.model,
-                    "revision": "" if random_weights else self.cfg.revision,
-                    "stub_seed": self.cfg.stub_seed if random_weights else None, "tiny_vae": self.cfg.tiny_vae,
-                    "local_weights": local_weights_digest(self.cfg.model),
-                    "dtype": str(self.dtype), "scheduler": self.cfg.scheduler, "steps": self.cfg.steps,
-                    "guidance": self.cfg.guidance, "size": self.gen_size, "resolution": self.resolution,
-                    "preprocessing": PREPROCESSING_VERSION}
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        return {"pipeline": self.kind, "model": self.cfg.model,
+                "revision": "" if random_weights else self.cfg.revision,
+                "stub_seed": self.cfg.stub_seed if random_weights else None, "tiny_vae": self.cfg.tiny_vae,
+                "local_weights": local_weights_digest(self.cfg.model),
+                "dtype": str(self.dtype), "scheduler": self.cfg.scheduler, "steps": self.cfg.steps,
+                "guidance": self.cfg.guidance, "size": self.gen_size, "resolution": self.resolution,
+                "preprocessing": PREPROCESSING_VERSION}
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels at the CLIP size -> CLIP pixel values in the generator's dtype."""
+        return ((x - self.clip_mean) / self.clip_std).to(self.dtype)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> CLIP pixel values, as the model was trained: squash, bicubic, no antialias."""
         x = images.to(self.device, torch.float32) / 255.0
         x = F.interpolate(x, size=(self.clip_size, self.clip_size), mode="bicubic", align_corners=False, antialias=False)
-        return ((x - self.clip_mean) / self.clip_std).to(self.dtype)
+        return self.normalize(x)
 
     def _run(self, pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
@@ -199,3 +220,12 @@ def to_rgb_uint8(images: torch.Tensor) -> torch.Tensor:
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
     return images[:, :3]
+
+
+def make_generator(cfg: GeneratorConfig, device: torch.device | str, resolution: int) -> DiffusersVariationGenerator:
+    """The generator ``generator.pipeline`` names."""
+    if cfg.pipeline == "versatile":
+        from .versatile import VersatileVariationGenerator  # deprecated in diffusers: imported only when asked for
+
+        return VersatileVariationGenerator(cfg, device, resolution)
+    return DiffusersVariationGenerator(cfg, device, resolution)

@@ -22,7 +22,7 @@ import torch
 
 from .config import Config
 from .data import load_real_images
-from .generate import DiffusersVariationGenerator
+from .generate import make_generator
 from .ring import PairRing
 from .schedule import EpochSchedule, variation_seed
 
@@ -89,7 +89,7 @@ def run_producer(spec: ProducerSpec, ring: PairRing) -> None:
     cfg = spec.cfg
     real = load_real_images(cfg.data)
     schedule = EpochSchedule(real.train_ids.numpy(), spec.global_batch, cfg.train.seed)
-    generator = DiffusersVariationGenerator(cfg.generator, spec.device, cfg.data.resolution)
+    generator = make_generator(cfg.generator, spec.device, cfg.data.resolution)
     log.info("pid %d started on %s; fingerprint %s; attention %s", os.getpid(), spec.device,
              generator.fingerprint, generator.attention)
     Path(spec.log_path).with_suffix(".json").write_text(json.dumps(

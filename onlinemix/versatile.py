@@ -23,12 +23,13 @@ normalisation (:func:`encode_pixel_values`, the pipeline's own ``normalize_embed
 rest of ``__call__`` runs unchanged. The private signature is checked when the generator is
 built, so a diffusers that changes it fails there, with a clear error.
 
-Preprocessing (on the device, never PIL or the CLIP processor): VD's CLIP was fed through the
-CLIP processor after PIL conversion, i.e. a bicubic resize *with* antialiasing (PIL's filter)
-to 8-bit levels, then CLIP mean/std. The generator does the same with ``F.interpolate(...,
-antialias=True)``, clamps and rounds to 8-bit levels as PIL does, and squashes the whole image
-to the CLIP size like VD's own demo (which resizes to a square before encoding); the diffusers
-processor would centre-crop instead. The ring's images are square, where both agree.
+Preprocessing (on the device, never PIL or the CLIP processor): VD's own code converts images
+to PIL and runs the CLIP processor of its time, i.e. PIL's antialiased bicubic resize of 8-bit
+images, then CLIP mean/std. :meth:`VersatileVariationGenerator.preprocess` reproduces PIL's
+resize with ``F.interpolate(..., antialias=True)`` in PIL's two separable passes, each clipped
+and rounded to 8-bit levels (within one level of Pillow; the tests check it), and squashes the
+whole image to the CLIP size like VD's demo (which resizes to a square before encoding); the
+diffusers processor would centre-crop instead. The ring's images are square, where both agree.
 
 Classifier-free guidance: diffusers' pipeline encodes a constant image ``np.zeros((512, 512, 3))
 + 0.5`` through the processor, which since transformers 4.26 rescales that float image by 1/255
@@ -40,11 +41,8 @@ built. (VD's own code uses a black image; the 0.5 literal suggests mid-grey was 
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 import logging
-import math
 
 import torch
 import torch.nn.functional as F
@@ -52,14 +50,14 @@ from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditio
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from .config import GeneratorConfig
-from .generate import (FULL_SIZE_RANDOM, SCHEDULERS, DiffusersVariationGenerator, GeneratorError, resolve_dtype,
-                       select_attention)
+from .generate import FULL_SIZE_RANDOM, SCHEDULERS, DiffusersVariationGenerator, GeneratorError
 
 log = logging.getLogger(__name__)
 
 PIPELINE_KIND = "versatile-diffusion-image-variation"
 DEFAULT_MODEL = "shi-labs/versatile-diffusion"
-VD_PREPROCESSING_VERSION = 1  # bump when preprocess() or the unconditional image changes the output
+VD_PREPROCESSING_VERSION = 2  # bump when preprocess() or the unconditional image changes the output
+# (2: PIL's two clipped passes; 1 was a single float pass)
 UNCOND_PIXEL = 0.5 / 255  # the constant unconditional image diffusers' pipeline feeds CLIP, in [0, 1]
 STUB_CLIP_SIZE = 32
 _ENCODE_PROMPT_PARAMS = ["self", "prompt", "device", "num_images_per_prompt", "do_classifier_free_guidance",
@@ -174,48 +172,42 @@ def load_versatile_pipeline(cfg: GeneratorConfig, device: torch.device, dtype: t
 class VersatileVariationGenerator(DiffusersVariationGenerator):
     """VersatileDiffusionImageVariationPipeline with device-side preprocessing and per-image seeds.
 
-    Inherits ``generate`` (input checks, NaN regeneration, resize to ``resolution``, uint8) and
-    ``_run`` (one ``torch.Generator`` per image, so an image's output does not depend on its
-    batch) from :class:`DiffusersVariationGenerator`; its ``__init__`` is not called, because it
-    loads an SD pipeline. This one sets the same attributes for a VD pipeline.
+    Everything but loading, the CLIP conditioning and the preprocessing is inherited: input
+    checks, regeneration of non-finite or blank images, one ``torch.Generator`` per image, the
+    resize to ``resolution`` and uint8 output.
     """
 
-    def __init__(self, cfg: GeneratorConfig, device: torch.device | str, resolution: int) -> None:
-        self.cfg = cfg
-        self.device = torch.device(device)
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
-        self.resolution = resolution
-        self.pipe = load_versatile_pipeline(cfg, self.device, self.dtype)
-        self.attention, reason = select_attention(self.pipe, cfg.attention)
-        log.info("VD generator %s on %s, %s, attention=%s (%s)", cfg.model, self.device, self.dtype,
-                 self.attention, reason)
-        fe = self.pipe.image_feature_extractor
-        self.clip_size = int(self.pipe.image_encoder.config.image_size)
-        self.clip_mean = torch.tensor(fe.image_mean, device=self.device).view(1, 3, 1, 1)
-        self.clip_std = torch.tensor(fe.image_std, device=self.device).view(1, 3, 1, 1)
-        multiple = math.lcm(8, self.pipe.vae_scale_factor)  # the pipeline wants multiples of 8 and of the VAE factor
-        self.gen_size = -(-(cfg.resolution or resolution) // multiple) * multiple
+    kind = PIPELINE_KIND
+
+    def _load_pipeline(self):
+        return load_versatile_pipeline(self.cfg, self.device, self.dtype)
+
+    def _clip_processor(self):
+        return self.pipe.image_feature_extractor
+
+    def _prepare(self) -> None:
         with torch.inference_mode():
             uncond = torch.full((1, 3, self.clip_size, self.clip_size), UNCOND_PIXEL, device=self.device)
-            self.uncond_embeds = encode_pixel_values(self.pipe, self._normalize(uncond))
+            self.uncond_embeds = encode_pixel_values(self.pipe, self.normalize(uncond))
         feed_pixel_values(self.pipe, self.uncond_embeds)
-        self.fingerprint = self._fingerprint()
-        self.retries = 0
 
-    def _fingerprint(self) -> str:
-        # The SD generator's identity (model, stub seed, dtype, scheduler, steps, guidance, sizes, ...)
-        # re-hashed with the pipeline kind and VD's own preprocessing.
-        identity = {"pipeline": PIPELINE_KIND, "vd_preprocessing": VD_PREPROCESSING_VERSION,
-                    "uncond_pixel": UNCOND_PIXEL, "settings": super()._fingerprint()}
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x - self.clip_mean) / self.clip_std).to(self.dtype)
+    def _identity(self) -> dict:
+        identity = super()._identity()
+        del identity["revision"]  # VD checkpoints load without one
+        return {**identity, "vd_preprocessing": VD_PREPROCESSING_VERSION, "uncond_pixel": UNCOND_PIXEL}
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, H, W) -> CLIP pixel values as VD's CLIP saw them: whole image to the CLIP
-        size with PIL's antialiased bicubic, clipped and rounded to 8-bit levels, CLIP mean/std."""
-        x = images.to(self.device, torch.float32)
-        x = F.interpolate(x, size=(self.clip_size, self.clip_size), mode="bicubic", align_corners=False, antialias=True)
-        return self._normalize(x.clamp(0, 255).round() / 255.0)
+        """uint8 (B, 3, H, W) -> CLIP pixel values as VD's CLIP saw them: the whole image resized to
+        the CLIP size the way PIL resizes 8-bit images, then CLIP mean/std.
 
+        PIL's antialiased bicubic runs two separable passes, each clipped and rounded to 8-bit
+        levels, horizontal first unless the image is taller than wide. Done so here, the result is
+        within one level of Pillow; a single float pass would differ by up to ~16 levels where PIL
+        clips the first pass's overshoot, which is frequent when upscaling small images."""
+        x = images.to(self.device, torch.float32)
+        h, w = x.shape[-2:]
+        size = self.clip_size
+        for pass_size in ((h, size), (size, size)) if w >= h else ((size, w), (size, size)):
+            x = F.interpolate(x, size=pass_size, mode="bicubic", align_corners=False, antialias=True)
+            x = x.clamp(0, 255).round()
+        return self.normalize(x / 255.0)
