@@ -23,7 +23,6 @@ import shutil
 import sys
 import threading
 import time
-import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from isal.isal_zlib import crc32  # zlib's CRC32, same values, about 20x faster
 
 SHM_DIR = Path("/dev/shm")
 NAME_PREFIX = "onlinemix-"
@@ -288,7 +288,7 @@ class PairRing:
         """Copy one pair into a reserved slot; returns its checksum (pass it to ``publish``)."""
         self.pixels[slot, 0] = real
         self.pixels[slot, 1] = synthetic
-        return zlib.crc32(self.pixels[slot])
+        return crc32(self.pixels[slot])
 
     def publish(self, slot: int, *, real_id: int, position: int, seed: int, birth_epoch: int, checksum: int) -> None:
         with self._locked():
@@ -340,7 +340,7 @@ class PairRing:
         corrupt = np.zeros(b, dtype=bool)
         for i in np.flatnonzero(chosen >= 0):
             out[i] = self.pixels[chosen[i]]
-            corrupt[i] = verify and zlib.crc32(out[i]) != m[chosen[i], S["checksum"]]
+            corrupt[i] = verify and crc32(out[i]) != m[chosen[i], S["checksum"]]
         found = (chosen >= 0) & ~corrupt
         uses = np.zeros(b, dtype=np.int64)
         age = np.zeros(b, dtype=np.int64)
