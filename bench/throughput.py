@@ -25,7 +25,6 @@ _T0 = time.perf_counter()  # before the heavy imports: the reported wall time in
 
 import argparse
 import json
-import logging
 import os
 import platform
 import statistics
@@ -216,32 +215,9 @@ def _own_cpu_s() -> float:
     return sum(os.times()[:4])  # user + system, this process and its waited-for children
 
 
-class _Capture(logging.Handler):
-    """Keeps the generator's start-up log line, which carries the reason for its attention backend."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 def build_generator(cfg, device: torch.device) -> tuple[DiffusersVariationGenerator, str]:
-    gen_log = logging.getLogger("onlinemix.generate")
-    capture, level, propagate = _Capture(), gen_log.level, gen_log.propagate
-    gen_log.addHandler(capture)
-    gen_log.setLevel(logging.INFO)
-    gen_log.propagate = False
-    try:
-        gen = DiffusersVariationGenerator(cfg.generator, device, cfg.data.resolution)
-    finally:
-        gen_log.removeHandler(capture)
-        gen_log.setLevel(level)
-        gen_log.propagate = propagate
-    # The log call is log.info(fmt, model, device, dtype, attention, reason).
-    reason = next((str(r.args[-1]) for r in capture.records if isinstance(r.args, tuple) and len(r.args) == 5), "")
-    return gen, reason
+    gen = DiffusersVariationGenerator(cfg.generator, device, cfg.data.resolution)
+    return gen, gen.attention_reason
 
 
 # ----------------------------------------------------------------------------- 1. generation
