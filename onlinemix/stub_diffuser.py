@@ -24,14 +24,16 @@ STUB_CLIP_SIZE = 32
 FULL_SIZE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "sd-image-variations"
 
 
-def build_stub_pipeline(seed: int = 0) -> StableDiffusionImageVariationPipeline:
-    """The tiny pipeline; a VAE with two blocks downsamples by 2, so outputs are any multiple of 2."""
+def tiny_components(seed: int, conditioning_dim: int) -> tuple[UNet2DConditionModel, AutoencoderKL,
+                                                                  CLIPVisionModelWithProjection, CLIPImageProcessor]:
+    """Tiny UNet, VAE (downsamples by 2), CLIP vision tower and CLIP processor, weights fixed by ``seed``.
+    The UNet cross-attends to ``conditioning_dim``-wide tokens, the CLIP projection's width."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
             sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
             block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=conditioning_dim,
             attention_head_dim=4, norm_num_groups=4)
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, block_out_channels=(8, 16),
@@ -39,15 +41,20 @@ def build_stub_pipeline(seed: int = 0) -> StableDiffusionImageVariationPipeline:
             latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=32)
         image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
             hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-            image_size=STUB_CLIP_SIZE, patch_size=8, projection_dim=16))
-    feature_extractor = CLIPImageProcessor(size={"shortest_edge": STUB_CLIP_SIZE},
-                                           crop_size={"height": STUB_CLIP_SIZE, "width": STUB_CLIP_SIZE})
-    pipe = StableDiffusionImageVariationPipeline(
-        vae=vae, image_encoder=image_encoder, unet=unet, scheduler=DPMSolverMultistepScheduler(),
-        safety_checker=None, feature_extractor=feature_extractor, requires_safety_checker=False)
+            image_size=STUB_CLIP_SIZE, patch_size=8, projection_dim=conditioning_dim))
     for module in (unet, vae, image_encoder):
         module.eval()
-    return pipe
+    processor = CLIPImageProcessor(size={"shortest_edge": STUB_CLIP_SIZE},
+                                   crop_size={"height": STUB_CLIP_SIZE, "width": STUB_CLIP_SIZE})
+    return unet, vae, image_encoder, processor
+
+
+def build_stub_pipeline(seed: int = 0) -> StableDiffusionImageVariationPipeline:
+    """The tiny pipeline; a VAE with two blocks downsamples by 2, so outputs are any multiple of 2."""
+    unet, vae, image_encoder, processor = tiny_components(seed, conditioning_dim=16)
+    return StableDiffusionImageVariationPipeline(
+        vae=vae, image_encoder=image_encoder, unet=unet, scheduler=DPMSolverMultistepScheduler(),
+        safety_checker=None, feature_extractor=processor, requires_safety_checker=False)
 
 
 def _read(config_dir: Path, name: str) -> dict:

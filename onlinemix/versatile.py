@@ -46,11 +46,11 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+from diffusers import DPMSolverMultistepScheduler
 
 from .config import GeneratorConfig
 from .generate import FULL_SIZE_RANDOM, SCHEDULERS, DiffusersVariationGenerator, GeneratorError
+from .stub_diffuser import tiny_components
 
 log = logging.getLogger(__name__)
 
@@ -91,27 +91,9 @@ def build_stub_versatile_pipeline(seed: int = 0):
     downsamples by 2.
     """
     cls = versatile_pipeline_class()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        image_unet = UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=24,
-            attention_head_dim=4, norm_num_groups=4)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, block_out_channels=(8, 16),
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=32)
-        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-            image_size=STUB_CLIP_SIZE, patch_size=8, projection_dim=24))
-    feature_extractor = CLIPImageProcessor(size={"shortest_edge": STUB_CLIP_SIZE},
-                                           crop_size={"height": STUB_CLIP_SIZE, "width": STUB_CLIP_SIZE})
-    pipe = cls(image_feature_extractor=feature_extractor, image_encoder=image_encoder, image_unet=image_unet,
+    image_unet, vae, image_encoder, processor = tiny_components(seed, conditioning_dim=24)
+    return cls(image_feature_extractor=processor, image_encoder=image_encoder, image_unet=image_unet,
                vae=vae, scheduler=DPMSolverMultistepScheduler())
-    for module in (image_unet, vae, image_encoder):
-        module.eval()
-    return pipe
 
 
 def encode_pixel_values(pipe, pixel_values: torch.Tensor) -> torch.Tensor:
