@@ -50,13 +50,11 @@ import itertools
 import json
 import math
 import os
-import platform
 import re
 import statistics
 import sys
 import tempfile
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +62,6 @@ import torch
 from tqdm.auto import tqdm
 
 import diffusers
-import transformers
 from diffusers import AutoencoderTiny, StableDiffusionImageVariationPipeline, UNet2DConditionModel
 from PIL import Image
 from torch.utils import flop_counter
@@ -74,6 +71,9 @@ from onlinemix.config import GeneratorConfig
 from onlinemix.generate import (FULL_SIZE_RANDOM, SCHEDULERS, DiffusersVariationGenerator, GeneratorError,
                                 resolve_dtype)
 from onlinemix.stub_diffuser import build_full_size_random_pipeline, build_stub_pipeline
+
+from common import (cpu_snapshot, device_name, import_pyplot, load_line, other_cores_since, run_meta,
+                    torch_meta)
 
 BENCH_DIR = Path(__file__).resolve().parent
 SKEW_CORES = 0.2        # other processes using more cores than this while measuring: flagged as skewed
@@ -333,34 +333,6 @@ class PeakMemory:
                 self.bytes = max(0, hwm - self.start["VmHWM"]) * 1024
                 self.kind = "CPU VmHWM growth (/proc; clear_refs unavailable: a lower bound)"
             self.over_start = self.bytes
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor()
-    try:  # platform.processor() is often empty on Linux
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name or platform.machine()} ({os.cpu_count()} logical cores)"
-
-
-def _busy_cpu_s() -> float | None:
-    """CPU seconds all processes on the machine have spent so far (Linux /proc/stat), or None."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except (OSError, IndexError):
-        return None
-    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in (fields + ["0"] * 8)[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_s() -> float:
-    return sum(os.times()[:4])  # user + system, this process and its waited-for children
 
 
 def build_generator(cfg: GeneratorConfig, device: torch.device, resolution: int
@@ -762,11 +734,7 @@ def format_report(res: dict) -> str:
         f"generator   {c['model']}, {c['resolution']}px in -> {c['gen_size']}px generated, guidance {c['guidance']:g}, "
         f"{c['scheduler']}; design: {c['design']}",
         f"date        {m['date']}",
-        "load        " + ("other processes used n/a" if m["other_processes_cores"] is None else
-                            f"other processes used {m['other_processes_cores']:.2f} cores on average while measuring")
-        + f" (1-min load average {m['loadavg_1min_before']:.2f} before, {m['loadavg_1min_after']:.2f} after)"
-        + (f"\n            WARNING: other processes competed for the {m['cpu_count']} cores; the numbers are skewed"
-           if (m["other_processes_cores"] or 0) > SKEW_CORES else ""),
+        load_line(m, SKEW_CORES),
         f"FLOPs       per image: UNet {fl['unet_call'] / 1e9:,.4g} GFLOP per denoising call (batch "
         f"{fl['unet_batch']} for guidance), VAE decode {fl['vae_decode'] / 1e9:,.4g}"
         + (f", tiny VAE decode {fl['tiny_vae_decode'] / 1e9:,.4g}" if "tiny_vae_decode" in fl else "")
@@ -819,12 +787,7 @@ def format_report(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        sys.exit("bench/generate.py: the plot needs matplotlib (pip install matplotlib)")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = import_pyplot("bench/generate.py")
     import matplotlib.ticker
 
     rows = res["rows"]
@@ -895,8 +858,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = args.out or BENCH_DIR / "results" / f"generate-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    load_before, busy_before, own_before, wall_before = (os.getloadavg()[0], _busy_cpu_s(), _own_cpu_s(),
-                                                          time.perf_counter())
+    load_before, before = os.getloadavg()[0], cpu_snapshot()
     try:
         plain = build_plain(args, device)
     except Exception as e:  # noqa: BLE001 - no network for a hub id, a missing directory
@@ -965,9 +927,7 @@ def main(argv: list[str] | None = None) -> dict:
             bar.update()
     tmp.cleanup()
 
-    busy_after, own_after, wall_after = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
-    other_cores = (None if busy_before is None or busy_after is None else
-                   max(0.0, (busy_after - busy_before) - (own_after - own_before)) / (wall_after - wall_before))
+    other_cores = other_cores_since(before)
 
     # FLOPs per image, bound and achieved fraction of every row and of the plain call
     gen_scheduler = SCHEDULERS[args.scheduler]
@@ -992,15 +952,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     res = {
         "meta": {
-            "device": str(device), "device_name": device_name(device), "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(), "threads_default": threads_default,
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            **torch_meta(device, threads_default),
             "cuda": torch.version.cuda if device.type == "cuda" else None,
-            "loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0],
-            "other_processes_cores": other_cores,
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
-            "command": " ".join(["python bench/generate.py", *(sys.argv[1:] if argv is None else argv)]),
+            **run_meta(load_before, other_cores, args.quick, "bench/generate.py", argv),
         },
         "config": {
             "model": args.model, "revision": args.revision or GeneratorConfig.revision, "resolution": args.resolution,

@@ -40,13 +40,14 @@ import signal
 import sys
 import traceback
 import zlib
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from onlinemix.ring import NAME_PREFIX, SHM_DIR, PairRing
+
+from common import cpu_name, cpu_snapshot, import_pyplot, load_line, other_cores_since, run_meta
 
 BENCH_DIR = Path(__file__).resolve().parent
 TARGET_MEMCPY = 0.5   # ring GB/s >= this x memcpy GB/s
@@ -697,42 +698,14 @@ def run_memcpy(args: argparse.Namespace, r: int, n_pairs: int) -> dict:
 
 # ----------------------------------------------------------------------------- machine info
 
-def cpu_name() -> str:
-    name = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return name or platform.machine()
-
-
-def _busy_cpu_s() -> float | None:
-    """CPU seconds all processes on the machine have spent so far (Linux /proc/stat), or None."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except (OSError, IndexError):
-        return None
-    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in (fields + ["0"] * 8)[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_s() -> float:
-    return sum(os.times()[:4])  # user + system, this process and its waited-for children
-
-
 def measured(retries: int, fn, *fn_args) -> dict:
     """Run one measurement and record how many cores other processes used meanwhile (they skew it). A skewed
     run is repeated up to ``retries`` times; the least skewed attempt is kept."""
     best = None
     for attempt in range(1 + retries):
-        busy, own, wall = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
-        row = fn(*fn_args)  # joins its workers, so their CPU time is in _own_cpu_s()
-        busy_after, own_after = _busy_cpu_s(), _own_cpu_s()
-        row["other_processes_cores"] = (None if busy is None or busy_after is None else max(
-            0.0, (busy_after - busy) - (own_after - own)) / (time.perf_counter() - wall))
+        before = cpu_snapshot()
+        row = fn(*fn_args)  # joins its workers, so their CPU time is in own_cpu_s()
+        row["other_processes_cores"] = other_cores_since(before)
         row["attempts"] = attempt + 1
         if best is None or (row["other_processes_cores"] or 0) < (best["other_processes_cores"] or 0):
             best = {**row, "attempts": attempt + 1}
@@ -779,11 +752,7 @@ def format_report(res: dict) -> str:
         f"machine     {m['cpu']} ({m['cpu_count']} logical cores), {m['shm_free_gib']:.1f} GiB free in {SHM_DIR}",
         f"versions    python {m['python']}, numpy {m['numpy']}, torch {m['torch']}",
         f"date        {m['date']}",
-        "load        " + ("other processes used n/a" if m["other_processes_cores"] is None else
-                            f"other processes used {m['other_processes_cores']:.2f} cores on average while measuring")
-        + f" (1-min load average {m['loadavg_1min_before']:.2f} before, {m['loadavg_1min_after']:.2f} after)"
-        + (f"\n            WARNING: other processes competed for the {m['cpu_count']} cores; the numbers are skewed"
-           if (m["other_processes_cores"] or 0) > SKEW_CORES else ""),
+        load_line(m, SKEW_CORES),
         f"setup       {cfg['slots']} slots, write batch {cfg['write_batch']}, take batch {cfg['take_batch']}, max_reuse=1; "
         f"consumer check {cfg['intact_check']}; Queue: torch.multiprocessing spawn, maxsize {cfg['slots']}, "
         f"sharing strategy {res.get('queue_sharing_strategy') or 'n/a'}",
@@ -846,12 +815,7 @@ def format_report(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        sys.exit("bench/ring.py: the plot needs matplotlib (pip install matplotlib)")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = import_pyplot("bench/ring.py")
 
     blocks = res["resolutions"]
     n_configs = max(len({(row["producers"], row["consumers"]) for row in b["ring"]}) for b in blocks)
@@ -896,8 +860,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     configs = [(p, c) for p in args.producers for c in args.consumers]
     n_runs = len(args.resolutions) * (1 + len(configs) * (len(args.verify) + (0 if args.no_queue else 1)))
-    load_before, busy_before, own_before, wall_before = (os.getloadavg()[0], _busy_cpu_s(), _own_cpu_s(),
-                                                          time.perf_counter())
+    load_before, before = os.getloadavg()[0], cpu_snapshot()
     blocks = []
     try:
         with tqdm(total=n_runs, unit="run", dynamic_ncols=True) as bar:
@@ -929,19 +892,14 @@ def main(argv: list[str] | None = None) -> dict:
         print("\nbench/ring.py: interrupted; every ring segment has been unlinked", file=sys.stderr)
         sys.exit(130)
 
-    busy_after, own_after, wall_after = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
-    other_cores = (None if busy_before is None or busy_after is None else
-                   max(0.0, (busy_after - busy_before) - (own_after - own_before)) / (wall_after - wall_before))
+    other_cores = other_cores_since(before)
     max_procs = max(args.producers) + max(args.consumers)
     res = {
         "meta": {
             "cpu": cpu_name(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "numpy": np.__version__, "torch": torch.__version__, "platform": platform.platform(),
             "shm_free_gib": shutil.disk_usage(SHM_DIR).free / 2**30,
-            "loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0],
-            "other_processes_cores": other_cores,
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
-            "command": " ".join(["python bench/ring.py", *(sys.argv[1:] if argv is None else argv)]),
+            **run_meta(load_before, other_cores, args.quick, "bench/ring.py", argv),
             "contention_note": CONTENTION_NOTE.format(cores=os.cpu_count(), procs=max_procs),
         },
         "config": {"resolutions": args.resolutions, "producers": args.producers, "consumers": args.consumers,

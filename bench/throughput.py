@@ -26,18 +26,13 @@ _T0 = time.perf_counter()  # before the heavy imports: the reported wall time in
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-
-import diffusers
-import transformers
 
 from onlinemix.augment import augment_batch, augment_second_views, simclr_views
 from onlinemix.config import ConfigError, load_config
@@ -46,6 +41,9 @@ from onlinemix.generate import DiffusersVariationGenerator
 from onlinemix.losses import nt_xent
 from onlinemix.models import SSLModel
 from onlinemix.ring import PairRing
+
+from common import (cpu_snapshot, import_pyplot, load_line, other_cores_since, run_meta,
+                    torch_meta)
 
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -185,34 +183,6 @@ class _Span:
     def __exit__(self, *exc) -> None:
         self._sync()
         self.seconds = time.perf_counter() - self.start
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor()
-    try:  # platform.processor() is often empty on Linux
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name or platform.machine()} ({os.cpu_count()} logical cores)"
-
-
-def _busy_cpu_s() -> float | None:
-    """CPU seconds all processes on the machine have spent so far (Linux /proc/stat), or None."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except (OSError, IndexError):
-        return None
-    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in (fields + ["0"] * 8)[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_s() -> float:
-    return sum(os.times()[:4])  # user + system, this process and its waited-for children
 
 
 def build_generator(cfg, device: torch.device) -> tuple[DiffusersVariationGenerator, str]:
@@ -451,11 +421,7 @@ def format_report(res: dict) -> str:
         f"generator   {res['config']['model']}, {m['dtype']}, {res['config']['steps']} steps, guidance {res['config']['guidance']}, {res['config']['scheduler']}, "
         f"{res['config']['gen_size']}px out -> {res['config']['resolution']}px",
         f"date        {m['date']}",
-        "load        " + ("other processes used n/a" if m["other_processes_cores"] is None else
-                            f"other processes used {m['other_processes_cores']:.2f} cores on average while measuring")
-        + f" (1-min load average {m['loadavg_1min_before']:.2f} before, {m['loadavg_1min_after']:.2f} after)"
-        + (f"\n            WARNING: other processes competed for the {m['cpu_count']} cores; the numbers are skewed"
-           if (m["other_processes_cores"] or 0) > 0.2 else ""),
+        load_line(m),
         "",
         "Generation (median call)",
         f"  {'batch':>5}  {'wrapper img/s':>13}  {'bare img/s':>10}  {'wrapper/bare':>12}",
@@ -501,12 +467,7 @@ def format_report(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        sys.exit("bench/throughput.py: the plot needs matplotlib (pip install matplotlib)")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = import_pyplot("bench/throughput.py")
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     rows = res["generation"]["rows"]
@@ -571,7 +532,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     # Other processes on the machine skew every number below: measure how much CPU they used meanwhile.
-    load_before, busy_before, own_before, wall_before = os.getloadavg()[0], _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
+    load_before, before = os.getloadavg()[0], cpu_snapshot()
     real = load_real_images(cfg.data)
     try:
         gen, attention_reason = build_generator(cfg, device)
@@ -595,23 +556,15 @@ def main(argv: list[str] | None = None) -> dict:
         ring = bench_ring(cfg, real.images.numpy()[idx], synthetic.numpy()[idx], cfg.generator.batch_size,
                           args.train_batch_size, args.ring_repeats, bar)
 
-    busy_after, own_after, wall_after = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
-    other_cores = (None if busy_before is None or busy_after is None else
-                   max(0.0, (busy_after - busy_before) - (own_after - own_before)) / (wall_after - wall_before))
+    other_cores = other_cores_since(before)
     best = max(gen_rows, key=lambda r: r["wrapper_img_s"])
     generation = {"rows": gen_rows, "repeats": args.gen_repeats, "best_img_s": best["wrapper_img_s"],
                   "best_batch_size": best["batch_size"]}
     res = {
         "meta": {
-            "device": str(device), "device_name": device_name(device), "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(), "threads_default": threads_default,
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            **torch_meta(device, threads_default),
             "attention": gen.attention, "attention_reason": attention_reason, "dtype": str(gen.dtype).replace("torch.", ""),
-            "loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0],
-            "other_processes_cores": other_cores,
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
-            "command": " ".join(["python bench/throughput.py", *(sys.argv[1:] if argv is None else argv)]),
+            **run_meta(load_before, other_cores, args.quick, "bench/throughput.py", argv),
         },
         "config": {"model": cfg.generator.model, "revision": cfg.generator.revision, "steps": cfg.generator.steps,
                    "guidance": cfg.generator.guidance, "scheduler": cfg.generator.scheduler,

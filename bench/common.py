@@ -1,0 +1,125 @@
+"""Helpers shared by the benchmark scripts in bench/: machine naming, background-load measurement,
+run metadata for the JSON, the report's "load" line and the matplotlib import guard.
+
+Imported as ``from common import ...`` (the scripts run as ``python bench/<name>.py``, so bench/ is
+``sys.path[0]``). torch, diffusers and transformers are imported inside the functions that need them,
+so that bench/ring.py can import this module without importing torch at start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+SKEW_CORES = 0.2  # other processes using more cores than this while measuring: flagged as skewed
+
+
+# ----------------------------------------------------------------------------- machine info
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else platform.processor() or platform.machine()."""
+    name = platform.processor()
+    try:  # platform.processor() is often empty on Linux
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return name or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name for a CUDA device, else the CPU's name with its logical core count."""
+    if device.type == "cuda":
+        import torch
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()} ({os.cpu_count()} logical cores)"
+
+
+def torch_meta(device: torch.device, threads_default: bool) -> dict[str, Any]:
+    """Device, thread and version entries of the JSON "meta" of the torch/diffusers benchmarks."""
+    import diffusers
+    import numpy as np
+    import torch
+    import transformers
+    return {
+        "device": str(device), "device_name": device_name(device), "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(), "threads_default": threads_default,
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+        "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform(),
+    }
+
+
+# ----------------------------------------------------------------------------- background load
+
+def busy_cpu_s() -> float | None:
+    """CPU seconds all processes on the machine have spent so far (Linux /proc/stat), or None."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in (fields + ["0"] * 8)[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process and its waited-for children so far (user + system)."""
+    return sum(os.times()[:4])
+
+
+CpuSnapshot = tuple[float | None, float, float]  # (busy_cpu_s(), own_cpu_s(), time.perf_counter())
+
+
+def cpu_snapshot() -> CpuSnapshot:
+    """Machine CPU seconds, own CPU seconds and wall clock now; pass it to ``other_cores_since`` later."""
+    return busy_cpu_s(), own_cpu_s(), time.perf_counter()
+
+
+def other_cores_since(before: CpuSnapshot) -> float | None:
+    """Cores other processes used on average since ``before`` (None where /proc/stat is unreadable)."""
+    busy_before, own_before, wall_before = before
+    busy_after, own_after, wall_after = cpu_snapshot()
+    return (None if busy_before is None or busy_after is None else
+            max(0.0, (busy_after - busy_before) - (own_after - own_before)) / (wall_after - wall_before))
+
+
+def run_meta(load_before: float, other_cores: float | None, quick: bool, script: str,
+             argv: list[str] | None) -> dict[str, Any]:
+    """Load, date and command entries of the JSON "meta" (the 1-min load average after is read now)."""
+    return {
+        "loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0],
+        "other_processes_cores": other_cores,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": quick,
+        "command": " ".join([f"python {script}", *(sys.argv[1:] if argv is None else argv)]),
+    }
+
+
+# ----------------------------------------------------------------------------- output
+
+def load_line(m: dict[str, Any], skew_cores: float = SKEW_CORES) -> str:
+    """The report's "load" line from the JSON meta, with a warning when the run was skewed."""
+    return ("load        " + ("other processes used n/a" if m["other_processes_cores"] is None else
+                              f"other processes used {m['other_processes_cores']:.2f} cores on average while measuring")
+            + f" (1-min load average {m['loadavg_1min_before']:.2f} before, {m['loadavg_1min_after']:.2f} after)"
+            + (f"\n            WARNING: other processes competed for the {m['cpu_count']} cores; the numbers are skewed"
+               if (m["other_processes_cores"] or 0) > skew_cores else ""))
+
+
+def import_pyplot(script: str) -> Any:
+    """matplotlib.pyplot on the Agg backend; exits with a hint naming ``script`` when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit(f"{script}: the plot needs matplotlib (pip install matplotlib)")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
