@@ -72,7 +72,7 @@ from onlinemix.generate import (FULL_SIZE_RANDOM, SCHEDULERS, DiffusersVariation
                                 resolve_dtype)
 from onlinemix.stub_diffuser import build_full_size_random_pipeline, build_stub_pipeline
 
-from common import (cpu_snapshot, device_name, import_pyplot, load_line, other_cores_since, run_meta,
+from common import (Timer, cpu_snapshot, device_name, import_pyplot, load_line, other_cores_since, run_meta,
                     torch_meta)
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -249,27 +249,6 @@ def _choice_list(p: argparse.ArgumentParser, flag: str, text: str, allowed: tupl
 
 
 # ----------------------------------------------------------------------------- helpers
-
-class Timer:
-    """Wall-clock span that waits for queued CUDA work at both ends; ``with Timer(device) as t`` then ``t.seconds``."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.seconds = float("nan")
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def __enter__(self) -> "Timer":
-        self._sync()
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._sync()
-        self.seconds = time.perf_counter() - self.start
-
 
 def _proc_status_kib(*keys: str) -> dict[str, int]:
     text = Path("/proc/self/status").read_text()

@@ -28,6 +28,8 @@ import json
 import os
 import statistics
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +44,7 @@ from onlinemix.losses import nt_xent
 from onlinemix.models import SSLModel
 from onlinemix.ring import PairRing
 
-from common import (cpu_snapshot, import_pyplot, load_line, other_cores_since, run_meta,
+from common import (Timer, cpu_snapshot, import_pyplot, load_line, other_cores_since, run_meta,
                     torch_meta)
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -156,35 +158,6 @@ def _int_list(p: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
 
 # ----------------------------------------------------------------------------- helpers
 
-class Timer:
-    """Wall-clock timer that waits for queued CUDA work at both ends; ``with timer() as t`` then ``t.seconds``."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def __call__(self) -> "_Span":
-        return _Span(self.device)
-
-
-class _Span:
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.seconds = float("nan")
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def __enter__(self) -> "_Span":
-        self._sync()
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._sync()
-        self.seconds = time.perf_counter() - self.start
-
-
 def build_generator(cfg, device: torch.device) -> tuple[DiffusersVariationGenerator, str]:
     gen = DiffusersVariationGenerator(cfg.generator, device, cfg.data.resolution)
     return gen, gen.attention_reason
@@ -193,7 +166,7 @@ def build_generator(cfg, device: torch.device) -> tuple[DiffusersVariationGenera
 # ----------------------------------------------------------------------------- 1. generation
 
 def bench_generation(gen: DiffusersVariationGenerator, images: torch.Tensor, batch_sizes: list[int], repeats: int,
-                     timer: Timer, bar: tqdm) -> list[dict]:
+                     timer: Callable[[], Timer], bar: tqdm) -> list[dict]:
     """Wrapper (``generate``: preprocess, per-image seeds, finite check, resize, uint8) vs bare ``pipe`` call.
 
     Wrapper and bare calls alternate so that drift of the machine hits both alike. Inputs are uint8
@@ -238,7 +211,7 @@ def bench_generation(gen: DiffusersVariationGenerator, images: torch.Tensor, bat
 # ----------------------------------------------------------------------------- 2. training
 
 def bench_training(cfg, device: torch.device, real_images: torch.Tensor, synthetic_images: torch.Tensor,
-                   batch_size: int, steps: int, warmup: int, timer: Timer, bar: tqdm) -> dict:
+                   batch_size: int, steps: int, warmup: int, timer: Callable[[], Timer], bar: tqdm) -> dict:
     """The body of ``onlinemix.train.Trainer.train_step`` on pairs held in memory.
 
     Built from the package's pieces rather than through ``Trainer`` (which needs an Accelerator,
@@ -539,7 +512,7 @@ def main(argv: list[str] | None = None) -> dict:
     except Exception as e:  # a missing model directory, no network for a hub id, xformers requested but absent
         sys.exit(f"bench/throughput.py: cannot build the generator {cfg.generator.model!r}: "
                  f"{e.__class__.__name__}: {e}")
-    timer = Timer(device)
+    timer = partial(Timer, device)
     # Synthetic views for the training and ring benchmarks: real outputs of this generator, one call at the
     # largest measured batch size (so no larger than what the generation benchmark asks of the device), tiled.
     n_syn = min(len(real), max(args.gen_batch_sizes))
