@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from onlinemix.config import GeneratorConfig
 from onlinemix.ring import NAME_PREFIX, SHM_DIR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,6 +27,16 @@ def no_leaked_segments():
     yield
     leaked = ring_segments() - before
     assert not leaked, f"shared-memory segments left behind: {sorted(leaked)}"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run like a CPU producer (generator.cpu_threads=1): the tiny model gains nothing from more
+    threads, and oversubscribed OpenMP threads make it orders of magnitude slower on a busy host."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(GeneratorConfig().cpu_threads)
+    yield
+    torch.set_num_threads(before)
 
 
 def train_command(*args: str, launcher: str = "python") -> list[str]:

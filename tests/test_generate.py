@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -21,14 +21,7 @@ def random_images(n: int, h: int = RES, w: int = RES, seed: int = 0) -> torch.Te
     return torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8, generator=g)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Run like a CPU producer (generator.cpu_threads=1): the tiny model gains nothing from more
-    threads, and oversubscribed OpenMP threads make it orders of magnitude slower on a busy host."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(GeneratorConfig().cpu_threads)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
-from collections.abc import Iterator
 
 import numpy as np
 import PIL.Image
@@ -29,13 +28,7 @@ def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
     return [PIL.Image.fromarray(i.permute(1, 2, 0).numpy()) for i in images]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Run like a CPU producer (generator.cpu_threads=1), as tests/test_generate.py does."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(GeneratorConfig().cpu_threads)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
