@@ -8,15 +8,19 @@ For each resolution R and each (P producers, C consumers):
 
 * ring: P producer processes each write K pairs of (2, 3, R, R) uint8 into one ``PairRing``
   (``reserve`` / ``write`` / ``publish`` in chunks of ``--write-batch``, waiting while the ring is
-  full) and C consumer processes ``take`` them by id (disjoint subsets of the ids, ``--take-batch``
-  ids per call, ``max_reuse=1`` so every slot is freed again, retrying ids not written yet), once
-  with ``take(verify=True)`` (CRC32 checked on every copy-out) and once with ``verify=False``.
+  full) and C consumer processes ``borrow`` them by id (disjoint subsets of the ids, ``--take-batch``
+  ids per call, ``max_reuse=1`` so every slot is freed again, retrying ids not written yet), read
+  each pair where it lies in shared memory, as the trainer's augmentation does, and give the loan
+  back; once with ``verify=True`` (CRC32 checked on every borrow) and once with ``verify=False``.
+  ``--consumer-read copy`` makes them ``take`` pairs into a batch buffer instead.
   Rate = pairs / (wall time from the start barrier to the last pair consumed).
 * Queue: the same P producers ``put((id, tensor (2, 3, R, R) uint8))`` into one
   ``torch.multiprocessing`` Queue (spawn context, as many items in flight as the ring has slots)
-  and the same C consumers ``get`` them; same clock.
-* memcpy: one process copies the same bytes with ``np.copyto`` in the same chunking, twice
-  (producer-side copy into a ring-sized array, consumer-side copy out of it), as the ring does.
+  and the same C consumers ``get`` them and read each tensor where it lies (or copy it into a batch
+  buffer with ``--consumer-read copy``); same clock.
+* memcpy: one process copies the same bytes with ``np.copyto`` in the same chunking, as often as
+  the ring copies them: once (producer side, into a ring-sized array), and with
+  ``--consumer-read copy`` once more (consumer side, out of it into a batch buffer).
 
 Every consumer checks every pair it receives against the pair its producer wrote (an id stamp
 and a checksum of the whole pair), and the script checks that each pair arrived exactly once;
@@ -106,8 +110,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default 16, the package's generator.batch_size); also the memcpy write chunk")
     p.add_argument("--take-batch", type=int, default=32,
                    help="ids a consumer asks for per take() call (default 32); also the memcpy read chunk")
+    p.add_argument("--consumer-read", choices=("in-place", "copy"), default="in-place",
+                   help="how a consumer reads its pairs (default in-place). in-place: ring consumers borrow() "
+                        "pairs and check them where they lie in shared memory, as the trainer's augmentation "
+                        "reads them; Queue consumers check the received shared tensor itself; the memcpy "
+                        "baseline makes one copy. copy: ring consumers take() pairs into a (take_batch, ...) "
+                        "buffer, Queue consumers copy each tensor into one; the memcpy baseline copies twice")
     p.add_argument("--checksums", choices=("both", "on", "off"), default="both",
-                   help="ring runs with take(verify=True) (CRC32 of every pair checked on copy-out), with "
+                   help="ring runs with verify=True (CRC32 of every pair checked when it is borrowed), with "
                         "verify=False, or both (default both). The producer side always computes the CRC32: "
                         "PairRing.write returns it")
     p.add_argument("--intact-check", choices=("sum64", "crc32"), default="sum64",
@@ -349,8 +359,9 @@ def ring_producer(name: str, p: int, k: int, r: int, write_batch: int, lead: int
 
 def ring_consumer(name: str, c: int, n_producers: int, n_consumers: int, k: int, r: int, take_batch: int,
                   verify: bool, expected, write_batch: int, check_mode: str, progress, barrier, results,
-                  poll_s: float, timeout: float, profile: bool) -> None:
-    """Take this consumer's ids, ``take_batch`` at a time, in order; ids not found stay in the next request."""
+                  poll_s: float, timeout: float, profile: bool, read: str) -> None:
+    """Borrow (or take) this consumer's ids, ``take_batch`` at a time, in order; ids not found stay in the
+    next request."""
     _worker_start()
     try:
         ring = PairRing.attach(name)
@@ -375,11 +386,15 @@ def ring_consumer(name: str, c: int, n_producers: int, n_consumers: int, k: int,
         deadline = t_start + timeout
         while len(window):
             t0 = clock()
-            result = ring.take(window, window % k, 0, out[: len(window)], max_reuse=1, max_age=MAX_AGE,
-                               verify=verify)
+            if read == "copy":
+                found = ring.take(window, window % k, 0, out[: len(window)], max_reuse=1, max_age=MAX_AGE,
+                                  verify=verify).found
+                pairs = out
+            else:
+                loan = ring.borrow(window, window % k, 0, max_reuse=1, max_age=MAX_AGE, verify=verify)
+                found, pairs = loan.result.found, loan
             seconds["take"] += clock() - t0
             takes += 1
-            found = np.asarray(result.found, dtype=bool)
             if not found.any():
                 empty_takes += 1
                 t0 = clock()
@@ -387,7 +402,11 @@ def ring_consumer(name: str, c: int, n_producers: int, n_consumers: int, k: int,
                 seconds["wait"] += clock() - t0
                 continue
             for i in np.flatnonzero(found):
-                bad += not check(out[i], int(window[i]))
+                bad += not check(out[i] if read == "copy" else pairs.pair(i), int(window[i]))
+            if read != "copy":
+                t0 = clock()
+                ring.give_back(loan)
+                seconds["take"] += clock() - t0
             received.append(window[found])
             t_last = clock()
             refill = mine[nxt: nxt + int(found.sum())]
@@ -465,9 +484,10 @@ def queue_producer(q, p: int, k: int, r: int, write_batch: int, seed: int, strat
 
 
 def queue_consumer(q, c: int, n_producers: int, k: int, r: int, take_batch: int, expected, write_batch: int,
-                   check_mode: str, strategy: str, sentinels, barrier, results, timeout: float) -> None:
-    """Get items until every producer's None has been seen, copying each into a (take_batch, ...) buffer
-    (the trainer's batch, as ring.take fills ``out``) and checking it."""
+                   check_mode: str, strategy: str, sentinels, barrier, results, timeout: float, read: str) -> None:
+    """Get items until every producer's None has been seen and check each one: in the received shared
+    tensor itself (``read='in-place'``), or after copying it into a (take_batch, ...) buffer, the trainer's
+    batch, as ring.take fills ``out`` (``read='copy'``)."""
     _worker_start()
     try:
         _torch_setup(strategy)
@@ -496,9 +516,12 @@ def queue_consumer(q, c: int, n_producers: int, k: int, r: int, take_batch: int,
                     sentinels.value += 1
                 continue
             real_id, t = item
-            np.copyto(out[row], t.numpy())
+            if read == "copy":
+                np.copyto(out[row], t.numpy())
+                bad += not check(out[row], real_id)
+            else:
+                bad += not check(t.numpy(), real_id)
             del t, item
-            bad += not check(out[row], real_id)
             received.append(real_id)
             row = (row + 1) % take_batch
             t_last = time.perf_counter()
@@ -583,7 +606,7 @@ def run_ring(args: argparse.Namespace, r: int, n_producers: int, n_consumers: in
             procs.append(ctx.Process(target=ring_consumer, name=f"ring-consumer-{c}", daemon=True, args=(
                 ring.name, c, n_producers, n_consumers, k, r, args.take_batch, verify, expected[:n_producers],
                 args.write_batch, args.intact_check, progress, barrier, results, poll_s, args.timeout,
-                args.profile)))
+                args.profile, args.consumer_read)))
         for pr in procs:
             pr.start()
         got = _collect(results, procs, n_producers + n_consumers, args.timeout + 60, what)
@@ -638,7 +661,7 @@ def run_queue(args: argparse.Namespace, r: int, n_producers: int, n_consumers: i
         for c in range(n_consumers):
             procs.append(ctx.Process(target=queue_consumer, name=f"queue-consumer-{c}", daemon=True, args=(
                 q, c, n_producers, k, r, args.take_batch, expected[:n_producers], args.write_batch, args.intact_check,
-                args.sharing_strategy, sentinels, barrier, results, args.timeout)))
+                args.sharing_strategy, sentinels, barrier, results, args.timeout, args.consumer_read)))
         for pr in procs:
             pr.start()
         got = _collect(results, procs, n_producers + n_consumers, args.timeout + 60, what)
@@ -663,8 +686,8 @@ def run_queue(args: argparse.Namespace, r: int, n_producers: int, n_consumers: i
 
 def run_memcpy(args: argparse.Namespace, r: int, n_pairs: int) -> dict:
     """np.copyto of the same bytes, same chunking, one process: pool -> ring-sized array in ``write_batch``
-    chunks (producer side), then ring-sized array -> (take_batch, ...) buffer in ``take_batch`` chunks
-    (consumer side), ``slots`` pairs at a time."""
+    chunks (producer side), then, when consumers copy (``--consumer-read copy``), ring-sized array ->
+    (take_batch, ...) buffer in ``take_batch`` chunks (consumer side), ``slots`` pairs at a time."""
     wb, tb = args.write_batch, args.take_batch
     pool = make_pool(args.seed, r, 0, wb)
     dest = np.zeros((args.slots, 2, 3, r, r), dtype=np.uint8)
@@ -680,7 +703,7 @@ def run_memcpy(args: argparse.Namespace, r: int, n_pairs: int) -> dict:
                 e = min(block, s + wb)
                 np.copyto(dest[s:e], pool[: e - s])
             t1 = time.perf_counter()
-            for s in range(0, block, tb):
+            for s in range(0, block, tb) if args.consumer_read == "copy" else ():
                 e = min(block, s + tb)
                 np.copyto(out[: e - s], dest[s:e])
             t_write += t1 - t0
@@ -692,7 +715,8 @@ def run_memcpy(args: argparse.Namespace, r: int, n_pairs: int) -> dict:
     w, rd = rounds[med]
     nbytes = n_pairs * pair_bytes(r)
     return {"pairs": n_pairs, "repeats": args.memcpy_repeats, "gb_s": nbytes / (w + rd) / 1e9,
-            "pairs_s": n_pairs / (w + rd), "write_gb_s": nbytes / w / 1e9, "read_gb_s": nbytes / rd / 1e9,
+            "pairs_s": n_pairs / (w + rd), "write_gb_s": nbytes / w / 1e9, "read_gb_s": nbytes / rd / 1e9 if args.consumer_read == "copy" else None,
+            "copies": 2 if args.consumer_read == "copy" else 1,
             "round_s": total}
 
 
@@ -754,7 +778,7 @@ def format_report(res: dict) -> str:
         f"date        {m['date']}",
         load_line(m, SKEW_CORES),
         f"setup       {cfg['slots']} slots, write batch {cfg['write_batch']}, take batch {cfg['take_batch']}, max_reuse=1; "
-        f"consumer check {cfg['intact_check']}; Queue: torch.multiprocessing spawn, maxsize {cfg['slots']}, "
+        f"consumers read {cfg['consumer_read']}, check {cfg['intact_check']}; Queue: torch.multiprocessing spawn, maxsize {cfg['slots']}, "
         f"sharing strategy {res.get('queue_sharing_strategy') or 'n/a'}",
         f"targets     ring GB/s >= {TARGET_MEMCPY}x memcpy GB/s; ring pairs/s >= {TARGET_QUEUE:g}x Queue pairs/s "
         f"at the same P, C",
@@ -767,8 +791,10 @@ def format_report(res: dict) -> str:
             f"R = {r}: pair {pair_bytes(r):,} B, K = "
             + "/".join(str(v) for v in block["pairs_per_producer"].values())
             + f" pairs per producer for P = {'/'.join(block['pairs_per_producer'])}; memcpy "
-            f"(1 process, 2 copies) {mem['gb_s']:.2f} GB/s = {mem['pairs_s']:,.0f} pairs/s "
-            f"(write side {mem['write_gb_s']:.2f}, read side {mem['read_gb_s']:.2f} GB/s){'  !' if _skewed(mem) else ''}",
+            f"(1 process, {mem['copies']} cop{'ies' if mem['copies'] > 1 else 'y'}) {mem['gb_s']:.2f} GB/s = "
+            f"{mem['pairs_s']:,.0f} pairs/s"
+            + (f" (write side {mem['write_gb_s']:.2f}, read side {mem['read_gb_s']:.2f} GB/s)" if mem["read_gb_s"] else "")
+            + ("  !" if _skewed(mem) else ""),
             f"  {'P':>2} {'C':>2} {'crc':>4}  {'ring pairs/s':>12} {'GB/s':>6}  {'Queue pairs/s':>13}  "
             f"{'x memcpy':>8} {'>=' + str(TARGET_MEMCPY):>5}  {'x Queue':>8} {'>=' + format(TARGET_QUEUE, 'g'):>5}  intact",
         ]
@@ -907,7 +933,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "verify": args.verify, "intact_check": args.intact_check, "poll_ms": args.poll_ms,
                    "mib_per_config": args.mib_per_config, "pairs": args.pairs, "seed": args.seed,
                    "queue": not args.no_queue, "sharing_strategy_flag": args.sharing_strategy,
-                   "profile": args.profile, "retries": args.retries,
+                   "profile": args.profile, "retries": args.retries, "consumer_read": args.consumer_read,
                    "targets": {"x_memcpy": TARGET_MEMCPY, "x_queue": TARGET_QUEUE}},
         "resolutions": blocks,
     }

@@ -2,15 +2,16 @@
 
 Layout of one segment: a header of int64 counters, a table of int64 slot metadata and
 the pixel array ``(slots, 2, 3, R, R)`` uint8. Only slot indices and counters ever move
-between processes; pixels are written and copied in place.
+between processes. A producer writes each pair into its slot once; a trainer borrows the
+slot and its augmentation reads the pixels in place, so a pair is copied once in all.
 
 Concurrency: slot *state transitions* happen under an ``flock`` on the segment's own
 file, which the kernel releases when a holder dies, so a killed process can never leave
 the ring locked. Pixels are copied outside the lock: a writer owns a slot while it is
-``WRITING`` (readers never look at it) and a reader *pins* a ``READY`` slot while
-copying (writers never reuse a pinned slot). A slot whose writer died mid-write stays
+``WRITING`` (readers never look at it) and a reader *pins* a ``READY`` slot while it
+has it on loan (writers never reuse a pinned slot). A slot whose writer died mid-write stays
 ``WRITING`` until someone notices the writer is gone and frees it; it is never served.
-Each pair carries a CRC32 that readers can verify on copy-out.
+Each pair carries a CRC32 that readers can verify when they borrow it.
 """
 
 from __future__ import annotations
@@ -101,6 +102,21 @@ class TakeResult:
     fresh: np.ndarray       # bool (B,): the view had never served before
     age: np.ndarray         # int (B,): epochs since the view was generated (valid where found)
     uses: np.ndarray        # int (B,): times the view had served before this request (valid where found)
+
+
+@dataclass
+class Loan:
+    """Pairs lent by :meth:`PairRing.borrow`: pinned slots, read in place until given back."""
+    ring: "PairRing"
+    slots: np.ndarray       # int (B,): the slot lent for request i, -1 where none was found
+    max_reuse: int
+    result: TakeResult
+
+    def pair(self, i: int) -> np.ndarray:
+        """The (2, 3, R, R) uint8 pair of request i, a view of shared memory valid until given back."""
+        if self.slots[i] < 0:
+            raise KeyError(f"request {i} has no pair on loan")
+        return self.ring.pixels[self.slots[i]]
 
 
 class PairRing:
@@ -249,7 +265,8 @@ class PairRing:
         with self._locked():
             m = self.meta
             state = m[:, S["state"]]
-            picked = list(np.flatnonzero(state == FREE)[:n])
+            # A freed slot may still be pinned by a reader of a corrupt pair: not reusable yet.
+            picked = list(np.flatnonzero((state == FREE) & (m[:, S["pins"]] == 0))[:n])
             if len(picked) < n:
                 for slot in np.flatnonzero(state == WRITING):
                     if len(picked) == n:
@@ -306,21 +323,24 @@ class PairRing:
                 self.meta[slot, S["state"]] = FREE
 
     # ------------------------------------------------------------------ trainer side
-    def take(self, ids: np.ndarray, positions: np.ndarray, epoch: int, out: np.ndarray, *, max_reuse: int,
-             max_age: int, skip: np.ndarray | None = None, verify: bool = True) -> TakeResult:
-        """Copy the freshest acceptable pair of each id into ``out[i]`` (shape (B, 2, 3, R, R)).
+    def borrow(self, ids: np.ndarray, positions: np.ndarray, epoch: int, *, max_reuse: int, max_age: int,
+               skip: np.ndarray | None = None, verify: bool = True) -> "Loan":
+        """Pin the freshest acceptable pair of each id and lend it out in place, without copying.
 
         Acceptable for the request at ``positions[i]``: ready, generated for that position
         or an earlier one (a view made for a later occurrence of the image stays reserved
         for it), served fewer than ``max_reuse`` times, at most ``max_age`` epochs old.
         Entries where ``skip`` is true are not looked up. A pair whose checksum does not
         match is dropped from the ring and reported as not found.
+
+        The lent pairs (``loan.pair(i)``) are views of shared memory: read them, then hand the
+        loan back with :meth:`give_back`, which counts the use. Until then the slots are
+        pinned: no writer reuses them and the pins count as uses against ``max_reuse``.
         """
         b = len(ids)
-        chosen = np.full(b, -1, dtype=np.int64)
+        slots = np.full(b, -1, dtype=np.int64)
         m = self.meta
         with self._locked():
-            # In-flight copies (pins) count as uses, so concurrent readers never overshoot max_reuse.
             ok = ((m[:, S["state"]] == READY) & (m[:, S["uses"]] + m[:, S["pins"]] < max_reuse)
                   & (epoch - m[:, S["birth_epoch"]] <= max_age))
             candidates = np.flatnonzero(ok)
@@ -334,27 +354,54 @@ class PairRing:
                     continue
                 for slot in by_id.get(real_id, ()):
                     if m[slot, S["position"]] <= position and m[slot, S["uses"]] + m[slot, S["pins"]] < max_reuse:
-                        chosen[i] = slot
+                        slots[i] = slot
                         m[slot, S["pins"]] += 1
                         break
-        corrupt = np.zeros(b, dtype=bool)
-        for i in np.flatnonzero(chosen >= 0):
-            out[i] = self.pixels[chosen[i]]
-            corrupt[i] = verify and crc32(out[i]) != m[chosen[i], S["checksum"]]
-        found = (chosen >= 0) & ~corrupt
-        uses = np.zeros(b, dtype=np.int64)
-        age = np.zeros(b, dtype=np.int64)
+            found = slots >= 0
+            rows = m[np.maximum(slots, 0)]
+            uses = np.where(found, rows[:, S["uses"]], 0)
+            age = np.where(found, epoch - rows[:, S["birth_epoch"]], 0)
+        if verify:
+            corrupt = np.array([s >= 0 and crc32(self.pixels[s]) != m[s, S["checksum"]] for s in slots.tolist()],
+                               dtype=bool)
+            if corrupt.any():
+                self._drop_corrupt(slots[corrupt])
+                slots[corrupt] = -1
+                found = slots >= 0
+        return Loan(self, slots, max_reuse, TakeResult(found, found & (uses == 0), age, uses))
+
+    def _drop_corrupt(self, slots: np.ndarray) -> None:
         with self._locked():
-            for i in np.flatnonzero(chosen >= 0):
-                slot = chosen[i]
+            for slot in slots.tolist():
+                self.meta[slot, S["pins"]] -= 1
+                self.meta[slot, S["state"]] = FREE
+                self.header[H["checksum_errors"]] += 1
+
+    def give_back(self, loan: "Loan") -> None:
+        """Unpin a loan's slots and count one use of each; a pair that reached its use limit is freed."""
+        m = self.meta
+        with self._locked():
+            for slot in loan.slots[loan.slots >= 0].tolist():
                 m[slot, S["pins"]] -= 1
-                if corrupt[i]:
-                    m[slot, S["state"]] = FREE
-                    self.header[H["checksum_errors"]] += 1
-                    continue
-                uses[i] = m[slot, S["uses"]]
-                age[i] = epoch - m[slot, S["birth_epoch"]]
                 m[slot, S["uses"]] += 1
-                if m[slot, S["uses"]] >= max_reuse and m[slot, S["pins"]] == 0:
+                if m[slot, S["uses"]] >= loan.max_reuse and m[slot, S["pins"]] == 0:
                     m[slot, S["state"]] = FREE
-        return TakeResult(found, found & (uses == 0), age, uses)
+        loan.slots = np.full_like(loan.slots, -1)
+
+    @contextmanager
+    def borrowed(self, ids: np.ndarray, positions: np.ndarray, epoch: int, **kwargs) -> Iterator["Loan"]:
+        """:meth:`borrow` for the length of a ``with`` block, given back on any exit."""
+        loan = self.borrow(ids, positions, epoch, **kwargs)
+        try:
+            yield loan
+        finally:
+            self.give_back(loan)
+
+    def take(self, ids: np.ndarray, positions: np.ndarray, epoch: int, out: np.ndarray, *, max_reuse: int,
+             max_age: int, skip: np.ndarray | None = None, verify: bool = True) -> TakeResult:
+        """:meth:`borrow`, copy each found pair into ``out[i]`` (shape (B, 2, 3, R, R)), give back."""
+        with self.borrowed(ids, positions, epoch, max_reuse=max_reuse, max_age=max_age, skip=skip,
+                           verify=verify) as loan:
+            for i in np.flatnonzero(loan.result.found):
+                out[i] = loan.pair(i)
+            return loan.result

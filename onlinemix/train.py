@@ -112,17 +112,21 @@ class Trainer:
     # ------------------------------------------------------------ training
     def batch_pairs(self, ids: np.ndarray, positions: np.ndarray, epoch: int, pairs: PairSource | None) -> BatchPairs:
         if pairs is None:  # plain SSL: two views of the real image
-            real = self.real.images[torch.from_numpy(ids)]
+            real = list(self.real.images[torch.from_numpy(ids)])
             return BatchPairs(real, real, torch.zeros(len(ids), dtype=torch.bool),
                               {"fresh": 0, "cached": 0, "fallback": 0, "mean_age": float("nan"),
                                "mean_reuse": float("nan"), "wait_s": 0.0})
         return pairs.get(ids, positions, epoch)
 
-    def train_step(self, batch: BatchPairs) -> float:
+    def augment(self, batch: BatchPairs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two float views of a batch: the real recipe, and the synthetic recipe where the
+        second image is synthetic."""
+        return (augment_batch(self.real_views, batch.real),
+                augment_second_views(batch.other, batch.is_synthetic, self.real_views, self.synthetic_views))
+
+    def train_step(self, view_a: torch.Tensor, view_b: torch.Tensor) -> float:
         device = self.acc.device
-        view_a = augment_batch(self.real_views, batch.real).to(device, non_blocking=True)
-        view_b = augment_second_views(batch.other, batch.is_synthetic, self.real_views,
-                                      self.synthetic_views).to(device, non_blocking=True)
+        view_a, view_b = view_a.to(device, non_blocking=True), view_b.to(device, non_blocking=True)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, self.total_steps, self.warmup_steps, self.cfg.train.lr)
         z = self.model(torch.cat([view_a, view_b]))
@@ -155,10 +159,11 @@ class Trainer:
                 positions = self.schedule.rank_positions(self.step, rank, tc.batch_size)
                 ids = self.schedule.ids_at(positions)
                 t0 = time.monotonic()
-                batch = self.batch_pairs(ids, positions, epoch, pairs)
-                if publish:  # the first position no trainer has asked for yet
-                    ring.set("trainer_pos", (self.step + 1) * global_batch)
-                loss = self.train_step(batch)
+                with self.batch_pairs(ids, positions, epoch, pairs) as batch:
+                    if publish:  # the first position no trainer has asked for yet
+                        ring.set("trainer_pos", (self.step + 1) * global_batch)
+                    views = self.augment(batch)  # reads ring pairs in place, so before the slots go back
+                loss = self.train_step(*views)
                 self.step += 1
                 step_s = time.monotonic() - t0
                 if publish:

@@ -12,7 +12,7 @@ import torch
 from onlinemix.config import StalenessConfig
 from onlinemix.pairs import PairSource
 from onlinemix.producer import ProducerDied
-from onlinemix.ring import H, PairRing
+from onlinemix.ring import H, S, PairRing
 
 R = 8
 IMAGES = torch.arange(4 * 3 * R * R, dtype=torch.int64).remainder(251).to(torch.uint8).view(4, 3, R, R)
@@ -49,6 +49,7 @@ def test_short_wait_times_out_to_a_real_view_long_wait_gets_the_synthetic_one(ri
     short = source(ring, "wait", timeout_s=0.05).get(ids, positions, epoch=0)
     assert short.is_synthetic.tolist() == [True, False]  # still blocked when the short timeout ended
     assert torch.equal(short.other[1], IMAGES[1]) and short.stats["fallback"] == 1
+    short.release()
     late.join()
     publish(ring, 0, 0)
     late = publish_later(ring, 1.0, real_id=1, position=1)
@@ -57,6 +58,7 @@ def test_short_wait_times_out_to_a_real_view_long_wait_gets_the_synthetic_one(ri
     assert long.is_synthetic.tolist() == [True, True]  # unblocked by the producer, not by the timeout
     assert long.stats["fresh"] == 2 and long.stats["fallback"] == 0
     assert long.stats["wait_s"] < 60.0
+    long.release()
 
 
 def test_waiting_trainer_asks_producers_for_exactly_its_missing_positions(ring: PairRing) -> None:
@@ -68,7 +70,7 @@ def test_waiting_trainer_asks_producers_for_exactly_its_missing_positions(ring: 
 def test_real_policy_never_waits(ring: PairRing) -> None:
     batch = source(ring, "real", timeout_s=60.0).get(np.array([2, 3]), np.array([0, 1]), epoch=0)
     assert batch.stats["wait_s"] == 0.0 and batch.stats["fallback"] == 2
-    assert torch.equal(batch.real, IMAGES[[2, 3]]) and torch.equal(batch.other, IMAGES[[2, 3]])
+    assert torch.equal(torch.stack(batch.real), IMAGES[[2, 3]]) and torch.equal(torch.stack(batch.other), IMAGES[[2, 3]])
     assert ring.header[H["urgent_end"]] == 0
 
 
@@ -84,6 +86,33 @@ def test_batch_mixes_ring_pairs_and_fallbacks_in_order(ring: PairRing) -> None:
     publish(ring, 2, 1, value=77)
     batch = source(ring, "real", timeout_s=1.0).get(np.array([1, 2, 3]), np.array([0, 1, 2]), epoch=0)
     assert batch.is_synthetic.tolist() == [False, True, False]
-    assert torch.equal(batch.real, IMAGES[[1, 2, 3]])
-    assert (batch.other[1] == 77).all() and torch.equal(batch.other[[0, 2]], IMAGES[[1, 3]])
+    assert torch.equal(torch.stack(batch.real), IMAGES[[1, 2, 3]])
+    assert (batch.other[1] == 77).all() and torch.equal(torch.stack(batch.other)[[0, 2]], IMAGES[[1, 3]])
     assert batch.stats["mean_age"] == 0.0 and batch.stats["mean_reuse"] == 0.0
+    batch.release()
+
+
+def test_ring_views_are_read_in_place_and_their_slots_pinned_until_the_batch_is_released(ring: PairRing) -> None:
+    publish(ring, 2, 0, value=77)
+    with source(ring, "real", timeout_s=1.0).get(np.array([2]), np.array([0]), epoch=0) as batch:
+        slot = int(batch.loans[0].slots[0])
+        assert batch.other[0].data_ptr() == ring.pixels[slot, 1].ctypes.data  # no copy was made
+        assert ring.meta[slot, S["pins"]] == 1
+        ring.set("trainer_pos", 10)  # the trainers have passed the pair: evictable, but for the loan
+        taken = ring.reserve(8, 0, 10)
+        assert slot not in taken and len(taken) == 7
+        ring.release(taken)
+    assert ring.meta[slot, S["pins"]] == 0 and ring.meta[slot, S["uses"]] == 1
+    assert batch.real == [] and batch.other == []  # the views are gone with the loan
+    assert slot in ring.reserve(1, 0, 10)  # max_reuse=1 reached: the slot is free again
+
+
+def test_slots_are_given_back_when_the_wait_is_interrupted(ring: PairRing) -> None:
+    publish(ring, 0, 0)
+
+    def health() -> None:
+        raise ProducerDied("producer 0 (pid 1) died: exit code 1")
+
+    with pytest.raises(ProducerDied):
+        source(ring, "wait", timeout_s=60.0, health=health).get(np.array([0, 1]), np.array([0, 1]), epoch=0)
+    assert (ring.meta[:, S["pins"]] == 0).all()
