@@ -16,7 +16,13 @@ from safetensors.torch import save_file
 
 from onlinemix.config import Config, save_config
 from onlinemix.data import load_real_images
-from onlinemix.eval import compare_with_random_init, format_probe, knn_scores, main, topk_accuracy
+from onlinemix.eval import (
+    compare_with_random_init,
+    format_probe,
+    knn_scores,
+    main,
+    topk_accuracy,
+)
 from onlinemix.models import SSLModel
 
 R = 16  # image side of the tiny run
