@@ -144,7 +144,9 @@ def load_image_source(path: str | Path, resolution: int) -> LabelledImages:
     text = str(path)
     path = Path(text)
     if "{" in text:
-        return load_webdataset([text], resolution)
+        from braceexpand import braceexpand  # a webdataset dependency
+
+        return load_webdataset(list(braceexpand(text)), resolution)
     if path.is_file() and path.suffix == ".tar":
         return load_webdataset([text], resolution)
     if path.is_dir():

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from onlinemix.config import Config, save_config
-from onlinemix.data import load_real_images
+from onlinemix.data import load_image_source, load_real_images
 from onlinemix.eval import (
     compare_with_random_init,
     format_probe,
@@ -178,6 +178,15 @@ def test_eval_command_end_to_end(run_dir: Path, heldout, tmp_path: Path, capsys)
     assert "k=10" in result["settings"]["kNN"] and "T=0.1" in result["settings"]["kNN"]
     assert "20 steps" in result["settings"]["linear probe"]
     assert "| eval set | protocol | method | backbone |" in markdown
+
+
+def test_shards_by_brace_pattern_and_directory(tmp_path: Path) -> None:
+    images, labels = two_tone(6, seed=0)
+    write_tar(tmp_path / "s-0.tar", images[:4], labels[:4])
+    write_tar(tmp_path / "s-1.tar", images[4:], labels[4:])
+    for source in (f"{tmp_path}/s-{{0..1}}.tar", tmp_path):
+        loaded = load_image_source(source, R)
+        assert torch.equal(loaded.images, images) and loaded.labels.tolist() == labels
 
 
 def test_eval_writes_into_the_run_dir_and_accepts_a_weights_file(run_dir: Path) -> None:
