@@ -6,7 +6,9 @@ the same pixels everywhere and only ids ever cross process boundaries.
 
 from __future__ import annotations
 
+import io
 import logging
+import tarfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -20,6 +22,7 @@ from .config import DataConfig
 
 log = logging.getLogger(__name__)
 
+WDS_IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -51,23 +54,27 @@ def load_digits(resolution: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]
 
 
 def _load_rgb(path: Path, resolution: int) -> torch.Tensor:
-    """Decode any mode (grey, RGBA, palette, 16-bit) to RGB, resize the short side, centre crop."""
     with Image.open(path) as img:
         img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: map the full range to 8 bits
-            arr = np.asarray(img, dtype=np.float64)
-            img = Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8))
-        img = img.convert("RGB")
-        w, h = img.size
-        if w == 0 or h == 0:
-            raise DataError(f"{path}: zero-size image")
-        scale = resolution / min(w, h)
-        img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
-                         Image.Resampling.BICUBIC)
-        w, h = img.size
-        left, top = (w - resolution) // 2, (h - resolution) // 2
-        img = img.crop((left, top, left + resolution, top + resolution))
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return _to_rgb_tensor(img, resolution, str(path))
+
+
+def _to_rgb_tensor(img: Image.Image, resolution: int, name: str) -> torch.Tensor:
+    """Decode any mode (grey, RGBA, palette, 16-bit) to RGB, resize the short side, centre crop."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: map the full range to 8 bits
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8))
+    img = img.convert("RGB")
+    w, h = img.size
+    if w == 0 or h == 0:
+        raise DataError(f"{name}: zero-size image")
+    scale = resolution / min(w, h)
+    img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
+                     Image.Resampling.BICUBIC)
+    w, h = img.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def load_image_folder(root: Path, resolution: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -94,10 +101,68 @@ def load_image_folder(root: Path, resolution: int) -> tuple[torch.Tensor, torch.
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64), classes
 
 
+@dataclass
+class LabelledImages:
+    """Images of an evaluation source; ``classes`` is None for webdataset shards (integer ``cls`` only)."""
+
+    images: torch.Tensor        # (N, 3, R, R) uint8
+    labels: torch.Tensor        # (N,) int64
+    classes: list[str] | None
+
+
+def _sample_image_key(sample: dict) -> str | None:
+    return next((k for k in sample if k.rsplit(".", 1)[-1].lower() in WDS_IMAGE_EXTENSIONS), None)
+
+
+def load_webdataset(urls: list[str], resolution: int) -> LabelledImages:
+    """Webdataset tar shards whose samples hold an image (jpg, png, ...) and an integer ``cls``."""
+    import webdataset as wds  # only evaluation sets need it
+
+    images, labels = [], []
+    try:
+        for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+            where = f"{sample.get('__url__')}: sample {sample.get('__key__')}"
+            key = _sample_image_key(sample)
+            if key is None or "cls" not in sample:
+                raise DataError(f"{where} has keys {sorted(k for k in sample if not k.startswith('__'))}; "
+                                f"expected an image ({', '.join(sorted(WDS_IMAGE_EXTENSIONS))}) and 'cls'")
+            with Image.open(io.BytesIO(sample[key])) as img:
+                images.append(_to_rgb_tensor(img, resolution, where))
+            labels.append(int(sample["cls"].decode().strip()))
+    except (OSError, ValueError, tarfile.TarError, UnidentifiedImageError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"cannot read webdataset shards {urls}: {e.__class__.__name__}: {e}") from e
+    if not images:
+        raise DataError(f"no samples in webdataset shards {urls}")
+    return LabelledImages(torch.stack(images), torch.tensor(labels, dtype=torch.int64), None)
+
+
+def load_image_source(path: str | Path, resolution: int) -> LabelledImages:
+    """An ImageFolder directory, one ``.tar`` shard, a brace pattern of shards (``s-{000..009}.tar``)
+    or a directory of ``.tar`` shards."""
+    text = str(path)
+    path = Path(text)
+    if "{" in text:
+        from braceexpand import braceexpand  # a webdataset dependency
+
+        return load_webdataset(list(braceexpand(text)), resolution)
+    if path.is_file() and path.suffix == ".tar":
+        return load_webdataset([text], resolution)
+    if path.is_dir():
+        shards = sorted(str(p) for p in path.glob("*.tar"))
+        if shards:
+            return load_webdataset(shards, resolution)
+        return LabelledImages(*load_image_folder(path, resolution))
+    if not path.exists():
+        raise DataError(f"{path} does not exist")
+    raise DataError(f"{path} is neither an ImageFolder directory, a .tar shard nor a directory of .tar shards")
+
+
 def split_ids(n: int, holdout_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed random split; the same seed always holds out the same images."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_hold = max(1, int(round(n * holdout_fraction)))
+    n_hold = max(1, round(n * holdout_fraction))
     return perm[n_hold:].sort().values, perm[:n_hold].sort().values
 
 

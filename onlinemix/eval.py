@@ -1,7 +1,19 @@
-"""Linear-probe evaluation on real images with frozen features.
+"""Evaluation of frozen backbones on real images: linear probe and weighted kNN.
 
-``python -m onlinemix.eval RUN_DIR`` probes a finished run's backbone next to the same
-architecture at its random initialisation (the run's own starting point).
+``python -m onlinemix.eval CHECKPOINT [CHECKPOINT ...] [--eval-set NAME=PATH ...]`` evaluates
+each checkpoint on the held-out split of its run's dataset and on extra evaluation sets, and
+writes one results table per checkpoint (Markdown and JSON). Which images fit the probe (or
+form the kNN bank) depends on the set, as in the MixDiff paper's protocols:
+
+- the run's dataset: its training split fits, its held-out split is scored;
+- ``NAME=PATH`` where PATH holds ``train/`` and ``val/`` (or ``test/``) sub-splits: a *transfer*
+  set (CIFAR, Flowers, ...): its own ``train`` fits, its ``val``/``test`` is scored;
+- any other ``NAME=PATH``: a *robustness* set (IN-V2, Sketch, A, R) with the run's classes:
+  the run's training split fits, the whole set is scored. Its ImageFolder class names must be
+  among the run's (labels are matched by name); webdataset ``cls`` values index the run's classes.
+
+A split is an ImageFolder directory, one ``.tar`` webdataset shard, a brace pattern of shards or a
+directory of shards (samples with an image and an integer ``cls``).
 """
 
 from __future__ import annotations
@@ -9,56 +21,111 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from .augment import eval_transform
-from .config import Config, ProbeConfig, load_config
-from .data import RealImages, load_real_images
+from .config import Config, ConfigError, ProbeConfig, load_config
+from .data import (
+    DataError,
+    LabelledImages,
+    RealImages,
+    load_image_source,
+    load_real_images,
+)
 from .models import SSLModel, build_backbone
 
 log = logging.getLogger(__name__)
 
 BACKBONE_FILE = "backbone.safetensors"
+CONFIG_FILE = "config.yaml"
+TRANSFER_FIT_SPLIT = "train"
+TRANSFER_EVAL_SPLITS = ("val", "test")
 
+
+# ----------------------------------------------------------------------------- features and classifiers
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 512) -> torch.Tensor:
+def extract_features(backbone: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 512,
+                     desc: str = "features") -> torch.Tensor:
     was_training = backbone.training
     backbone.eval()
     norm = eval_transform()
-    feats = [backbone(norm(images[i:i + batch_size]).to(device)).float().cpu() for i in range(0, len(images), batch_size)]
+    starts = tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False)
+    feats = [backbone(norm(images[i:i + batch_size]).to(device)).float().cpu() for i in starts]
     backbone.train(was_training)
     return torch.cat(feats)
 
 
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 cfg: ProbeConfig, seed: int = 0) -> dict[str, float]:
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Top-1 and top-5 (top-C when there are fewer than 5 classes) in percent."""
+    k = min(5, scores.shape[1])
+    top = scores.topk(k, dim=1).indices
+    return {"top1": 100.0 * (top[:, 0] == labels).float().mean().item(),
+            "top5": 100.0 * (top == labels[:, None]).any(1).float().mean().item()}
+
+
+def fit_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, n_classes: int, cfg: ProbeConfig,
+                     seed: int = 0) -> nn.Module:
     """Multinomial logistic regression on standardised features, full batch, Adam."""
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    n_classes = int(max(train_y.max(), test_y.max())) + 1
     gen = torch.Generator().manual_seed(seed)
     head = nn.Linear(train_x.shape[1], n_classes)
     with torch.no_grad():
         head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
         head.bias.zero_()
+    x = (train_x - mean) / std
     opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     for _ in range(cfg.epochs):
         opt.zero_grad()
-        F.cross_entropy(head(train_x), train_y).backward()
+        F.cross_entropy(head(x), train_y).backward()
         opt.step()
-    with torch.no_grad():
-        logits = head(test_x)
-        top1 = (logits.argmax(1) == test_y).float().mean().item()
-        k = min(5, n_classes)
-        top5 = (logits.topk(k, dim=1).indices == test_y[:, None]).any(1).float().mean().item()
-    return {"top1": 100.0 * top1, "top5": 100.0 * top5}
+    return Standardised(mean, std, head).requires_grad_(False)
 
+
+class Standardised(nn.Module):
+    """The probe as fitted: the training features' standardisation, then the linear head."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, head: nn.Linear) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((x - self.mean) / self.std)
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 cfg: ProbeConfig, seed: int = 0) -> dict[str, float]:
+    n_classes = int(max(train_y.max(), test_y.max())) + 1
+    return topk_accuracy(fit_linear_probe(train_x, train_y, n_classes, cfg, seed)(test_x), test_y)
+
+
+def knn_scores(bank_x: torch.Tensor, bank_y: torch.Tensor, query_x: torch.Tensor, n_classes: int, k: int,
+               temperature: float, chunk: int = 1024) -> torch.Tensor:
+    """Weighted kNN class scores (Wu et al. 2018, DINO): the k most cosine-similar bank features
+    vote for their class with weight exp(similarity / temperature)."""
+    bank = F.normalize(bank_x.float(), dim=1)
+    bank_y = bank_y.to(torch.int64)
+    k = min(k, len(bank))
+    out = []
+    for i in range(0, len(query_x), chunk):
+        sim = F.normalize(query_x[i:i + chunk].float(), dim=1) @ bank.T
+        top_sim, top_idx = sim.topk(k, dim=1)
+        votes = torch.zeros(len(sim), n_classes).scatter_add_(1, bank_y[top_idx], (top_sim / temperature).exp())
+        out.append(votes)
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- the training run's probe
 
 def probe_backbone(backbone: nn.Module, real: RealImages, cfg: ProbeConfig, device: torch.device) -> dict[str, float]:
     """Fit on the training split's real images, report on the held-out real images."""
@@ -87,26 +154,236 @@ def format_probe(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def load_backbone(run_dir: Path, cfg: Config) -> nn.Module:
-    path = run_dir / BACKBONE_FILE
+# ----------------------------------------------------------------------------- checkpoints
+
+@dataclass
+class Checkpoint:
+    name: str
+    run_dir: Path
+    weights: Path
+    cfg: Config
+
+
+def resolve_checkpoint(path: Path) -> Checkpoint:
+    """A run directory (config.yaml + backbone.safetensors) or a .safetensors backbone next to a config.yaml."""
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    run_dir, weights = (path, path / BACKBONE_FILE) if path.is_dir() else (path.parent, path)
+    if weights.suffix != ".safetensors":
+        raise ValueError(f"checkpoint {path}: expected a run directory or a .safetensors backbone file")
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"checkpoint {path}: no {CONFIG_FILE} in {run_dir}; is it an onlinemix run directory?")
+    if not weights.is_file():
+        raise FileNotFoundError(f"checkpoint {path}: {weights} does not exist; is {run_dir} a finished onlinemix run?")
+    name = run_dir.resolve().name if weights.name == BACKBONE_FILE else f"{run_dir.resolve().name}-{weights.stem}"
+    return Checkpoint(name, run_dir, weights, load_config(run_dir / CONFIG_FILE))
+
+
+def load_backbone(run_dir: Path, cfg: Config, weights: Path | None = None) -> nn.Module:
+    path = weights or run_dir / BACKBONE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a finished onlinemix run?")
     backbone = build_backbone(cfg.train)
-    backbone.load_state_dict(load_file(path))
+    try:
+        backbone.load_state_dict(load_file(path))
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not hold a train.backbone={cfg.train.backbone} backbone of this run's "
+                         f"config: {str(e).splitlines()[0]}") from e
     return backbone
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Linear probe of a finished run's backbone on real images, "
-                                     "next to the same backbone at its random initialisation.")
-    parser.add_argument("run_dir", type=Path, help="a run directory written by onlinemix.train")
+# ----------------------------------------------------------------------------- evaluation sets
+
+@dataclass
+class EvalSet:
+    name: str
+    protocol: str
+    fit_images: torch.Tensor    # fit the probe / form the kNN bank
+    fit_labels: torch.Tensor
+    eval_images: torch.Tensor   # scored
+    eval_labels: torch.Tensor
+    n_classes: int
+
+
+def heldout_set(real: RealImages, dataset: str) -> EvalSet:
+    tr, te = real.train_ids, real.holdout_ids
+    return EvalSet(Path(dataset).name, "held-out split; fit on the run's training split", real.images[tr],
+                   real.labels[tr], real.images[te], real.labels[te], len(real.classes))
+
+
+def _relabel(source: LabelledImages, classes: list[str] | None, n_classes: int, what: str) -> torch.Tensor:
+    """The source's labels in the target's class indices: by class name when both have names."""
+    if source.classes is not None and classes is not None:
+        unknown = sorted(set(source.classes) - set(classes))
+        if unknown:
+            raise DataError(f"class mismatch: {what} has classes {unknown[:10]} that are not among "
+                            f"{len(classes)} classes {classes[:10]}{'...' if len(classes) > 10 else ''}")
+        index = torch.tensor([classes.index(c) for c in source.classes], dtype=torch.int64)
+        return index[source.labels]
+    bad = source.labels[(source.labels < 0) | (source.labels >= n_classes)]
+    if len(bad):
+        raise DataError(f"class mismatch: {what} has label {int(bad[0])}, outside the {n_classes} classes 0..{n_classes - 1}")
+    return source.labels
+
+
+def transfer_splits(path: Path) -> tuple[Path, Path] | None:
+    """(train, val-or-test) when PATH holds both sub-splits, else None."""
+    fit = path / TRANSFER_FIT_SPLIT
+    evals = [path / s for s in TRANSFER_EVAL_SPLITS if (path / s).exists()]
+    return (fit, evals[0]) if fit.exists() and evals else None
+
+
+def _load(name: str, path: Path, resolution: int) -> LabelledImages:
+    try:
+        return load_image_source(path, resolution)
+    except DataError as e:
+        raise DataError(f"eval set {name}: {e}") from e
+
+
+def extra_set(name: str, path: Path, real: RealImages, resolution: int) -> EvalSet:
+    """A transfer set (own train/val splits) or a robustness set (scored with the run's probe)."""
+    splits = transfer_splits(path)
+    if splits is None:
+        source = _load(name, path, resolution)
+        labels = _relabel(source, real.classes, len(real.classes), f"eval set {name} ({path})")
+        return EvalSet(name, "robustness; fit on the run's training split", real.images[real.train_ids],
+                       real.labels[real.train_ids], source.images, labels, len(real.classes))
+    fit, ev = (_load(name, p, resolution) for p in splits)
+    n_classes = len(fit.classes) if fit.classes is not None else int(fit.labels.max()) + 1
+    labels = _relabel(ev, fit.classes, n_classes, f"eval set {name} split {splits[1].name}")
+    return EvalSet(name, f"transfer; fit on its {splits[0].name} split, scored on {splits[1].name}", fit.images,
+                   fit.labels, ev.images, labels, n_classes)
+
+
+def parse_eval_set(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--eval-set {text!r}: expected NAME=PATH")
+    return name, Path(path)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@dataclass
+class Settings:
+    probe: ProbeConfig
+    knn_k: int
+    knn_temperature: float
+
+    def describe(self) -> dict[str, str]:
+        p = self.probe
+        return {"linear probe": f"multinomial logistic regression on frozen, standardised features (no augmentation), "
+                                f"full batch, Adam lr {p.lr}, weight decay {p.weight_decay}, {p.epochs} steps, seed 0",
+                "kNN": f"weighted kNN: cosine similarity, k={self.knn_k} nearest, votes exp(sim/T) with "
+                       f"T={self.knn_temperature} (Wu et al. 2018, DINO)",
+                "top-5": "top-min(5, classes)",
+                "features": "backbone output (before the projector) of uint8 images at the run's resolution, "
+                            "ImageNet mean/std"}
+
+
+def evaluate_backbone(backbone: nn.Module, sets: list[EvalSet], settings: Settings, device: torch.device,
+                      label: str) -> list[dict]:
+    """Rows eval set x method; features of an image tensor shared by several sets are extracted once."""
+    cache: dict[int, torch.Tensor] = {}
+
+    def feats(images: torch.Tensor, desc: str) -> torch.Tensor:
+        if id(images) not in cache:
+            cache[id(images)] = extract_features(backbone, images, device, desc=f"{label}: {desc}")
+        return cache[id(images)]
+
+    rows = []
+    for s in sets:
+        fit_x, eval_x = feats(s.fit_images, f"{s.name} fit"), feats(s.eval_images, s.name)
+        probe = fit_linear_probe(fit_x, s.fit_labels, s.n_classes, settings.probe)
+        knn = knn_scores(fit_x, s.fit_labels, eval_x, s.n_classes, settings.knn_k, settings.knn_temperature)
+        for method, scores in (("linear probe", probe(eval_x)), ("kNN", knn)):
+            rows.append({"eval_set": s.name, "protocol": s.protocol, "method": method, "backbone": label,
+                         "n_fit": len(fit_x), "n_eval": len(eval_x), **topk_accuracy(scores, s.eval_labels)})
+    return rows
+
+
+def format_markdown(result: dict) -> str:
+    lines = [f"# {result['checkpoint']}", "", f"weights: `{result['weights']}`", "",
+             "| eval set | protocol | method | backbone | n fit | n eval | top-1 | top-5 |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['eval_set']} | {r['protocol']} | {r['method']} | {r['backbone']} | {r['n_fit']} | "
+              f"{r['n_eval']} | {r['top1']:.2f} | {r['top5']:.2f} |" for r in result["rows"]]
+    lines += ["", "Settings:", ""] + [f"- {k}: {v}" for k, v in result["settings"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_checkpoint(ckpt: Checkpoint, eval_sets: list[tuple[str, Path]], settings: Settings,
+                        device: torch.device, random_init: bool) -> dict:
+    real = load_real_images(ckpt.cfg.data)
+    sets = [heldout_set(real, ckpt.cfg.data.dataset)]
+    sets += [extra_set(name, path, real, ckpt.cfg.data.resolution) for name, path in eval_sets]
+    backbones = [("trained", load_backbone(ckpt.run_dir, ckpt.cfg, ckpt.weights))]
+    if random_init:
+        backbones.append(("random_init", random_init_backbone(ckpt.cfg)))
+    rows = [row for label, net in backbones for row in evaluate_backbone(net.to(device), sets, settings, device, label)]
+    return {"checkpoint": ckpt.name, "weights": str(ckpt.weights), "backbone_arch": ckpt.cfg.train.backbone,
+            "settings": settings.describe(), "rows": rows}
+
+
+def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, js = out_dir / f"{result['checkpoint']}.md", out_dir / f"{result['checkpoint']}.json"
+    md.write_text(format_markdown(result))
+    js.write_text(json.dumps(result, indent=2))
+    return md, js
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Evaluate frozen backbones on real images: linear probe and weighted kNN, top-1/top-5, on the "
+                    "run's held-out split and extra evaluation sets. NAME=PATH with train/ and val/ (or test/) "
+                    "sub-splits is a transfer set (fits on its own train split); any other PATH is scored with the "
+                    "classes and the training split of the run (robustness sets). A split is an ImageFolder "
+                    "directory, a .tar webdataset shard, a brace pattern of shards or a directory of shards.")
+    parser.add_argument("checkpoints", type=Path, nargs="+", metavar="CHECKPOINT",
+                        help="a run directory (config.yaml + backbone.safetensors) or a .safetensors backbone file "
+                             "next to a config.yaml")
+    parser.add_argument("--eval-set", type=parse_eval_set, action="append", default=[], metavar="NAME=PATH",
+                        help="an extra evaluation set (repeatable)")
+    parser.add_argument("--knn-k", type=int, default=20, help="neighbours of the weighted kNN (default 20)")
+    parser.add_argument("--knn-temperature", type=float, default=0.07, help="kNN temperature T (default 0.07)")
+    parser.add_argument("--probe-epochs", type=int, default=None, help="probe optimisation steps (default: the run's probe.epochs)")
+    parser.add_argument("--random-init", action="store_true", help="also evaluate the run's random-init backbone")
+    parser.add_argument("--out", type=Path, default=None, help="write eval/<checkpoint>.md/.json here instead of the run dir")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cfg = load_config(args.run_dir / "config.yaml")
+    names = [name for name, _ in args.eval_set]
+    if len(set(names)) != len(names):
+        parser.error(f"--eval-set names must be unique, got {names}")
+    if args.knn_k < 1 or args.knn_temperature <= 0 or (args.probe_epochs is not None and args.probe_epochs < 1):
+        parser.error("--knn-k and --probe-epochs must be >= 1 and --knn-temperature > 0")
+    return args
+
+
+def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = compare_with_random_init(load_backbone(args.run_dir, cfg).to(device), cfg, device)
-    print(format_probe(results))
-    (args.run_dir / "probe.json").write_text(json.dumps(results, indent=2))
+    checkpoints = [resolve_checkpoint(p) for p in args.checkpoints]  # every path checked before any work
+    names = [c.name for c in checkpoints]
+    if args.out is not None and len(set(names)) != len(names):
+        raise ValueError(f"checkpoints {names} would overwrite each other's results under --out {args.out}")
+    results = []
+    for ckpt in checkpoints:
+        probe = replace(ckpt.cfg.probe, epochs=args.probe_epochs or ckpt.cfg.probe.epochs)
+        result = evaluate_checkpoint(ckpt, args.eval_set, Settings(probe, args.knn_k, args.knn_temperature),
+                                     device, args.random_init)
+        md, js = write_results(result, (args.out or ckpt.run_dir) / "eval")
+        print(format_markdown(result), flush=True)
+        log.info("wrote %s and %s", md, js)
+        results.append(result)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        run(args)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
