@@ -32,7 +32,10 @@ def dino_pairs(num_teacher_views: int, num_student_views: int,
     if len(same_view) != num_teacher_views or not all(0 <= s < num_student_views for s in same_view):
         raise ValueError(f"same_view must map each of the {num_teacher_views} teacher views to a student view "
                          f"index below {num_student_views}, got {same_view}")
-    return [(t, s) for t in range(num_teacher_views) for s in range(num_student_views) if s != same_view[t]]
+    pairs = [(t, s) for t in range(num_teacher_views) for s in range(num_student_views) if s != same_view[t]]
+    if not pairs:
+        raise ValueError("DINO needs at least one pair of different teacher and student views")
+    return pairs
 
 
 def dino_loss(student_out: Sequence[torch.Tensor], teacher_out: Sequence[torch.Tensor], center: torch.Tensor,

@@ -115,6 +115,11 @@ def test_rejects_bad_same_view(same_view: list[int]) -> None:
         dino_pairs(2, 10, same_view)
 
 
+def test_rejects_views_with_nothing_to_compare() -> None:
+    with pytest.raises(ValueError, match="at least one pair"):
+        dino_loss([torch.zeros(2, 3)], [torch.zeros(2, 3)], torch.zeros(1, 3), 0.1, 0.04)
+
+
 def test_loss_is_fp32_under_autocast() -> None:
     gen = torch.Generator().manual_seed(3)
     student = [torch.randn(4, 64, generator=gen) for _ in range(3)]
