@@ -166,6 +166,36 @@ def split_ids(n: int, holdout_fraction: float, seed: int = 0) -> tuple[torch.Ten
     return perm[n_hold:].sort().values, perm[:n_hold].sort().values
 
 
+def fraction_subset(train_ids: torch.Tensor, fraction: float, seed: int = 0,
+                    labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The first `fraction` of the training images (the paper's 25/50/100% real-data study), sorted.
+
+    All ids are put in one seeded order and a subset is a prefix of it, so for one seed the 25%
+    subset lies inside the 50% one and growing the fraction only adds images. With `labels`
+    (indexed by image id, e.g. RealImages.labels) the order interleaves the classes: an image at
+    rank r of its class's n_c images sits at key (r + 0.5) / n_c, ties broken at random, so every
+    prefix holds each class in proportion (about fraction * n_c images of it, off by at most one
+    for balanced classes) while the total is exactly round(fraction * len(train_ids)), at least 1.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    n = len(train_ids)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=gen)
+    if labels is not None:
+        if labels.ndim != 1 or len(labels) <= int(train_ids.max()):
+            raise ValueError(f"labels must be indexed by image id: {tuple(labels.shape)} for max id {int(train_ids.max())}")
+        shuffled = labels[train_ids[order]]
+        keys = torch.empty(n, dtype=torch.float64)
+        for c in shuffled.unique():
+            members = (shuffled == c).nonzero().squeeze(1)  # in random order: rank within the class
+            keys[members] = (torch.arange(len(members), dtype=torch.float64) + 0.5) / len(members)
+        tiebreak = torch.rand(n, generator=gen, dtype=torch.float64)
+        order = order[torch.from_numpy(np.lexsort((tiebreak.numpy(), keys.numpy())))]
+    keep = max(1, round(fraction * n))
+    return train_ids[order[:keep]].sort().values
+
+
 def load_real_images(cfg: DataConfig) -> RealImages:
     if cfg.dataset == "digits":
         images, labels, classes = load_digits(cfg.resolution)
