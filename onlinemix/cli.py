@@ -30,8 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = f.metadata["help"]
         if f.metadata.get("choices"):
             help_text += f" ({' | '.join(f.metadata['choices'])})"
+        # A bare boolean flag (``--offline``) means true; ``--offline false`` also works.
+        boolean = {"nargs": "?", "const": "true"} if tp is bool else {}
         group.add_argument(*flags, dest=key, default=None, metavar=tp.__name__.upper(),
-                           help=f"{help_text} [default: {f.default}]")
+                           help=f"{help_text} [default: {f.default}]", **boolean)
     parser.set_defaults(**{key: None for key, _, _ in leaves()})
     return parser
 

@@ -88,11 +88,30 @@ class RingConfig:
 class StalenessConfig:
     max_reuse: int = opt(4, "times one synthetic view may serve before it is retired", low=1, high=1_000_000)
     max_age: int = opt(4, "epochs after which a synthetic view is too old to serve", low=0, high=1_000_000)
-    policy: str = opt("wait", "what a trainer does when an image has no acceptable synthetic view: "
-                      "'wait' for a producer (bounded by wait_timeout_s, then 'real'), "
-                      "'real' = use a second augmented real view at once", choices=("wait", "real"))
+    policy: str = opt("wait", "what a trainer does when an image has no acceptable synthetic view in the ring: "
+                      "'wait' for a producer (bounded by wait_timeout_s, then as 'cached'), "
+                      "'cached' = at once an older variation from the disk cache, else a real view, "
+                      "'real' = at once a second augmented real view", choices=("wait", "cached", "real"))
     wait_timeout_s: float = opt(5.0, "longest a batch waits for missing views under the 'wait' policy",
                                 low=0.0, high=3600.0)
+
+
+@dataclass
+class CacheConfig:
+    enabled: bool = opt(True, "producers write every generated pair to the on-disk cache, and trainers read "
+                        "older variations from it (staleness.policy=cached, offline mode)")
+    dir: str = opt("cache", "cache directory, shared by runs (and by nodes, on a shared filesystem)")
+    shard_pairs: int = opt(256, "pairs per cache shard; a producer commits a shard when it is full or after "
+                           "flush_s", low=1, high=1_000_000)
+    flush_s: float = opt(30.0, "commit a partly filled shard after this many seconds, which bounds what a "
+                         "killed producer loses", low=0.0, high=86_400.0)
+    max_gb: float = opt(0.0, "size limit in GB: beyond it the oldest shards are evicted (0 = no limit)",
+                        low=0.0, high=1e9)
+    min_coverage: float = opt(0.95, "offline mode refuses to start when a smaller fraction of the training "
+                              "images has a cached variation", low=0.0, high=1.0)
+    fingerprint: str = opt("", "offline mode: the generator fingerprint (or a prefix of it) to train from, "
+                           "when the cache holds pairs of several generators for this dataset and guidance")
+    verify_reads: bool = opt(True, "check each cached pair's CRC32 when a trainer reads it")
 
 
 @dataclass
@@ -131,23 +150,32 @@ class Config:
                         "or runs on the CPU when there is no GPU", low=0, high=64)
     output_dir: str = opt("runs", "directory under which each run gets its own sub-directory")
     run_name: str = opt("", "name of the run directory (default: timestamp, method and pairing)")
+    offline: bool = opt(False, "cache-warm offline mode: train from the disk cache alone, with no producer "
+                        "process (the paper's precomputed setting); images without a cached variation get a "
+                        "real second view")
     data: DataConfig = field(default_factory=DataConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     producer: ProducerConfig = field(default_factory=ProducerConfig)
     ring: RingConfig = field(default_factory=RingConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     staleness: StalenessConfig = field(default_factory=StalenessConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def check_consistency(self) -> None:
         """Reject combinations that are individually valid but cannot run."""
-        if self.train.pairing == "mixdiff" and self.gen_gpus < 1:
+        if self.offline and not self.cache.enabled:
+            raise ConfigError("offline=true trains from the disk cache: it needs cache.enabled=true")
+        if self.train.pairing == "mixdiff" and self.gen_gpus < 1 and not self.offline:
             raise ConfigError("train.pairing=mixdiff needs at least one producer: gen_gpus=0 is not allowed "
-                              "(use train.pairing=real for plain SSL)")
+                              "(use offline=true to train from the disk cache, or train.pairing=real for plain SSL)")
+        if self.staleness.policy == "cached" and not self.cache.enabled:
+            raise ConfigError("staleness.policy=cached serves variations from the disk cache: it needs "
+                              "cache.enabled=true (or use staleness.policy=real)")
         if self.staleness.policy == "wait" and self.staleness.wait_timeout_s <= 0:
             raise ConfigError("staleness.policy=wait needs staleness.wait_timeout_s > 0 "
                               "(use staleness.policy=real to never wait)")
-        if self.train.pairing == "mixdiff":
+        if self.train.pairing == "mixdiff" and not self.offline:
             self.check_ring_capacity(trainers_on_node=1)
 
     def check_ring_capacity(self, trainers_on_node: int) -> None:
