@@ -100,7 +100,8 @@ class StalenessConfig:
 class CacheConfig:
     enabled: bool = opt(True, "producers write every generated pair to the on-disk cache, and trainers read "
                         "older variations from it (staleness.policy=cached, offline mode)")
-    dir: str = opt("cache", "cache directory, shared by runs (and by nodes, on a shared filesystem)")
+    dir: str = opt("", "cache directory, shared by runs (and by nodes, on a shared filesystem); "
+                   "empty = <output_dir>/cache")
     shard_pairs: int = opt(256, "pairs per cache shard; a producer commits a shard when it is full or after "
                            "flush_s", low=1, high=1_000_000)
     flush_s: float = opt(30.0, "commit a partly filled shard after this many seconds, which bounds what a "
@@ -161,6 +162,9 @@ class Config:
     staleness: StalenessConfig = field(default_factory=StalenessConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+    def cache_root(self) -> Path:
+        return Path(self.cache.dir) if self.cache.dir else Path(self.output_dir) / "cache"
 
     def check_consistency(self) -> None:
         """Reject combinations that are individually valid but cannot run."""

@@ -17,7 +17,8 @@ from .ring import PairRing
 
 log = logging.getLogger(__name__)
 
-COUNTS = ("fresh", "cached", "fallback")
+COUNTS = ("fresh", "cached", "disk", "fallback")
+SYNTHETIC = ("fresh", "cached", "disk")
 
 
 class RunMetrics:
@@ -50,7 +51,7 @@ class RunMetrics:
     def record(self, step: int, epoch: int, stats: dict[str, float], write: bool, **values: float) -> None:
         """Account one finished step; ``write`` also appends a step row."""
         e = self._epoch
-        synthetic = stats["fresh"] + stats["cached"]
+        synthetic = sum(stats[k] for k in SYNTHETIC)
         for k in COUNTS:
             self.totals[k] += stats[k]
             e[k] += stats[k]
@@ -68,15 +69,15 @@ class RunMetrics:
         e = self._epoch
         if not e["steps"]:
             return
-        synthetic = e["fresh"] + e["cached"]
+        synthetic = sum(e[k] for k in SYNTHETIC)
         row = {"epoch_end": epoch, **{k: e[k] for k in COUNTS},
                "mean_age": e["age_sum"] / synthetic if synthetic else math.nan,
                "mean_reuse": e["reuse_sum"] / synthetic if synthetic else math.nan,
                "wait_s": e["wait_s"], "epoch_s": time.monotonic() - e["started"], **self._ring_state()}
         if self.file:
             self._write(row)
-        log.info("epoch %d: %d fresh, %d cached, %d fallback; mean age %.2f epochs, mean reuse %.2f; "
-                 "waited %.1fs of %.1fs", epoch, e["fresh"], e["cached"], e["fallback"], row["mean_age"],
+        log.info("epoch %d: %d fresh, %d cached, %d from disk, %d fallback; mean age %.2f epochs, mean reuse "
+                 "%.2f; waited %.1fs of %.1fs", epoch, e["fresh"], e["cached"], e["disk"], e["fallback"], row["mean_age"],
                  row["mean_reuse"], e["wait_s"], row["epoch_s"])
         self._epoch = self._empty_epoch()
 

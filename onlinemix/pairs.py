@@ -1,9 +1,10 @@
-"""Pair lookup for one trainer batch: ring first, then the staleness policy.
+"""Pair lookup for one trainer batch: ring first, then the staleness policy (wait, disk cache, real).
 
 Every batch reports how its second views were obtained:
-- fresh: a synthetic view serving for the first time;
-- cached: a synthetic view generated earlier that has served before (within max_reuse and max_age);
-- fallback: no acceptable synthetic view in time, so a second augmented real view (plain SSL).
+- fresh: a synthetic view from the ring, serving for the first time;
+- cached: a synthetic view from the ring that has served before (within max_reuse and max_age);
+- disk: an older variation read from the disk cache (no max_reuse or max_age there);
+- fallback: no synthetic view in time, so a second augmented real view (plain SSL).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .cache import CacheReader
 from .config import StalenessConfig
 from .ring import Loan, PairRing, TakeResult
 
 POLL_S = 0.005
+CACHE_REFRESH_S = 10.0
 
 
 @dataclass
@@ -49,15 +52,18 @@ class BatchPairs:
 
 
 class PairSource:
-    """Builds (real, second view) batches from the ring under a staleness policy."""
+    """Builds (real, second view) batches: the ring first, then the staleness policy, which may
+    turn to the disk cache. Offline there is no ring, and every view comes from the cache."""
 
-    def __init__(self, ring: PairRing, staleness: StalenessConfig, images: torch.Tensor, verify: bool,
-                 health_check: Callable[[], None]) -> None:
+    def __init__(self, ring: PairRing | None, staleness: StalenessConfig, images: torch.Tensor, verify: bool,
+                 health_check: Callable[[], None], cache: CacheReader | None = None) -> None:
         self.ring = ring
         self.staleness = staleness
         self.images = images
         self.verify = verify
         self.health_check = health_check
+        self.cache = cache
+        self._refreshed = time.monotonic()
 
     def _borrow(self, ids: np.ndarray, positions: np.ndarray, epoch: int, skip: np.ndarray | None) -> Loan:
         return self.ring.borrow(ids, positions, epoch, max_reuse=self.staleness.max_reuse,
@@ -65,24 +71,50 @@ class PairSource:
 
     def get(self, ids: np.ndarray, positions: np.ndarray, epoch: int) -> BatchPairs:
         """The batch for these ids; use it in a ``with`` block so its ring slots are given back."""
-        loans = [self._borrow(ids, positions, epoch, None)]
+        b = len(ids)
+        loans: list[Loan] = []
+        result, waited = TakeResult(*(np.zeros(b, dtype=t) for t in (bool, bool, np.int64, np.int64))), 0.0
         try:
-            result, waited = self._wait_for_missing(ids, positions, epoch, loans)
+            if self.ring is not None:
+                loans.append(self._borrow(ids, positions, epoch, None))
+                result, waited = self._wait_for_missing(ids, positions, epoch, loans)
         except BaseException:
             for loan in loans:
                 self.ring.give_back(loan)
             raise
+        pairs: dict[int, np.ndarray] = {i: loan.pair(i) for loan in loans for i in np.flatnonzero(loan.result.found)}
+        disk = self._from_cache(ids, epoch, result, pairs) if self.cache is not None else np.zeros(b, dtype=bool)
         real, other = [], []
-        pair_of = {i: loan for loan in loans for i in np.flatnonzero(loan.result.found).tolist()}
         for i, real_id in enumerate(ids.tolist()):
-            if i in pair_of:
-                pair = torch.from_numpy(pair_of[i].pair(i))
+            if i in pairs:
+                pair = torch.from_numpy(pairs[i])
                 real.append(pair[0])
                 other.append(pair[1])
             else:
                 real.append(self.images[real_id])
                 other.append(self.images[real_id])
-        return BatchPairs(real, other, torch.from_numpy(result.found.copy()), batch_stats(result, waited), loans)
+        synthetic = result.found | disk
+        return BatchPairs(real, other, torch.from_numpy(synthetic), batch_stats(result, disk, waited), loans)
+
+    def _from_cache(self, ids: np.ndarray, epoch: int, result: TakeResult, pairs: dict[int, np.ndarray]) -> np.ndarray:
+        """Fill what the ring could not from the disk cache (policy ``cached``, ``wait`` after its
+        timeout, and offline mode); ``result`` gets the age and reuse of the views served."""
+        disk = np.zeros(len(ids), dtype=bool)
+        if self.ring is not None and self.staleness.policy == "real":
+            return disk
+        if time.monotonic() - self._refreshed > CACHE_REFRESH_S:  # producers keep committing shards
+            self.cache.refresh()
+            self._refreshed = time.monotonic()
+        for i in np.flatnonzero(~result.found):
+            got = self.cache.take(int(ids[i]))
+            if got is None:
+                continue
+            pair, variation, uses = got
+            pairs[int(i)] = pair
+            disk[i] = True
+            result.age[i] = max(0, epoch - variation.epoch)
+            result.uses[i] = uses
+        return disk
 
     def _wait_for_missing(self, ids: np.ndarray, positions: np.ndarray, epoch: int,
                           loans: list[Loan]) -> tuple[TakeResult, float]:
@@ -110,10 +142,12 @@ class PairSource:
         return result, time.monotonic() - start
 
 
-def batch_stats(result: TakeResult, waited_s: float) -> dict[str, float]:
-    found = result.found
-    n_found, n_fresh = int(found.sum()), int(result.fresh.sum())
-    return {"fresh": n_fresh, "cached": n_found - n_fresh, "fallback": len(found) - n_found,
-            "mean_age": float(result.age[found].mean()) if n_found else float("nan"),
-            "mean_reuse": float(result.uses[found].mean()) if n_found else float("nan"),
+def batch_stats(result: TakeResult, disk: np.ndarray, waited_s: float) -> dict[str, float]:
+    """Counts of a batch's second views by origin, and the mean age and reuse of its synthetic ones."""
+    ring, synthetic = result.found, result.found | disk
+    n_ring, n_fresh, n_synthetic = int(ring.sum()), int(result.fresh.sum()), int(synthetic.sum())
+    return {"fresh": n_fresh, "cached": n_ring - n_fresh, "disk": int(disk.sum()),
+            "fallback": len(ring) - n_synthetic,
+            "mean_age": float(result.age[synthetic].mean()) if n_synthetic else float("nan"),
+            "mean_reuse": float(result.uses[synthetic].mean()) if n_synthetic else float("nan"),
             "wait_s": waited_s}

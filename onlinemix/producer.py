@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cache import ShardWriter, cache_key
 from .config import Config
 from .data import load_real_images
 from .generate import make_generator
@@ -96,7 +97,28 @@ def run_producer(spec: ProducerSpec, ring: PairRing) -> None:
         {"pid": os.getpid(), "device": spec.device, "model": cfg.generator.model, "dtype": str(generator.dtype),
          "attention": generator.attention, "attention_reason": generator.attention_reason,
          "fingerprint": generator.fingerprint}, indent=2))
+    cache = open_cache_writer(cfg, generator) if cfg.cache.enabled else None
     ring.add("ready_producers", 1)
+    try:
+        _produce(spec, ring, real, schedule, generator, cache)
+    finally:
+        if cache is not None:
+            cache.close()
+            log.info("cached %d pairs in %s", cache.committed, cache.dir)
+
+
+def open_cache_writer(cfg: Config, generator) -> ShardWriter:
+    """This producer's writer into the disk cache, under the generator's and dataset's key."""
+    c = cfg.cache
+    description = {"fingerprint": generator.fingerprint, "identity": generator._identity(),
+                   "dataset": cfg.data.dataset}
+    return ShardWriter(cfg.cache_root(), cache_key(generator.fingerprint, cfg.data.dataset), description,
+                       cfg.data.resolution, c.shard_pairs, c.flush_s, int(c.max_gb * 1e9))
+
+
+def _produce(spec: ProducerSpec, ring: PairRing, real, schedule: EpochSchedule, generator,
+             cache: ShardWriter | None) -> None:
+    cfg = spec.cfg
     lookahead = max(cfg.generator.batch_size, ring.slots - spec.global_batch)
     batch_s = LeadEstimator()
     while not ring.closed and os.getppid() == spec.parent_pid:
@@ -117,6 +139,9 @@ def run_producer(spec: ProducerSpec, ring: PairRing) -> None:
         synthetic = generator.generate(real_batch, seeds).cpu().numpy()
         ring.add("generate_ns", time.perf_counter_ns() - start)
         _write_pairs(ring, real_batch.numpy(), synthetic, ids, positions, seeds, epochs, cfg.staleness.max_age)
+        if cache is not None:
+            for i in range(len(ids)):
+                cache.add(int(ids[i]), seeds[i], int(epochs[i]), real_batch[i].numpy(), synthetic[i])
         batch_s.observe((time.perf_counter_ns() - start) / 1e9 * cfg.generator.batch_size / len(ids))
 
 

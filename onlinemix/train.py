@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from onlinemix.augment import augment_batch, augment_second_views, simclr_views
+from onlinemix.cache import CacheError, CacheReader, cache_key, check_writable, select_key
 from onlinemix.cli import parse_args
 from onlinemix.config import Config, ConfigError, load_config, save_config
 from onlinemix.data import DataError, RealImages, load_real_images
@@ -114,7 +115,7 @@ class Trainer:
         if pairs is None:  # plain SSL: two views of the real image
             real = list(self.real.images[torch.from_numpy(ids)])
             return BatchPairs(real, real, torch.zeros(len(ids), dtype=torch.bool),
-                              {"fresh": 0, "cached": 0, "fallback": 0, "mean_age": float("nan"),
+                              {"fresh": 0, "cached": 0, "disk": 0, "fallback": 0, "mean_age": float("nan"),
                                "mean_reuse": float("nan"), "wait_s": 0.0})
         return pairs.get(ids, positions, epoch)
 
@@ -181,8 +182,8 @@ class Trainer:
             bar.close()
             metrics.close()
         t = metrics.totals
-        log.info("trained %d steps; second views: %d fresh, %d cached, %d fallback",
-                 self.step, t["fresh"], t["cached"], t["fallback"])
+        log.info("trained %d steps; second views: %d fresh, %d cached, %d from disk, %d fallback",
+                 self.step, t["fresh"], t["cached"], t["disk"], t["fallback"])
         self.save_checkpoint()
         self.save_backbone()
 
@@ -287,19 +288,46 @@ def wait_for_producers(ring: PairRing, pool: ProducerPool | None, n: int) -> Non
     log.info("producers ready after %.1fs", time.monotonic() - started)
 
 
+def open_online_cache(cfg: Config, run_dir: Path) -> CacheReader:
+    """The disk cache the producers of this run write, read for older variations."""
+    fingerprint = json.loads((run_dir / "producer-0.json").read_text())["fingerprint"]
+    return CacheReader(cfg.cache_root(), cache_key(fingerprint, cfg.data.dataset), cfg.data.resolution,
+                       cfg.cache.verify_reads)
+
+
+def open_offline_cache(cfg: Config, train_ids: np.ndarray) -> CacheReader:
+    """The cache an offline run trains from; refuses to start below ``cache.min_coverage``."""
+    root = cfg.cache_root()
+    key = select_key(root, cfg.data.dataset, cfg.data.resolution, cfg.generator.guidance, cfg.cache.fingerprint)
+    reader = CacheReader(root, key, cfg.data.resolution, cfg.cache.verify_reads)
+    covered = reader.coverage(train_ids)
+    missing = int((~covered).sum())
+    if covered.mean() < cfg.cache.min_coverage:
+        raise CacheError(f"offline: {missing} of {len(train_ids)} training images have no cached variation in "
+                         f"{root / key} (coverage {100 * covered.mean():.1f}% < cache.min_coverage "
+                         f"{100 * cfg.cache.min_coverage:.1f}%); warm the cache first with "
+                         f"`python -m onlinemix.cache warm`, or lower cache.min_coverage")
+    log.info("offline: training from %s: %d pairs, %d of %d training images covered (%d will get a real "
+             "second view)", root / key, len(reader), len(train_ids) - missing, len(train_ids), missing)
+    return reader
+
+
 def run(argv: list[str] | None = None) -> dict | None:
     """Parse, validate, train, probe. Returns the probe results on the main process."""
     args, overrides = parse_args(argv)
     cfg = resolve_config(args, overrides)  # every config error surfaces here, before anything starts
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    if cfg.train.pairing == "mixdiff":
+    synthetic = cfg.train.pairing == "mixdiff"
+    online = synthetic and not cfg.offline  # producers and a ring
+    if online:
         cfg.check_ring_capacity(local_world_size(accelerator))
+        if cfg.cache.enabled:
+            check_writable(cfg.cache_root())
     run_dir = make_run_dir(cfg, accelerator, args.resume)
     setup_logging(accelerator, run_dir)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    mixdiff = cfg.train.pairing == "mixdiff"
     if accelerator.device.type == "cpu":
-        producers_here = cfg.gen_gpus if mixdiff and not torch.cuda.is_available() else 0
+        producers_here = cfg.gen_gpus if online and not torch.cuda.is_available() else 0
         torch.set_num_threads(cfg.train.cpu_threads or max(1, ((os.cpu_count() or 1) - producers_here)
                                                             // accelerator.num_processes))
     if accelerator.is_main_process:
@@ -313,19 +341,23 @@ def run(argv: list[str] | None = None) -> dict | None:
             raise FileNotFoundError(f"--resume {run_dir}: no checkpoint under {run_dir / CHECKPOINT_DIR}")
         trainer.load_checkpoint(checkpoint)
     with ExitStack() as stack:
-        pairs, pool = None, None
-        if mixdiff and trainer.step < trainer.total_steps:
+        pairs, ring, pool = None, None, None
+        if cfg.offline and synthetic and trainer.step < trainer.total_steps:
+            cache = open_offline_cache(cfg, trainer.schedule.train_ids)
+            pairs = PairSource(None, cfg.staleness, real.images, cfg.ring.verify_checksums, lambda: None, cache)
+        elif online and trainer.step < trainer.total_steps:
             ring, pool = start_generation(cfg, accelerator, run_dir, trainer.schedule.global_batch, stack)
             wait_for_producers(ring, pool, cfg.gen_gpus)
             health = pool.check if pool is not None else (lambda: None)
-            pairs = PairSource(ring, cfg.staleness, real.images, cfg.ring.verify_checksums, health)
-        trainer.fit(pairs, pairs.ring if pairs else None, pool)
+            cache = open_online_cache(cfg, run_dir) if cfg.cache.enabled else None
+            pairs = PairSource(ring, cfg.staleness, real.images, cfg.ring.verify_checksums, health, cache)
+        trainer.fit(pairs, ring, pool)
     if not (cfg.probe.enabled and accelerator.is_main_process):
         return None
     results = compare_with_random_init(accelerator.unwrap_model(trainer.model).backbone, cfg, accelerator.device, real)
     (run_dir / "probe.json").write_text(json.dumps(results, indent=2))
     print(format_probe(results), flush=True)
-    if mixdiff and cfg.generator.model == "stub":
+    if synthetic and cfg.generator.model == "stub":
         print("note: the stub diffuser has random weights, so its 'variations' carry no information about the\n"
               "      image; this run exercises the system, not the method. --train.pairing real shows learning.",
               flush=True)
@@ -337,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
         run(argv)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    except (ProducerDied, RingError, DataError, FileExistsError, FileNotFoundError) as e:
+    except (ProducerDied, RingError, CacheError, DataError, FileExistsError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted; producers stopped and shared memory released")

@@ -51,7 +51,7 @@ def test_default_run_shortened_through_accelerate_launch(tmp_path: Path, no_leak
     rows = metrics(run_dir)
     assert rows[-1]["step"] == STEPS_PER_EPOCH
     assert rows[-1]["total_fresh"] > 0, "no synthetic view reached the trainer"
-    assert rows[-1]["total_fresh"] + rows[-1]["total_cached"] + rows[-1]["total_fallback"] == STEPS_PER_EPOCH * 64
+    assert sum(rows[-1][f"total_{k}"] for k in ("fresh", "cached", "disk", "fallback")) == STEPS_PER_EPOCH * 64
     assert rows[-1]["checksum_errors"] == 0
     assert "attention" in (run_dir / "producer-0.log").read_text()
 
@@ -185,7 +185,7 @@ def test_killed_producer_is_restarted_and_training_goes_on(tmp_path: Path, no_le
     assert last["step"] == 2 * STEPS_PER_EPOCH
     epochs = epoch_rows(run_dir)
     assert [row["epoch_end"] for row in epochs] == [0, 1]
-    assert sum(row["fresh"] + row["cached"] + row["fallback"] for row in epochs) == 2 * STEPS_PER_EPOCH * 64
+    assert sum(row["fresh"] + row["cached"] + row["disk"] + row["fallback"] for row in epochs) == 2 * STEPS_PER_EPOCH * 64
 
 
 def test_killed_job_leaves_nothing_the_next_run_does_not_clean(tmp_path: Path, no_leaked_segments) -> None:

@@ -1,0 +1,50 @@
+"""Cache-warm offline training: an online run fills the cache, then runs with no producer train from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from onlinemix.cache import CacheReader, cache_key
+
+from conftest import run_training
+
+FAST = ["--train.batch-size", "64", "--probe.epochs", "20", "--train.epochs", "1"]
+TRAIN_IMAGES = 1438  # bundled digits minus the 20% probe hold-out
+STEPS = TRAIN_IMAGES // 64
+
+
+def last_row(run_dir: Path) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "step" in r][-1]
+
+
+def test_online_run_caches_every_pair_then_offline_runs_train_from_the_cache_alone(tmp_path: Path,
+                                                                                    no_leaked_segments) -> None:
+    common = ["--output-dir", str(tmp_path), *FAST]
+    online = run_training("--run-name", "online", "--cache.shard-pairs", "32", *common)
+    assert online.returncode == 0, online.stderr[-3000:]
+    fingerprint = json.loads((tmp_path / "online" / "producer-0.json").read_text())["fingerprint"]
+    cache = CacheReader(tmp_path / "cache", cache_key(fingerprint, "digits"), 32)
+    served = last_row(tmp_path / "online")
+    assert len(cache) >= served["total_fresh"] > 0  # every pair that reached the trainer is on disk
+    covered = int(cache.coverage(range(1797)).sum())
+    assert covered < TRAIN_IMAGES  # the epoch's dropped last partial batch was never generated
+
+    refused = run_training("--run-name", "refused", "--offline", "--gen-gpus", "0", "--cache.min-coverage", "1",
+                           *common)
+    assert refused.returncode != 0
+    assert f"{TRAIN_IMAGES - covered} of {TRAIN_IMAGES} training images have no cached variation" in refused.stderr
+    assert not (tmp_path / "refused" / "metrics.jsonl").exists()
+
+    # Another data order (seed 1) also draws the images the online epoch left out (the last partial batch).
+    offline = run_training("--run-name", "offline", "--offline", "--gen-gpus", "0", "--cache.min-coverage", "0",
+                           "--train.seed", "1", *common)
+    assert offline.returncode == 0, offline.stderr[-3000:]
+    run_dir = tmp_path / "offline"
+    assert not list(run_dir.glob("producer-*")), "offline mode started a producer"
+    row = last_row(run_dir)
+    assert row["total_fresh"] == row["total_cached"] == 0  # no ring at all
+    assert row["total_disk"] + row["total_fallback"] == STEPS * 64
+    assert row["total_disk"] > 0 and row["total_fallback"] > 0  # uncovered images fell back to real views
+    assert "checksum_errors" not in row  # no ring metrics offline
