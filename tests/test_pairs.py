@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from onlinemix.cache import CacheReader, ShardWriter
 from onlinemix.config import StalenessConfig
 from onlinemix.pairs import PairSource
 from onlinemix.producer import ProducerDied
@@ -116,3 +117,32 @@ def test_slots_are_given_back_when_the_wait_is_interrupted(ring: PairRing) -> No
     with pytest.raises(ProducerDied):
         source(ring, "wait", timeout_s=60.0, health=health).get(np.array([0, 1]), np.array([0, 1]), epoch=0)
     assert (ring.meta[:, S["pins"]] == 0).all()
+
+
+def cache_with(tmp_path, real_id: int, value: int) -> CacheReader:
+    writer = ShardWriter(tmp_path, "key", {"dataset": "test"}, R, shard_pairs=1, flush_s=3600.0)
+    writer.add(real_id, 0, 0, IMAGES[real_id].numpy(), np.full((3, R, R), value, dtype=np.uint8))
+    return CacheReader(tmp_path, "key", R)
+
+
+@pytest.mark.parametrize("policy, timeout_s, from_disk", [("cached", 60.0, True), ("wait", 0.05, True),
+                                                         ("real", 60.0, False)])
+def test_policies_turn_to_the_disk_cache_for_what_the_ring_lacks(ring: PairRing, tmp_path, policy: str,
+                                                                  timeout_s: float, from_disk: bool) -> None:
+    publish(ring, 0, 0, value=77)
+    pairs = PairSource(ring, StalenessConfig(max_reuse=1, max_age=4, policy=policy, wait_timeout_s=timeout_s),
+                       IMAGES, verify=True, health_check=lambda: None, cache=cache_with(tmp_path, 1, 99))
+    with pairs.get(np.array([0, 1, 2]), np.array([0, 1, 2]), epoch=0) as batch:
+        assert (batch.other[0] == 77).all()  # the ring comes first
+        assert batch.is_synthetic.tolist() == [True, from_disk, False]
+        assert (batch.other[1] == 99).all() == from_disk
+        assert batch.stats["disk"] == int(from_disk) and batch.stats["fallback"] == 2 - int(from_disk)
+        assert batch.stats["wait_s"] < 1.0
+
+
+def test_offline_source_serves_only_from_the_cache(tmp_path) -> None:
+    pairs = PairSource(None, StalenessConfig(policy="wait"), IMAGES, verify=True, health_check=lambda: None,
+                       cache=cache_with(tmp_path, 3, 55))
+    with pairs.get(np.array([3, 2]), np.array([0, 1]), epoch=5) as batch:
+        assert batch.is_synthetic.tolist() == [True, False] and (batch.other[0] == 55).all()
+        assert batch.stats["mean_age"] == 5.0 and batch.stats["wait_s"] == 0.0

@@ -251,7 +251,8 @@ class CacheReader:
     def _shard(self, name: str) -> np.ndarray | None:
         if name not in self._maps:
             try:
-                pairs = np.load(self.dir / SHARDS / name, mmap_mode="r")
+                # Copy-on-write: writable for torch.from_numpy, while the file itself is never modified.
+                pairs = np.load(self.dir / SHARDS / name, mmap_mode="c")
             except (OSError, ValueError) as e:
                 log.warning("cache: shard %s is unreadable (%s); its pairs are skipped", name, e)
                 self._bad.add(name)
