@@ -245,15 +245,22 @@ class PairRing:
         with self._locked():
             self.header[H["urgent_start"]], self.header[H["urgent_end"]] = start, end
 
+    def _by_id(self, slots: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Group ``slots`` by real id, freshest first: the candidates of ``ids[i]`` are
+        ``slots[first[i]:last[i]]`` of the returned order (a sort, not a Python dict per call)."""
+        m = self.meta
+        slots = slots[np.lexsort((-m[slots, S["birth_ns"]], m[slots, S["real_id"]]))]
+        slot_ids = m[slots, S["real_id"]]
+        return slots, np.searchsorted(slot_ids, ids, "left"), np.searchsorted(slot_ids, ids, "right")
+
     def has_unused_view(self, ids: np.ndarray, positions: np.ndarray, epochs: np.ndarray, max_age: int) -> np.ndarray:
         """For each (id, position): is a never-served view that could serve it already in the ring?"""
         m = self.meta
-        unused = np.flatnonzero((m[:, S["state"]] == READY) & (m[:, S["uses"]] == 0))
+        unused, first, last = self._by_id(np.flatnonzero((m[:, S["state"]] == READY) & (m[:, S["uses"]] == 0)), ids)
         out = np.zeros(len(ids), dtype=bool)
-        for i, (real_id, position, epoch) in enumerate(zip(ids.tolist(), positions.tolist(), epochs.tolist())):
-            rows = m[unused]
-            out[i] = bool(((rows[:, S["real_id"]] == real_id) & (rows[:, S["position"]] <= position)
-                           & (epoch - rows[:, S["birth_epoch"]] <= max_age)).any())
+        for i in np.flatnonzero(last > first):
+            rows = m[unused[first[i]:last[i]]]
+            out[i] = bool(((rows[:, S["position"]] <= positions[i]) & (epochs[i] - rows[:, S["birth_epoch"]] <= max_age)).any())
         return out
 
     def reserve(self, n: int, epoch: int, max_age: int) -> list[int]:
@@ -343,16 +350,11 @@ class PairRing:
         with self._locked():
             ok = ((m[:, S["state"]] == READY) & (m[:, S["uses"]] + m[:, S["pins"]] < max_reuse)
                   & (epoch - m[:, S["birth_epoch"]] <= max_age))
-            candidates = np.flatnonzero(ok)
-            # Freshest first, so the first match of each request is the one to serve.
-            candidates = candidates[np.argsort(-m[candidates, S["birth_ns"]], kind="stable")]
-            by_id: dict[int, list[int]] = {}
-            for slot, real_id in zip(candidates.tolist(), m[candidates, S["real_id"]].tolist()):
-                by_id.setdefault(real_id, []).append(slot)
-            for i, (real_id, position) in enumerate(zip(ids.tolist(), positions.tolist())):
+            candidates, first, last = self._by_id(np.flatnonzero(ok), ids)
+            for i, position in enumerate(positions.tolist()):
                 if skip is not None and skip[i]:
                     continue
-                for slot in by_id.get(real_id, ()):
+                for slot in candidates[first[i]:last[i]].tolist():
                     if m[slot, S["position"]] <= position and m[slot, S["uses"]] + m[slot, S["pins"]] < max_reuse:
                         slots[i] = slot
                         m[slot, S["pins"]] += 1
