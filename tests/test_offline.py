@@ -48,3 +48,13 @@ def test_online_run_caches_every_pair_then_offline_runs_train_from_the_cache_alo
     assert row["total_disk"] + row["total_fallback"] == STEPS * 64
     assert row["total_disk"] > 0 and row["total_fallback"] > 0  # uncovered images fell back to real views
     assert "checksum_errors" not in row  # no ring metrics offline
+
+
+def test_an_unwritable_cache_directory_stops_the_run_before_it_starts(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("nothing can be created below a file, even by root")
+    proc = run_training("--output-dir", str(tmp_path), "--run-name", "x", "--cache.dir", str(blocker / "cache"),
+                        *FAST)
+    assert proc.returncode != 0
+    assert f"cache directory {blocker / 'cache'} is not writable" in proc.stderr
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob("**/producer-*"))
