@@ -143,6 +143,12 @@ class ProbeConfig:
     epochs: int = opt(300, "full-batch optimisation steps of the probe", low=1, high=100_000)
     lr: float = opt(0.05, "probe learning rate (Adam)", low=1e-6, high=10.0)
     weight_decay: float = opt(1e-4, "probe weight decay", low=0.0, high=10.0)
+    knn_every: int = opt(1, "during training, every N epochs, score held-out real images by weighted kNN "
+                         "against the training split's features (logged, and saved in metrics.jsonl; 0 = off)",
+                         low=0, high=100_000)
+    knn_k: int = opt(20, "neighbours of the weighted kNN", low=1, high=100_000)
+    knn_temperature: float = opt(0.07, "temperature of the weighted kNN's exp(similarity / T) votes",
+                                 low=1e-4, high=100.0)
 
 
 @dataclass

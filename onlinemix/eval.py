@@ -134,6 +134,16 @@ def probe_backbone(backbone: nn.Module, real: RealImages, cfg: ProbeConfig, devi
     return linear_probe(feats[tr], real.labels[tr], feats[te], real.labels[te], cfg)
 
 
+def knn_on_heldout(backbone: nn.Module, real: RealImages, cfg: ProbeConfig, device: torch.device) -> dict[str, float]:
+    """Weighted kNN of the held-out real images against the training split: no fitting, so cheap
+    enough to watch the features improve during training."""
+    feats = extract_features(backbone, real.images, device, desc="kNN features")
+    tr, te = real.train_ids, real.holdout_ids
+    n_classes = int(real.labels.max()) + 1
+    scores = knn_scores(feats[tr], real.labels[tr], feats[te], n_classes, cfg.knn_k, cfg.knn_temperature)
+    return topk_accuracy(scores, real.labels[te])
+
+
 def random_init_backbone(cfg: Config) -> nn.Module:
     """The backbone exactly as a run with this config starts, before any training."""
     torch.manual_seed(cfg.train.seed)  # seeded exactly as training seeds it, hence the same weights

@@ -65,12 +65,13 @@ class RunMetrics:
                    **self._ring_state()}
             self._write(row)
 
-    def end_epoch(self, epoch: int) -> None:
+    def end_epoch(self, epoch: int, **values: float) -> None:
+        """Write the epoch row (with ``values``, e.g. the kNN accuracy) and its log line."""
         e = self._epoch
         if not e["steps"]:
             return
         synthetic = sum(e[k] for k in SYNTHETIC)
-        row = {"epoch_end": epoch, **{k: e[k] for k in COUNTS},
+        row = {"epoch_end": epoch, **values, **{k: e[k] for k in COUNTS},
                "mean_age": e["age_sum"] / synthetic if synthetic else math.nan,
                "mean_reuse": e["reuse_sum"] / synthetic if synthetic else math.nan,
                "wait_s": e["wait_s"], "epoch_s": time.monotonic() - e["started"], **self._ring_state()}
@@ -79,6 +80,8 @@ class RunMetrics:
         log.info("epoch %d: %d fresh, %d cached, %d from disk, %d fallback; mean age %.2f epochs, mean reuse "
                  "%.2f; waited %.1fs of %.1fs", epoch, e["fresh"], e["cached"], e["disk"], e["fallback"], row["mean_age"],
                  row["mean_reuse"], e["wait_s"], row["epoch_s"])
+        if "knn_top1" in values:
+            log.info("epoch %d: kNN top-1 %.2f%% on held-out real images", epoch, values["knn_top1"])
         self._epoch = self._empty_epoch()
 
     def postfix(self, loss: float) -> dict[str, str | int]:

@@ -39,7 +39,7 @@ from onlinemix.cache import CacheError, CacheReader, cache_key, check_writable, 
 from onlinemix.cli import parse_args
 from onlinemix.config import Config, ConfigError, load_config, save_config
 from onlinemix.data import DataError, RealImages, load_real_images
-from onlinemix.eval import BACKBONE_FILE, compare_with_random_init, format_probe
+from onlinemix.eval import BACKBONE_FILE, compare_with_random_init, format_probe, knn_on_heldout
 from onlinemix.losses import nt_xent
 from onlinemix.metrics import RunMetrics
 from onlinemix.models import SSLModel
@@ -140,6 +140,15 @@ class Trainer:
         self.optimizer.step()
         return loss.item()
 
+    def epoch_knn(self, epoch: int) -> dict[str, float]:
+        """The kNN monitor every ``probe.knn_every`` epochs, on the main process."""
+        every = self.cfg.probe.knn_every
+        if not every or (epoch + 1) % every or not self.acc.is_main_process:
+            return {}
+        backbone = self.acc.unwrap_model(self.model).backbone
+        result = knn_on_heldout(backbone, self.real, self.cfg.probe, self.acc.device)
+        return {"knn_top1": result["top1"], "knn_top5": result["top5"]}
+
     def fit(self, pairs: PairSource | None, ring: PairRing | None, pool: ProducerPool | None = None) -> None:
         tc = self.cfg.train
         acc = self.acc
@@ -173,7 +182,7 @@ class Trainer:
                 metrics.record(self.step, epoch, batch.stats, self.step % tc.log_every == 0 or last,
                                loss=loss, lr=self.optimizer.param_groups[0]["lr"], step_s=step_s)
                 if self.step % spe == 0 or last:
-                    metrics.end_epoch(epoch)
+                    metrics.end_epoch(epoch, **self.epoch_knn(epoch))
                 bar.set_postfix(metrics.postfix(loss), refresh=False)
                 bar.update()
                 if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:

@@ -80,14 +80,16 @@ def test_plain_simclr_learns_better_features_than_random_init(tmp_path: Path) ->
     results = run(["--train.pairing", "real", "--gen-gpus", "0", "--train.epochs", "6", "--train.width", "16",
                    "--output-dir", str(tmp_path), "--run-name", "learn"])
     assert results["trained"]["top1"] > results["random_init"]["top1"] + 2.0, results
+    knn = [row["knn_top1"] for row in epoch_rows(tmp_path / "learn")]  # the kNN monitor, once per epoch
+    assert len(knn) == 6 and knn[-1] > 50.0, knn  # 10 classes: chance is 10%
 
 
 def test_exception_in_the_trainer_stops_producers_and_frees_shared_memory(tmp_path: Path, monkeypatch,
                                                                           no_leaked_segments) -> None:
-    def failing_step(self, batch):
+    def failing_step(self, *views):
         if self.step == 2:
             raise RuntimeError("injected failure")
-        return original(self, batch)
+        return original(self, *views)
 
     original = train_module.Trainer.train_step
     monkeypatch.setattr(train_module.Trainer, "train_step", failing_step)
