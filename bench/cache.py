@@ -57,9 +57,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 KEY = "bench"
 DEFAULTS = {  # (default run, --quick run)
     "resolutions": ("32,224,512", "32"),
-    "mib": (256.0, 1.0),
-    "train_batch_size": (64, 16),
-    "train_steps": (4, 1),
+    "mib": (128.0, 1.0),
+    "train_batch_size": (16, 16),
+    "train_steps": (2, 1),
     "train_warmup": (1, 0),
 }
 READS_RAW = ("cold_verify", "warm_verify", "cold_noverify", "warm_noverify")
