@@ -162,6 +162,16 @@ class _Workers:
                 p.terminate()
                 p.join(5.0)
 
+    def drain_done(self) -> int:
+        """Pairs reported after the parent stopped listening (a Ctrl-C lets each worker finish its batch)."""
+        done = 0
+        while True:
+            try:
+                event = self.events.get(timeout=0.1)
+            except (queue.Empty, OSError, EOFError):
+                return done
+            done += event[2] if event[0] == "done" else 0
+
 
 def _gather_ready(workers: _Workers) -> dict:
     """Every worker's generator description; they must agree (same fingerprint on every device)."""
@@ -216,6 +226,7 @@ def warm(cfg: Config, variations: int, workers: int) -> WarmResult:
         interrupted = True
     finally:
         pool.shutdown()
+        generated += pool.drain_done()
     end = time.perf_counter()
     return WarmResult(key, generated, skipped, end - started, end - (generate_started or end), interrupted)
 
