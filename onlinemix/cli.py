@@ -8,18 +8,9 @@ from pathlib import Path
 from .config import leaves
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="onlinemix.train",
-        description="Self-supervised training with synthetic views generated on the fly (MixDiff). "
-                    "Producers run a Stable Diffusion image-variation model and fill a shared-memory ring of "
-                    "(real, synthetic) pairs; trainers consume it through accelerate. With no arguments, trains "
-                    "the embedded default: SimCLR + MixDiff, tiny convnet, bundled digits, tiny stub diffuser, CPU.")
-    parser.add_argument("--config", type=Path, default=None,
-                        help="YAML preset (see configs/); command-line flags override it")
-    parser.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                        help="continue a run from its latest checkpoint, with its saved config "
-                             "(flags given here still override it, e.g. more --train.epochs)")
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One ``--section.key`` flag per config leaf (dest = the dotted key, default None = not given);
+    ``config_overrides`` collects the ones given. Shared by every command that takes a config."""
     groups: dict[str, argparse._ArgumentGroup] = {}
     for key, f, tp in leaves():
         section = key.split(".")[0] if "." in key else "run"
@@ -35,11 +26,30 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument(*flags, dest=key, default=None, metavar=tp.__name__.upper(),
                            help=f"{help_text} [default: {f.default}]", **boolean)
     parser.set_defaults(**{key: None for key, _, _ in leaves()})
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """The config overrides the user actually gave (dotted key -> text)."""
+    return {key: getattr(args, key) for key, _, _ in leaves() if getattr(args, key) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onlinemix.train",
+        description="Self-supervised training with synthetic views generated on the fly (MixDiff). "
+                    "Producers run a Stable Diffusion image-variation model and fill a shared-memory ring of "
+                    "(real, synthetic) pairs; trainers consume it through accelerate. With no arguments, trains "
+                    "the embedded default: SimCLR + MixDiff, tiny convnet, bundled digits, tiny stub diffuser, CPU.")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="YAML preset (see configs/); command-line flags override it")
+    parser.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                        help="continue a run from its latest checkpoint, with its saved config "
+                             "(flags given here still override it, e.g. more --train.epochs)")
+    add_config_options(parser)
     return parser
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, str]]:
     """Parsed args and the config overrides the user actually gave (dotted key -> text)."""
     args = build_parser().parse_args(argv)
-    overrides = {key: getattr(args, key) for key, _, _ in leaves() if getattr(args, key) is not None}
-    return args, overrides
+    return args, config_overrides(args)

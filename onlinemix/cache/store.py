@@ -80,7 +80,8 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_atomically(path: Path, write) -> None:
     """``write(file)`` to a temporary name, fsync, rename into place, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    # Unique per writer: producers starting together on a new key all write its generator.json.
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)

@@ -1,0 +1,160 @@
+"""``python -m onlinemix.cache`` (``onlinemix-cache``): warm, inspect, verify, export and import the
+on-disk cache of generated pairs. Every subcommand takes the training config (``--config FILE`` and
+the same ``--section.key VALUE`` flags as training), so ``--cache.dir``, ``--data.dataset`` and the
+``--generator.*`` settings mean exactly what they mean to a training run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..cli import add_config_options, config_overrides
+from ..config import Config, ConfigError, DataConfig, load_config
+from ..data import DataError, load_real_images
+from .maintenance import describe_keys, format_info, format_verify, key_info, quarantined, verify_key
+from .store import CacheError
+from .transfer import export, import_tars
+from .warm import default_workers, summary, warm
+
+EXIT_INTERRUPTED = 130
+
+COMMANDS = {
+    "warm": "generate the variations of every training image into the cache (the paper's precompute): "
+            "only the (image, variation) pairs missing from the cache, with N worker processes; resumable",
+    "info": "per cache key: generator, images covered, variations-per-image histogram, shards, disk use, "
+            "uncommitted leftovers",
+    "verify": "check every committed shard against its record's CRC32s and shape; move corrupt ones to "
+              "quarantine/<key>/ (exit status 1 when anything was quarantined); list orphan shards",
+    "export": "write the cache as webdataset tar shards of lossless PNG pairs",
+    "import": "read exported webdataset tar shards into the cache, skipping pairs already there",
+}
+
+EPILOG = """examples:
+  python -m onlinemix.cache warm --variations 4 --cache.dir /data/cache          # digits, stub generator
+  python -m onlinemix.cache warm --producers 8 --data.dataset /data/imagenet100/train --data.resolution 224 \\
+      --generator.model lambdalabs/sd-image-variations-diffusers --generator.resolution 512 --cache.dir /data/cache
+  python -m onlinemix.cache info --coverage --cache.dir /data/cache
+  python -m onlinemix.cache verify --cache.dir /data/cache
+  python -m onlinemix.cache export --out /data/cache-tars --cache.dir /data/cache
+  python -m onlinemix.cache import /data/cache-tars --cache.dir /other/cache
+Run `python -m onlinemix.cache SUBCOMMAND --help` for a subcommand's options."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onlinemix.cache", description=__doc__.split("\n\n")[0].replace("\n", " "), epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    commands = {}
+    for name, text in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--config", type=Path, default=None, help="YAML preset (see configs/); flags override it")
+        commands[name] = p
+    commands["warm"].add_argument("--producers", type=int, default=None, metavar="N",
+                                  help="worker processes, one generator each (default: one per visible GPU, "
+                                       "or 1 on the CPU)")
+    commands["warm"].add_argument("--variations", type=int, default=1, metavar="K",
+                                  help="variations per training image (default 1); variation k uses the seed an "
+                                       "online run uses in epoch k and is stored with epoch=k")
+    commands["info"].add_argument("--coverage", action="store_true",
+                                  help="load each key's dataset (decoding its images) to report the fraction of "
+                                       "its training images covered")
+    commands["info"].add_argument("--json", action="store_true", help="print JSON instead of text")
+    commands["verify"].add_argument("--quarantine-orphans", action="store_true",
+                                    help="also move shards without a commit record to quarantine (do not use "
+                                         "while a writer may be between writing a shard and its record)")
+    commands["export"].add_argument("--out", type=Path, required=True, metavar="DIR",
+                                    help="directory for the tar shards, named <key>-NNNNNN.tar")
+    commands["export"].add_argument("--key", action="append", default=[], metavar="PREFIX",
+                                    help="export only keys starting with PREFIX (repeatable; default all keys)")
+    commands["export"].add_argument("--samples-per-tar", type=int, default=10_000, metavar="N",
+                                    help="pairs per tar shard (default 10000)")
+    commands["import"].add_argument("sources", nargs="+", metavar="SRC",
+                                    help="tar shard, directory of tar shards, or brace pattern 's-{000..009}.tar'")
+    for p in commands.values():
+        add_config_options(p)
+    return parser
+
+
+def run_warm(cfg: Config, args: argparse.Namespace) -> int:
+    workers = args.producers or default_workers()
+    if workers < 1 or args.variations < 1:
+        raise ConfigError("--producers and --variations must be >= 1")
+    result = warm(cfg, args.variations, workers)
+    print(summary(result))
+    return EXIT_INTERRUPTED if result.interrupted else 0
+
+
+def train_ids_of(desc: dict, cfg: Config) -> np.ndarray | None:
+    """The training ids of the dataset a key was made for, or None (with a note) when it cannot be loaded."""
+    try:
+        data = DataConfig(dataset=desc["dataset"], resolution=desc["resolution"],
+                          holdout_fraction=cfg.data.holdout_fraction)
+        return load_real_images(data).train_ids.numpy()
+    except (KeyError, DataError, OSError) as e:
+        print(f"note: cannot load the dataset of this key to measure coverage ({e})", file=sys.stderr)
+        return None
+
+
+def run_info(cfg: Config, args: argparse.Namespace) -> int:
+    root = cfg.cache_root()
+    keys = describe_keys(root)
+    infos = [key_info(root, key, desc, train_ids_of(desc, cfg) if args.coverage else None)
+             for key, desc in keys.items()]
+    held = quarantined(root)
+    if args.json:
+        print(json.dumps({"root": str(root), "keys": infos, "quarantine": held}, indent=2))
+        return 0
+    print(f"cache {root}: {len(infos)} key(s)" + ("" if root.is_dir() else " (the directory does not exist)"))
+    for info in infos:
+        print(format_info(info))
+    for key, n in held.items():
+        print(f"quarantine/{key}: {n} file(s) set aside by verify")
+    return 0
+
+
+def run_verify(cfg: Config, args: argparse.Namespace) -> int:
+    root = cfg.cache_root()
+    results = [verify_key(root, key, args.quarantine_orphans) for key in describe_keys(root)]
+    for res in results:
+        print(format_verify(res))
+    moved = sum(len(r["corrupt"]) for r in results)
+    print(f"verify: {len(results)} key(s), {moved} corrupt file(s) moved to {root / 'quarantine'}" if moved
+          else f"verify: {len(results)} key(s), every committed shard is good")
+    return 1 if moved else 0
+
+
+def run_export(cfg: Config, args: argparse.Namespace) -> int:
+    written = export(cfg.cache_root(), args.out, args.key, args.samples_per_tar)
+    for key, n in written.items():
+        print(f"exported {n} pairs of {key} to {args.out}/{key}-*.tar")
+    return 0
+
+
+def run_import(cfg: Config, args: argparse.Namespace) -> int:
+    added, skipped, keys = import_tars(cfg.cache_root(), args.sources, cfg.cache.shard_pairs)
+    print(f"imported {added} pairs, skipped {skipped} already cached; key(s) {', '.join(keys) or 'none'}")
+    return 0
+
+
+RUNNERS = {"warm": run_warm, "info": run_info, "verify": run_verify, "export": run_export, "import": run_import}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, config_overrides(args))
+        code = RUNNERS[args.command](cfg, args)
+    except (ConfigError, CacheError, DataError) as e:
+        sys.exit(f"onlinemix.cache {args.command}: {e}")
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""The cache command (``python -m onlinemix.cache``): warm, resume after SIGKILL, verify, export/import, info.
+
+A tiny ImageFolder dataset (80 random images, 64 of them training images) and the stub generator
+keep every warm to seconds. ``warm`` runs as a subprocess (it spawns workers, and one test kills
+it); the other subcommands run in-process through ``main``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from onlinemix.cache.__main__ import main
+from onlinemix.cache.store import INDEX, QUARANTINE, SHARDS, CacheReader, cache_keys
+from onlinemix.config import load_config
+from onlinemix.data import load_real_images
+from onlinemix.generate import make_generator
+from onlinemix.schedule import variation_seed
+
+REPO = Path(__file__).resolve().parent.parent
+N_IMAGES, N_TRAIN = 80, 64  # data.holdout_fraction 0.2
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for i in range(N_IMAGES):
+        d = root / f"class{i % 2}"
+        d.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i:03d}.png")
+    return root
+
+
+def flags(dataset: Path, cache: Path, *extra: str) -> list[str]:
+    return ["--data.dataset", str(dataset), "--cache.dir", str(cache), "--generator.batch-size", "8", *extra]
+
+
+def warm_command(dataset: Path, cache: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "onlinemix.cache", "warm", *flags(dataset, cache, *extra)]
+
+
+def run_warm(dataset: Path, cache: Path, *extra: str) -> dict:
+    """Run a warm to the end; returns its summary's numbers."""
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(warm_command(dataset, cache, *extra), capture_output=True, text=True, timeout=300,
+                          cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    words = proc.stdout.split()
+    return {"generated": int(words[words.index("generated") + 1]), "skipped": int(words[words.index("skipped") + 1])}
+
+
+def only_key(cache: Path) -> str:
+    (key,) = cache_keys(cache)
+    return key
+
+
+def cached_pairs(cache: Path) -> Counter:
+    """(real_id, seed, epoch) -> how many times the cache's committed records hold it."""
+    counts: Counter = Counter()
+    for record in (cache / only_key(cache) / INDEX).glob("*.json"):
+        r = json.loads(record.read_text())
+        counts.update(zip(r["ids"], r["seeds"], r["epochs"], strict=True))
+    return counts
+
+
+def expected_pairs(dataset: Path, variations: int) -> set[tuple[int, int, int]]:
+    train_ids = load_real_images(load_config(None, {"data.dataset": str(dataset)}).data).train_ids.tolist()
+    return {(i, variation_seed(0, i, k), k) for k in range(variations) for i in train_ids}
+
+
+def run_main(*argv: str) -> int | str:
+    """The subcommand's exit status, or its error message (``sys.exit(message)``)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    return exit_info.value.code
+
+
+@pytest.fixture(scope="module")
+def warmed(dataset: Path, tmp_path_factory) -> Path:
+    """Warm 2 variations with 2 workers, then again: the second warm finds nothing missing.
+    (That a warm generates exactly what is missing is tested by the resume after a kill.)"""
+    cache = tmp_path_factory.mktemp("warmed") / "cache"
+    first = run_warm(dataset, cache, "--variations", "2", "--producers", "2")
+    second = run_warm(dataset, cache, "--variations", "2")
+    assert (first["generated"], first["skipped"]) == (2 * N_TRAIN, 0)
+    assert (second["generated"], second["skipped"]) == (0, 2 * N_TRAIN)
+    return cache
+
+
+def test_warm_generates_exactly_the_missing_pairs_as_an_online_run_would(warmed: Path, dataset: Path,
+                                                                         one_torch_thread) -> None:
+    counts = cached_pairs(warmed)
+    assert set(counts) == expected_pairs(dataset, 2) and set(counts.values()) == {1}
+    desc = cache_keys(warmed)[only_key(warmed)]
+    assert desc["dataset"] == str(dataset) and desc["resolution"] == 32 and desc["identity"]["guidance"] == 3.0
+    # The cached variation k of an image is bit for bit what a producer generates for it in epoch k.
+    cfg = load_config(None, {"data.dataset": str(dataset)})
+    gen = make_generator(cfg.generator, "cpu", 32)
+    assert desc["fingerprint"] == gen.fingerprint and desc["identity"] == gen._identity()
+    real = load_real_images(cfg.data).images
+    reader = CacheReader(warmed, only_key(warmed), 32)
+    ids = [int(i) for i in load_real_images(cfg.data).train_ids[:4]]
+    for k in (0, 1):
+        seeds = [variation_seed(0, i, k) for i in ids]
+        fresh = gen.generate(real[ids], seeds).numpy()
+        for j, (i, seed) in enumerate(zip(ids, seeds, strict=True)):
+            (v,) = [v for v in reader.variations(i) if v.seed == seed]
+            pair = reader.read(v)
+            assert v.epoch == k
+            np.testing.assert_array_equal(pair[0], real[i].numpy())
+            np.testing.assert_array_equal(pair[1], fresh[j])
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the workers through /proc (Linux)")
+def test_warm_killed_then_resumed_generates_only_what_is_missing(dataset: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(warm_command(dataset, cache, "--variations", "2", "--cache.shard-pairs", "8"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    deadline = time.monotonic() + 120
+    while not list(cache.glob(f"*/{INDEX}/*.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, "warm ended before committing a shard"
+        time.sleep(0.01)
+    workers = _children(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 30
+    while any(_alive(w) for w in workers):  # the workers die with the warm process (PR_SET_PDEATHSIG)
+        assert time.monotonic() < deadline, "warm workers outlived the killed warm process"
+        time.sleep(0.05)
+    before = cached_pairs(cache)
+    assert 0 < sum(before.values()) < 2 * N_TRAIN, "the kill came too late to test a resume"
+
+    resumed = run_warm(dataset, cache, "--variations", "2", "--cache.shard-pairs", "8")
+    assert resumed["skipped"] == len(before) and resumed["generated"] == 2 * N_TRAIN - len(before)
+    after = cached_pairs(cache)
+    assert set(after) == expected_pairs(dataset, 2) and set(after.values()) == {1}  # each (id, k) exactly once
+
+
+def test_verify_quarantines_a_corrupt_shard_and_keeps_the_rest_readable(warmed: Path, tmp_path: Path,
+                                                                       capsys) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(warmed, cache)
+    key = only_key(cache)
+    shards = sorted((cache / key / SHARDS).glob("*.npy"))
+    bad = shards[0]
+    data = bytearray(bad.read_bytes())
+    data[-100:-90] = bytes(255 - b for b in data[-100:-90])  # inside the pixels, past the .npy header
+    bad.write_bytes(bytes(data))
+    orphan = cache / key / SHARDS / "orphan-000000.npy"
+    shutil.copy(shards[1], orphan)  # a shard without a commit record: listed, never deleted
+    assert run_main("verify", "--cache.dir", str(cache)) == 1
+    out = capsys.readouterr().out
+    assert f"QUARANTINED {bad.name}" in out and "CRC32" in out and "orphan-000000.npy" in out
+    assert (cache / QUARANTINE / key / SHARDS / bad.name).is_file()
+    assert (cache / QUARANTINE / key / INDEX / f"{bad.stem}.json").is_file()
+    assert not bad.exists() and orphan.exists()
+    # Every pair of the other shards is still served, verified.
+    reader = CacheReader(cache, key, 32, verify=True)
+    good = Counter()
+    for record in (cache / key / INDEX).glob("*.json"):
+        good.update(json.loads(record.read_text())["ids"])
+    assert len(reader) == sum(good.values()) == 2 * N_TRAIN - json.loads(
+        (cache / QUARANTINE / key / INDEX / f"{bad.stem}.json").read_text())["pairs"]
+    for real_id, n in good.items():
+        for _ in range(n):
+            assert reader.take(real_id) is not None
+    # A second verify finds nothing more to do; with --quarantine-orphans the orphan moves too.
+    assert run_main("verify", "--cache.dir", str(cache)) == 0
+    assert run_main("verify", "--cache.dir", str(cache), "--quarantine-orphans") == 0
+    assert not orphan.exists() and (cache / QUARANTINE / key / SHARDS / orphan.name).is_file()
+
+
+def test_export_then_import_gives_identical_pairs(warmed: Path, tmp_path: Path, capsys) -> None:
+    tars, fresh = tmp_path / "tars", tmp_path / "fresh"
+    assert run_main("export", "--out", str(tars), "--cache.dir", str(warmed), "--samples-per-tar", "50") == 0
+    assert len(list(tars.glob("*.tar"))) == 3  # 128 pairs, 50 per tar
+    assert run_main("import", str(tars), "--cache.dir", str(fresh)) == 0
+    assert "imported 128 pairs, skipped 0" in capsys.readouterr().out
+    assert run_main("import", str(tars), "--cache.dir", str(fresh)) == 0  # nothing twice
+    assert "imported 0 pairs, skipped 128" in capsys.readouterr().out
+    key = only_key(warmed)
+    assert cache_keys(fresh) == cache_keys(warmed)  # same key, same generator description
+    src, dst = CacheReader(warmed, key, 32), CacheReader(fresh, key, 32)
+    assert len(src) == len(dst) == 2 * N_TRAIN
+    for real_id in range(N_IMAGES):
+        a = {v.seed: (v.epoch, src.read(v)) for v in src.variations(real_id)}
+        b = {v.seed: (v.epoch, dst.read(v)) for v in dst.variations(real_id)}
+        assert a.keys() == b.keys()
+        for seed, (epoch, pair) in a.items():
+            assert b[seed][0] == epoch
+            np.testing.assert_array_equal(b[seed][1], pair)
+
+
+def test_info_reports_counts_histogram_and_leftovers(warmed: Path, dataset: Path, tmp_path: Path, capsys) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(warmed, cache)
+    key = only_key(cache)
+    records = sorted((cache / key / INDEX).glob("*.json"))
+    dropped = json.loads(records[0].read_text())
+    records[0].unlink()  # its shard becomes an orphan: uncommitted, and its pairs no longer count
+    (cache / key / SHARDS / ".half-written.npy.tmp").write_bytes(b"x")
+    assert run_main("info", "--cache.dir", str(cache), "--data.dataset", str(dataset), "--coverage", "--json") == 0
+    (info,) = json.loads(capsys.readouterr().out)["keys"]
+    held = Counter({i: 2 for i in load_real_images(load_config(None, {"data.dataset": str(dataset)}).data)
+                    .train_ids.tolist()})
+    held.subtract(dropped["ids"])
+    assert info["pairs"] == 2 * N_TRAIN - dropped["pairs"] and info["shards"] == len(records) - 1
+    assert info["images"] == sum(1 for n in held.values() if n)
+    assert info["variations_histogram"] == {str(k): v for k, v in sorted(Counter(held.values()).items())}
+    assert info["coverage"] == pytest.approx(info["images"] / N_TRAIN) and info["train_images"] == N_TRAIN
+    assert info["orphan_shards"] == [f"{records[0].stem}.npy"]
+    assert info["temporary_files"] == [".half-written.npy.tmp"]
+    assert info["model"] == "stub" and info["guidance"] == 3.0 and info["resolution"] == 32
+    assert info["bytes"] > 2 * N_TRAIN * 2 * 3 * 32 * 32 * 0.9
+    assert run_main("info", "--cache.dir", str(cache)) == 0
+    text = capsys.readouterr().out
+    assert "1 shard(s) without a commit record" in text and "1 temporary file(s)" in text
+    assert f"{2 * N_TRAIN - dropped['pairs']} in {len(records) - 1} shard(s)" in text
+
+
+def test_warm_into_an_unwritable_cache_fails_at_start(dataset: Path, tmp_path: Path) -> None:
+    # Root ignores permission bits, so chmod cannot make a directory unwritable in every test
+    # environment; a path under a regular file cannot be created by anyone (ENOTDIR).
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    started = time.monotonic()
+    message = run_main("warm", *flags(dataset, blocker / "cache"))
+    assert isinstance(message, str) and "not writable" in message and str(blocker / "cache") in message
+    assert time.monotonic() - started < 30  # at start: no worker was started, nothing generated
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert "not writable" in str(run_main("warm", *flags(dataset, locked / "cache")))
+
