@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from onlinemix.cache import CacheReader, cache_key
@@ -58,3 +61,15 @@ def test_an_unwritable_cache_directory_stops_the_run_before_it_starts(tmp_path: 
     assert proc.returncode != 0
     assert f"cache directory {blocker / 'cache'} is not writable" in proc.stderr
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob("**/producer-*"))
+
+
+def test_warm_then_offline_is_the_papers_precompute_then_train(tmp_path: Path) -> None:
+    cache = ["--cache.dir", str(tmp_path / "cache")]
+    warm = subprocess.run([sys.executable, "-m", "onlinemix.cache", "warm", "--producers", "1", *cache],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    offline = run_training("--output-dir", str(tmp_path), "--run-name", "offline", "--offline", *cache, *FAST)
+    assert offline.returncode == 0, offline.stderr[-3000:]
+    row = last_row(tmp_path / "offline")
+    assert row["total_disk"] == STEPS * 64 and row["total_fallback"] == 0  # every image was warmed
+    assert not list((tmp_path / "offline").glob("producer-*"))
