@@ -24,6 +24,7 @@ import textwrap
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -32,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .augment import eval_transform
+from .cache import CacheError, CacheReader, select_key
 from .config import ConfigError, GeneratorConfig, load_config
 from .data import DataError, load_real_images
 from .eval import CONFIG_FILE, load_backbone
@@ -150,11 +152,23 @@ def torchvision_extractor(arch: str, weights: Path, size: int | None = None) -> 
 
 # ----------------------------------------------------------------------------- variations and the sweep
 
-def variations_for(images: torch.Tensor, ids: torch.Tensor, gen_cfg: GeneratorConfig, guidance: float,
-                    device: torch.device) -> torch.Tensor:
-    """One variation per image at guidance scale ``guidance``, seeded by (generator.seed, image id).
+def cached_variations(cache: Path, dataset: str, ids: torch.Tensor, resolution: int,
+                      guidance: float) -> torch.Tensor | None:
+    """One cached variation per image at this guidance scale, or None unless the cache has them all."""
+    try:
+        key = select_key(cache, dataset, resolution, guidance)
+    except CacheError:
+        return None
+    reader = CacheReader(cache, key, resolution)
+    taken = [reader.take(int(i)) for i in ids]
+    if any(t is None for t in taken):
+        return None
+    return torch.stack([torch.from_numpy(np.array(pair[1])) for pair, _, _ in taken])
 
-    The only source of variations here: a cache of pre-made variations can answer instead."""
+
+def variations_for(images: torch.Tensor, ids: torch.Tensor, gen_cfg: GeneratorConfig, guidance: float,
+                   device: torch.device) -> torch.Tensor:
+    """One variation per image at guidance scale ``guidance``, seeded by (generator.seed, image id)."""
     generator = make_generator(replace(gen_cfg, guidance=guidance), device, images.shape[-1])
     out = []
     for i in tqdm(range(0, len(images), gen_cfg.batch_size), desc=f"generate k={guidance:g}", unit="batch"):
@@ -164,14 +178,20 @@ def variations_for(images: torch.Tensor, ids: torch.Tensor, gen_cfg: GeneratorCo
 
 
 def sweep(images: torch.Tensor, ids: torch.Tensor, gen_cfg: GeneratorConfig, scales: list[float],
-          extractor: FeatureExtractor, device: torch.device) -> dict:
+          extractor: FeatureExtractor, device: torch.device, cache: Path | None = None, dataset: str = "") -> dict:
+    """Diversity and Frechet distance per guidance scale. Variations come from the disk cache when it
+    holds one for every image at that scale (warmed with ``python -m onlinemix.cache warm``), else
+    they are generated."""
     real = extractor.features(images, device, "features real")
     half = len(real) // 2
     rows = []
     for k in scales:
-        fake = extractor.features(variations_for(images, ids, gen_cfg, k, device), device, f"features k={k:g}")
+        cached = cached_variations(cache, dataset, ids, images.shape[-1], k) if cache is not None else None
+        variations = cached if cached is not None else variations_for(images, ids, gen_cfg, k, device)
+        fake = extractor.features(variations, device, f"features k={k:g}")
         rows.append({"guidance": k, "diversity": mean_cosine_distance(real, fake),
-                     "frechet_distance": frechet_distance(real, fake)})
+                     "frechet_distance": frechet_distance(real, fake),
+                     "variations": "cache" if cached is not None else "generated"})
     return {"extractor": extractor.name, "fd_label": extractor.fd_label,
             "diversity_definition": "mean cosine distance (1 - cos) between the features of each real image "
                                     "and those of its variation",
@@ -242,7 +262,8 @@ def run(args: argparse.Namespace) -> dict:
     ids = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:args.num_images].sort().values
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = {"dataset": cfg.data.dataset, "resolution": cfg.data.resolution,
-              **sweep(real.images[ids], ids, cfg.generator, args.guidance, extractor, device),
+              **sweep(real.images[ids], ids, cfg.generator, args.guidance, extractor, device,
+                      cfg.cache_root() if cfg.cache.enabled else None, cfg.data.dataset),
               "generator": {k: v for k, v in asdict(cfg.generator).items() if k != "guidance"}}
     out = args.out or args.run_dir / "stats"
     out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from onlinemix.cache import ShardWriter, cache_key
 from onlinemix.config import Config, save_config
+from onlinemix.data import load_real_images
+from onlinemix.schedule import variation_seed
 from onlinemix.models import SSLModel
 from onlinemix.stats import (
     frechet_distance,
@@ -87,6 +90,7 @@ def test_torchvision_extractor_from_a_local_file(tmp_path: Path) -> None:
 def test_stats_command_end_to_end(tmp_path: Path, capsys) -> None:
     cfg = Config()
     cfg.data.resolution, cfg.train.width, cfg.generator.steps = 16, 8, 2
+    cfg.output_dir = str(tmp_path)  # so the cache looked up is <tmp_path>/cache, empty
     save_file(SSLModel(cfg.train).backbone.state_dict(), str(tmp_path / "backbone.safetensors"))
     save_config(cfg, tmp_path / "config.yaml")
     main([str(tmp_path), "--num-images", "64", "--guidance", "1", "3"])
@@ -99,6 +103,25 @@ def test_stats_command_end_to_end(tmp_path: Path, capsys) -> None:
     # Different guidance, different images: the two scales do not give identical statistics.
     assert result["scales"][0]["frechet_distance"] != result["scales"][1]["frechet_distance"]
     assert (tmp_path / "stats" / "stats.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {r["variations"] for r in result["scales"]} == {"generated"}
+
+
+def test_stats_read_variations_from_the_cache_when_it_covers_the_images(tmp_path: Path) -> None:
+    cfg = Config()
+    cfg.data.resolution, cfg.train.width, cfg.output_dir = 16, 8, str(tmp_path)
+    save_file(SSLModel(cfg.train).backbone.state_dict(), str(tmp_path / "backbone.safetensors"))
+    save_config(cfg, tmp_path / "config.yaml")
+    real = load_real_images(cfg.data)
+    # "Variations" identical to their real images, cached for guidance 3 only: diversity and distance 0.
+    writer = ShardWriter(cfg.cache_root(), cache_key("c" * 16, "digits"),
+                         {"dataset": "digits", "identity": {"guidance": 3.0}}, 16, 4096, 3600.0)
+    for i in range(len(real)):
+        writer.add(i, variation_seed(cfg.generator.seed, i, 0), 0, real.images[i].numpy(), real.images[i].numpy())
+    writer.close()
+    main([str(tmp_path), "--num-images", "64", "--guidance", "1", "3"])
+    rows = {r["guidance"]: r for r in json.loads((tmp_path / "stats" / "stats.json").read_text())["scales"]}
+    assert rows[3.0]["variations"] == "cache" and rows[3.0]["diversity"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[1.0]["variations"] == "generated" and rows[1.0]["diversity"] > 0
 
 
 def test_stats_command_bad_input(tmp_path: Path) -> None:
