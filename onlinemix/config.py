@@ -40,7 +40,8 @@ class DataConfig:
                                "use: a fixed class-stratified subset (seed 0), nested (the 0.25 subset lies inside the "
                                "0.5 one); the paper's limited-data study uses 0.25 / 0.5 / 1.0", low=1e-6, high=1.0)
     min_crop_scale: float = opt(0.2, "lower bound of RandomResizedCrop's area scale in the two-view recipes "
-                                "(0.08 = SimCLR's ImageNet value; 0.2 suits the upscaled 8x8 digits)", low=0.01, high=1.0)
+                                "(0.08 = SimCLR's ImageNet value; 0.2 suits the upscaled 8x8 digits)",
+                                low=0.01, high=1.0)
 
 
 @dataclass

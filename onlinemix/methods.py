@@ -101,7 +101,7 @@ def pair_sources(batch: BatchPairs, pairing: str, generator: torch.Generator) ->
         return Sources(other, synthetic, other, synthetic)
     if pairing == "mixing":
         pick = torch.rand(len(real), generator=generator) < 0.5
-        images = [o if p else r for r, o, p in zip(real, other, pick.tolist())]
+        images = [o if p else r for r, o, p in zip(real, other, pick.tolist(), strict=True)]
         return Sources(images, pick & synthetic, images, pick & synthetic)
     raise ValueError(f"pairing {pairing!r} must be resolved with pairing_at first")
 
@@ -178,7 +178,8 @@ class BarlowTwins(SSLMethod):
         sizes = [backbone.out_dim, *projector_sizes(cfg.train.barlowtwins_projector)]
         layers: list[nn.Module] = []
         for i in range(len(sizes) - 2):
-            layers += [nn.Linear(sizes[i], sizes[i + 1], bias=False), nn.BatchNorm1d(sizes[i + 1]), nn.ReLU(inplace=True)]
+            layers += [nn.Linear(sizes[i], sizes[i + 1], bias=False), nn.BatchNorm1d(sizes[i + 1]),
+                       nn.ReLU(inplace=True)]
         layers.append(nn.Linear(sizes[-2], sizes[-1], bias=False))
         self.projector = nn.Sequential(*layers)
 
@@ -255,7 +256,8 @@ class DINO(SSLMethod):
         cancel_last_layer_gradients(self.head, info.epoch, self.cfg.train.dino_freeze_last_layer_epochs)
 
     def after_step(self, info: StepInfo) -> None:
-        ema_update(self.teacher.net, self.student(), momentum_at(info.step, info.total_steps, self.cfg.train.dino_momentum))
+        momentum = momentum_at(info.step, info.total_steps, self.cfg.train.dino_momentum)
+        ema_update(self.teacher.net, self.student(), momentum)
         if self._teacher_out:
             self.teacher.center.update(self._teacher_out)
             self._teacher_out = []

@@ -75,8 +75,8 @@ class Trainer:
         self.real = real
         tc = cfg.train
         # The same ids as the producers' schedule (data.select_train_ids: train.real_fraction).
-        self.schedule = EpochSchedule(select_train_ids(real, cfg.data).numpy(), tc.batch_size * accelerator.num_processes,
-                                      tc.seed)
+        self.schedule = EpochSchedule(select_train_ids(real, cfg.data).numpy(),
+                                      tc.batch_size * accelerator.num_processes, tc.seed)
         self.total_steps = self.schedule.steps_per_epoch * tc.epochs
         self.warmup_steps = int(tc.warmup_epochs * self.schedule.steps_per_epoch)
         method = build_method(cfg, real.labels, len(real.classes))  # initial weights depend on train.seed only

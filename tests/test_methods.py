@@ -43,7 +43,8 @@ def make_batch(n: int = B, synthetic: list[bool] | None = None) -> BatchPairs:
     """Real images all 0, synthetic all 255; a fallback's second image is the real one again."""
     synthetic = [True] * n if synthetic is None else synthetic
     real = [torch.zeros(3, RES, RES, dtype=torch.uint8) for _ in range(n)]
-    other = [torch.full((3, RES, RES), 255, dtype=torch.uint8) if s else r for r, s in zip(real, synthetic)]
+    white = torch.full((3, RES, RES), 255, dtype=torch.uint8)
+    other = [white.clone() if s else r for r, s in zip(real, synthetic, strict=True)]
     return BatchPairs(real, other, torch.tensor(synthetic))
 
 
@@ -206,7 +207,8 @@ def test_dino_teacher_moves_only_by_the_ema_and_the_center_updates() -> None:
     for p_t, old, p_s in zip(method.teacher.net.parameters(), teacher_before, method.student().parameters(),
                              strict=True):
         torch.testing.assert_close(p_t, 0.9 * old + 0.1 * p_s)
-    assert any(not torch.equal(p, old) for p, old in zip(method.teacher.net.parameters(), teacher_before))
+    assert any(not torch.equal(p, old) for p, old in zip(method.teacher.net.parameters(), teacher_before,
+                                                           strict=True))
     assert method.teacher.center.center.abs().sum() > 0
     # Epoch 0 < dino_freeze_last_layer_epochs (1): the prototypes did not move; at epoch 1 they do.
     assert torch.equal(method.head.last_layer.parametrizations.weight.original1, last_before)
