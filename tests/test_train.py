@@ -84,10 +84,10 @@ def test_plain_simclr_learns_better_features_than_random_init(tmp_path: Path) ->
 
 def test_exception_in_the_trainer_stops_producers_and_frees_shared_memory(tmp_path: Path, monkeypatch,
                                                                           no_leaked_segments) -> None:
-    def failing_step(self, batch):
+    def failing_step(self, *views):
         if self.step == 2:
             raise RuntimeError("injected failure")
-        return original(self, batch)
+        return original(self, *views)
 
     original = train_module.Trainer.train_step
     monkeypatch.setattr(train_module.Trainer, "train_step", failing_step)
