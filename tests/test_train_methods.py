@@ -4,6 +4,9 @@ producer, and a DINO resume that restores the EMA teacher (kept outside DDP and 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ from safetensors.torch import load_file
 from onlinemix.methods import METHODS
 from onlinemix.train import run
 
-from conftest import run_training
+from conftest import REPO, run_training
 
 # 10% of the digits train (144 images): 4 steps of 32 per epoch, so each run takes seconds.
 SMALL = ["--train.batch-size", "32", "--data.holdout-fraction", "0.9", "--train.width", "8",
@@ -64,3 +67,16 @@ def test_dino_resume_restores_the_teacher(tmp_path: Path) -> None:
     run(["--resume", str(tmp_path / "r")])
     again = torch.load(teacher_file, weights_only=True)
     assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+
+
+def test_dino_trains_on_two_ddp_ranks(tmp_path: Path) -> None:
+    """Two gloo ranks: the student is DDP-wrapped, the teacher (outside DDP) follows it by EMA on each rank."""
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "onlinemix.train",
+         "--train.method", "dino", "--train.pairing", "real", "--gen-gpus", "0", *SMALL,
+         "--train.batch-size", "16", "--probe.enabled", "false", "--output-dir", str(tmp_path), "--run-name", "ddp"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "ddp" / "backbone.safetensors").is_file()
+    assert (tmp_path / "ddp" / "checkpoints" / f"step-{STEPS}" / "custom_checkpoint_0.pkl").is_file()
