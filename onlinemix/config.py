@@ -36,6 +36,12 @@ class DataConfig:
     resolution: int = opt(32, "side in pixels of the real and synthetic images held in the ring", low=8, high=1024)
     holdout_fraction: float = opt(0.2, "fraction of images held out (never trained on) for the probe's test split",
                                   low=0.05, high=0.9)
+    real_fraction: float = opt(1.0, "fraction of the training images the self-supervised trainer (and the producers) "
+                               "use: a fixed class-stratified subset (seed 0), nested (the 0.25 subset lies inside the "
+                               "0.5 one); the paper's limited-data study uses 0.25 / 0.5 / 1.0", low=1e-6, high=1.0)
+    min_crop_scale: float = opt(0.2, "lower bound of RandomResizedCrop's area scale in the two-view recipes "
+                                "(0.08 = SimCLR's ImageNet value; 0.2 suits the upscaled 8x8 digits)",
+                                low=0.01, high=1.0)
 
 
 @dataclass
@@ -117,18 +123,66 @@ class CacheConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = opt("simclr", "self-supervised method", choices=("simclr",))
-    pairing: str = opt("mixdiff", "view composition: 'mixdiff' pairs each real image with its synthetic "
-                       "variation, 'real' pairs two augmentations of the real image (plain SSL)",
-                       choices=("mixdiff", "real"))
+    method: str = opt("simclr", "training method (onlinemix/methods.py): 'simclr' (NT-Xent), 'barlowtwins' "
+                      "(cross-correlation), 'dino' (self-distillation, EMA teacher, multi-crop) or 'supervised' "
+                      "(linear classifier on the backbone, cross-entropy on the real images' labels, views from "
+                      "the pairing: the paper's supervised baseline)",
+                      choices=("simclr", "barlowtwins", "dino", "supervised"))
+    pairing: str = opt("mixdiff", "view composition: 'mixdiff' = (real, synthetic variation); 'real' = two views of "
+                       "the real image (plain SSL, no producers); 'synthetic' = two views of the synthetic image (the "
+                       "paper's 'Syn' models); 'mixing' = each sample uses its real or its synthetic image (50/50, "
+                       "seeded) for both views; 'sequential' = 'real' for train.sequential_real_epochs epochs, then "
+                       "'synthetic'. A missing synthetic view falls back to the real image",
+                       choices=("mixdiff", "real", "synthetic", "mixing", "sequential"))
+    sequential_real_epochs: int = opt(0, "pairing 'sequential': epochs on real pairs before switching to synthetic "
+                                      "ones; 0 = half of train.epochs", low=0, high=100_000)
+    augmentation: str = opt("simclr", "view augmentation recipe (onlinemix/augment.py): 'simclr' (MixDiff's real / "
+                            "synthetic branch recipes; DINO's multi-crop recipe for dino) or 'no_augmentation' "
+                            "(resize and flip only; DINO keeps its crops and drops colour, blur, solarisation)",
+                            choices=("simclr", "no_augmentation"))
     backbone: str = opt("tinycnn", "backbone network", choices=("tinycnn", "resnet18", "resnet50"))
     width: int = opt(32, "channel width of the tinycnn backbone", low=4, high=1024)
-    proj_dim: int = opt(64, "output size of the projection head", low=2, high=8192)
-    temperature: float = opt(0.2, "NT-Xent temperature tau", low=1e-4, high=10.0)
+    proj_dim: int = opt(64, "simclr: output size of SimCLR's projection head "
+                        "(Linear-BN-ReLU-Linear, hidden = backbone features)", low=2, high=65536)
+    temperature: float = opt(0.2, "simclr: NT-Xent temperature tau", low=1e-4, high=10.0)
+    barlowtwins_projector: str = opt("128-128", "barlowtwins: projector layer sizes, '-'-separated "
+                                     "(Linear-BN-ReLU between layers; the official ResNet-50 one is 8192-8192-8192)")
+    barlowtwins_lambda: float = opt(0.0051, "barlowtwins: weight lambda of the off-diagonal (redundancy) term",
+                                    low=0.0, high=100.0)
+    dino_out_dim: int = opt(256, "dino: prototypes K of the DINO head (official: 65536)", low=2, high=1_000_000)
+    dino_hidden_dim: int = opt(128, "dino: hidden width of the head's MLP (official: 2048)", low=2, high=65536)
+    dino_bottleneck_dim: int = opt(64, "dino: bottleneck before the weight-normalised last layer (official: 256)",
+                                   low=2, high=65536)
+    dino_use_bn: bool = opt(False, "dino: BatchNorm in the head's MLP (official: false)")
+    dino_norm_last_layer: bool = opt(True, "dino: freeze the last layer's weight-norm magnitude at 1 (official: true)")
+    dino_student_temp: float = opt(0.1, "dino: student softmax temperature", low=1e-4, high=10.0)
+    dino_teacher_temp: float = opt(0.04, "dino: teacher softmax temperature after the warm-up", low=1e-4, high=10.0)
+    dino_warmup_teacher_temp: float = opt(0.04, "dino: teacher temperature at epoch 0", low=1e-4, high=10.0)
+    dino_warmup_teacher_temp_epochs: int = opt(0, "dino: epochs of linear teacher-temperature warm-up", low=0)
+    dino_momentum: float = opt(0.996, "dino: base EMA momentum of the teacher (cosine to 1 over training)",
+                               low=0.0, high=1.0)
+    dino_center_momentum: float = opt(0.9, "dino: EMA momentum of the teacher-output center", low=0.0, high=1.0)
+    dino_freeze_last_layer_epochs: int = opt(1, "dino: epochs during which the head's last layer gets no update",
+                                             low=0)
+    dino_global_crop_min: float = opt(0.4, "dino: global crops cover [this, 1] of the image; local crops "
+                                      "[0.05, this] (official: 0.4 for ViTs, 0.14 for ResNet-50)", low=0.06, high=1.0)
+    dino_local_crops: int = opt(8, "dino: local crops per image for the single-source pairings (real, synthetic, "
+                                "mixing, sequential); mixdiff always uses the paper's 6 real + 2 synthetic",
+                                low=0, high=64)
     epochs: int = opt(10, "training epochs over the real images", low=0, high=100_000)
     batch_size: int = opt(128, "real images per batch per trainer rank", low=2, high=65536)
-    lr: float = opt(2e-3, "AdamW learning rate (cosine decay, linear warm-up)", low=0.0, high=10.0)
-    weight_decay: float = opt(1e-4, "AdamW weight decay", low=0.0, high=10.0)
+    optimizer: str = opt("adamw", "optimizer (onlinemix/optim.py); biases and norm parameters get no weight decay "
+                         "(and no LARS trust ratio)", choices=("adamw", "sgd", "lars"))
+    lr: float = opt(2e-3, "peak learning rate (before train.lr_scaling); linear warm-up, then cosine decay to "
+                    "train.final_lr", low=0.0, high=100.0)
+    lr_scaling: str = opt("none", "'linear' multiplies train.lr by global batch / 256 (SimCLR, BarlowTwins, DINO's "
+                          "rule); 'none' uses it as given", choices=("none", "linear"))
+    final_lr: float = opt(0.0, "learning rate at the end of the cosine decay (not scaled)", low=0.0, high=100.0)
+    momentum: float = opt(0.9, "momentum of sgd and lars (ignored by adamw)", low=0.0, high=0.9999)
+    weight_decay: float = opt(1e-4, "weight decay (decoupled for adamw)", low=0.0, high=10.0)
+    clip_grad: float = opt(0.0, "clip the global gradient norm to this value (accelerator.clip_grad_norm_); "
+                           "0 = off. DINO uses 3.0 (per parameter in the official code, global here)",
+                           low=0.0, high=1e6)
     warmup_epochs: float = opt(1.0, "epochs of linear learning-rate warm-up", low=0.0, high=10_000.0)
     seed: int = opt(0, "seed of the model initialisation, data order and augmentations", low=0)
     cpu_threads: int = opt(0, "torch threads of a trainer on the CPU; 0 = cores left after the producers",
@@ -176,16 +230,22 @@ class Config:
         """Reject combinations that are individually valid but cannot run."""
         if self.offline and not self.cache.enabled:
             raise ConfigError("offline=true trains from the disk cache: it needs cache.enabled=true")
-        if self.train.pairing == "mixdiff" and self.gen_gpus < 1 and not self.offline:
-            raise ConfigError("train.pairing=mixdiff needs at least one producer: gen_gpus=0 is not allowed "
-                              "(use offline=true to train from the disk cache, or train.pairing=real for plain SSL)")
+        if needs_synthetic_views(self) and self.gen_gpus < 1 and not self.offline:
+            raise ConfigError(f"train.pairing={self.train.pairing} needs at least one producer: gen_gpus=0 is not "
+                              "allowed (use offline=true to train from the disk cache, or train.pairing=real for "
+                              "plain SSL)")
         if self.staleness.policy == "cached" and not self.cache.enabled:
             raise ConfigError("staleness.policy=cached serves variations from the disk cache: it needs "
                               "cache.enabled=true (or use staleness.policy=real)")
+        try:
+            [int(x) for x in self.train.barlowtwins_projector.split("-")]
+        except ValueError:
+            raise ConfigError(f"train.barlowtwins_projector={self.train.barlowtwins_projector!r} is not valid: "
+                              "expected layer sizes separated by '-', e.g. 8192-8192-8192") from None
         if self.staleness.policy == "wait" and self.staleness.wait_timeout_s <= 0:
             raise ConfigError("staleness.policy=wait needs staleness.wait_timeout_s > 0 "
                               "(use staleness.policy=real to never wait)")
-        if self.train.pairing == "mixdiff" and not self.offline:
+        if needs_synthetic_views(self) and not self.offline:
             self.check_ring_capacity(trainers_on_node=1)
 
     def check_ring_capacity(self, trainers_on_node: int) -> None:
@@ -197,6 +257,12 @@ class Config:
                 f"ring.slots={self.ring.slots} cannot hold {trainers_on_node} trainer batch(es) of "
                 f"train.batch_size={self.train.batch_size} plus one batch of generator.batch_size="
                 f"{self.generator.batch_size} per producer (gen_gpus={self.gen_gpus}): need at least {needed}")
+
+
+def needs_synthetic_views(cfg: Config) -> bool:
+    """Whether a run consumes synthetic views, so needs producers and a ring: every pairing but
+    'real' (whatever the method; 'sequential' too, for its synthetic epochs)."""
+    return cfg.train.pairing != "real"
 
 
 # ----------------------------------------------------------------------------- parsing

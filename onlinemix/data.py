@@ -203,3 +203,15 @@ def load_real_images(cfg: DataConfig) -> RealImages:
         images, labels, classes = load_image_folder(Path(cfg.dataset), cfg.resolution)
     train_ids, holdout_ids = split_ids(len(images), cfg.holdout_fraction)
     return RealImages(images, labels, classes, train_ids, holdout_ids)
+
+
+REAL_FRACTION_SEED = 0  # the subset is a property of the data, not of the training seed
+
+
+def select_train_ids(real: RealImages, cfg: DataConfig) -> torch.Tensor:
+    """The ids the self-supervised trainer and the producers schedule: all of ``real.train_ids``,
+    or the class-stratified ``cfg.real_fraction`` subset of them. The one place this choice is
+    made, so the trainers' and the producers' EpochSchedules agree position by position."""
+    if cfg.real_fraction >= 1.0:
+        return real.train_ids
+    return fraction_subset(real.train_ids, cfg.real_fraction, REAL_FRACTION_SEED, real.labels)

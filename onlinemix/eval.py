@@ -40,7 +40,7 @@ from .data import (
     load_image_source,
     load_real_images,
 )
-from .models import SSLModel, build_backbone
+from .models import build_backbone
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,8 @@ def knn_on_heldout(backbone: nn.Module, real: RealImages, cfg: ProbeConfig, devi
 
 def random_init_backbone(cfg: Config) -> nn.Module:
     """The backbone exactly as a run with this config starts, before any training."""
-    torch.manual_seed(cfg.train.seed)  # seeded exactly as training seeds it, hence the same weights
-    return SSLModel(cfg.train).backbone
+    torch.manual_seed(cfg.train.seed)  # seeded and built first, as methods.build_method does: the same weights
+    return build_backbone(cfg.train)
 
 
 def compare_with_random_init(backbone: nn.Module, cfg: Config, device: torch.device,

@@ -22,7 +22,7 @@ import torch
 
 from .cache import ShardWriter, cache_key
 from .config import Config
-from .data import load_real_images
+from .data import load_real_images, select_train_ids
 from .generate import make_generator
 from .ring import PairRing
 from .schedule import EpochSchedule, variation_seed
@@ -89,7 +89,7 @@ def producer_main(spec: ProducerSpec) -> None:
 def run_producer(spec: ProducerSpec, ring: PairRing) -> None:
     cfg = spec.cfg
     real = load_real_images(cfg.data)
-    schedule = EpochSchedule(real.train_ids.numpy(), spec.global_batch, cfg.train.seed)
+    schedule = EpochSchedule(select_train_ids(real, cfg.data).numpy(), spec.global_batch, cfg.train.seed)
     generator = make_generator(cfg.generator, spec.device, cfg.data.resolution)
     log.info("pid %d started on %s; fingerprint %s; attention %s", os.getpid(), spec.device,
              generator.fingerprint, generator.attention)

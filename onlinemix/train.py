@@ -34,15 +34,14 @@ from accelerate.utils import broadcast_object_list
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from onlinemix.augment import augment_batch, augment_second_views, simclr_views
 from onlinemix.cache import CacheError, CacheReader, cache_key, check_writable, select_key
 from onlinemix.cli import parse_args
-from onlinemix.config import Config, ConfigError, load_config, save_config
-from onlinemix.data import DataError, RealImages, load_real_images
+from onlinemix.config import Config, ConfigError, load_config, needs_synthetic_views, save_config
+from onlinemix.data import DataError, RealImages, load_real_images, select_train_ids
 from onlinemix.eval import BACKBONE_FILE, compare_with_random_init, format_probe, knn_on_heldout
-from onlinemix.losses import nt_xent
+from onlinemix.methods import StepInfo, build_method, pairing_at
 from onlinemix.metrics import RunMetrics
-from onlinemix.models import SSLModel
+from onlinemix.optim import build_optimizer, cosine_with_warmup, scaled_lr
 from onlinemix.pairs import BatchPairs, PairSource
 from onlinemix.producer import ProducerDied, ProducerPool, producer_devices
 from onlinemix.ring import PairRing, RingError, remove_stale_segments
@@ -76,20 +75,29 @@ class Trainer:
         self.run_dir = run_dir
         self.real = real
         tc = cfg.train
-        self.schedule = EpochSchedule(real.train_ids.numpy(), tc.batch_size * accelerator.num_processes, tc.seed)
+        # The same ids as the producers' schedule (data.select_train_ids: train.real_fraction).
+        self.schedule = EpochSchedule(select_train_ids(real, cfg.data).numpy(),
+                                      tc.batch_size * accelerator.num_processes, tc.seed)
         self.total_steps = self.schedule.steps_per_epoch * tc.epochs
         self.warmup_steps = int(tc.warmup_epochs * self.schedule.steps_per_epoch)
-        torch.manual_seed(tc.seed)  # the model's initial weights depend on this seed only
-        model = SSLModel(tc)
+        method = build_method(cfg, real.labels, len(real.classes))  # initial weights depend on train.seed only
         if accelerator.num_processes > 1 and accelerator.device.type == "cuda":  # SyncBatchNorm is CUDA-only
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.real_views = simclr_views(cfg.data.resolution, synthetic=False)
-        self.synthetic_views = simclr_views(cfg.data.resolution, synthetic=True)
+            method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+            for module in method.outside_modules():  # converted in place: their roots are not BatchNorms
+                torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        self.base_lr = scaled_lr(tc.lr, self.schedule.global_batch) if tc.lr_scaling == "linear" else tc.lr
+        optimizer = build_optimizer(tc.optimizer, method, self.base_lr, tc.weight_decay, tc.momentum)
+        self.model, self.optimizer = accelerator.prepare(method, optimizer)
+        self.method = method
+        # DINO's teacher: no DDP, no optimizer; moved here and saved with accelerate's checkpoints.
+        for module in method.outside_modules():
+            module.to(accelerator.device)
+            accelerator.register_for_checkpointing(module)
+        self.last_logs: dict[str, float] = {}
         self.step = 0
         # Augmentation randomness per rank, reproducible from the seed.
         torch.manual_seed(tc.seed * 1000 + accelerator.process_index + 1)
+        method.seed_views(tc.seed * 1000 + accelerator.process_index + 1)
 
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
@@ -112,32 +120,38 @@ class Trainer:
 
     # ------------------------------------------------------------ training
     def batch_pairs(self, ids: np.ndarray, positions: np.ndarray, epoch: int, pairs: PairSource | None) -> BatchPairs:
-        if pairs is None:  # plain SSL: two views of the real image
+        if pairs is None or pairing_at(self.cfg.train.pairing, epoch, self.method.switch_epoch) == "real":
+            # plain SSL (or the real phase of 'sequential'): two views of the real image
             real = list(self.real.images[torch.from_numpy(ids)])
             return BatchPairs(real, real, torch.zeros(len(ids), dtype=torch.bool),
                               {"fresh": 0, "cached": 0, "disk": 0, "fallback": 0, "mean_age": float("nan"),
                                "mean_reuse": float("nan"), "wait_s": 0.0})
         return pairs.get(ids, positions, epoch)
 
-    def augment(self, batch: BatchPairs) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two float views of a batch: the real recipe, and the synthetic recipe where the
-        second image is synthetic."""
-        return (augment_batch(self.real_views, batch.real),
-                augment_second_views(batch.other, batch.is_synthetic, self.real_views, self.synthetic_views))
+    def augment(self, batch: BatchPairs) -> list[torch.Tensor]:
+        """The batch's float views (CPU) for the configured method and pairing (onlinemix/methods.py);
+        reads the batch's images, so must run inside its `with`."""
+        spe = self.schedule.steps_per_epoch
+        positions = self.schedule.rank_positions(self.step, self.acc.process_index, self.cfg.train.batch_size)
+        return self.method.views(batch, self.cfg.train.pairing, self.step // spe, self.schedule.ids_at(positions))
 
-    def train_step(self, view_a: torch.Tensor, view_b: torch.Tensor) -> float:
+    def train_step(self, *views: torch.Tensor) -> float:
         device = self.acc.device
-        view_a, view_b = view_a.to(device, non_blocking=True), view_b.to(device, non_blocking=True)
+        tc = self.cfg.train
+        views_on_device = [v.to(device, non_blocking=True) for v in views]
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, self.total_steps, self.warmup_steps, self.cfg.train.lr)
-        z = self.model(torch.cat([view_a, view_b]))
-        z_a, z_b = z.chunk(2)
-        loss = nt_xent(z_a, z_b, self.cfg.train.temperature)
+            group["lr"] = cosine_with_warmup(self.step, self.total_steps, self.warmup_steps, self.base_lr, tc.final_lr)
+        info = StepInfo(self.step, self.step // self.schedule.steps_per_epoch, self.total_steps)
+        loss, self.last_logs = self.model(views_on_device, info)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; stopping before the weights are corrupted")
         self.optimizer.zero_grad(set_to_none=True)
         self.acc.backward(loss)
+        if tc.clip_grad > 0:
+            self.acc.clip_grad_norm_(self.model.parameters(), tc.clip_grad)
+        self.method.after_backward(info)
         self.optimizer.step()
+        self.method.after_step(info)
         return loss.item()
 
     def epoch_knn(self, epoch: int) -> dict[str, float]:
@@ -326,7 +340,7 @@ def run(argv: list[str] | None = None) -> dict | None:
     args, overrides = parse_args(argv)
     cfg = resolve_config(args, overrides)  # every config error surfaces here, before anything starts
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    synthetic = cfg.train.pairing == "mixdiff"
+    synthetic = needs_synthetic_views(cfg)
     online = synthetic and not cfg.offline  # producers and a ring
     if online:
         cfg.check_ring_capacity(local_world_size(accelerator))

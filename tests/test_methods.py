@@ -1,0 +1,352 @@
+"""Methods and pairings (onlinemix/methods.py): which image each view comes from, DINO's views and
+teacher, one optimisation step per method, the supervised baseline learning, the trainer's wiring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from onlinemix.config import Config, ConfigError, load_config, needs_synthetic_views
+from onlinemix.data import RealImages, fraction_subset, select_train_ids
+from onlinemix.methods import DINO, METHODS, StepInfo, Supervised, build_method
+from onlinemix.optim import build_optimizer
+from onlinemix.pairs import BatchPairs
+
+REPO = Path(__file__).resolve().parent.parent
+RES = 16
+B = 8
+NUM_CLASSES = 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_cfg(**train: object) -> Config:
+    """Tiny sizes, geometry-only views (sources identifiable by their pixel values)."""
+    overrides = {"data.resolution": str(RES), "train.width": "4", "train.augmentation": "no_augmentation",
+                 "train.barlowtwins_projector": "16-16", "train.dino_out_dim": "16", "train.dino_hidden_dim": "16",
+                 "train.dino_bottleneck_dim": "8", "train.proj_dim": "8"}
+    overrides.update({f"train.{k}": str(v) for k, v in train.items()})
+    return load_config(None, overrides)
+
+
+def make_batch(n: int = B, synthetic: list[bool] | None = None) -> BatchPairs:
+    """Real images all 0, synthetic all 255; a fallback's second image is the real one again."""
+    synthetic = [True] * n if synthetic is None else synthetic
+    real = [torch.zeros(3, RES, RES, dtype=torch.uint8) for _ in range(n)]
+    white = torch.full((3, RES, RES), 255, dtype=torch.uint8)
+    other = [white.clone() if s else r for r, s in zip(real, synthetic, strict=True)]
+    return BatchPairs(real, other, torch.tensor(synthetic))
+
+
+def source(view: torch.Tensor) -> list[str]:
+    """Per sample: 'syn' for an all-255 crop (positive after normalisation), 'real' for all-0."""
+    means = view.flatten(1).mean(1)
+    assert ((means > 1) | (means < -1)).all(), "a view mixes both sources"
+    return ["syn" if m > 0 else "real" for m in means.tolist()]
+
+
+def method_for(name: str, **train: object):
+    cfg = make_cfg(method=name, **train)
+    return build_method(cfg, torch.arange(100) % NUM_CLASSES, NUM_CLASSES)
+
+
+# ----------------------------------------------------------------------------- pairings
+
+
+@pytest.mark.parametrize("name", ["simclr", "barlowtwins"])
+@pytest.mark.parametrize("pairing,expected", [("mixdiff", ("real", "syn")), ("real", ("real", "real")),
+                                              ("synthetic", ("syn", "syn"))])
+def test_two_view_pairings_take_the_right_sources(name: str, pairing: str, expected: tuple[str, str]) -> None:
+    method = method_for(name)
+    view_a, view_b = method.views(make_batch(), pairing, epoch=0)
+    assert view_a.shape == view_b.shape == (B, 3, RES, RES)
+    assert source(view_a) == [expected[0]] * B and source(view_b) == [expected[1]] * B
+
+
+def test_mixing_uses_one_source_per_sample_for_both_views_and_both_occur() -> None:
+    method = method_for("simclr")
+    view_a, view_b = method.views(make_batch(64), "mixing", epoch=0)
+    a, b = source(view_a), source(view_b)
+    assert a == b
+    assert 15 < a.count("syn") < 49  # 50/50 over 64 samples
+
+
+def test_mixing_is_seeded() -> None:
+    first = [source(v) for v in method_for("simclr").views(make_batch(32), "mixing", 0)]
+    second = [source(v) for v in method_for("simclr").views(make_batch(32), "mixing", 0)]
+    assert first == second
+    reseeded = method_for("simclr")
+    reseeded.seed_views(123)
+    assert [source(v) for v in reseeded.views(make_batch(32), "mixing", 0)] != first
+
+
+@pytest.mark.parametrize("real_epochs,switch", [(0, 2), (1, 1), (3, 3)])
+def test_sequential_is_real_before_the_switch_then_synthetic(real_epochs: int, switch: int) -> None:
+    method = method_for("simclr", epochs=4, sequential_real_epochs=real_epochs)
+    for epoch in range(4):
+        expected = "real" if epoch < switch else "syn"
+        for view in method.views(make_batch(), "sequential", epoch):
+            assert source(view) == [expected] * B, (epoch, switch)
+
+
+@pytest.mark.parametrize("pairing", ["mixdiff", "synthetic"])
+def test_missing_synthetic_view_falls_back_to_the_real_image(pairing: str) -> None:
+    flags = [False, True] * (B // 2)
+    _, view_b = method_for("simclr").views(make_batch(synthetic=flags), pairing, 0)
+    assert source(view_b) == ["syn" if f else "real" for f in flags]
+
+
+def test_recipe_follows_the_source() -> None:
+    """The real-branch recipe for real images, the synthetic one for synthetic images."""
+    method = method_for("simclr", augmentation="simclr")
+    real_t, syn_t = method.transforms
+    assert "GaussianBlur" in str(real_t) and "RandomSolarize" not in str(real_t)
+    assert "RandomSolarize" in str(syn_t)
+    calls = []
+    method.transforms = (lambda img: calls.append("real") or torch.zeros(1),
+                         lambda img: calls.append("syn") or torch.ones(1))
+    method.views(make_batch(2, [True, False]), "synthetic", 0)
+    assert calls == ["syn", "real", "syn", "real"]
+
+
+# ----------------------------------------------------------------------------- DINO
+
+
+def test_dino_mixdiff_views_are_one_plus_six_real_and_one_plus_two_synthetic() -> None:
+    method = method_for("dino")
+    views = method.views(make_batch(), "mixdiff", 0)
+    assert len(views) == 10
+    assert [v.shape[-1] for v in views] == [RES, RES] + [8] * 8  # multicrop_sizes(16) = (16, 8)
+    assert [source(v)[0] for v in views] == ["real", "syn"] + ["real"] * 6 + ["syn"] * 2
+    assert all(len(set(source(v))) == 1 for v in views)
+
+
+@pytest.mark.parametrize("pairing,expected", [("real", "real"), ("synthetic", "syn")])
+def test_dino_single_source_pairings_multicrop_one_image(pairing: str, expected: str) -> None:
+    method = method_for("dino", dino_local_crops=4)
+    views = method.views(make_batch(), pairing, 0)
+    assert [v.shape[-1] for v in views] == [RES, RES, 8, 8, 8, 8]
+    assert all(source(v) == [expected] * B for v in views)
+
+
+def test_dino_mixing_keeps_each_sample_on_one_source_across_its_crops() -> None:
+    views = method_for("dino", dino_local_crops=2).views(make_batch(32), "mixing", 0)
+    per_view = [source(v) for v in views]
+    assert all(s == per_view[0] for s in per_view) and len(set(per_view[0])) == 2
+
+
+def test_dino_teacher_receives_exactly_the_two_globals() -> None:
+    method = method_for("dino")
+    seen = []
+    method.teacher.net["backbone"].register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].clone()))
+    views = method.views(make_batch(), "mixdiff", 0)
+    method(views, StepInfo(0, 0, 10))
+    assert len(seen) == 1 and seen[0].shape == (2 * B, 3, RES, RES)
+    assert torch.equal(seen[0], torch.cat(views[:2]))
+    assert source(seen[0]) == ["real"] * B + ["syn"] * B
+
+
+def test_dino_teacher_shares_no_storage_and_is_not_a_child() -> None:
+    method = method_for("dino")
+    assert isinstance(method, DINO)
+    teacher_ptrs = {t.data_ptr() for t in method.teacher.state_dict().values()}
+    student_ptrs = {t.data_ptr() for t in method.state_dict().values()}
+    assert not teacher_ptrs & student_ptrs
+    assert not any(k.startswith("teacher") for k in method.state_dict())
+    assert all(not p.requires_grad for p in method.teacher.parameters())
+    ids = {id(p) for p in method.parameters()}
+    assert not any(id(p) in ids for p in method.teacher.parameters())
+    # Same initial values: the teacher starts as the student.
+    for p_t, p_s in zip(method.teacher.net.parameters(), method.student().parameters(), strict=True):
+        assert torch.equal(p_t, p_s)
+
+
+# ----------------------------------------------------------------------------- one step per method
+
+
+def one_step(method, pairing: str = "mixdiff", lr: float = 1e-2, step: int = 0, epoch: int = 0):
+    optimizer = build_optimizer("adamw", method, lr, 1e-4)
+    info = StepInfo(step, epoch, 100)
+    views = method.views(make_batch(), pairing, epoch, np.arange(B))
+    loss, logs = method(views, info)
+    optimizer.zero_grad()
+    loss.backward()
+    method.after_backward(info)
+    optimizer.step()
+    method.after_step(info)
+    return loss, logs
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_one_step_gives_a_finite_loss_and_moves_the_parameters(name: str) -> None:
+    method = method_for(name, augmentation="simclr")
+    before = {k: v.clone() for k, v in method.backbone.state_dict().items()}
+    loss, logs = one_step(method)
+    assert torch.isfinite(loss) and isinstance(logs, dict)
+    changed = [k for k, v in method.backbone.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.endswith("weight") for k in changed), "no backbone weight changed"
+
+
+def test_dino_teacher_moves_only_by_the_ema_and_the_center_updates() -> None:
+    method = method_for("dino", augmentation="simclr", dino_momentum=0.9)
+    teacher_before = [p.clone() for p in method.teacher.net.parameters()]
+    last_before = method.head.last_layer.parametrizations.weight.original1.clone()
+    one_step(method, step=0, epoch=0)
+    assert all(p.grad is None for p in method.teacher.parameters())
+    # EMA at step 0 uses the base momentum: teacher = 0.9 * old + 0.1 * new student.
+    for p_t, old, p_s in zip(method.teacher.net.parameters(), teacher_before, method.student().parameters(),
+                             strict=True):
+        torch.testing.assert_close(p_t, 0.9 * old + 0.1 * p_s)
+    assert any(not torch.equal(p, old) for p, old in zip(method.teacher.net.parameters(), teacher_before,
+                                                           strict=True))
+    assert method.teacher.center.center.abs().sum() > 0
+    # Epoch 0 < dino_freeze_last_layer_epochs (1): the prototypes did not move; at epoch 1 they do.
+    assert torch.equal(method.head.last_layer.parametrizations.weight.original1, last_before)
+    one_step(method, step=50, epoch=1)
+    assert not torch.equal(method.head.last_layer.parametrizations.weight.original1, last_before)
+
+
+def test_supervised_learns_a_fixed_batch() -> None:
+    cfg = make_cfg(method="supervised")
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    method = build_method(cfg, labels, NUM_CLASSES)
+    assert isinstance(method, Supervised)
+    g = torch.Generator().manual_seed(0)
+    real = [torch.randint(0, 256, (3, RES, RES), dtype=torch.uint8, generator=g) for _ in range(B)]
+    batch = BatchPairs(real, real, torch.zeros(B, dtype=torch.bool))
+    optimizer = build_optimizer("adamw", method, 1e-2, 0.0)
+    views = method.views(batch, "real", 0, np.arange(B))
+    assert len(views) == 2 and torch.equal(views[1], labels)  # one image view + labels for 'real'
+    losses = []
+    for step in range(30):
+        loss, _ = method(views, StepInfo(step, 0, 30))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert len(method.views(batch, "mixdiff", 0, np.arange(B))) == 3  # image, its variation, labels
+
+
+# ----------------------------------------------------------------------------- config and trainer wiring
+
+
+@pytest.mark.parametrize("pairing", ["mixdiff", "synthetic", "mixing", "sequential"])
+def test_pairings_with_synthetic_views_need_producers(pairing: str) -> None:
+    with pytest.raises(ConfigError, match="gen_gpus"):
+        load_config(None, {"train.pairing": pairing, "gen_gpus": "0"})
+    assert needs_synthetic_views(load_config(None, {"train.pairing": pairing}))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_real_pairing_needs_no_producers(method: str) -> None:
+    cfg = load_config(None, {"train.pairing": "real", "gen_gpus": "0", "train.method": method})
+    assert not needs_synthetic_views(cfg)
+
+
+def test_bad_barlowtwins_projector_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="barlowtwins_projector"):
+        load_config(None, {"train.barlowtwins_projector": "8192x8192"})
+
+
+def test_real_fraction_selects_one_nested_stratified_subset() -> None:
+    labels = torch.arange(200) % 4
+    real = RealImages(torch.zeros(200, 3, 1, 1, dtype=torch.uint8), labels, list("abcd"), torch.arange(40, 200),
+                      torch.arange(40))
+    full = load_config(None, {})
+    assert torch.equal(select_train_ids(real, full.data), real.train_ids)
+    half = load_config(None, {"data.real_fraction": "0.5"}).data
+    quarter = load_config(None, {"data.real_fraction": "0.25"}).data
+    ids_half, ids_quarter = select_train_ids(real, half), select_train_ids(real, quarter)
+    assert len(ids_half) == 80 and len(ids_quarter) == 40
+    assert set(ids_quarter.tolist()) <= set(ids_half.tolist())
+    assert torch.equal(ids_half, fraction_subset(real.train_ids, 0.5, 0, labels))
+
+
+def test_producer_and_trainer_schedule_the_same_ids(tmp_path: Path, monkeypatch) -> None:
+    """run_producer and the Trainer both build their EpochSchedule from select_train_ids."""
+    from accelerate import Accelerator
+
+    from onlinemix import producer
+    from onlinemix.train import Trainer
+
+    cfg = load_config(None, {"data.real_fraction": "0.5", "train.width": "4", "train.batch_size": "32"})
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    class Recording:
+        def __init__(self, train_ids, global_batch, seed):
+            seen["producer"] = np.asarray(train_ids)
+            raise Stop
+
+    monkeypatch.setattr(producer, "EpochSchedule", Recording)
+    spec = producer.ProducerSpec(0, cfg, "unused", "cpu", 32, 0, str(tmp_path / "p.log"))
+    with pytest.raises(Stop):
+        producer.run_producer(spec, ring=None)
+    from onlinemix.data import load_real_images
+    real = load_real_images(cfg.data)
+    trainer = Trainer(cfg, Accelerator(cpu=True), tmp_path, real)
+    assert np.array_equal(trainer.schedule.train_ids, seen["producer"])
+    assert len(seen["producer"]) == round(0.5 * len(real.train_ids))
+
+
+def test_trainer_builds_the_configured_optimizer_and_scaled_lr(tmp_path: Path) -> None:
+    from accelerate import Accelerator
+
+    from onlinemix.data import load_real_images
+    from onlinemix.optim import LARS
+    from onlinemix.train import Trainer
+
+    cfg = load_config(None, {"train.method": "barlowtwins", "train.optimizer": "lars", "train.lr": "0.2",
+                             "train.lr_scaling": "linear", "train.batch_size": "64", "train.width": "4",
+                             "train.pairing": "real", "gen_gpus": "0"})
+    trainer = Trainer(cfg, Accelerator(cpu=True), tmp_path, load_real_images(cfg.data))
+    assert isinstance(trainer.optimizer.optimizer, LARS)
+    assert trainer.base_lr == pytest.approx(0.2 * 64 / 256)
+    assert type(trainer.method).__name__ == "BarlowTwins"
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+RECIPES = sorted((REPO / "configs" / "recipes").glob("*.yaml"))
+EXPECTED = {"simclr": "lars", "barlowtwins": "lars", "dino": "adamw"}
+
+
+def test_every_method_has_an_in100_and_an_in1k_recipe() -> None:
+    assert {p.stem for p in RECIPES} == {f"{d}-{m}" for d in ("in100", "in1k") for m in EXPECTED}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_loads_and_has_the_papers_settings(path: Path) -> None:
+    cfg = load_config(path)
+    method = path.stem.split("-", 1)[1]
+    assert cfg.train.method == method and cfg.train.pairing == "mixdiff"
+    assert cfg.train.backbone == "resnet50" and cfg.data.resolution == 224
+    assert cfg.train.optimizer == EXPECTED[method] and cfg.train.lr_scaling == "linear"
+    assert cfg.generator.model == "lambdalabs/sd-image-variations-diffusers" and cfg.generator.resolution == 512
+    assert cfg.generator.guidance == 3.0 and cfg.generator.steps == 50
+    assert cfg.data.min_crop_scale == 0.08 and cfg.train.augmentation == "simclr"
+    assert path.read_text().startswith("#")  # documented at the top
+    if method == "barlowtwins":
+        assert cfg.train.barlowtwins_lambda == 0.0051 and cfg.train.barlowtwins_projector == "8192-8192-8192"
+    if method == "dino":
+        assert cfg.train.clip_grad == 3.0 and cfg.train.dino_out_dim == 65536 and cfg.train.dino_momentum == 0.996
+    if path.stem == "in1k-simclr":
+        assert cfg.train.epochs == 100
+    # Every pairing of the paper is one flag away from the recipe.
+    for pairing in ("real", "synthetic", "mixing", "sequential"):
+        assert load_config(path, {"train.pairing": pairing}).train.pairing == pairing
+    assert yaml.safe_load(path.read_text())["train"]["method"] == method
