@@ -12,7 +12,8 @@ from onlinemix.cache import CacheReader, cache_key
 
 from conftest import run_training
 
-FAST = ["--train.batch-size", "64", "--probe.epochs", "20", "--train.epochs", "1"]
+FAST = ["--train.batch-size", "64", "--probe.epochs", "20", "--train.epochs", "1", "--data.resolution", "16",
+        "--probe.knn-every", "0"]
 TRAIN_IMAGES = 1438  # bundled digits minus the 20% probe hold-out
 STEPS = TRAIN_IMAGES // 64
 
@@ -28,7 +29,7 @@ def test_online_run_caches_every_pair_then_offline_runs_train_from_the_cache_alo
     online = run_training("--run-name", "online", "--cache.shard-pairs", "32", *common)
     assert online.returncode == 0, online.stderr[-3000:]
     fingerprint = json.loads((tmp_path / "online" / "producer-0.json").read_text())["fingerprint"]
-    cache = CacheReader(tmp_path / "cache", cache_key(fingerprint, "digits"), 32)
+    cache = CacheReader(tmp_path / "cache", cache_key(fingerprint, "digits"), 16)
     served = last_row(tmp_path / "online")
     assert len(cache) >= served["total_fresh"] > 0  # every pair that reached the trainer is on disk
     covered = int(cache.coverage(range(1797)).sum())
@@ -65,7 +66,8 @@ def test_an_unwritable_cache_directory_stops_the_run_before_it_starts(tmp_path: 
 
 def test_warm_then_offline_is_the_papers_precompute_then_train(tmp_path: Path) -> None:
     cache = ["--cache.dir", str(tmp_path / "cache")]
-    warm = subprocess.run([sys.executable, "-m", "onlinemix.cache", "warm", "--producers", "1", *cache],
+    warm = subprocess.run([sys.executable, "-m", "onlinemix.cache", "warm", "--producers", "1",
+                           "--data.resolution", "16", *cache],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
     assert warm.returncode == 0, warm.stderr[-3000:]
     offline = run_training("--output-dir", str(tmp_path), "--run-name", "offline", "--offline", *cache, *FAST)

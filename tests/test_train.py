@@ -20,7 +20,8 @@ from onlinemix.train import run
 
 from conftest import REPO, ring_segments, run_training, train_command
 
-FAST = ["--train.batch-size", "64", "--probe.epochs", "100"]
+# 16 px and no per-epoch kNN: the same code paths at a quarter of the pixels.
+FAST = ["--train.batch-size", "64", "--probe.epochs", "100", "--data.resolution", "16", "--probe.knn-every", "0"]
 STEPS_PER_EPOCH = 1438 // 64  # bundled digits: 1,797 images, 20% held out for the probe
 
 
@@ -219,8 +220,8 @@ def test_two_trainer_ranks_share_one_ring(tmp_path: Path, no_leaked_segments) ->
     env = {**os.environ, "TQDM_DISABLE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "onlinemix.train",
-         "--train.epochs", "1", "--train.batch-size", "32", "--probe.epochs", "50",
-         "--output-dir", str(tmp_path), "--run-name", "ddp"],
+         "--train.epochs", "1", "--train.batch-size", "32", "--probe.epochs", "50", "--data.resolution", "16",
+         "--probe.knn-every", "0", "--output-dir", str(tmp_path), "--run-name", "ddp"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = metrics(tmp_path / "ddp")
@@ -249,7 +250,8 @@ def test_death_of_one_trainer_rank_stops_the_whole_job_cleanly(tmp_path: Path, n
     env = {**os.environ, "TQDM_DISABLE": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "onlinemix.train",
-         "--train.epochs", "5", "--train.batch-size", "32", "--output-dir", str(tmp_path), "--run-name", "ddp"],
+         "--train.epochs", "5", "--train.batch-size", "32", "--data.resolution", "16", "--output-dir", str(tmp_path),
+         "--run-name", "ddp"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _wait_for_training(tmp_path / "ddp", proc)
