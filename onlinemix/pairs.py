@@ -36,6 +36,7 @@ class BatchPairs:
     is_synthetic: torch.Tensor    # bool (B,)
     stats: dict[str, float] = field(default_factory=dict)
     loans: list[Loan] = field(default_factory=list, repr=False)
+    ids: np.ndarray | None = None  # the real images' ids (the supervised baseline needs their labels)
 
     def release(self) -> None:
         """Give the ring its slots back; the batch's images are no longer valid afterwards."""
@@ -94,7 +95,7 @@ class PairSource:
                 real.append(self.images[real_id])
                 other.append(self.images[real_id])
         synthetic = result.found | disk
-        return BatchPairs(real, other, torch.from_numpy(synthetic), batch_stats(result, disk, waited), loans)
+        return BatchPairs(real, other, torch.from_numpy(synthetic), batch_stats(result, disk, waited), loans, ids)
 
     def _from_cache(self, ids: np.ndarray, epoch: int, result: TakeResult, pairs: dict[int, np.ndarray]) -> np.ndarray:
         """Fill what the ring could not from the disk cache (policy ``cached``, ``wait`` after its

@@ -125,15 +125,14 @@ class Trainer:
             real = list(self.real.images[torch.from_numpy(ids)])
             return BatchPairs(real, real, torch.zeros(len(ids), dtype=torch.bool),
                               {"fresh": 0, "cached": 0, "disk": 0, "fallback": 0, "mean_age": float("nan"),
-                               "mean_reuse": float("nan"), "wait_s": 0.0})
+                               "mean_reuse": float("nan"), "wait_s": 0.0}, ids=ids)
         return pairs.get(ids, positions, epoch)
 
     def augment(self, batch: BatchPairs) -> list[torch.Tensor]:
         """The batch's float views (CPU) for the configured method and pairing (onlinemix/methods.py);
         reads the batch's images, so must run inside its `with`."""
-        spe = self.schedule.steps_per_epoch
-        positions = self.schedule.rank_positions(self.step, self.acc.process_index, self.cfg.train.batch_size)
-        return self.method.views(batch, self.cfg.train.pairing, self.step // spe, self.schedule.ids_at(positions))
+        epoch = self.step // self.schedule.steps_per_epoch
+        return self.method.views(batch, self.cfg.train.pairing, epoch, batch.ids)
 
     def train_step(self, *views: torch.Tensor) -> float:
         device = self.acc.device
@@ -194,7 +193,7 @@ class Trainer:
                     ring.set("trainer_rate_milli", int(1000 * rate.update(global_batch, step_s)))
                 last = self.step == self.total_steps
                 metrics.record(self.step, epoch, batch.stats, self.step % tc.log_every == 0 or last,
-                               loss=loss, lr=self.optimizer.param_groups[0]["lr"], step_s=step_s)
+                               loss=loss, lr=self.optimizer.param_groups[0]["lr"], step_s=step_s, **self.last_logs)
                 if self.step % spe == 0 or last:
                     metrics.end_epoch(epoch, **self.epoch_knn(epoch))
                 bar.set_postfix(metrics.postfix(loss), refresh=False)
