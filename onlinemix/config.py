@@ -200,6 +200,8 @@ class ProbeConfig:
     knn_every: int = opt(1, "during training, every N epochs, score held-out real images by weighted kNN "
                          "against the training split's features (logged, and saved in metrics.jsonl; 0 = off)",
                          low=0, high=100_000)
+    linear_every: int = opt(0, "during training, every N epochs, also fit the linear probe (as at the end of the "
+                            "run) and save its accuracy in metrics.jsonl (0 = off)", low=0, high=100_000)
     knn_k: int = opt(20, "neighbours of the weighted kNN", low=1, high=100_000)
     knn_temperature: float = opt(0.07, "temperature of the weighted kNN's exp(similarity / T) votes",
                                  low=1e-4, high=100.0)

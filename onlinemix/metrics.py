@@ -80,8 +80,9 @@ class RunMetrics:
         log.info("epoch %d: %d fresh, %d cached, %d from disk, %d fallback; mean age %.2f epochs, mean reuse "
                  "%.2f; waited %.1fs of %.1fs", epoch, e["fresh"], e["cached"], e["disk"], e["fallback"], row["mean_age"],
                  row["mean_reuse"], e["wait_s"], row["epoch_s"])
-        if "knn_top1" in values:
-            log.info("epoch %d: kNN top-1 %.2f%% on held-out real images", epoch, values["knn_top1"])
+        for name, label in (("knn", "kNN"), ("linear", "linear probe")):
+            if f"{name}_top1" in values:
+                log.info("epoch %d: %s top-1 %.2f%% on held-out real images", epoch, label, values[f"{name}_top1"])
         self._epoch = self._empty_epoch()
 
     def postfix(self, loss: float) -> dict[str, str | int]:

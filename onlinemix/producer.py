@@ -172,11 +172,11 @@ def _write_pairs(ring: PairRing, real: np.ndarray, synthetic: np.ndarray, ids: n
         if not slots:
             time.sleep(IDLE_SLEEP_S)
             continue
-        for slot in slots:
-            checksum = ring.write(slot, real[i], synthetic[i])
-            ring.publish(slot, real_id=int(ids[i]), position=int(positions[i]), seed=seeds[i],
-                         birth_epoch=int(epochs[i]), checksum=checksum)
-            i += 1
+        batch = slice(i, i + len(slots))
+        checksums = [ring.write(slot, real[j], synthetic[j]) for slot, j in zip(slots, range(i, i + len(slots)))]
+        ring.publish_many(slots, real_ids=ids[batch], positions=positions[batch], seeds=seeds[batch],
+                          birth_epochs=epochs[batch], checksums=checksums)
+        i += len(slots)
 
 
 class ProducerPool:

@@ -315,13 +315,23 @@ class PairRing:
         return crc32(self.pixels[slot])
 
     def publish(self, slot: int, *, real_id: int, position: int, seed: int, birth_epoch: int, checksum: int) -> None:
+        self.publish_many([slot], real_ids=[real_id], positions=[position], seeds=[seed],
+                          birth_epochs=[birth_epoch], checksums=[checksum])
+
+    def publish_many(self, slots: list[int], *, real_ids, positions, seeds, birth_epochs, checksums) -> None:
+        """Make written slots ``READY``, a whole batch in one locked step: one lock round trip per
+        batch instead of per pair, which matters when trainers hold the lock often."""
+        slots = np.asarray(slots, dtype=np.int64)
+        m = self.meta
         with self._locked():
-            row = self.meta[slot]
-            row[S["real_id"]], row[S["position"]], row[S["seed"]] = real_id, position, seed
-            row[S["birth_epoch"]], row[S["birth_ns"]] = birth_epoch, time.time_ns()
-            row[S["uses"]], row[S["pins"]], row[S["checksum"]] = 0, 0, checksum
-            row[S["state"]] = READY
-            self.header[H["generated"]] += 1
+            for key, values in (("real_id", real_ids), ("position", positions), ("seed", seeds),
+                                ("birth_epoch", birth_epochs), ("checksum", checksums)):
+                m[slots, S[key]] = values
+            m[slots, S["birth_ns"]] = time.time_ns()
+            m[slots, S["uses"]] = 0
+            m[slots, S["pins"]] = 0
+            m[slots, S["state"]] = READY
+            self.header[H["generated"]] += len(slots)
 
     def release(self, slots: list[int]) -> None:
         """Give back reserved slots that will not be written after all."""
@@ -351,15 +361,18 @@ class PairRing:
             ok = ((m[:, S["state"]] == READY) & (m[:, S["uses"]] + m[:, S["pins"]] < max_reuse)
                   & (epoch - m[:, S["birth_epoch"]] <= max_age))
             candidates, first, last = self._by_id(np.flatnonzero(ok), ids)
-            for i, position in enumerate(positions.tolist()):
-                if skip is not None and skip[i]:
-                    continue
-                for slot in candidates[first[i]:last[i]].tolist():
-                    if m[slot, S["position"]] <= position and m[slot, S["uses"]] + m[slot, S["pins"]] < max_reuse:
-                        slots[i] = slot
-                        m[slot, S["pins"]] += 1
+            # Plain lists: the loop below runs per request, and numpy scalar access would dominate it.
+            made_for = m[candidates, S["position"]].tolist()
+            room = (max_reuse - m[candidates, S["uses"]] - m[candidates, S["pins"]]).tolist()
+            wanted = positions.tolist()
+            for i in (np.flatnonzero(last > first) if skip is None else np.flatnonzero((last > first) & ~skip)):
+                for j in range(first[i], last[i]):
+                    if made_for[j] <= wanted[i] and room[j] > 0:
+                        slots[i] = candidates[j]
+                        room[j] -= 1
                         break
             found = slots >= 0
+            np.add.at(m[:, S["pins"]], slots[found], 1)
             rows = m[np.maximum(slots, 0)]
             uses = np.where(found, rows[:, S["uses"]], 0)
             age = np.where(found, epoch - rows[:, S["birth_epoch"]], 0)
@@ -382,12 +395,12 @@ class PairRing:
     def give_back(self, loan: "Loan") -> None:
         """Unpin a loan's slots and count one use of each; a pair that reached its use limit is freed."""
         m = self.meta
+        lent = loan.slots[loan.slots >= 0]
         with self._locked():
-            for slot in loan.slots[loan.slots >= 0].tolist():
-                m[slot, S["pins"]] -= 1
-                m[slot, S["uses"]] += 1
-                if m[slot, S["uses"]] >= loan.max_reuse and m[slot, S["pins"]] == 0:
-                    m[slot, S["state"]] = FREE
+            np.subtract.at(m[:, S["pins"]], lent, 1)
+            np.add.at(m[:, S["uses"]], lent, 1)
+            done = lent[(m[lent, S["uses"]] >= loan.max_reuse) & (m[lent, S["pins"]] == 0)]
+            m[done, S["state"]] = FREE
         loan.slots = np.full_like(loan.slots, -1)
 
     @contextmanager

@@ -38,7 +38,7 @@ from onlinemix.cache import CacheError, CacheReader, cache_key, check_writable, 
 from onlinemix.cli import parse_args
 from onlinemix.config import Config, ConfigError, load_config, needs_synthetic_views, save_config
 from onlinemix.data import DataError, RealImages, load_real_images, select_train_ids
-from onlinemix.eval import BACKBONE_FILE, compare_with_random_init, format_probe, knn_on_heldout
+from onlinemix.eval import BACKBONE_FILE, compare_with_random_init, format_probe, knn_on_heldout, probe_backbone
 from onlinemix.methods import StepInfo, build_method, pairing_at
 from onlinemix.metrics import RunMetrics
 from onlinemix.optim import build_optimizer, cosine_with_warmup, scaled_lr
@@ -153,14 +153,21 @@ class Trainer:
         self.method.after_step(info)
         return loss.item()
 
-    def epoch_knn(self, epoch: int) -> dict[str, float]:
-        """The kNN monitor every ``probe.knn_every`` epochs, on the main process."""
-        every = self.cfg.probe.knn_every
-        if not every or (epoch + 1) % every or not self.acc.is_main_process:
+    def online_probes(self, epoch: int) -> dict[str, float]:
+        """The kNN (every ``probe.knn_every`` epochs) and linear (``probe.linear_every``) monitors on
+        held-out real images, on the main process."""
+        pc = self.cfg.probe
+        due = [name for name, every in (("knn", pc.knn_every), ("linear", pc.linear_every))
+               if every and (epoch + 1) % every == 0]
+        if not due or not self.acc.is_main_process:
             return {}
         backbone = self.acc.unwrap_model(self.model).backbone
-        result = knn_on_heldout(backbone, self.real, self.cfg.probe, self.acc.device)
-        return {"knn_top1": result["top1"], "knn_top5": result["top5"]}
+        out = {}
+        for name in due:
+            probe = knn_on_heldout if name == "knn" else probe_backbone
+            result = probe(backbone, self.real, pc, self.acc.device)
+            out.update({f"{name}_top1": result["top1"], f"{name}_top5": result["top5"]})
+        return out
 
     def fit(self, pairs: PairSource | None, ring: PairRing | None, pool: ProducerPool | None = None) -> None:
         tc = self.cfg.train
@@ -195,7 +202,7 @@ class Trainer:
                 metrics.record(self.step, epoch, batch.stats, self.step % tc.log_every == 0 or last,
                                loss=loss, lr=self.optimizer.param_groups[0]["lr"], step_s=step_s, **self.last_logs)
                 if self.step % spe == 0 or last:
-                    metrics.end_epoch(epoch, **self.epoch_knn(epoch))
+                    metrics.end_epoch(epoch, **self.online_probes(epoch))
                 bar.set_postfix(metrics.postfix(loss), refresh=False)
                 bar.update()
                 if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:

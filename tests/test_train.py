@@ -79,10 +79,14 @@ def test_resume_continues_from_the_saved_step(tmp_path: Path) -> None:
 def test_plain_simclr_learns_better_features_than_random_init(tmp_path: Path) -> None:
     """A learning check independent of the stub diffuser: two augmented real views per image."""
     results = run(["--train.pairing", "real", "--gen-gpus", "0", "--train.epochs", "6", "--train.width", "16",
-                   "--output-dir", str(tmp_path), "--run-name", "learn"])
+                   "--probe.linear-every", "3", "--output-dir", str(tmp_path), "--run-name", "learn"])
     assert results["trained"]["top1"] > results["random_init"]["top1"] + 2.0, results
-    knn = [row["knn_top1"] for row in epoch_rows(tmp_path / "learn")]  # the kNN monitor, once per epoch
+    rows = epoch_rows(tmp_path / "learn")
+    knn = [row["knn_top1"] for row in rows]  # the kNN monitor, once per epoch
     assert len(knn) == 6 and knn[-1] > 50.0, knn  # 10 classes: chance is 10%
+    linear = [row.get("linear_top1") for row in rows]  # the online linear probe, every third epoch
+    assert linear[:2] == [None, None] and linear[2] is not None
+    assert linear[5] == results["trained"]["top1"]  # after the last epoch it is the end-of-run probe
 
 
 def test_exception_in_the_trainer_stops_producers_and_frees_shared_memory(tmp_path: Path, monkeypatch,
