@@ -54,11 +54,12 @@ TRANSFER_EVAL_SPLITS = ("val", "test")
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 512,
-                     desc: str = "features") -> torch.Tensor:
+                     desc: str | None = "features") -> torch.Tensor:
+    """Frozen features in eval mode; a progress bar unless ``desc`` is None (inside training's own bar)."""
     was_training = backbone.training
     backbone.eval()
     norm = eval_transform()
-    starts = tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False)
+    starts = tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, disable=desc is None)
     feats = [backbone(norm(images[i:i + batch_size]).to(device)).float().cpu() for i in starts]
     backbone.train(was_training)
     return torch.cat(feats)
@@ -137,7 +138,7 @@ def probe_backbone(backbone: nn.Module, real: RealImages, cfg: ProbeConfig, devi
 def knn_on_heldout(backbone: nn.Module, real: RealImages, cfg: ProbeConfig, device: torch.device) -> dict[str, float]:
     """Weighted kNN of the held-out real images against the training split: no fitting, so cheap
     enough to watch the features improve during training."""
-    feats = extract_features(backbone, real.images, device, desc="kNN features")
+    feats = extract_features(backbone, real.images, device, desc=None)
     tr, te = real.train_ids, real.holdout_ids
     n_classes = int(real.labels.max()) + 1
     scores = knn_scores(feats[tr], real.labels[tr], feats[te], n_classes, cfg.knn_k, cfg.knn_temperature)
