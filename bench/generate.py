@@ -639,7 +639,7 @@ def measure_row(label: str, spec: Spec, args, device: torch.device, images: torc
     except Exception as e:  # noqa: BLE001 - a row that cannot run (unsupported op, OOM, compiler) is recorded
         return {**row, "status": "error", "reason": _error_text(e)}
     finally:
-        del gen
+        gen = None  # drop the pipeline before the next row loads its own
         _free(device)
 
 
