@@ -8,7 +8,7 @@ the same crop for every image; SSL needs independent views, hence one call per i
 
 The MixDiff recipe (`simclr`) is SimCLR's augmentation made asymmetric as in BYOL: the real
 branch always gets Gaussian blur (p 1.0, BYOL's first branch) and never solarisation; the
-synthetic branch gets solarisation (p 0.2) instead of blur. The paper (and /work/shared/mixdiff.md)
+synthetic branch gets solarisation (p 0.2) instead of blur. The MixDiff paper
 names "Gaussian blur" on the real branch without a probability; p 1.0 is BYOL's value for the
 branch that has blur and no solarisation, which is what the paper's split describes.
 

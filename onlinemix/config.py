@@ -375,17 +375,29 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def read_preset(path: Path, including: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML preset's values. ``base: OTHER.yaml`` (relative to the file) loads OTHER first and
+    lets this file override it, so one experiment is a few lines on top of its recipe."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist" + (f" (the base of {including[-1]})" if including else ""))
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = (path.parent / str(base)).resolve()
+    if base_path in including or base_path == path.resolve():
+        raise ConfigError(f"config file {path}: base {base} includes itself")
+    return _merge(read_preset(base_path, (*including, path.resolve())), data)
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, str] | None = None) -> Config:
-    """Defaults, then the YAML preset at ``path``, then textual ``overrides`` (dotted keys)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    """Defaults, then the YAML preset at ``path`` (and its bases), then textual ``overrides`` (dotted keys)."""
+    data = read_preset(Path(path)) if path is not None else {}
     cfg = _build(Config, data, "", from_text=False)
     if overrides:
         cfg = _apply_text_overrides(cfg, overrides)

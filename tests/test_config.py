@@ -314,3 +314,38 @@ def test_train_rejects_bad_config_before_creating_anything(tmp_path: Path) -> No
     assert "Traceback" not in proc.stderr
     assert not out_dir.exists()
     assert list(work.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- presets with a base
+
+def test_a_preset_overrides_its_base_and_cycles_are_rejected(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text("train:\n  epochs: 7\n  batch_size: 32\n")
+    (tmp_path / "exp.yaml").write_text("base: base.yaml\ntrain:\n  epochs: 9\n")
+    cfg = load_config(tmp_path / "exp.yaml")
+    assert (cfg.train.epochs, cfg.train.batch_size) == (9, 32)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml does not exist \\(the base of"):
+        load_config(tmp_path / "orphan.yaml")
+
+
+EXPERIMENTS = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_every_paper_experiment_is_one_valid_config(path: Path) -> None:
+    dataset, method, pairing, *variant = path.stem.split("-")
+    cfg = load_config(path)
+    assert (cfg.train.method, cfg.train.pairing) == (method, pairing)
+    assert cfg.train.backbone == "resnet50" and cfg.data.resolution == 224
+    assert cfg.train.epochs == 100 and ("imagenet100" in cfg.data.dataset) == (dataset == "in100")
+    assert (cfg.gen_gpus == 0) == (pairing == "real")
+    if variant and variant[0].startswith("k"):
+        assert cfg.generator.guidance == float(variant[0][1:])
+    if variant and variant[0].startswith("real"):
+        assert cfg.data.real_fraction == int(variant[0][4:]) / 100
+    if variant == ["noaug"]:
+        assert cfg.train.augmentation == "no_augmentation"
