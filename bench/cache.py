@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from onlinemix.cache.store import CacheReader, ShardWriter
+from onlinemix.cache.store import CacheReader, ShardWriter, fsync_path
 from onlinemix.cache.transfer import decode_png, pair_sample
 from onlinemix.config import CacheConfig, load_config
 from onlinemix.data import load_real_images
@@ -140,14 +140,6 @@ def drop_page_cache(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_raw(root: Path, pairs: np.ndarray, shard_pairs: int) -> float:
     """Seconds to commit every pair through ShardWriter (CRC32, np.save, fsync, rename, record)."""
     r = pairs.shape[-1]
@@ -188,7 +180,7 @@ def write_png(tars: Path, pairs: np.ndarray, shard_pairs: int) -> float:
         for i, pair in enumerate(pairs):
             sink.write(pair_sample(pair, i, i, 0, desc))
     for path in tars.glob("*.tar"):
-        fsync_file(path)
+        fsync_path(path)
     return time.perf_counter() - t0
 
 

@@ -70,7 +70,8 @@ def check_writable(root: Path) -> None:
                          f"writable directory, or cache.enabled=false to train without caching") from e
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a rename is durable once its directory is synced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -91,7 +92,7 @@ def _write_atomically(path: Path, write) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def pair_checksums(pairs: np.ndarray) -> list[int]:
