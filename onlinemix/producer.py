@@ -138,10 +138,12 @@ def _produce(spec: ProducerSpec, ring: PairRing, real, schedule: EpochSchedule, 
         real_batch = real.images[torch.from_numpy(ids)]
         synthetic = generator.generate(real_batch, seeds).cpu().numpy()
         ring.add("generate_ns", time.perf_counter_ns() - start)
-        _write_pairs(ring, real_batch.numpy(), synthetic, ids, positions, seeds, epochs, cfg.staleness.max_age)
+        checksums = _write_pairs(ring, real_batch.numpy(), synthetic, ids, positions, seeds, epochs,
+                                 cfg.staleness.max_age)
         if cache is not None:
             for i in range(len(ids)):
-                cache.add(int(ids[i]), seeds[i], int(epochs[i]), real_batch[i].numpy(), synthetic[i])
+                cache.add(int(ids[i]), seeds[i], int(epochs[i]), real_batch[i].numpy(), synthetic[i],
+                          checksums[i] if i < len(checksums) else None)
         batch_s.observe((time.perf_counter_ns() - start) / 1e9 * cfg.generator.batch_size / len(ids))
 
 
@@ -162,12 +164,14 @@ class LeadEstimator:
 
 
 def _write_pairs(ring: PairRing, real: np.ndarray, synthetic: np.ndarray, ids: np.ndarray,
-                 positions: np.ndarray, seeds: list[int], epochs: np.ndarray, max_age: int) -> None:
-    """Write pairs as slots become available; waits (bounded by the ring closing) when it is full."""
+                 positions: np.ndarray, seeds: list[int], epochs: np.ndarray, max_age: int) -> list[int]:
+    """Write pairs as slots become available; waits (bounded by the ring closing) when it is full.
+    Returns the CRC32 of each pair written (fewer than asked when the ring closed first)."""
     i = 0
+    written: list[int] = []
     while i < len(ids):
         if ring.closed:
-            return
+            return written
         slots = ring.reserve(len(ids) - i, int(epochs[i]), max_age)
         if not slots:
             time.sleep(IDLE_SLEEP_S)
@@ -176,7 +180,9 @@ def _write_pairs(ring: PairRing, real: np.ndarray, synthetic: np.ndarray, ids: n
         checksums = [ring.write(slot, real[j], synthetic[j]) for slot, j in zip(slots, range(i, i + len(slots)))]
         ring.publish_many(slots, real_ids=ids[batch], positions=positions[batch], seeds=seeds[batch],
                           birth_epochs=epochs[batch], checksums=checksums)
+        written += checksums
         i += len(slots)
+    return written
 
 
 class ProducerPool:

@@ -95,10 +95,6 @@ def _write_atomically(path: Path, write) -> None:
     fsync_path(path.parent)
 
 
-def pair_checksums(pairs: np.ndarray) -> list[int]:
-    return [crc32(p) for p in pairs]
-
-
 # ----------------------------------------------------------------------------- writing
 
 class ShardWriter:
@@ -121,7 +117,7 @@ class ShardWriter:
         self.disabled = False
         self.committed = 0
         self._pairs = np.empty((shard_pairs, 2, 3, resolution, resolution), dtype=np.uint8)
-        self._rows: list[tuple[int, int, int]] = []
+        self._rows: list[tuple[int, int, int, int]] = []  # real id, seed, epoch, CRC32
         self._last_flush = time.monotonic()
         try:
             (self.dir / SHARDS).mkdir(parents=True, exist_ok=True)
@@ -133,13 +129,16 @@ class ShardWriter:
         except OSError as e:
             self._give_up(e)
 
-    def add(self, real_id: int, seed: int, epoch: int, real: np.ndarray, synthetic: np.ndarray) -> None:
+    def add(self, real_id: int, seed: int, epoch: int, real: np.ndarray, synthetic: np.ndarray,
+            checksum: int | None = None) -> None:
+        """Buffer one pair. ``checksum`` is its CRC32 when the caller has it already (the ring's
+        ``write`` returns the same value for the same pair), else it is computed here."""
         if self.disabled:
             return
         row = len(self._rows)
         self._pairs[row, 0] = real
         self._pairs[row, 1] = synthetic
-        self._rows.append((real_id, seed, epoch))
+        self._rows.append((real_id, seed, epoch, crc32(self._pairs[row]) if checksum is None else checksum))
         if len(self._rows) == self.shard_pairs or time.monotonic() - self._last_flush >= self.flush_s:
             self.flush()
 
@@ -154,7 +153,7 @@ class ShardWriter:
         shard = self.dir / SHARDS / f"{name}.npy"
         record = {"shard": shard.name, "pairs": n, "resolution": self.resolution, "created": time.time(),
                   "ids": [r[0] for r in self._rows], "seeds": [r[1] for r in self._rows],
-                  "epochs": [r[2] for r in self._rows], "checksums": pair_checksums(pairs)}
+                  "epochs": [r[2] for r in self._rows], "checksums": [r[3] for r in self._rows]}
         try:
             _write_atomically(shard, lambda f: np.save(f, pairs))
             _write_atomically(self.dir / INDEX / f"{name}.json", lambda f: f.write(json.dumps(record).encode()))
