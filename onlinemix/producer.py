@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache import ShardWriter, cache_key
+from .cache import ShardWriter, writer_for
 from .config import Config
 from .data import load_real_images, select_train_ids
 from .generate import make_generator
@@ -97,7 +97,7 @@ def run_producer(spec: ProducerSpec, ring: PairRing) -> None:
         {"pid": os.getpid(), "device": spec.device, "model": cfg.generator.model, "dtype": str(generator.dtype),
          "attention": generator.attention, "attention_reason": generator.attention_reason,
          "fingerprint": generator.fingerprint}, indent=2))
-    cache = open_cache_writer(cfg, generator) if cfg.cache.enabled else None
+    cache = writer_for(cfg, generator) if cfg.cache.enabled else None
     ring.add("ready_producers", 1)
     try:
         _produce(spec, ring, real, schedule, generator, cache)
@@ -105,15 +105,6 @@ def run_producer(spec: ProducerSpec, ring: PairRing) -> None:
         if cache is not None:
             cache.close()
             log.info("cached %d pairs in %s", cache.committed, cache.dir)
-
-
-def open_cache_writer(cfg: Config, generator) -> ShardWriter:
-    """This producer's writer into the disk cache, under the generator's and dataset's key."""
-    c = cfg.cache
-    description = {"fingerprint": generator.fingerprint, "identity": generator._identity(),
-                   "dataset": cfg.data.dataset}
-    return ShardWriter(cfg.cache_root(), cache_key(generator.fingerprint, cfg.data.dataset), description,
-                       cfg.data.resolution, c.shard_pairs, c.flush_s, int(c.max_gb * 1e9))
 
 
 def _produce(spec: ProducerSpec, ring: PairRing, real, schedule: EpochSchedule, generator,

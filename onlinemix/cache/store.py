@@ -36,10 +36,13 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 from isal.isal_zlib import crc32
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,21 @@ def _write_atomically(path: Path, write) -> None:
 
 
 # ----------------------------------------------------------------------------- writing
+
+def generator_description(generator, dataset: str) -> dict:
+    """What ``generator.json`` records of the pairs' origin; offline runs select keys by its dataset,
+    resolution and ``identity.guidance`` (``select_key``)."""
+    return {"fingerprint": generator.fingerprint, "identity": generator._identity(), "dataset": dataset}
+
+
+def writer_for(cfg: Config, generator) -> ShardWriter:
+    """A writer into ``cfg``'s cache under this generator's and dataset's key: what producers and
+    ``cache warm`` workers write through."""
+    c = cfg.cache
+    return ShardWriter(cfg.cache_root(), cache_key(generator.fingerprint, cfg.data.dataset),
+                       generator_description(generator, cfg.data.dataset), cfg.data.resolution, c.shard_pairs,
+                       c.flush_s, int(c.max_gb * 1e9))
+
 
 class ShardWriter:
     """Buffers one producer's pairs and commits them to the cache a shard at a time.

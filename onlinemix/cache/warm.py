@@ -33,7 +33,7 @@ from ..data import load_real_images
 from ..generate import make_generator
 from ..producer import producer_devices
 from ..schedule import variation_seed
-from .store import CacheError, CacheReader, ShardWriter, cache_key, check_writable
+from .store import CacheError, CacheReader, cache_key, check_writable, generator_description, writer_for
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,6 @@ class WarmResult:
 def default_workers() -> int:
     """One worker per visible GPU, or one on the CPU."""
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
-
-
-def description(gen, dataset: str) -> dict:
-    """What ``generator.json`` records: the trainer's offline mode selects keys by its dataset, resolution
-    and ``identity.guidance`` (``select_key``)."""
-    return {"fingerprint": gen.fingerprint, "identity": gen._identity(), "dataset": dataset}
 
 
 def missing_pairs(reader: CacheReader, train_ids: np.ndarray, base_seed: int, variations: int) -> np.ndarray:
@@ -95,13 +89,12 @@ def worker_main(index: int, cfg: Config, device: str, parent_pid: int, tasks: mp
         torch.set_num_threads(cfg.generator.cpu_threads)
     try:
         gen = make_generator(cfg.generator, device, cfg.data.resolution)
-        events.put(("ready", index, description(gen, cfg.data.dataset)))
-        key, rows = tasks.get()
+        events.put(("ready", index, generator_description(gen, cfg.data.dataset)))
+        rows = tasks.get()
         if rows is None:
             return
         real = load_real_images(cfg.data).images
-        writer = ShardWriter(cfg.cache_root(), key, description(gen, cfg.data.dataset), cfg.data.resolution,
-                             cfg.cache.shard_pairs, cfg.cache.flush_s, int(cfg.cache.max_gb * 1e9))
+        writer = writer_for(cfg, gen)  # the parent's key: every worker's fingerprint agrees
         batch = cfg.generator.batch_size
         for start in range(0, len(rows), batch):
             if stop.is_set() or os.getppid() != parent_pid:
@@ -151,7 +144,7 @@ class _Workers:
     def shutdown(self, timeout_s: float = 30.0) -> None:
         self.stop.set()
         for q in self.tasks:
-            q.put((None, None))  # releases a worker still waiting for its share
+            q.put(None)  # releases a worker still waiting for its share
             q.cancel_join_thread()  # a dead worker's unread share must not block our exit
         deadline = time.monotonic() + timeout_s
         for p in self.procs:
@@ -207,7 +200,7 @@ def warm(cfg: Config, variations: int, workers: int) -> WarmResult:
               f"{len(todo)} to generate with {workers} worker(s)", file=sys.stderr)
         generate_started = time.perf_counter()
         for i, q in enumerate(pool.tasks):
-            q.put((key, todo[i::workers]))
+            q.put(todo[i::workers])
         finished = 0
         with tqdm(total=len(todo), unit="pair", dynamic_ncols=True, desc="warm") as bar:
             while finished < workers:
