@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from .data import (
     load_image_source,
     load_real_images,
 )
-from .models import build_backbone
+from .models import build_backbone, seeded_backbone
 
 log = logging.getLogger(__name__)
 
@@ -145,17 +146,11 @@ def knn_on_heldout(backbone: nn.Module, real: RealImages, cfg: ProbeConfig, devi
     return topk_accuracy(scores, real.labels[te])
 
 
-def random_init_backbone(cfg: Config) -> nn.Module:
-    """The backbone exactly as a run with this config starts, before any training."""
-    torch.manual_seed(cfg.train.seed)  # seeded and built first, as methods.build_method does: the same weights
-    return build_backbone(cfg.train)
-
-
 def compare_with_random_init(backbone: nn.Module, cfg: Config, device: torch.device,
                              real: RealImages | None = None) -> dict[str, dict[str, float]]:
     real = real if real is not None else load_real_images(cfg.data)
     return {"trained": probe_backbone(backbone, real, cfg.probe, device),
-            "random_init": probe_backbone(random_init_backbone(cfg).to(device), real, cfg.probe, device)}
+            "random_init": probe_backbone(seeded_backbone(cfg.train).to(device), real, cfg.probe, device)}
 
 
 def format_probe(results: dict[str, dict[str, float]]) -> str:
@@ -330,7 +325,7 @@ def evaluate_checkpoint(ckpt: Checkpoint, eval_sets: list[tuple[str, Path]], set
     sets += [extra_set(name, path, real, ckpt.cfg.data.resolution) for name, path in eval_sets]
     backbones = [("trained", load_backbone(ckpt.run_dir, ckpt.cfg, ckpt.weights))]
     if random_init:
-        backbones.append(("random_init", random_init_backbone(ckpt.cfg)))
+        backbones.append(("random_init", seeded_backbone(ckpt.cfg.train)))
     rows = [row for label, net in backbones for row in evaluate_backbone(net.to(device), sets, settings, device, label)]
     return {"checkpoint": ckpt.name, "weights": str(ckpt.weights), "backbone_arch": ckpt.cfg.train.backbone,
             "settings": settings.describe(), "rows": rows}
@@ -388,13 +383,17 @@ def run(args: argparse.Namespace) -> list[dict]:
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def run_command(run: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> None:
+    """The eval and stats command lines: INFO logging, and their users' errors as an exit message."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         run(args)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ from .dino import (
     teacher_temperature,
 )
 from .losses import barlow_twins_loss, nt_xent
-from .models import build_backbone
+from .models import seeded_backbone, simclr_projector
 from .pairs import BatchPairs
 
 PAIRINGS = ("mixdiff", "real", "synthetic", "mixing", "sequential")
@@ -154,9 +154,7 @@ class SimCLR(SSLMethod):
 
     def __init__(self, cfg: Config, backbone: nn.Module) -> None:
         super().__init__(cfg, backbone)
-        d = backbone.out_dim
-        self.projector = nn.Sequential(nn.Linear(d, d, bias=False), nn.BatchNorm1d(d), nn.ReLU(inplace=True),
-                                       nn.Linear(d, cfg.train.proj_dim))
+        self.projector = simclr_projector(backbone.out_dim, cfg.train.proj_dim)
 
     def forward(self, views: list[torch.Tensor], info: StepInfo) -> tuple[torch.Tensor, dict[str, float]]:
         view_a, view_b = views
@@ -298,8 +296,7 @@ def build_method(cfg: Config, labels: torch.Tensor | None = None, num_classes: i
     ``labels`` (indexed by image id) and ``num_classes`` are needed by 'supervised' only."""
     if cfg.train.method not in METHODS:
         raise ValueError(f"unknown method {cfg.train.method!r}; known: {sorted(METHODS)}")
-    torch.manual_seed(cfg.train.seed)
-    backbone = build_backbone(cfg.train)
+    backbone = seeded_backbone(cfg.train)
     cls = METHODS[cfg.train.method]
     if cls is Supervised:
         if labels is None or num_classes is None:

@@ -37,15 +37,26 @@ def build_backbone(cfg: TrainConfig) -> nn.Module:
     return net
 
 
+def seeded_backbone(cfg: TrainConfig) -> nn.Module:
+    """The backbone exactly as a run with this config starts: the global RNG seeded with
+    ``cfg.seed``, then the backbone built first (a method's heads come after, from the same stream)."""
+    torch.manual_seed(cfg.seed)
+    return build_backbone(cfg)
+
+
+def simclr_projector(in_dim: int, out_dim: int) -> nn.Sequential:
+    """SimCLR's projection head: Linear-BN-ReLU-Linear."""
+    return nn.Sequential(nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim), nn.ReLU(inplace=True),
+                         nn.Linear(in_dim, out_dim))
+
+
 class SSLModel(nn.Module):
     """Backbone + SimCLR projection head (Linear-BN-ReLU-Linear)."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__()
         self.backbone = build_backbone(cfg)
-        d = self.backbone.out_dim
-        self.projector = nn.Sequential(nn.Linear(d, d, bias=False), nn.BatchNorm1d(d), nn.ReLU(inplace=True),
-                                       nn.Linear(d, cfg.proj_dim))
+        self.projector = simclr_projector(self.backbone.out_dim, cfg.proj_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.backbone(x))

@@ -19,7 +19,6 @@ import argparse
 import hashlib
 import json
 import logging
-import sys
 import textwrap
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,9 +33,9 @@ from tqdm.auto import tqdm
 
 from .augment import eval_transform
 from .cache import CacheError, CacheReader, select_key
-from .config import ConfigError, GeneratorConfig, load_config
-from .data import DataError, load_real_images
-from .eval import CONFIG_FILE, load_backbone
+from .config import GeneratorConfig, load_config
+from .data import load_real_images
+from .eval import CONFIG_FILE, load_backbone, run_command
 from .generate import make_generator
 from .schedule import variation_seed
 
@@ -283,12 +282,7 @@ def format_result(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        run(args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run_command(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """NT-Xent and BarlowTwins against straightforward implementations written from the formulas, and by hand."""
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -59,16 +60,6 @@ def test_rejects_mismatched_shapes() -> None:
         nt_xent(torch.zeros(4, 3), torch.zeros(5, 3), 0.1)
 
 
-def test_logits_stay_fp32_under_autocast() -> None:
-    # bf16 logits / 0.05 would round the loss visibly; the loss must match the fp32 value.
-    gen = torch.Generator().manual_seed(1)
-    z_a, z_b = torch.randn(16, 32, generator=gen), torch.randn(16, 32, generator=gen)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = nt_xent(z_a, z_b, 0.05)
-    assert mixed.dtype == torch.float32
-    torch.testing.assert_close(mixed, nt_xent(z_a, z_b, 0.05), rtol=1e-6, atol=1e-6)
-
-
 def barlow_twins_from_formula(z_a: torch.Tensor, z_b: torch.Tensor, lambd: float, eps: float) -> torch.Tensor:
     """Each dimension standardised over the batch (biased variance), C_ij = sum_b a_bi * b_bj / N,
     loss = sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2."""
@@ -120,15 +111,21 @@ def test_barlow_twins_perfectly_correlated_views_cost_nothing() -> None:
     assert barlow_twins_loss(z, z.clone(), lambd=0.1, eps=0.0).item() == pytest.approx(0.0, abs=1e-12)
 
 
-def test_barlow_twins_correlation_stays_fp32_under_autocast() -> None:
-    gen = torch.Generator().manual_seed(2)
-    z_a, z_b = torch.randn(64, 16, generator=gen), torch.randn(64, 16, generator=gen)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = barlow_twins_loss(z_a, z_b, 0.005)
-    assert mixed.dtype == torch.float32
-    torch.testing.assert_close(mixed, barlow_twins_loss(z_a, z_b, 0.005), rtol=1e-6, atol=1e-6)
-
-
 def test_barlow_twins_rejects_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match="same shape"):
         barlow_twins_loss(torch.zeros(4, 3), torch.zeros(4, 2), 0.005)
+
+
+@pytest.mark.parametrize("loss,n,d,seed", [(lambda a, b: nt_xent(a, b, 0.05), 16, 32, 1),
+                                            (lambda a, b: barlow_twins_loss(a, b, 0.005), 64, 16, 2)],
+                         ids=["nt_xent", "barlow_twins"])
+def test_loss_stays_fp32_under_autocast(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], n: int, d: int,
+                                        seed: int) -> None:
+    # bf16 logits / 0.05 would round NT-Xent visibly, and bf16 would lose BarlowTwins' small
+    # off-diagonal correlations; each loss must match its fp32 value.
+    gen = torch.Generator().manual_seed(seed)
+    z_a, z_b = torch.randn(n, d, generator=gen), torch.randn(n, d, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = loss(z_a, z_b)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, loss(z_a, z_b), rtol=1e-6, atol=1e-6)
