@@ -129,21 +129,24 @@ def knn_scores(bank_x: torch.Tensor, bank_y: torch.Tensor, query_x: torch.Tensor
 
 # ----------------------------------------------------------------------------- the training run's probe
 
-def probe_backbone(backbone: nn.Module, real: RealImages, cfg: ProbeConfig, device: torch.device) -> dict[str, float]:
-    """Fit on the training split's real images, report on the held-out real images."""
-    feats = extract_features(backbone, real.images, device)
+def heldout_linear(feats: torch.Tensor, real: RealImages, cfg: ProbeConfig) -> dict[str, float]:
+    """Linear probe fitted on the training split's features (of all ``real.images``), scored on the held-out ones."""
     tr, te = real.train_ids, real.holdout_ids
     return linear_probe(feats[tr], real.labels[tr], feats[te], real.labels[te], cfg)
 
 
-def knn_on_heldout(backbone: nn.Module, real: RealImages, cfg: ProbeConfig, device: torch.device) -> dict[str, float]:
-    """Weighted kNN of the held-out real images against the training split: no fitting, so cheap
+def heldout_knn(feats: torch.Tensor, real: RealImages, cfg: ProbeConfig) -> dict[str, float]:
+    """Weighted kNN of the held-out features against the training split's: no fitting, so cheap
     enough to watch the features improve during training."""
-    feats = extract_features(backbone, real.images, device, desc=None)
     tr, te = real.train_ids, real.holdout_ids
     n_classes = int(real.labels.max()) + 1
     scores = knn_scores(feats[tr], real.labels[tr], feats[te], n_classes, cfg.knn_k, cfg.knn_temperature)
     return topk_accuracy(scores, real.labels[te])
+
+
+def probe_backbone(backbone: nn.Module, real: RealImages, cfg: ProbeConfig, device: torch.device) -> dict[str, float]:
+    """Fit on the training split's real images, report on the held-out real images."""
+    return heldout_linear(extract_features(backbone, real.images, device), real, cfg)
 
 
 def compare_with_random_init(backbone: nn.Module, cfg: Config, device: torch.device,

@@ -91,9 +91,8 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, base_lr: 
                        final_lr: float = 0.0) -> float:
     """Linear warm-up from base_lr / warmup_steps to base_lr, then cosine decay to final_lr.
 
-    The same shape as train.lr_at (which it equals when final_lr is 0): warm-up step s uses
-    base_lr * (s + 1) / warmup_steps so the first step already moves; from `total_steps` on
-    the rate stays at final_lr.
+    Warm-up step s uses base_lr * (s + 1) / warmup_steps so the first step already moves; from
+    `total_steps` on the rate stays at final_lr.
     """
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps

@@ -20,7 +20,6 @@ if __package__ in (None, ""):
 
 import json
 import logging
-import math
 import os
 import signal
 import socket
@@ -38,7 +37,8 @@ from onlinemix.cache import CacheError, CacheReader, cache_key, check_writable, 
 from onlinemix.cli import parse_args
 from onlinemix.config import Config, ConfigError, load_config, needs_synthetic_views, save_config
 from onlinemix.data import DataError, RealImages, load_real_images, select_train_ids
-from onlinemix.eval import BACKBONE_FILE, compare_with_random_init, format_probe, knn_on_heldout, probe_backbone
+from onlinemix.eval import (BACKBONE_FILE, compare_with_random_init, extract_features, format_probe, heldout_knn,
+                            heldout_linear)
 from onlinemix.methods import StepInfo, build_method, pairing_at
 from onlinemix.metrics import RunMetrics
 from onlinemix.optim import build_optimizer, cosine_with_warmup, scaled_lr
@@ -51,14 +51,6 @@ log = logging.getLogger("onlinemix")
 
 CHECKPOINT_DIR = "checkpoints"
 PRODUCER_START_TIMEOUT_S = 600.0
-
-
-def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
-    """Linear warm-up, then cosine decay to zero."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -161,11 +153,11 @@ class Trainer:
                if every and (epoch + 1) % every == 0]
         if not due or not self.acc.is_main_process:
             return {}
-        backbone = self.acc.unwrap_model(self.model).backbone
+        # One feature pass serves both probes (no progress bar inside training's own).
+        feats = extract_features(self.acc.unwrap_model(self.model).backbone, self.real.images, self.acc.device, desc=None)
         out = {}
         for name in due:
-            probe = knn_on_heldout if name == "knn" else probe_backbone
-            result = probe(backbone, self.real, pc, self.acc.device)
+            result = (heldout_knn if name == "knn" else heldout_linear)(feats, self.real, pc)
             out.update({f"{name}_top1": result["top1"], f"{name}_top5": result["top5"]})
         return out
 
