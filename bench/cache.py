@@ -50,7 +50,8 @@ from onlinemix.config import CacheConfig, load_config
 from onlinemix.data import load_real_images
 from onlinemix.generate import make_generator
 
-from common import Timer, cpu_name, cpu_snapshot, import_pyplot, load_line, other_cores_since, run_meta
+from common import (Timer, cpu_name, cpu_snapshot, fill_defaults, import_pyplot, load_line, other_cores_since,
+                    run_meta, save_figure, save_results)
 from throughput import bench_training
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -90,9 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="JSON results; the PNG goes next to it (default bench/results/cache.json)")
     p.add_argument("--quick", action="store_true", help="32 px, 1 MiB, one trainer step: a few seconds")
     args = p.parse_args(argv)
-    for key, (default, quick) in DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, quick if args.quick else default)
+    fill_defaults(args, DEFAULTS)
     args.resolutions = sorted({int(r) for r in str(args.resolutions).split(",") if r.strip()})
     if not args.resolutions or min(args.resolutions) < 8 or args.mib <= 0 or args.shard_pairs < 1:
         p.error("--resolutions must be >= 8, --mib > 0, --shard-pairs >= 1")
@@ -315,9 +314,7 @@ def plot(res: dict, path: Path) -> None:
         ax.set_ylabel("pairs / s")
         ax.legend(fontsize=8)
     fig.suptitle(f"cache formats on {res['meta']['filesystem']}, {res['meta']['cpu']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -348,12 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "min_png_read_over_trainer": min(min(v for k, v in r["read_over_trainer"].items()
                                                          if k.startswith("png")) for r in rows)},
     }
-    png = args.out.with_suffix(".png")
-    plot(res, png)
-    res["plot"] = png.name
-    res["meta"]["wall_s"] = time.perf_counter() - _T0
-    res["meta"]["measure_s"] = time.perf_counter() - started
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    png = save_results(res, args.out, plot, _T0, started)
     print(format_report(res))
     print(f"wrote {args.out} and {png}; {res['meta']['wall_s']:.1f}s in all")
     return res

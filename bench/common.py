@@ -1,5 +1,6 @@
-"""Helpers shared by the benchmark scripts in bench/: machine naming, background-load measurement,
-run metadata for the JSON, the report's "load" line and the matplotlib import guard.
+"""Helpers shared by the benchmark scripts in bench/: flag defaults and integer-list flags, torch device
+and thread set-up, machine naming, background-load measurement, run metadata for the JSON, the report's
+"load" line, the matplotlib import guard and the writing of the PNG and JSON results.
 
 Imported as ``from common import ...`` (the scripts run as ``python bench/<name>.py``, so bench/ is
 ``sys.path[0]``). torch, diffusers and transformers are imported inside the functions that need them,
@@ -8,10 +9,13 @@ so that bench/ring.py can import this module without importing torch at start-up
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +24,40 @@ if TYPE_CHECKING:
     import torch
 
 SKEW_CORES = 0.2  # other processes using more cores than this while measuring: flagged as skewed
+
+
+# ----------------------------------------------------------------------------- command line
+
+def fill_defaults(args: argparse.Namespace, defaults: dict[str, tuple[Any, Any]]) -> None:
+    """Set every flag of ``defaults`` that was left out (None) to its (default run, --quick run) value."""
+    for key, (default, quick) in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else default)
+
+
+def int_list(p: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
+    """The comma-separated positive integers of ``flag``, in the order given, repeats kept; else ``p.error``."""
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        p.error(f"{flag} expects comma-separated integers, got {text!r}")
+    if not values or min(values) < 1:
+        p.error(f"{flag} expects positive integers, got {text!r}")
+    return values
+
+
+def setup_torch(device_flag: str | None, threads: int | None) -> torch.device:
+    """The device of --device (default cuda when available, else cpu; exits when CUDA is asked for but absent),
+    with torch's intra-op threads set to --threads, else to 1 on the CPU (rates per core), else left as they are."""
+    import torch
+    device = torch.device(device_flag or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device {device}: CUDA is not available here")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    elif device.type == "cpu":
+        torch.set_num_threads(1)
+    return device
 
 
 # ----------------------------------------------------------------------------- machine info
@@ -123,6 +161,29 @@ def import_pyplot(script: str) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out ``fig``, write it to ``path`` as a PNG at 110 dpi and close it."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_results(res: dict[str, Any], out: Path, plot: Callable[[dict[str, Any], Path], None], t0: float,
+                 started: float | None = None) -> Path:
+    """Plot ``res`` to the PNG next to ``out`` (named in ``res["plot"]``), add the run's wall time since ``t0``
+    (and, when ``started`` is given, the time since then as "measure_s") to its meta, write it as JSON to
+    ``out`` and return the PNG's path."""
+    png = out.with_suffix(".png")
+    plot(res, png)
+    res["plot"] = png.name  # next to the JSON
+    res["meta"]["wall_s"] = time.perf_counter() - t0
+    if started is not None:
+        res["meta"]["measure_s"] = time.perf_counter() - started
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    return png
 
 
 class Timer:

@@ -47,7 +47,6 @@ import ctypes
 import dataclasses
 import gc
 import itertools
-import json
 import math
 import os
 import re
@@ -72,8 +71,8 @@ from onlinemix.generate import (FULL_SIZE_RANDOM, SCHEDULERS, DiffusersVariation
                                 resolve_dtype)
 from onlinemix.stub_diffuser import build_full_size_random_pipeline, build_stub_pipeline
 
-from common import (Timer, cpu_snapshot, device_name, import_pyplot, load_line, other_cores_since, run_meta,
-                    torch_meta)
+from common import (Timer, cpu_snapshot, device_name, fill_defaults, import_pyplot, int_list, load_line,
+                    other_cores_since, run_meta, save_figure, save_results, setup_torch, torch_meta)
 
 BENCH_DIR = Path(__file__).resolve().parent
 SKEW_CORES = 0.2        # other processes using more cores than this while measuring: flagged as skewed
@@ -200,9 +199,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="shrink every list and repeat count so the run takes well under 60 s on 2 CPU cores "
                         "(smoke test); the numbers are then noisy")
     args = p.parse_args(argv)
-    for key, (default, quick) in DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, quick if args.quick else default)
+    fill_defaults(args, DEFAULTS)
     if args.full_size:
         if args.model not in (None, FULL_SIZE_RANDOM):
             p.error(f"--full-size means --model {FULL_SIZE_RANDOM}; it cannot be combined with --model {args.model}")
@@ -210,8 +207,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.model = args.model or "stub"
     if args.resolution is None:
         args.resolution = 32 if args.model == "stub" else 512
-    args.steps = _int_list(p, "--steps", args.steps)
-    args.batch_sizes = _int_list(p, "--batch-sizes", args.batch_sizes)
+    args.steps = list(dict.fromkeys(int_list(p, "--steps", args.steps)))
+    args.batch_sizes = list(dict.fromkeys(int_list(p, "--batch-sizes", args.batch_sizes)))
     args.attentions = _choice_list(p, "--attentions", args.attentions, ("sdpa", "xformers", "auto"))
     args.channels_last = [v == "on" for v in _choice_list(p, "--channels-last", args.channels_last, ("off", "on"))]
     if args.dtypes is not None:
@@ -228,16 +225,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.guidance < 0:
         p.error("--guidance must be >= 0")
     return args
-
-
-def _int_list(p: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        p.error(f"{flag} expects comma-separated integers, got {text!r}")
-    if not values or min(values) < 1:
-        p.error(f"{flag} expects positive integers, got {text!r}")
-    return list(dict.fromkeys(values))
 
 
 def _choice_list(p: argparse.ArgumentParser, flag: str, text: str, allowed: tuple[str, ...]) -> list[str]:
@@ -807,9 +794,7 @@ def plot(res: dict, path: Path) -> None:
     m, c = res["meta"], res["config"]
     fig.suptitle(f"{m['device']}: {m['device_name']}, {m['threads']} thread(s), {c['model']} at {c['gen_size']}px, "
                  f"guidance {c['guidance']:g}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- main
@@ -817,16 +802,9 @@ def plot(res: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit(f"--device {device}: CUDA is not available here")
+    device = setup_torch(args.device, args.threads)
     if device.type not in ("cpu", "cuda"):
         sys.exit(f"--device {device}: only cpu and cuda are supported")
-    threads_default = args.threads is None
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    elif device.type == "cpu":
-        torch.set_num_threads(1)
     dtypes = args.dtypes or DTYPE_DEFAULTS[device.type].split(",")
     if device.type == "cpu" and args.model != "stub":
         print(f"bench/generate.py: WARNING: {args.model} at {args.resolution}px on the CPU is slow: at 512 px one "
@@ -931,7 +909,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     res = {
         "meta": {
-            **torch_meta(device, threads_default),
+            **torch_meta(device, args.threads is None),
             "cuda": torch.version.cuda if device.type == "cuda" else None,
             **run_meta(load_before, other_cores, args.quick, "bench/generate.py", argv),
         },
@@ -949,12 +927,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     res["targets"] = evaluate_targets(res)
-    png = out.with_suffix(".png")
-    plot(res, png)
-    res["plot"] = png.name  # next to the JSON
-    res["meta"]["wall_s"] = time.perf_counter() - _T0
-    res["meta"]["measure_s"] = time.perf_counter() - started
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    png = save_results(res, out, plot, _T0, started)
     print(format_report(res))
     print(f"\nwrote {out} and {png}; {res['meta']['wall_s']:.1f}s in all, "
           f"{res['meta']['measure_s']:.1f}s after imports")

@@ -34,7 +34,6 @@ import time
 _T0 = time.perf_counter()  # before the imports: the reported wall time includes them
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -51,7 +50,8 @@ from tqdm.auto import tqdm
 
 from onlinemix.ring import NAME_PREFIX, SHM_DIR, PairRing
 
-from common import cpu_name, cpu_snapshot, import_pyplot, load_line, other_cores_since, run_meta
+from common import (cpu_name, cpu_snapshot, fill_defaults, import_pyplot, int_list, load_line, other_cores_since,
+                    run_meta, save_figure, save_results)
 
 BENCH_DIR = Path(__file__).resolve().parent
 TARGET_MEMCPY = 0.5   # ring GB/s >= this x memcpy GB/s
@@ -151,12 +151,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="resolution 64 only, P in {1,2}, C = 1, a few MiB per producer: well under 30 s on 2 CPU "
                         "cores (smoke test); the numbers are then noisy")
     args = p.parse_args(argv)
-    for key, (default, quick) in DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, quick if args.quick else default)
-    args.resolutions = _int_list(p, "--resolutions", args.resolutions)
-    args.producers = _int_list(p, "--producers", args.producers)
-    args.consumers = _int_list(p, "--consumers", args.consumers)
+    fill_defaults(args, DEFAULTS)
+    args.resolutions = sorted(set(int_list(p, "--resolutions", args.resolutions)))
+    args.producers = sorted(set(int_list(p, "--producers", args.producers)))
+    args.consumers = sorted(set(int_list(p, "--consumers", args.consumers)))
     if any(r % 2 or r < 4 for r in args.resolutions):
         p.error("--resolutions must be even and >= 4 (pairs are checked as 64-bit words)")
     for flag in ("slots", "write_batch", "take_batch", "memcpy_repeats"):
@@ -172,16 +170,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--slots must be at least the largest --producers value (each producer needs room ahead)")
     args.verify = {"both": [True, False], "on": [True], "off": [False]}[args.checksums]
     return args
-
-
-def _int_list(p: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        p.error(f"{flag} expects comma-separated integers, got {text!r}")
-    if not values or min(values) < 1:
-        p.error(f"{flag} expects positive integers, got {text!r}")
-    return sorted(set(values))
 
 
 def pairs_per_producer(args: argparse.Namespace, r: int, n_producers: int) -> int:
@@ -885,9 +873,7 @@ def plot(res: dict, path: Path) -> None:
         ax.legend(fontsize=8, ncol=2, loc="upper left")
     m = res["meta"]
     fig.suptitle(f"{m['cpu']}, {m['cpu_count']} cores: with P + C > cores the rates are contention-bound", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- main
@@ -971,11 +957,7 @@ def main(argv: list[str] | None = None) -> dict:
         and all(q["all_pairs_intact"] for b in blocks for q in b["queue"]),
     }
     res["meta"]["segments_left"] = own_segments()
-    png = out.with_suffix(".png")
-    plot(res, png)
-    res["plot"] = png.name  # next to the JSON
-    res["meta"]["wall_s"] = time.perf_counter() - _T0
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    png = save_results(res, out, plot, _T0)
     print(format_report(res))
     print(f"\nwrote {out} and {png}; {res['meta']['wall_s']:.1f}s in all")
     return res

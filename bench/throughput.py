@@ -24,7 +24,6 @@ import time
 _T0 = time.perf_counter()  # before the heavy imports: the reported wall time includes them
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -44,8 +43,8 @@ from onlinemix.losses import nt_xent
 from onlinemix.models import SSLModel
 from onlinemix.ring import PairRing
 
-from common import (Timer, cpu_snapshot, import_pyplot, load_line, other_cores_since, run_meta,
-                    torch_meta)
+from common import (Timer, cpu_snapshot, fill_defaults, import_pyplot, int_list, load_line, other_cores_since,
+                    run_meta, save_figure, save_results, setup_torch, torch_meta)
 
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -127,11 +126,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="shrink every measurement so the run takes well under 30 s on 2 CPU cores (smoke test); "
                         "the numbers are then noisy")
     args = p.parse_args(argv)
-    for key, (default, quick) in DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, quick if args.quick else default)
-    args.gen_batch_sizes = _int_list(p, "--gen-batch-sizes", args.gen_batch_sizes)
-    args.max_reuse = _int_list(p, "--max-reuse", args.max_reuse)
+    fill_defaults(args, DEFAULTS)
+    args.gen_batch_sizes = int_list(p, "--gen-batch-sizes", args.gen_batch_sizes)
+    args.max_reuse = int_list(p, "--max-reuse", args.max_reuse)
     for flag in ("gen_repeats", "train_batch_size", "train_steps", "ring_pairs", "ring_repeats"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
@@ -146,22 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _int_list(p: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        p.error(f"{flag} expects comma-separated integers, got {text!r}")
-    if not values or min(values) < 1:
-        p.error(f"{flag} expects positive integers, got {text!r}")
-    return values
-
-
 # ----------------------------------------------------------------------------- helpers
-
-def build_generator(cfg, device: torch.device) -> tuple[DiffusersVariationGenerator, str]:
-    gen = DiffusersVariationGenerator(cfg.generator, device, cfg.data.resolution)
-    return gen, gen.attention_reason
-
 
 # ----------------------------------------------------------------------------- 1. generation
 
@@ -473,9 +455,7 @@ def plot(res: dict, path: Path) -> None:
     right.legend()
     m = res["meta"]
     fig.suptitle(f"{m['device']}: {m['device_name']}, {m['threads']} thread(s), {res['config']['model']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- main
@@ -483,14 +463,7 @@ def plot(res: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit(f"--device {device}: CUDA is not available here")
-    threads_default = args.threads is None
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    elif device.type == "cpu":
-        torch.set_num_threads(1)
+    device = setup_torch(args.device, args.threads)
 
     overrides = {k: str(v) for k, v in {
         "generator.model": args.model, "generator.revision": args.revision, "generator.steps": args.steps,
@@ -508,7 +481,7 @@ def main(argv: list[str] | None = None) -> dict:
     load_before, before = os.getloadavg()[0], cpu_snapshot()
     real = load_real_images(cfg.data)
     try:
-        gen, attention_reason = build_generator(cfg, device)
+        gen = DiffusersVariationGenerator(cfg.generator, device, cfg.data.resolution)
     except Exception as e:  # a missing model directory, no network for a hub id, xformers requested but absent
         sys.exit(f"bench/throughput.py: cannot build the generator {cfg.generator.model!r}: "
                  f"{e.__class__.__name__}: {e}")
@@ -535,8 +508,8 @@ def main(argv: list[str] | None = None) -> dict:
                   "best_batch_size": best["batch_size"]}
     res = {
         "meta": {
-            **torch_meta(device, threads_default),
-            "attention": gen.attention, "attention_reason": attention_reason, "dtype": str(gen.dtype).replace("torch.", ""),
+            **torch_meta(device, args.threads is None),
+            "attention": gen.attention, "attention_reason": gen.attention_reason, "dtype": str(gen.dtype).replace("torch.", ""),
             **run_meta(load_before, other_cores, args.quick, "bench/throughput.py", argv),
         },
         "config": {"model": cfg.generator.model, "revision": cfg.generator.revision, "steps": cfg.generator.steps,
@@ -548,12 +521,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ring": ring,
         "split": split_model(training["img_s"], generation["best_img_s"], args.node_gpus, args.max_reuse),
     }
-    png = out.with_suffix(".png")
-    plot(res, png)
-    res["plot"] = png.name  # next to the JSON
-    res["meta"]["wall_s"] = time.perf_counter() - _T0
-    res["meta"]["measure_s"] = time.perf_counter() - started
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    png = save_results(res, out, plot, _T0, started)
     print(format_report(res))
     print(f"\nwrote {out} and {png}; {res['meta']['wall_s']:.1f}s in all, "
           f"{res['meta']['measure_s']:.1f}s after imports")
