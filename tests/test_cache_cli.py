@@ -24,7 +24,7 @@ from PIL import Image
 from onlinemix.cache.__main__ import main
 from onlinemix.cache.store import INDEX, QUARANTINE, SHARDS, CacheReader, cache_keys
 from onlinemix.config import load_config
-from onlinemix.data import load_real_images
+from onlinemix.data import load_real_images, select_train_ids
 from onlinemix.generate import make_generator
 from onlinemix.schedule import variation_seed
 
@@ -257,3 +257,12 @@ def test_warm_into_an_unwritable_cache_fails_at_start(dataset: Path, tmp_path: P
         locked.mkdir(mode=0o500)
         assert "not writable" in str(run_main("warm", *flags(dataset, locked / "cache")))
 
+
+
+def test_warm_generates_only_the_real_fraction_a_run_trains_on(dataset: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    result = run_warm(dataset, cache, "--data.real-fraction", "0.5")
+    cfg = load_config(None, {"data.dataset": str(dataset), "data.real_fraction": "0.5"})
+    subset = set(select_train_ids(load_real_images(cfg.data), cfg.data).tolist())
+    assert result["generated"] == len(subset) == N_TRAIN // 2
+    assert {real_id for real_id, _, _ in cached_pairs(cache)} == subset

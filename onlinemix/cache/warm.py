@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Config
-from ..data import load_real_images
+from ..data import load_real_images, select_train_ids
 from ..generate import make_generator
 from ..producer import producer_devices
 from ..schedule import variation_seed
@@ -185,7 +185,7 @@ def warm(cfg: Config, variations: int, workers: int) -> WarmResult:
     """Generate the missing variations 0..variations-1 of every training image into ``cfg.cache_root()``."""
     root = cfg.cache_root()
     check_writable(root)
-    train_ids = load_real_images(cfg.data).train_ids.numpy()
+    train_ids = select_train_ids(load_real_images(cfg.data), cfg.data).numpy()  # the images runs train on
     started = time.perf_counter()
     pool = _Workers(cfg, workers)
     key, generated, skipped, interrupted = "(not known yet)", 0, 0, False
