@@ -78,7 +78,7 @@ def test_loading_from_a_local_directory_goes_through_from_pretrained(images, bas
 
 
 def test_producer_metadata_records_attention_and_fingerprint(tmp_path: Path, no_leaked_segments) -> None:
-    cfg = load_config(None, {"train.batch_size": "32", "ring.slots": "64"})
+    cfg = load_config(None, {"train.batch_size": "32", "ring.slots": "64", "output_dir": str(tmp_path)})
     ring = PairRing.create(cfg.ring.slots, cfg.data.resolution)
     pool = ProducerPool(cfg, ring, ["cpu"], 32, tmp_path)
     try:

@@ -21,7 +21,8 @@ def simulate_trainer(tmp_path: Path, rate: float, lead_factor: float, steps: int
     (policy 'real'); returns the fraction of requests a synthetic view was ready for."""
     cfg = load_config(None, {"generator.steps": "2", "generator.batch_size": str(gen_batch),
                              "train.batch_size": str(BATCH),
-                             "ring.slots": "512", "producer.lead_factor": str(lead_factor)})
+                             "ring.slots": "512", "producer.lead_factor": str(lead_factor),
+                             "output_dir": str(tmp_path)})  # the producers' disk cache stays in tmp_path
     real = load_real_images(cfg.data)
     schedule = EpochSchedule(real.train_ids.numpy(), BATCH, cfg.train.seed)
     ring = PairRing.create(cfg.ring.slots, cfg.data.resolution)

@@ -18,9 +18,10 @@ from onlinemix.schedule import EpochSchedule, variation_seed
 
 
 @pytest.fixture
-def cfg() -> Config:
+def cfg(tmp_path: Path) -> Config:
+    # output_dir under tmp_path: the producers' disk cache (<output_dir>/cache) must not land in the checkout
     return load_config(None, {"generator.batch_size": "8", "ring.slots": "64", "train.batch_size": "32",
-                              "producer.max_restarts": "1"})
+                              "producer.max_restarts": "1", "output_dir": str(tmp_path)})
 
 
 def wait_until(predicate, timeout: float = 120.0) -> None:
