@@ -613,8 +613,8 @@ def run_ring(args: argparse.Namespace, r: int, n_producers: int, n_consumers: in
         producers = [g for g in got if g["role"] == "producer"]
         consumers = [g for g in got if g["role"] == "consumer"]
         occupancy = ring.occupancy()
-        checksum_errors = ring.get("checksum_errors")
-        generated = ring.get("generated")
+        checksum_errors = ring.header.checksum_errors
+        generated = ring.header.generated
         graceful = True
     finally:
         _stop(procs, barrier, graceful)

@@ -314,8 +314,8 @@ def bench_ring(cfg, real: np.ndarray, synthetic: np.ndarray, write_batch: int, t
             np_w.append(w)
             np_t.append(t)
             bar.update(2)
-        if ring.get("checksum_errors"):
-            raise RuntimeError(f"ring reported {ring.get('checksum_errors')} checksum errors")
+        if ring.header.checksum_errors:
+            raise RuntimeError(f"ring reported {ring.header.checksum_errors} checksum errors")
     finally:
         ring.close()
     ring_s, np_s = sum(ring_w) + sum(ring_t), sum(np_w) + sum(np_t)

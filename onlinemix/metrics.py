@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .ring import PairRing
+from .ring import TrainerPort
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +22,14 @@ SYNTHETIC = ("fresh", "cached", "disk")
 
 
 class RunMetrics:
-    def __init__(self, path: Path | None, ring: PairRing | None, restarts: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, path: Path | None, port: TrainerPort | None, restarts: Callable[[], int] = lambda: 0) -> None:
         self.file = open(path, "a") if path is not None else None
-        self.ring = ring
+        self.port = port  # the ring's counters, None without producers
         self.restarts = restarts
         self.totals = dict.fromkeys(COUNTS, 0)
         self._epoch = self._empty_epoch()
         self._started = time.monotonic()
-        self._generated0 = ring.get("generated") if ring else 0
+        self._generated0 = port.generated if port else 0
 
     @staticmethod
     def _empty_epoch() -> dict[str, float]:
@@ -37,15 +37,15 @@ class RunMetrics:
                 "started": time.monotonic()}
 
     def producer_rate(self) -> float:
-        if self.ring is None:
+        if self.port is None:
             return 0.0
-        return (self.ring.get("generated") - self._generated0) / max(1e-9, time.monotonic() - self._started)
+        return (self.port.generated - self._generated0) / max(1e-9, time.monotonic() - self._started)
 
     def _ring_state(self) -> dict[str, float]:
-        if self.ring is None:
+        if self.port is None:
             return {}
-        return {**{f"ring_{k}": v for k, v in self.ring.occupancy().items()},
-                "checksum_errors": self.ring.get("checksum_errors"), "producer_restarts": self.restarts(),
+        return {**{f"ring_{k}": v for k, v in self.port.occupancy().items()},
+                "checksum_errors": self.port.checksum_errors, "producer_restarts": self.restarts(),
                 "generated_per_s": self.producer_rate()}
 
     def record(self, step: int, epoch: int, stats: dict[str, float], write: bool, **values: float) -> None:
@@ -87,7 +87,7 @@ class RunMetrics:
 
     def postfix(self, loss: float) -> dict[str, str | int]:
         out: dict[str, str | int] = {"loss": f"{loss:.3f}", **self.totals}
-        if self.ring is not None:
+        if self.port is not None:
             out["gen"] = f"{self.producer_rate():.0f}/s"
             out["wait"] = f"{self._epoch['wait_s']:.0f}s"
         return out

@@ -18,7 +18,7 @@ import torch
 
 from .cache import CacheReader
 from .config import StalenessConfig
-from .ring import Loan, PairRing, TakeResult
+from .ring import Loan, TakeResult, TrainerPort
 
 POLL_S = 0.005
 CACHE_REFRESH_S = 10.0
@@ -56,7 +56,7 @@ class PairSource:
     """Builds (real, second view) batches: the ring first, then the staleness policy, which may
     turn to the disk cache. Offline there is no ring, and every view comes from the cache."""
 
-    def __init__(self, ring: PairRing | None, staleness: StalenessConfig, images: torch.Tensor, verify: bool,
+    def __init__(self, ring: TrainerPort | None, staleness: StalenessConfig, images: torch.Tensor, verify: bool,
                  health_check: Callable[[], None], cache: CacheReader | None = None) -> None:
         self.ring = ring
         self.staleness = staleness
@@ -126,7 +126,7 @@ class PairSource:
             return result, 0.0
         start = time.monotonic()
         missing = positions[~result.found]
-        self.ring.request_urgent(int(missing.min()), int(missing.max()) + 1)
+        self.ring.request(int(missing.min()), int(missing.max()) + 1)
         deadline = start + self.staleness.wait_timeout_s
         while not result.found.all() and time.monotonic() < deadline:
             self.health_check()

@@ -12,6 +12,13 @@ the ring locked. Pixels are copied outside the lock: a writer owns a slot while 
 has it on loan (writers never reuse a pinned slot). A slot whose writer died mid-write stays
 ``WRITING`` until someone notices the writer is gone and frees it; it is never served.
 Each pair carries a CRC32 that readers can verify when they borrow it.
+
+This module is the only one that reads or writes the segment. Trainers and producers talk
+through it with two typed ports: :class:`TrainerPort` (publish position and speed, ask for
+missing positions, borrow and give back; read producer readiness, fingerprint and counters)
+and :class:`ProducerPort` (claim positions ahead of the trainers, write and publish pairs,
+report readiness and the generator fingerprint). Header fields are attributes of
+:class:`RingHeader`, declared once.
 """
 
 from __future__ import annotations
@@ -38,14 +45,60 @@ NAME_PREFIX = "onlinemix-"
 MAGIC = 0x6F6E6C696E656D78  # "onlinemx"
 
 FREE, WRITING, READY = 0, 1, 2
+WRITE_RETRY_S = 0.005  # a producer waiting for a free slot polls this often
 
-HEADER = ("magic", "slots", "resolution", "creator_pid", "trainer_pos", "trainer_rate_milli", "gen_pos",
-          "urgent_start", "urgent_end", "closed", "generated", "generate_ns", "checksum_errors", "ready_producers")
-SLOT = ("state", "real_id", "position", "seed", "birth_epoch", "birth_ns", "uses", "pins",
-        "writer_pid", "checksum")
-H = {name: i for i, name in enumerate(HEADER)}
-S = {name: i for i, name in enumerate(SLOT)}
 
+
+class _Cell:
+    """One int64 cell of the header, read and written as an attribute of :class:`RingHeader`."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.index = len(owner.FIELDS)
+        owner.FIELDS += (name,)
+
+    def __get__(self, header: "RingHeader | None", owner: type) -> int:
+        return self if header is None else int(header.cells[self.index])  # type: ignore[return-value]
+
+    def __set__(self, header: "RingHeader", value: int) -> None:
+        header.cells[self.index] = value
+
+
+class RingHeader:
+    """The segment's header: one int64 per field, each an attribute (``header.trainer_pos``).
+
+    Fields are declared once, here; ``__slots__`` makes a misspelt field an ``AttributeError``
+    instead of a silently new attribute. Written without the lock where one process owns the
+    field (a trainer's position and speed); read-modify-write under the ring's lock.
+    """
+
+    __slots__ = ("cells",)
+    FIELDS: tuple[str, ...] = ()
+
+    magic = _Cell()
+    slots = _Cell()
+    resolution = _Cell()
+    creator_pid = _Cell()
+    # trainers -> producers
+    trainer_pos = _Cell()         # the first position no trainer has asked for yet
+    trainer_rate_milli = _Cell()  # the trainers' smoothed speed, positions per 1000 s
+    urgent_start = _Cell()        # positions [urgent_start, urgent_end) a waiting trainer needs first
+    urgent_end = _Cell()
+    closed = _Cell()              # 1: no more work; producers exit
+    # producers -> trainers
+    gen_pos = _Cell()             # the next position no producer has claimed
+    generated = _Cell()           # pairs published since the ring was created
+    checksum_errors = _Cell()     # corrupt pairs found (and dropped) by readers
+    ready_producers = _Cell()     # producers that loaded their generator
+    fingerprint = _Cell()         # their generator fingerprint (16 hex digits), once one is ready
+
+    def __init__(self, cells: np.ndarray) -> None:
+        self.cells = cells
+
+
+class S:
+    """Columns of the slot table: one int64 row per slot."""
+    state, real_id, position, seed, birth_epoch, birth_ns, uses, pins, writer_pid, checksum = range(10)
+    COUNT = 10
 
 class RingError(RuntimeError):
     """The ring cannot be created or attached."""
@@ -62,7 +115,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def ring_nbytes(slots: int, resolution: int) -> int:
-    return 8 * len(HEADER) + 8 * len(SLOT) * slots + slots * 2 * 3 * resolution * resolution
+    return 8 * len(RingHeader.FIELDS) + 8 * S.COUNT * slots + slots * 2 * 3 * resolution * resolution
 
 
 def remove_stale_segments() -> list[str]:
@@ -125,14 +178,14 @@ class PairRing:
     def __init__(self, shm: shared_memory.SharedMemory, owner: bool) -> None:
         self.shm = shm
         self.owner = owner
-        header = np.ndarray((len(HEADER),), dtype=np.int64, buffer=shm.buf)
-        if header[H["magic"]] != MAGIC:
+        cells = np.ndarray((len(RingHeader.FIELDS),), dtype=np.int64, buffer=shm.buf)
+        self.header = RingHeader(cells)
+        if self.header.magic != MAGIC:
             raise RingError(f"shared-memory segment {shm.name} is not an onlinemix ring")
-        self.slots = int(header[H["slots"]])
-        self.resolution = int(header[H["resolution"]])
-        offset = header.nbytes
-        self.header = header
-        self.meta = np.ndarray((self.slots, len(SLOT)), dtype=np.int64, buffer=shm.buf, offset=offset)
+        self.slots = self.header.slots
+        self.resolution = self.header.resolution
+        offset = cells.nbytes
+        self.meta = np.ndarray((self.slots, S.COUNT), dtype=np.int64, buffer=shm.buf, offset=offset)
         offset += self.meta.nbytes
         r = self.resolution
         self.pixels = np.ndarray((self.slots, 2, 3, r, r), dtype=np.uint8, buffer=shm.buf, offset=offset)
@@ -153,12 +206,12 @@ class PairRing:
                 f"container more (docker run --shm-size={max(1, nbytes * 2 // 2**30 + 1)}g)")
         name = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
-        header = np.ndarray((len(HEADER),), dtype=np.int64, buffer=shm.buf)
-        header[:] = 0
-        header[H["slots"]], header[H["resolution"]] = slots, resolution
-        header[H["creator_pid"]] = os.getpid()
-        np.ndarray((slots, len(SLOT)), dtype=np.int64, buffer=shm.buf, offset=header.nbytes)[:] = 0
-        header[H["magic"]] = MAGIC
+        cells = np.ndarray((len(RingHeader.FIELDS),), dtype=np.int64, buffer=shm.buf)
+        cells[:] = 0
+        header = RingHeader(cells)
+        header.slots, header.resolution, header.creator_pid = slots, resolution, os.getpid()
+        np.ndarray((slots, S.COUNT), dtype=np.int64, buffer=shm.buf, offset=cells.nbytes)[:] = 0
+        header.magic = MAGIC  # last: a reader never sees a half-initialised ring as valid
         return cls(shm, owner=True)
 
     @classmethod
@@ -187,7 +240,7 @@ class PairRing:
                 pass
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def locked(self) -> Iterator[None]:
         with self._thread_lock:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             try:
@@ -195,72 +248,37 @@ class PairRing:
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    # ------------------------------------------------------------------ counters
-    def get(self, key: str) -> int:
-        return int(self.header[H[key]])
-
-    def set(self, key: str, value: int) -> None:
-        self.header[H[key]] = value
-
-    def add(self, key: str, value: int) -> None:
-        with self._locked():
-            self.header[H[key]] += value
-
+    # ------------------------------------------------------------------ header
     @property
     def closed(self) -> bool:
-        return bool(self.header[H["closed"]])
+        return bool(self.header.closed)
+
+    def mark_closed(self) -> None:
+        """No more work: producers finish their batch and exit, and writers waiting for a slot give up."""
+        self.header.closed = 1
 
     def occupancy(self) -> dict[str, int]:
-        states = self.meta[:, S["state"]]
+        states = self.meta[:, S.state]
         return {"free": int((states == FREE).sum()), "writing": int((states == WRITING).sum()),
                 "ready": int((states == READY).sum())}
 
     # ------------------------------------------------------------------ producer side
-    def claim_positions(self, n: int, lookahead: int, lead: int = 0) -> np.ndarray:
-        """Reserve up to ``n`` positions to generate for; may return fewer or none.
-
-        ``trainer_pos`` is the first position no trainer has asked for yet. Positions a
-        trainer is waiting for (see ``request_urgent``) come first. Otherwise claims
-        continue from where the last one ended, but never start closer to the trainers than
-        ``lead`` positions (where they will be once the variation is ready) and never reach
-        more than ``lookahead`` positions ahead of them.
-        """
-        with self._locked():
-            trainer = int(self.header[H["trainer_pos"]])
-            urgent_start = max(int(self.header[H["urgent_start"]]), trainer)
-            urgent_end = int(self.header[H["urgent_end"]])
-            if urgent_start < urgent_end:
-                end = min(urgent_start + n, urgent_end)
-                self.header[H["urgent_start"]] = end
-                return np.arange(urgent_start, end, dtype=np.int64)
-            start = max(int(self.header[H["gen_pos"]]), trainer + min(lead, max(0, lookahead - n)))
-            end = min(start + n, trainer + lookahead)
-            if end <= start:
-                return np.empty(0, dtype=np.int64)
-            self.header[H["gen_pos"]] = end
-        return np.arange(start, end, dtype=np.int64)
-
-    def request_urgent(self, start: int, end: int) -> None:
-        """A trainer waits for views of positions [start, end): producers claim those first."""
-        with self._locked():
-            self.header[H["urgent_start"]], self.header[H["urgent_end"]] = start, end
-
     def _by_id(self, slots: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Group ``slots`` by real id, freshest first: the candidates of ``ids[i]`` are
         ``slots[first[i]:last[i]]`` of the returned order (a sort, not a Python dict per call)."""
         m = self.meta
-        slots = slots[np.lexsort((-m[slots, S["birth_ns"]], m[slots, S["real_id"]]))]
-        slot_ids = m[slots, S["real_id"]]
+        slots = slots[np.lexsort((-m[slots, S.birth_ns], m[slots, S.real_id]))]
+        slot_ids = m[slots, S.real_id]
         return slots, np.searchsorted(slot_ids, ids, "left"), np.searchsorted(slot_ids, ids, "right")
 
     def has_unused_view(self, ids: np.ndarray, positions: np.ndarray, epochs: np.ndarray, max_age: int) -> np.ndarray:
         """For each (id, position): is a never-served view that could serve it already in the ring?"""
         m = self.meta
-        unused, first, last = self._by_id(np.flatnonzero((m[:, S["state"]] == READY) & (m[:, S["uses"]] == 0)), ids)
+        unused, first, last = self._by_id(np.flatnonzero((m[:, S.state] == READY) & (m[:, S.uses] == 0)), ids)
         out = np.zeros(len(ids), dtype=bool)
         for i in np.flatnonzero(last > first):
             rows = m[unused[first[i]:last[i]]]
-            out[i] = bool(((rows[:, S["position"]] <= positions[i]) & (epochs[i] - rows[:, S["birth_epoch"]] <= max_age)).any())
+            out[i] = bool(((rows[:, S.position] <= positions[i]) & (epochs[i] - rows[:, S.birth_epoch] <= max_age)).any())
         return out
 
     def reserve(self, n: int, epoch: int, max_age: int) -> list[int]:
@@ -269,31 +287,31 @@ class PairRing:
         have passed: those whose image has a newer pair first, then already-served ones,
         oldest first. Pinned pairs and pairs for positions still ahead of the trainers are
         never taken."""
-        with self._locked():
+        with self.locked():
             m = self.meta
-            state = m[:, S["state"]]
+            state = m[:, S.state]
             # A freed slot may still be pinned by a reader of a corrupt pair: not reusable yet.
-            picked = list(np.flatnonzero((state == FREE) & (m[:, S["pins"]] == 0))[:n])
+            picked = list(np.flatnonzero((state == FREE) & (m[:, S.pins] == 0))[:n])
             if len(picked) < n:
                 for slot in np.flatnonzero(state == WRITING):
                     if len(picked) == n:
                         break
-                    if not _pid_alive(int(m[slot, S["writer_pid"]])):
+                    if not _pid_alive(int(m[slot, S.writer_pid])):
                         picked.append(slot)
             if len(picked) < n:
-                evictable = (state == READY) & (m[:, S["pins"]] == 0)
-                expired = evictable & (epoch - m[:, S["birth_epoch"]] > max_age)
-                passed = evictable & ~expired & (m[:, S["position"]] < self.header[H["trainer_pos"]])
+                evictable = (state == READY) & (m[:, S.pins] == 0)
+                expired = evictable & (epoch - m[:, S.birth_epoch] > max_age)
+                passed = evictable & ~expired & (m[:, S.position] < self.header.trainer_pos)
                 picked += list(np.flatnonzero(expired)[: n - len(picked)])
                 candidates = np.flatnonzero(passed)
                 superseded = self._superseded(state == READY)[candidates]
-                order = np.lexsort((m[candidates, S["birth_ns"]], m[candidates, S["uses"]] == 0, ~superseded))
+                order = np.lexsort((m[candidates, S.birth_ns], m[candidates, S.uses] == 0, ~superseded))
                 picked += list(candidates[order][: n - len(picked)])
             pid = os.getpid()
             for slot in picked:
-                m[slot, S["state"]] = WRITING
-                m[slot, S["writer_pid"]] = pid
-                m[slot, S["pins"]] = 0
+                m[slot, S.state] = WRITING
+                m[slot, S.writer_pid] = pid
+                m[slot, S.pins] = 0
         return [int(s) for s in picked]
 
     def _superseded(self, ready: np.ndarray) -> np.ndarray:
@@ -302,8 +320,8 @@ class PairRing:
         idx = np.flatnonzero(ready)
         if len(idx) < 2:
             return out
-        ids = self.meta[idx, S["real_id"]]
-        order = np.lexsort((self.meta[idx, S["birth_ns"]], ids))
+        ids = self.meta[idx, S.real_id]
+        order = np.lexsort((self.meta[idx, S.birth_ns], ids))
         sorted_ids = ids[order]
         out[idx[order[:-1]]] = sorted_ids[:-1] == sorted_ids[1:]
         return out
@@ -323,21 +341,21 @@ class PairRing:
         batch instead of per pair, which matters when trainers hold the lock often."""
         slots = np.asarray(slots, dtype=np.int64)
         m = self.meta
-        with self._locked():
-            for key, values in (("real_id", real_ids), ("position", positions), ("seed", seeds),
-                                ("birth_epoch", birth_epochs), ("checksum", checksums)):
-                m[slots, S[key]] = values
-            m[slots, S["birth_ns"]] = time.time_ns()
-            m[slots, S["uses"]] = 0
-            m[slots, S["pins"]] = 0
-            m[slots, S["state"]] = READY
-            self.header[H["generated"]] += len(slots)
+        with self.locked():
+            for column, values in ((S.real_id, real_ids), (S.position, positions), (S.seed, seeds),
+                                   (S.birth_epoch, birth_epochs), (S.checksum, checksums)):
+                m[slots, column] = values
+            m[slots, S.birth_ns] = time.time_ns()
+            m[slots, S.uses] = 0
+            m[slots, S.pins] = 0
+            m[slots, S.state] = READY
+            self.header.generated += len(slots)
 
     def release(self, slots: list[int]) -> None:
         """Give back reserved slots that will not be written after all."""
-        with self._locked():
+        with self.locked():
             for slot in slots:
-                self.meta[slot, S["state"]] = FREE
+                self.meta[slot, S.state] = FREE
 
     # ------------------------------------------------------------------ trainer side
     def borrow(self, ids: np.ndarray, positions: np.ndarray, epoch: int, *, max_reuse: int, max_age: int,
@@ -357,13 +375,13 @@ class PairRing:
         b = len(ids)
         slots = np.full(b, -1, dtype=np.int64)
         m = self.meta
-        with self._locked():
-            ok = ((m[:, S["state"]] == READY) & (m[:, S["uses"]] + m[:, S["pins"]] < max_reuse)
-                  & (epoch - m[:, S["birth_epoch"]] <= max_age))
+        with self.locked():
+            ok = ((m[:, S.state] == READY) & (m[:, S.uses] + m[:, S.pins] < max_reuse)
+                  & (epoch - m[:, S.birth_epoch] <= max_age))
             candidates, first, last = self._by_id(np.flatnonzero(ok), ids)
             # Plain lists: the loop below runs per request, and numpy scalar access would dominate it.
-            made_for = m[candidates, S["position"]].tolist()
-            room = (max_reuse - m[candidates, S["uses"]] - m[candidates, S["pins"]]).tolist()
+            made_for = m[candidates, S.position].tolist()
+            room = (max_reuse - m[candidates, S.uses] - m[candidates, S.pins]).tolist()
             wanted = positions.tolist()
             for i in (np.flatnonzero(last > first) if skip is None else np.flatnonzero((last > first) & ~skip)):
                 for j in range(first[i], last[i]):
@@ -372,12 +390,12 @@ class PairRing:
                         room[j] -= 1
                         break
             found = slots >= 0
-            np.add.at(m[:, S["pins"]], slots[found], 1)
+            np.add.at(m[:, S.pins], slots[found], 1)
             rows = m[np.maximum(slots, 0)]
-            uses = np.where(found, rows[:, S["uses"]], 0)
-            age = np.where(found, epoch - rows[:, S["birth_epoch"]], 0)
+            uses = np.where(found, rows[:, S.uses], 0)
+            age = np.where(found, epoch - rows[:, S.birth_epoch], 0)
         if verify:
-            corrupt = np.array([s >= 0 and crc32(self.pixels[s]) != m[s, S["checksum"]] for s in slots.tolist()],
+            corrupt = np.array([s >= 0 and crc32(self.pixels[s]) != m[s, S.checksum] for s in slots.tolist()],
                                dtype=bool)
             if corrupt.any():
                 self._drop_corrupt(slots[corrupt])
@@ -386,21 +404,21 @@ class PairRing:
         return Loan(self, slots, max_reuse, TakeResult(found, found & (uses == 0), age, uses))
 
     def _drop_corrupt(self, slots: np.ndarray) -> None:
-        with self._locked():
+        with self.locked():
             for slot in slots.tolist():
-                self.meta[slot, S["pins"]] -= 1
-                self.meta[slot, S["state"]] = FREE
-                self.header[H["checksum_errors"]] += 1
+                self.meta[slot, S.pins] -= 1
+                self.meta[slot, S.state] = FREE
+                self.header.checksum_errors += 1
 
     def give_back(self, loan: "Loan") -> None:
         """Unpin a loan's slots and count one use of each; a pair that reached its use limit is freed."""
         m = self.meta
         lent = loan.slots[loan.slots >= 0]
-        with self._locked():
-            np.subtract.at(m[:, S["pins"]], lent, 1)
-            np.add.at(m[:, S["uses"]], lent, 1)
-            done = lent[(m[lent, S["uses"]] >= loan.max_reuse) & (m[lent, S["pins"]] == 0)]
-            m[done, S["state"]] = FREE
+        with self.locked():
+            np.subtract.at(m[:, S.pins], lent, 1)
+            np.add.at(m[:, S.uses], lent, 1)
+            done = lent[(m[lent, S.uses] >= loan.max_reuse) & (m[lent, S.pins] == 0)]
+            m[done, S.state] = FREE
         loan.slots = np.full_like(loan.slots, -1)
 
     @contextmanager
@@ -420,3 +438,176 @@ class PairRing:
             for i in np.flatnonzero(loan.result.found):
                 out[i] = loan.pair(i)
             return loan.result
+
+
+# ---------------------------------------------------------------------- the handshake
+
+class Ewma:
+    """An exponentially smoothed measurement (the trainers' speed, a producer's batch time)."""
+
+    def __init__(self, smoothing: float = 0.2) -> None:
+        self.smoothing = smoothing
+        self.value: float | None = None
+
+    def update(self, sample: float) -> float:
+        self.value = sample if self.value is None else (1 - self.smoothing) * self.value + self.smoothing * sample
+        return self.value
+
+
+def _fingerprint_cell(fingerprint: str) -> int:
+    """A 16-hex-digit generator fingerprint as the signed int64 a header cell holds."""
+    if len(fingerprint) != 16:
+        raise ValueError(f"expected a fingerprint of 16 hex digits, got {fingerprint!r}")
+    value = int(fingerprint, 16)
+    return value - 2**64 if value >= 2**63 else value
+
+
+class TrainerPort:
+    """The trainers' end of the ring: they publish where they are and how fast they go, ask for
+    positions they are waiting for, and borrow pairs; they read the producers' readiness, their
+    generator's fingerprint (the disk cache key) and counters.
+
+    Every trainer rank of a node holds one; only the ``leader`` (the node's local main rank)
+    publishes position and speed: ranks step in lockstep, so one voice is the truth.
+    """
+
+    def __init__(self, ring: PairRing, leader: bool) -> None:
+        self.ring = ring
+        self.leader = leader
+        self._speed = Ewma()
+
+    def publish_position(self, position: int) -> None:
+        """The first position no trainer has asked for yet: producers claim ahead of it, and pairs
+        for earlier positions become evictable."""
+        if self.leader:
+            self.ring.header.trainer_pos = position
+
+    def publish_speed(self, positions: int, seconds: float) -> None:
+        """One step moved ``positions`` in ``seconds`` (waiting included): producers plan their lead with it."""
+        speed = self._speed.update(positions / max(seconds, 1e-6))
+        if self.leader:
+            self.ring.header.trainer_rate_milli = int(1000 * speed)
+
+    def request(self, start: int, end: int) -> None:
+        """A trainer waits for views of positions [start, end): producers claim those first."""
+        with self.ring.locked():
+            self.ring.header.urgent_start, self.ring.header.urgent_end = start, end
+
+    def borrow(self, ids: np.ndarray, positions: np.ndarray, epoch: int, **kwargs) -> Loan:
+        """:meth:`PairRing.borrow`: the freshest acceptable pair of each id, lent in place."""
+        return self.ring.borrow(ids, positions, epoch, **kwargs)
+
+    def give_back(self, loan: Loan) -> None:
+        self.ring.give_back(loan)
+
+    @property
+    def ready_producers(self) -> int:
+        return self.ring.header.ready_producers
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The producers' generator fingerprint, None until one of them is ready."""
+        if self.ready_producers == 0:
+            return None
+        return f"{self.ring.header.fingerprint % 2**64:016x}"
+
+    @property
+    def generated(self) -> int:
+        return self.ring.header.generated
+
+    @property
+    def checksum_errors(self) -> int:
+        return self.ring.header.checksum_errors
+
+    def occupancy(self) -> dict[str, int]:
+        return self.ring.occupancy()
+
+
+class ProducerPort:
+    """A producer's end of the ring: it claims the positions the trainers will need by the time
+    its batch is ready, skips images that already have an unused view, writes and publishes
+    pairs, and reports that it is ready and with which generator.
+
+    Lead: the trainers move ``rate`` positions per second (they publish it) and a batch takes
+    ``batch_s`` seconds here (measured, smoothed), so claims start ``rate * batch_s * lead_factor``
+    positions ahead of them (0 = at the trainers), never more than ``lookahead`` ahead.
+    """
+
+    def __init__(self, ring: PairRing, lookahead: int, lead_factor: float) -> None:
+        self.ring = ring
+        self.lookahead = lookahead
+        self.lead_factor = lead_factor
+        self._batch_s = Ewma()
+
+    @property
+    def closed(self) -> bool:
+        return self.ring.closed
+
+    def report_ready(self, fingerprint: str) -> None:
+        """This producer loaded its generator; every producer of a ring must make the same images."""
+        cell = _fingerprint_cell(fingerprint)
+        with self.ring.locked():
+            header = self.ring.header
+            if header.ready_producers and header.fingerprint != cell:
+                raise RingError(f"this producer's generator fingerprint {fingerprint} differs from "
+                                f"{header.fingerprint % 2**64:016x}, reported by another producer: "
+                                "producers of one run must use identical generators and devices")
+            header.fingerprint = cell
+            header.ready_producers += 1
+
+    def observe_batch(self, seconds: float) -> None:
+        """A full batch took ``seconds`` from claim to publication."""
+        self._batch_s.update(seconds)
+
+    def lead(self) -> int:
+        """Positions ahead of the trainers where claims start."""
+        trainer_rate = self.ring.header.trainer_rate_milli / 1000.0
+        return int(trainer_rate * (self._batch_s.value or 0.0) * self.lead_factor)
+
+    def claim(self, n: int) -> np.ndarray:
+        """Reserve up to ``n`` positions to generate for; may return fewer or none.
+
+        Positions a trainer is waiting for (:meth:`TrainerPort.request`) come first. Otherwise
+        claims continue from where the last one ended, but never start closer to the trainers
+        than the lead and never reach more than ``lookahead`` positions ahead of them.
+        """
+        lead = self.lead()
+        with self.ring.locked():
+            header = self.ring.header
+            trainer = header.trainer_pos
+            urgent_start = max(header.urgent_start, trainer)
+            urgent_end = header.urgent_end
+            if urgent_start < urgent_end:
+                end = min(urgent_start + n, urgent_end)
+                header.urgent_start = end
+                return np.arange(urgent_start, end, dtype=np.int64)
+            start = max(header.gen_pos, trainer + min(lead, max(0, self.lookahead - n)))
+            end = min(start + n, trainer + self.lookahead)
+            if end <= start:
+                return np.empty(0, dtype=np.int64)
+            header.gen_pos = end
+        return np.arange(start, end, dtype=np.int64)
+
+    def has_unused_view(self, ids: np.ndarray, positions: np.ndarray, epochs: np.ndarray, max_age: int) -> np.ndarray:
+        return self.ring.has_unused_view(ids, positions, epochs, max_age)
+
+    def write_pairs(self, real: np.ndarray, synthetic: np.ndarray, ids: np.ndarray, positions: np.ndarray,
+                    seeds: list[int], epochs: np.ndarray, max_age: int) -> list[int]:
+        """Write and publish pairs as slots become free; waits (until the ring closes) while it is full.
+        Returns the CRC32 of each pair written: fewer than given when the ring closed first."""
+        ring, i = self.ring, 0
+        written: list[int] = []
+        while i < len(ids):
+            if ring.closed:
+                return written
+            slots = ring.reserve(len(ids) - i, int(epochs[i]), max_age)
+            if not slots:
+                time.sleep(WRITE_RETRY_S)
+                continue
+            batch = slice(i, i + len(slots))
+            checksums = [ring.write(slot, real[j], synthetic[j]) for j, slot in enumerate(slots, start=i)]
+            ring.publish_many(slots, real_ids=ids[batch], positions=positions[batch], seeds=seeds[batch],
+                              birth_epochs=epochs[batch], checksums=checksums)
+            written += checksums
+            i += len(slots)
+        return written

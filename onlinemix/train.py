@@ -43,9 +43,11 @@ from onlinemix.methods import StepInfo, build_method, pairing_at
 from onlinemix.metrics import RunMetrics
 from onlinemix.optim import build_optimizer, cosine_with_warmup, scaled_lr
 from onlinemix.pairs import BatchPairs, PairSource
-from onlinemix.producer import ProducerDied, ProducerPool, producer_devices
-from onlinemix.ring import PairRing, RingError, remove_stale_segments
+from onlinemix.devices import generator_devices
+from onlinemix.producer import ProducerPool
+from onlinemix.ring import PairRing, RingError, TrainerPort, remove_stale_segments
 from onlinemix.schedule import EpochSchedule
+from onlinemix.worker import WorkerDied
 
 log = logging.getLogger("onlinemix")
 
@@ -161,18 +163,16 @@ class Trainer:
             out.update({f"{name}_top1": result["top1"], f"{name}_top5": result["top5"]})
         return out
 
-    def fit(self, pairs: PairSource | None, ring: PairRing | None, pool: ProducerPool | None = None) -> None:
+    def fit(self, pairs: PairSource | None, port: TrainerPort | None, pool: ProducerPool | None = None) -> None:
         tc = self.cfg.train
         acc = self.acc
         rank, spe, global_batch = acc.process_index, self.schedule.steps_per_epoch, self.schedule.global_batch
-        publish = ring is not None and acc.is_local_main_process
-        metrics = RunMetrics(self.run_dir / "metrics.jsonl" if acc.is_main_process else None, ring,
+        metrics = RunMetrics(self.run_dir / "metrics.jsonl" if acc.is_main_process else None, port,
                              (lambda: pool.restarts) if pool else (lambda: 0))
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process,
                    desc="train", unit="step", dynamic_ncols=True)
-        rate = RateMeter()
-        if publish:
-            ring.set("trainer_pos", self.step * global_batch)
+        if port is not None:
+            port.publish_position(self.step * global_batch)
         try:
             while self.step < self.total_steps:
                 epoch = self.step // spe
@@ -182,14 +182,14 @@ class Trainer:
                 ids = self.schedule.ids_at(positions)
                 t0 = time.monotonic()
                 with self.batch_pairs(ids, positions, epoch, pairs) as batch:
-                    if publish:  # the first position no trainer has asked for yet
-                        ring.set("trainer_pos", (self.step + 1) * global_batch)
+                    if port is not None:  # every position up to this batch's end has been asked for
+                        port.publish_position((self.step + 1) * global_batch)
                     views = self.augment(batch)  # reads ring pairs in place, so before the slots go back
                 loss = self.train_step(*views)
                 self.step += 1
                 step_s = time.monotonic() - t0
-                if publish:
-                    ring.set("trainer_rate_milli", int(1000 * rate.update(global_batch, step_s)))
+                if port is not None:
+                    port.publish_speed(global_batch, step_s)
                 last = self.step == self.total_steps
                 metrics.record(self.step, epoch, batch.stats, self.step % tc.log_every == 0 or last,
                                loss=loss, lr=self.optimizer.param_groups[0]["lr"], step_s=step_s, **self.last_logs)
@@ -207,19 +207,6 @@ class Trainer:
                  self.step, t["fresh"], t["cached"], t["disk"], t["fallback"])
         self.save_checkpoint()
         self.save_backbone()
-
-
-class RateMeter:
-    """Smoothed trainer speed in positions per second (waiting included): what producers plan with."""
-
-    def __init__(self, smoothing: float = 0.2) -> None:
-        self.smoothing = smoothing
-        self.rate: float | None = None
-
-    def update(self, positions: int, seconds: float) -> float:
-        current = positions / max(seconds, 1e-6)
-        self.rate = current if self.rate is None else (1 - self.smoothing) * self.rate + self.smoothing * current
-        return self.rate
 
 
 # ---------------------------------------------------------------------------- setup
@@ -273,8 +260,9 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
 
 
 def start_generation(cfg: Config, accelerator: Accelerator, run_dir: Path, global_batch: int,
-                     stack: ExitStack) -> tuple[PairRing, ProducerPool | None]:
-    """The node's launching rank creates the ring and producers; other local ranks attach by name."""
+                     stack: ExitStack) -> tuple[TrainerPort, ProducerPool | None]:
+    """The node's launching rank creates the ring and producers; other local ranks attach by name.
+    Every rank gets its end of the ring; the launching rank leads (publishes position and speed)."""
     name_file = run_dir / f".ring-{socket.gethostname()}"
     pool = None
     if accelerator.is_local_main_process:
@@ -283,7 +271,7 @@ def start_generation(cfg: Config, accelerator: Accelerator, run_dir: Path, globa
         ring = PairRing.create(cfg.ring.slots, cfg.data.resolution)
         stack.callback(ring.close)
         name_file.write_text(ring.name)
-        devices = producer_devices(cfg.gen_gpus, local_world_size(accelerator))
+        devices = generator_devices(cfg.gen_gpus, local_world_size(accelerator))
         pool = ProducerPool(cfg, ring, devices, global_batch, run_dir)
         stack.callback(pool.stop)
         pool.start()
@@ -293,14 +281,14 @@ def start_generation(cfg: Config, accelerator: Accelerator, run_dir: Path, globa
     if not accelerator.is_local_main_process:
         ring = PairRing.attach(name_file.read_text())
         stack.callback(ring.close)
-    return ring, pool
+    return TrainerPort(ring, leader=accelerator.is_local_main_process), pool
 
 
-def wait_for_producers(ring: PairRing, pool: ProducerPool | None, n: int) -> None:
+def wait_for_producers(port: TrainerPort, pool: ProducerPool | None, n: int) -> None:
     """Block until every producer has loaded its generator, so the first batches are not all fallbacks."""
     log.info("waiting for %d producer(s) to load the generator", n)
     started = time.monotonic()
-    while ring.get("ready_producers") < n:
+    while port.ready_producers < n:
         if pool is not None:
             pool.check()
         if time.monotonic() - started > PRODUCER_START_TIMEOUT_S:
@@ -309,10 +297,9 @@ def wait_for_producers(ring: PairRing, pool: ProducerPool | None, n: int) -> Non
     log.info("producers ready after %.1fs", time.monotonic() - started)
 
 
-def open_online_cache(cfg: Config, run_dir: Path) -> CacheReader:
-    """The disk cache the producers of this run write, read for older variations."""
-    fingerprint = json.loads((run_dir / "producer-0.json").read_text())["fingerprint"]
-    return CacheReader(cfg.cache_root(), cache_key(fingerprint, cfg.data.dataset), cfg.data.resolution,
+def open_online_cache(cfg: Config, port: TrainerPort) -> CacheReader:
+    """The disk cache the producers of this run write (their generator's key), read for older variations."""
+    return CacheReader(cfg.cache_root(), cache_key(port.fingerprint, cfg.data.dataset), cfg.data.resolution,
                        cfg.cache.verify_reads)
 
 
@@ -362,17 +349,17 @@ def run(argv: list[str] | None = None) -> dict | None:
             raise FileNotFoundError(f"--resume {run_dir}: no checkpoint under {run_dir / CHECKPOINT_DIR}")
         trainer.load_checkpoint(checkpoint)
     with ExitStack() as stack:
-        pairs, ring, pool = None, None, None
+        pairs, port, pool = None, None, None
         if cfg.offline and synthetic and trainer.step < trainer.total_steps:
             cache = open_offline_cache(cfg, trainer.schedule.train_ids)
             pairs = PairSource(None, cfg.staleness, real.images, cfg.ring.verify_checksums, lambda: None, cache)
         elif online and trainer.step < trainer.total_steps:
-            ring, pool = start_generation(cfg, accelerator, run_dir, trainer.schedule.global_batch, stack)
-            wait_for_producers(ring, pool, cfg.gen_gpus)
+            port, pool = start_generation(cfg, accelerator, run_dir, trainer.schedule.global_batch, stack)
+            wait_for_producers(port, pool, cfg.gen_gpus)
             health = pool.check if pool is not None else (lambda: None)
-            cache = open_online_cache(cfg, run_dir) if cfg.cache.enabled else None
-            pairs = PairSource(ring, cfg.staleness, real.images, cfg.ring.verify_checksums, health, cache)
-        trainer.fit(pairs, ring, pool)
+            cache = open_online_cache(cfg, port) if cfg.cache.enabled else None
+            pairs = PairSource(port, cfg.staleness, real.images, cfg.ring.verify_checksums, health, cache)
+        trainer.fit(pairs, port, pool)
     if not (cfg.probe.enabled and accelerator.is_main_process):
         return None
     results = compare_with_random_init(accelerator.unwrap_model(trainer.model).backbone, cfg, accelerator.device, real)
@@ -390,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
         run(argv)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    except (ProducerDied, RingError, CacheError, DataError, FileExistsError, FileNotFoundError) as e:
+    except (WorkerDied, RingError, CacheError, DataError, FileExistsError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted; producers stopped and shared memory released")

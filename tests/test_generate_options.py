@@ -83,7 +83,7 @@ def test_producer_metadata_records_attention_and_fingerprint(tmp_path: Path, no_
     pool = ProducerPool(cfg, ring, ["cpu"], 32, tmp_path)
     try:
         pool.start()
-        while ring.get("ready_producers") < 1:
+        while ring.header.ready_producers < 1:
             pool.check()
             time.sleep(0.05)
         meta = json.loads((tmp_path / "producer-0.json").read_text())

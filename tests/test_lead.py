@@ -9,8 +9,8 @@ import numpy as np
 
 from onlinemix.config import load_config
 from onlinemix.data import load_real_images
-from onlinemix.producer import LeadEstimator, ProducerPool
-from onlinemix.ring import PairRing
+from onlinemix.producer import ProducerPool
+from onlinemix.ring import PairRing, TrainerPort
 from onlinemix.schedule import EpochSchedule
 
 BATCH = 32
@@ -27,19 +27,20 @@ def simulate_trainer(tmp_path: Path, rate: float, lead_factor: float, steps: int
     schedule = EpochSchedule(real.train_ids.numpy(), BATCH, cfg.train.seed)
     ring = PairRing.create(cfg.ring.slots, cfg.data.resolution)
     pool = ProducerPool(cfg, ring, ["cpu"], BATCH, tmp_path)
+    trainers = TrainerPort(ring, leader=True)
     out = np.zeros((BATCH, 2, 3, 32, 32), dtype=np.uint8)
     try:
         pool.start()
-        while ring.get("ready_producers") < 1:
+        while trainers.ready_producers < 1:
             pool.check()
             time.sleep(0.05)
         found = 0
-        ring.set("trainer_rate_milli", int(1000 * rate))
+        trainers.publish_speed(BATCH, BATCH / rate)
         for step in range(steps):
             started = time.monotonic()
             positions = schedule.rank_positions(step, 0, BATCH)
             result = ring.take(schedule.ids_at(positions), positions, 0, out, max_reuse=1, max_age=0)
-            ring.set("trainer_pos", (step + 1) * BATCH)  # as a trainer does once it has its batch
+            trainers.publish_position((step + 1) * BATCH)  # as a trainer does once it has its batch
             found += int(result.found.sum())
             time.sleep(max(0.0, BATCH / rate - (time.monotonic() - started)))
             pool.check()
@@ -62,12 +63,3 @@ def test_lead_turns_late_pairs_into_fresh_ones_when_generation_is_slower(tmp_pat
     ahead = simulate_trainer(tmp_path, rate=400.0, lead_factor=1.2, steps=40, gen_batch=32)
     assert ahead > 0.15 and ahead > 2 * at_trainer, (ahead, at_trainer)
 
-
-def test_lead_is_trainer_rate_times_batch_time() -> None:
-    lead = LeadEstimator(smoothing=0.5)
-    assert lead.lead_positions(100.0, 1.0) == 0  # nothing measured yet: claim at the trainers
-    lead.observe(2.0)
-    assert lead.lead_positions(100.0, 1.5) == 300
-    lead.observe(4.0)
-    assert lead.lead_positions(10.0, 1.0) == 30
-    assert lead.lead_positions(10.0, 0.0) == 0  # disabled

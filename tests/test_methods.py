@@ -274,7 +274,7 @@ def test_real_fraction_selects_one_nested_stratified_subset() -> None:
 
 
 def test_producer_and_trainer_schedule_the_same_ids(tmp_path: Path, monkeypatch) -> None:
-    """run_producer and the Trainer both build their EpochSchedule from select_train_ids."""
+    """The producers' job and the Trainer both build their EpochSchedule from select_train_ids."""
     from accelerate import Accelerator
 
     from onlinemix import producer
@@ -292,11 +292,12 @@ def test_producer_and_trainer_schedule_the_same_ids(tmp_path: Path, monkeypatch)
             raise Stop
 
     monkeypatch.setattr(producer, "EpochSchedule", Recording)
-    spec = producer.ProducerSpec(0, cfg, "unused", "cpu", 32, 0, str(tmp_path / "p.log"))
-    with pytest.raises(Stop):
-        producer.run_producer(spec, ring=None)
     from onlinemix.data import load_real_images
+    from onlinemix.worker import WorkerSpec
     real = load_real_images(cfg.data)
+    job = producer.OnlineJob(ring_name="unused", global_batch=32)
+    with pytest.raises(Stop), job.session(WorkerSpec(0, cfg, "cpu", 0, None, job), generator=None, real=real):
+        pass
     trainer = Trainer(cfg, Accelerator(cpu=True), tmp_path, real)
     assert np.array_equal(trainer.schedule.train_ids, seen["producer"])
     assert len(seen["producer"]) == round(0.5 * len(real.train_ids))

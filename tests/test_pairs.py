@@ -12,8 +12,8 @@ import torch
 from onlinemix.cache import CacheReader, ShardWriter
 from onlinemix.config import StalenessConfig
 from onlinemix.pairs import PairSource
-from onlinemix.producer import ProducerDied
-from onlinemix.ring import H, S, PairRing
+from onlinemix.ring import PairRing, S, TrainerPort
+from onlinemix.worker import WorkerDied
 
 R = 8
 IMAGES = torch.arange(4 * 3 * R * R, dtype=torch.int64).remainder(251).to(torch.uint8).view(4, 3, R, R)
@@ -33,7 +33,8 @@ def publish(ring: PairRing, real_id: int, position: int, value: int = 200) -> No
 
 
 def source(ring: PairRing, policy: str, timeout_s: float, health=lambda: None) -> PairSource:
-    return PairSource(ring, StalenessConfig(max_reuse=1, max_age=4, policy=policy, wait_timeout_s=timeout_s),
+    return PairSource(TrainerPort(ring, leader=True),
+                      StalenessConfig(max_reuse=1, max_age=4, policy=policy, wait_timeout_s=timeout_s),
                       IMAGES, verify=True, health_check=health)
 
 
@@ -65,21 +66,21 @@ def test_short_wait_times_out_to_a_real_view_long_wait_gets_the_synthetic_one(ri
 def test_waiting_trainer_asks_producers_for_exactly_its_missing_positions(ring: PairRing) -> None:
     publish(ring, 0, 10)
     source(ring, "wait", timeout_s=0.01).get(np.array([0, 1, 2, 3]), np.array([10, 11, 12, 13]), epoch=0)
-    assert (ring.header[H["urgent_start"]], ring.header[H["urgent_end"]]) == (11, 14)
+    assert (ring.header.urgent_start, ring.header.urgent_end) == (11, 14)
 
 
 def test_real_policy_never_waits(ring: PairRing) -> None:
     batch = source(ring, "real", timeout_s=60.0).get(np.array([2, 3]), np.array([0, 1]), epoch=0)
     assert batch.stats["wait_s"] == 0.0 and batch.stats["fallback"] == 2
     assert torch.equal(torch.stack(batch.real), IMAGES[[2, 3]]) and torch.equal(torch.stack(batch.other), IMAGES[[2, 3]])
-    assert ring.header[H["urgent_end"]] == 0
+    assert ring.header.urgent_end == 0
 
 
 def test_a_dead_producer_is_noticed_while_waiting(ring: PairRing) -> None:
     def health() -> None:
-        raise ProducerDied("producer 0 (pid 1) died: exit code 1")
+        raise WorkerDied("producer 0 (pid 1) died: exit code 1")
 
-    with pytest.raises(ProducerDied):
+    with pytest.raises(WorkerDied):
         source(ring, "wait", timeout_s=60.0, health=health).get(np.array([0]), np.array([0]), epoch=0)
 
 
@@ -98,12 +99,12 @@ def test_ring_views_are_read_in_place_and_their_slots_pinned_until_the_batch_is_
     with source(ring, "real", timeout_s=1.0).get(np.array([2]), np.array([0]), epoch=0) as batch:
         slot = int(batch.loans[0].slots[0])
         assert batch.other[0].data_ptr() == ring.pixels[slot, 1].ctypes.data  # no copy was made
-        assert ring.meta[slot, S["pins"]] == 1
-        ring.set("trainer_pos", 10)  # the trainers have passed the pair: evictable, but for the loan
+        assert ring.meta[slot, S.pins] == 1
+        ring.header.trainer_pos = 10  # the trainers have passed the pair: evictable, but for the loan
         taken = ring.reserve(8, 0, 10)
         assert slot not in taken and len(taken) == 7
         ring.release(taken)
-    assert ring.meta[slot, S["pins"]] == 0 and ring.meta[slot, S["uses"]] == 1
+    assert ring.meta[slot, S.pins] == 0 and ring.meta[slot, S.uses] == 1
     assert batch.real == [] and batch.other == []  # the views are gone with the loan
     assert slot in ring.reserve(1, 0, 10)  # max_reuse=1 reached: the slot is free again
 
@@ -112,11 +113,11 @@ def test_slots_are_given_back_when_the_wait_is_interrupted(ring: PairRing) -> No
     publish(ring, 0, 0)
 
     def health() -> None:
-        raise ProducerDied("producer 0 (pid 1) died: exit code 1")
+        raise WorkerDied("producer 0 (pid 1) died: exit code 1")
 
-    with pytest.raises(ProducerDied):
+    with pytest.raises(WorkerDied):
         source(ring, "wait", timeout_s=60.0, health=health).get(np.array([0, 1]), np.array([0, 1]), epoch=0)
-    assert (ring.meta[:, S["pins"]] == 0).all()
+    assert (ring.meta[:, S.pins] == 0).all()
 
 
 def cache_with(tmp_path, real_id: int, value: int) -> CacheReader:
@@ -130,7 +131,8 @@ def cache_with(tmp_path, real_id: int, value: int) -> CacheReader:
 def test_policies_turn_to_the_disk_cache_for_what_the_ring_lacks(ring: PairRing, tmp_path, policy: str,
                                                                   timeout_s: float, from_disk: bool) -> None:
     publish(ring, 0, 0, value=77)
-    pairs = PairSource(ring, StalenessConfig(max_reuse=1, max_age=4, policy=policy, wait_timeout_s=timeout_s),
+    pairs = PairSource(TrainerPort(ring, leader=True),
+                       StalenessConfig(max_reuse=1, max_age=4, policy=policy, wait_timeout_s=timeout_s),
                        IMAGES, verify=True, health_check=lambda: None, cache=cache_with(tmp_path, 1, 99))
     with pairs.get(np.array([0, 1, 2]), np.array([0, 1, 2]), epoch=0) as batch:
         assert (batch.other[0] == 77).all()  # the ring comes first

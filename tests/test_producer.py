@@ -12,9 +12,10 @@ import torch
 from onlinemix.config import Config, load_config
 from onlinemix.data import load_real_images
 from onlinemix.generate import DiffusersVariationGenerator
-from onlinemix.producer import ProducerDied, ProducerPool
-from onlinemix.ring import S, PairRing
+from onlinemix.producer import ProducerPool
+from onlinemix.ring import PairRing, S
 from onlinemix.schedule import EpochSchedule, variation_seed
+from onlinemix.worker import WorkerDied
 
 
 @pytest.fixture
@@ -41,11 +42,11 @@ def test_pairs_from_a_producer_process_match_a_local_regeneration(cfg: Config, t
     pool = ProducerPool(cfg, ring, ["cpu"], 32, tmp_path)
     try:
         pool.start()
-        wait_until(lambda: (pool.check() or ring.get("generated")) >= 24)
+        wait_until(lambda: (pool.check() or ring.header.generated) >= 24)
         positions = np.arange(24)
         ids = schedule.ids_at(positions)
-        seeds = {int(ring.meta[s, S["real_id"]]): int(ring.meta[s, S["seed"]])
-                 for s in np.flatnonzero(ring.meta[:, S["state"]] == 2)}
+        seeds = {int(ring.meta[s, S.real_id]): int(ring.meta[s, S.seed])
+                 for s in np.flatnonzero(ring.meta[:, S.state] == 2)}
         out = np.zeros((24, 2, 3, 32, 32), dtype=np.uint8)
         result = ring.take(ids, positions, 0, out, max_reuse=1, max_age=1)
     finally:
@@ -74,14 +75,14 @@ def test_dead_producer_is_restarted_until_the_budget_is_spent(cfg: Config, tmp_p
     pool = ProducerPool(cfg, ring, ["cpu"], 32, tmp_path)
     try:
         pool.start()
-        wait_until(lambda: (pool.check() or ring.get("ready_producers")) == 1)
+        wait_until(lambda: (pool.check() or ring.header.ready_producers) == 1)
         first = _kill_and_reap(pool)
         pool.check()  # producer.max_restarts=1: restarted, training would go on
         assert pool.restarts == 1 and pool.procs[0].pid != first and pool.procs[0].is_alive()
         assert f"producer 0 (pid {first}) died: killed by signal SIGKILL" in caplog.text
-        wait_until(lambda: ring.get("ready_producers") == 2)  # the new producer works
+        wait_until(lambda: ring.header.ready_producers == 2)  # the new producer works
         second = _kill_and_reap(pool)
-        with pytest.raises(ProducerDied, match=rf"producer 0 \(pid {second}\) died: killed by signal SIGKILL.*budget"):
+        with pytest.raises(WorkerDied, match=rf"producer 0 \(pid {second}\) died: killed by signal SIGKILL.*budget"):
             pool.check()
     finally:
         pool.stop()

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from onlinemix import ring as ring_module
-from onlinemix.ring import READY, S, WRITING, PairRing, RingError, remove_stale_segments
+from onlinemix.ring import (READY, WRITING, PairRing, ProducerPort, RingError, RingHeader, S, TrainerPort,
+                            remove_stale_segments)
 
 R = 8
 
@@ -68,7 +69,7 @@ def test_attaching_process_exit_does_not_unlink_the_ring(ring: PairRing) -> None
     child.start()
     child.join(60)
     other = PairRing.attach(ring.name)
-    assert other.get("generated") == 1
+    assert other.header.generated == 1
     other.close()
 
 
@@ -77,7 +78,7 @@ def test_corrupt_pair_is_detected_and_never_served(ring: PairRing) -> None:
     ring.pixels[slot, 1, 0, 0, 0] ^= 0xFF
     result, _ = take(ring, [7], [0])
     assert not result.found[0]
-    assert ring.get("checksum_errors") == 1
+    assert ring.header.checksum_errors == 1
     assert ring.occupancy()["ready"] == 0
 
 
@@ -127,56 +128,108 @@ def test_writer_killed_mid_write_is_never_served_and_its_slot_is_reclaimed(ring:
     child.start()
     child.join(60)
     assert child.exitcode == -signal.SIGKILL
-    states = ring.meta[:, S["state"]]
+    states = ring.meta[:, S.state]
     assert (states == WRITING).sum() == 1
     dead_slot = int(np.flatnonzero(states == WRITING)[0])
-    ring.meta[dead_slot, S["real_id"]] = 9  # even if its metadata looked right, it must not be served
+    ring.meta[dead_slot, S.real_id] = 9  # even if its metadata looked right, it must not be served
     assert not take(ring, [9], [0])[0].found[0]
     assert dead_slot in ring.reserve(ring.slots, 0, 100)
 
 
 def test_full_ring_never_evicts_pairs_ahead_of_the_trainers(ring: PairRing) -> None:
-    ring.set("trainer_pos", 10)
+    ring.header.trainer_pos = 10
     for i in range(ring.slots):
         put(ring, real_id=i, position=10 + i)
     assert ring.reserve(1, 0, 100) == []
-    ring.set("trainer_pos", 12)  # the trainers passed positions 10 and 11
+    ring.header.trainer_pos = 12  # the trainers passed positions 10 and 11
     assert sorted(ring.reserve(4, 0, 100)) == sorted(
-        int(s) for s in np.flatnonzero(ring.meta[:, S["position"]] < 12))
+        int(s) for s in np.flatnonzero(ring.meta[:, S.position] < 12))
 
 
 def test_eviction_prefers_pairs_whose_image_has_a_newer_pair(ring: PairRing) -> None:
-    ring.set("trainer_pos", 100)
+    ring.header.trainer_pos = 100
     slots = [put(ring, real_id=real_id, position=real_id) for real_id in range(ring.slots - 1)]  # all passed
     put(ring, real_id=3, position=50)  # image 3 now has a newer pair
     assert ring.reserve(1, 0, 100) == [slots[3]]
     assert ring.reserve(1, 0, 100) == [slots[0]]  # then the oldest
 
 
+def producer_port(ring: PairRing, lookahead: int, lead: int = 0) -> ProducerPort:
+    """A producer's port whose lead is ``lead`` positions: trainers at ``lead`` positions/s, batches of 1 s."""
+    port = ProducerPort(ring, lookahead, lead_factor=1.0)
+    TrainerPort(ring, leader=True).publish_speed(lead, 1.0)
+    port.observe_batch(1.0)
+    return port
+
+
 def test_claims_stay_within_lookahead_and_serve_a_waiting_trainer_first(ring: PairRing) -> None:
-    assert ring.claim_positions(4, lookahead=6).tolist() == [0, 1, 2, 3]
-    assert ring.claim_positions(4, lookahead=6).tolist() == [4, 5]
-    assert ring.claim_positions(4, lookahead=6).tolist() == []
-    ring.request_urgent(1, 4)
-    assert ring.claim_positions(2, lookahead=6).tolist() == [1, 2]
-    assert ring.claim_positions(2, lookahead=6).tolist() == [3]
-    assert ring.claim_positions(2, lookahead=6).tolist() == []
+    port = producer_port(ring, lookahead=6)
+    assert port.claim(4).tolist() == [0, 1, 2, 3]
+    assert port.claim(4).tolist() == [4, 5]
+    assert port.claim(4).tolist() == []
+    TrainerPort(ring, leader=False).request(1, 4)
+    assert port.claim(2).tolist() == [1, 2]
+    assert port.claim(2).tolist() == [3]
+    assert port.claim(2).tolist() == []
 
 
 def test_claims_start_where_the_trainers_will_be(ring: PairRing) -> None:
-    ring.set("trainer_pos", 100)
-    assert ring.claim_positions(4, lookahead=1000, lead=50).tolist() == [150, 151, 152, 153]
+    trainers = TrainerPort(ring, leader=True)
+    trainers.publish_position(100)
+    assert producer_port(ring, lookahead=1000, lead=50).claim(4).tolist() == [150, 151, 152, 153]
     # Once ahead of the lead, claims simply continue.
-    assert ring.claim_positions(2, lookahead=1000, lead=10).tolist() == [154, 155]
+    assert producer_port(ring, lookahead=1000, lead=10).claim(2).tolist() == [154, 155]
     # A lead beyond the lookahead is capped by it.
-    ring.set("trainer_pos", 1000)
-    assert ring.claim_positions(2, lookahead=8, lead=50).tolist() == [1006, 1007]
+    trainers.publish_position(1000)
+    assert producer_port(ring, lookahead=8, lead=50).claim(2).tolist() == [1006, 1007]
+
+
+def test_only_the_leading_trainer_publishes(ring: PairRing) -> None:
+    TrainerPort(ring, leader=False).publish_position(40)
+    TrainerPort(ring, leader=False).publish_speed(100, 1.0)
+    assert (ring.header.trainer_pos, ring.header.trainer_rate_milli) == (0, 0)
+    TrainerPort(ring, leader=True).publish_position(40)
+    assert ring.header.trainer_pos == 40
+
+
+def test_lead_is_trainer_speed_times_smoothed_batch_time(ring: PairRing) -> None:
+    port = ProducerPort(ring, lookahead=10_000, lead_factor=1.5)
+    trainers = TrainerPort(ring, leader=True)
+    trainers.publish_speed(100, 1.0)
+    assert port.lead() == 0  # no batch measured yet: claim at the trainers
+    port.observe_batch(2.0)
+    assert port.lead() == 300  # 100 positions/s x 2 s x 1.5
+    port.observe_batch(4.0)  # smoothed: 0.8 x 2 + 0.2 x 4 = 2.4 s
+    assert port.lead() == 360
+    assert ProducerPort(ring, lookahead=10_000, lead_factor=0.0).lead() == 0  # disabled
 
 
 def test_urgent_positions_the_trainers_have_passed_are_skipped(ring: PairRing) -> None:
-    ring.request_urgent(10, 20)
-    ring.set("trainer_pos", 18)
-    assert ring.claim_positions(8, lookahead=100).tolist() == [18, 19]
+    trainers = TrainerPort(ring, leader=True)
+    trainers.request(10, 20)
+    trainers.publish_position(18)
+    assert producer_port(ring, lookahead=100).claim(8).tolist() == [18, 19]
+
+
+def test_producers_report_readiness_and_one_fingerprint(ring: PairRing) -> None:
+    trainers = TrainerPort(ring, leader=False)
+    assert trainers.fingerprint is None
+    ProducerPort(ring, 8, 1.0).report_ready("f00dfeedcafe0123")
+    ProducerPort(ring, 8, 1.0).report_ready("f00dfeedcafe0123")
+    assert trainers.ready_producers == 2 and trainers.fingerprint == "f00dfeedcafe0123"
+    with pytest.raises(RingError, match="differs from f00dfeedcafe0123"):
+        ProducerPort(ring, 8, 1.0).report_ready("0000000000000001")
+    assert trainers.ready_producers == 2
+
+
+def test_misspelt_header_fields_fail() -> None:
+    header = RingHeader(np.zeros(len(RingHeader.FIELDS), dtype=np.int64))
+    header.trainer_pos = 3
+    assert header.cells[RingHeader.FIELDS.index("trainer_pos")] == 3
+    with pytest.raises(AttributeError):
+        header.trainer_position = 3
+    with pytest.raises(AttributeError):
+        header.trainer_position  # noqa: B018
 
 
 def test_stale_segments_of_dead_creators_are_removed(no_leaked_segments) -> None:
@@ -188,7 +241,7 @@ def test_stale_segments_of_dead_creators_are_removed(no_leaked_segments) -> None
     try:
         removed = remove_stale_segments()
         assert dead.name in removed and live.name not in removed
-        assert PairRing.attach(live.name).get("slots") == 1
+        assert PairRing.attach(live.name).header.slots == 1
     finally:
         dead.close()
         try:
@@ -218,4 +271,4 @@ def test_checksum_is_crc32_of_both_images(ring: PairRing) -> None:
     slot = ring.reserve(1, 0, 100)[0]
     assert ring.write(slot, real, synthetic) == zlib.crc32(np.stack([real, synthetic]).tobytes())
     ring.release([slot])
-    assert ring.meta[slot, S["state"]] != READY
+    assert ring.meta[slot, S.state] != READY

@@ -47,7 +47,7 @@ def consumer(name: str, served: mp.Queue, torn: mp.Queue) -> None:
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            done = ring.get("generated") == PAIRS and ring.occupancy()["free"] == ring.slots
+            done = ring.header.generated == PAIRS and ring.occupancy()["free"] == ring.slots
             result = ring.take(ids, np.full(PAIRS, FAR_AHEAD), 0, out, max_reuse=MAX_REUSE, max_age=10, verify=False)
             for i in np.flatnonzero(result.found):
                 real, synthetic = pair_content(int(i))
@@ -76,7 +76,7 @@ def test_many_producers_and_consumers(no_leaked_segments) -> None:
         assert [p.exitcode for p in procs] == [0] * 5
         assert torn.empty(), "a consumer saw a torn or swapped pair"
         # Without verification, a torn pair would have reached a consumer: the content check is the witness.
-        assert ring.get("generated") == PAIRS
+        assert ring.header.generated == PAIRS
         assert counts.tolist() == [MAX_REUSE] * PAIRS  # none lost, none used more than max_reuse
     finally:
         ring.close()

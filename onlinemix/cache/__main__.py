@@ -18,7 +18,7 @@ from ..data import DataError, load_real_images
 from .maintenance import describe_keys, format_info, format_verify, key_info, quarantined, verify_key
 from .store import CacheError
 from .transfer import export, import_tars
-from .warm import default_workers, summary, warm
+from ..warm import default_workers, summary, warm
 
 EXIT_INTERRUPTED = 130
 

@@ -5,39 +5,37 @@ with the producers' own generator, seeds and cache format, so a warmed cache hol
 pairs an online run would have generated: variation k of image i has the seed
 ``variation_seed(generator.seed, i, k)`` and is stored with ``epoch=k``.
 
-Worker processes (one per generator device, ``spawn``) each load the generator, report its
-fingerprint, receive their share of the missing (image, variation) pairs from the parent and
-write them through their own ``ShardWriter``. Only small integers travel back (pairs done), so
+Generation workers (:mod:`onlinemix.worker`, one per generator device) each load the generator,
+report its fingerprint, receive their share of the missing (image, variation) pairs from the
+parent and write them to the cache through their own ``ShardWriter``. Only small integers travel back (pairs done), so
 the parent's progress bar costs nothing. A killed warm loses at most each worker's unflushed
 shard, and the next warm generates only what is still missing.
 """
 
 from __future__ import annotations
 
-import ctypes
-import logging
 import multiprocessing as mp
 import os
 import queue
-import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing.synchronize import Event
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import Config
-from ..data import load_real_images, select_train_ids
-from ..generate import make_generator
-from ..producer import producer_devices
-from ..schedule import variation_seed
-from .store import CacheError, CacheReader, cache_key, check_writable, generator_description, writer_for
+from .cache import CacheError, CacheReader, cache_key, check_writable, generator_description, writer_for
+from .config import Config
+from .data import RealImages, load_real_images, select_train_ids
+from .devices import generator_devices
+from .generate import VariationGenerator
+from .schedule import variation_seed
+from .worker import CacheSink, Pairs, Sink, Work, WorkerDied, WorkerPool, WorkerSpec
 
-log = logging.getLogger(__name__)
-
-PR_SET_PDEATHSIG = 1
 POLL_S = 0.5
 
 
@@ -69,76 +67,94 @@ def missing_pairs(reader: CacheReader, train_ids: np.ndarray, base_seed: int, va
     return np.array(rows, dtype=np.int64).reshape(-1, 2)
 
 
-# ----------------------------------------------------------------------------- worker
+class RowsWork:
+    """Warm work: this worker's share of the missing (image id, variation k) rows, in generator batches."""
 
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this worker when the warm process dies (even by SIGKILL), so an
-    orphan never keeps writing shards behind a resumed warm."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass  # not Linux: the getppid() check between batches does it
+    def __init__(self, rows: np.ndarray, batch_size: int, base_seed: int, stop: Event) -> None:
+        self.rows = rows
+        self.batch_size = batch_size
+        self.base_seed = base_seed
+        self.stop = stop
+        self.next_row = 0
+
+    def finished(self) -> bool:
+        return self.stop.is_set() or self.next_row >= len(self.rows)
+
+    def next(self) -> Work:
+        rows = self.rows[self.next_row:self.next_row + self.batch_size]
+        self.next_row += len(rows)
+        ids, ks = rows[:, 0], rows[:, 1]
+        seeds = [variation_seed(self.base_seed, int(i), int(k)) for i, k in zip(ids, ks, strict=True)]
+        return Work(ids, seeds, ks, np.zeros_like(ids))
+
+    def done(self, work: Work, seconds: float) -> None:
+        pass
 
 
-def worker_main(index: int, cfg: Config, device: str, parent_pid: int, tasks: mp.Queue, events: mp.Queue,
-                stop: mp.Event) -> None:
-    """Load the generator, report its identity, then generate the rows the parent sends."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent stops us via ``stop``
-    _die_with_parent()
-    if device == "cpu":
-        torch.set_num_threads(cfg.generator.cpu_threads)
-    try:
-        gen = make_generator(cfg.generator, device, cfg.data.resolution)
-        events.put(("ready", index, generator_description(gen, cfg.data.dataset)))
-        rows = tasks.get()
-        if rows is None:
-            return
-        real = load_real_images(cfg.data).images
-        writer = writer_for(cfg, gen)  # the parent's key: every worker's fingerprint agrees
-        batch = cfg.generator.batch_size
-        for start in range(0, len(rows), batch):
-            if stop.is_set() or os.getppid() != parent_pid:
-                break
-            ids, ks = rows[start:start + batch, 0], rows[start:start + batch, 1]
-            seeds = [variation_seed(cfg.generator.seed, int(i), int(k)) for i, k in zip(ids, ks, strict=True)]
-            images = real[torch.from_numpy(ids)]
-            synthetic = gen.generate(images, seeds).cpu().numpy()
-            for j, (i, k) in enumerate(zip(ids, ks, strict=True)):
-                writer.add(int(i), seeds[j], int(k), images[j].numpy(), synthetic[j])
-            if writer.disabled:
-                raise CacheError(f"cache {cfg.cache_root()} stopped accepting pairs (see the warning above)")
-            events.put(("done", index, len(ids)))
-        if os.getppid() == parent_pid:  # an orphan commits nothing: the resumed warm owns the rest
-            writer.close()
-        events.put(("finished", index, writer.committed))
-    except Exception as e:
-        events.put(("failed", index, f"{e.__class__.__name__}: {e}"))
-        raise
+class ProgressSink:
+    """Tells the parent how many pairs are done (small integers only: its progress bar costs nothing)."""
+
+    def __init__(self, events: mp.Queue, index: int) -> None:
+        self.events = events
+        self.index = index
+
+    def put(self, pairs: Pairs) -> None:
+        self.events.put(("done", self.index, len(pairs.work.ids)))
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class WarmJob:
+    """The warm worker's job: rows from the parent in; pairs to the cache (and a count to the parent)."""
+    tasks: mp.Queue
+    events: mp.Queue
+    stop: Event
+    kind: str = "warm worker"
+
+    @contextmanager
+    def session(self, spec: WorkerSpec, generator: VariationGenerator,
+                real: RealImages) -> Iterator[tuple[RowsWork, list[Sink]]]:
+        cfg = spec.cfg
+        self.events.put(("ready", spec.index, generator_description(generator, cfg.data.dataset)))
+        rows = self.tasks.get()  # sent once every worker is ready and the parent knows what is missing
+        rows = np.empty((0, 2), dtype=np.int64) if rows is None else rows
+        writer = writer_for(cfg, generator)  # the parent's key: every worker's fingerprint agrees
+        yield RowsWork(rows, cfg.generator.batch_size, cfg.generator.seed, self.stop), \
+            [CacheSink(writer, required=True), ProgressSink(self.events, spec.index)]
+        self.events.put(("finished", spec.index, writer.committed))
+
+    def report_failure(self, spec: WorkerSpec, error: BaseException) -> None:
+        self.events.put(("failed", spec.index, f"{error.__class__.__name__}: {error}"))
 
 
 # ----------------------------------------------------------------------------- parent
 
 class _Workers:
-    """The spawned workers and the two queues they talk through."""
+    """The warm workers, their task queues and the event queue they report through."""
 
     def __init__(self, cfg: Config, n: int) -> None:
         ctx = mp.get_context("spawn")
         self.events, self.stop = ctx.Queue(), ctx.Event()
         self.tasks = [ctx.Queue() for _ in range(n)]
-        self.procs = [ctx.Process(target=worker_main, name=f"onlinemix-warm-{i}", daemon=True,
-                                  args=(i, cfg, device, os.getpid(), self.tasks[i], self.events, self.stop))
-                      for i, device in enumerate(producer_devices(n, trainers_on_node=0))]
-        for p in self.procs:
-            p.start()
+        self.pool = WorkerPool([WorkerSpec(i, cfg, device, os.getpid(), None, WarmJob(self.tasks[i], self.events, self.stop))
+                                for i, device in enumerate(generator_devices(n, trainers_on_node=0))], max_restarts=0)
+        self.pool.start()
+
+    @property
+    def count(self) -> int:
+        return len(self.tasks)
 
     def next_event(self) -> tuple | None:
         """The next worker message; raises when a worker died without saying why."""
         try:
             return self.events.get(timeout=POLL_S)
         except queue.Empty:
-            for i, p in enumerate(self.procs):
-                if p.exitcode not in (None, 0):
-                    raise CacheError(f"warm worker {i} (pid {p.pid}) died with exit code {p.exitcode}") from None
+            try:
+                self.pool.check()
+            except WorkerDied as e:
+                raise CacheError(str(e)) from None
             return None
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
@@ -146,13 +162,7 @@ class _Workers:
         for q in self.tasks:
             q.put(None)  # releases a worker still waiting for its share
             q.cancel_join_thread()  # a dead worker's unread share must not block our exit
-        deadline = time.monotonic() + timeout_s
-        for p in self.procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        for p in self.procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(5.0)
+        self.pool.stop(timeout_s)
 
     def drain_done(self) -> int:
         """Pairs reported after the parent stopped listening (a Ctrl-C lets each worker finish its batch)."""
@@ -168,7 +178,7 @@ class _Workers:
 def _gather_ready(workers: _Workers) -> dict:
     """Every worker's generator description; they must agree (same fingerprint on every device)."""
     descs: dict[int, dict] = {}
-    while len(descs) < len(workers.procs):
+    while len(descs) < workers.count:
         event = workers.next_event()
         if event is None:
             continue

@@ -1,0 +1,270 @@
+"""Generation workers: one process per generator device, turning (image id, seed) work into
+(real, synthetic) pairs and handing them to sinks.
+
+The loop and the process lifecycle are the same for online training and for ``cache warm``;
+a *job* says where the work comes from and where the pairs go:
+
+- online (:mod:`onlinemix.producer`): positions claimed from the ring ahead of the trainers;
+  pairs go to the ring, then to the disk cache;
+- warm (:mod:`onlinemix.warm`): rows handed out by the warm command; pairs go to the cache.
+
+A worker ignores Ctrl-C (it reaches the whole process group; the parent decides when workers
+stop) and dies with its parent, even a SIGKILLed one (Linux ``PR_SET_PDEATHSIG``; the parent
+pid is also checked between batches), so an orphan never keeps writing behind a new run, and it
+commits nothing: what it held is generated again by whoever resumes. :class:`WorkerPool` starts
+workers with ``spawn``, says how dead ones died, restarts them within a budget and stops them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .cache import CacheError, ShardWriter
+from .config import Config
+from .data import RealImages, load_real_images
+from .generate import VariationGenerator, make_generator
+from .ring import ProducerPort
+
+log = logging.getLogger(__name__)
+
+IDLE_SLEEP_S = 0.005
+PR_SET_PDEATHSIG = 1
+
+
+class WorkerDied(RuntimeError):
+    """A generation worker exited while it was still needed."""
+
+
+@dataclass
+class Work:
+    """What to generate next: real image ids, one seed each, and where each pair belongs."""
+    ids: np.ndarray        # int64 (B,)
+    seeds: list[int]
+    epochs: np.ndarray     # stored with each pair: the epoch it serves (online) or its variation index (warm)
+    positions: np.ndarray  # the schedule positions they serve (online); zeros for warm
+
+
+@dataclass
+class Pairs:
+    """A generated batch: uint8 (B, 3, R, R) real and synthetic images for ``work``."""
+    work: Work
+    real: np.ndarray
+    synthetic: np.ndarray
+    checksums: list[int] | None = None  # CRC32 per pair, once a sink computed them (the ring does)
+
+
+class WorkSource(Protocol):
+    def finished(self) -> bool: ...
+
+    def next(self) -> Work | None:
+        """The next batch of work, or None when there is none right now (asked again shortly)."""
+
+    def done(self, work: Work, seconds: float) -> None:
+        """``work`` went through every sink in ``seconds`` (generation included)."""
+
+
+class Sink(Protocol):
+    def put(self, pairs: Pairs) -> None: ...
+
+    def close(self) -> None:
+        """Commit what is buffered; called only while the parent lives."""
+
+
+class RingSink:
+    """Pairs into ring slots (waits while the ring is full); records each pair's CRC32 for the cache."""
+
+    def __init__(self, port: ProducerPort, max_age: int) -> None:
+        self.port = port
+        self.max_age = max_age
+
+    def put(self, pairs: Pairs) -> None:
+        w = pairs.work
+        pairs.checksums = self.port.write_pairs(pairs.real, pairs.synthetic, w.ids, w.positions, w.seeds,
+                                                w.epochs, self.max_age)
+
+    def close(self) -> None:
+        pass
+
+
+class CacheSink:
+    """Every pair into the disk cache, reusing the ring's CRC32 when there is one.
+
+    A cache that stops accepting pairs (full disk: the writer warns and turns itself off) is an
+    error when caching is the job (``required``, warm) and a warning otherwise (online training goes on).
+    """
+
+    def __init__(self, writer: ShardWriter, required: bool) -> None:
+        self.writer = writer
+        self.required = required
+
+    def put(self, pairs: Pairs) -> None:
+        w, checksums = pairs.work, pairs.checksums
+        for i in range(len(w.ids)):
+            checksum = checksums[i] if checksums is not None and i < len(checksums) else None
+            self.writer.add(int(w.ids[i]), w.seeds[i], int(w.epochs[i]), pairs.real[i], pairs.synthetic[i], checksum)
+        if self.required and self.writer.disabled:
+            raise CacheError(f"cache {self.writer.dir} stopped accepting pairs (see the warning above)")
+
+    def close(self) -> None:
+        self.writer.close()
+        log.info("cached %d pairs in %s", self.writer.committed, self.writer.dir)
+
+
+class Job(Protocol):
+    """What a worker does; picklable, sent to the worker process when it starts."""
+    kind: str  # names the workers in messages: "producer", "warm worker"
+
+    def session(self, spec: WorkerSpec, generator: VariationGenerator,
+                real: RealImages) -> AbstractContextManager[tuple[WorkSource, list[Sink]]]:
+        """Set up (report readiness, open the sinks), yield the work source and sinks, tear down."""
+
+    def report_failure(self, spec: WorkerSpec, error: BaseException) -> None:
+        """Tell the parent why this worker is about to die, where the exit code would not."""
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs; small and picklable (no images, no tensors)."""
+    index: int
+    cfg: Config
+    device: str
+    parent_pid: int
+    log_path: str | None  # None: warnings to stderr
+    job: Job
+
+    @property
+    def name(self) -> str:
+        return f"{self.job.kind} {self.index}"
+
+
+def generate_loop(generator: VariationGenerator, images: torch.Tensor, source: WorkSource, sinks: list[Sink],
+                  alive: Callable[[], bool]) -> None:
+    """Generate until the source has no more work or the parent is gone."""
+    while alive() and not source.finished():
+        work = source.next()
+        if work is None:
+            time.sleep(IDLE_SLEEP_S)
+            continue
+        started = time.perf_counter()
+        real = images[torch.from_numpy(work.ids)]
+        pairs = Pairs(work, real.numpy(), generator.generate(real, work.seeds).cpu().numpy())
+        for sink in sinks:
+            sink.put(pairs)
+        source.done(work, time.perf_counter() - started)
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when its parent dies, even by SIGKILL."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent-pid check between batches does it
+
+
+def _setup_logging(spec: WorkerSpec) -> None:
+    if spec.log_path is None:
+        return
+    handler = logging.FileHandler(spec.log_path)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {spec.job.kind.replace(' ', '-')}-{spec.index} "
+                                           "%(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def worker_main(spec: WorkerSpec) -> None:
+    """Entry point of a worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
+    _setup_logging(spec)
+    cfg = spec.cfg
+    if spec.device == "cpu":
+        torch.set_num_threads(cfg.generator.cpu_threads)
+    alive = lambda: os.getppid() == spec.parent_pid  # noqa: E731
+    try:
+        real = load_real_images(cfg.data)
+        generator = make_generator(cfg.generator, spec.device, cfg.data.resolution)
+        log.info("pid %d started on %s; fingerprint %s; attention %s", os.getpid(), spec.device,
+                 generator.fingerprint, generator.attention)
+        with spec.job.session(spec, generator, real) as (source, sinks):
+            try:
+                generate_loop(generator, real.images, source, sinks, alive)
+            finally:
+                if alive():  # an orphan commits nothing: whoever resumes owns the rest
+                    for sink in sinks:
+                        sink.close()
+    except Exception as e:
+        log.exception("%s failed", spec.name)
+        spec.job.report_failure(spec, e)
+        raise
+
+
+class WorkerPool:
+    """Starts, watches, restarts and stops the worker processes of one node."""
+
+    def __init__(self, specs: list[WorkerSpec], max_restarts: int) -> None:
+        self.specs = specs
+        self.max_restarts = max_restarts
+        self.restarts = 0
+        self._ctx = mp.get_context("spawn")
+        self.procs = [self._process(spec) for spec in specs]
+
+    def _process(self, spec: WorkerSpec) -> mp.process.BaseProcess:
+        return self._ctx.Process(target=worker_main, args=(spec,), daemon=True,
+                                 name=f"onlinemix-{spec.job.kind.replace(' ', '-')}-{spec.index}")
+
+    def start(self) -> None:
+        for p in self.procs:
+            p.start()
+
+    @staticmethod
+    def exit_cause(p: mp.process.BaseProcess) -> str:
+        return f"killed by signal {signal.Signals(-p.exitcode).name}" if p.exitcode < 0 else f"exit code {p.exitcode}"
+
+    def _death_notice(self, i: int) -> str:
+        spec, p = self.specs[i], self.procs[i]
+        log_hint = f"; see its log {Path(spec.log_path).name}" if spec.log_path else ""
+        return f"{spec.name} (pid {p.pid}) died: {self.exit_cause(p)}{log_hint}"
+
+    def check(self) -> None:
+        """Restart workers that died (exited other than cleanly) while the restart budget lasts;
+        then raise :class:`WorkerDied`, naming the worker and how it died."""
+        for i, p in enumerate(self.procs):
+            if p.exitcode in (None, 0):
+                continue
+            message = self._death_notice(i)
+            if self.restarts >= self.max_restarts:
+                budget = f" (restart budget producer.max_restarts={self.max_restarts} spent)" if self.max_restarts else ""
+                raise WorkerDied(message + budget)
+            self.restarts += 1
+            self.procs[i] = self._process(self.specs[i])
+            self.procs[i].start()
+            log.warning("%s; restarted it as pid %d (restart %d of %d)", message, self.procs[i].pid,
+                        self.restarts, self.max_restarts)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Wait for workers to finish (the caller has told them to), then terminate and kill the rest."""
+        deadline = time.monotonic() + timeout_s
+        for p in self.procs:
+            if p.pid is not None:
+                p.join(max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(2.0)
+            if p.is_alive():
+                p.kill()
+                p.join()
