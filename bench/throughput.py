@@ -41,7 +41,7 @@ from onlinemix.data import load_real_images
 from onlinemix.generate import DiffusersVariationGenerator
 from onlinemix.losses import nt_xent
 from onlinemix.models import SSLModel
-from onlinemix.ring import PairRing
+from onlinemix.ring import PairRing, ProducerPort
 
 from common import (Timer, cpu_snapshot, fill_defaults, import_pyplot, int_list, load_line, other_cores_since,
                     run_meta, save_figure, save_results, setup_torch, torch_meta)
@@ -255,8 +255,8 @@ def bench_ring(cfg, real: np.ndarray, synthetic: np.ndarray, write_batch: int, t
                bar: tqdm) -> dict:
     """Pairs/s through ``PairRing`` in one process vs a numpy copy of the same bytes, same batching.
 
-    A ring round: reserve slots ``write_batch`` at a time and write + publish each pair (what a
-    producer does), then ``take`` them ``take_batch`` ids at a time with max_reuse=1 so every slot
+    A ring round: write ``write_batch`` pairs at a time through ``ProducerPort.write_pairs`` (reserve,
+    copy + CRC32, one ``publish_many`` per batch: what a producer does), then ``take`` them ``take_batch`` ids at a time with max_reuse=1 so every slot
     is freed again (what a trainer does; CRC32 verified when ring.verify_checksums). The numpy
     round copies the same pairs into a (N, 2, 3, R, R) array in the same chunks and back out.
     Producer and trainer sides run in different processes in a real run; here their costs add up.
@@ -266,19 +266,20 @@ def bench_ring(cfg, real: np.ndarray, synthetic: np.ndarray, write_batch: int, t
     verify = cfg.ring.verify_checksums
     ids = np.arange(n, dtype=np.int64)
     out = np.empty((take_batch, 2, 3, r, r), dtype=np.uint8)
+    epochs = np.zeros(n, dtype=np.int64)
     ring = PairRing.create(n, r)
+    producer = ProducerPort(ring, lookahead=n, lead_factor=0.0)
     try:
         def ring_round() -> tuple[float, float]:
+            if ring.occupancy()["free"] < n:  # write_pairs would wait for slots forever
+                raise RuntimeError("ring full: a previous round left slots behind")
             t0 = time.perf_counter()
-            i = 0
-            while i < n:
-                slots = ring.reserve(min(write_batch, n - i), 0, max_age)
-                if not slots:
-                    raise RuntimeError("ring full: a previous round left slots behind")
-                for slot in slots:
-                    checksum = ring.write(slot, real[i], synthetic[i])
-                    ring.publish(slot, real_id=i, position=i, seed=i, birth_epoch=0, checksum=checksum)
-                    i += 1
+            for s in range(0, n, write_batch):
+                e = min(n, s + write_batch)
+                written = producer.write_pairs(real[s:e], synthetic[s:e], ids[s:e], ids[s:e], ids[s:e].tolist(),
+                                               epochs[s:e], max_age)
+                if len(written) != e - s:
+                    raise RuntimeError("the ring closed while a batch was written")
             t1 = time.perf_counter()
             for s in range(0, n, take_batch):
                 e = min(n, s + take_batch)

@@ -48,7 +48,7 @@ class RingWork:
             todo = ~self.port.has_unused_view(ids, positions, epochs, self.max_age)
             if todo.any():
                 ids, epochs = ids[todo], epochs[todo]
-                seeds = [variation_seed(self.base_seed, int(i), int(e)) for i, e in zip(ids, epochs)]
+                seeds = [variation_seed(self.base_seed, int(i), int(e)) for i, e in zip(ids, epochs, strict=True)]
                 return Work(ids, seeds, epochs, positions[todo])
         return None
 

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from isal.isal_zlib import crc32  # zlib's CRC32, same values, about 20x faster
@@ -56,10 +56,10 @@ class _Cell:
         self.index = len(owner.FIELDS)
         owner.FIELDS += (name,)
 
-    def __get__(self, header: "RingHeader | None", owner: type) -> int:
+    def __get__(self, header: RingHeader | None, owner: type) -> int:
         return self if header is None else int(header.cells[self.index])  # type: ignore[return-value]
 
-    def __set__(self, header: "RingHeader", value: int) -> None:
+    def __set__(self, header: RingHeader, value: int) -> None:
         header.cells[self.index] = value
 
 
@@ -160,7 +160,7 @@ class TakeResult:
 @dataclass
 class Loan:
     """Pairs lent by :meth:`PairRing.borrow`: pinned slots, read in place until given back."""
-    ring: "PairRing"
+    ring: PairRing
     slots: np.ndarray       # int (B,): the slot lent for request i, -1 where none was found
     max_reuse: int
     result: TakeResult
@@ -194,7 +194,7 @@ class PairRing:
 
     # ------------------------------------------------------------------ lifetime
     @classmethod
-    def create(cls, slots: int, resolution: int) -> "PairRing":
+    def create(cls, slots: int, resolution: int) -> PairRing:
         nbytes = ring_nbytes(slots, resolution)
         if not SHM_DIR.is_dir():
             raise RingError(f"{SHM_DIR} does not exist: the ring needs POSIX shared memory (Linux)")
@@ -215,7 +215,7 @@ class PairRing:
         return cls(shm, owner=True)
 
     @classmethod
-    def attach(cls, name: str) -> "PairRing":
+    def attach(cls, name: str) -> PairRing:
         try:
             return cls(_attach_untracked(name), owner=False)
         except FileNotFoundError:
@@ -359,7 +359,7 @@ class PairRing:
 
     # ------------------------------------------------------------------ trainer side
     def borrow(self, ids: np.ndarray, positions: np.ndarray, epoch: int, *, max_reuse: int, max_age: int,
-               skip: np.ndarray | None = None, verify: bool = True) -> "Loan":
+               skip: np.ndarray | None = None, verify: bool = True) -> Loan:
         """Pin the freshest acceptable pair of each id and lend it out in place, without copying.
 
         Acceptable for the request at ``positions[i]``: ready, generated for that position
@@ -410,7 +410,7 @@ class PairRing:
                 self.meta[slot, S.state] = FREE
                 self.header.checksum_errors += 1
 
-    def give_back(self, loan: "Loan") -> None:
+    def give_back(self, loan: Loan) -> None:
         """Unpin a loan's slots and count one use of each; a pair that reached its use limit is freed."""
         m = self.meta
         lent = loan.slots[loan.slots >= 0]
@@ -422,7 +422,7 @@ class PairRing:
         loan.slots = np.full_like(loan.slots, -1)
 
     @contextmanager
-    def borrowed(self, ids: np.ndarray, positions: np.ndarray, epoch: int, **kwargs) -> Iterator["Loan"]:
+    def borrowed(self, ids: np.ndarray, positions: np.ndarray, epoch: int, **kwargs) -> Iterator[Loan]:
         """:meth:`borrow` for the length of a ``with`` block, given back on any exit."""
         loan = self.borrow(ids, positions, epoch, **kwargs)
         try:
