@@ -23,7 +23,7 @@ import torch
 from .cache import ShardWriter, writer_for
 from .config import Config
 from .data import load_real_images, select_train_ids
-from .generate import make_generator
+from .generate import VariationGenerator, make_generator
 from .ring import PairRing
 from .schedule import EpochSchedule, variation_seed
 
@@ -107,7 +107,7 @@ def run_producer(spec: ProducerSpec, ring: PairRing) -> None:
             log.info("cached %d pairs in %s", cache.committed, cache.dir)
 
 
-def _produce(spec: ProducerSpec, ring: PairRing, real, schedule: EpochSchedule, generator,
+def _produce(spec: ProducerSpec, ring: PairRing, real, schedule: EpochSchedule, generator: VariationGenerator,
              cache: ShardWriter | None) -> None:
     cfg = spec.cfg
     lookahead = max(cfg.generator.batch_size, ring.slots - spec.global_batch)
