@@ -50,11 +50,10 @@ from onlinemix.config import CacheConfig, load_config
 from onlinemix.data import load_real_images
 from onlinemix.generate import make_generator
 
-from common import (Timer, cpu_name, cpu_snapshot, fill_defaults, import_pyplot, load_line, other_cores_since,
-                    run_meta, save_figure, save_results)
+from common import (RESULTS_DIR, BenchParser, Timer, cpu_name, cpu_snapshot, import_pyplot, load_line,
+                    other_cores_since, results_path, run_meta, save_figure, save_results)
 from throughput import bench_training
 
-BENCH_DIR = Path(__file__).resolve().parent
 KEY = "bench"
 DEFAULTS = {  # (default run, --quick run)
     "resolutions": ("32,224,512", "32"),
@@ -68,13 +67,14 @@ READS_PNG = ("cold", "warm")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="bench/cache.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = BenchParser(
+        "bench/cache.py",
         description="Write and read (real, synthetic) pairs in the cache's raw uint8 .npy shards and in "
                     "webdataset PNG tars; compare both with the trainer's consumption rate.",
         epilog="Flags left out take the default run's value, or the --quick value with --quick. "
-               "Results: a table on stdout, JSON at --out and a PNG plot next to it.")
-    q = lambda key: f"(default {DEFAULTS[key][0]} / quick {DEFAULTS[key][1]})"  # noqa: E731
+               "Results: a table on stdout, JSON at --out and a PNG plot next to it.",
+        defaults=DEFAULTS, quick_help="32 px, 1 MiB, one trainer step: a few seconds")
+    q = p.default_note
     p.add_argument("--resolutions", default=None, help=f"comma-separated image sides R {q('resolutions')}")
     p.add_argument("--mib", type=float, default=None,
                    help=f"raw pixel MiB per resolution; sets the pair count N = MiB / (6 R^2 B) {q('mib')}")
@@ -84,14 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-batch-size", type=int, default=None, help=f"trainer batch {q('train_batch_size')}")
     p.add_argument("--train-steps", type=int, default=None, help=f"timed trainer steps {q('train_steps')}")
     p.add_argument("--train-warmup", type=int, default=None, help=f"untimed trainer steps {q('train_warmup')}")
-    p.add_argument("--dir", type=Path, default=BENCH_DIR / "results",
+    p.add_argument("--dir", type=Path, default=RESULTS_DIR,
                    help="where the temporary cache and tars go (a directory on the disk to measure; removed "
                         "afterwards; default bench/results)")
-    p.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "cache.json",
-                   help="JSON results; the PNG goes next to it (default bench/results/cache.json)")
-    p.add_argument("--quick", action="store_true", help="32 px, 1 MiB, one trainer step: a few seconds")
-    args = p.parse_args(argv)
-    fill_defaults(args, DEFAULTS)
+    args = p.parse(argv)
     args.resolutions = sorted({int(r) for r in str(args.resolutions).split(",") if r.strip()})
     if not args.resolutions or min(args.resolutions) < 8 or args.mib <= 0 or args.shard_pairs < 1:
         p.error("--resolutions must be >= 8, --mib > 0, --shard-pairs >= 1")
@@ -321,7 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
     torch.set_num_threads(1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out = results_path(args.out, "bench/cache.py")
+    out.parent.mkdir(parents=True, exist_ok=True)
     args.dir.mkdir(parents=True, exist_ok=True)
     load_before, before = os.getloadavg()[0], cpu_snapshot()
     work = Path(tempfile.mkdtemp(prefix=".cache-bench-", dir=args.dir))
@@ -345,9 +342,9 @@ def main(argv: list[str] | None = None) -> dict:
                     "min_png_read_over_trainer": min(min(v for k, v in r["read_over_trainer"].items()
                                                          if k.startswith("png")) for r in rows)},
     }
-    png = save_results(res, args.out, plot, _T0, started)
+    png = save_results(res, out, plot, _T0, started)
     print(format_report(res))
-    print(f"wrote {args.out} and {png}; {res['meta']['wall_s']:.1f}s in all")
+    print(f"wrote {out} and {png}; {res['meta']['wall_s']:.1f}s in all")
     return res
 
 

@@ -1,6 +1,8 @@
-"""Helpers shared by the benchmark scripts in bench/: flag defaults and integer-list flags, torch device
-and thread set-up, machine naming, background-load measurement, run metadata for the JSON, the report's
-"load" line, the matplotlib import guard and the writing of the PNG and JSON results.
+"""Helpers shared by the benchmark scripts in bench/: the command line every benchmark starts from
+(``BenchParser``: --device/--threads, --out, --quick and flag defaults that depend on --quick),
+integer-list flags, torch device and thread set-up, machine naming, background-load measurement,
+run metadata for the JSON, the report's "load" line, the matplotlib import guard and the writing
+of the PNG and JSON results.
 
 Imported as ``from common import ...`` (the scripts run as ``python bench/<name>.py``, so bench/ is
 ``sys.path[0]``). torch, diffusers and transformers are imported inside the functions that need them,
@@ -24,15 +26,71 @@ if TYPE_CHECKING:
     import torch
 
 SKEW_CORES = 0.2  # other processes using more cores than this while measuring: flagged as skewed
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+Defaults = dict[str, tuple[Any, Any]]  # flag dest -> (value in a default run, value in a --quick run)
 
 
 # ----------------------------------------------------------------------------- command line
 
-def fill_defaults(args: argparse.Namespace, defaults: dict[str, tuple[Any, Any]]) -> None:
-    """Set every flag of ``defaults`` that was left out (None) to its (default run, --quick run) value."""
-    for key, (default, quick) in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, quick if args.quick else default)
+class BenchParser(argparse.ArgumentParser):
+    """The command line of one benchmark script, which adds only its own flags.
+
+    ``add_torch_flags`` adds --device and --threads where the script wants them; ``parse`` adds the
+    flags every benchmark ends with (--out, --quick), parses, and gives each flag of ``defaults``
+    that was left out its default-run or --quick value (``default_note`` says which in a help text)."""
+
+    def __init__(self, script: str, description: str, epilog: str, defaults: Defaults, quick_help: str) -> None:
+        super().__init__(prog=script, description=description, epilog=epilog,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        self.defaults = defaults
+        self.quick_help = quick_help
+        self.per_device = False  # results default to one file per device type
+
+    def default_note(self, key: str) -> str:
+        """'(default X / quick Y)' for the help of a flag of ``defaults``."""
+        default, quick = self.defaults[key]
+        return f"(default {default} / quick {quick})"
+
+    def add_torch_flags(self, threads_note: str) -> None:
+        """--device and --threads, as ``setup_torch`` reads them; ``threads_note`` says what else the threads run."""
+        self.per_device = True
+        self.add_argument("--device", default=None,
+                          help="torch device to measure on, e.g. cpu, cuda, cuda:1 (default: cuda when "
+                               "torch.cuda.is_available(), else cpu)")
+        self.add_argument("--threads", type=int, default=None,
+                          help="torch intra-op threads (torch.set_num_threads). Default 1 on CPU, so that numbers "
+                               "are per core and comparable between machines; on CUDA the torch default is kept "
+                               f"unless given. {threads_note}")
+
+    def parse(self, argv: list[str] | None) -> argparse.Namespace:
+        """Add --out and --quick, parse ``argv``, fill in the flags left out and check --threads."""
+        default_out = results_path(None, self.prog, "<device type>" if self.per_device else None)
+        self.add_argument("--out", type=Path, default=None,
+                          help=f"JSON results path; the PNG goes next to it with the same stem "
+                               f"(default {default_out.relative_to(RESULTS_DIR.parent.parent)})")
+        self.add_argument("--quick", action="store_true", help=self.quick_help)
+        args = self.parse_args(argv)
+        for key, (default, quick) in self.defaults.items():
+            if getattr(args, key) is None:
+                setattr(args, key, quick if args.quick else default)
+        if self.per_device:
+            self.require_at_least(args, 1, "threads")
+        return args
+
+    def require_at_least(self, args: argparse.Namespace, minimum: int, *keys: str) -> None:
+        """A usage error for the first flag of ``keys`` given a value below ``minimum`` (None: not given, passes)."""
+        for key in keys:
+            value = getattr(args, key)
+            if value is not None and value < minimum:
+                self.error(f"--{key.replace('_', '-')} must be >= {minimum}")
+
+
+def results_path(out: Path | None, script: str, device_type: str | None = None) -> Path:
+    """Where a benchmark writes its JSON: ``out`` (--out) when given, else bench/results/<script's stem>.json,
+    or <stem>-<device type>.json for a benchmark of one torch device."""
+    stem = Path(script).stem
+    return out or RESULTS_DIR / (f"{stem}-{device_type}.json" if device_type else f"{stem}.json")
 
 
 def int_list(p: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
@@ -143,13 +201,13 @@ def run_meta(load_before: float, other_cores: float | None, quick: bool, script:
 
 # ----------------------------------------------------------------------------- output
 
-def load_line(m: dict[str, Any], skew_cores: float = SKEW_CORES) -> str:
+def load_line(m: dict[str, Any]) -> str:
     """The report's "load" line from the JSON meta, with a warning when the run was skewed."""
     return ("load        " + ("other processes used n/a" if m["other_processes_cores"] is None else
                               f"other processes used {m['other_processes_cores']:.2f} cores on average while measuring")
             + f" (1-min load average {m['loadavg_1min_before']:.2f} before, {m['loadavg_1min_after']:.2f} after)"
             + (f"\n            WARNING: other processes competed for the {m['cpu_count']} cores; the numbers are skewed"
-               if (m["other_processes_cores"] or 0) > skew_cores else ""))
+               if (m["other_processes_cores"] or 0) > SKEW_CORES else ""))
 
 
 def import_pyplot(script: str) -> Any:

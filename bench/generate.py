@@ -71,11 +71,9 @@ from onlinemix.generate import (FULL_SIZE_RANDOM, SCHEDULERS, DiffusersVariation
                                 resolve_dtype)
 from onlinemix.stub_diffuser import build_full_size_random_pipeline, build_stub_pipeline
 
-from common import (Timer, cpu_snapshot, device_name, fill_defaults, import_pyplot, int_list, load_line,
-                    other_cores_since, run_meta, save_figure, save_results, setup_torch, torch_meta)
+from common import (BenchParser, Timer, cpu_snapshot, device_name, import_pyplot, int_list, load_line,
+                    other_cores_since, results_path, run_meta, save_figure, save_results, setup_torch, torch_meta)
 
-BENCH_DIR = Path(__file__).resolve().parent
-SKEW_CORES = 0.2        # other processes using more cores than this while measuring: flagged as skewed
 TARGET_OVERHEAD = 1.10  # generate() / bare pipe() on the stub, every row
 TARGET_PLAIN = 3.0      # x the plain diffusers call, H100-class GPU, batch >= 16
 TARGET_BOUND = 0.60     # fraction of the FLOP bound, H100-class GPU, batch >= 16
@@ -116,8 +114,8 @@ H100_CLASS = ("H100", "H200")
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="bench/generate.py",
+    p = BenchParser(
+        "bench/generate.py",
         description="Measure the images/s of the package's generator (DiffusersVariationGenerator.generate)\n"
                     "over a matrix of speed options, next to the bare pipe(...) call (wrapper overhead), the\n"
                     "plain diffusers call a user would write (fp32, PIL in and out, default scheduler and 50\n"
@@ -128,8 +126,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                "combination instead. Flags left out take the default run's value, or the --quick value\n"
                "when --quick is given (shown as 'default / quick'). Results: a table on stdout, JSON at\n"
                "--out and a PNG plot next to it. Progress bars go to stderr.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    q = lambda key: f"(default {DEFAULTS[key][0]} / quick {DEFAULTS[key][1]})"  # noqa: E731
+        defaults=DEFAULTS,
+        quick_help="shrink every list and repeat count so the run takes well under 60 s on 2 CPU cores "
+                   "(smoke test); the numbers are then noisy")
+    q = p.default_note
     p.add_argument("--model", default=None,
                    help="generator: 'stub' (tiny random-weight StableDiffusionImageVariationPipeline, the default), "
                         "'full-size-random' (the real architecture with random weights) or a hub id / local "
@@ -149,12 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scheduler", default="dpm++", choices=tuple(SCHEDULERS),
                    help="the generator's sampler (default dpm++, the package's); the plain call always keeps the "
                         "pipeline's own default scheduler")
-    p.add_argument("--device", default=None,
-                   help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when torch.cuda.is_available(), else cpu)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (torch.set_num_threads). Default 1 on CPU, so that numbers are per "
-                        "core and comparable between machines; on CUDA the torch default is kept unless given. "
-                        "The CPU matmul peak is measured with the same thread count")
+    p.add_torch_flags("The CPU matmul peak is measured with the same thread count")
     p.add_argument("--dtypes", default=None,
                    help="comma-separated generator precisions among fp32, fp16, bf16 (default fp32,bf16 on CPU, "
                         "where fp16 convolutions may be unsupported or slow; fp32,fp16,bf16 on CUDA)")
@@ -192,14 +187,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak dense TFLOP/s of the device for every dtype, overriding the built-in GPU table "
                         "(H100 SXM/PCIe/NVL, H200, A100) and the measured matmul peak")
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON results path; the PNG goes next to it with the same stem "
-                        "(default bench/results/generate-<device type>.json)")
-    p.add_argument("--quick", action="store_true",
-                   help="shrink every list and repeat count so the run takes well under 60 s on 2 CPU cores "
-                        "(smoke test); the numbers are then noisy")
-    args = p.parse_args(argv)
-    fill_defaults(args, DEFAULTS)
+    args = p.parse(argv)
     if args.full_size:
         if args.model not in (None, FULL_SIZE_RANDOM):
             p.error(f"--full-size means --model {FULL_SIZE_RANDOM}; it cannot be combined with --model {args.model}")
@@ -213,13 +201,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.channels_last = [v == "on" for v in _choice_list(p, "--channels-last", args.channels_last, ("off", "on"))]
     if args.dtypes is not None:
         args.dtypes = _choice_list(p, "--dtypes", args.dtypes, ("fp32", "fp16", "bf16"))
-    for flag in ("repeats", "plain_repeats", "plain_steps", "resolution"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.warmup < 0:
-        p.error("--warmup must be >= 0")
-    if args.threads is not None and args.threads < 1:
-        p.error("--threads must be >= 1")
+    p.require_at_least(args, 1, "repeats", "plain_repeats", "plain_steps", "resolution")
+    p.require_at_least(args, 0, "warmup")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         p.error("--peak-tflops must be > 0")
     if args.guidance < 0:
@@ -700,7 +683,7 @@ def format_report(res: dict) -> str:
         f"generator   {c['model']}, {c['resolution']}px in -> {c['gen_size']}px generated, guidance {c['guidance']:g}, "
         f"{c['scheduler']}; design: {c['design']}",
         f"date        {m['date']}",
-        load_line(m, SKEW_CORES),
+        load_line(m),
         f"FLOPs       per image: UNet {fl['unet_call'] / 1e9:,.4g} GFLOP per denoising call (batch "
         f"{fl['unet_batch']} for guidance), VAE decode {fl['vae_decode'] / 1e9:,.4g}"
         + (f", tiny VAE decode {fl['tiny_vae_decode'] / 1e9:,.4g}" if "tiny_vae_decode" in fl else "")
@@ -813,7 +796,7 @@ def main(argv: list[str] | None = None) -> dict:
     diffusers.utils.logging.set_verbosity_error()  # pipe.to(dtype) notices would flood stderr once per row
     warnings.filterwarnings("ignore", category=FutureWarning)
 
-    out = args.out or BENCH_DIR / "results" / f"generate-{device.type}.json"
+    out = results_path(args.out, "bench/generate.py", device.type)
     out.parent.mkdir(parents=True, exist_ok=True)
     load_before, before = os.getloadavg()[0], cpu_snapshot()
     try:

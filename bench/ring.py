@@ -50,15 +50,13 @@ from tqdm.auto import tqdm
 
 from onlinemix.ring import NAME_PREFIX, SHM_DIR, PairRing
 
-from common import (cpu_name, cpu_snapshot, fill_defaults, import_pyplot, int_list, load_line, other_cores_since,
-                    run_meta, save_figure, save_results)
+from common import (SKEW_CORES, BenchParser, cpu_name, cpu_snapshot, import_pyplot, int_list, load_line,
+                    other_cores_since, results_path, run_meta, save_figure, save_results)
 
-BENCH_DIR = Path(__file__).resolve().parent
 TARGET_MEMCPY = 0.5   # ring GB/s >= this x memcpy GB/s
 TARGET_QUEUE = 5.0    # ring pairs/s >= this x Queue pairs/s at the same P, C
 MAX_AGE = 1 << 40     # no pair ever expires here
 MASK64 = (1 << 64) - 1
-SKEW_CORES = 0.2      # other processes using more cores than this during a run: flagged as skewed
 
 # Values used when a flag is not given: (default run, --quick run).
 DEFAULTS = {
@@ -78,8 +76,8 @@ CONTENTION_NOTE = ("{cores} CPU core(s) here, and a configuration runs up to {pr
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="bench/ring.py",
+    p = BenchParser(
+        "bench/ring.py",
         description="Move (real, synthetic) uint8 image pairs from P producer processes to C consumer\n"
                     "processes through the shared-memory PairRing, through a torch.multiprocessing Queue,\n"
                     "and measure a plain numpy copy of the same bytes; report pairs/s, GB/s and the\n"
@@ -87,8 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="Flags left out take the default run's value, or the --quick value when --quick is\n"
                "given (shown as 'default / quick'). Results: one table per resolution on stdout, JSON at\n"
                "--out and a PNG plot next to it. Progress bars go to stderr.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    q = lambda key: f"(default {DEFAULTS[key][0]} / quick {DEFAULTS[key][1]})"  # noqa: E731
+        defaults=DEFAULTS,
+        quick_help="resolution 64 only, P in {1,2}, C = 1, a few MiB per producer: well under 30 s on 2 CPU "
+                   "cores (smoke test); the numbers are then noisy")
+    q = p.default_note
     p.add_argument("--resolutions", default=None,
                    help=f"comma-separated image sides R in pixels; a pair is 2*3*R*R bytes; R must be even "
                         f"{q('resolutions')}")
@@ -145,27 +145,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "included) and in zlib.crc32 inside PairRing's calls, and print a cost breakdown per ring "
                         "row (microseconds per pair). Adds a little overhead per lock and CRC call")
     p.add_argument("--seed", type=int, default=0, help="seed of the random pair contents (default 0)")
-    p.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "ring.json",
-                   help="JSON results path; the PNG goes next to it with the same stem (default bench/results/ring.json)")
-    p.add_argument("--quick", action="store_true",
-                   help="resolution 64 only, P in {1,2}, C = 1, a few MiB per producer: well under 30 s on 2 CPU "
-                        "cores (smoke test); the numbers are then noisy")
-    args = p.parse_args(argv)
-    fill_defaults(args, DEFAULTS)
+    args = p.parse(argv)
     args.resolutions = sorted(set(int_list(p, "--resolutions", args.resolutions)))
     args.producers = sorted(set(int_list(p, "--producers", args.producers)))
     args.consumers = sorted(set(int_list(p, "--consumers", args.consumers)))
     if any(r % 2 or r < 4 for r in args.resolutions):
         p.error("--resolutions must be even and >= 4 (pairs are checked as 64-bit words)")
-    for flag in ("slots", "write_batch", "take_batch", "memcpy_repeats"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.pairs is not None and args.pairs < 1:
-        p.error("--pairs must be >= 1")
+    p.require_at_least(args, 1, "slots", "write_batch", "take_batch", "memcpy_repeats", "pairs")
     if args.mib_per_config <= 0 or args.poll_ms < 0 or args.timeout <= 0:
         p.error("--mib-per-config and --timeout must be > 0, --poll-ms >= 0")
-    if args.retries < 0:
-        p.error("--retries must be >= 0")
+    p.require_at_least(args, 0, "retries")
     if args.slots < max(args.producers):
         p.error("--slots must be at least the largest --producers value (each producer needs room ahead)")
     args.verify = {"both": [True, False], "on": [True], "off": [False]}[args.checksums]
@@ -776,7 +765,7 @@ def format_report(res: dict) -> str:
         f"machine     {m['cpu']} ({m['cpu_count']} logical cores), {m['shm_free_gib']:.1f} GiB free in {SHM_DIR}",
         f"versions    python {m['python']}, numpy {m['numpy']}, torch {m['torch']}",
         f"date        {m['date']}",
-        load_line(m, SKEW_CORES),
+        load_line(m),
         f"setup       {cfg['slots']} slots, write batch {cfg['write_batch']}, take batch {cfg['take_batch']}, max_reuse=1; "
         f"consumers read {cfg['consumer_read']}, check {cfg['intact_check']}; Queue: torch.multiprocessing spawn, maxsize {cfg['slots']}, "
         f"sharing strategy {res.get('queue_sharing_strategy') or 'n/a'}",
@@ -881,7 +870,7 @@ def plot(res: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: unlink the ring
-    out = args.out
+    out = results_path(args.out, "bench/ring.py")
     out.parent.mkdir(parents=True, exist_ok=True)
     import torch  # after parsing, so --help stays fast; the workers of the ring runs never import it
 

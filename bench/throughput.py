@@ -43,10 +43,8 @@ from onlinemix.losses import nt_xent
 from onlinemix.models import SSLModel
 from onlinemix.ring import PairRing, ProducerPort
 
-from common import (Timer, cpu_snapshot, fill_defaults, import_pyplot, int_list, load_line, other_cores_since,
-                    run_meta, save_figure, save_results, setup_torch, torch_meta)
-
-BENCH_DIR = Path(__file__).resolve().parent
+from common import (BenchParser, Timer, cpu_snapshot, import_pyplot, int_list, load_line, other_cores_since,
+                    results_path, run_meta, save_figure, save_results, setup_torch, torch_meta)
 
 # Values used when a flag is not given: (default run, --quick run).
 DEFAULTS = {
@@ -63,8 +61,8 @@ DEFAULTS = {
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="bench/throughput.py",
+    p = BenchParser(
+        "bench/throughput.py",
         description="Measure, in one run on one device, how many synthetic images/s the generator makes,\n"
                     "how many real images/s a trainer consumes, and how fast pairs move through the\n"
                     "shared-memory ring; then model how to split a node's devices between generation\n"
@@ -72,15 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="Flags left out take the default run's value, or the --quick value when --quick is\n"
                "given (shown as 'default / quick'). Results: a table on stdout, JSON at --out and a\n"
                "PNG plot next to it. Progress bars go to stderr.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    q = lambda key: f"(default {DEFAULTS[key][0]} / quick {DEFAULTS[key][1]})"  # noqa: E731
-    p.add_argument("--device", default=None,
-                   help="torch device to measure on, e.g. cpu, cuda, cuda:1 (default: cuda when "
-                        "torch.cuda.is_available(), else cpu)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (torch.set_num_threads). Default 1 on CPU, so that numbers are "
-                        "per core and comparable between machines; on CUDA the torch default is kept unless "
-                        "this is given (the CPU-side augmentation of the trainer step uses these threads)")
+        defaults=DEFAULTS,
+        quick_help="shrink every measurement so the run takes well under 30 s on 2 CPU cores (smoke test); "
+                   "the numbers are then noisy")
+    q = p.default_note
+    p.add_torch_flags("The CPU-side augmentation of the trainer step uses these threads too")
     p.add_argument("--model", default=None,
                    help="generator: 'stub' (tiny random-weight StableDiffusionImageVariationPipeline, the "
                         "default) or a hub id / local directory, e.g. lambdalabs/sd-image-variations-diffusers")
@@ -119,27 +113,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-reuse", default="1,4",
                    help="comma-separated staleness.max_reuse values (times one synthetic view may serve) to "
                         "model in the split table (default 1,4)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON results path; the PNG goes next to it with the same stem "
-                        "(default bench/results/throughput-<device type>.json)")
-    p.add_argument("--quick", action="store_true",
-                   help="shrink every measurement so the run takes well under 30 s on 2 CPU cores (smoke test); "
-                        "the numbers are then noisy")
-    args = p.parse_args(argv)
-    fill_defaults(args, DEFAULTS)
+    args = p.parse(argv)
     args.gen_batch_sizes = int_list(p, "--gen-batch-sizes", args.gen_batch_sizes)
     args.max_reuse = int_list(p, "--max-reuse", args.max_reuse)
-    for flag in ("gen_repeats", "train_batch_size", "train_steps", "ring_pairs", "ring_repeats"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    p.require_at_least(args, 1, "gen_repeats", "train_batch_size", "train_steps", "ring_pairs", "ring_repeats")
     if args.train_batch_size < 2:
         p.error("--train-batch-size must be >= 2 (NT-Xent needs negatives, BatchNorm needs > 1 sample)")
-    if args.train_warmup < 0:
-        p.error("--train-warmup must be >= 0")
+    p.require_at_least(args, 0, "train_warmup")
     if args.node_gpus < 2:
         p.error("--node-gpus must be >= 2 (at least one generator and one trainer)")
-    if args.threads is not None and args.threads < 1:
-        p.error("--threads must be >= 1")
     return args
 
 
@@ -475,7 +457,7 @@ def main(argv: list[str] | None = None) -> dict:
     except ConfigError as e:
         sys.exit(f"bench/throughput.py: {e}")
 
-    out = args.out or BENCH_DIR / "results" / f"throughput-{device.type}.json"
+    out = results_path(args.out, "bench/throughput.py", device.type)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     # Other processes on the machine skew every number below: measure how much CPU they used meanwhile.

@@ -1,11 +1,16 @@
-"""Command-line flags derived from the config declaration: one flag per config key."""
+"""What the command lines share: one flag per config key, derived from the config declaration,
+and how the eval and stats commands run and report their users' errors."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from .config import leaves
+from .config import ConfigError, leaves
+from .data import DataError
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -53,3 +58,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, st
     """Parsed args and the config overrides the user actually gave (dotted key -> text)."""
     args = build_parser().parse_args(argv)
     return args, config_overrides(args)
+
+
+def run_command(run: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> None:
+    """The eval and stats command lines: INFO logging, and their users' errors as an exit message."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        run(args)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from .registry import GENERATORS
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, mistyped, out of range or inconsistent."""
@@ -49,10 +51,8 @@ class GeneratorConfig:
     model: str = opt("stub", "'stub' (tiny random-weight diffuser, CPU friendly), 'full-size-random' (the real "
                      "architecture with random weights, for speed measurements) or a hub id / local directory of a "
                      "StableDiffusionImageVariationPipeline, e.g. lambdalabs/sd-image-variations-diffusers")
-    pipeline: str = opt("sd-image-variation", "which diffusers pipeline generates: Stable Diffusion image "
-                        "variations (the paper's main generator) or Versatile Diffusion's image variation "
-                        "(its alternative; default weights shi-labs/versatile-diffusion)",
-                        choices=("sd-image-variation", "versatile"))
+    pipeline: str = opt("sd-image-variation", f"which diffusers pipeline generates: {GENERATORS.describe()}",
+                        choices=GENERATORS.names())
     revision: str = opt("v2.0", "hub revision of an SD image-variation model (ignored for 'stub', local "
                         "directories and Versatile Diffusion)")
     steps: int = opt(10, "denoising steps per image", low=1, high=1000)

@@ -1,4 +1,4 @@
-"""Evaluation of frozen backbones on real images: linear probe and weighted kNN.
+"""The eval command: frozen backbones scored on real images by linear probe and weighted kNN.
 
 ``python -m onlinemix.eval CHECKPOINT [CHECKPOINT ...] [--eval-set NAME=PATH ...]`` evaluates
 each checkpoint on the held-out split of its run's dataset and on extra evaluation sets, and
@@ -13,7 +13,8 @@ form the kNN bank) depends on the set, as in the MixDiff paper's protocols:
   among the run's (labels are matched by name); webdataset ``cls`` values index the run's classes.
 
 A split is an ImageFolder directory, one ``.tar`` webdataset shard, a brace pattern of shards or a
-directory of shards (samples with an image and an integer ``cls``).
+directory of shards (samples with an image and an integer ``cls``). The probe maths lives in
+:mod:`onlinemix.probe`, what a run directory holds in :mod:`onlinemix.rundir`.
 """
 
 from __future__ import annotations
@@ -21,184 +22,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
-from tqdm.auto import tqdm
 
-from .augment import eval_transform
-from .config import Config, ConfigError, ProbeConfig, load_config
-from .data import (
-    DataError,
-    LabelledImages,
-    RealImages,
-    load_image_source,
-    load_real_images,
-)
-from .models import build_backbone, seeded_backbone
+from .cli import run_command
+from .config import ProbeConfig
+from .data import DataError, LabelledImages, RealImages, load_image_source, load_real_images
+from .models import seeded_backbone
+from .probe import extract_features, fit_linear_probe, knn_scores, topk_accuracy
+from .rundir import Checkpoint, load_backbone, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
-BACKBONE_FILE = "backbone.safetensors"
-CONFIG_FILE = "config.yaml"
 TRANSFER_FIT_SPLIT = "train"
 TRANSFER_EVAL_SPLITS = ("val", "test")
-
-
-# ----------------------------------------------------------------------------- features and classifiers
-
-@torch.no_grad()
-def extract_features(backbone: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 512,
-                     desc: str | None = "features") -> torch.Tensor:
-    """Frozen features in eval mode; a progress bar unless ``desc`` is None (inside training's own bar)."""
-    was_training = backbone.training
-    backbone.eval()
-    norm = eval_transform()
-    starts = tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, disable=desc is None)
-    feats = [backbone(norm(images[i:i + batch_size]).to(device)).float().cpu() for i in starts]
-    backbone.train(was_training)
-    return torch.cat(feats)
-
-
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Top-1 and top-5 (top-C when there are fewer than 5 classes) in percent."""
-    k = min(5, scores.shape[1])
-    top = scores.topk(k, dim=1).indices
-    return {"top1": 100.0 * (top[:, 0] == labels).float().mean().item(),
-            "top5": 100.0 * (top == labels[:, None]).any(1).float().mean().item()}
-
-
-def fit_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, n_classes: int, cfg: ProbeConfig,
-                     seed: int = 0) -> nn.Module:
-    """Multinomial logistic regression on standardised features, full batch, Adam."""
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    gen = torch.Generator().manual_seed(seed)
-    head = nn.Linear(train_x.shape[1], n_classes)
-    with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
-        head.bias.zero_()
-    x = (train_x - mean) / std
-    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    for _ in range(cfg.epochs):
-        opt.zero_grad()
-        F.cross_entropy(head(x), train_y).backward()
-        opt.step()
-    return Standardised(mean, std, head).requires_grad_(False)
-
-
-class Standardised(nn.Module):
-    """The probe as fitted: the training features' standardisation, then the linear head."""
-
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, head: nn.Linear) -> None:
-        super().__init__()
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head((x - self.mean) / self.std)
-
-
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 cfg: ProbeConfig, seed: int = 0) -> dict[str, float]:
-    n_classes = int(max(train_y.max(), test_y.max())) + 1
-    return topk_accuracy(fit_linear_probe(train_x, train_y, n_classes, cfg, seed)(test_x), test_y)
-
-
-def knn_scores(bank_x: torch.Tensor, bank_y: torch.Tensor, query_x: torch.Tensor, n_classes: int, k: int,
-               temperature: float, chunk: int = 1024) -> torch.Tensor:
-    """Weighted kNN class scores (Wu et al. 2018, DINO): the k most cosine-similar bank features
-    vote for their class with weight exp(similarity / temperature)."""
-    bank = F.normalize(bank_x.float(), dim=1)
-    bank_y = bank_y.to(torch.int64)
-    k = min(k, len(bank))
-    out = []
-    for i in range(0, len(query_x), chunk):
-        sim = F.normalize(query_x[i:i + chunk].float(), dim=1) @ bank.T
-        top_sim, top_idx = sim.topk(k, dim=1)
-        votes = torch.zeros(len(sim), n_classes).scatter_add_(1, bank_y[top_idx], (top_sim / temperature).exp())
-        out.append(votes)
-    return torch.cat(out)
-
-
-# ----------------------------------------------------------------------------- the training run's probe
-
-def heldout_linear(feats: torch.Tensor, real: RealImages, cfg: ProbeConfig) -> dict[str, float]:
-    """Linear probe fitted on the training split's features (of all ``real.images``), scored on the held-out ones."""
-    tr, te = real.train_ids, real.holdout_ids
-    return linear_probe(feats[tr], real.labels[tr], feats[te], real.labels[te], cfg)
-
-
-def heldout_knn(feats: torch.Tensor, real: RealImages, cfg: ProbeConfig) -> dict[str, float]:
-    """Weighted kNN of the held-out features against the training split's: no fitting, so cheap
-    enough to watch the features improve during training."""
-    tr, te = real.train_ids, real.holdout_ids
-    n_classes = int(real.labels.max()) + 1
-    scores = knn_scores(feats[tr], real.labels[tr], feats[te], n_classes, cfg.knn_k, cfg.knn_temperature)
-    return topk_accuracy(scores, real.labels[te])
-
-
-def probe_backbone(backbone: nn.Module, real: RealImages, cfg: ProbeConfig, device: torch.device) -> dict[str, float]:
-    """Fit on the training split's real images, report on the held-out real images."""
-    return heldout_linear(extract_features(backbone, real.images, device), real, cfg)
-
-
-def compare_with_random_init(backbone: nn.Module, cfg: Config, device: torch.device,
-                             real: RealImages | None = None) -> dict[str, dict[str, float]]:
-    real = real if real is not None else load_real_images(cfg.data)
-    return {"trained": probe_backbone(backbone, real, cfg.probe, device),
-            "random_init": probe_backbone(seeded_backbone(cfg.train).to(device), real, cfg.probe, device)}
-
-
-def format_probe(results: dict[str, dict[str, float]]) -> str:
-    lines = ["linear probe on held-out real images", f"  {'backbone':<12} {'top-1':>7} {'top-5':>7}"]
-    for name, r in results.items():
-        lines.append(f"  {name:<12} {r['top1']:>6.2f}% {r['top5']:>6.2f}%")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-@dataclass
-class Checkpoint:
-    name: str
-    run_dir: Path
-    weights: Path
-    cfg: Config
-
-
-def resolve_checkpoint(path: Path) -> Checkpoint:
-    """A run directory (config.yaml + backbone.safetensors) or a .safetensors backbone next to a config.yaml."""
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    run_dir, weights = (path, path / BACKBONE_FILE) if path.is_dir() else (path.parent, path)
-    if weights.suffix != ".safetensors":
-        raise ValueError(f"checkpoint {path}: expected a run directory or a .safetensors backbone file")
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"checkpoint {path}: no {CONFIG_FILE} in {run_dir}; is it an onlinemix run directory?")
-    if not weights.is_file():
-        raise FileNotFoundError(f"checkpoint {path}: {weights} does not exist; is {run_dir} a finished onlinemix run?")
-    name = run_dir.resolve().name if weights.name == BACKBONE_FILE else f"{run_dir.resolve().name}-{weights.stem}"
-    return Checkpoint(name, run_dir, weights, load_config(run_dir / CONFIG_FILE))
-
-
-def load_backbone(run_dir: Path, cfg: Config, weights: Path | None = None) -> nn.Module:
-    path = weights or run_dir / BACKBONE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a finished onlinemix run?")
-    backbone = build_backbone(cfg.train)
-    try:
-        backbone.load_state_dict(load_file(path))
-    except RuntimeError as e:
-        raise ValueError(f"{path} does not hold a train.backbone={cfg.train.backbone} backbone of this run's "
-                         f"config: {str(e).splitlines()[0]}") from e
-    return backbone
 
 
 # ----------------------------------------------------------------------------- evaluation sets
@@ -384,15 +224,6 @@ def run(args: argparse.Namespace) -> list[dict]:
         log.info("wrote %s and %s", md, js)
         results.append(result)
     return results
-
-
-def run_command(run: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> None:
-    """The eval and stats command lines: INFO logging, and their users' errors as an exit message."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        run(args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
 
 
 def main(argv: list[str] | None = None) -> None:

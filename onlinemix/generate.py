@@ -1,10 +1,14 @@
 """Generators of synthetic variations behind one small interface.
 
-``generate(images uint8 (B, 3, H, W), seeds) -> uint8 (B, 3, H, W)`` on the generator's
-device. The diffusers implementation preprocesses on the device exactly as the
-image-variation model was trained (whole image squashed to the CLIP size, bicubic, no
-antialiasing, CLIP mean/std) and never goes through PIL or the CLIP processor, which
-would antialias and centre-crop.
+:class:`VariationGenerator` is everything producers, ``cache warm``, the cache store and the
+statistics command use of a generator: ``generate(images uint8 (B, 3, H, W), seeds) -> uint8
+(B, 3, H, W)`` on the generator's device, plus what identifies its output and how it runs.
+:func:`make_generator` builds the one ``generator.pipeline`` names through the
+:data:`~onlinemix.registry.GENERATORS` registry, so this module never imports the others.
+The diffusers implementation here preprocesses on the device exactly as the image-variation
+model was trained (whole image squashed to the CLIP size, bicubic, no antialiasing, CLIP
+mean/std) and never goes through PIL or the CLIP processor, which would antialias and
+centre-crop.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import math
 from pathlib import Path
 import json
 import logging
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +26,7 @@ from diffusers import (AutoencoderTiny, DDIMScheduler, DPMSolverMultistepSchedul
                        PNDMScheduler, StableDiffusionImageVariationPipeline)
 
 from .config import GeneratorConfig
+from .registry import GENERATORS
 from .stub_diffuser import build_full_size_random_pipeline, build_stub_pipeline
 
 log = logging.getLogger(__name__)
@@ -39,11 +44,23 @@ class GeneratorError(RuntimeError):
     """The generator cannot be built or keeps producing unusable images."""
 
 
+@runtime_checkable
 class VariationGenerator(Protocol):
-    fingerprint: str
-    attention: str
+    """What every consumer of a generator relies on, and all it may rely on."""
 
-    def generate(self, images: torch.Tensor, seeds: list[int]) -> torch.Tensor: ...
+    fingerprint: str       # hash of identity(); the cache keys its pairs by it
+    attention: str         # the attention backend in use ("sdpa" or "xformers")
+    attention_reason: str  # why that backend, for the producer's log and JSON
+    dtype: torch.dtype     # the precision it generates in
+    retries: int           # non-finite or blank images regenerated so far
+
+    def identity(self) -> dict:
+        """Everything that changes the output images (what ``fingerprint`` hashes)."""
+        ...
+
+    def generate(self, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """uint8 (B, 3, H, W) images and one seed per image -> one uint8 variation per image."""
+        ...
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -95,7 +112,7 @@ class DiffusersVariationGenerator:
     """StableDiffusionImageVariationPipeline with device-side preprocessing and per-image seeds.
 
     Subclasses for other diffusers variation pipelines override the hooks ``_load_pipeline``,
-    ``_clip_processor``, ``_prepare``, ``_identity`` and ``preprocess``."""
+    ``_clip_processor``, ``_prepare``, ``identity`` and ``preprocess``."""
 
     kind = "sd-image-variation"
 
@@ -116,7 +133,7 @@ class DiffusersVariationGenerator:
         multiple = math.lcm(8, self.pipe.vae_scale_factor)
         self.gen_size = -(-(cfg.resolution or resolution) // multiple) * multiple
         self._prepare()
-        self.fingerprint = hashlib.sha256(json.dumps(self._identity(), sort_keys=True).encode()).hexdigest()[:16]
+        self.fingerprint = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
         self.retries = 0
 
     # ------------------------------------------------------------------ hooks
@@ -130,7 +147,7 @@ class DiffusersVariationGenerator:
     def _prepare(self) -> None:
         """Last set-up step, once the pipeline and the CLIP constants are known."""
 
-    def _identity(self) -> dict:
+    def identity(self) -> dict:
         """Everything that changes the output images. channels_last, compile and slicing change
         speed and memory, not the images, so they are not part of it."""
         random_weights = self.cfg.model in ("stub", FULL_SIZE_RANDOM)
@@ -222,10 +239,6 @@ def to_rgb_uint8(images: torch.Tensor) -> torch.Tensor:
     return images[:, :3]
 
 
-def make_generator(cfg: GeneratorConfig, device: torch.device | str, resolution: int) -> DiffusersVariationGenerator:
-    """The generator ``generator.pipeline`` names."""
-    if cfg.pipeline == "versatile":
-        from .versatile import VersatileVariationGenerator  # deprecated in diffusers: imported only when asked for
-
-        return VersatileVariationGenerator(cfg, device, resolution)
-    return DiffusersVariationGenerator(cfg, device, resolution)
+def make_generator(cfg: GeneratorConfig, device: torch.device | str, resolution: int) -> VariationGenerator:
+    """The generator ``generator.pipeline`` names; its module is imported only when it is the one asked for."""
+    return GENERATORS.load(cfg.pipeline)(cfg, device, resolution)

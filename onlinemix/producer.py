@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from .cache import writer_for
 from .config import Config
 from .data import RealImages, select_train_ids

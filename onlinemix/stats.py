@@ -33,10 +33,11 @@ from tqdm.auto import tqdm
 
 from .augment import eval_transform
 from .cache import CacheError, CacheReader, select_key
+from .cli import run_command
 from .config import GeneratorConfig, load_config
 from .data import load_real_images
-from .eval import CONFIG_FILE, load_backbone, run_command
 from .generate import make_generator
+from .rundir import CONFIG_FILE, load_backbone
 from .schedule import variation_seed
 
 log = logging.getLogger(__name__)

@@ -37,27 +37,21 @@ from onlinemix.cache import CacheError, CacheReader, cache_key, check_writable, 
 from onlinemix.cli import parse_args
 from onlinemix.config import Config, ConfigError, load_config, needs_synthetic_views, save_config
 from onlinemix.data import DataError, RealImages, load_real_images, select_train_ids
-from onlinemix.eval import (BACKBONE_FILE, compare_with_random_init, extract_features, format_probe, heldout_knn,
-                            heldout_linear)
 from onlinemix.methods import StepInfo, build_method, pairing_at
 from onlinemix.metrics import RunMetrics
 from onlinemix.optim import build_optimizer, cosine_with_warmup, scaled_lr
 from onlinemix.pairs import BatchPairs, PairSource
 from onlinemix.devices import generator_devices
+from onlinemix.probe import compare_with_random_init, extract_features, format_probe, heldout_knn, heldout_linear
 from onlinemix.producer import ProducerPool
 from onlinemix.ring import PairRing, RingError, TrainerPort, remove_stale_segments
+from onlinemix.rundir import BACKBONE_FILE, CHECKPOINT_DIR, latest_checkpoint
 from onlinemix.schedule import EpochSchedule
 from onlinemix.worker import WorkerDied
 
 log = logging.getLogger("onlinemix")
 
-CHECKPOINT_DIR = "checkpoints"
 PRODUCER_START_TIMEOUT_S = 600.0
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    checkpoints = sorted((run_dir / CHECKPOINT_DIR).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return checkpoints[-1] if checkpoints else None
 
 
 class Trainer:

@@ -1,12 +1,14 @@
 """The paper's alternative generator: Versatile Diffusion's image-variation flow.
 
-``VersatileVariationGenerator`` has the interface of
-:class:`onlinemix.generate.DiffusersVariationGenerator` (``generate(uint8 (B, 3, H, W), seeds)
--> uint8 (B, 3, H, W)``, ``fingerprint``, ``attention``, ``dtype``, ``gen_size``, ``retries``,
-``preprocess``) and runs diffusers' ``VersatileDiffusionImageVariationPipeline``. That pipeline
-is deprecated (it lives in ``diffusers.pipelines.deprecated.versatile_diffusion``) and may be
-missing from a diffusers install: it is imported only when this generator or its stub is built,
-and its absence raises :class:`~onlinemix.generate.GeneratorError` saying so.
+``VersatileVariationGenerator`` is a :class:`onlinemix.generate.VariationGenerator`
+(``generate(uint8 (B, 3, H, W), seeds) -> uint8 (B, 3, H, W)``, ``fingerprint``, ``identity()``,
+``attention``, ``dtype``, ``retries``) built on the hooks of
+:class:`~onlinemix.generate.DiffusersVariationGenerator`; ``generator.pipeline: versatile`` selects
+it (:data:`onlinemix.registry.GENERATORS`). It runs diffusers'
+``VersatileDiffusionImageVariationPipeline``, which is deprecated (it lives in
+``diffusers.pipelines.deprecated.versatile_diffusion``) and may be missing from a diffusers
+install: it is imported only when this generator or its stub is built, and its absence raises
+:class:`~onlinemix.generate.GeneratorError` saying so.
 
 How the image conditioning is fed
 ---------------------------------
@@ -173,8 +175,8 @@ class VersatileVariationGenerator(DiffusersVariationGenerator):
             self.uncond_embeds = encode_pixel_values(self.pipe, self.normalize(uncond))
         feed_pixel_values(self.pipe, self.uncond_embeds)
 
-    def _identity(self) -> dict:
-        identity = super()._identity()
+    def identity(self) -> dict:
+        identity = super().identity()
         del identity["revision"]  # VD checkpoints load without one
         return {**identity, "vd_preprocessing": VD_PREPROCESSING_VERSION, "uncond_pixel": UNCOND_PIXEL}
 

@@ -108,7 +108,7 @@ def test_warm_generates_exactly_the_missing_pairs_as_an_online_run_would(warmed:
     # The cached variation k of an image is bit for bit what a producer generates for it in epoch k.
     cfg = load_config(None, {"data.dataset": str(dataset)})
     gen = make_generator(cfg.generator, "cpu", 32)
-    assert desc["fingerprint"] == gen.fingerprint and desc["identity"] == gen._identity()
+    assert desc["fingerprint"] == gen.fingerprint and desc["identity"] == gen.identity()
     real = load_real_images(cfg.data).images
     reader = CacheReader(warmed, only_key(warmed), 32)
     ids = [int(i) for i in load_real_images(cfg.data).train_ids[:4]]

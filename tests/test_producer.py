@@ -11,7 +11,7 @@ import torch
 
 from onlinemix.config import Config, load_config
 from onlinemix.data import load_real_images
-from onlinemix.generate import DiffusersVariationGenerator
+from onlinemix.generate import make_generator
 from onlinemix.producer import ProducerPool
 from onlinemix.ring import PairRing, S
 from onlinemix.schedule import EpochSchedule, variation_seed
@@ -56,7 +56,7 @@ def test_pairs_from_a_producer_process_match_a_local_regeneration(cfg: Config, t
     assert np.array_equal(out[:, 0], real.images[torch.from_numpy(ids)].numpy())
     assert all(seeds[int(i)] == variation_seed(cfg.generator.seed, int(i), 0) for i in ids)
     torch.set_num_threads(1)
-    generator = DiffusersVariationGenerator(cfg.generator, "cpu", cfg.data.resolution)
+    generator = make_generator(cfg.generator, "cpu", cfg.data.resolution)
     expected = generator.generate(real.images[torch.from_numpy(ids)], [seeds[int(i)] for i in ids]).numpy()
     assert np.array_equal(out[:, 1], expected)
     assert not all(np.array_equal(out[0, 1], out[k, 1]) for k in range(1, 24))

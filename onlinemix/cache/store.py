@@ -43,6 +43,7 @@ from isal.isal_zlib import crc32
 
 if TYPE_CHECKING:
     from ..config import Config
+    from ..generate import VariationGenerator
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +101,13 @@ def _write_atomically(path: Path, write) -> None:
 
 # ----------------------------------------------------------------------------- writing
 
-def generator_description(generator, dataset: str) -> dict:
+def generator_description(generator: VariationGenerator, dataset: str) -> dict:
     """What ``generator.json`` records of the pairs' origin; offline runs select keys by its dataset,
     resolution and ``identity.guidance`` (``select_key``)."""
-    return {"fingerprint": generator.fingerprint, "identity": generator._identity(), "dataset": dataset}
+    return {"fingerprint": generator.fingerprint, "identity": generator.identity(), "dataset": dataset}
 
 
-def writer_for(cfg: Config, generator) -> ShardWriter:
+def writer_for(cfg: Config, generator: VariationGenerator) -> ShardWriter:
     """A writer into ``cfg``'s cache under this generator's and dataset's key: what producers and
     ``cache warm`` workers write through."""
     c = cfg.cache
