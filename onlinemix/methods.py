@@ -54,7 +54,7 @@ from .dino import (
 )
 from .losses import barlow_twins_loss, nt_xent
 from .models import seeded_backbone, simclr_projector
-from .pairs import BatchPairs
+from .pairs import PairImages
 
 PAIRINGS = ("mixdiff", "real", "synthetic", "mixing", "sequential")
 
@@ -88,7 +88,7 @@ class Sources(NamedTuple):
     b_synthetic: torch.Tensor
 
 
-def pair_sources(batch: BatchPairs, pairing: str, generator: torch.Generator) -> Sources:
+def pair_sources(batch: PairImages, pairing: str, generator: torch.Generator) -> Sources:
     """Which image each view of each sample comes from under a resolved pairing (not 'sequential')."""
     real, other = list(batch.real), list(batch.other)
     synthetic = batch.is_synthetic.bool().cpu()
@@ -124,13 +124,13 @@ class SSLMethod(nn.Module):
         """Reseed the generator of the view choices ('mixing'); the trainer makes it per rank."""
         self.view_generator.manual_seed(seed)
 
-    def sources(self, batch: BatchPairs, pairing: str, epoch: int) -> Sources:
+    def sources(self, batch: PairImages, pairing: str, epoch: int) -> Sources:
         return pair_sources(batch, pairing_at(pairing, epoch, self.switch_epoch), self.view_generator)
 
     def augment(self, images: list[torch.Tensor], synthetic: torch.Tensor) -> torch.Tensor:
         return augment_second_views(images, synthetic, *self.transforms)
 
-    def views(self, batch: BatchPairs, pairing: str, epoch: int, ids: np.ndarray | None = None) -> list[torch.Tensor]:
+    def views(self, batch: PairImages, pairing: str, epoch: int, ids: np.ndarray | None = None) -> list[torch.Tensor]:
         """The batch's float views on the CPU: [view a, view b] for two-view methods."""
         s = self.sources(batch, pairing, epoch)
         return [self.augment(s.a, s.a_synthetic), self.augment(s.b, s.b_synthetic)]
@@ -233,7 +233,7 @@ class DINO(SSLMethod):
     def outside_modules(self) -> list[nn.Module]:
         return [self.teacher]
 
-    def views(self, batch: BatchPairs, pairing: str, epoch: int, ids: np.ndarray | None = None) -> list[torch.Tensor]:
+    def views(self, batch: PairImages, pairing: str, epoch: int, ids: np.ndarray | None = None) -> list[torch.Tensor]:
         """The two globals first (the teacher's inputs), then the locals."""
         if pairing_at(pairing, epoch, self.switch_epoch) == "mixdiff":
             return self.mixdiff_crops(batch.real, batch.other).views
@@ -269,7 +269,7 @@ class Supervised(SSLMethod):
         self.classifier = nn.Linear(backbone.out_dim, num_classes)
         self.labels = labels.long().cpu()  # a plain attribute (not a buffer): indexed on the CPU by image id
 
-    def views(self, batch: BatchPairs, pairing: str, epoch: int, ids: np.ndarray | None = None) -> list[torch.Tensor]:
+    def views(self, batch: PairImages, pairing: str, epoch: int, ids: np.ndarray | None = None) -> list[torch.Tensor]:
         """[one or two image views, labels]; ``ids`` (the batch's image ids) are required."""
         if ids is None:
             raise ValueError("the supervised method needs the batch's image ids for its labels")

@@ -42,7 +42,7 @@ from onlinemix.eval import (BACKBONE_FILE, compare_with_random_init, extract_fea
 from onlinemix.methods import StepInfo, build_method, pairing_at
 from onlinemix.metrics import RunMetrics
 from onlinemix.optim import build_optimizer, cosine_with_warmup, scaled_lr
-from onlinemix.pairs import BatchPairs, PairSource
+from onlinemix.pairs import BatchPairs, PairImages, PairSource
 from onlinemix.producer import ProducerDied, ProducerPool, producer_devices
 from onlinemix.ring import PairRing, RingError, remove_stale_segments
 from onlinemix.schedule import EpochSchedule
@@ -114,17 +114,15 @@ class Trainer:
     def batch_pairs(self, ids: np.ndarray, positions: np.ndarray, epoch: int, pairs: PairSource | None) -> BatchPairs:
         if pairs is None or pairing_at(self.cfg.train.pairing, epoch, self.method.switch_epoch) == "real":
             # plain SSL (or the real phase of 'sequential'): two views of the real image
-            real = list(self.real.images[torch.from_numpy(ids)])
-            return BatchPairs(real, real, torch.zeros(len(ids), dtype=torch.bool),
+            return BatchPairs(PairImages.real_only(self.real.images, ids),
                               {"fresh": 0, "cached": 0, "disk": 0, "fallback": 0, "mean_age": float("nan"),
-                               "mean_reuse": float("nan"), "wait_s": 0.0}, ids=ids)
+                               "mean_reuse": float("nan"), "wait_s": 0.0})
         return pairs.get(ids, positions, epoch)
 
     def augment(self, batch: BatchPairs) -> list[torch.Tensor]:
-        """The batch's float views (CPU) for the configured method and pairing (onlinemix/methods.py);
-        reads the batch's images, so must run inside its `with`."""
+        """The batch's float views (CPU) for the configured method and pairing (onlinemix/methods.py)."""
         epoch = self.step // self.schedule.steps_per_epoch
-        return self.method.views(batch, self.cfg.train.pairing, epoch, batch.ids)
+        return self.method.views(batch.images, self.cfg.train.pairing, epoch, batch.images.ids.numpy())
 
     def train_step(self, *views: torch.Tensor) -> float:
         device = self.acc.device
@@ -184,7 +182,7 @@ class Trainer:
                 with self.batch_pairs(ids, positions, epoch, pairs) as batch:
                     if publish:  # the first position no trainer has asked for yet
                         ring.set("trainer_pos", (self.step + 1) * global_batch)
-                    views = self.augment(batch)  # reads ring pairs in place, so before the slots go back
+                views = self.augment(batch)  # from the batch's own copy: its ring slots are back already
                 loss = self.train_step(*views)
                 self.step += 1
                 step_s = time.monotonic() - t0

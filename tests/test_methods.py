@@ -14,7 +14,7 @@ from onlinemix.config import Config, ConfigError, load_config, needs_synthetic_v
 from onlinemix.data import RealImages, fraction_subset, select_train_ids
 from onlinemix.methods import DINO, METHODS, StepInfo, Supervised, build_method
 from onlinemix.optim import build_optimizer
-from onlinemix.pairs import BatchPairs
+from onlinemix.pairs import PairImages
 
 REPO = Path(__file__).resolve().parent.parent
 RES = 16
@@ -39,13 +39,12 @@ def make_cfg(**train: object) -> Config:
     return load_config(None, overrides)
 
 
-def make_batch(n: int = B, synthetic: list[bool] | None = None) -> BatchPairs:
+def make_batch(n: int = B, synthetic: list[bool] | None = None) -> PairImages:
     """Real images all 0, synthetic all 255; a fallback's second image is the real one again."""
-    synthetic = [True] * n if synthetic is None else synthetic
-    real = [torch.zeros(3, RES, RES, dtype=torch.uint8) for _ in range(n)]
-    white = torch.full((3, RES, RES), 255, dtype=torch.uint8)
-    other = [white.clone() if s else r for r, s in zip(real, synthetic, strict=True)]
-    return BatchPairs(real, other, torch.tensor(synthetic))
+    is_synthetic = torch.tensor([True] * n if synthetic is None else synthetic)
+    real = torch.zeros(n, 3, RES, RES, dtype=torch.uint8)
+    other = torch.where(is_synthetic[:, None, None, None], torch.full_like(real, 255), real)
+    return PairImages(real, other, is_synthetic, torch.arange(n))
 
 
 def source(view: torch.Tensor) -> list[str]:
@@ -222,8 +221,7 @@ def test_supervised_learns_a_fixed_batch() -> None:
     method = build_method(cfg, labels, NUM_CLASSES)
     assert isinstance(method, Supervised)
     g = torch.Generator().manual_seed(0)
-    real = [torch.randint(0, 256, (3, RES, RES), dtype=torch.uint8, generator=g) for _ in range(B)]
-    batch = BatchPairs(real, real, torch.zeros(B, dtype=torch.bool))
+    batch = PairImages.real_only(torch.randint(0, 256, (B, 3, RES, RES), dtype=torch.uint8, generator=g), np.arange(B))
     optimizer = build_optimizer("adamw", method, 1e-2, 0.0)
     views = method.views(batch, "real", 0, np.arange(B))
     assert len(views) == 2 and torch.equal(views[1], labels)  # one image view + labels for 'real'
