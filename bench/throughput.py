@@ -203,7 +203,7 @@ def bench_training(cfg, device: torch.device, real_images: torch.Tensor, synthet
     """
     tc = cfg.train
     torch.manual_seed(tc.seed)
-    model = SSLModel(tc).to(device)
+    model = SSLModel(tc, cfg.simclr).to(device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     real_views = simclr_views(cfg.data.resolution, synthetic=False)
@@ -221,7 +221,7 @@ def bench_training(cfg, device: torch.device, real_images: torch.Tensor, synthet
         with timer() as t_compute:
             z = model(torch.cat([view_a, view_b]))
             z_a, z_b = z.chunk(2)
-            loss = nt_xent(z_a, z_b, tc.temperature)
+            loss = nt_xent(z_a, z_b, cfg.simclr.temperature)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()}")
             optimizer.zero_grad(set_to_none=True)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config
+from .config import BarlowTwinsConfig, Config, DINOConfig, SimCLRConfig
 from .dino import (
     DINOCenter,
     DINOHead,
@@ -55,9 +55,8 @@ class SSLMethod(nn.Module):
 
     view_plan: ViewPlan = TwoViews()
 
-    def __init__(self, cfg: Config, backbone: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
-        self.cfg = cfg
         self.backbone = backbone
 
     def forward(self, views: Views, info: StepInfo) -> tuple[torch.Tensor, dict[str, float]]:
@@ -77,14 +76,15 @@ class SSLMethod(nn.Module):
 class SimCLR(SSLMethod):
     """NT-Xent between the two views' projections, negatives gathered across ranks."""
 
-    def __init__(self, cfg: Config, backbone: nn.Module) -> None:
-        super().__init__(cfg, backbone)
-        self.projector = simclr_projector(backbone.out_dim, cfg.train.proj_dim)
+    def __init__(self, backbone: nn.Module, cfg: SimCLRConfig) -> None:
+        super().__init__(backbone)
+        self.projector = simclr_projector(backbone.out_dim, cfg.proj_dim)
+        self.temperature = cfg.temperature
 
     def forward(self, views: Views, info: StepInfo) -> tuple[torch.Tensor, dict[str, float]]:
         view_a, view_b = views.images
         z_a, z_b = self.projector(self.backbone(torch.cat([view_a, view_b]))).chunk(2)
-        return nt_xent(z_a, z_b, self.cfg.train.temperature), {}
+        return nt_xent(z_a, z_b, self.temperature), {}
 
 
 def projector_sizes(spec: str) -> list[int]:
@@ -96,20 +96,21 @@ class BarlowTwins(SSLMethod):
     Linear-BN-ReLU blocks, a final Linear without bias; each branch a separate forward, so its
     BatchNorm statistics are its own, as in the official code)."""
 
-    def __init__(self, cfg: Config, backbone: nn.Module) -> None:
-        super().__init__(cfg, backbone)
-        sizes = [backbone.out_dim, *projector_sizes(cfg.train.barlowtwins_projector)]
+    def __init__(self, backbone: nn.Module, cfg: BarlowTwinsConfig) -> None:
+        super().__init__(backbone)
+        sizes = [backbone.out_dim, *projector_sizes(cfg.projector)]
         layers: list[nn.Module] = []
         for i in range(len(sizes) - 2):
             layers += [nn.Linear(sizes[i], sizes[i + 1], bias=False), nn.BatchNorm1d(sizes[i + 1]),
                        nn.ReLU(inplace=True)]
         layers.append(nn.Linear(sizes[-2], sizes[-1], bias=False))
         self.projector = nn.Sequential(*layers)
+        self.lambda_ = cfg.lambda_
 
     def forward(self, views: Views, info: StepInfo) -> tuple[torch.Tensor, dict[str, float]]:
         view_a, view_b = views.images
         z_a, z_b = self.projector(self.backbone(view_a)), self.projector(self.backbone(view_b))
-        return barlow_twins_loss(z_a, z_b, self.cfg.train.barlowtwins_lambda), {}
+        return barlow_twins_loss(z_a, z_b, self.lambda_), {}
 
 
 class DINOTeacher(nn.Module):
@@ -136,14 +137,14 @@ def _multi_forward(backbone: nn.Module, head: nn.Module, views: list[torch.Tenso
 class DINO(SSLMethod):
     """Self-distillation with an EMA teacher on the two global views, multi-crop for the student."""
 
-    def __init__(self, cfg: Config, backbone: nn.Module) -> None:
-        super().__init__(cfg, backbone)
-        tc = cfg.train
-        self.head = DINOHead(backbone.out_dim, tc.dino_out_dim, tc.dino_hidden_dim, tc.dino_bottleneck_dim,
-                             num_layers=3, use_bn=tc.dino_use_bn, norm_last_layer=tc.dino_norm_last_layer)
-        self.view_plan = MultiCrops(tc.dino_global_crop_min, tc.dino_local_crops)
+    def __init__(self, backbone: nn.Module, cfg: DINOConfig) -> None:
+        super().__init__(backbone)
+        self.cfg = cfg
+        self.head = DINOHead(backbone.out_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, num_layers=3,
+                             use_bn=cfg.use_bn, norm_last_layer=cfg.norm_last_layer)
+        self.view_plan = MultiCrops(cfg.global_crop_min, cfg.local_crops)
         # Bypass nn.Module.__setattr__: the teacher must not be a child (see the module docstring).
-        object.__setattr__(self, "teacher", DINOTeacher(self.student(), tc.dino_out_dim, tc.dino_center_momentum))
+        object.__setattr__(self, "teacher", DINOTeacher(self.student(), cfg.out_dim, cfg.center_momentum))
         self._teacher_out: list[torch.Tensor] = []
 
     def student(self) -> nn.ModuleDict:
@@ -155,22 +156,22 @@ class DINO(SSLMethod):
 
     def forward(self, views: Views, info: StepInfo) -> tuple[torch.Tensor, dict[str, float]]:
         """The student on every crop, the teacher on the global ones."""
-        tc = self.cfg.train
+        cfg = self.cfg
         student_out = _multi_forward(self.backbone, self.head, views.images)
         with torch.no_grad():
             teacher_out = _multi_forward(self.teacher.net["backbone"], self.teacher.net["head"],
                                          views.images[:views.n_global])
-        temp = teacher_temperature(info.epoch, tc.dino_warmup_teacher_temp, tc.dino_teacher_temp,
-                                   tc.dino_warmup_teacher_temp_epochs)
-        loss = dino_loss(student_out, teacher_out, self.teacher.center.center, tc.dino_student_temp, temp)
+        temp = teacher_temperature(info.epoch, cfg.warmup_teacher_temp, cfg.teacher_temp,
+                                   cfg.warmup_teacher_temp_epochs)
+        loss = dino_loss(student_out, teacher_out, self.teacher.center.center, cfg.student_temp, temp)
         self._teacher_out = [t.detach() for t in teacher_out]
         return loss, {"teacher_temp": temp}
 
     def after_backward(self, info: StepInfo) -> None:
-        cancel_last_layer_gradients(self.head, info.epoch, self.cfg.train.dino_freeze_last_layer_epochs)
+        cancel_last_layer_gradients(self.head, info.epoch, self.cfg.freeze_last_layer_epochs)
 
     def after_step(self, info: StepInfo) -> None:
-        momentum = momentum_at(info.step, info.total_steps, self.cfg.train.dino_momentum)
+        momentum = momentum_at(info.step, info.total_steps, self.cfg.momentum)
         ema_update(self.teacher.net, self.student(), momentum)
         if self._teacher_out:
             self.teacher.center.update(self._teacher_out)
@@ -182,8 +183,8 @@ class Supervised(SSLMethod):
 
     view_plan = ClassifierViews()
 
-    def __init__(self, cfg: Config, backbone: nn.Module, num_classes: int) -> None:
-        super().__init__(cfg, backbone)
+    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+        super().__init__(backbone)
         self.classifier = nn.Linear(backbone.out_dim, num_classes)
 
     def forward(self, views: Views, info: StepInfo) -> tuple[torch.Tensor, dict[str, float]]:
@@ -196,10 +197,10 @@ class Supervised(SSLMethod):
 
 def build_method(cfg: Config, num_classes: int) -> SSLMethod:
     """The configured method (``train.method``, resolved through ``registry.METHODS``) with a fresh
-    backbone; the initial weights depend on train.seed only. ``num_classes`` sizes the supervised
-    classifier."""
+    backbone and its own config section (``cfg.simclr``, ``cfg.barlowtwins``, ``cfg.dino``); the
+    initial weights depend on train.seed only. ``num_classes`` sizes the supervised classifier."""
     cls = METHODS.load(cfg.train.method)
     backbone = seeded_backbone(cfg.train)
     if cls is Supervised:
-        return Supervised(cfg, backbone, num_classes)
-    return cls(cfg, backbone)
+        return Supervised(backbone, num_classes)
+    return cls(backbone, getattr(cfg, cfg.train.method))

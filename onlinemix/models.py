@@ -6,7 +6,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .config import TrainConfig
+from .config import SimCLRConfig, TrainConfig
 
 
 class TinyCNN(nn.Module):
@@ -53,10 +53,10 @@ def simclr_projector(in_dim: int, out_dim: int) -> nn.Sequential:
 class SSLModel(nn.Module):
     """Backbone + SimCLR projection head (Linear-BN-ReLU-Linear)."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, train: TrainConfig, simclr: SimCLRConfig) -> None:
         super().__init__()
-        self.backbone = build_backbone(cfg)
-        self.projector = simclr_projector(self.backbone.out_dim, cfg.proj_dim)
+        self.backbone = build_backbone(train)
+        self.projector = simclr_projector(self.backbone.out_dim, simclr.proj_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.backbone(x))

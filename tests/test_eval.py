@@ -102,7 +102,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("run")
     cfg = tiny_config()
     torch.manual_seed(1)
-    save_file(SSLModel(cfg.train).backbone.state_dict(), str(path / "backbone.safetensors"))
+    save_file(SSLModel(cfg.train, cfg.simclr).backbone.state_dict(), str(path / "backbone.safetensors"))
     save_config(cfg, path / "config.yaml")
     return path
 
@@ -197,7 +197,7 @@ def test_eval_writes_into_the_run_dir_and_accepts_a_weights_file(run_dir: Path) 
 
 def test_compare_with_random_init_keeps_its_shape(run_dir: Path) -> None:
     cfg = tiny_config()
-    results = compare_with_random_init(SSLModel(cfg.train).backbone, cfg, torch.device("cpu"))
+    results = compare_with_random_init(SSLModel(cfg.train, cfg.simclr).backbone, cfg, torch.device("cpu"))
     assert set(results) == {"trained", "random_init"} and set(results["trained"]) == {"top1", "top5"}
     assert "random_init" in format_probe(results)
 
@@ -223,7 +223,7 @@ def test_run_without_backbone(run_dir: Path, tmp_path: Path) -> None:
 
 def test_backbone_of_another_architecture(tmp_path: Path) -> None:
     cfg = tiny_config()
-    save_file(SSLModel(cfg.train).backbone.state_dict(), str(tmp_path / "backbone.safetensors"))
+    save_file(SSLModel(cfg.train, cfg.simclr).backbone.state_dict(), str(tmp_path / "backbone.safetensors"))
     cfg.train.width = 16
     save_config(cfg, tmp_path / "config.yaml")
     assert "does not hold a train.backbone=tinycnn backbone" in error_of([str(tmp_path)])

@@ -32,17 +32,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def make_cfg(**train: object) -> Config:
-    """Tiny sizes, geometry-only views (sources identifiable by their pixel values)."""
+def make_cfg(dino: dict[str, object] | None = None, **train: object) -> Config:
+    """Tiny sizes, geometry-only views (sources identifiable by their pixel values); ``train`` and
+    ``dino`` override keys of those sections."""
     overrides = {"data.resolution": str(RES), "train.width": "4", "train.augmentation": "no_augmentation",
-                 "train.barlowtwins_projector": "16-16", "train.dino_out_dim": "16", "train.dino_hidden_dim": "16",
-                 "train.dino_bottleneck_dim": "8", "train.proj_dim": "8"}
+                 "barlowtwins.projector": "16-16", "dino.out_dim": "16", "dino.hidden_dim": "16",
+                 "dino.bottleneck_dim": "8", "simclr.proj_dim": "8"}
     overrides.update({f"train.{k}": str(v) for k, v in train.items()})
+    overrides.update({f"dino.{k}": str(v) for k, v in (dino or {}).items()})
     return load_config(None, overrides)
 
 
-def method_for(name: str, **train: object):
-    return build_method(make_cfg(method=name, **train), NUM_CLASSES)
+def method_for(name: str, dino: dict[str, object] | None = None, **train: object):
+    return build_method(make_cfg(dino, method=name, **train), NUM_CLASSES)
 
 
 def views_for(method, batch: PairImages | None = None, pairing: str = "mixdiff", epoch: int = 0,
@@ -61,7 +63,7 @@ def test_each_method_names_the_views_its_loss_takes(name: str, plan) -> None:
 
 
 def test_dino_crop_plan_comes_from_its_config() -> None:
-    assert method_for("dino", dino_global_crop_min=0.14, dino_local_crops=2).view_plan == MultiCrops(0.14, 2)
+    assert method_for("dino", {"global_crop_min": 0.14, "local_crops": 2}).view_plan == MultiCrops(0.14, 2)
 
 
 # ----------------------------------------------------------------------------- DINO
@@ -119,7 +121,7 @@ def test_one_step_gives_a_finite_loss_and_moves_the_parameters(name: str) -> Non
 
 
 def test_dino_teacher_moves_only_by_the_ema_and_the_center_updates() -> None:
-    method = method_for("dino", augmentation="simclr", dino_momentum=0.9)
+    method = method_for("dino", {"momentum": 0.9}, augmentation="simclr")
     teacher_before = [p.clone() for p in method.teacher.net.parameters()]
     last_before = method.head.last_layer.parametrizations.weight.original1.clone()
     one_step(method, step=0, epoch=0)
@@ -131,7 +133,7 @@ def test_dino_teacher_moves_only_by_the_ema_and_the_center_updates() -> None:
     assert any(not torch.equal(p, old) for p, old in zip(method.teacher.net.parameters(), teacher_before,
                                                            strict=True))
     assert method.teacher.center.center.abs().sum() > 0
-    # Epoch 0 < dino_freeze_last_layer_epochs (1): the prototypes did not move; at epoch 1 they do.
+    # Epoch 0 < dino.freeze_last_layer_epochs (1): the prototypes did not move; at epoch 1 they do.
     assert torch.equal(method.head.last_layer.parametrizations.weight.original1, last_before)
     one_step(method, step=50, epoch=1)
     assert not torch.equal(method.head.last_layer.parametrizations.weight.original1, last_before)
@@ -175,8 +177,8 @@ def test_real_pairing_needs_no_producers(method: str) -> None:
 
 
 def test_bad_barlowtwins_projector_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="barlowtwins_projector"):
-        load_config(None, {"train.barlowtwins_projector": "8192x8192"})
+    with pytest.raises(ConfigError, match="barlowtwins.projector"):
+        load_config(None, {"barlowtwins.projector": "8192x8192"})
 
 
 def test_real_fraction_selects_one_nested_stratified_subset() -> None:
@@ -261,9 +263,9 @@ def test_recipe_loads_and_has_the_papers_settings(path: Path) -> None:
     assert cfg.data.min_crop_scale == 0.08 and cfg.train.augmentation == "simclr"
     assert path.read_text().startswith("#")  # documented at the top
     if method == "barlowtwins":
-        assert cfg.train.barlowtwins_lambda == 0.0051 and cfg.train.barlowtwins_projector == "8192-8192-8192"
+        assert cfg.barlowtwins.lambda_ == 0.0051 and cfg.barlowtwins.projector == "8192-8192-8192"
     if method == "dino":
-        assert cfg.train.clip_grad == 3.0 and cfg.train.dino_out_dim == 65536 and cfg.train.dino_momentum == 0.996
+        assert cfg.train.clip_grad == 3.0 and cfg.dino.out_dim == 65536 and cfg.dino.momentum == 0.996
     if path.stem == "in1k-simclr":
         assert cfg.train.epochs == 100
     # Every pairing of the paper is one flag away from the recipe.

@@ -52,7 +52,7 @@ def test_dino_mixdiff_with_the_stub_producer(tmp_path: Path, no_leaked_segments)
 
 def test_dino_resume_restores_the_teacher(tmp_path: Path) -> None:
     common = ["--train.method", "dino", "--train.pairing", "real", "--gen-gpus", "0", *SMALL,
-              "--probe.enabled", "false", "--output-dir", str(tmp_path), "--train.dino-momentum", "0.5"]
+              "--probe.enabled", "false", "--output-dir", str(tmp_path), "--dino.momentum", "0.5"]
     run([*common, "--run-name", "r"])
     checkpoint = tmp_path / "r" / "checkpoints" / f"step-{STEPS}"
     teacher_file = checkpoint / "custom_checkpoint_0.pkl"
