@@ -75,6 +75,7 @@ class Pairing(ABC):
         """The images of views a and b; ``coin`` draws the per-sample choices of 'mixing'."""
 
 
+@dataclass(frozen=True)
 class MixDiff(Pairing):
     """View a from the real image, view b from its synthetic variation."""
 
@@ -84,6 +85,7 @@ class MixDiff(Pairing):
         return Sources(batch.real, torch.zeros_like(batch.is_synthetic), batch.other, batch.is_synthetic)
 
 
+@dataclass(frozen=True)
 class Real(Pairing):
     """Both views from the real image: plain SSL, no synthetic views needed."""
 
@@ -94,6 +96,7 @@ class Real(Pairing):
         return Sources(batch.real, none, batch.real, none)
 
 
+@dataclass(frozen=True)
 class Synthetic(Pairing):
     """Both views from the synthetic image (the paper's "Syn" models)."""
 
@@ -101,6 +104,7 @@ class Synthetic(Pairing):
         return Sources(batch.other, batch.is_synthetic, batch.other, batch.is_synthetic)
 
 
+@dataclass(frozen=True)
 class Mixing(Pairing):
     """Each sample uses its real or its synthetic image (50/50) for both views."""
 
@@ -241,3 +245,4 @@ class ViewComposer:
                 return Views(images, len(images), self.labels[batch.ids])
             case TwoViews():
                 return Views([self.augment(s.a, s.a_synthetic), self.augment(s.b, s.b_synthetic)], 2)
+        raise TypeError(f"not a view plan: {self.plan!r}")
