@@ -8,9 +8,11 @@ Four measurements, each on the current device:
 
 1. generation: images/s of ``DiffusersVariationGenerator.generate`` (the producers' call) and of the
    bare ``pipe(...)`` call on already-preprocessed pixels, per batch size, and their ratio;
-2. training: real images/s of one trainer step (augment both views, forward, NT-Xent, backward,
-   AdamW step), built from the package's own pieces, pairs held in memory (no ring);
-3. ring: pairs/s through ``PairRing`` (reserve/write/publish, then take) against a plain numpy
+2. training: real images/s of the product's trainer step (``Trainer.augment`` then
+   ``Trainer.train_step``: the configured method, view recipes and optimizer), pairs held in memory
+   (no ring);
+3. ring: pairs/s through ``PairRing`` (``ProducerPort.write_pairs``: reserve, write, one
+   ``publish_many`` per batch; then take) against a plain numpy
    copy of the same bytes with the same batching;
 4. a gen/train split model for a node of ``--node-gpus`` devices, derived from 1 and 2.
 
@@ -27,7 +29,9 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -35,13 +39,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from onlinemix.augment import augment_batch, augment_second_views, simclr_views
+from accelerate import Accelerator
+
 from onlinemix.config import ConfigError, load_config
-from onlinemix.data import load_real_images
+from onlinemix.data import RealImages, load_real_images
 from onlinemix.generate import DiffusersVariationGenerator
-from onlinemix.losses import nt_xent
-from onlinemix.models import SSLModel
+from onlinemix.pairs import BatchPairs, PairImages
 from onlinemix.ring import PairRing, ProducerPort
+from onlinemix.train import Trainer
 
 from common import (BenchParser, Timer, cpu_snapshot, import_pyplot, int_list, load_line, other_cores_since,
                     results_path, run_meta, save_figure, save_results, setup_torch, torch_meta)
@@ -174,42 +179,31 @@ def bench_generation(gen: DiffusersVariationGenerator, images: torch.Tensor, bat
 
 # ----------------------------------------------------------------------------- 2. training
 
-def bench_training(cfg, device: torch.device, real_images: torch.Tensor, synthetic_images: torch.Tensor,
+def bench_training(cfg, device: torch.device, real: RealImages, synthetic_images: torch.Tensor,
                    batch_size: int, steps: int, warmup: int, timer: Callable[[], Timer], bar: tqdm) -> dict:
-    """The body of ``onlinemix.train.Trainer.train_step`` on pairs held in memory.
+    """Real images/s of the product's trainer step on pairs held in memory (no ring).
 
-    Built from the package's pieces rather than through ``Trainer`` (which needs an Accelerator,
-    a run directory and a schedule); single process, so no SyncBatchNorm and no gradient
-    all-reduce. Every second view is synthetic (the mixdiff path with no fallbacks). Augmentation
-    runs on the CPU per image, then both views move to the device, as in ``train_step``.
+    One ``onlinemix.train.Trainer`` rank (its method, view composer and optimizer, built from the
+    config as a run builds them), single process, so no SyncBatchNorm and no gradient all-reduce.
+    Every second view is synthetic (the mixdiff path with no fallbacks). A step is the trainer's
+    ``augment`` (views on the CPU) then ``train_step`` (to the device, forward, loss, backward,
+    optimizer step), timed apart.
     """
-    tc = cfg.train
-    torch.manual_seed(tc.seed)
-    model = SSLModel(tc).to(device)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    real_views = simclr_views(cfg.data.resolution, synthetic=False)
-    synthetic_views = simclr_views(cfg.data.resolution, synthetic=True)
-    n = real_images.shape[0]
+    tc = replace(cfg.train, batch_size=batch_size)
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(replace(cfg, train=tc), Accelerator(cpu=device.type == "cpu"), Path(run_dir), real)
+    n = len(real)
     gen = torch.Generator().manual_seed(tc.seed)
     is_synthetic = torch.ones(batch_size, dtype=torch.bool)
 
     def step() -> tuple[float, float, float]:
         ids = torch.randint(0, n, (batch_size,), generator=gen)
-        real, other = real_images[ids], synthetic_images[ids]
+        batch = BatchPairs(PairImages(real.images[ids], synthetic_images[ids], is_synthetic, ids), {})
         with timer() as t_aug:
-            view_a = augment_batch(real_views, real).to(device, non_blocking=True)
-            view_b = augment_second_views(other, is_synthetic, real_views, synthetic_views).to(device, non_blocking=True)
+            views = trainer.augment(batch)
         with timer() as t_compute:
-            z = model(torch.cat([view_a, view_b]))
-            z_a, z_b = z.chunk(2)
-            loss = nt_xent(z_a, z_b, tc.temperature)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            value = loss.item()  # train_step returns loss.item(): a host sync on CUDA
+            value = trainer.train_step(views)  # returns loss.item(): a host sync on CUDA
+        trainer.step += 1
         return t_aug.seconds, t_compute.seconds, value
 
     bar.set_description(f"training b={batch_size} (warm-up)")
@@ -228,7 +222,7 @@ def bench_training(cfg, device: torch.device, real_images: torch.Tensor, synthet
     return {"batch_size": batch_size, "steps": steps, "warmup_steps": warmup, "img_s": batch_size * steps / total,
             "step_s_mean": total / steps, "augment_s_mean": sum(aug_s) / steps, "compute_s_mean": sum(compute_s) / steps,
             "augment_fraction": sum(aug_s) / total, "last_loss": losses[-1],
-            "backbone": tc.backbone, "width": tc.width, "params": sum(p.numel() for p in model.parameters())}
+            "backbone": tc.backbone, "width": tc.width, "params": sum(p.numel() for p in trainer.model.parameters())}
 
 
 # ----------------------------------------------------------------------------- 3. ring
@@ -479,7 +473,7 @@ def main(argv: list[str] | None = None) -> dict:
              + 2 * (args.ring_repeats + 1))
     with tqdm(total=total, unit="call", dynamic_ncols=True) as bar:
         gen_rows = bench_generation(gen, real.images, args.gen_batch_sizes, args.gen_repeats, timer, bar)
-        training = bench_training(cfg, device, real.images, synthetic, args.train_batch_size, args.train_steps,
+        training = bench_training(cfg, device, real, synthetic, args.train_batch_size, args.train_steps,
                                   args.train_warmup, timer, bar)
         idx = np.arange(args.ring_pairs) % len(real)
         ring = bench_ring(cfg, real.images.numpy()[idx], synthetic.numpy()[idx], cfg.generator.batch_size,

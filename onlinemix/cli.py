@@ -38,6 +38,28 @@ def config_overrides(args: argparse.Namespace) -> dict[str, str]:
     return {key: getattr(args, key) for key, _, _ in leaves() if getattr(args, key) is not None}
 
 
+def parse_config_args(parser: argparse.ArgumentParser,
+                      argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, str]]:
+    """Parsed args and the config overrides given. A ``--section.key`` flag the config does not
+    declare is passed on as an override too, so that loading the config names it with the key it
+    moved to or the closest known one, instead of argparse's bare 'unrecognized arguments'."""
+    args, rest = parser.parse_known_args(argv)
+    overrides = config_overrides(args)
+    unrecognized = []
+    while rest:
+        flag = rest.pop(0)
+        name, has_value, value = flag.removeprefix("--").partition("=")
+        if not flag.startswith("--") or "." not in name:
+            unrecognized.append(flag)
+            continue
+        if not has_value:
+            value = rest.pop(0) if rest and not rest[0].startswith("--") else "true"
+        overrides[name.replace("-", "_")] = value
+    if unrecognized:
+        parser.error(f"unrecognized arguments: {' '.join(unrecognized)}")
+    return args, overrides
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onlinemix.train",
@@ -56,8 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, str]]:
     """Parsed args and the config overrides the user actually gave (dotted key -> text)."""
-    args = build_parser().parse_args(argv)
-    return args, config_overrides(args)
+    return parse_config_args(build_parser(), argv)
 
 
 def run_command(run: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .registry import GENERATORS
+from .registry import GENERATORS, METHODS, PAIRINGS
 
 
 class ConfigError(ValueError):
@@ -123,17 +123,10 @@ class CacheConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = opt("simclr", "training method (onlinemix/methods.py): 'simclr' (NT-Xent), 'barlowtwins' "
-                      "(cross-correlation), 'dino' (self-distillation, EMA teacher, multi-crop) or 'supervised' "
-                      "(linear classifier on the backbone, cross-entropy on the real images' labels, views from "
-                      "the pairing: the paper's supervised baseline)",
-                      choices=("simclr", "barlowtwins", "dino", "supervised"))
-    pairing: str = opt("mixdiff", "view composition: 'mixdiff' = (real, synthetic variation); 'real' = two views of "
-                       "the real image (plain SSL, no producers); 'synthetic' = two views of the synthetic image (the "
-                       "paper's 'Syn' models); 'mixing' = each sample uses its real or its synthetic image (50/50, "
-                       "seeded) for both views; 'sequential' = 'real' for train.sequential_real_epochs epochs, then "
-                       "'synthetic'. A missing synthetic view falls back to the real image",
-                       choices=("mixdiff", "real", "synthetic", "mixing", "sequential"))
+    method: str = opt("simclr", "training method (onlinemix/methods.py; settings in the section named after it, "
+                      "e.g. dino.*): " + METHODS.describe(), choices=METHODS.names())
+    pairing: str = opt("mixdiff", "view composition (onlinemix/views.py): " + PAIRINGS.describe()
+                       + ". A missing synthetic view falls back to the real image", choices=PAIRINGS.names())
     sequential_real_epochs: int = opt(0, "pairing 'sequential': epochs on real pairs before switching to synthetic "
                                       "ones; 0 = half of train.epochs", low=0, high=100_000)
     augmentation: str = opt("simclr", "view augmentation recipe (onlinemix/augment.py): 'simclr' (MixDiff's real / "
@@ -142,33 +135,6 @@ class TrainConfig:
                             choices=("simclr", "no_augmentation"))
     backbone: str = opt("tinycnn", "backbone network", choices=("tinycnn", "resnet18", "resnet50"))
     width: int = opt(32, "channel width of the tinycnn backbone", low=4, high=1024)
-    proj_dim: int = opt(64, "simclr: output size of SimCLR's projection head "
-                        "(Linear-BN-ReLU-Linear, hidden = backbone features)", low=2, high=65536)
-    temperature: float = opt(0.2, "simclr: NT-Xent temperature tau", low=1e-4, high=10.0)
-    barlowtwins_projector: str = opt("128-128", "barlowtwins: projector layer sizes, '-'-separated "
-                                     "(Linear-BN-ReLU between layers; the official ResNet-50 one is 8192-8192-8192)")
-    barlowtwins_lambda: float = opt(0.0051, "barlowtwins: weight lambda of the off-diagonal (redundancy) term",
-                                    low=0.0, high=100.0)
-    dino_out_dim: int = opt(256, "dino: prototypes K of the DINO head (official: 65536)", low=2, high=1_000_000)
-    dino_hidden_dim: int = opt(128, "dino: hidden width of the head's MLP (official: 2048)", low=2, high=65536)
-    dino_bottleneck_dim: int = opt(64, "dino: bottleneck before the weight-normalised last layer (official: 256)",
-                                   low=2, high=65536)
-    dino_use_bn: bool = opt(False, "dino: BatchNorm in the head's MLP (official: false)")
-    dino_norm_last_layer: bool = opt(True, "dino: freeze the last layer's weight-norm magnitude at 1 (official: true)")
-    dino_student_temp: float = opt(0.1, "dino: student softmax temperature", low=1e-4, high=10.0)
-    dino_teacher_temp: float = opt(0.04, "dino: teacher softmax temperature after the warm-up", low=1e-4, high=10.0)
-    dino_warmup_teacher_temp: float = opt(0.04, "dino: teacher temperature at epoch 0", low=1e-4, high=10.0)
-    dino_warmup_teacher_temp_epochs: int = opt(0, "dino: epochs of linear teacher-temperature warm-up", low=0)
-    dino_momentum: float = opt(0.996, "dino: base EMA momentum of the teacher (cosine to 1 over training)",
-                               low=0.0, high=1.0)
-    dino_center_momentum: float = opt(0.9, "dino: EMA momentum of the teacher-output center", low=0.0, high=1.0)
-    dino_freeze_last_layer_epochs: int = opt(1, "dino: epochs during which the head's last layer gets no update",
-                                             low=0)
-    dino_global_crop_min: float = opt(0.4, "dino: global crops cover [this, 1] of the image; local crops "
-                                      "[0.05, this] (official: 0.4 for ViTs, 0.14 for ResNet-50)", low=0.06, high=1.0)
-    dino_local_crops: int = opt(8, "dino: local crops per image for the single-source pairings (real, synthetic, "
-                                "mixing, sequential); mixdiff always uses the paper's 6 real + 2 synthetic",
-                                low=0, high=64)
     epochs: int = opt(10, "training epochs over the real images", low=0, high=100_000)
     batch_size: int = opt(128, "real images per batch per trainer rank", low=2, high=65536)
     optimizer: str = opt("adamw", "optimizer (onlinemix/optim.py); biases and norm parameters get no weight decay "
@@ -189,6 +155,44 @@ class TrainConfig:
                            low=0, high=256)
     checkpoint_every: int = opt(0, "save a checkpoint every N steps (0 = only at the end)", low=0)
     log_every: int = opt(10, "write a metrics line every N steps", low=1)
+
+
+@dataclass
+class SimCLRConfig:
+    """train.method 'simclr'."""
+    proj_dim: int = opt(64, "output size of SimCLR's projection head (Linear-BN-ReLU-Linear, hidden = backbone "
+                        "features)", low=2, high=65536)
+    temperature: float = opt(0.2, "NT-Xent temperature tau", low=1e-4, high=10.0)
+
+
+@dataclass
+class BarlowTwinsConfig:
+    """train.method 'barlowtwins'."""
+    projector: str = opt("128-128", "projector layer sizes, '-'-separated (Linear-BN-ReLU between layers; the "
+                         "official ResNet-50 one is 8192-8192-8192)")
+    lambda_: float = opt(0.0051, "weight lambda of the off-diagonal (redundancy) term", low=0.0, high=100.0)
+
+
+@dataclass
+class DINOConfig:
+    """train.method 'dino'."""
+    out_dim: int = opt(256, "prototypes K of the DINO head (official: 65536)", low=2, high=1_000_000)
+    hidden_dim: int = opt(128, "hidden width of the head's MLP (official: 2048)", low=2, high=65536)
+    bottleneck_dim: int = opt(64, "bottleneck before the weight-normalised last layer (official: 256)",
+                              low=2, high=65536)
+    use_bn: bool = opt(False, "BatchNorm in the head's MLP (official: false)")
+    norm_last_layer: bool = opt(True, "freeze the last layer's weight-norm magnitude at 1 (official: true)")
+    student_temp: float = opt(0.1, "student softmax temperature", low=1e-4, high=10.0)
+    teacher_temp: float = opt(0.04, "teacher softmax temperature after the warm-up", low=1e-4, high=10.0)
+    warmup_teacher_temp: float = opt(0.04, "teacher temperature at epoch 0", low=1e-4, high=10.0)
+    warmup_teacher_temp_epochs: int = opt(0, "epochs of linear teacher-temperature warm-up", low=0)
+    momentum: float = opt(0.996, "base EMA momentum of the teacher (cosine to 1 over training)", low=0.0, high=1.0)
+    center_momentum: float = opt(0.9, "EMA momentum of the teacher-output center", low=0.0, high=1.0)
+    freeze_last_layer_epochs: int = opt(1, "epochs during which the head's last layer gets no update", low=0)
+    global_crop_min: float = opt(0.4, "global crops cover [this, 1] of the image; local crops [0.05, this] "
+                                 "(official: 0.4 for ViTs, 0.14 for ResNet-50)", low=0.06, high=1.0)
+    local_crops: int = opt(8, "local crops per image for the single-source pairings (real, synthetic, mixing, "
+                           "sequential); mixdiff always uses the paper's 6 real + 2 synthetic", low=0, high=64)
 
 
 @dataclass
@@ -223,6 +227,10 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     staleness: StalenessConfig = field(default_factory=StalenessConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # One section per method that has settings, named after it (build_method hands the method its own).
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    barlowtwins: BarlowTwinsConfig = field(default_factory=BarlowTwinsConfig)
+    dino: DINOConfig = field(default_factory=DINOConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def cache_root(self) -> Path:
@@ -240,9 +248,9 @@ class Config:
             raise ConfigError("staleness.policy=cached serves variations from the disk cache: it needs "
                               "cache.enabled=true (or use staleness.policy=real)")
         try:
-            [int(x) for x in self.train.barlowtwins_projector.split("-")]
+            [int(x) for x in self.barlowtwins.projector.split("-")]
         except ValueError:
-            raise ConfigError(f"train.barlowtwins_projector={self.train.barlowtwins_projector!r} is not valid: "
+            raise ConfigError(f"barlowtwins.projector={self.barlowtwins.projector!r} is not valid: "
                               "expected layer sizes separated by '-', e.g. 8192-8192-8192") from None
         if self.staleness.policy == "wait" and self.staleness.wait_timeout_s <= 0:
             raise ConfigError("staleness.policy=wait needs staleness.wait_timeout_s > 0 "
@@ -273,16 +281,47 @@ def _is_section(tp: Any) -> bool:
     return dataclasses.is_dataclass(tp)
 
 
+def _config_key(f: dataclasses.Field) -> str:
+    """A field's key in presets, flags, messages and config.yaml: its name, less the trailing
+    underscore that keeps a Python keyword usable as a name (``lambda_`` -> ``barlowtwins.lambda``)."""
+    return f.name.removesuffix("_")
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    """A section's fields by config key."""
+    return {_config_key(f): f for f in dataclasses.fields(cls)}
+
+
+# Keys that moved into a method's own section: an old preset or flag is told the new key.
+MOVED_KEYS: dict[str, str] = {
+    "train.proj_dim": "simclr.proj_dim",
+    "train.temperature": "simclr.temperature",
+    "train.barlowtwins_projector": "barlowtwins.projector",
+    "train.barlowtwins_lambda": "barlowtwins.lambda",
+    **{f"train.dino_{key}": f"dino.{key}" for key in _fields(DINOConfig)},
+}
+
+
+def _unknown_key(prefix: str, name: str, known: typing.Iterable[str], allowed: str = "") -> ConfigError:
+    """The error for key ``prefix + name``: where it moved, else the closest of the ``known`` names."""
+    key = f"{prefix}{name}"
+    if key in MOVED_KEYS:
+        return ConfigError(f"unknown key '{key}': it is now '{MOVED_KEYS[key]}'")
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown key '{key}'{hint}{allowed}")
+
+
 def leaves(cls: type = Config, prefix: str = "") -> list[tuple[str, dataclasses.Field, type]]:
     """All leaf fields as (dotted key, field, type), sections expanded."""
     out = []
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    for key, f in _fields(cls).items():
         tp = hints[f.name]
         if _is_section(tp):
-            out += leaves(tp, f"{prefix}{f.name}.")
+            out += leaves(tp, f"{prefix}{key}.")
         else:
-            out.append((f"{prefix}{f.name}", f, tp))
+            out.append((f"{prefix}{key}", f, tp))
     return out
 
 
@@ -337,19 +376,18 @@ def _build(cls: type, data: dict[str, Any], prefix: str, from_text: bool) -> Any
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
+    known = _fields(cls)
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in known:
-            close = difflib.get_close_matches(str(name), known, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown key '{key}'{hint}; allowed in this section: {', '.join(known)}")
-        tp = hints[name]
+            raise _unknown_key(prefix, str(name), known, f"; allowed in this section: {', '.join(known)}")
+        f = known[name]
+        tp = hints[f.name]
         if _is_section(tp):
-            kwargs[name] = _build(tp, value, f"{key}.", from_text)
+            kwargs[f.name] = _build(tp, value, f"{key}.", from_text)
         else:
-            kwargs[name] = _coerce(key, value, known[name], tp, from_text)
+            kwargs[f.name] = _coerce(key, value, f, tp, from_text)
     return cls(**kwargs)
 
 
@@ -372,7 +410,12 @@ def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as nested plain values under its keys: what presets and config.yaml hold."""
+    out = {}
+    for key, f in _fields(type(cfg)).items():
+        value = getattr(cfg, f.name)
+        out[key] = to_dict(value) if _is_section(value) else value
+    return out
 
 
 def read_preset(path: Path, including: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -410,9 +453,7 @@ def _apply_text_overrides(cfg: Config, overrides: dict[str, str]) -> Config:
     typed = {}
     for key, text in overrides.items():
         if key not in types:
-            close = difflib.get_close_matches(key, types, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown key '{key}'{hint}")
+            raise _unknown_key("", key, types)
         f, tp = types[key]
         typed[key] = _coerce(key, text, f, tp, from_text=True)
     return _build(Config, _merge(to_dict(cfg), _nest(typed)), "", from_text=False)

@@ -49,14 +49,3 @@ def simclr_projector(in_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim), nn.ReLU(inplace=True),
                          nn.Linear(in_dim, out_dim))
 
-
-class SSLModel(nn.Module):
-    """Backbone + SimCLR projection head (Linear-BN-ReLU-Linear)."""
-
-    def __init__(self, cfg: TrainConfig) -> None:
-        super().__init__()
-        self.backbone = build_backbone(cfg)
-        self.projector = simclr_projector(self.backbone.out_dim, cfg.proj_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.backbone(x))

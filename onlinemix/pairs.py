@@ -24,23 +24,35 @@ POLL_S = 0.005
 CACHE_REFRESH_S = 10.0
 
 
+@dataclass(frozen=True)
+class PairImages:
+    """One batch's images in memory of its own (not the ring's): what view composition reads.
+
+    Gathering a batch into these tensors is its one copy out of shared memory, so its ring
+    slots can go back before augmentation; pinned-memory staging for the device belongs here.
+    """
+    real: torch.Tensor          # uint8 (B, 3, R, R)
+    other: torch.Tensor         # uint8 (B, 3, R, R): the synthetic variation where is_synthetic, else the real image
+    is_synthetic: torch.Tensor  # bool (B,)
+    ids: torch.Tensor           # int64 (B,): the real images' ids (the supervised baseline's labels)
+
+    @classmethod
+    def real_only(cls, images: torch.Tensor, ids: np.ndarray) -> PairImages:
+        """Each image as its own second view: no synthetic view in the batch."""
+        real = images[torch.from_numpy(ids)]
+        return cls(real, real, torch.zeros(len(ids), dtype=torch.bool), torch.from_numpy(ids).long())
+
+
 @dataclass
 class BatchPairs:
-    """One batch's (real, second view) images, each a uint8 (3, R, R) tensor.
-
-    Views that came from the ring are read in place from shared memory: use them inside
-    ``with batch:`` (or call :meth:`release`), which hands their slots back to the ring.
-    """
-    real: list[torch.Tensor]
-    other: list[torch.Tensor]     # synthetic where is_synthetic, else the real image again
-    is_synthetic: torch.Tensor    # bool (B,)
+    """One batch's gathered images, how its second views were obtained, and the ring slots it
+    borrowed: ``with batch:`` (or :meth:`release`) hands them back; the images stay valid."""
+    images: PairImages
     stats: dict[str, float] = field(default_factory=dict)
     loans: list[Loan] = field(default_factory=list, repr=False)
-    ids: np.ndarray | None = None  # the real images' ids (the supervised baseline needs their labels)
 
     def release(self) -> None:
-        """Give the ring its slots back; the batch's images are no longer valid afterwards."""
-        self.real, self.other = [], []
+        """Give the ring its slots back (the gathered images are a copy and stay valid)."""
         for loan in self.loans:
             loan.ring.give_back(loan)
         self.loans = []
@@ -85,17 +97,22 @@ class PairSource:
             raise
         pairs: dict[int, np.ndarray] = {i: loan.pair(i) for loan in loans for i in np.flatnonzero(loan.result.found)}
         disk = self._from_cache(ids, epoch, result, pairs) if self.cache is not None else np.zeros(b, dtype=bool)
-        real, other = [], []
+        real, other = self.gather(ids, pairs)
+        synthetic = torch.from_numpy(result.found | disk)
+        return BatchPairs(PairImages(real, other, synthetic, torch.from_numpy(ids).long()),
+                          batch_stats(result, disk, waited), loans)
+
+    def gather(self, ids: np.ndarray, pairs: dict[int, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's (real, second) uint8 (B, 3, R, R) images, copied out of the ring and the cache:
+        row i from ``pairs[i]`` where there is one, else the dataset's image ``ids[i]`` twice."""
+        real = torch.empty((len(ids), *self.images.shape[1:]), dtype=torch.uint8)
+        other = torch.empty_like(real)
         for i, real_id in enumerate(ids.tolist()):
             if i in pairs:
-                pair = torch.from_numpy(pairs[i])
-                real.append(pair[0])
-                other.append(pair[1])
+                real[i], other[i] = torch.from_numpy(pairs[i])
             else:
-                real.append(self.images[real_id])
-                other.append(self.images[real_id])
-        synthetic = result.found | disk
-        return BatchPairs(real, other, torch.from_numpy(synthetic), batch_stats(result, disk, waited), loans, ids)
+                real[i] = other[i] = self.images[real_id]
+        return real, other
 
     def _from_cache(self, ids: np.ndarray, epoch: int, result: TakeResult, pairs: dict[int, np.ndarray]) -> np.ndarray:
         """Fill what the ring could not from the disk cache (policy ``cached``, ``wait`` after its

@@ -55,6 +55,16 @@ METHODS = Registry("train.method", {
                         "the pairing: the paper's supervised baseline"),
 })
 
+PAIRINGS = Registry("train.pairing", {
+    "mixdiff": Entry("onlinemix.views:MixDiff", "(real, synthetic variation)"),
+    "real": Entry("onlinemix.views:Real", "two views of the real image (plain SSL, no producers)"),
+    "synthetic": Entry("onlinemix.views:Synthetic", "two views of the synthetic image (the paper's 'Syn' models)"),
+    "mixing": Entry("onlinemix.views:Mixing",
+                    "each sample uses its real or its synthetic image (50/50, seeded) for both views"),
+    "sequential": Entry("onlinemix.views:Sequential",
+                        "'real' for train.sequential_real_epochs epochs (0 = half of train.epochs), then 'synthetic'"),
+})
+
 GENERATORS = Registry("generator.pipeline", {
     "sd-image-variation": Entry("onlinemix.generate:DiffusersVariationGenerator",
                                 "Stable Diffusion image variations (the paper's main generator)"),

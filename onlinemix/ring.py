@@ -3,7 +3,7 @@
 Layout of one segment: a header of int64 counters, a table of int64 slot metadata and
 the pixel array ``(slots, 2, 3, R, R)`` uint8. Only slot indices and counters ever move
 between processes. A producer writes each pair into its slot once; a trainer borrows the
-slot and its augmentation reads the pixels in place, so a pair is copied once in all.
+slot, gathers the pixels into its batch and gives the slot back before augmenting.
 
 Concurrency: slot *state transitions* happen under an ``flock`` on the segment's own
 file, which the kernel releases when a holder dies, so a killed process can never leave

@@ -37,16 +37,17 @@ from onlinemix.cache import CacheError, CacheReader, cache_key, check_writable, 
 from onlinemix.cli import parse_args
 from onlinemix.config import Config, ConfigError, load_config, needs_synthetic_views, save_config
 from onlinemix.data import DataError, RealImages, load_real_images, select_train_ids
-from onlinemix.methods import StepInfo, build_method, pairing_at
+from onlinemix.devices import generator_devices
+from onlinemix.methods import StepInfo, build_method
 from onlinemix.metrics import RunMetrics
 from onlinemix.optim import build_optimizer, cosine_with_warmup, scaled_lr
-from onlinemix.pairs import BatchPairs, PairSource
-from onlinemix.devices import generator_devices
+from onlinemix.pairs import BatchPairs, PairImages, PairSource
 from onlinemix.probe import compare_with_random_init, extract_features, format_probe, heldout_knn, heldout_linear
 from onlinemix.producer import ProducerPool
 from onlinemix.ring import PairRing, RingError, TrainerPort, remove_stale_segments
 from onlinemix.rundir import BACKBONE_FILE, CHECKPOINT_DIR, latest_checkpoint
 from onlinemix.schedule import EpochSchedule
+from onlinemix.views import Augmentation, ViewComposer, Views, build_pairing
 from onlinemix.worker import WorkerDied
 
 log = logging.getLogger("onlinemix")
@@ -68,7 +69,7 @@ class Trainer:
                                       tc.batch_size * accelerator.num_processes, tc.seed)
         self.total_steps = self.schedule.steps_per_epoch * tc.epochs
         self.warmup_steps = int(tc.warmup_epochs * self.schedule.steps_per_epoch)
-        method = build_method(cfg, real.labels, len(real.classes))  # initial weights depend on train.seed only
+        method = build_method(cfg, len(real.classes))  # initial weights depend on train.seed only
         if accelerator.num_processes > 1 and accelerator.device.type == "cuda":  # SyncBatchNorm is CUDA-only
             method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
             for module in method.outside_modules():  # converted in place: their roots are not BatchNorms
@@ -84,8 +85,10 @@ class Trainer:
         self.last_logs: dict[str, float] = {}
         self.step = 0
         # Augmentation randomness per rank, reproducible from the seed.
-        torch.manual_seed(tc.seed * 1000 + accelerator.process_index + 1)
-        method.seed_views(tc.seed * 1000 + accelerator.process_index + 1)
+        rank_seed = tc.seed * 1000 + accelerator.process_index + 1
+        self.compose_views = ViewComposer(method.view_plan, build_pairing(tc), Augmentation.from_config(cfg),
+                                          cfg.data.resolution, rank_seed, real.labels)
+        torch.manual_seed(rank_seed)
 
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
@@ -108,24 +111,20 @@ class Trainer:
 
     # ------------------------------------------------------------ training
     def batch_pairs(self, ids: np.ndarray, positions: np.ndarray, epoch: int, pairs: PairSource | None) -> BatchPairs:
-        if pairs is None or pairing_at(self.cfg.train.pairing, epoch, self.method.switch_epoch) == "real":
+        if pairs is None or not self.compose_views.pairing.at(epoch).uses_synthetic:
             # plain SSL (or the real phase of 'sequential'): two views of the real image
-            real = list(self.real.images[torch.from_numpy(ids)])
-            return BatchPairs(real, real, torch.zeros(len(ids), dtype=torch.bool),
+            return BatchPairs(PairImages.real_only(self.real.images, ids),
                               {"fresh": 0, "cached": 0, "disk": 0, "fallback": 0, "mean_age": float("nan"),
-                               "mean_reuse": float("nan"), "wait_s": 0.0}, ids=ids)
+                               "mean_reuse": float("nan"), "wait_s": 0.0})
         return pairs.get(ids, positions, epoch)
 
-    def augment(self, batch: BatchPairs) -> list[torch.Tensor]:
-        """The batch's float views (CPU) for the configured method and pairing (onlinemix/methods.py);
-        reads the batch's images, so must run inside its `with`."""
-        epoch = self.step // self.schedule.steps_per_epoch
-        return self.method.views(batch, self.cfg.train.pairing, epoch, batch.ids)
+    def augment(self, batch: BatchPairs) -> Views:
+        """The batch's float views (CPU) for the configured method and pairing (onlinemix/views.py)."""
+        return self.compose_views(batch.images, self.step // self.schedule.steps_per_epoch)
 
-    def train_step(self, *views: torch.Tensor) -> float:
-        device = self.acc.device
+    def train_step(self, views: Views) -> float:
         tc = self.cfg.train
-        views_on_device = [v.to(device, non_blocking=True) for v in views]
+        views_on_device = views.to(self.acc.device, non_blocking=True)
         for group in self.optimizer.param_groups:
             group["lr"] = cosine_with_warmup(self.step, self.total_steps, self.warmup_steps, self.base_lr, tc.final_lr)
         info = StepInfo(self.step, self.step // self.schedule.steps_per_epoch, self.total_steps)
@@ -178,8 +177,8 @@ class Trainer:
                 with self.batch_pairs(ids, positions, epoch, pairs) as batch:
                     if port is not None:  # every position up to this batch's end has been asked for
                         port.publish_position((self.step + 1) * global_batch)
-                    views = self.augment(batch)  # reads ring pairs in place, so before the slots go back
-                loss = self.train_step(*views)
+                views = self.augment(batch)  # from the batch's own copy: its ring slots are back already
+                loss = self.train_step(views)
                 self.step += 1
                 step_s = time.monotonic() - t0
                 if port is not None:

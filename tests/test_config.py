@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,8 @@ import pytest
 import yaml
 
 from onlinemix.cli import build_parser, parse_args
-from onlinemix.config import Config, ConfigError, leaves, load_config
+from onlinemix.config import Config, ConfigError, leaves, load_config, save_config
+from onlinemix.registry import METHODS, PAIRINGS
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.yaml"
@@ -75,6 +77,59 @@ def test_unknown_override_key_is_named_with_suggestion() -> None:
     msg = str(exc.value)
     assert "train.epochz" in msg
     assert "train.epochs" in msg
+
+
+def test_unknown_flag_is_named_with_suggestion() -> None:
+    _, overrides = parse_args(["--train.epochz", "3"])
+    with pytest.raises(ConfigError, match=re.escape("unknown key 'train.epochz' (did you mean 'train.epochs'?)")):
+        load_config(None, overrides)
+    with pytest.raises(SystemExit):  # not a config key at all: argparse's own error
+        parse_args(["--epochz", "3"])
+
+
+MOVED = [("train.dino_teacher_temp", "dino.teacher_temp"), ("train.dino_local_crops", "dino.local_crops"),
+         ("train.barlowtwins_lambda", "barlowtwins.lambda"), ("train.barlowtwins_projector", "barlowtwins.projector"),
+         ("train.proj_dim", "simclr.proj_dim"), ("train.temperature", "simclr.temperature")]
+
+
+@pytest.mark.parametrize("old,new", MOVED)
+def test_a_key_that_moved_to_a_method_section_names_its_new_key_in_yaml(tmp_path: Path, old: str, new: str) -> None:
+    section, name = old.split(".")
+    with pytest.raises(ConfigError, match=re.escape(f"unknown key '{old}': it is now '{new}'")):
+        load_config(write_yaml(tmp_path, {section: {name: 1}}))
+
+
+@pytest.mark.parametrize("old,new", MOVED)
+def test_a_key_that_moved_to_a_method_section_names_its_new_key_on_the_command_line(old: str, new: str) -> None:
+    for flag in ("--" + old.replace("_", "-"), "--" + old):
+        _, overrides = parse_args(["--train.epochs", "2", flag, "1"])
+        assert overrides == {"train.epochs": "2", old: "1"}
+        with pytest.raises(ConfigError, match=re.escape(f"unknown key '{old}': it is now '{new}'")):
+            load_config(None, overrides)
+    assert load_config(None, parse_args(["--" + new.replace("_", "-"), "2"])[1]) != Config()
+
+
+def test_lambda_is_the_key_of_the_lambda__field(tmp_path: Path) -> None:
+    """A field named after a Python keyword (lambda_) has the keyword as its key everywhere."""
+    assert load_config(write_yaml(tmp_path, {"barlowtwins": {"lambda": 0.5}})).barlowtwins.lambda_ == 0.5
+    _, overrides = parse_args(["--barlowtwins.lambda", "0.25"])
+    cfg = load_config(None, overrides)
+    assert overrides == {"barlowtwins.lambda": "0.25"} and cfg.barlowtwins.lambda_ == 0.25
+    with pytest.raises(ConfigError, match=re.escape("barlowtwins.lambda='-1' is not valid")):
+        load_config(None, {"barlowtwins.lambda": "-1"})
+    with pytest.raises(ConfigError, match=re.escape("(did you mean 'barlowtwins.lambda'?)")):
+        load_config(write_yaml(tmp_path, {"barlowtwins": {"lambda_": 0.5}}))
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert yaml.safe_load((tmp_path / "saved.yaml").read_text())["barlowtwins"] == {"projector": "128-128",
+                                                                                     "lambda": 0.25}
+    assert load_config(tmp_path / "saved.yaml") == cfg
+
+
+def test_method_and_pairing_choices_come_from_the_registry() -> None:
+    choices = {key: f.metadata["choices"] for key, f, _ in leaves()}
+    assert choices["train.method"] == METHODS.names() and choices["train.pairing"] == PAIRINGS.names()
+    text = squash(build_parser().format_help())
+    assert squash(METHODS.describe()) in text and squash(PAIRINGS.describe()) in text
 
 
 def test_unknown_top_level_section(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from onlinemix.config import Config, save_config
 from onlinemix.data import load_image_source, load_real_images
 from onlinemix.eval import main
-from onlinemix.models import SSLModel
+from onlinemix.models import build_backbone
 
 R = 16  # image side of the tiny run
 
@@ -41,7 +41,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("run")
     cfg = tiny_config()
     torch.manual_seed(1)
-    save_file(SSLModel(cfg.train).backbone.state_dict(), str(path / "backbone.safetensors"))
+    save_file(build_backbone(cfg.train).state_dict(), str(path / "backbone.safetensors"))
     save_config(cfg, path / "config.yaml")
     return path
 
@@ -155,7 +155,7 @@ def test_run_without_backbone(run_dir: Path, tmp_path: Path) -> None:
 
 def test_backbone_of_another_architecture(tmp_path: Path) -> None:
     cfg = tiny_config()
-    save_file(SSLModel(cfg.train).backbone.state_dict(), str(tmp_path / "backbone.safetensors"))
+    save_file(build_backbone(cfg.train).state_dict(), str(tmp_path / "backbone.safetensors"))
     cfg.train.width = 16
     save_config(cfg, tmp_path / "config.yaml")
     assert "does not hold a train.backbone=tinycnn backbone" in error_of([str(tmp_path)])

@@ -1,5 +1,5 @@
-"""Methods and pairings (onlinemix/methods.py): which image each view comes from, DINO's views and
-teacher, one optimisation step per method, the supervised baseline learning, the trainer's wiring."""
+"""Methods (onlinemix/methods.py): the views each loss takes, DINO's teacher and its inputs, one
+optimisation step per method, the supervised baseline learning, the trainer's wiring, the recipes."""
 
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ import yaml
 
 from onlinemix.config import Config, ConfigError, load_config, needs_synthetic_views
 from onlinemix.data import RealImages, fraction_subset, select_train_ids
-from onlinemix.methods import DINO, METHODS, StepInfo, Supervised, build_method
+from onlinemix.methods import DINO, StepInfo, Supervised, build_method
 from onlinemix.optim import build_optimizer
-from onlinemix.pairs import BatchPairs
+from onlinemix.pairs import PairImages
+from onlinemix.registry import METHODS
+from onlinemix.views import Augmentation, ClassifierViews, MultiCrops, TwoViews, ViewComposer, Views, build_pairing
+
+from test_views import B, RES, make_batch, source
 
 REPO = Path(__file__).resolve().parent.parent
-RES = 16
-B = 8
 NUM_CLASSES = 3
 
 
@@ -30,129 +32,51 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def make_cfg(**train: object) -> Config:
-    """Tiny sizes, geometry-only views (sources identifiable by their pixel values)."""
+def make_cfg(dino: dict[str, object] | None = None, **train: object) -> Config:
+    """Tiny sizes, geometry-only views (sources identifiable by their pixel values); ``train`` and
+    ``dino`` override keys of those sections."""
     overrides = {"data.resolution": str(RES), "train.width": "4", "train.augmentation": "no_augmentation",
-                 "train.barlowtwins_projector": "16-16", "train.dino_out_dim": "16", "train.dino_hidden_dim": "16",
-                 "train.dino_bottleneck_dim": "8", "train.proj_dim": "8"}
+                 "barlowtwins.projector": "16-16", "dino.out_dim": "16", "dino.hidden_dim": "16",
+                 "dino.bottleneck_dim": "8", "simclr.proj_dim": "8"}
     overrides.update({f"train.{k}": str(v) for k, v in train.items()})
+    overrides.update({f"dino.{k}": str(v) for k, v in (dino or {}).items()})
     return load_config(None, overrides)
 
 
-def make_batch(n: int = B, synthetic: list[bool] | None = None) -> BatchPairs:
-    """Real images all 0, synthetic all 255; a fallback's second image is the real one again."""
-    synthetic = [True] * n if synthetic is None else synthetic
-    real = [torch.zeros(3, RES, RES, dtype=torch.uint8) for _ in range(n)]
-    white = torch.full((3, RES, RES), 255, dtype=torch.uint8)
-    other = [white.clone() if s else r for r, s in zip(real, synthetic, strict=True)]
-    return BatchPairs(real, other, torch.tensor(synthetic))
+def method_for(name: str, dino: dict[str, object] | None = None, **train: object):
+    return build_method(make_cfg(dino, method=name, **train), NUM_CLASSES)
 
 
-def source(view: torch.Tensor) -> list[str]:
-    """Per sample: 'syn' for an all-255 crop (positive after normalisation), 'real' for all-0."""
-    means = view.flatten(1).mean(1)
-    assert ((means > 1) | (means < -1)).all(), "a view mixes both sources"
-    return ["syn" if m > 0 else "real" for m in means.tolist()]
+def views_for(method, batch: PairImages | None = None, pairing: str = "mixdiff", epoch: int = 0,
+              augmentation: str = "no_augmentation") -> Views:
+    """The batch's views as the trainer composes them for this method (onlinemix/views.py)."""
+    cfg = make_cfg(pairing=pairing, augmentation=augmentation)
+    compose = ViewComposer(method.view_plan, build_pairing(cfg.train), Augmentation.from_config(cfg), RES,
+                           cfg.train.seed, torch.arange(100) % NUM_CLASSES)
+    return compose(make_batch() if batch is None else batch, epoch)
 
 
-def method_for(name: str, **train: object):
-    cfg = make_cfg(method=name, **train)
-    return build_method(cfg, torch.arange(100) % NUM_CLASSES, NUM_CLASSES)
+@pytest.mark.parametrize("name,plan", [("simclr", TwoViews()), ("barlowtwins", TwoViews()),
+                                       ("supervised", ClassifierViews()), ("dino", MultiCrops(0.4, 8))])
+def test_each_method_names_the_views_its_loss_takes(name: str, plan) -> None:
+    assert method_for(name).view_plan == plan
 
 
-# ----------------------------------------------------------------------------- pairings
-
-
-@pytest.mark.parametrize("name", ["simclr", "barlowtwins"])
-@pytest.mark.parametrize("pairing,expected", [("mixdiff", ("real", "syn")), ("real", ("real", "real")),
-                                              ("synthetic", ("syn", "syn"))])
-def test_two_view_pairings_take_the_right_sources(name: str, pairing: str, expected: tuple[str, str]) -> None:
-    method = method_for(name)
-    view_a, view_b = method.views(make_batch(), pairing, epoch=0)
-    assert view_a.shape == view_b.shape == (B, 3, RES, RES)
-    assert source(view_a) == [expected[0]] * B and source(view_b) == [expected[1]] * B
-
-
-def test_mixing_uses_one_source_per_sample_for_both_views_and_both_occur() -> None:
-    method = method_for("simclr")
-    view_a, view_b = method.views(make_batch(64), "mixing", epoch=0)
-    a, b = source(view_a), source(view_b)
-    assert a == b
-    assert 15 < a.count("syn") < 49  # 50/50 over 64 samples
-
-
-def test_mixing_is_seeded() -> None:
-    first = [source(v) for v in method_for("simclr").views(make_batch(32), "mixing", 0)]
-    second = [source(v) for v in method_for("simclr").views(make_batch(32), "mixing", 0)]
-    assert first == second
-    reseeded = method_for("simclr")
-    reseeded.seed_views(123)
-    assert [source(v) for v in reseeded.views(make_batch(32), "mixing", 0)] != first
-
-
-@pytest.mark.parametrize("real_epochs,switch", [(0, 2), (1, 1), (3, 3)])
-def test_sequential_is_real_before_the_switch_then_synthetic(real_epochs: int, switch: int) -> None:
-    method = method_for("simclr", epochs=4, sequential_real_epochs=real_epochs)
-    for epoch in range(4):
-        expected = "real" if epoch < switch else "syn"
-        for view in method.views(make_batch(), "sequential", epoch):
-            assert source(view) == [expected] * B, (epoch, switch)
-
-
-@pytest.mark.parametrize("pairing", ["mixdiff", "synthetic"])
-def test_missing_synthetic_view_falls_back_to_the_real_image(pairing: str) -> None:
-    flags = [False, True] * (B // 2)
-    _, view_b = method_for("simclr").views(make_batch(synthetic=flags), pairing, 0)
-    assert source(view_b) == ["syn" if f else "real" for f in flags]
-
-
-def test_recipe_follows_the_source() -> None:
-    """The real-branch recipe for real images, the synthetic one for synthetic images."""
-    method = method_for("simclr", augmentation="simclr")
-    real_t, syn_t = method.transforms
-    assert "GaussianBlur" in str(real_t) and "RandomSolarize" not in str(real_t)
-    assert "RandomSolarize" in str(syn_t)
-    calls = []
-    method.transforms = (lambda img: calls.append("real") or torch.zeros(1),
-                         lambda img: calls.append("syn") or torch.ones(1))
-    method.views(make_batch(2, [True, False]), "synthetic", 0)
-    assert calls == ["syn", "real", "syn", "real"]
+def test_dino_crop_plan_comes_from_its_config() -> None:
+    assert method_for("dino", {"global_crop_min": 0.14, "local_crops": 2}).view_plan == MultiCrops(0.14, 2)
 
 
 # ----------------------------------------------------------------------------- DINO
-
-
-def test_dino_mixdiff_views_are_one_plus_six_real_and_one_plus_two_synthetic() -> None:
-    method = method_for("dino")
-    views = method.views(make_batch(), "mixdiff", 0)
-    assert len(views) == 10
-    assert [v.shape[-1] for v in views] == [RES, RES] + [8] * 8  # multicrop_sizes(16) = (16, 8)
-    assert [source(v)[0] for v in views] == ["real", "syn"] + ["real"] * 6 + ["syn"] * 2
-    assert all(len(set(source(v))) == 1 for v in views)
-
-
-@pytest.mark.parametrize("pairing,expected", [("real", "real"), ("synthetic", "syn")])
-def test_dino_single_source_pairings_multicrop_one_image(pairing: str, expected: str) -> None:
-    method = method_for("dino", dino_local_crops=4)
-    views = method.views(make_batch(), pairing, 0)
-    assert [v.shape[-1] for v in views] == [RES, RES, 8, 8, 8, 8]
-    assert all(source(v) == [expected] * B for v in views)
-
-
-def test_dino_mixing_keeps_each_sample_on_one_source_across_its_crops() -> None:
-    views = method_for("dino", dino_local_crops=2).views(make_batch(32), "mixing", 0)
-    per_view = [source(v) for v in views]
-    assert all(s == per_view[0] for s in per_view) and len(set(per_view[0])) == 2
 
 
 def test_dino_teacher_receives_exactly_the_two_globals() -> None:
     method = method_for("dino")
     seen = []
     method.teacher.net["backbone"].register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].clone()))
-    views = method.views(make_batch(), "mixdiff", 0)
+    views = views_for(method)
     method(views, StepInfo(0, 0, 10))
     assert len(seen) == 1 and seen[0].shape == (2 * B, 3, RES, RES)
-    assert torch.equal(seen[0], torch.cat(views[:2]))
+    assert torch.equal(seen[0], torch.cat(views.images[:2]))
     assert source(seen[0]) == ["real"] * B + ["syn"] * B
 
 
@@ -177,8 +101,7 @@ def test_dino_teacher_shares_no_storage_and_is_not_a_child() -> None:
 def one_step(method, pairing: str = "mixdiff", lr: float = 1e-2, step: int = 0, epoch: int = 0):
     optimizer = build_optimizer("adamw", method, lr, 1e-4)
     info = StepInfo(step, epoch, 100)
-    views = method.views(make_batch(), pairing, epoch, np.arange(B))
-    loss, logs = method(views, info)
+    loss, logs = method(views_for(method, pairing=pairing, epoch=epoch, augmentation="simclr"), info)
     optimizer.zero_grad()
     loss.backward()
     method.after_backward(info)
@@ -187,7 +110,7 @@ def one_step(method, pairing: str = "mixdiff", lr: float = 1e-2, step: int = 0, 
     return loss, logs
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", METHODS.names())
 def test_one_step_gives_a_finite_loss_and_moves_the_parameters(name: str) -> None:
     method = method_for(name, augmentation="simclr")
     before = {k: v.clone() for k, v in method.backbone.state_dict().items()}
@@ -198,7 +121,7 @@ def test_one_step_gives_a_finite_loss_and_moves_the_parameters(name: str) -> Non
 
 
 def test_dino_teacher_moves_only_by_the_ema_and_the_center_updates() -> None:
-    method = method_for("dino", augmentation="simclr", dino_momentum=0.9)
+    method = method_for("dino", {"momentum": 0.9}, augmentation="simclr")
     teacher_before = [p.clone() for p in method.teacher.net.parameters()]
     last_before = method.head.last_layer.parametrizations.weight.original1.clone()
     one_step(method, step=0, epoch=0)
@@ -210,23 +133,23 @@ def test_dino_teacher_moves_only_by_the_ema_and_the_center_updates() -> None:
     assert any(not torch.equal(p, old) for p, old in zip(method.teacher.net.parameters(), teacher_before,
                                                            strict=True))
     assert method.teacher.center.center.abs().sum() > 0
-    # Epoch 0 < dino_freeze_last_layer_epochs (1): the prototypes did not move; at epoch 1 they do.
+    # Epoch 0 < dino.freeze_last_layer_epochs (1): the prototypes did not move; at epoch 1 they do.
     assert torch.equal(method.head.last_layer.parametrizations.weight.original1, last_before)
     one_step(method, step=50, epoch=1)
     assert not torch.equal(method.head.last_layer.parametrizations.weight.original1, last_before)
 
 
 def test_supervised_learns_a_fixed_batch() -> None:
-    cfg = make_cfg(method="supervised")
+    cfg = make_cfg(method="supervised", pairing="real")
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    method = build_method(cfg, labels, NUM_CLASSES)
+    method = build_method(cfg, NUM_CLASSES)
     assert isinstance(method, Supervised)
     g = torch.Generator().manual_seed(0)
-    real = [torch.randint(0, 256, (3, RES, RES), dtype=torch.uint8, generator=g) for _ in range(B)]
-    batch = BatchPairs(real, real, torch.zeros(B, dtype=torch.bool))
+    batch = PairImages.real_only(torch.randint(0, 256, (B, 3, RES, RES), dtype=torch.uint8, generator=g), np.arange(B))
     optimizer = build_optimizer("adamw", method, 1e-2, 0.0)
-    views = method.views(batch, "real", 0, np.arange(B))
-    assert len(views) == 2 and torch.equal(views[1], labels)  # one image view + labels for 'real'
+    compose = ViewComposer(method.view_plan, build_pairing(cfg.train), Augmentation.from_config(cfg), RES, 0, labels)
+    views = compose(batch, 0)
+    assert len(views.images) == 1 and torch.equal(views.labels, labels)  # one image view for 'real'
     losses = []
     for step in range(30):
         loss, _ = method(views, StepInfo(step, 0, 30))
@@ -235,7 +158,6 @@ def test_supervised_learns_a_fixed_batch() -> None:
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
-    assert len(method.views(batch, "mixdiff", 0, np.arange(B))) == 3  # image, its variation, labels
 
 
 # ----------------------------------------------------------------------------- config and trainer wiring
@@ -248,15 +170,15 @@ def test_pairings_with_synthetic_views_need_producers(pairing: str) -> None:
     assert needs_synthetic_views(load_config(None, {"train.pairing": pairing}))
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", METHODS.names())
 def test_real_pairing_needs_no_producers(method: str) -> None:
     cfg = load_config(None, {"train.pairing": "real", "gen_gpus": "0", "train.method": method})
     assert not needs_synthetic_views(cfg)
 
 
 def test_bad_barlowtwins_projector_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="barlowtwins_projector"):
-        load_config(None, {"train.barlowtwins_projector": "8192x8192"})
+    with pytest.raises(ConfigError, match="barlowtwins.projector"):
+        load_config(None, {"barlowtwins.projector": "8192x8192"})
 
 
 def test_real_fraction_selects_one_nested_stratified_subset() -> None:
@@ -342,9 +264,9 @@ def test_recipe_loads_and_has_the_papers_settings(path: Path) -> None:
     assert cfg.data.min_crop_scale == 0.08 and cfg.train.augmentation == "simclr"
     assert path.read_text().startswith("#")  # documented at the top
     if method == "barlowtwins":
-        assert cfg.train.barlowtwins_lambda == 0.0051 and cfg.train.barlowtwins_projector == "8192-8192-8192"
+        assert cfg.barlowtwins.lambda_ == 0.0051 and cfg.barlowtwins.projector == "8192-8192-8192"
     if method == "dino":
-        assert cfg.train.clip_grad == 3.0 and cfg.train.dino_out_dim == 65536 and cfg.train.dino_momentum == 0.996
+        assert cfg.train.clip_grad == 3.0 and cfg.dino.out_dim == 65536 and cfg.dino.momentum == 0.996
     if path.stem == "in1k-simclr":
         assert cfg.train.epochs == 100
     # Every pairing of the paper is one flag away from the recipe.

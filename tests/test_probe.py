@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from onlinemix.config import load_config
-from onlinemix.models import SSLModel
+from onlinemix.models import build_backbone
 from onlinemix.probe import compare_with_random_init, format_probe, knn_scores, topk_accuracy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the tiny network gains nothing from more threads
@@ -70,6 +70,6 @@ def test_topk_accuracy_hand_computed() -> None:
 
 def test_compare_with_random_init_keeps_its_shape() -> None:
     cfg = load_config(None, {"data.resolution": "16", "train.width": "8", "probe.epochs": "30"})
-    results = compare_with_random_init(SSLModel(cfg.train).backbone, cfg, torch.device("cpu"))
+    results = compare_with_random_init(build_backbone(cfg.train), cfg, torch.device("cpu"))
     assert set(results) == {"trained", "random_init"} and set(results["trained"]) == {"top1", "top5"}
     assert "random_init" in format_probe(results)

@@ -14,7 +14,7 @@ from onlinemix.cache import ShardWriter, cache_key
 from onlinemix.config import Config, save_config
 from onlinemix.data import load_real_images
 from onlinemix.schedule import variation_seed
-from onlinemix.models import SSLModel
+from onlinemix.models import build_backbone
 from onlinemix.stats import (
     frechet_distance,
     frechet_from_moments,
@@ -91,7 +91,7 @@ def test_stats_command_end_to_end(tmp_path: Path, capsys) -> None:
     cfg = Config()
     cfg.data.resolution, cfg.train.width, cfg.generator.steps = 16, 8, 2
     cfg.output_dir = str(tmp_path)  # so the cache looked up is <tmp_path>/cache, empty
-    save_file(SSLModel(cfg.train).backbone.state_dict(), str(tmp_path / "backbone.safetensors"))
+    save_file(build_backbone(cfg.train).state_dict(), str(tmp_path / "backbone.safetensors"))
     save_config(cfg, tmp_path / "config.yaml")
     main([str(tmp_path), "--num-images", "64", "--guidance", "1", "3"])
     result = json.loads((tmp_path / "stats" / "stats.json").read_text())
@@ -109,7 +109,7 @@ def test_stats_command_end_to_end(tmp_path: Path, capsys) -> None:
 def test_stats_read_variations_from_the_cache_when_it_covers_the_images(tmp_path: Path) -> None:
     cfg = Config()
     cfg.data.resolution, cfg.train.width, cfg.output_dir = 16, 8, str(tmp_path)
-    save_file(SSLModel(cfg.train).backbone.state_dict(), str(tmp_path / "backbone.safetensors"))
+    save_file(build_backbone(cfg.train).state_dict(), str(tmp_path / "backbone.safetensors"))
     save_config(cfg, tmp_path / "config.yaml")
     real = load_real_images(cfg.data)
     # "Variations" identical to their real images, cached for guidance 3 only: diversity and distance 0.

@@ -22,6 +22,7 @@ LAYERS: list[list[str]] = [
     ["worker"],
     ["producer", "warm"],
     ["pairs"],
+    ["views"],
     ["methods"],
     ["metrics", "probe", "rundir"],
     ["cli"],

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from onlinemix.methods import METHODS
+from onlinemix.registry import METHODS
 from onlinemix.train import run
 
 from conftest import REPO, run_training
@@ -28,7 +28,7 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", METHODS.names())
 def test_each_method_trains_on_real_pairs(tmp_path: Path, method: str) -> None:
     proc = run_training("--train.method", method, "--train.pairing", "real", "--gen-gpus", "0", *SMALL,
                         "--output-dir", str(tmp_path), "--run-name", method)
@@ -52,7 +52,7 @@ def test_dino_mixdiff_with_the_stub_producer(tmp_path: Path, no_leaked_segments)
 
 def test_dino_resume_restores_the_teacher(tmp_path: Path) -> None:
     common = ["--train.method", "dino", "--train.pairing", "real", "--gen-gpus", "0", *SMALL,
-              "--probe.enabled", "false", "--output-dir", str(tmp_path), "--train.dino-momentum", "0.5"]
+              "--probe.enabled", "false", "--output-dir", str(tmp_path), "--dino.momentum", "0.5"]
     run([*common, "--run-name", "r"])
     checkpoint = tmp_path / "r" / "checkpoints" / f"step-{STEPS}"
     teacher_file = checkpoint / "custom_checkpoint_0.pkl"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import add_config_options, config_overrides
+from ..cli import add_config_options, parse_config_args
 from ..config import Config, ConfigError, DataConfig, load_config
 from ..data import DataError, load_real_images
 from .maintenance import describe_keys, format_info, format_verify, key_info, quarantined, verify_key
@@ -145,9 +145,9 @@ RUNNERS = {"warm": run_warm, "info": run_info, "verify": run_verify, "export": r
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args, overrides = parse_config_args(build_parser(), argv)
     try:
-        cfg = load_config(args.config, config_overrides(args))
+        cfg = load_config(args.config, overrides)
         code = RUNNERS[args.command](cfg, args)
     except (ConfigError, CacheError, DataError) as e:
         sys.exit(f"onlinemix.cache {args.command}: {e}")
