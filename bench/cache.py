@@ -15,8 +15,8 @@ For each resolution R, N pairs (``--mib`` of raw pixels) are
   cold-ish (the files' pages dropped with ``posix_fadvise(DONTNEED)`` first) and warm (again,
   from the page cache);
 * compared with the trainer's consumption rate measured in the same run: one trainer step on the
-  CPU (``bench/throughput.py``'s ``bench_training``: ``augment_batch`` of both views + TinyCNN
-  forward/backward/AdamW), real images per second. "read / trainer" above 1 means one reader
+  CPU (``bench/throughput.py``'s ``bench_training``: the product's ``Trainer.augment`` of both views +
+  ``Trainer.train_step``), real images per second. "read / trainer" above 1 means one reader
   thread feeds more than one trainer rank.
 
 Pixels: at 32 px the bundled digits and the stub generator's variations of them (what the default

@@ -179,7 +179,7 @@ def bench_generation(gen: DiffusersVariationGenerator, images: torch.Tensor, bat
 
 # ----------------------------------------------------------------------------- 2. training
 
-def bench_training(cfg, device: torch.device, real: RealImages, synthetic_images: torch.Tensor,
+def bench_training(cfg, device: torch.device, real_images: torch.Tensor, synthetic_images: torch.Tensor,
                    batch_size: int, steps: int, warmup: int, timer: Callable[[], Timer], bar: tqdm) -> dict:
     """Real images/s of the product's trainer step on pairs held in memory (no ring).
 
@@ -190,9 +190,12 @@ def bench_training(cfg, device: torch.device, real: RealImages, synthetic_images
     optimizer step), timed apart.
     """
     tc = replace(cfg.train, batch_size=batch_size)
+    n = len(real_images)
+    # Unlabelled pairs: every image trains (no held-out split); labels are only read by 'supervised'.
+    real = RealImages(real_images, torch.zeros(n, dtype=torch.int64), ["unlabelled"], torch.arange(n),
+                      torch.arange(0))
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(replace(cfg, train=tc), Accelerator(cpu=device.type == "cpu"), Path(run_dir), real)
-    n = len(real)
     gen = torch.Generator().manual_seed(tc.seed)
     is_synthetic = torch.ones(batch_size, dtype=torch.bool)
 
@@ -473,7 +476,7 @@ def main(argv: list[str] | None = None) -> dict:
              + 2 * (args.ring_repeats + 1))
     with tqdm(total=total, unit="call", dynamic_ncols=True) as bar:
         gen_rows = bench_generation(gen, real.images, args.gen_batch_sizes, args.gen_repeats, timer, bar)
-        training = bench_training(cfg, device, real, synthetic, args.train_batch_size, args.train_steps,
+        training = bench_training(cfg, device, real.images, synthetic, args.train_batch_size, args.train_steps,
                                   args.train_warmup, timer, bar)
         idx = np.arange(args.ring_pairs) % len(real)
         ring = bench_ring(cfg, real.images.numpy()[idx], synthetic.numpy()[idx], cfg.generator.batch_size,
