@@ -50,9 +50,6 @@ from typing import Any
 import numpy as np
 import torch
 from isal.isal_zlib import crc32
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 FORMAT_VERSION = 1
 FORMATS = ("raw", "jpeg")
@@ -122,6 +119,9 @@ def square_geometry(width: int, height: int, size: int) -> tuple[int, int, int, 
 
 def square(image: torch.Tensor, size: int) -> torch.Tensor:
     """A uint8 (3, H, W) image as (3, size, size): short side to ``size`` (bilinear, antialiased), centre crop."""
+    from torchvision.transforms.v2 import InterpolationMode  # JPEG stores only: RAW readers skip the import
+    from torchvision.transforms.v2 import functional as TF
+
     height, width = image.shape[-2:]
     new_w, new_h, left, top = square_geometry(width, height, size)
     if (new_w, new_h) != (width, height):
@@ -206,6 +206,8 @@ class ImageStore:
 
     def _decode(self, rows: np.ndarray, device: torch.device | str) -> list[torch.Tensor]:
         """The JPEG images of ``rows``, decoded in one batched call on ``device``."""
+        from torchvision.io import ImageReadMode, decode_jpeg  # JPEG stores only: RAW readers skip the import
+
         encoded = [torch.from_numpy(self._chunk(c)[off:off + n].copy()) for c, off, n in rows.tolist()]
         return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device) if encoded else []
 

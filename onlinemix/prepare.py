@@ -41,6 +41,7 @@ from isal.isal_zlib import crc32
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .cache.store import fsync_path
 from .data import DataError, _to_rgb_tensor
 from .imagestore import (CHUNK_TABLE, CHUNKS_DIR, COMMITS_DIR, FORMAT_VERSION, FORMATS, INDEX_FILE, LABELS_FILE,
                          PREPARE_FILE, SKIPPED_FILE, STORE_FILE, chunk_path, commit_path, resume_command)
@@ -178,11 +179,7 @@ def write_atomically(path: Path, parts: list[bytes]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(path.parent)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
