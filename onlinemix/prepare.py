@@ -236,7 +236,9 @@ def run_chunks(tasks: Iterator[ChunkTask], root: Path, settings: Settings, worke
         for task in tasks:
             yield build_chunk(root, settings, task)
         return
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=init_worker) as pool:
+    # fork (Linux): workers start at once and run only Pillow and numpy, nothing fork-unsafe (CUDA is never touched)
+    context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker) as pool:
         pending: set[Future] = set()
         try:
             for task in tasks:
