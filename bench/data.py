@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from onlinemix.imagesources import array_source
 from onlinemix.imagestore import ImageStore
-from onlinemix.prepare import Settings, prepare
+from onlinemix.prepare import Settings, default_workers, prepare
 
 from common import (cpu_name, cpu_snapshot, fill_defaults, import_pyplot, int_list, load_line, other_cores_since,
                     run_meta, save_figure, save_results)
@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=None, help=f"timed batches per reading path {q('batches')}")
     p.add_argument("--loader-workers", type=int, default=1,
                    help="DataLoader workers of every read-vs-ImageFolder path (default 1: rates per core)")
-    p.add_argument("--prepare-workers", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--prepare-workers", type=int, default=default_workers(),
                    help="workers of the all-workers prepare (default: all cores)")
     p.add_argument("--chunk-images", type=int, default=64,
                    help="images per chunk of the photo stores (default 64, so that a few hundred images still "
@@ -417,7 +417,7 @@ def format_report(res: dict) -> str:
 
 def plot(res: dict, path: Path) -> None:
     plt = import_pyplot("bench/data.py")
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.4), gridspec_kw={"width_ratios": [2.2, 1, 1.2, 1.2]})
     mc, lo, op, mem, pr = res["memcpy"], res["loaders"], res["open"], res["memory"], res["prepare"]
     labels = ["memcpy", "RAM tensor", "RAW store", "JPEG store", "RAW store\nDataLoader", "JPEG store\nDataLoader",
               "ImageFolder\nDataLoader"]
@@ -425,10 +425,10 @@ def plot(res: dict, path: Path) -> None:
     values = [mc["memcpy_img_s"], mc["ram_tensor_gather_img_s"], lo["in_process_img_s"]["raw_store"],
               lo["in_process_img_s"]["jpeg_store"], per_core["raw_store"], per_core["jpeg_store"], per_core["imagefolder"]]
     axes[0].bar(range(len(values)), values, color=["grey", "grey", "C0", "C1", "C0", "C1", "C3"])
-    axes[0].set_xticks(range(len(values)), labels, fontsize=7)
+    axes[0].set_xticks(range(len(values)), labels, fontsize=7, rotation=25, ha="right")
     axes[0].set_yscale("log")
     axes[0].set_ylabel("images / s per core")
-    axes[0].set_title(f"random batches, S = {res['config']['size']}", fontsize=9)
+    axes[0].set_title(f"random batches, S = {res['config']['size']}: one thread | DataLoader per worker", fontsize=9)
     axes[1].bar([0, 1], [1e6 * op["small"]["startup_s"], 1e6 * op["large"]["startup_s"]], color="C0")
     axes[1].set_xticks([0, 1], [f"{op['small']['images']:,} images", f"{op['large']['images']:,} images"], fontsize=8)
     axes[1].set_ylabel("start-up, us")

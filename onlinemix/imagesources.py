@@ -30,14 +30,14 @@ if TYPE_CHECKING:
 WDS_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: an ImageNet listing is a million of these
 class SourceImage:
-    """One source image: ``data`` is a file, an encoded image (a webdataset sample) or decoded uint8
-    (3, H, W) pixels; ``problem`` says why it cannot be used when that is known before decoding."""
+    """One source image: ``data`` is a file path (str), an encoded image (bytes, a webdataset sample) or
+    decoded uint8 (3, H, W) pixels; ``problem`` says why it cannot be used when that is known before decoding."""
 
     name: str
     label: int
-    data: Path | bytes | np.ndarray | None
+    data: str | bytes | np.ndarray | None
     problem: str | None = None
 
 
@@ -110,9 +110,10 @@ def folder_source(root: Path) -> Source:
     for label, name in enumerate(classes):
         files = []
         for directory, _, names in os.walk(root / name, onerror=lambda e: problems.append(
-                (str(Path(e.filename).relative_to(root)), f"unreadable directory ({e.strerror})"))):
-            files += [Path(directory, f) for f in names if Path(f).suffix.lower() in IMAGE_SUFFIXES]
-        images += [SourceImage(str(p.relative_to(root)), label, p) for p in sorted(files)]
+                (os.path.relpath(e.filename, root), f"unreadable directory ({e.strerror})"))):
+            files += [os.path.join(directory, f) for f in names if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
+        # ordered as sorted Paths are (component by component), as onlinemix.data lists them
+        images += [SourceImage(os.path.relpath(f, root), label, f) for f in sorted(files, key=lambda f: f.split(os.sep))]
     if not images:
         raise DataError(f"no image files under {root}")
     return Source("imagefolder", str(root), classes, len(images),

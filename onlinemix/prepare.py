@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import gc
 import io
 import json
 import math
@@ -132,9 +133,9 @@ def open_image(image: SourceImage, max_pixels: int) -> Image.Image:
     """The decoded source image; refuses one over ``max_pixels`` before decoding its pixels."""
     if isinstance(image.data, np.ndarray):
         return Image.fromarray(np.ascontiguousarray(image.data.transpose(1, 2, 0)))
-    if isinstance(image.data, Path) and image.data.stat().st_size == 0:
+    if isinstance(image.data, str) and os.stat(image.data).st_size == 0:
         raise ValueError("empty file (0 bytes)")
-    img = Image.open(image.data if isinstance(image.data, Path) else io.BytesIO(image.data))
+    img = Image.open(image.data if isinstance(image.data, str) else io.BytesIO(image.data))
     w, h = img.size
     if w * h > max_pixels:
         img.close()
@@ -168,6 +169,11 @@ def reason(e: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- one chunk
+
+def default_workers() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 
 def write_atomically(path: Path, parts: list[bytes]) -> None:
     """``parts`` to a temporary file, fsync, rename into place, fsync the directory; a full disk
@@ -236,10 +242,13 @@ def run_chunks(tasks: Iterator[ChunkTask], root: Path, settings: Settings, worke
         for task in tasks:
             yield build_chunk(root, settings, task)
         return
-    # fork (Linux): workers start at once and run only Pillow and numpy, nothing fork-unsafe (CUDA is never touched)
+    # fork (Linux): workers start at once and run only Pillow and numpy, nothing fork-unsafe (CUDA is never touched);
+    # frozen objects are skipped by the garbage collector, so the children never copy the parent's source listing
     context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    gc.freeze()
     with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker) as pool:
         pending: set[Future] = set()
+        gc.unfreeze()  # the workers are forked
         try:
             for task in tasks:
                 if len(pending) >= 2 * workers:

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from .imagestore import SKIPPED_FILE, StoreError, store_info, verify_store
-from .prepare import DEFAULT_QUALITY, DEFAULT_SIZE, MAX_PIXELS, Interrupted, PrepareError, Settings, prepare
+from .prepare import (DEFAULT_QUALITY, DEFAULT_SIZE, MAX_PIXELS, Interrupted, PrepareError, Settings,
+                      default_workers, prepare)
 
 EXIT_INTERRUPTED = 130
 
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="raw uint8 pixels (fastest reads, 3 S^2 bytes an image) or JPEG (default raw)")
     p.add_argument("--quality", type=int, default=DEFAULT_QUALITY, metavar="Q",
                    help=f"JPEG quality 1..100 (default {DEFAULT_QUALITY})")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
+    p.add_argument("--workers", type=int, default=default_workers(), metavar="N",
                    help="decoding processes (default: all cores); the store is the same for any N")
     p.add_argument("--chunk-images", type=int, default=0, metavar="N",
                    help="source images per chunk file, the unit of resuming (default: 128 MiB of raw pixels)")

@@ -130,6 +130,18 @@ def test_raw_pixels_equal_an_independent_decode_resize_and_centre_crop(tmp_path:
     assert store.read([7, 0, 3], out=out) is out and torch.equal(out, got[[7, 0, 3]])
 
 
+def test_image_folder_order_and_labels_are_the_in_memory_loaders(tmp_path: Path) -> None:
+    """Nested directories whose names sort differently as strings than as paths ('x-y' < 'x/' as text)."""
+    for i, rel in enumerate(["b/x/2.png", "b/x-y/1.png", "b/x.y/0.png", "b/x/y/3.png", "a/z.png", "a/A.png"]):
+        (tmp_path / "src" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / rel).write_bytes(png_bytes(textured(12 + i, 10, i)))
+    prepare(str(tmp_path / "src"), tmp_path / "store", Settings(size=8), workers=1, progress=False)
+    store = ImageStore.open(tmp_path / "store")
+    images, labels, classes = load_image_folder(tmp_path / "src", 8)
+    assert torch.equal(store.read(range(len(store))), images) and torch.equal(store.labels, labels)
+    assert store.classes == classes == ["a", "b"]
+
+
 def test_jpeg_store_pixels_equal_decoding_the_stored_bytes(tmp_path: Path) -> None:
     shapes = [(100, 60), (50, 90), (20, 16), (48, 48)]
     photo_folder(tmp_path / "src", shapes)
