@@ -41,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -155,13 +156,16 @@ def bench_prepare(args: argparse.Namespace, photos: Path, work: Path) -> dict:
             "raw_bytes_per_image": every["data_bytes"] / every["images"]}
 
 
-def median_seconds(fn, repeats: int) -> float:
-    times = []
+def interleaved_medians(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each call, timed in turns (a, b, c, a, b, c, ...) so that a change in the
+    background load hits every one of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_memcpy(args: argparse.Namespace, store: ImageStore) -> dict:
@@ -172,10 +176,12 @@ def bench_memcpy(args: argparse.Namespace, store: ImageStore) -> dict:
     batches = [torch.from_numpy(rng.integers(0, n, b)) for _ in range(max(args.batches, 20))]
     out = torch.empty((b, 3, store.size, store.size), dtype=torch.uint8)
     src, dst = in_ram[:b].numpy().copy(), np.empty_like(in_ram[:b].numpy())
-    it = iter(batches * 1000)
-    read = median_seconds(lambda: store.read(next(it), out=out), len(batches) * 3)
-    copy = median_seconds(lambda: np.copyto(dst, src), len(batches) * 3)
-    gather = median_seconds(lambda: torch.index_select(in_ram, 0, next(it), out=out), len(batches) * 3)
+    reads, gathers = iter(batches * 3), iter(batches * 3)
+    seconds = interleaved_medians({"read": lambda: store.read(next(reads), out=out),
+                                   "copy": lambda: np.copyto(dst, src),
+                                   "gather": lambda: torch.index_select(in_ram, 0, next(gathers), out=out)},
+                                  len(batches) * 3)
+    read, copy, gather = seconds["read"], seconds["copy"], seconds["gather"]
     batch_bytes = out.numel()
     return {"batch": b, "batch_bytes": batch_bytes,
             "store_read_img_s": b / read, "memcpy_img_s": b / copy, "ram_tensor_gather_img_s": b / gather,
@@ -214,12 +220,13 @@ def bench_loaders(args: argparse.Namespace, photos: Path, raw: ImageStore, jpeg:
     n, b, w = len(raw), args.batch, args.loader_workers
     rng = np.random.default_rng(1)
     batches = [rng.integers(0, n, b) for _ in range(args.batches + 1)]
-    in_process, through_loader = {}, {}
-    for name, store in (("raw_store", raw), ("jpeg_store", jpeg)):
-        out, it = torch.empty((b, 3, store.size, store.size), dtype=torch.uint8), iter(batches * 3)
-        in_process[name] = b / median_seconds(lambda: store.read(next(it), out=out), 2 * len(batches))
-        through_loader[name] = loader_rate(torch.utils.data.DataLoader(StoreBatches(store, batches), batch_size=None,
-                                                                       num_workers=w))
+    out, raw_ids, jpeg_ids = torch.empty((b, 3, args.size, args.size), dtype=torch.uint8), iter(batches), iter(batches)
+    seconds = interleaved_medians({"raw_store": lambda: raw.read(next(raw_ids), out=out),
+                                   "jpeg_store": lambda: jpeg.read(next(jpeg_ids), out=out)}, len(batches))
+    in_process = {name: b / t for name, t in seconds.items()}
+    through_loader = {name: loader_rate(torch.utils.data.DataLoader(StoreBatches(store, batches), batch_size=None,
+                                                                    num_workers=w))
+                      for name, store in (("raw_store", raw), ("jpeg_store", jpeg))}
     folder = datasets.ImageFolder(str(photos), transform=transforms.Compose(
         [transforms.RandomResizedCrop(args.size), transforms.PILToTensor()]))
     sampler = torch.utils.data.RandomSampler(folder, replacement=True, num_samples=b * (args.batches + 1))
@@ -264,19 +271,17 @@ def bench_open(args: argparse.Namespace, work: Path) -> dict:
     build_s = {name: synthetic_store(root, n, args.large_size)
                for (name, root), n in zip(roots.items(), (args.images, args.large))}
 
-    def start(root: Path) -> float:
-        t0 = time.perf_counter()
+    def start(root: Path) -> None:
         store = ImageStore.open(root)
         len(store), store.classes
         store.read([0])
-        return time.perf_counter() - t0
 
-    times: dict[str, list[float]] = {name: [] for name in roots}
-    for _ in range(args.open_repeats + 1):  # the first round brings the tables' pages into the page cache
-        for name, root in roots.items():
-            times[name].append(start(root))
+    for root in roots.values():
+        start(root)  # the tables' and first image's pages into the page cache, as for any later start
+    seconds = interleaved_medians({name: lambda root=root: start(root) for name, root in roots.items()},
+                                  args.open_repeats)
     rows = {name: {"images": len(ImageStore.open(root)), "size": args.large_size, "build_s": build_s[name],
-                   "startup_s": statistics.median(times[name][1:]), **opening_work(root)}
+                   "startup_s": seconds[name], **opening_work(root)}
             for name, root in roots.items()}
     for root in roots.values():
         shutil.rmtree(root)

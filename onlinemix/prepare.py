@@ -248,7 +248,6 @@ def run_chunks(tasks: Iterator[ChunkTask], root: Path, settings: Settings, worke
     gc.freeze()
     with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker) as pool:
         pending: set[Future] = set()
-        gc.unfreeze()  # the workers are forked
         try:
             for task in tasks:
                 if len(pending) >= 2 * workers:
@@ -264,6 +263,7 @@ def run_chunks(tasks: Iterator[ChunkTask], root: Path, settings: Settings, worke
         finally:
             for f in pending:
                 f.cancel()
+            gc.unfreeze()
 
 
 # ----------------------------------------------------------------------------- the store's state
