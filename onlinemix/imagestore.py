@@ -184,6 +184,10 @@ class ImageStore:
         return torch.from_numpy(np.load(self.root / LABELS_FILE))
 
     @cached_property
+    def _chunk_bytes(self) -> list[int]:
+        return np.load(self.root / CHUNK_TABLE)[:, 1].tolist()
+
+    @cached_property
     def _index(self) -> np.ndarray:
         return np.load(self.root / INDEX_FILE, mmap_mode="r")
 
@@ -193,6 +197,9 @@ class ImageStore:
         if data is None:
             with open(chunk_path(self.root, chunk), "rb") as f:
                 size = os.fstat(f.fileno()).st_size
+                if size != self._chunk_bytes[chunk]:
+                    raise StoreError(f"image store {self.root} is damaged: {chunk_path(self.root, chunk)} has {size} "
+                                     f"bytes, expected {self._chunk_bytes[chunk]}; run verify, and prepare it again")
                 data = (np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
                         if size else np.empty(0, dtype=np.uint8))
             self._chunks[chunk] = data

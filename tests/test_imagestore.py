@@ -215,6 +215,30 @@ def test_webdataset_and_image_folder_sources_give_the_same_store(tmp_path: Path)
            {k: v for k, v in headers["tars"].items() if k != "source"}
 
 
+def test_webdataset_samples_without_an_image_or_a_class_are_skipped_with_a_line(tmp_path: Path) -> None:
+    samples = [("000000", {"png": png_bytes(textured(20, 20, 0)), "cls": b"1"}),
+               ("000001", {"txt": b"caption only", "cls": b"0"}),
+               ("000002", {"png": png_bytes(textured(20, 20, 2))}),
+               ("000003", {"png": png_bytes(textured(20, 20, 3)), "cls": b"7"}),
+               ("000004", {"jpg": b"not a jpeg", "cls": b"0"})]
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for key, fields in samples:
+            for suffix, data in fields.items():
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    result = prepare(str(tmp_path / "s.tar"), tmp_path / "store", Settings(size=8), workers=1,
+                     classes_file=tmp_path / "classes.txt", progress=False)
+    assert (result.images, result.skipped) == (1, 4)
+    report = dict(line.split("\t") for line in (tmp_path / "store" / "skipped.txt").read_text().splitlines())
+    assert report == {"s.tar:000001": "no image (keys ['cls', 'txt'])", "s.tar:000002": "no integer cls",
+                      "s.tar:000003": "cls 7 is not one of the 2 classes",
+                      "s.tar:000004": "not an image, or a format Pillow cannot read"}
+    store = ImageStore.open(tmp_path / "store")
+    assert store.classes == ["a", "b"] and store.labels.tolist() == [1]
+
+
 # ----------------------------------------------------------------------------- kills and resume
 
 def kill_after_first_commit(sig: signal.Signals) -> str:
@@ -440,11 +464,15 @@ def test_verify_names_a_corrupt_chunk_and_info_a_missing_one(tmp_path: Path, cap
         main(["verify", str(tmp_path / "store")])
     out = capsys.readouterr().out
     assert exit_.value.code == 1 and "bad chunk 1 (chunks/000001.bin, images 512..1023): CRC32" in out
+    with chunk.open("r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(StoreError, match="is damaged: .*000001.bin has 1000 bytes, expected 98304; run verify"):
+        ImageStore.open(tmp_path / "store").read([600])
     (tmp_path / "store" / "chunks" / "000003.bin").unlink()
     with pytest.raises(SystemExit) as exit_:
         main(["info", str(tmp_path / "store")])
     out = capsys.readouterr().out
-    assert exit_.value.code == 1 and "images       1797 in 10 classes" in out and "1 missing or of the wrong size: 3" in out
+    assert exit_.value.code == 1 and "images       1797 in 10 classes" in out and "2 missing or of the wrong size: 1, 3" in out
 
 
 def test_a_store_of_a_newer_format_version_is_refused(tmp_path: Path, capsys) -> None:
