@@ -60,6 +60,16 @@ def photo_folder(root: Path, shapes: list[tuple[int, int]], classes: tuple[str, 
     return root
 
 
+def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    """A webdataset tar: each sample's fields as KEY.SUFFIX members, in order."""
+    with tarfile.open(path, "w") as tar:
+        for key, fields in samples:
+            for suffix, data in fields.items():
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
 def store_files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -195,12 +205,8 @@ def test_webdataset_and_image_folder_sources_give_the_same_store(tmp_path: Path)
         (tmp_path / "folder" / ["cat", "dog"][label] / f"{i:02d}.png").write_bytes(png_bytes(image))
     (tmp_path / "shards").mkdir()
     for shard, ids in enumerate((range(0, 4), range(4, 9))):
-        with tarfile.open(tmp_path / "shards" / f"s-{shard}.tar", "w") as tar:
-            for i in ids:
-                for suffix, data in (("png", png_bytes(pixels[i])), ("cls", str(labels[i]).encode())):
-                    info = tarfile.TarInfo(f"{i:06d}.{suffix}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+        write_shard(tmp_path / "shards" / f"s-{shard}.tar",
+                    [(f"{i:06d}", {"png": png_bytes(pixels[i]), "cls": str(labels[i]).encode()}) for i in ids])
     (tmp_path / "classes.txt").write_text("cat\ndog\n")
     settings = Settings(size=20, chunk_images=4)
     prepare(str(tmp_path / "folder"), tmp_path / "from-folder", settings, workers=1, progress=False)
@@ -221,12 +227,7 @@ def test_webdataset_samples_without_an_image_or_a_class_are_skipped_with_a_line(
                ("000002", {"png": png_bytes(textured(20, 20, 2))}),
                ("000003", {"png": png_bytes(textured(20, 20, 3)), "cls": b"7"}),
                ("000004", {"jpg": b"not a jpeg", "cls": b"0"})]
-    with tarfile.open(tmp_path / "s.tar", "w") as tar:
-        for key, fields in samples:
-            for suffix, data in fields.items():
-                info = tarfile.TarInfo(f"{key}.{suffix}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    write_shard(tmp_path / "s.tar", samples)
     (tmp_path / "classes.txt").write_text("a\nb\n")
     result = prepare(str(tmp_path / "s.tar"), tmp_path / "store", Settings(size=8), workers=1,
                      classes_file=tmp_path / "classes.txt", progress=False)
