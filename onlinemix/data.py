@@ -215,3 +215,14 @@ def select_train_ids(real: RealImages, cfg: DataConfig) -> torch.Tensor:
     if cfg.real_fraction >= 1.0:
         return real.train_ids
     return fraction_subset(real.train_ids, cfg.real_fraction, REAL_FRACTION_SEED, real.labels)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m onlinemix.data`` / ``onlinemix-data``: prepare, info and verify image stores."""
+    from .store_command import main as store_command  # the command's imports stay out of every data user
+
+    store_command(argv)
+
+
+if __name__ == "__main__":
+    main()
