@@ -44,7 +44,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from onlinemix.cache.store import CacheReader, ShardWriter, fsync_path
+from onlinemix.cache.store import CacheReader, ShardWriter
+from onlinemix.files import fsync_path
 from onlinemix.cache.transfer import decode_png, pair_sample
 from onlinemix.config import CacheConfig, load_config
 from onlinemix.data import load_real_images

@@ -1,4 +1,4 @@
-"""The prepared image store (``onlinemix.imagestore``) against the ways of reading images it replaces,
+"""The prepared image store (``onlinemix.data.store``) against the ways of reading images it replaces,
 measured side by side in one run.
 
     python bench/data.py                  # 1,400 photo JPEGs at 224 px, a 100k-image store: a few minutes
@@ -49,15 +49,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from onlinemix.imagesources import array_source
-from onlinemix.imagestore import ImageStore
-from onlinemix.prepare import Settings, default_workers, prepare
+from onlinemix.data.sources import array_source
+from onlinemix.data.store import ImageStore
+from onlinemix.data.prepare import Settings, default_workers, prepare
 
-from common import (cpu_name, cpu_snapshot, fill_defaults, import_pyplot, int_list, load_line, other_cores_since,
-                    run_meta, save_figure, save_results)
+from common import (RESULTS_DIR, BenchParser, cpu_name, cpu_snapshot, import_pyplot, int_list, load_line,
+                    other_cores_since, results_path, run_meta, save_figure, save_results)
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
+REPO = Path(__file__).resolve().parent.parent
 DEFAULTS = {  # (default run, --quick run)
     "images": (1400, 160),
     "batch": (256, 32),
@@ -72,13 +71,14 @@ CLASSES = 10
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="bench/data.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = BenchParser(
+        "bench/data.py",
         description="Prepare, read, open and share a memory-mapped image store; compare with memcpy, an in-RAM "
                     "tensor and torchvision ImageFolder + DataLoader on the same JPEGs.",
         epilog="Flags left out take the default run's value, or the --quick value with --quick. "
-               "Results: a table on stdout, JSON at --out and a PNG plot next to it.")
-    q = lambda key: f"(default {DEFAULTS[key][0]} / quick {DEFAULTS[key][1]})"  # noqa: E731
+               "Results: a table on stdout, JSON at --out and a PNG plot next to it.",
+        defaults=DEFAULTS, quick_help="160 images, small batches, a 20k-image store")
+    q = p.default_note
     p.add_argument("--images", type=int, default=None, help=f"photo JPEGs in the ImageFolder tree {q('images')}")
     p.add_argument("--size", type=int, default=224, help="store size S and crop size (default 224)")
     p.add_argument("--batch", type=int, default=None, help=f"images per random batch {q('batch')}")
@@ -94,13 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--large-size", type=int, default=None, help=f"its size S {q('large_size')}")
     p.add_argument("--open-repeats", type=int, default=None, help=f"timed opens per store {q('open_repeats')}")
     p.add_argument("--readers", default="1,2,4", help="reading process counts of the memory part (default 1,2,4)")
-    p.add_argument("--dir", type=Path, default=BENCH_DIR / "results",
+    p.add_argument("--dir", type=Path, default=RESULTS_DIR,
                    help="where the temporary images and stores go (removed afterwards; default bench/results)")
-    p.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "data.json",
-                   help="JSON results; the PNG goes next to it (default bench/results/data.json)")
-    p.add_argument("--quick", action="store_true", help="160 images, small batches, a 20k-image store")
-    args = p.parse_args(argv)
-    fill_defaults(args, DEFAULTS)
+    args = p.parse(argv)
+    args.out = results_path(args.out, "bench/data.py")
     args.readers = int_list(p, "--readers", args.readers)
     if min(args.images, args.batch, args.batches, args.large, args.open_repeats) < 1 or args.size < 8 \
             or args.large_size < 8 or args.loader_workers < 0 or args.prepare_workers < 1 or args.chunk_images < 1:

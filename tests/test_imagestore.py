@@ -21,10 +21,11 @@ from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from onlinemix.data import load_image_folder, main
-from onlinemix.imagesources import array_source
-from onlinemix.imagestore import ImageStore, StoreError, check_resolution, verify_store
-from onlinemix.prepare import PrepareError, Settings, prepare
+from onlinemix.data.__main__ import main
+from onlinemix.data.decode import load_image_folder
+from onlinemix.data.sources import array_source
+from onlinemix.data.store import ImageStore, StoreError, check_resolution, verify_store
+from onlinemix.data.prepare import PrepareError, Settings, prepare
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
@@ -76,7 +77,7 @@ def store_files(root: Path) -> dict[str, bytes]:
 
 def run_data_command(*args: str, patch: str = "", preexec=None) -> subprocess.CompletedProcess:
     """``python -m onlinemix.data ARGS`` in a fresh process, after running ``patch`` there."""
-    code = f"{patch}\nfrom onlinemix.data import main\nmain({list(args)!r})"
+    code = f"{patch}\nfrom onlinemix.data.__main__ import main\nmain({list(args)!r})"
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True,
                           timeout=180, preexec_fn=preexec)
 
@@ -246,15 +247,15 @@ def kill_after_first_commit(sig: signal.Signals) -> str:
     """Code for a prepare process: once a chunk is committed, half-write the next chunk and get ``sig``."""
     return f"""
 import os, signal
-import onlinemix.prepare as p
-write = p.write_atomically
+import onlinemix.data.prepare as p
+write = p.write_parts_atomically
 def write_then_stop(path, parts):
     if path.parent.name == "chunks" and any(path.parent.parent.joinpath("commits").glob("*.json")):
         data = b"".join(parts)
-        path.with_name(f".{{path.name}}.{{os.getpid()}}.tmp").write_bytes(data[:len(data) // 2])
+        path.with_name(f".{{path.name}}.{{os.uname().nodename}}-{{os.getpid()}}.tmp").write_bytes(data[:len(data) // 2])
         os.kill(os.getpid(), {int(sig)})
     write(path, parts)
-p.write_atomically = write_then_stop
+p.write_parts_atomically = write_then_stop
 """
 
 

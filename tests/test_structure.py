@@ -15,8 +15,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "onlinemix"
 
 LAYERS: list[list[str]] = [
-    ["registry", "config", "schedule", "distributed"],
-    ["data", "augment", "stub_diffuser", "losses", "dino", "models", "optim"],
+    ["registry", "config", "schedule", "distributed", "files"],
+    ["data.decode", "data.store", "data.sources", "data.prepare", "data", "augment", "stub_diffuser", "losses", "dino",
+     "models", "optim"],
     ["generate", "versatile"],
     ["ring", "cache.store", "cache.maintenance", "cache.transfer", "cache", "devices"],
     ["worker"],
@@ -26,7 +27,7 @@ LAYERS: list[list[str]] = [
     ["methods"],
     ["metrics", "probe", "rundir"],
     ["cli"],
-    ["train", "eval", "stats", "cache.__main__"],
+    ["train", "eval", "stats", "cache.__main__", "data.__main__"],
 ]
 RANK = {name: (layer, position) for layer, names in enumerate(LAYERS) for position, name in enumerate(names)}
 

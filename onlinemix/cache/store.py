@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 from isal.isal_zlib import crc32
 
+from ..files import write_atomically
+
 if TYPE_CHECKING:
     from ..config import Config
     from ..generate import VariationGenerator
@@ -72,31 +74,6 @@ def check_writable(root: Path) -> None:
     except OSError as e:
         raise CacheError(f"cache directory {root} is not writable ({e.strerror or e}); set cache.dir to a "
                          f"writable directory, or cache.enabled=false to train without caching") from e
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a rename is durable once its directory is synced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, write) -> None:
-    """``write(file)`` to a temporary name, fsync, rename into place, fsync the directory."""
-    # Unique per writer: producers starting together on a new key all write its generator.json.
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -143,7 +120,7 @@ class ShardWriter:
             (self.dir / INDEX).mkdir(parents=True, exist_ok=True)
             meta = self.dir / GENERATOR_FILE
             if not meta.exists():
-                _write_atomically(meta, lambda f: f.write(json.dumps(
+                write_atomically(meta, lambda f: f.write(json.dumps(
                     {"format": FORMAT_VERSION, "resolution": resolution, **description}, indent=2).encode()))
         except OSError as e:
             self._give_up(e)
@@ -174,8 +151,8 @@ class ShardWriter:
                   "ids": [r[0] for r in self._rows], "seeds": [r[1] for r in self._rows],
                   "epochs": [r[2] for r in self._rows], "checksums": [r[3] for r in self._rows]}
         try:
-            _write_atomically(shard, lambda f: np.save(f, pairs))
-            _write_atomically(self.dir / INDEX / f"{name}.json", lambda f: f.write(json.dumps(record).encode()))
+            write_atomically(shard, lambda f: np.save(f, pairs))
+            write_atomically(self.dir / INDEX / f"{name}.json", lambda f: f.write(json.dumps(record).encode()))
         except OSError as e:
             shard.unlink(missing_ok=True)  # committed records only: a shard without one is garbage
             self._give_up(e)

@@ -42,11 +42,11 @@ from isal.isal_zlib import crc32
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from .cache.store import fsync_path
-from .data import DataError, _to_rgb_tensor
-from .imagestore import (CHUNK_TABLE, CHUNKS_DIR, COMMITS_DIR, FORMAT_VERSION, FORMATS, INDEX_FILE, LABELS_FILE,
+from ..files import write_atomically
+from .decode import DataError, _to_rgb_tensor
+from .store import (CHUNK_TABLE, CHUNKS_DIR, COMMITS_DIR, FORMAT_VERSION, FORMATS, INDEX_FILE, LABELS_FILE,
                          PREPARE_FILE, SKIPPED_FILE, STORE_FILE, chunk_path, commit_path, resume_command)
-from .imagesources import ChunkTask, Source, SourceImage, open_source
+from .sources import ChunkTask, Source, SourceImage, open_source
 
 DEFAULT_SIZE = 224
 DEFAULT_QUALITY = 90
@@ -175,20 +175,13 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def write_atomically(path: Path, parts: list[bytes]) -> None:
-    """``parts`` to a temporary file, fsync, rename into place, fsync the directory; a full disk
-    raises DiskFull with the temporary file removed."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def write_parts_atomically(path: Path, parts: list[bytes]) -> None:
+    """``parts`` to ``path`` through :func:`onlinemix.files.write_atomically`; a full disk raises
+    DiskFull, nothing of the file kept."""
     try:
-        with open(tmp, "wb") as f:
-            f.writelines(parts)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_path(path.parent)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+        write_atomically(path, lambda f: f.writelines(parts))
+    except OSError as e:
+        if e.errno in DISK_FULL_ERRNOS:
             raise DiskFull(f"the disk is full ({e.strerror}) while writing {path}; nothing of it was kept: free "
                            f"space and run the same command again to resume") from None
         raise
@@ -230,8 +223,8 @@ def build_chunk(root: Path, settings: Settings, task: ChunkTask) -> ChunkResult:
     lengths = [len(p) for p in parts]
     record = {"chunk": task.index, "items": len(task.images), "images": len(parts), "bytes": sum(lengths),
               "crc32": checksum, "labels": labels, "lengths": lengths, "skipped": skipped}
-    write_atomically(chunk_path(root, task.index), parts)
-    write_atomically(commit_path(root, task.index), [json.dumps(record).encode()])
+    write_parts_atomically(chunk_path(root, task.index), parts)
+    write_parts_atomically(commit_path(root, task.index), [json.dumps(record).encode()])
     return ChunkResult(task.index, len(task.images), len(parts), skipped)
 
 
@@ -318,7 +311,7 @@ def start(root: Path, plan: dict[str, Any]) -> None:
                                f"(source digest {plan['source']['digest']}): use a new --out, or the same command "
                                f"and unchanged source to resume")
     else:
-        write_atomically(root / PREPARE_FILE, [json.dumps(plan, indent=2).encode()])
+        write_parts_atomically(root / PREPARE_FILE, [json.dumps(plan, indent=2).encode()])
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -335,7 +328,7 @@ def finalize(root: Path, source: Source, settings: Settings, n_chunks: int) -> d
                       for offset, length in zip(np.cumsum([0, *r["lengths"][:-1]]).tolist(), r["lengths"])],
                      dtype=np.int64).reshape(-1, 3)
     skipped = source.problems + [tuple(s) for r in records for s in r["skipped"]]
-    write_atomically(root / SKIPPED_FILE, [f"{name}\t{why}\n".encode() for name, why in skipped])
+    write_parts_atomically(root / SKIPPED_FILE, [f"{name}\t{why}\n".encode() for name, why in skipped])
     if not len(labels):
         raise PrepareError(f"no readable images in {source.path}; see {root / SKIPPED_FILE}")
     classes = source.classes or [str(c) for c in range(int(labels.max()) + 1)]
@@ -346,8 +339,8 @@ def finalize(root: Path, source: Source, settings: Settings, n_chunks: int) -> d
               "classes": classes, "source": source.description()}
     for name, array in ((LABELS_FILE, labels), (INDEX_FILE, index), (CHUNK_TABLE, np.array(
             [(r["images"], r["bytes"], r["crc32"]) for r in records], dtype=np.int64).reshape(-1, 3))):
-        write_atomically(root / name, [npy_bytes(array)])
-    write_atomically(root / STORE_FILE, [json.dumps(header, indent=2).encode()])
+        write_parts_atomically(root / name, [npy_bytes(array)])
+    write_parts_atomically(root / STORE_FILE, [json.dumps(header, indent=2).encode()])
     return header
 
 

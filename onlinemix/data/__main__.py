@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .imagestore import SKIPPED_FILE, StoreError, store_info, verify_store
+from .store import SKIPPED_FILE, StoreError, store_info, verify_store
 from .prepare import (DEFAULT_QUALITY, DEFAULT_SIZE, MAX_PIXELS, Interrupted, PrepareError, Settings,
                       default_workers, prepare)
 
@@ -125,3 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                   "again to resume", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,7 @@
 
 Decoding a dataset into each process's memory costs one copy per process (ImageNet-1K at
 224 px is 193 GB) and an hour of decoding each time. A store is decoded once, by
-``python -m onlinemix.data prepare`` (``onlinemix/prepare.py``), into files that readers map
+``python -m onlinemix.data prepare`` (``onlinemix/data/prepare.py``), into files that readers map
 read-only: the OS page cache holds one copy however many trainers, producers and DataLoader
 workers read it, and opening one costs the same for 1k images as for 1M.
 
