@@ -33,9 +33,17 @@ def opt(default: Any, help: str, *, low: float | None = None, high: float | None
 
 @dataclass
 class DataConfig:
-    dataset: str = opt("digits", "'digits' (bundled 8x8 handwritten digits, 1,797 images, 10 classes) "
-                       "or the path of an ImageFolder directory (one sub-directory per class)")
-    resolution: int = opt(32, "side in pixels of the real and synthetic images held in the ring", low=8, high=1024)
+    dataset: str = opt("digits", "'digits' (bundled 8x8 handwritten digits, 1,797 images, 10 classes), a prepared "
+                       "image store (python -m onlinemix.data prepare), or an ImageFolder directory (one "
+                       "sub-directory per class) or webdataset shards (a .tar, a directory of them or a brace "
+                       "pattern), which a run prepares into a store under <cache dir>/stores once")
+    resolution: int = opt(32, "side R in pixels of the training views (random resized crops of the stored images)",
+                          low=8, high=1024)
+    stored_size: int = opt(0, "side S of the stored real images, which the ring and the cache also hold and the "
+                           "views are cropped from; 0 = data.resolution. A prepared store sets it (its --size); for "
+                           "ImageNet-style training at 224 the paper's crops want 256", low=0, high=2048)
+    store_format: str = opt("raw", "format of a store a run prepares itself: 'raw' (uint8 pixels, fastest reads) or "
+                            "'jpeg' (quality 90, about 10x smaller on disk)", choices=("raw", "jpeg"))
     holdout_fraction: float = opt(0.2, "fraction of images held out (never trained on) for the probe's test split",
                                   low=0.05, high=0.9)
     real_fraction: float = opt(1.0, "fraction of the training images the self-supervised trainer (and the producers) "
@@ -235,6 +243,10 @@ class Config:
 
     def cache_root(self) -> Path:
         return Path(self.cache.dir) if self.cache.dir else Path(self.output_dir) / "cache"
+
+    def store_root(self) -> Path:
+        """Where runs prepare the image stores of ImageFolder and webdataset datasets (shared by runs)."""
+        return self.cache_root() / "stores"
 
     def check_consistency(self) -> None:
         """Reject combinations that are individually valid but cannot run."""

@@ -30,7 +30,7 @@ from torch import nn
 
 from .cli import run_command
 from .config import ProbeConfig
-from .data import DataError, LabelledImages, RealImages, load_image_source, load_real_images
+from .data import DataError, Images, LabelledImages, RealImages, load_image_source, load_real_images, subset
 from .models import seeded_backbone
 from .probe import extract_features, fit_linear_probe, knn_scores, topk_accuracy
 from .rundir import Checkpoint, load_backbone, resolve_checkpoint
@@ -47,17 +47,17 @@ TRANSFER_EVAL_SPLITS = ("val", "test")
 class EvalSet:
     name: str
     protocol: str
-    fit_images: torch.Tensor    # fit the probe / form the kNN bank
+    fit_images: Images          # fit the probe / form the kNN bank
     fit_labels: torch.Tensor
-    eval_images: torch.Tensor   # scored
+    eval_images: Images         # scored
     eval_labels: torch.Tensor
     n_classes: int
 
 
 def heldout_set(real: RealImages, dataset: str) -> EvalSet:
     tr, te = real.train_ids, real.holdout_ids
-    return EvalSet(Path(dataset).name, "held-out split; fit on the run's training split", real.images[tr],
-                   real.labels[tr], real.images[te], real.labels[te], len(real.classes))
+    return EvalSet(Path(dataset).name, "held-out split; fit on the run's training split", subset(real.images, tr),
+                   real.labels[tr], subset(real.images, te), real.labels[te], len(real.classes))
 
 
 def _relabel(source: LabelledImages, classes: list[str] | None, n_classes: int, what: str) -> torch.Tensor:
@@ -95,7 +95,7 @@ def extra_set(name: str, path: Path, real: RealImages, resolution: int) -> EvalS
     if splits is None:
         source = _load(name, path, resolution)
         labels = _relabel(source, real.classes, len(real.classes), f"eval set {name} ({path})")
-        return EvalSet(name, "robustness; fit on the run's training split", real.images[real.train_ids],
+        return EvalSet(name, "robustness; fit on the run's training split", subset(real.images, real.train_ids),
                        real.labels[real.train_ids], source.images, labels, len(real.classes))
     fit, ev = (_load(name, p, resolution) for p in splits)
     n_classes = len(fit.classes) if fit.classes is not None else int(fit.labels.max()) + 1
@@ -131,13 +131,15 @@ class Settings:
 
 
 def evaluate_backbone(backbone: nn.Module, sets: list[EvalSet], settings: Settings, device: torch.device,
-                      label: str) -> list[dict]:
-    """Rows eval set x method; features of an image tensor shared by several sets are extracted once."""
+                      label: str, resolution: int) -> list[dict]:
+    """Rows eval set x method; features of an image tensor shared by several sets are extracted once.
+    Images larger than the run's ``resolution`` (a store's) are centre-cropped to it."""
     cache: dict[int, torch.Tensor] = {}
 
-    def feats(images: torch.Tensor, desc: str) -> torch.Tensor:
+    def feats(images: Images, desc: str) -> torch.Tensor:
         if id(images) not in cache:
-            cache[id(images)] = extract_features(backbone, images, device, desc=f"{label}: {desc}")
+            cache[id(images)] = extract_features(backbone, images, device, desc=f"{label}: {desc}",
+                                                 resolution=resolution)
         return cache[id(images)]
 
     rows = []
@@ -163,13 +165,14 @@ def format_markdown(result: dict) -> str:
 
 def evaluate_checkpoint(ckpt: Checkpoint, eval_sets: list[tuple[str, Path]], settings: Settings,
                         device: torch.device, random_init: bool) -> dict:
-    real = load_real_images(ckpt.cfg.data)
+    real = load_real_images(ckpt.cfg.data, ckpt.cfg.store_root())
     sets = [heldout_set(real, ckpt.cfg.data.dataset)]
     sets += [extra_set(name, path, real, ckpt.cfg.data.resolution) for name, path in eval_sets]
     backbones = [("trained", load_backbone(ckpt.run_dir, ckpt.cfg, ckpt.weights))]
     if random_init:
         backbones.append(("random_init", seeded_backbone(ckpt.cfg.train)))
-    rows = [row for label, net in backbones for row in evaluate_backbone(net.to(device), sets, settings, device, label)]
+    rows = [row for label, net in backbones
+            for row in evaluate_backbone(net.to(device), sets, settings, device, label, ckpt.cfg.data.resolution)]
     return {"checkpoint": ckpt.name, "weights": str(ckpt.weights), "backbone_arch": ckpt.cfg.train.backbone,
             "settings": settings.describe(), "rows": rows}
 

@@ -53,6 +53,7 @@ class VariationGenerator(Protocol):
     attention_reason: str  # why that backend, for the producer's log and JSON
     dtype: torch.dtype     # the precision it generates in
     retries: int           # non-finite or blank images regenerated so far
+    resolution: int        # side of the images it returns (the ring's and the cache's)
 
     def identity(self) -> dict:
         """Everything that changes the output images (what ``fingerprint`` hashes)."""

@@ -13,25 +13,30 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms.v2.functional import center_crop
 from tqdm.auto import tqdm
 
 from .augment import eval_transform
 from .config import Config, ProbeConfig
-from .data import RealImages, load_real_images
+from .data import Images, RealImages, load_real_images
 from .models import seeded_backbone
 
 
 # ----------------------------------------------------------------------------- features and classifiers
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 512,
-                     desc: str | None = "features") -> torch.Tensor:
-    """Frozen features in eval mode; a progress bar unless ``desc`` is None (inside training's own bar)."""
+def extract_features(backbone: nn.Module, images: Images, device: torch.device, batch_size: int = 512,
+                     desc: str | None = "features", resolution: int | None = None) -> torch.Tensor:
+    """Frozen features in eval mode; a progress bar unless ``desc`` is None (inside training's own bar).
+    Images larger than ``resolution`` (a store's, kept larger for the training crops) are centre-cropped
+    to it, the usual evaluation view."""
     was_training = backbone.training
     backbone.eval()
     norm = eval_transform()
     starts = tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, disable=desc is None)
-    feats = [backbone(norm(images[i:i + batch_size]).to(device)).float().cpu() for i in starts]
+    crop = (lambda x: center_crop(x, [resolution, resolution])) if resolution and images.shape[-1] > resolution \
+        else (lambda x: x)
+    feats = [backbone(norm(crop(images[i:i + batch_size])).to(device)).float().cpu() for i in starts]
     backbone.train(was_training)
     return torch.cat(feats)
 
@@ -114,16 +119,18 @@ def heldout_knn(feats: torch.Tensor, real: RealImages, cfg: ProbeConfig) -> dict
     return topk_accuracy(scores, real.labels[te])
 
 
-def probe_backbone(backbone: nn.Module, real: RealImages, cfg: ProbeConfig, device: torch.device) -> dict[str, float]:
+def probe_backbone(backbone: nn.Module, real: RealImages, cfg: ProbeConfig, device: torch.device,
+                   resolution: int) -> dict[str, float]:
     """Fit on the training split's real images, report on the held-out real images."""
-    return heldout_linear(extract_features(backbone, real.images, device), real, cfg)
+    return heldout_linear(extract_features(backbone, real.images, device, resolution=resolution), real, cfg)
 
 
 def compare_with_random_init(backbone: nn.Module, cfg: Config, device: torch.device,
                              real: RealImages | None = None) -> dict[str, dict[str, float]]:
-    real = real if real is not None else load_real_images(cfg.data)
-    return {"trained": probe_backbone(backbone, real, cfg.probe, device),
-            "random_init": probe_backbone(seeded_backbone(cfg.train).to(device), real, cfg.probe, device)}
+    real = real if real is not None else load_real_images(cfg.data, cfg.store_root())
+    r = cfg.data.resolution
+    return {"trained": probe_backbone(backbone, real, cfg.probe, device, r),
+            "random_init": probe_backbone(seeded_backbone(cfg.train).to(device), real, cfg.probe, device, r)}
 
 
 def format_probe(results: dict[str, dict[str, float]]) -> str:

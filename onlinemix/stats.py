@@ -258,10 +258,10 @@ def run(args: argparse.Namespace) -> dict:
     cfg = load_config(args.config or args.run_dir / CONFIG_FILE)
     extractor = (torchvision_extractor(args.arch, args.weights, args.extractor_size) if args.arch
                  else run_extractor(args.run_dir))
-    real = load_real_images(cfg.data)
+    real = load_real_images(cfg.data, cfg.store_root())
     ids = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:args.num_images].sort().values
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = {"dataset": cfg.data.dataset, "resolution": cfg.data.resolution,
+    result = {"dataset": cfg.data.dataset, "resolution": real.size,
               **sweep(real.images[ids], ids, cfg.generator, args.guidance, extractor, device,
                       cfg.cache_root() if cfg.cache.enabled else None, cfg.data.dataset),
               "generator": {k: v for k, v in asdict(cfg.generator).items() if k != "guidance"}}

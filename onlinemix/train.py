@@ -149,7 +149,8 @@ class Trainer:
         if not due or not self.acc.is_main_process:
             return {}
         # One feature pass serves both probes (no progress bar inside training's own).
-        feats = extract_features(self.acc.unwrap_model(self.model).backbone, self.real.images, self.acc.device, desc=None)
+        feats = extract_features(self.acc.unwrap_model(self.model).backbone, self.real.images, self.acc.device,
+                                 desc=None, resolution=self.cfg.data.resolution)
         out = {}
         for name in due:
             result = (heldout_knn if name == "knn" else heldout_linear)(feats, self.real, pc)
@@ -252,7 +253,7 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def start_generation(cfg: Config, accelerator: Accelerator, run_dir: Path, global_batch: int,
+def start_generation(cfg: Config, accelerator: Accelerator, run_dir: Path, global_batch: int, resolution: int,
                      stack: ExitStack) -> tuple[TrainerPort, ProducerPool | None]:
     """The node's launching rank creates the ring and producers; other local ranks attach by name.
     Every rank gets its end of the ring; the launching rank leads (publishes position and speed)."""
@@ -261,7 +262,7 @@ def start_generation(cfg: Config, accelerator: Accelerator, run_dir: Path, globa
     if accelerator.is_local_main_process:
         for stale in remove_stale_segments():
             log.warning("removed shared-memory segment %s left by a dead run", stale)
-        ring = PairRing.create(cfg.ring.slots, cfg.data.resolution)
+        ring = PairRing.create(cfg.ring.slots, resolution)
         stack.callback(ring.close)
         name_file.write_text(ring.name)
         devices = generator_devices(cfg.gen_gpus, local_world_size(accelerator))
@@ -290,17 +291,18 @@ def wait_for_producers(port: TrainerPort, pool: ProducerPool | None, n: int) -> 
     log.info("producers ready after %.1fs", time.monotonic() - started)
 
 
-def open_online_cache(cfg: Config, port: TrainerPort) -> CacheReader:
+def open_online_cache(cfg: Config, port: TrainerPort, resolution: int) -> CacheReader:
     """The disk cache the producers of this run write (their generator's key), read for older variations."""
-    return CacheReader(cfg.cache_root(), cache_key(port.fingerprint, cfg.data.dataset), cfg.data.resolution,
+    return CacheReader(cfg.cache_root(), cache_key(port.fingerprint, cfg.data.dataset), resolution,
                        cfg.cache.verify_reads)
 
 
-def open_offline_cache(cfg: Config, train_ids: np.ndarray) -> CacheReader:
-    """The cache an offline run trains from; refuses to start below ``cache.min_coverage``."""
+def open_offline_cache(cfg: Config, train_ids: np.ndarray, resolution: int) -> CacheReader:
+    """The cache an offline run trains from (pairs at the stored size ``resolution``); refuses to start
+    below ``cache.min_coverage``."""
     root = cfg.cache_root()
-    key = select_key(root, cfg.data.dataset, cfg.data.resolution, cfg.generator.guidance, cfg.cache.fingerprint)
-    reader = CacheReader(root, key, cfg.data.resolution, cfg.cache.verify_reads)
+    key = select_key(root, cfg.data.dataset, resolution, cfg.generator.guidance, cfg.cache.fingerprint)
+    reader = CacheReader(root, key, resolution, cfg.cache.verify_reads)
     covered = reader.coverage(train_ids)
     missing = int((~covered).sum())
     if covered.mean() < cfg.cache.min_coverage:
@@ -334,7 +336,8 @@ def run(argv: list[str] | None = None) -> dict | None:
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
         log.info("run directory %s", run_dir)
-    real = load_real_images(cfg.data)
+    with accelerator.local_main_process_first():  # one process per node prepares a store the others then map
+        real = load_real_images(cfg.data, cfg.store_root())
     trainer = Trainer(cfg, accelerator, run_dir, real)
     if args.resume is not None:
         checkpoint = latest_checkpoint(run_dir)
@@ -344,13 +347,13 @@ def run(argv: list[str] | None = None) -> dict | None:
     with ExitStack() as stack:
         pairs, port, pool = None, None, None
         if cfg.offline and synthetic and trainer.step < trainer.total_steps:
-            cache = open_offline_cache(cfg, trainer.schedule.train_ids)
+            cache = open_offline_cache(cfg, trainer.schedule.train_ids, real.size)
             pairs = PairSource(None, cfg.staleness, real.images, cfg.ring.verify_checksums, lambda: None, cache)
         elif online and trainer.step < trainer.total_steps:
-            port, pool = start_generation(cfg, accelerator, run_dir, trainer.schedule.global_batch, stack)
+            port, pool = start_generation(cfg, accelerator, run_dir, trainer.schedule.global_batch, real.size, stack)
             wait_for_producers(port, pool, cfg.gen_gpus)
             health = pool.check if pool is not None else (lambda: None)
-            cache = open_online_cache(cfg, port) if cfg.cache.enabled else None
+            cache = open_online_cache(cfg, port, real.size) if cfg.cache.enabled else None
             pairs = PairSource(port, cfg.staleness, real.images, cfg.ring.verify_checksums, health, cache)
         trainer.fit(pairs, port, pool)
     if not (cfg.probe.enabled and accelerator.is_main_process):

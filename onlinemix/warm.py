@@ -195,7 +195,8 @@ def warm(cfg: Config, variations: int, workers: int) -> WarmResult:
     """Generate the missing variations 0..variations-1 of every training image into ``cfg.cache_root()``."""
     root = cfg.cache_root()
     check_writable(root)
-    train_ids = select_train_ids(load_real_images(cfg.data), cfg.data).numpy()  # the images runs train on
+    real = load_real_images(cfg.data, cfg.store_root())
+    train_ids = select_train_ids(real, cfg.data).numpy()  # the images runs train on
     started = time.perf_counter()
     pool = _Workers(cfg, workers)
     key, generated, skipped, interrupted = "(not known yet)", 0, 0, False
@@ -203,7 +204,7 @@ def warm(cfg: Config, variations: int, workers: int) -> WarmResult:
     try:
         desc = _gather_ready(pool)
         key = cache_key(desc["fingerprint"], cfg.data.dataset)
-        todo = missing_pairs(CacheReader(root, key, cfg.data.resolution, verify=False), train_ids,
+        todo = missing_pairs(CacheReader(root, key, real.size, verify=False), train_ids,
                              cfg.generator.seed, variations)
         skipped = len(train_ids) * variations - len(todo)
         print(f"cache key {key}: {skipped} of {len(train_ids) * variations} pairs already cached, "

@@ -195,8 +195,8 @@ def worker_main(spec: WorkerSpec) -> None:
         torch.set_num_threads(cfg.generator.cpu_threads)
     alive = lambda: os.getppid() == spec.parent_pid  # noqa: E731
     try:
-        real = load_real_images(cfg.data)
-        generator = make_generator(cfg.generator, spec.device, cfg.data.resolution)
+        real = load_real_images(cfg.data, cfg.store_root())
+        generator = make_generator(cfg.generator, spec.device, real.size)
         log.info("pid %d started on %s; fingerprint %s; attention %s", os.getpid(), spec.device,
                  generator.fingerprint, generator.attention)
         with spec.job.session(spec, generator, real) as (source, sinks):

@@ -1,4 +1,5 @@
-"""Real images: the bundled digits and ImageFolder trees with awkward image modes."""
+"""Real images: the bundled digits, ImageFolder trees with awkward image modes, and the store a run
+prepares of a dataset that is not one yet."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from PIL import Image
 
 from onlinemix.config import DataConfig
 from onlinemix.data import DataError, load_real_images, split_ids
+from onlinemix.data.decode import LabelledImages, load_image_source
+from onlinemix.data.store import ImageStore
 
 N_DIGITS = 1797  # documented size of the UCI handwritten digits set
 R = 16
@@ -109,9 +112,14 @@ def assert_colour(image: torch.Tensor, rgb: tuple[int, int, int], tol: int) -> N
 # ----------------------------------------------------------------------------- ImageFolder
 
 
+def decode(root: Path) -> LabelledImages:
+    """An ImageFolder decoded in memory (what evaluation sets use, and what a store's RAW pixels equal)."""
+    return load_image_source(root, R)
+
+
 def test_image_folder_decodes_every_mode(tmp_path: Path) -> None:
     make_tree(tmp_path)
-    real = load_real_images(DataConfig(dataset=str(tmp_path), resolution=R))
+    real = decode(tmp_path)
     assert real.classes == ["cat", "dog"]
     assert real.images.dtype == torch.uint8
     assert real.images.shape == (5, 3, R, R)
@@ -126,7 +134,7 @@ def test_image_folder_decodes_every_mode(tmp_path: Path) -> None:
 def test_image_folder_16bit_keeps_its_dynamic_range(tmp_path: Path) -> None:
     """A full-range 16-bit gradient must not be clipped to white by a naive conversion."""
     make_tree(tmp_path)
-    real = load_real_images(DataConfig(dataset=str(tmp_path), resolution=R))
+    real = decode(tmp_path)
     sixteen = real.images[3].float()
     assert sixteen.min() < 40 and sixteen.max() > 215
     assert 100 < sixteen.mean() < 155
@@ -142,7 +150,7 @@ def test_image_folder_16bit_matches_8bit_picture(tmp_path: Path) -> None:
     (tmp_path / "sixteen").mkdir()
     Image.fromarray(picture, mode="L").save(tmp_path / "eight" / "p.png")
     save_16bit(tmp_path / "sixteen" / "p.png", picture.astype(np.uint16) * 257)
-    real = load_real_images(DataConfig(dataset=str(tmp_path), resolution=R))
+    real = decode(tmp_path)
     eight, sixteen = real.images.to(torch.int16)
     diff = int((eight - sixteen).abs().max())
     assert diff <= 1, (f"16-bit PNG decoded to different pixels than the 8-bit PNG of the same picture "
@@ -158,7 +166,7 @@ def test_non_square_image_is_centre_cropped_not_squashed(tmp_path: Path) -> None
     arr[:, 30:60] = (0, 255, 0)
     arr[:, 60:] = (0, 0, 255)
     Image.fromarray(arr).save(tmp_path / "c" / "wide.png")
-    real = load_real_images(DataConfig(dataset=str(tmp_path), resolution=R))
+    real = decode(tmp_path)
     img = real.images[0].int()
     assert img.shape == (3, R, R)
     centre = img[:, :, 2:-2]  # away from the bicubic ringing at the colour edges
@@ -170,7 +178,7 @@ def test_corrupt_file_is_skipped_with_warning(tmp_path: Path, caplog: pytest.Log
     corrupt = tmp_path / "dog" / "x.png"
     corrupt.write_bytes(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8).tobytes())
     with caplog.at_level(logging.WARNING, logger="onlinemix.data"):
-        real = load_real_images(DataConfig(dataset=str(tmp_path), resolution=R))
+        real = decode(tmp_path)
     assert real.images.shape == (5, 3, R, R)
     assert real.labels.tolist() == [0, 0, 0, 1, 1]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -181,21 +189,21 @@ def test_non_image_files_are_ignored(tmp_path: Path, caplog: pytest.LogCaptureFi
     make_tree(tmp_path)
     (tmp_path / "cat" / "notes.txt").write_text("not an image")
     with caplog.at_level(logging.WARNING, logger="onlinemix.data"):
-        real = load_real_images(DataConfig(dataset=str(tmp_path), resolution=R))
-    assert len(real) == 5
+        real = decode(tmp_path)
+    assert len(real.images) == 5
     assert not any("notes.txt" in r.getMessage() for r in caplog.records)
 
 
 def test_directory_without_class_folders(tmp_path: Path) -> None:
     save_grey(tmp_path / "loose.png")
     with pytest.raises(DataError, match="class"):
-        load_real_images(DataConfig(dataset=str(tmp_path), resolution=R))
+        decode(tmp_path)
 
 
 def test_missing_directory(tmp_path: Path) -> None:
     missing = tmp_path / "does-not-exist"
     with pytest.raises(DataError, match="does not exist") as exc:
-        load_real_images(DataConfig(dataset=str(missing), resolution=R))
+        decode(missing)
     assert str(missing) in str(exc.value)
 
 
@@ -205,6 +213,45 @@ def test_only_corrupt_images(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
     bad.write_bytes(b"\x00\x01 definitely not a png" * 20)
     with caplog.at_level(logging.WARNING, logger="onlinemix.data"):
         with pytest.raises(DataError, match="no readable images") as exc:
-            load_real_images(DataConfig(dataset=str(tmp_path), resolution=R))
+            decode(tmp_path)
     assert str(tmp_path) in str(exc.value)
     assert any(str(bad) in r.getMessage() for r in caplog.records)
+
+
+# ----------------------------------------------------------------------------- a run's store
+
+
+def test_a_run_prepares_a_store_of_an_image_folder_once_and_reads_it_by_id(tmp_path: Path) -> None:
+    make_tree(tmp_path / "tree")
+    cfg = DataConfig(dataset=str(tmp_path / "tree"), resolution=R)
+    with pytest.raises(DataError, match="not a prepared image store"):
+        load_real_images(cfg)  # no place to prepare it: say how to
+    real = load_real_images(cfg, tmp_path / "stores")
+    assert isinstance(real.images, ImageStore) and real.size == R and real.images.shape == (5, 3, R, R)
+    assert real.classes == ["cat", "dog"] and real.labels.tolist() == [0, 0, 0, 1, 1]
+    assert torch.equal(real.images[torch.arange(5)], decode(tmp_path / "tree").images)
+    assert torch.equal(real.images[3], decode(tmp_path / "tree").images[3])
+    stores = list((tmp_path / "stores").iterdir())
+    assert len(stores) == 1
+    header = (stores[0] / "store.json").stat().st_mtime_ns
+    again = load_real_images(cfg, tmp_path / "stores")  # the second run maps the same store, prepares nothing
+    assert again.images.root == stores[0] and (stores[0] / "store.json").stat().st_mtime_ns == header
+    direct = load_real_images(DataConfig(dataset=str(stores[0]), resolution=R))  # a store given as the dataset
+    assert torch.equal(direct.images[torch.arange(5)], real.images[torch.arange(5)])
+
+
+def test_stored_size_keeps_images_larger_than_the_views(tmp_path: Path) -> None:
+    make_tree(tmp_path / "tree")
+    real = load_real_images(DataConfig(dataset=str(tmp_path / "tree"), resolution=R, stored_size=2 * R),
+                            tmp_path / "stores")
+    assert real.size == 2 * R and real.images[0].shape == (3, 2 * R, 2 * R)
+    digits = load_real_images(DataConfig(resolution=R, stored_size=2 * R))
+    assert digits.size == 2 * R
+
+
+def test_a_store_smaller_than_the_views_is_refused(tmp_path: Path) -> None:
+    make_tree(tmp_path / "tree")
+    load_real_images(DataConfig(dataset=str(tmp_path / "tree"), resolution=R), tmp_path / "stores")
+    store = next((tmp_path / "stores").iterdir())
+    with pytest.raises(DataError, match=f"holds images at {R} px, smaller than the training resolution {2 * R}"):
+        load_real_images(DataConfig(dataset=str(store), resolution=2 * R))

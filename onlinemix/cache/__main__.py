@@ -94,7 +94,7 @@ def train_ids_of(desc: dict, cfg: Config) -> np.ndarray | None:
     try:
         data = DataConfig(dataset=desc["dataset"], resolution=desc["resolution"],
                           holdout_fraction=cfg.data.holdout_fraction)
-        return load_real_images(data).train_ids.numpy()
+        return load_real_images(data, cfg.store_root()).train_ids.numpy()
     except (KeyError, DataError, OSError) as e:
         print(f"note: cannot load the dataset of this key to measure coverage ({e})", file=sys.stderr)
         return None

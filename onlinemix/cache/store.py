@@ -89,7 +89,7 @@ def writer_for(cfg: Config, generator: VariationGenerator) -> ShardWriter:
     ``cache warm`` workers write through."""
     c = cfg.cache
     return ShardWriter(cfg.cache_root(), cache_key(generator.fingerprint, cfg.data.dataset),
-                       generator_description(generator, cfg.data.dataset), cfg.data.resolution, c.shard_pairs,
+                       generator_description(generator, cfg.data.dataset), generator.resolution, c.shard_pairs,
                        c.flush_s, int(c.max_gb * 1e9))
 
 

@@ -62,6 +62,10 @@ class PrepareError(RuntimeError):
     """The store cannot be prepared (or resumed) as asked."""
 
 
+class PrepareBusy(PrepareError):
+    """Another process is preparing the same store right now."""
+
+
 class DiskFull(PrepareError):
     """The disk (or quota, or file-size limit) ran out while writing; committed chunks are kept."""
 
@@ -292,7 +296,7 @@ def lock(root: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise PrepareError(f"another prepare is writing {root}; wait for it to finish") from None
+        raise PrepareBusy(f"another prepare is writing {root}; wait for it to finish") from None
     return fd
 
 

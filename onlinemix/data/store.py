@@ -163,6 +163,20 @@ class ImageStore:
     def __len__(self) -> int:
         return self.header["images"]
 
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(N, 3, S, S): the store reads like an in-memory uint8 image tensor of this shape."""
+        return (len(self), 3, self.size, self.size)
+
+    def __getitem__(self, index: int | slice | Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Tensor-style reads, so code written for an in-memory (N, 3, S, S) uint8 tensor reads the
+        store by id instead: an int gives one (3, S, S) image, a slice or ids a (B, 3, S, S) batch."""
+        if isinstance(index, slice):
+            return self.read(np.arange(len(self))[index])
+        if isinstance(index, (int, np.integer)) or (torch.is_tensor(index) and index.ndim == 0):
+            return self.read([int(index)])[0]
+        return self.read(index)
+
     def __repr__(self) -> str:
         return f"ImageStore({str(self.root)!r}: {len(self)} images, {self.format} {self.size} px)"
 
