@@ -273,3 +273,30 @@ def test_death_of_one_trainer_rank_stops_the_whole_job_cleanly(tmp_path: Path, n
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
+
+
+def test_an_image_folder_run_prepares_a_store_and_every_process_reads_it(tmp_path: Path, no_leaked_segments) -> None:
+    """An ImageFolder dataset: the run prepares a store once under the cache directory; the trainer
+    and the producer read it by id at the stored size (larger than the views), and so does the cache."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (tmp_path / "tree" / f"class{c}").mkdir(parents=True)
+        for i in range(24):
+            Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(tmp_path / "tree" / f"class{c}" / f"{i}.png")
+    proc = run_training("--data.dataset", str(tmp_path / "tree"), "--data.stored-size", "24", "--train.epochs", "2",
+                        "--train.batch-size", "16", "--generator.batch-size", "8", "--ring.slots", "64",
+                        "--probe.epochs", "20", "--data.resolution", "16", "--probe.knn-every", "0",
+                        "--output-dir", str(tmp_path), "--run-name", "folder")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stores = list((tmp_path / "cache" / "stores").iterdir())
+    assert len(stores) == 1 and json.loads((stores[0] / "store.json").read_text())["size"] == 24
+    rows = metrics(tmp_path / "folder")
+    assert rows[-1]["total_fresh"] > 0, "no synthetic view reached the trainer"
+    assert (tmp_path / "folder" / "probe.json").is_file()
+    from onlinemix.cache import cache_keys
+
+    described = list(cache_keys(tmp_path / "cache").values())
+    assert [d["resolution"] for d in described] == [24]  # pairs cached at the stored size, not the view size
