@@ -126,7 +126,11 @@ class CacheConfig:
                               "images has a cached variation", low=0.0, high=1.0)
     fingerprint: str = opt("", "offline mode: the generator fingerprint (or a prefix of it) to train from, "
                            "when the cache holds pairs of several generators for this dataset and guidance")
-    verify_reads: bool = opt(True, "check each cached pair's CRC32 when a trainer reads it")
+    verify_reads: bool = opt(True, "check each cached image's CRC32 when a trainer reads it")
+    format: str = opt("raw", "how new cache shards store the synthetic images: 'raw' uint8, lossless, read in place; "
+                      "'jpeg', several times smaller, decoded on read (on the GPU when training there). Each shard "
+                      "records its format, so a cache may hold both", choices=("raw", "jpeg"))
+    jpeg_quality: int = opt(95, "JPEG quality of cache.format=jpeg shards", low=1, high=100)
 
 
 @dataclass

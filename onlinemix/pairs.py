@@ -96,42 +96,43 @@ class PairSource:
                 self.ring.give_back(loan)
             raise
         pairs: dict[int, np.ndarray] = {i: loan.pair(i) for loan in loans for i in np.flatnonzero(loan.result.found)}
-        disk = self._from_cache(ids, epoch, result, pairs) if self.cache is not None else np.zeros(b, dtype=bool)
         real, other = self.gather(ids, pairs)
+        disk = self._from_cache(ids, epoch, result, other) if self.cache is not None else np.zeros(b, dtype=bool)
         synthetic = torch.from_numpy(result.found | disk)
         return BatchPairs(PairImages(real, other, synthetic, torch.from_numpy(ids).long()),
                           batch_stats(result, disk, waited), loans)
 
     def gather(self, ids: np.ndarray, pairs: dict[int, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's (real, second) uint8 (B, 3, R, R) images, copied out of the ring and the cache:
-        row i from ``pairs[i]`` where there is one, else the dataset's image ``ids[i]`` twice."""
+        """The batch's (real, second) uint8 (B, 3, R, R) images: row i copied out of the ring's ``pairs[i]``
+        where there is one, else the real image ``ids[i]`` twice, read from the images in one batch."""
         real = torch.empty((len(ids), *self.images.shape[1:]), dtype=torch.uint8)
         other = torch.empty_like(real)
-        for i, real_id in enumerate(ids.tolist()):
-            if i in pairs:
-                real[i], other[i] = torch.from_numpy(pairs[i])
-            else:
-                real[i] = other[i] = self.images[real_id]
+        for i, pair in pairs.items():
+            real[i], other[i] = torch.from_numpy(pair)
+        rest = [i for i in range(len(ids)) if i not in pairs]
+        if rest:
+            real[rest] = self.images[torch.from_numpy(ids[rest])]
+            other[rest] = real[rest]
         return real, other
 
-    def _from_cache(self, ids: np.ndarray, epoch: int, result: TakeResult, pairs: dict[int, np.ndarray]) -> np.ndarray:
-        """Fill what the ring could not from the disk cache (policy ``cached``, ``wait`` after its
-        timeout, and offline mode); ``result`` gets the age and reuse of the views served."""
+    def _from_cache(self, ids: np.ndarray, epoch: int, result: TakeResult, other: torch.Tensor) -> np.ndarray:
+        """Second views from the disk cache where the ring had none (policy ``cached``, ``wait`` after its
+        timeout, and offline mode): the cache holds the synthetic image, the real one is already in the
+        batch. ``result`` gets the age and reuse of the views served."""
         disk = np.zeros(len(ids), dtype=bool)
         if self.ring is not None and self.staleness.policy == "real":
             return disk
         if time.monotonic() - self._refreshed > CACHE_REFRESH_S:  # producers keep committing shards
             self.cache.refresh()
             self._refreshed = time.monotonic()
-        for i in np.flatnonzero(~result.found):
-            got = self.cache.take(int(ids[i]))
-            if got is None:
+        missing = np.flatnonzero(~result.found)
+        for i, served in zip(missing.tolist(), self.cache.take(ids[missing].tolist()), strict=True):
+            if served is None:
                 continue
-            pair, variation, uses = got
-            pairs[int(i)] = pair
+            other[i] = served.image
             disk[i] = True
-            result.age[i] = max(0, epoch - variation.epoch)
-            result.uses[i] = uses
+            result.age[i] = max(0, epoch - served.variation.epoch)
+            result.uses[i] = served.uses
         return disk
 
     def _wait_for_missing(self, ids: np.ndarray, positions: np.ndarray, epoch: int,

@@ -23,7 +23,6 @@ import textwrap
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -154,16 +153,16 @@ def torchvision_extractor(arch: str, weights: Path, size: int | None = None) -> 
 
 def cached_variations(cache: Path, dataset: str, ids: torch.Tensor, resolution: int,
                       guidance: float) -> torch.Tensor | None:
-    """One cached variation per image at this guidance scale, or None unless the cache has them all."""
+    """One cached variation per image at this guidance scale, or None unless the cache has them all.
+    A cache in an older layout is an error that says how to migrate it, not a reason to generate."""
     try:
         key = select_key(cache, dataset, resolution, guidance)
     except CacheError:
         return None
-    reader = CacheReader(cache, key, resolution)
-    taken = [reader.take(int(i)) for i in ids]
-    if any(t is None for t in taken):
+    served = CacheReader(cache, key, resolution).take(ids.tolist())
+    if any(s is None for s in served):
         return None
-    return torch.stack([torch.from_numpy(np.array(pair[1])) for pair, _, _ in taken])
+    return torch.stack([s.image for s in served])
 
 
 def variations_for(images: torch.Tensor, ids: torch.Tensor, gen_cfg: GeneratorConfig, guidance: float,

@@ -291,18 +291,19 @@ def wait_for_producers(port: TrainerPort, pool: ProducerPool | None, n: int) -> 
     log.info("producers ready after %.1fs", time.monotonic() - started)
 
 
-def open_online_cache(cfg: Config, port: TrainerPort, resolution: int) -> CacheReader:
-    """The disk cache the producers of this run write (their generator's key), read for older variations."""
+def open_online_cache(cfg: Config, port: TrainerPort, resolution: int, device: torch.device) -> CacheReader:
+    """The disk cache the producers of this run write (their generator's key), read for older variations
+    (JPEG shards decoded on the trainer's ``device``)."""
     return CacheReader(cfg.cache_root(), cache_key(port.fingerprint, cfg.data.dataset), resolution,
-                       cfg.cache.verify_reads)
+                       cfg.cache.verify_reads, device)
 
 
-def open_offline_cache(cfg: Config, train_ids: np.ndarray, resolution: int) -> CacheReader:
+def open_offline_cache(cfg: Config, train_ids: np.ndarray, resolution: int, device: torch.device) -> CacheReader:
     """The cache an offline run trains from (pairs at the stored size ``resolution``); refuses to start
     below ``cache.min_coverage``."""
     root = cfg.cache_root()
     key = select_key(root, cfg.data.dataset, resolution, cfg.generator.guidance, cfg.cache.fingerprint)
-    reader = CacheReader(root, key, resolution, cfg.cache.verify_reads)
+    reader = CacheReader(root, key, resolution, cfg.cache.verify_reads, device)
     covered = reader.coverage(train_ids)
     missing = int((~covered).sum())
     if covered.mean() < cfg.cache.min_coverage:
@@ -347,13 +348,13 @@ def run(argv: list[str] | None = None) -> dict | None:
     with ExitStack() as stack:
         pairs, port, pool = None, None, None
         if cfg.offline and synthetic and trainer.step < trainer.total_steps:
-            cache = open_offline_cache(cfg, trainer.schedule.train_ids, real.size)
+            cache = open_offline_cache(cfg, trainer.schedule.train_ids, real.size, accelerator.device)
             pairs = PairSource(None, cfg.staleness, real.images, cfg.ring.verify_checksums, lambda: None, cache)
         elif online and trainer.step < trainer.total_steps:
             port, pool = start_generation(cfg, accelerator, run_dir, trainer.schedule.global_batch, real.size, stack)
             wait_for_producers(port, pool, cfg.gen_gpus)
             health = pool.check if pool is not None else (lambda: None)
-            cache = open_online_cache(cfg, port, real.size) if cfg.cache.enabled else None
+            cache = open_online_cache(cfg, port, real.size, accelerator.device) if cfg.cache.enabled else None
             pairs = PairSource(port, cfg.staleness, real.images, cfg.ring.verify_checksums, health, cache)
         trainer.fit(pairs, port, pool)
     if not (cfg.probe.enabled and accelerator.is_main_process):

@@ -63,7 +63,6 @@ class Pairs:
     work: Work
     real: np.ndarray
     synthetic: np.ndarray
-    checksums: list[int] | None = None  # CRC32 per pair, once a sink computed them (the ring does)
 
 
 class WorkSource(Protocol):
@@ -84,7 +83,7 @@ class Sink(Protocol):
 
 
 class RingSink:
-    """Pairs into ring slots (waits while the ring is full); records each pair's CRC32 for the cache."""
+    """Pairs into ring slots (waits while the ring is full)."""
 
     def __init__(self, port: ProducerPort, max_age: int) -> None:
         self.port = port
@@ -92,15 +91,14 @@ class RingSink:
 
     def put(self, pairs: Pairs) -> None:
         w = pairs.work
-        pairs.checksums = self.port.write_pairs(pairs.real, pairs.synthetic, w.ids, w.positions, w.seeds,
-                                                w.epochs, self.max_age)
+        self.port.write_pairs(pairs.real, pairs.synthetic, w.ids, w.positions, w.seeds, w.epochs, self.max_age)
 
     def close(self) -> None:
         pass
 
 
 class CacheSink:
-    """Every pair into the disk cache, reusing the ring's CRC32 when there is one.
+    """Every pair's synthetic image into the disk cache (the real one is the image store's, read by id).
 
     A cache that stops accepting pairs (full disk: the writer warns and turns itself off) is an
     error when caching is the job (``required``, warm) and a warning otherwise (online training goes on).
@@ -111,10 +109,9 @@ class CacheSink:
         self.required = required
 
     def put(self, pairs: Pairs) -> None:
-        w, checksums = pairs.work, pairs.checksums
+        w = pairs.work
         for i in range(len(w.ids)):
-            checksum = checksums[i] if checksums is not None and i < len(checksums) else None
-            self.writer.add(int(w.ids[i]), w.seeds[i], int(w.epochs[i]), pairs.real[i], pairs.synthetic[i], checksum)
+            self.writer.add(int(w.ids[i]), w.seeds[i], int(w.epochs[i]), pairs.synthetic[i])
         if self.required and self.writer.disabled:
             raise CacheError(f"cache {self.writer.dir} stopped accepting pairs (see the warning above)")
 

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onlinemix.cache import CacheError, CacheReader, ShardWriter, cache_key, check_writable, select_key
+from isal.isal_zlib import crc32
+
+from onlinemix.cache import CacheError, CacheReader, Served, ShardWriter, cache_key, check_writable, select_key
 from onlinemix.cache.store import INDEX, SHARDS, evict_to_limit
 
 R = 8
@@ -33,25 +35,43 @@ def writer(root: Path, shard_pairs: int = 4, max_bytes: int = 0) -> ShardWriter:
 
 def write(w: ShardWriter, ids, seed: int = 0) -> None:
     for i in ids:
-        w.add(i, seed, 0, *pair(i, seed))
+        w.add(i, seed, 0, pair(i, seed)[1])
 
 
 def reader(root: Path) -> CacheReader:
     return CacheReader(root, KEY, R)
 
 
-def test_pairs_come_back_bit_exact_through_the_index(tmp_path: Path) -> None:
+def take(r: CacheReader, real_id: int) -> Served | None:
+    return r.take([real_id])[0]
+
+
+def test_synthetic_images_come_back_bit_exact_through_the_index(tmp_path: Path) -> None:
     w = writer(tmp_path)
     write(w, range(6))
-    w.close()  # 4 pairs in a full shard, 2 in the flushed partial one
+    w.close()  # 4 images in a full shard, 2 in the flushed partial one
     r = reader(tmp_path)
     assert len(r) == 6 and len(list((tmp_path / KEY / SHARDS).glob("*.npy"))) == 2
-    for i in range(6):
-        got, variation, uses = r.take(i)
+    served = r.take([*range(6), 99])
+    assert served[6] is None
+    for i, got in enumerate(served[:6]):
+        assert np.array_equal(got.image.numpy(), pair(i, 0)[1])
+        assert (got.variation.real_id, got.variation.seed, got.uses) == (i, 0, 0)
+
+
+def test_shards_hold_the_synthetic_images_and_no_real_ones(tmp_path: Path) -> None:
+    w = writer(tmp_path, shard_pairs=4)
+    write(w, range(4))
+    (shard,) = (tmp_path / KEY / SHARDS).glob("*.npy")
+    assert np.load(shard).shape == (4, 3, R, R)
+    data = shard.read_bytes()
+    assert len(data) == 4 * 3 * R * R + 128  # the pixels and the .npy header, nothing else
+    for i in range(4):
         real, synthetic = pair(i, 0)
-        assert np.array_equal(got[0], real) and np.array_equal(got[1], synthetic)
-        assert (variation.real_id, variation.seed, uses) == (i, 0, 0)
-    assert r.take(99) is None
+        assert synthetic.tobytes() in data and real.tobytes() not in data
+    record = json.loads(next((tmp_path / KEY / INDEX).glob("*.json")).read_text())
+    assert (record["version"], record["format"]) == (2, "raw")
+    assert record["checksums"] == [crc32(pair(i, 0)[1]) for i in range(4)]  # of the stored image alone
 
 
 def test_a_shard_is_invisible_until_its_commit_record_exists(tmp_path: Path) -> None:
@@ -70,7 +90,7 @@ def _write_forever(root: str, shard_pairs: int) -> None:
     big = np.random.default_rng(0).integers(0, 256, (3, R, R), dtype=np.uint8)
     i = 0
     while True:
-        w.add(i, 0, 0, big, big)
+        w.add(i, 0, 0, big)
         i += 1
 
 
@@ -85,17 +105,16 @@ def test_a_writer_killed_mid_shard_leaves_complete_shards_and_nothing_half_writt
     proc.join()
     r = reader(tmp_path)
     assert len(r) >= 48 and len(r) % 16 == 0  # only whole, committed shards are visible
-    for real_id in range(len(r)):
-        got = r.take(real_id)
-        assert got is not None and got[1].real_id == real_id  # every committed pair reads back, checksum intact
+    for real_id, got in enumerate(r.take(range(len(r)))):
+        assert got is not None and got.variation.real_id == real_id  # every committed image reads back, checksum intact
 
 
 def test_two_writers_at_once_do_not_corrupt_each_other(tmp_path: Path) -> None:
     a, b = writer(tmp_path), writer(tmp_path)
     b.name = a.name + "-other"  # two producers in one process still get distinct shard names
     for i in range(12):  # interleaved, as two producers write
-        a.add(i, 1, 0, *pair(i, 1))
-        b.add(i, 2, 0, *pair(i, 2))
+        a.add(i, 1, 0, pair(i, 1)[1])
+        b.add(i, 2, 0, pair(i, 2)[1])
     a.close()
     b.close()
     r = reader(tmp_path)
@@ -110,7 +129,7 @@ def test_selection_prefers_the_least_used_then_the_youngest_variation(tmp_path: 
     time.sleep(0.01)
     write(w, [5], seed=2)  # younger
     r = reader(tmp_path)
-    assert [r.take(5)[1].seed for _ in range(4)] == [2, 1, 2, 1]
+    assert [take(r, 5).variation.seed for _ in range(4)] == [2, 1, 2, 1]
 
 
 def test_refresh_sees_shards_committed_after_the_reader_opened(tmp_path: Path) -> None:
@@ -118,8 +137,8 @@ def test_refresh_sees_shards_committed_after_the_reader_opened(tmp_path: Path) -
     write(w, [0, 1])
     r = reader(tmp_path)
     write(w, [2, 3])
-    assert r.take(2) is None
-    assert r.refresh() == 2 and r.take(2) is not None
+    assert take(r, 2) is None
+    assert r.refresh() == 2 and take(r, 2) is not None
 
 
 def test_flipped_bytes_and_missing_shards_are_skipped_not_served(tmp_path: Path) -> None:
@@ -128,15 +147,15 @@ def test_flipped_bytes_and_missing_shards_are_skipped_not_served(tmp_path: Path)
     write(w, [0, 1], seed=7)
     shards = sorted((tmp_path / KEY / SHARDS).glob("*.npy"))
     data = bytearray(shards[0].read_bytes())
-    data[-5] ^= 0xFF  # inside the last pair of the first shard
+    data[-5] ^= 0xFF  # inside the last image of the first shard
     shards[0].write_bytes(bytes(data))
     r = reader(tmp_path)
-    assert [r.take(1)[1].seed for _ in range(3)] == [7, 7, 7]  # the corrupt variation is passed over
-    assert [r.take(0)[1].seed for _ in range(2)] == [7, 7]  # and its whole shard is skipped from then on
+    assert [take(r, 1).variation.seed for _ in range(3)] == [7, 7, 7]  # the corrupt variation is passed over
+    assert [take(r, 0).variation.seed for _ in range(2)] == [7, 7]  # and its whole shard is skipped from then on
     shards[1].unlink()
     r = reader(tmp_path)
-    assert r.take(0)[1].seed == 0  # pair 0 of the first shard is intact
-    assert r.take(1) is None  # its only other variation is corrupt, the intact one's shard is gone
+    assert take(r, 0).variation.seed == 0  # image 0 of the first shard is intact
+    assert take(r, 1) is None  # its only other variation is corrupt, the intact one's shard is gone
 
 
 def test_a_full_disk_stops_caching_with_a_warning_and_leaves_no_partial_file(tmp_path: Path, caplog) -> None:

@@ -1,5 +1,5 @@
-"""``python -m onlinemix.cache`` (``onlinemix-cache``): warm, inspect, verify, export and import the
-on-disk cache of generated pairs. Every subcommand takes the training config (``--config FILE`` and
+"""``python -m onlinemix.cache`` (``onlinemix-cache``): warm, inspect, verify, export, import and migrate
+the on-disk cache of generated images. Every subcommand takes the training config (``--config FILE`` and
 the same ``--section.key VALUE`` flags as training), so ``--cache.dir``, ``--data.dataset`` and the
 ``--generator.*`` settings mean exactly what they mean to a training run."""
 
@@ -8,15 +8,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from ..cli import add_config_options, parse_config_args
 from ..config import Config, ConfigError, DataConfig, load_config
-from ..data import DataError, load_real_images
+from ..data import DataError, RealImages, load_real_images
 from .maintenance import describe_keys, format_info, format_verify, key_info, quarantined, verify_key
-from .store import CacheError
+from .migrate import format_migrate, migrate
+from .store import FORMAT_VERSION, CacheError
 from .transfer import export, import_tars
 from ..warm import default_workers, summary, warm
 
@@ -29,8 +31,12 @@ COMMANDS = {
             "uncommitted leftovers",
     "verify": "check every committed shard against its record's CRC32s and shape; move corrupt ones to "
               "quarantine/<key>/ (exit status 1 when anything was quarantined); list orphan shards",
-    "export": "write the cache as webdataset tar shards of lossless PNG pairs",
-    "import": "read exported webdataset tar shards into the cache, skipping pairs already there",
+    "export": "write the cache as webdataset tar shards: each synthetic image as stored (lossless PNG for raw "
+              "shards, the JPEG itself for jpeg shards)",
+    "import": "read exported webdataset tar shards into the cache (their synthetic images; also tars of the old "
+              "layout's real + synthetic pairs), skipping variations already there",
+    "migrate": "convert a cache written in the old layout (real + synthetic pairs) in place to synthetic-only "
+               "shards in --cache.format (raw: bit for bit); resumable; stop runs writing the cache first",
 }
 
 EPILOG = """examples:
@@ -41,6 +47,7 @@ EPILOG = """examples:
   python -m onlinemix.cache verify --cache.dir /data/cache
   python -m onlinemix.cache export --out /data/cache-tars --cache.dir /data/cache
   python -m onlinemix.cache import /data/cache-tars --cache.dir /other/cache
+  python -m onlinemix.cache migrate --cache.dir /data/cache                      # after upgrading from format 1
 Run `python -m onlinemix.cache SUBCOMMAND --help` for a subcommand's options."""
 
 
@@ -71,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     help="directory for the tar shards, named <key>-NNNNNN.tar")
     commands["export"].add_argument("--key", action="append", default=[], metavar="PREFIX",
                                     help="export only keys starting with PREFIX (repeatable; default all keys)")
+    commands["export"].add_argument("--with-real", action="store_true",
+                                    help="also write each pair's real image (real.png), read by id from the key's "
+                                         "dataset, for readers outside onlinemix (import does not need it)")
     commands["export"].add_argument("--samples-per-tar", type=int, default=10_000, metavar="N",
                                     help="pairs per tar shard (default 10000)")
     commands["import"].add_argument("sources", nargs="+", metavar="SRC",
@@ -89,12 +99,16 @@ def run_warm(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if result.interrupted else 0
 
 
+def real_images_of(desc: dict, cfg: Config) -> RealImages:
+    """The real images of the dataset a key was made for, at the key's resolution (its stored size)."""
+    data = DataConfig(dataset=desc["dataset"], resolution=desc["resolution"], holdout_fraction=cfg.data.holdout_fraction)
+    return load_real_images(data, cfg.store_root())
+
+
 def train_ids_of(desc: dict, cfg: Config) -> np.ndarray | None:
     """The training ids of the dataset a key was made for, or None (with a note) when it cannot be loaded."""
     try:
-        data = DataConfig(dataset=desc["dataset"], resolution=desc["resolution"],
-                          holdout_fraction=cfg.data.holdout_fraction)
-        return load_real_images(data, cfg.store_root()).train_ids.numpy()
+        return real_images_of(desc, cfg).train_ids.numpy()
     except (KeyError, DataError, OSError) as e:
         print(f"note: cannot load the dataset of this key to measure coverage ({e})", file=sys.stderr)
         return None
@@ -129,19 +143,38 @@ def run_verify(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def run_export(cfg: Config, args: argparse.Namespace) -> int:
-    written = export(cfg.cache_root(), args.out, args.key, args.samples_per_tar)
+    def real_of(desc: dict) -> Callable[[int], np.ndarray]:
+        images = real_images_of(desc, cfg).images
+        if images.shape[-1] != desc["resolution"]:
+            raise DataError(f"dataset {desc['dataset']} gives {images.shape[-1]} px images, the cache holds "
+                            f"{desc['resolution']} px variations")
+        return lambda real_id: images[real_id].numpy()
+
+    written = export(cfg.cache_root(), args.out, args.key, args.samples_per_tar, real_of if args.with_real else None)
     for key, n in written.items():
         print(f"exported {n} pairs of {key} to {args.out}/{key}-*.tar")
     return 0
 
 
 def run_import(cfg: Config, args: argparse.Namespace) -> int:
-    added, skipped, keys = import_tars(cfg.cache_root(), args.sources, cfg.cache.shard_pairs)
+    added, skipped, keys = import_tars(cfg.cache_root(), args.sources, cfg.cache.shard_pairs, cfg.cache.format,
+                                       cfg.cache.jpeg_quality)
     print(f"imported {added} pairs, skipped {skipped} already cached; key(s) {', '.join(keys) or 'none'}")
     return 0
 
 
-RUNNERS = {"warm": run_warm, "info": run_info, "verify": run_verify, "export": run_export, "import": run_import}
+def run_migrate(cfg: Config, args: argparse.Namespace) -> int:
+    results = migrate(cfg.cache_root(), cfg.cache.format, cfg.cache.jpeg_quality)
+    for res in results:
+        print(format_migrate(res))
+    moved = sum(len(r["corrupt"]) for r in results)
+    print(f"migrate: {len(results)} key(s) in cache format {FORMAT_VERSION}" + (f"; {moved} corrupt shard(s) moved to "
+                                                                    f"{cfg.cache_root() / 'quarantine'}" if moved else ""))
+    return 1 if moved else 0
+
+
+RUNNERS = {"warm": run_warm, "info": run_info, "verify": run_verify, "export": run_export, "import": run_import,
+           "migrate": run_migrate}
 
 
 def main(argv: list[str] | None = None) -> None:

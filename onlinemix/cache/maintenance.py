@@ -1,7 +1,8 @@
 """``cache info`` and ``cache verify``: what a cache holds, and whether its bytes are still right.
 
 Both read the layout ``store`` writes (``<key>/shards/*.npy`` + ``<key>/index/*.json``). Only
-``verify`` ever moves anything, and only into ``quarantine/<key>/``: good data is never deleted.
+``verify`` ever moves anything, and only into ``quarantine/<key>/``: good data is never deleted. A key in
+the old layout is listed by ``info`` and refused by ``verify``, both naming ``cache migrate``.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import numpy as np
 from isal.isal_zlib import crc32
 from tqdm.auto import tqdm
 
-from .store import INDEX, QUARANTINE, SHARDS, cache_keys, read_record
+from .store import (FORMAT_VERSION, INDEX, MIGRATE_COMMAND, QUARANTINE, SHARDS, cache_keys, check_layout,
+                    read_record, record_variations, stored_image, version_of)
 
-RECORD_FIELDS = ("shard", "pairs", "resolution", "ids", "seeds", "epochs", "checksums")
+RECORD_FIELDS = ("version", "shard", "format", "pairs", "resolution", "ids", "seeds", "epochs", "checksums")
+OLD_RECORD = f"a commit record of cache format 1 (real + synthetic pairs): `{MIGRATE_COMMAND}` converts it"
 
 
 @dataclass
@@ -69,13 +72,16 @@ def key_info(root: Path, key: str, desc: dict, train_ids: np.ndarray | None) -> 
     training images that have a variation (images without one then show in the histogram as 0)."""
     files = scan_key(root, key)
     per_id: Counter[int] = Counter()
+    formats: Counter[str] = Counter()
     for record, _ in committed_records(root, key):
         per_id.update(record["ids"])
+        formats[record.get("format", "pairs")] += record["pairs"]
     ids = list(per_id) if train_ids is None else [int(i) for i in train_ids]
     identity = desc.get("identity", {})
     info = {"key": key, "model": identity.get("model"), "guidance": identity.get("guidance"),
             "resolution": desc.get("resolution"), "dataset": desc.get("dataset"),
-            "fingerprint": desc.get("fingerprint"), "pairs": sum(per_id.values()), "images": len(per_id),
+            "fingerprint": desc.get("fingerprint"), "version": version_of(desc), "formats": dict(sorted(formats.items())),
+            "pairs": sum(per_id.values()), "images": len(per_id),
             "variations_histogram": dict(sorted(Counter(per_id[i] for i in ids).items())),
             "shards": len(files.committed), "bytes": disk_bytes(root / key),
             "orphan_shards": [p.name for p in files.orphans], "dangling_records": [p.name for p in files.dangling],
@@ -91,11 +97,15 @@ def format_info(info: dict) -> str:
     lines = [f"{info['key']}",
              f"  generator   {info['model']}, guidance {info['guidance']}, resolution {info['resolution']}, "
              f"dataset {info['dataset']!r}",
-             f"  pairs       {info['pairs']} in {info['shards']} shard(s), {info['bytes'] / 1e6:.1f} MB on disk",
+             f"  pairs       {info['pairs']} in {info['shards']} shard(s) ("
+             + ", ".join(f"{fmt} {n}" for fmt, n in info["formats"].items()) + f"), {info['bytes'] / 1e6:.1f} MB on disk",
              f"  images      {info['images']} with at least one variation"
              + (f" = {100 * info['coverage']:.1f}% of the {info['train_images']} training images"
                 if "coverage" in info else ""),
              f"  variations per image (variations: images)  {hist}"]
+    if info["version"] < FORMAT_VERSION:
+        lines.append(f"  layout      cache format {info['version']} (real + synthetic pairs): readers refuse it until "
+                     f"`{MIGRATE_COMMAND}` converts it")
     leftovers = [(info["orphan_shards"], "shard(s) without a commit record (invisible to readers; "
                                          "`verify --quarantine-orphans` moves them)"),
                  (info["dangling_records"], "commit record(s) whose shard is missing (`verify` quarantines them)"),
@@ -116,22 +126,27 @@ def quarantined(root: Path) -> dict[str, int]:
 # ----------------------------------------------------------------------------- verify
 
 def check_shard(record_path: Path, shard: Path) -> str | None:
-    """Why a committed shard is unusable, or None when every pair matches its record."""
+    """Why a committed shard is unusable, or None when every stored image matches its record's CRC32."""
     record = read_record(record_path)
-    if record is None or any(f not in record for f in RECORD_FIELDS):
+    if record is not None and version_of(record) < FORMAT_VERSION:
+        return OLD_RECORD
+    if record is None or any(f not in record for f in RECORD_FIELDS) or (
+            record["format"] == "jpeg" and "lengths" not in record):
         return "unreadable or incomplete commit record"
-    r, n = record["resolution"], record["pairs"]
+    r, n, fmt = record["resolution"], record["pairs"], record["format"]
+    lists = ("ids", "seeds", "epochs", "checksums") + (("lengths",) if fmt == "jpeg" else ())
+    if not all(len(record[f]) == n for f in lists):
+        return "record lists do not have one entry per image"
     try:
-        pairs = np.load(shard, mmap_mode="r")
+        data = np.load(shard, mmap_mode="r")
     except (OSError, ValueError) as e:
         return f"unreadable shard ({e})"
-    if pairs.dtype != np.uint8 or pairs.shape != (n, 2, 3, r, r):
-        return f"shard is {pairs.dtype} {pairs.shape}, the record says uint8 {(n, 2, 3, r, r)}"
-    if not all(len(record[f]) == n for f in ("ids", "seeds", "epochs", "checksums")):
-        return "record lists do not have one entry per pair"
-    bad = [row for row in range(n) if crc32(pairs[row]) != record["checksums"][row]]
+    expected = (n, 3, r, r) if fmt == "raw" else (sum(record["lengths"]),)
+    if data.dtype != np.uint8 or data.shape != expected:
+        return f"{fmt} shard is {data.dtype} {data.shape}, the record says uint8 {expected}"
+    bad = [v.row for v in record_variations(record) if crc32(stored_image(data, v)) != v.checksum]
     if bad:
-        return f"{len(bad)} of {n} pairs fail their CRC32 (first: row {bad[0]})"
+        return f"{len(bad)} of {n} {fmt} images fail their CRC32 (first: row {bad[0]})"
     return None
 
 
@@ -145,13 +160,17 @@ def quarantine(root: Path, key: str, *paths: Path) -> None:
 
 
 def verify_key(root: Path, key: str, quarantine_orphans: bool) -> dict:
-    """Check every committed shard of a key; quarantine the corrupt ones (and orphans when asked)."""
+    """Check every committed shard of a key; quarantine the corrupt ones (and orphans when asked). Records
+    of the old layout are listed, not moved: ``migrate`` converts them."""
+    check_layout(root, [key])
     files = scan_key(root, key)
-    corrupt = {}
+    corrupt, old = {}, []
     for record, shard in tqdm(files.committed, desc=f"verify {key[:16]}", unit="shard", dynamic_ncols=True,
                               leave=False):
         reason = check_shard(record, shard)
-        if reason:
+        if reason == OLD_RECORD:
+            old.append(shard.name)
+        elif reason:
             corrupt[shard.name] = reason
             quarantine(root, key, record, shard)
     for record in files.dangling:
@@ -159,16 +178,19 @@ def verify_key(root: Path, key: str, quarantine_orphans: bool) -> dict:
         quarantine(root, key, record)
     if quarantine_orphans and files.orphans:
         quarantine(root, key, *files.orphans)
-    return {"key": key, "shards": len(files.committed), "corrupt": corrupt,
+    return {"key": key, "shards": len(files.committed), "corrupt": corrupt, "old_layout": old,
             "orphans": [p.name for p in files.orphans], "orphans_quarantined": quarantine_orphans,
             "temporary_files": [p.name for p in files.temporary]}
 
 
 def format_verify(res: dict) -> str:
-    good = res["shards"] - sum(1 for name in res["corrupt"] if name.endswith(".npy"))
+    good = res["shards"] - sum(1 for name in res["corrupt"] if name.endswith(".npy")) - len(res["old_layout"])
     lines = [f"{res['key']}: {good} of {res['shards']} committed shard(s) good"]
     for name, reason in res["corrupt"].items():
         lines.append(f"  QUARANTINED {name}: {reason}")
+    if res["old_layout"]:
+        lines.append(f"  {len(res['old_layout'])} shard(s) in the old layout, left alone (`{MIGRATE_COMMAND}` "
+                     f"converts them): {', '.join(res['old_layout'][:5])}{' ...' if len(res['old_layout']) > 5 else ''}")
     if res["orphans"]:
         verb = "moved to quarantine" if res["orphans_quarantined"] else \
             "kept; readers ignore them (--quarantine-orphans moves them)"

@@ -1,17 +1,30 @@
-"""Persistent on-disk cache of generated (real, synthetic) pairs.
+"""Persistent on-disk cache of generated synthetic images, served as (real, synthetic) pairs.
 
-Every pair a producer generates costs GPU-seconds, so it is also written here, and later
-epochs, later runs and offline training (no generator at all) reuse it.
+Every variation a producer generates costs GPU-seconds, so it is also written here, and later
+epochs, later runs and offline training (no generator at all) reuse it. Only the synthetic side is
+stored: the real image of a pair is read from the run's image store by id when the pair is served
+(``RealImages.images``), so ImageNet-1K costs one copy of its real images, not one per variation.
 
-Layout under the cache root (``cache.dir``)::
+Layout under the cache root (``cache.dir``), format version 2::
 
-    <key>/generator.json       what made these pairs: generator identity, dataset, resolution
-    <key>/shards/<name>.npy    uint8 (n, 2, 3, R, R): n pairs, real then synthetic
-    <key>/index/<name>.json    the shard's commit record: ids, seeds, epochs, CRC32 of each pair
+    <key>/generator.json       what made these images: format version, generator identity, dataset, resolution
+    <key>/shards/<name>.npy    raw:  uint8 (n, 3, R, R), n synthetic images
+                               jpeg: uint8 (total bytes,), n baseline JPEGs back to back
+    <key>/index/<name>.json    the shard's commit record: version, format (raw | jpeg), quality and the
+                               byte length of each JPEG (jpeg), ids, seeds, epochs, CRC32 of each stored image
     quarantine/<key>/...       shards (and records) that ``verify`` found corrupt
 
 ``<key>`` is the generator fingerprint (which covers model, dtype, scheduler, steps,
-guidance and resolution) joined to a digest of the dataset, whose image ids the pairs use.
+guidance and resolution) joined to a digest of the dataset, whose image ids the images use.
+The format is in each shard's record, not in the key: a raw and a JPEG copy of a variation
+are the same variation (same generator, image and seed), so switching ``cache.format`` keeps
+what is cached usable and ``cache warm`` does not generate it again; readers decode each shard
+as its record says, so the two are never confused. The CRC32 covers the stored bytes (the
+pixels, or the JPEG), so ``verify`` checks a shard without decoding it.
+
+Version 1 shards held uint8 (n, 2, 3, R, R) pairs, the real image beside its variation;
+readers and writers refuse such a key, naming ``python -m onlinemix.cache migrate``, which
+rewrites it in place (``migrate.py``).
 
 Crash safety: a shard is written under a temporary name, fsynced and renamed into place;
 only then is its index record written the same way. The record is the commit: a reader
@@ -21,8 +34,9 @@ nodes sharing the filesystem) never touch the same file: shard names carry host,
 a sequence number. The index records are small, so "the variations of image i" is a
 dictionary lookup after reading them, never a scan of the shards.
 
-Raw uint8 arrays read through ``mmap`` were chosen over compressed formats by measurement
-(``bench/cache.py``); the cache is lossless.
+Raw uint8 arrays read through ``mmap`` are the default, chosen by measurement (``bench/cache.py``):
+the fastest reads and lossless; ``jpeg`` trades a decode per read (nvJPEG when training on a
+GPU) and a small loss for several times less disk.
 """
 
 from __future__ import annotations
@@ -34,11 +48,13 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from isal.isal_zlib import crc32
 
 from ..files import write_atomically
@@ -49,9 +65,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: shards of (real, synthetic) pairs; 2: the synthetic image only, raw or JPEG
+FORMATS = ("raw", "jpeg")
 GENERATOR_FILE = "generator.json"
 SHARDS, INDEX, QUARANTINE = "shards", "index", "quarantine"
+MIGRATE_COMMAND = "python -m onlinemix.cache migrate"
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
@@ -60,12 +78,40 @@ class CacheError(RuntimeError):
 
 
 def cache_key(fingerprint: str, dataset: str) -> str:
-    """Directory name of one generator's pairs for one dataset (ids mean nothing across datasets)."""
+    """Directory name of one generator's images for one dataset (ids mean nothing across datasets)."""
     return f"{fingerprint}-{hashlib.sha256(dataset.encode()).hexdigest()[:8]}"
 
 
+def version_of(description: dict) -> int:
+    """The format version a key's ``generator.json`` was written in (version 1 did not record one)."""
+    return description.get("version", 1)
+
+
+def layout_error(root: Path, keys: Sequence[str]) -> CacheError:
+    """What to do about keys written in another format version: the one message every refusal gives."""
+    return CacheError(
+        f"cache {root} holds {len(keys)} key(s) written in an older layout ({', '.join(keys[:3])}"
+        f"{' ...' if len(keys) > 3 else ''}: cache format 1, shards of real + synthetic pairs); this version "
+        f"stores the synthetic image only and reads the real one from the image store. Convert it in place, "
+        f"keeping every variation bit for bit (resumable; stop runs that write this cache first): "
+        f"`{MIGRATE_COMMAND} --cache.dir {root}`")
+
+
+def check_layout(root: Path, keys: Iterable[str] | None = None) -> None:
+    """Refuse a cache whose keys (all of them, or ``keys``) are not in the current format version."""
+    chosen = {k: version_of(d) for k, d in cache_keys(root).items() if keys is None or k in keys}
+    newer = [k for k, v in chosen.items() if v > FORMAT_VERSION]
+    if newer:
+        raise CacheError(f"cache {root}: key(s) {', '.join(newer)} were written by a newer onlinemix (cache format "
+                         f"{chosen[newer[0]]}; this one reads {FORMAT_VERSION}): upgrade onlinemix")
+    old = [k for k, v in chosen.items() if v < FORMAT_VERSION]
+    if old:
+        raise layout_error(root, old)
+
+
 def check_writable(root: Path) -> None:
-    """Fail at start, not mid-run, when the cache directory cannot be written."""
+    """Fail at start, not mid-run, when the cache directory cannot be written, or holds keys in an
+    older layout that new shards must not be mixed into."""
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".write-test-{socket.gethostname()}-{os.getpid()}"
@@ -74,98 +120,165 @@ def check_writable(root: Path) -> None:
     except OSError as e:
         raise CacheError(f"cache directory {root} is not writable ({e.strerror or e}); set cache.dir to a "
                          f"writable directory, or cache.enabled=false to train without caching") from e
+    check_layout(root)
+
+
+# ----------------------------------------------------------------------------- formats
+
+def encode_jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+    """uint8 (3, R, R) -> baseline JPEG bytes (torchvision, libjpeg's default 4:2:0 chroma)."""
+    from torchvision.io import encode_jpeg as encode  # jpeg caches only: raw writers skip the import
+
+    return encode(torch.from_numpy(np.array(image)), quality=quality).numpy()  # a copy: mapped shards are read-only
+
+
+def decode_images(stored: Sequence[tuple[str, np.ndarray]], resolution: int,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Stored images (format, bytes) -> uint8 (k, 3, R, R) on the CPU. JPEGs are decoded in one batched
+    call on ``device`` (nvJPEG on a GPU: faster than a CPU core by far, and the copy back is cheap)."""
+    out = torch.empty((len(stored), 3, resolution, resolution), dtype=torch.uint8)
+    jpegs = [j for j, (fmt, _) in enumerate(stored) if fmt == "jpeg"]
+    for j, (fmt, data) in enumerate(stored):
+        if fmt == "raw":
+            out.numpy()[j] = data
+    if jpegs:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        decoded = decode_jpeg([torch.from_numpy(np.array(stored[j][1])) for j in jpegs], mode=ImageReadMode.RGB,
+                              device=device)
+        out[jpegs] = torch.stack(decoded).cpu()
+    return out
 
 
 # ----------------------------------------------------------------------------- writing
 
 def generator_description(generator: VariationGenerator, dataset: str) -> dict:
-    """What ``generator.json`` records of the pairs' origin; offline runs select keys by its dataset,
+    """What ``generator.json`` records of the images' origin; offline runs select keys by its dataset,
     resolution and ``identity.guidance`` (``select_key``)."""
     return {"fingerprint": generator.fingerprint, "identity": generator.identity(), "dataset": dataset}
 
 
 def writer_for(cfg: Config, generator: VariationGenerator) -> ShardWriter:
-    """A writer into ``cfg``'s cache under this generator's and dataset's key: what producers and
-    ``cache warm`` workers write through."""
+    """A writer into ``cfg``'s cache under this generator's and dataset's key, in ``cache.format``: what
+    producers and ``cache warm`` workers write through."""
     c = cfg.cache
     return ShardWriter(cfg.cache_root(), cache_key(generator.fingerprint, cfg.data.dataset),
                        generator_description(generator, cfg.data.dataset), generator.resolution, c.shard_pairs,
-                       c.flush_s, int(c.max_gb * 1e9))
+                       c.flush_s, int(c.max_gb * 1e9), c.format, c.jpeg_quality)
+
+
+def write_description(key_dir: Path, resolution: int, description: dict) -> None:
+    """``generator.json`` in the current format version (atomically: readers select keys by it)."""
+    write_atomically(key_dir / GENERATOR_FILE, lambda f: f.write(json.dumps(
+        {**description, "version": FORMAT_VERSION, "resolution": resolution}, indent=2).encode()))
+
+
+def shard_record(name: str, fmt: str, quality: int, resolution: int, rows: Sequence[tuple[int, int, int, int]],
+                 lengths: Sequence[int], created: float) -> dict:
+    """The commit record of a shard of ``rows`` (real id, seed, epoch, CRC32 of the stored image)."""
+    record = {"version": FORMAT_VERSION, "shard": f"{name}.npy", "format": fmt, "pairs": len(rows),
+              "resolution": resolution, "created": created, "ids": [r[0] for r in rows],
+              "seeds": [r[1] for r in rows], "epochs": [r[2] for r in rows], "checksums": [r[3] for r in rows]}
+    if fmt == "jpeg":
+        record.update(quality=quality, lengths=list(lengths))
+    return record
+
+
+def commit_shard(key_dir: Path, data: np.ndarray, record: dict) -> None:
+    """Write a shard, then its commit record, each atomically; on failure nothing is left visible."""
+    shard = key_dir / SHARDS / record["shard"]
+    try:
+        write_atomically(shard, lambda f: np.save(f, data))
+        write_atomically(key_dir / INDEX / f"{shard.stem}.json", lambda f: f.write(json.dumps(record).encode()))
+    except OSError:
+        shard.unlink(missing_ok=True)  # committed records only: a shard without one is garbage
+        raise
 
 
 class ShardWriter:
-    """Buffers one producer's pairs and commits them to the cache a shard at a time.
+    """Buffers one producer's synthetic images and commits them to the cache a shard at a time.
 
     A full disk (or quota, or file-size limit) is not fatal: the writer logs one warning,
     removes what it had half-written and stops caching, and training goes on.
     """
 
     def __init__(self, root: Path, key: str, description: dict, resolution: int, shard_pairs: int,
-                 flush_s: float, max_bytes: int = 0) -> None:
+                 flush_s: float, max_bytes: int = 0, fmt: str = "raw", quality: int = 95) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"cache format must be one of {FORMATS}, not {fmt!r}")
         self.dir = root / key
         self.resolution = resolution
         self.shard_pairs = shard_pairs
         self.flush_s = flush_s
         self.max_bytes = max_bytes
+        self.format = fmt
+        self.quality = quality
         self.root = root
         self.name = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns():x}"
         self.sequence = 0
         self.disabled = False
         self.committed = 0
-        self._pairs = np.empty((shard_pairs, 2, 3, resolution, resolution), dtype=np.uint8)
-        self._rows: list[tuple[int, int, int, int]] = []  # real id, seed, epoch, CRC32
+        self._pixels = np.empty((shard_pairs if fmt == "raw" else 0, 3, resolution, resolution), dtype=np.uint8)
+        self._jpegs: list[np.ndarray] = []
+        self._rows: list[tuple[int, int, int, int]] = []  # real id, seed, epoch, CRC32 of the stored bytes
         self._last_flush = time.monotonic()
         try:
             (self.dir / SHARDS).mkdir(parents=True, exist_ok=True)
             (self.dir / INDEX).mkdir(parents=True, exist_ok=True)
-            meta = self.dir / GENERATOR_FILE
-            if not meta.exists():
-                write_atomically(meta, lambda f: f.write(json.dumps(
-                    {"format": FORMAT_VERSION, "resolution": resolution, **description}, indent=2).encode()))
+            if not (self.dir / GENERATOR_FILE).exists():
+                write_description(self.dir, resolution, description)
         except OSError as e:
             self._give_up(e)
 
-    def add(self, real_id: int, seed: int, epoch: int, real: np.ndarray, synthetic: np.ndarray,
-            checksum: int | None = None) -> None:
-        """Buffer one pair. ``checksum`` is its CRC32 when the caller has it already (the ring's
-        ``write`` returns the same value for the same pair), else it is computed here."""
+    def add(self, real_id: int, seed: int, epoch: int, synthetic: np.ndarray) -> None:
+        """Buffer one synthetic image (uint8 (3, R, R)) of real image ``real_id``, encoded as the cache's format."""
         if self.disabled:
             return
-        row = len(self._rows)
-        self._pairs[row, 0] = real
-        self._pairs[row, 1] = synthetic
-        self._rows.append((real_id, seed, epoch, crc32(self._pairs[row]) if checksum is None else checksum))
+        if self.format == "raw":
+            stored = self._pixels[len(self._rows)]
+            stored[...] = synthetic
+        else:
+            stored = encode_jpeg(synthetic, self.quality)
+            self._jpegs.append(stored)
+        self._append(real_id, seed, epoch, stored)
+
+    def add_jpeg(self, real_id: int, seed: int, epoch: int, data: np.ndarray) -> None:
+        """Buffer an already encoded JPEG as it is (import: a JPEG is never decoded and encoded again)."""
+        if self.format != "jpeg":
+            raise ValueError(f"add_jpeg needs a jpeg writer; this one writes {self.format}")
+        if self.disabled:
+            return
+        self._jpegs.append(data)
+        self._append(real_id, seed, epoch, data)
+
+    def _append(self, real_id: int, seed: int, epoch: int, stored: np.ndarray) -> None:
+        self._rows.append((real_id, seed, epoch, crc32(stored)))
         if len(self._rows) == self.shard_pairs or time.monotonic() - self._last_flush >= self.flush_s:
             self.flush()
 
     def flush(self) -> None:
-        """Commit the buffered pairs as one shard (nothing to do when the buffer is empty)."""
+        """Commit the buffered images as one shard (nothing to do when the buffer is empty)."""
         self._last_flush = time.monotonic()
         if self.disabled or not self._rows:
             return
         n = len(self._rows)
-        pairs = self._pairs[:n]
-        name = f"{self.name}-{self.sequence:06d}"
-        shard = self.dir / SHARDS / f"{name}.npy"
-        record = {"shard": shard.name, "pairs": n, "resolution": self.resolution, "created": time.time(),
-                  "ids": [r[0] for r in self._rows], "seeds": [r[1] for r in self._rows],
-                  "epochs": [r[2] for r in self._rows], "checksums": [r[3] for r in self._rows]}
+        data = self._pixels[:n] if self.format == "raw" else np.concatenate(self._jpegs)
+        record = shard_record(f"{self.name}-{self.sequence:06d}", self.format, self.quality, self.resolution,
+                              self._rows, [len(j) for j in self._jpegs], time.time())
         try:
-            write_atomically(shard, lambda f: np.save(f, pairs))
-            write_atomically(self.dir / INDEX / f"{name}.json", lambda f: f.write(json.dumps(record).encode()))
+            commit_shard(self.dir, data, record)
         except OSError as e:
-            shard.unlink(missing_ok=True)  # committed records only: a shard without one is garbage
             self._give_up(e)
             return
         self.sequence += 1
         self.committed += n
-        self._rows = []
+        self._rows, self._jpegs = [], []
         if self.max_bytes:
             evict_to_limit(self.root, self.max_bytes)
 
     def _give_up(self, e: OSError) -> None:
         self.disabled = True
-        self._rows = []
+        self._rows, self._jpegs = [], []
         kind = "the disk is full" if e.errno in DISK_FULL_ERRNOS else "it cannot be written"
         log.warning("cache %s: %s (%s); training goes on without caching new pairs", self.dir, kind,
                     e.strerror or e)
@@ -176,9 +289,9 @@ class ShardWriter:
 
 # ----------------------------------------------------------------------------- reading
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Variation:
-    """One cached pair: where it lies and what made it."""
+    """One cached synthetic image: where it lies and what made it."""
     shard: str
     row: int
     real_id: int
@@ -186,6 +299,17 @@ class Variation:
     epoch: int
     created: float
     checksum: int
+    format: str = "raw"
+    offset: int = 0  # jpeg: where its bytes start in the shard, and how many
+    length: int = 0
+
+
+@dataclass(frozen=True)
+class Served:
+    """A variation taken from the cache: its synthetic image (the real one is the image store's)."""
+    image: torch.Tensor  # uint8 (3, R, R), on the CPU
+    variation: Variation
+    uses: int            # times it served before in this process
 
 
 def read_record(path: Path) -> dict | None:
@@ -197,17 +321,39 @@ def read_record(path: Path) -> dict | None:
         return None
 
 
+def record_variations(record: dict) -> list[Variation]:
+    """The variations a (current version) commit record lists, in shard order."""
+    fmt, rows = record["format"], zip(record["ids"], record["seeds"], record["epochs"], record["checksums"])
+    if fmt == "raw":
+        return [Variation(record["shard"], row, *r[:3], record["created"], r[3])
+                for row, r in enumerate(rows)]
+    offsets = np.concatenate([[0], np.cumsum(record["lengths"])]).tolist()
+    return [Variation(record["shard"], row, *r[:3], record["created"], r[3], fmt, offsets[row], length)
+            for row, (r, length) in enumerate(zip(rows, record["lengths"]))]
+
+
+def stored_image(data: np.ndarray, v: Variation) -> np.ndarray | None:
+    """The stored bytes of ``v`` in its mapped shard (pixels, or a JPEG), or None when the shard is too short."""
+    if v.format == "raw":
+        return data[v.row] if v.row < len(data) else None
+    return data[v.offset:v.offset + v.length] if v.offset + v.length <= len(data) else None
+
+
 class CacheReader:
     """The variations of each image for one cache key, read in place through ``mmap``.
 
     ``refresh`` picks up shards committed since the last call (producers keep writing
     during a run). Selection prefers the least-used variation, then the youngest.
+    JPEG shards are decoded on ``device`` (a trainer's GPU: nvJPEG); images come back on the CPU.
     """
 
-    def __init__(self, root: Path, key: str, resolution: int, verify: bool = True) -> None:
+    def __init__(self, root: Path, key: str, resolution: int, verify: bool = True,
+                 device: torch.device | str = "cpu") -> None:
+        check_layout(root, [key])
         self.dir = root / key
         self.resolution = resolution
         self.verify = verify
+        self.device = device
         self._by_id: dict[int, list[Variation]] = {}
         self._seen: set[str] = set()
         self._bad: set[str] = set()
@@ -216,7 +362,7 @@ class CacheReader:
         self.refresh()
 
     def refresh(self) -> int:
-        """Read commit records not seen yet; returns how many pairs they added."""
+        """Read commit records not seen yet; returns how many images they added."""
         added = 0
         index = self.dir / INDEX
         if not index.is_dir():
@@ -228,10 +374,12 @@ class CacheReader:
             record = read_record(path)
             if record is None or record.get("resolution") != self.resolution:
                 continue
-            for row, (real_id, seed, epoch, checksum) in enumerate(zip(
-                    record["ids"], record["seeds"], record["epochs"], record["checksums"])):
-                self._by_id.setdefault(real_id, []).append(
-                    Variation(record["shard"], row, real_id, seed, epoch, record["created"], checksum))
+            if version_of(record) != FORMAT_VERSION:
+                log.warning("cache: record %s is in cache format %d, not %d; its images are skipped (%s converts "
+                            "it)", path, version_of(record), FORMAT_VERSION, MIGRATE_COMMAND)
+                continue
+            for v in record_variations(record):
+                self._by_id.setdefault(v.real_id, []).append(v)
             added += record["pairs"]
         return added
 
@@ -245,49 +393,59 @@ class CacheReader:
         """For each id: does the cache hold at least one variation of it?"""
         return np.array([bool(self.variations(int(i))) for i in ids], dtype=bool)
 
-    def _shard(self, name: str) -> np.ndarray | None:
+    def _shard(self, name: str, fmt: str) -> np.ndarray | None:
         if name not in self._maps:
             try:
-                # Copy-on-write: writable for torch.from_numpy, while the file itself is never modified.
-                pairs = np.load(self.dir / SHARDS / name, mmap_mode="c")
+                data = np.load(self.dir / SHARDS / name, mmap_mode="r")
             except (OSError, ValueError) as e:
-                log.warning("cache: shard %s is unreadable (%s); its pairs are skipped", name, e)
+                log.warning("cache: shard %s is unreadable (%s); its images are skipped", name, e)
                 self._bad.add(name)
                 return None
-            if pairs.ndim != 5 or pairs.shape[1:] != (2, 3, self.resolution, self.resolution):
-                log.warning("cache: shard %s has shape %s, not (n, 2, 3, %d, %d); skipped", name, pairs.shape,
-                            self.resolution, self.resolution)
+            expected = (3, self.resolution, self.resolution) if fmt == "raw" else ()
+            if data.dtype != np.uint8 or data.shape[1:] != expected or data.ndim != len(expected) + 1:
+                log.warning("cache: %s shard %s is %s %s, not uint8 (n, %s); skipped", fmt, name, data.dtype,
+                            data.shape, ", ".join(map(str, expected)))
                 self._bad.add(name)
                 return None
-            self._maps[name] = pairs
+            self._maps[name] = data
         return self._maps[name]
 
-    def read(self, v: Variation) -> np.ndarray | None:
-        """The (2, 3, R, R) pair, read in place; None when its shard is missing or the pair is corrupt."""
-        pairs = self._shard(v.shard)
-        if pairs is None or v.row >= len(pairs):
-            return None
-        pair = pairs[v.row]
-        if self.verify and crc32(pair) != v.checksum:
-            log.warning("cache: pair %d of shard %s fails its checksum; the shard is skipped (run "
+    def _stored(self, v: Variation) -> np.ndarray | None:
+        """The stored bytes of a variation, CRC-checked; None when its shard is missing or it is corrupt."""
+        data = self._shard(v.shard, v.format)
+        stored = None if data is None else stored_image(data, v)
+        if stored is not None and self.verify and crc32(stored) != v.checksum:
+            log.warning("cache: image %d of shard %s fails its checksum; the shard is skipped (run "
                         "`python -m onlinemix.cache verify` to quarantine it)", v.row, v.shard)
             self._bad.add(v.shard)
             return None
-        return pair
+        return stored
 
-    def take(self, real_id: int) -> tuple[np.ndarray, Variation, int] | None:
-        """Serve the least-used, then youngest, readable variation of an image: (pair, variation,
-        times it served before in this process), or None when the cache has none."""
+    def read(self, v: Variation) -> torch.Tensor | None:
+        """The synthetic image (3, R, R) of one variation, decoded; None when it is missing or corrupt."""
+        stored = self._stored(v)
+        return None if stored is None else decode_images([(v.format, stored)], self.resolution, self.device)[0]
+
+    def _choose(self, real_id: int) -> tuple[Variation, np.ndarray, int] | None:
+        """The least-used, then youngest, readable variation of an image, its stored bytes and prior uses."""
         while True:
             candidates = self.variations(real_id)
             if not candidates:
                 return None
             best = min(candidates, key=lambda v: (self._uses.get((v.shard, v.row), 0), -v.created, -v.epoch))
-            pair = self.read(best)
-            if pair is not None:
+            stored = self._stored(best)
+            if stored is not None:
                 uses = self._uses.get((best.shard, best.row), 0)
                 self._uses[(best.shard, best.row)] = uses + 1
-                return pair, best, uses
+                return best, stored, uses
+
+    def take(self, real_ids: Iterable[int]) -> list[Served | None]:
+        """Serve one variation of each image (None where the cache has none readable); the JPEGs among
+        them are decoded in one batched call."""
+        chosen = [self._choose(int(i)) for i in real_ids]
+        found = [c for c in chosen if c is not None]
+        images = iter(decode_images([(v.format, stored) for v, stored, _ in found], self.resolution, self.device))
+        return [None if c is None else Served(next(images), c[0], c[2]) for c in chosen]
 
 
 def cache_keys(root: Path) -> dict[str, dict]:

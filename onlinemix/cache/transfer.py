@@ -1,17 +1,19 @@
 """``cache export`` / ``cache import``: the cache as webdataset tar shards, and back.
 
-Tars of lossless PNGs are the portable form (any webdataset reader, a third of the bytes for
-photos); the cache itself stays raw uint8, which is what trainers read fast (``bench/cache.py``).
-One sample per pair: ``__key__`` = ``<real_id>-<seed>``, ``real.png``, ``synthetic.png`` and a
-``json`` with what made it, including the generator identity, so an import recreates the key's
-``generator.json`` exactly and a round trip is bit-identical.
+Tars are the portable form (any webdataset reader). One sample per cached variation:
+``__key__`` = ``<real_id>-<seed>``, the synthetic image as it is stored (``synthetic.png``, lossless,
+for raw shards; ``synthetic.jpg``, the shard's JPEG bytes, for jpeg shards) and a ``json`` with
+what made it, including the generator identity, so an import recreates the key's ``generator.json``
+exactly and a round trip is bit-identical. ``export --with-real`` adds ``real.png``, read from the
+key's image store by id, for readers outside onlinemix; import never needs it, so tars exported by
+the old layout (real + synthetic PNGs) import too, their synthetic side only.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .maintenance import check_shard, committed_records
-from .store import INDEX, CacheError, ShardWriter, cache_key, cache_keys, check_writable
+from .store import (INDEX, CacheError, ShardWriter, Variation, cache_key, cache_keys, check_layout, check_writable,
+                    record_variations, stored_image)
 
 PNG_COMPRESS_LEVEL = 6  # PIL's default: zlib level 6
 
@@ -38,28 +41,37 @@ def decode_png(data: bytes) -> np.ndarray:
         return np.asarray(img.convert("RGB")).transpose(2, 0, 1)
 
 
-def pair_sample(pair: np.ndarray, real_id: int, seed: int, epoch: int, desc: dict) -> dict:
-    """One webdataset sample of a (2, 3, R, R) pair."""
-    meta = {"real_id": real_id, "seed": seed, "epoch": epoch, "fingerprint": desc["fingerprint"],
+def variation_sample(v: Variation, stored: np.ndarray, desc: dict, real: np.ndarray | None = None) -> dict:
+    """One webdataset sample of a cached variation, its synthetic image as stored (and ``real``, when given)."""
+    meta = {"real_id": v.real_id, "seed": v.seed, "epoch": v.epoch, "fingerprint": desc["fingerprint"],
             "guidance": desc.get("identity", {}).get("guidance"), "dataset": desc["dataset"],
             "resolution": desc["resolution"], "identity": desc.get("identity", {})}
-    return {"__key__": f"{real_id}-{seed}", "real.png": encode_png(pair[0]), "synthetic.png": encode_png(pair[1]),
-            "json": json.dumps(meta).encode()}
+    sample = {"__key__": f"{v.real_id}-{v.seed}", "json": json.dumps(meta).encode()}
+    if v.format == "jpeg":
+        sample["synthetic.jpg"] = stored.tobytes()
+    else:
+        sample["synthetic.png"] = encode_png(stored)
+    if real is not None:
+        sample["real.png"] = encode_png(real)
+    return sample
 
 
-def committed_pairs(root: Path, key: str) -> Iterator[tuple[np.ndarray, int, int, int]]:
-    """(pair, real_id, seed, epoch) of every committed pair of a key; a corrupt shard stops the export."""
+def committed_variations(root: Path, key: str) -> Iterator[tuple[Variation, np.ndarray]]:
+    """(variation, stored bytes) of every committed variation of a key; a corrupt shard stops the export."""
+    check_layout(root, [key])
     for record, shard in committed_records(root, key):
         reason = check_shard(root / key / INDEX / f"{shard.stem}.json", shard)
         if reason:
-            raise CacheError(f"shard {shard} is corrupt ({reason}); run `python -m onlinemix.cache verify` first")
-        pairs = np.load(shard, mmap_mode="r")
-        for row, (real_id, seed, epoch) in enumerate(zip(record["ids"], record["seeds"], record["epochs"], strict=True)):
-            yield pairs[row], real_id, seed, epoch
+            raise CacheError(f"shard {shard} is unusable ({reason}); run `python -m onlinemix.cache verify` first")
+        data = np.load(shard, mmap_mode="r")
+        for v in record_variations(record):
+            yield v, stored_image(data, v)
 
 
-def export(root: Path, out: Path, keys: list[str], maxcount: int) -> dict[str, int]:
-    """Write every committed pair of the given keys (all when empty) to ``out/<key>-NNNNNN.tar``."""
+def export(root: Path, out: Path, keys: list[str], maxcount: int,
+           real_of: Callable[[dict], Callable[[int], np.ndarray]] | None = None) -> dict[str, int]:
+    """Write every committed variation of the given keys (all when empty) to ``out/<key>-NNNNNN.tar``;
+    with ``real_of`` (a key's description -> its real image by id) each sample also gets ``real.png``."""
     import webdataset as wds
 
     described = cache_keys(root)
@@ -70,11 +82,12 @@ def export(root: Path, out: Path, keys: list[str], maxcount: int) -> dict[str, i
     written = {}
     for key in chosen:
         desc = described[key]
+        real = real_of(desc) if real_of is not None else None
         n = 0
         with wds.ShardWriter(str(out / f"{key}-%06d.tar"), maxcount=maxcount, verbose=0) as sink:
-            for pair, real_id, seed, epoch in tqdm(committed_pairs(root, key), unit="pair",
-                                                   desc=f"export {key[:16]}", dynamic_ncols=True, leave=False):
-                sink.write(pair_sample(pair, real_id, seed, epoch, desc))
+            for v, stored in tqdm(committed_variations(root, key), unit="pair", desc=f"export {key[:16]}",
+                                  dynamic_ncols=True, leave=False):
+                sink.write(variation_sample(v, stored, desc, None if real is None else real(v.real_id)))
                 n += 1
         written[key] = n
     return written
@@ -101,40 +114,51 @@ def tar_urls(sources: list[str]) -> list[str]:
 
 
 class _Importer:
-    """One ShardWriter per cache key met in the samples; skips pairs the cache already holds."""
+    """One ShardWriter per cache key and format met in the samples; skips variations the cache already holds.
+    PNGs are stored in the configured format, JPEGs as they are (never decoded and encoded again)."""
 
-    def __init__(self, root: Path, shard_pairs: int) -> None:
-        self.root, self.shard_pairs = root, shard_pairs
-        self.writers: dict[str, ShardWriter] = {}
+    def __init__(self, root: Path, shard_pairs: int, fmt: str, quality: int) -> None:
+        self.root, self.shard_pairs, self.format, self.quality = root, shard_pairs, fmt, quality
+        self.writers: dict[tuple[str, str], ShardWriter] = {}
         self.present: dict[str, set[tuple[int, int]]] = {}
         self.added = self.skipped = 0
 
-    def _writer(self, meta: dict) -> tuple[ShardWriter, set[tuple[int, int]]]:
+    def _writer(self, meta: dict, fmt: str) -> tuple[ShardWriter, set[tuple[int, int]]]:
         key = cache_key(meta["fingerprint"], meta["dataset"])
-        if key not in self.writers:
-            desc = {"fingerprint": meta["fingerprint"], "identity": meta.get("identity") or {"guidance": meta["guidance"]},
-                    "dataset": meta["dataset"]}
+        if key not in self.present:
             self.present[key] = {pair for record, _ in committed_records(self.root, key)
                                  for pair in zip(record["ids"], record["seeds"], strict=True)}
-            self.writers[key] = ShardWriter(self.root, key, desc, meta["resolution"], self.shard_pairs,
-                                            flush_s=float("inf"))
-        return self.writers[key], self.present[key]
+        if (key, fmt) not in self.writers:
+            desc = {"fingerprint": meta["fingerprint"], "identity": meta.get("identity") or {"guidance": meta["guidance"]},
+                    "dataset": meta["dataset"]}
+            self.writers[key, fmt] = ShardWriter(self.root, key, desc, meta["resolution"], self.shard_pairs,
+                                                 flush_s=float("inf"), fmt=fmt, quality=self.quality)
+        return self.writers[key, fmt], self.present[key]
 
     def add(self, sample: dict) -> None:
         where = f"{sample.get('__url__')}: sample {sample.get('__key__')}"
         try:
             meta = json.loads(sample["json"])
-            real, synthetic = decode_png(sample["real.png"]), decode_png(sample["synthetic.png"])
+            jpeg = sample.get("synthetic.jpg")
+            if jpeg is not None:
+                with Image.open(io.BytesIO(jpeg)) as img:  # reads the header only
+                    shape = (len(img.getbands()), img.height, img.width) if img.format == "JPEG" else None
+            else:
+                synthetic = decode_png(sample["synthetic.png"])
+                shape = synthetic.shape
         except (KeyError, ValueError, OSError) as e:
-            raise CacheError(f"{where} is not an exported cache pair ({e.__class__.__name__}: {e})") from e
+            raise CacheError(f"{where} is not an exported cache variation ({e.__class__.__name__}: {e})") from e
         r = meta["resolution"]
-        if real.shape != (3, r, r) or synthetic.shape != (3, r, r):
-            raise CacheError(f"{where}: images {real.shape} / {synthetic.shape}, its json says resolution {r}")
-        writer, present = self._writer(meta)
+        if shape != (3, r, r):
+            raise CacheError(f"{where}: synthetic image {shape}, its json says an RGB image of resolution {r}")
+        writer, present = self._writer(meta, "jpeg" if jpeg is not None else self.format)
         if (meta["real_id"], meta["seed"]) in present:
             self.skipped += 1
             return
-        writer.add(meta["real_id"], meta["seed"], meta["epoch"], real, synthetic)
+        if jpeg is not None:
+            writer.add_jpeg(meta["real_id"], meta["seed"], meta["epoch"], np.frombuffer(jpeg, dtype=np.uint8))
+        else:
+            writer.add(meta["real_id"], meta["seed"], meta["epoch"], synthetic)
         if writer.disabled:
             raise CacheError(f"cache {self.root} stopped accepting pairs (see the warning above)")
         present.add((meta["real_id"], meta["seed"]))
@@ -145,16 +169,17 @@ class _Importer:
             writer.close()
 
 
-def import_tars(root: Path, sources: list[str], shard_pairs: int) -> tuple[int, int, list[str]]:
-    """Read exported tars into the cache: (pairs added, pairs skipped as present, keys touched)."""
+def import_tars(root: Path, sources: list[str], shard_pairs: int, fmt: str = "raw",
+                quality: int = 95) -> tuple[int, int, list[str]]:
+    """Read exported tars into the cache: (variations added, variations skipped as present, keys touched)."""
     import webdataset as wds
 
     check_writable(root)
-    importer = _Importer(root, shard_pairs)
+    importer = _Importer(root, shard_pairs, fmt, quality)
     try:
         for sample in tqdm(wds.WebDataset(tar_urls(sources), shardshuffle=False, empty_check=False), unit="pair",
                            desc="import", dynamic_ncols=True, leave=False):
             importer.add(sample)
     finally:
         importer.close()
-    return importer.added, importer.skipped, sorted(importer.writers)
+    return importer.added, importer.skipped, sorted(importer.present)
