@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,8 +24,9 @@ from PIL import Image
 
 from onlinemix.cache.__main__ import main
 from onlinemix.cache.store import INDEX, QUARANTINE, SHARDS, CacheReader, cache_keys
+from onlinemix.cache.transfer import decode_png, encode_png
 from onlinemix.config import load_config
-from onlinemix.data import load_real_images, select_train_ids
+from onlinemix.data import RealImages, load_real_images, select_train_ids
 from onlinemix.generate import make_generator
 from onlinemix.schedule import variation_seed
 
@@ -41,6 +43,12 @@ def dataset(tmp_path_factory) -> Path:
         d.mkdir(exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i:03d}.png")
     return root
+
+
+def real_images(dataset: Path, **overrides: str) -> RealImages:
+    """The dataset's images as every process of a run reads them: a store prepared once, beside the data."""
+    cfg = load_config(None, {"data.dataset": str(dataset), **overrides})
+    return load_real_images(cfg.data, dataset.parent / f"{dataset.name}-stores")
 
 
 def flags(dataset: Path, cache: Path, *extra: str) -> list[str]:
@@ -76,7 +84,7 @@ def cached_pairs(cache: Path) -> Counter:
 
 
 def expected_pairs(dataset: Path, variations: int) -> set[tuple[int, int, int]]:
-    train_ids = load_real_images(load_config(None, {"data.dataset": str(dataset)}).data).train_ids.tolist()
+    train_ids = real_images(dataset).train_ids.tolist()
     return {(i, variation_seed(0, i, k), k) for k in range(variations) for i in train_ids}
 
 
@@ -109,18 +117,16 @@ def test_warm_generates_exactly_the_missing_pairs_as_an_online_run_would(warmed:
     cfg = load_config(None, {"data.dataset": str(dataset)})
     gen = make_generator(cfg.generator, "cpu", 32)
     assert desc["fingerprint"] == gen.fingerprint and desc["identity"] == gen.identity()
-    real = load_real_images(cfg.data).images
+    real = real_images(dataset).images
     reader = CacheReader(warmed, only_key(warmed), 32)
-    ids = [int(i) for i in load_real_images(cfg.data).train_ids[:4]]
+    ids = [int(i) for i in real_images(dataset).train_ids[:4]]
     for k in (0, 1):
         seeds = [variation_seed(0, i, k) for i in ids]
         fresh = gen.generate(real[ids], seeds).numpy()
         for j, (i, seed) in enumerate(zip(ids, seeds, strict=True)):
             (v,) = [v for v in reader.variations(i) if v.seed == seed]
-            pair = reader.read(v)
             assert v.epoch == k
-            np.testing.assert_array_equal(pair[0], real[i].numpy())
-            np.testing.assert_array_equal(pair[1], fresh[j])
+            np.testing.assert_array_equal(reader.read(v).numpy(), fresh[j])
 
 
 def _children(pid: int) -> list[int]:
@@ -179,7 +185,7 @@ def test_verify_quarantines_a_corrupt_shard_and_keeps_the_rest_readable(warmed: 
     assert (cache / QUARANTINE / key / SHARDS / bad.name).is_file()
     assert (cache / QUARANTINE / key / INDEX / f"{bad.stem}.json").is_file()
     assert not bad.exists() and orphan.exists()
-    # Every pair of the other shards is still served, verified.
+    # Every image of the other shards is still served, verified.
     reader = CacheReader(cache, key, 32, verify=True)
     good = Counter()
     for record in (cache / key / INDEX).glob("*.json"):
@@ -187,15 +193,23 @@ def test_verify_quarantines_a_corrupt_shard_and_keeps_the_rest_readable(warmed: 
     assert len(reader) == sum(good.values()) == 2 * N_TRAIN - json.loads(
         (cache / QUARANTINE / key / INDEX / f"{bad.stem}.json").read_text())["pairs"]
     for real_id, n in good.items():
-        for _ in range(n):
-            assert reader.take(real_id) is not None
+        assert None not in reader.take([real_id] * n)
     # A second verify finds nothing more to do; with --quarantine-orphans the orphan moves too.
     assert run_main("verify", "--cache.dir", str(cache)) == 0
     assert run_main("verify", "--cache.dir", str(cache), "--quarantine-orphans") == 0
     assert not orphan.exists() and (cache / QUARANTINE / key / SHARDS / orphan.name).is_file()
 
 
-def test_export_then_import_gives_identical_pairs(warmed: Path, tmp_path: Path, capsys) -> None:
+def same_variations(src: CacheReader, dst: CacheReader) -> None:
+    """Both caches hold the same variations (real id, seed, epoch) with the same stored bytes."""
+    assert len(src) == len(dst)
+    for real_id in range(N_IMAGES):
+        a = {v.seed: (v.epoch, v.format, src._stored(v).tobytes()) for v in src.variations(real_id)}
+        b = {v.seed: (v.epoch, v.format, dst._stored(v).tobytes()) for v in dst.variations(real_id)}
+        assert a == b
+
+
+def test_export_then_import_gives_identical_pairs(warmed: Path, dataset: Path, tmp_path: Path, capsys) -> None:
     tars, fresh = tmp_path / "tars", tmp_path / "fresh"
     assert run_main("export", "--out", str(tars), "--cache.dir", str(warmed), "--samples-per-tar", "50") == 0
     assert len(list(tars.glob("*.tar"))) == 3  # 128 pairs, 50 per tar
@@ -205,15 +219,71 @@ def test_export_then_import_gives_identical_pairs(warmed: Path, tmp_path: Path, 
     assert "imported 0 pairs, skipped 128" in capsys.readouterr().out
     key = only_key(warmed)
     assert cache_keys(fresh) == cache_keys(warmed)  # same key, same generator description
-    src, dst = CacheReader(warmed, key, 32), CacheReader(fresh, key, 32)
-    assert len(src) == len(dst) == 2 * N_TRAIN
-    for real_id in range(N_IMAGES):
-        a = {v.seed: (v.epoch, src.read(v)) for v in src.variations(real_id)}
-        b = {v.seed: (v.epoch, dst.read(v)) for v in dst.variations(real_id)}
-        assert a.keys() == b.keys()
-        for seed, (epoch, pair) in a.items():
-            assert b[seed][0] == epoch
-            np.testing.assert_array_equal(b[seed][1], pair)
+    same_variations(CacheReader(warmed, key, 32), CacheReader(fresh, key, 32))
+    with tarfile.open(sorted(tars.glob("*.tar"))[0]) as tar:  # the synthetic side only, by default
+        assert {name.split(".", 1)[1] for name in tar.getnames()} == {"synthetic.png", "json"}
+
+    # --with-real adds each pair's real image, read by id from the key's dataset.
+    assert run_main("export", "--out", str(tmp_path / "with-real"), "--cache.dir", str(warmed), "--with-real") == 0
+    real = real_images(dataset).images
+    with tarfile.open(next((tmp_path / "with-real").glob("*.tar"))) as tar:
+        for member in tar.getmembers():
+            if member.name.endswith(".real.png"):
+                real_id = int(Path(member.name).name.split("-")[0])
+                assert np.array_equal(decode_png(tar.extractfile(member).read()), real[real_id].numpy())
+
+
+def test_jpeg_caches_export_their_jpegs_and_import_them_byte_for_byte(warmed: Path, tmp_path: Path, capsys) -> None:
+    key = only_key(warmed)
+    jpeg_cache, tars, fresh = tmp_path / "jpeg", tmp_path / "tars", tmp_path / "fresh"
+    # The warmed variations, imported into a jpeg cache: PNG samples are encoded at cache.jpeg_quality.
+    assert run_main("export", "--out", str(tmp_path / "png"), "--cache.dir", str(warmed)) == 0
+    assert run_main("import", str(tmp_path / "png"), "--cache.dir", str(jpeg_cache), "--cache.format", "jpeg") == 0
+    assert {json.loads(r.read_text())["format"] for r in (jpeg_cache / key / INDEX).glob("*.json")} == {"jpeg"}
+    assert run_main("export", "--out", str(tars), "--cache.dir", str(jpeg_cache)) == 0
+    with tarfile.open(next(tars.glob("*.tar"))) as tar:
+        assert any(name.endswith(".synthetic.jpg") for name in tar.getnames())
+    # Into a raw cache: the JPEGs are kept as they are, never decoded and encoded again.
+    assert run_main("import", str(tars), "--cache.dir", str(fresh)) == 0
+    assert "imported 128 pairs, skipped 0" in capsys.readouterr().out
+    same_variations(CacheReader(jpeg_cache, key, 32), CacheReader(fresh, key, 32))
+
+
+def test_tars_of_the_old_layout_import_their_synthetic_side(warmed: Path, tmp_path: Path, capsys) -> None:
+    """Format 1 exported real.png + synthetic.png per pair: import takes the synthetic image only."""
+    import webdataset as wds
+
+    key = only_key(warmed)
+    desc = cache_keys(warmed)[key]
+    reader = CacheReader(warmed, key, 32)
+    (tmp_path / "old").mkdir()
+    with wds.TarWriter(str(tmp_path / "old" / "old-000000.tar")) as sink:
+        for real_id in range(N_IMAGES):
+            for v in reader.variations(real_id):
+                meta = {"real_id": real_id, "seed": v.seed, "epoch": v.epoch, "fingerprint": desc["fingerprint"],
+                        "guidance": desc["identity"]["guidance"], "dataset": desc["dataset"], "resolution": 32,
+                        "identity": desc["identity"]}
+                sink.write({"__key__": f"{real_id}-{v.seed}", "json": json.dumps(meta).encode(),
+                            "real.png": encode_png(np.zeros((3, 32, 32), dtype=np.uint8)),
+                            "synthetic.png": encode_png(reader.read(v).numpy())})
+    assert run_main("import", str(tmp_path / "old"), "--cache.dir", str(tmp_path / "fresh")) == 0
+    assert "imported 128 pairs, skipped 0" in capsys.readouterr().out
+    same_variations(reader, CacheReader(tmp_path / "fresh", key, 32))
+
+
+def test_commands_on_a_cache_in_the_old_layout_name_migrate(warmed: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(warmed, cache)
+    key = only_key(cache)
+    meta = cache / key / "generator.json"
+    desc = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**{k: v for k, v in desc.items() if k != "version"}, "format": 1}))
+    for argv in (["verify"], ["export", "--out", str(tmp_path / "tars")], ["import", str(tmp_path / "none")]):
+        message = run_main(*argv, "--cache.dir", str(cache))
+        assert isinstance(message, str) and f"python -m onlinemix.cache migrate --cache.dir {cache}" in message, argv
+    assert run_main("migrate", "--cache.dir", str(cache)) == 0
+    assert json.loads(meta.read_text()) == desc
+    assert run_main("verify", "--cache.dir", str(cache)) == 0
 
 
 def test_info_reports_counts_histogram_and_leftovers(warmed: Path, dataset: Path, tmp_path: Path, capsys) -> None:
@@ -226,7 +296,7 @@ def test_info_reports_counts_histogram_and_leftovers(warmed: Path, dataset: Path
     (cache / key / SHARDS / ".half-written.npy.tmp").write_bytes(b"x")
     assert run_main("info", "--cache.dir", str(cache), "--data.dataset", str(dataset), "--coverage", "--json") == 0
     (info,) = json.loads(capsys.readouterr().out)["keys"]
-    held = Counter({i: 2 for i in load_real_images(load_config(None, {"data.dataset": str(dataset)}).data)
+    held = Counter({i: 2 for i in real_images(dataset)
                     .train_ids.tolist()})
     held.subtract(dropped["ids"])
     assert info["pairs"] == 2 * N_TRAIN - dropped["pairs"] and info["shards"] == len(records) - 1
@@ -236,7 +306,7 @@ def test_info_reports_counts_histogram_and_leftovers(warmed: Path, dataset: Path
     assert info["orphan_shards"] == [f"{records[0].stem}.npy"]
     assert info["temporary_files"] == [".half-written.npy.tmp"]
     assert info["model"] == "stub" and info["guidance"] == 3.0 and info["resolution"] == 32
-    assert info["bytes"] > 2 * N_TRAIN * 2 * 3 * 32 * 32 * 0.9
+    assert 2 * N_TRAIN * 3 * 32 * 32 < info["bytes"] < 2 * N_TRAIN * 3 * 32 * 32 * 1.5  # the synthetic images only
     assert run_main("info", "--cache.dir", str(cache)) == 0
     text = capsys.readouterr().out
     assert "1 shard(s) without a commit record" in text and "1 temporary file(s)" in text
@@ -263,6 +333,6 @@ def test_warm_generates_only_the_real_fraction_a_run_trains_on(dataset: Path, tm
     cache = tmp_path / "cache"
     result = run_warm(dataset, cache, "--data.real-fraction", "0.5")
     cfg = load_config(None, {"data.dataset": str(dataset), "data.real_fraction": "0.5"})
-    subset = set(select_train_ids(load_real_images(cfg.data), cfg.data).tolist())
+    subset = set(select_train_ids(real_images(dataset, **{"data.real_fraction": "0.5"}), cfg.data).tolist())
     assert result["generated"] == len(subset) == N_TRAIN // 2
     assert {real_id for real_id, _, _ in cached_pairs(cache)} == subset

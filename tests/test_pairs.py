@@ -125,7 +125,7 @@ def test_slots_are_given_back_when_the_wait_is_interrupted(ring: PairRing) -> No
 
 def cache_with(tmp_path, real_id: int, value: int) -> CacheReader:
     writer = ShardWriter(tmp_path, "key", {"dataset": "test"}, R, shard_pairs=1, flush_s=3600.0)
-    writer.add(real_id, 0, 0, IMAGES[real_id].numpy(), np.full((3, R, R), value, dtype=np.uint8))
+    writer.add(real_id, 0, 0, np.full((3, R, R), value, dtype=np.uint8))
     return CacheReader(tmp_path, "key", R)
 
 
@@ -141,6 +141,7 @@ def test_policies_turn_to_the_disk_cache_for_what_the_ring_lacks(ring: PairRing,
         assert (batch.images.other[0] == 77).all()  # the ring comes first
         assert batch.images.is_synthetic.tolist() == [True, from_disk, False]
         assert (batch.images.other[1] == 99).all() == from_disk
+        assert torch.equal(batch.images.real, IMAGES[[0, 1, 2]])  # a disk view's real half: the images' own
         assert batch.stats["disk"] == int(from_disk) and batch.stats["fallback"] == 2 - int(from_disk)
         assert batch.stats["wait_s"] < 1.0
 

@@ -116,7 +116,7 @@ def test_stats_read_variations_from_the_cache_when_it_covers_the_images(tmp_path
     writer = ShardWriter(cfg.cache_root(), cache_key("c" * 16, "digits"),
                          {"dataset": "digits", "identity": {"guidance": 3.0}}, 16, 4096, 3600.0)
     for i in range(len(real)):
-        writer.add(i, variation_seed(cfg.generator.seed, i, 0), 0, real.images[i].numpy(), real.images[i].numpy())
+        writer.add(i, variation_seed(cfg.generator.seed, i, 0), 0, real.images[i].numpy())
     writer.close()
     main([str(tmp_path), "--num-images", "64", "--guidance", "1", "3"])
     rows = {r["guidance"]: r for r in json.loads((tmp_path / "stats" / "stats.json").read_text())["scales"]}

@@ -58,7 +58,6 @@ def variation_sample(v: Variation, stored: np.ndarray, desc: dict, real: np.ndar
 
 def committed_variations(root: Path, key: str) -> Iterator[tuple[Variation, np.ndarray]]:
     """(variation, stored bytes) of every committed variation of a key; a corrupt shard stops the export."""
-    check_layout(root, [key])
     for record, shard in committed_records(root, key):
         reason = check_shard(root / key / INDEX / f"{shard.stem}.json", shard)
         if reason:
@@ -78,6 +77,7 @@ def export(root: Path, out: Path, keys: list[str], maxcount: int,
     chosen = [k for k in described if not keys or any(k.startswith(p) for p in keys)]
     if not chosen:
         raise CacheError(f"cache {root} has no key matching {keys or 'anything'} (it holds {list(described) or 'nothing'})")
+    check_layout(root, chosen)
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     for key in chosen:
