@@ -1,27 +1,31 @@
-"""The on-disk pair cache's format against webdataset PNG tars, and both against the trainer, in one run.
+"""The on-disk cache's two formats (raw, jpeg) and webdataset PNG tars, and all against the trainer, in one run.
 
-    python bench/cache.py                  # resolutions 32 (bundled digits), 224 and 512
+    python bench/cache.py                  # resolutions 32 (bundled digits), 224, 256 and 512
     python bench/cache.py --quick          # seconds; what tests/test_bench_cache.py runs
-    python bench/cache.py --resolutions 224 --mib 512
+    python bench/cache.py --resolutions 224 --mib 512 --jpeg-quality 90
 
-For each resolution R, N pairs (``--mib`` of raw pixels) are
+The cache stores the synthetic side of each pair (the real image is read from the image store by id).
+For each resolution R, N synthetic images (``--mib`` of raw pixels) are
 
-* written through ``onlinemix.cache.store.ShardWriter`` (raw uint8 ``.npy`` shards, CRC32 of every
-  pair, fsync of shard and commit record): the chosen format; and as webdataset tar shards of
-  lossless PNGs (``onlinemix.cache.transfer.pair_sample``, the export format; tars fsynced too);
-* read back: the cache through ``CacheReader.take`` in random id order (each pair copied into a
-  trainer batch buffer), with and without CRC verification; the tars sequentially (tar has no
-  random access) through ``webdataset.WebDataset`` with both PNGs decoded. Each read runs
-  cold-ish (the files' pages dropped with ``posix_fadvise(DONTNEED)`` first) and warm (again,
-  from the page cache);
+* written through ``onlinemix.cache.store.ShardWriter`` in each ``cache.format``: ``raw`` (uint8
+  ``.npy`` shards) and ``jpeg`` (torchvision ``encode_jpeg`` at ``--jpeg-quality``), CRC32 of every
+  stored image, fsync of shard and commit record; and as webdataset tar shards of lossless PNGs
+  (``onlinemix.cache.transfer.variation_sample``, the export format of raw shards; tars fsynced too);
+* read back: the cache through ``CacheReader.take`` in random id order, ``--take-batch`` ids a call as a
+  trainer batch asks (JPEGs decoded in one batched call, on the CPU here), each image copied into a batch
+  buffer, with and without CRC verification; the tars sequentially (tar has no random access) through
+  ``webdataset.WebDataset`` with the PNGs decoded. Each read runs cold-ish (the files' pages dropped
+  with ``posix_fadvise(DONTNEED)`` first) and warm (again, from the page cache);
 * compared with the trainer's consumption rate measured in the same run: one trainer step on the
   CPU (``bench/throughput.py``'s ``bench_training``: the product's ``Trainer.augment`` of both views +
   ``Trainer.train_step``), real images per second. "read / trainer" above 1 means one reader
   thread feeds more than one trainer rank.
 
+JPEG's loss is reported as PSNR and mean absolute error against the written pixels, and its size as
+bits per stored pixel, from which the README's disk estimates for ImageNet are computed.
 Pixels: at 32 px the bundled digits and the stub generator's variations of them (what the default
-cache holds); at 224 and 512 random crops of a photograph (matplotlib's sample Grace Hopper), since
-PNG sizes and speeds depend on content and digits compress far better than photos.
+cache holds); at larger R random crops of a photograph (matplotlib's sample Grace Hopper), since
+JPEG and PNG sizes and speeds depend on content and digits compress far better than photos.
 On CPU, torch runs one thread (per-core rates, as bench/throughput.py).
 """
 
@@ -44,9 +48,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from onlinemix.cache.store import CacheReader, ShardWriter
+from onlinemix.cache.store import FORMATS, CacheReader, ShardWriter, Variation
+from onlinemix.cache.transfer import decode_png, variation_sample
 from onlinemix.files import fsync_path
-from onlinemix.cache.transfer import decode_png, pair_sample
 from onlinemix.config import CacheConfig, load_config
 from onlinemix.data import load_real_images
 from onlinemix.generate import make_generator
@@ -57,31 +61,33 @@ from throughput import bench_training
 
 KEY = "bench"
 DEFAULTS = {  # (default run, --quick run)
-    "resolutions": ("32,224,512", "32"),
+    "resolutions": ("32,224,256,512", "32"),
     "mib": (128.0, 1.0),
     "train_batch_size": (16, 16),
     "train_steps": (2, 1),
     "train_warmup": (1, 0),
 }
-READS_RAW = ("cold_verify", "warm_verify", "cold_noverify", "warm_noverify")
+READS_CACHE = ("cold_verify", "warm_verify", "cold_noverify", "warm_noverify")
 READS_PNG = ("cold", "warm")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = BenchParser(
         "bench/cache.py",
-        description="Write and read (real, synthetic) pairs in the cache's raw uint8 .npy shards and in "
-                    "webdataset PNG tars; compare both with the trainer's consumption rate.",
+        description="Write and read synthetic images in the cache's raw and jpeg shards and in webdataset PNG "
+                    "tars; compare each with the trainer's consumption rate.",
         epilog="Flags left out take the default run's value, or the --quick value with --quick. "
                "Results: a table on stdout, JSON at --out and a PNG plot next to it.",
         defaults=DEFAULTS, quick_help="32 px, 1 MiB, one trainer step: a few seconds")
     q = p.default_note
     p.add_argument("--resolutions", default=None, help=f"comma-separated image sides R {q('resolutions')}")
     p.add_argument("--mib", type=float, default=None,
-                   help=f"raw pixel MiB per resolution; sets the pair count N = MiB / (6 R^2 B) {q('mib')}")
+                   help=f"raw pixel MiB per resolution; sets the image count N = MiB / (3 R^2 B) {q('mib')}")
     p.add_argument("--shard-pairs", type=int, default=CacheConfig().shard_pairs,
-                   help="pairs per cache shard and per tar (default: cache.shard_pairs)")
-    p.add_argument("--take-batch", type=int, default=128, help="pairs copied per trainer batch buffer (default 128)")
+                   help="images per cache shard and per tar (default: cache.shard_pairs)")
+    p.add_argument("--jpeg-quality", type=int, default=CacheConfig().jpeg_quality,
+                   help="quality of the jpeg format (default: cache.jpeg_quality)")
+    p.add_argument("--take-batch", type=int, default=128, help="images taken per call, as one trainer batch (default 128)")
     p.add_argument("--train-batch-size", type=int, default=None, help=f"trainer batch {q('train_batch_size')}")
     p.add_argument("--train-steps", type=int, default=None, help=f"timed trainer steps {q('train_steps')}")
     p.add_argument("--train-warmup", type=int, default=None, help=f"untimed trainer steps {q('train_warmup')}")
@@ -90,8 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "afterwards; default bench/results)")
     args = p.parse(argv)
     args.resolutions = sorted({int(r) for r in str(args.resolutions).split(",") if r.strip()})
-    if not args.resolutions or min(args.resolutions) < 8 or args.mib <= 0 or args.shard_pairs < 1:
-        p.error("--resolutions must be >= 8, --mib > 0, --shard-pairs >= 1")
+    if not args.resolutions or min(args.resolutions) < 8 or args.mib <= 0 or args.shard_pairs < 1 \
+            or not 1 <= args.jpeg_quality <= 100:
+        p.error("--resolutions must be >= 8, --mib > 0, --shard-pairs >= 1, --jpeg-quality in 1..100")
     return args
 
 
@@ -136,119 +143,136 @@ def drop_page_cache(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def write_raw(root: Path, pairs: np.ndarray, shard_pairs: int) -> float:
-    """Seconds to commit every pair through ShardWriter (CRC32, np.save, fsync, rename, record)."""
-    r = pairs.shape[-1]
+def write_cache(root: Path, synthetic: np.ndarray, shard_pairs: int, fmt: str, quality: int) -> float:
+    """Seconds to commit every image through ShardWriter (encoding, CRC32, np.save, fsync, rename, record)."""
+    r = synthetic.shape[-1]
     t0 = time.perf_counter()
     writer = ShardWriter(root, KEY, {"fingerprint": KEY, "identity": {}, "dataset": "bench"}, r, shard_pairs,
-                         flush_s=float("inf"))
-    for i, pair in enumerate(pairs):
-        writer.add(i, i, 0, pair[0], pair[1])
+                         flush_s=float("inf"), fmt=fmt, quality=quality)
+    for i, image in enumerate(synthetic):
+        writer.add(i, i, 0, image)
     writer.close()
     seconds = time.perf_counter() - t0
-    if writer.committed != len(pairs):
-        raise RuntimeError(f"ShardWriter committed {writer.committed} of {len(pairs)} pairs")
+    if writer.committed != len(synthetic):
+        raise RuntimeError(f"ShardWriter committed {writer.committed} of {len(synthetic)} images")
     return seconds
 
 
-def read_raw(root: Path, r: int, take_batch: int, verify: bool, order: np.ndarray) -> float:
-    """Seconds to take every pair once, random id order, copied into a trainer batch buffer."""
-    out = np.empty((take_batch, 2, 3, r, r), dtype=np.uint8)
+def read_cache(root: Path, r: int, take_batch: int, verify: bool, order: np.ndarray,
+               out: torch.Tensor | None = None) -> float:
+    """Seconds to take every image once, random id order, a trainer batch of ids a call, into a batch
+    buffer; ``out`` (N, 3, R, R), when given, receives every image at its id."""
+    buffer = torch.empty((take_batch, 3, r, r), dtype=torch.uint8)
     t0 = time.perf_counter()
     reader = CacheReader(root, KEY, r, verify=verify)
     if len(reader) != len(order):
-        raise RuntimeError(f"CacheReader sees {len(reader)} of {len(order)} pairs")
-    for j, real_id in enumerate(order.tolist()):
-        got = reader.take(real_id)
-        if got is None:
-            raise RuntimeError(f"pair {real_id} missing or corrupt")
-        out[j % take_batch] = got[0]
+        raise RuntimeError(f"CacheReader sees {len(reader)} of {len(order)} images")
+    for start in range(0, len(order), take_batch):
+        batch = order[start:start + take_batch].tolist()
+        for j, (real_id, served) in enumerate(zip(batch, reader.take(batch), strict=True)):
+            if served is None:
+                raise RuntimeError(f"image {real_id} missing or corrupt")
+            buffer[j] = served.image
+            if out is not None:
+                out[real_id] = served.image
     return time.perf_counter() - t0
 
 
-def write_png(tars: Path, pairs: np.ndarray, shard_pairs: int) -> float:
-    """Seconds to PNG-encode every pair into webdataset tars of ``shard_pairs`` samples, fsynced."""
+def write_png(tars: Path, synthetic: np.ndarray, shard_pairs: int) -> float:
+    """Seconds to PNG-encode every image into webdataset tars of ``shard_pairs`` samples, fsynced."""
     import webdataset as wds
 
-    desc = {"fingerprint": KEY, "identity": {}, "dataset": "bench", "resolution": pairs.shape[-1]}
+    desc = {"fingerprint": KEY, "identity": {}, "dataset": "bench", "resolution": synthetic.shape[-1]}
     t0 = time.perf_counter()
     with wds.ShardWriter(str(tars / "bench-%06d.tar"), maxcount=shard_pairs, verbose=0) as sink:
-        for i, pair in enumerate(pairs):
-            sink.write(pair_sample(pair, i, i, 0, desc))
+        for i, image in enumerate(synthetic):
+            sink.write(variation_sample(Variation("", i, i, i, 0, 0.0, 0), image, desc))
     for path in tars.glob("*.tar"):
         fsync_path(path)
     return time.perf_counter() - t0
 
 
-def read_png(tars: Path, pairs: np.ndarray) -> tuple[float, bool]:
-    """Seconds to read every sample in order and decode both PNGs; and whether all came back exact."""
+def read_png(tars: Path, synthetic: np.ndarray) -> tuple[float, bool]:
+    """Seconds to read every sample in order and decode its PNG; and whether all came back exact."""
     import webdataset as wds
 
     urls = sorted(str(p) for p in tars.glob("*.tar"))
     t0 = time.perf_counter()
-    decoded = [(json.loads(s["json"])["real_id"], decode_png(s["real.png"]), decode_png(s["synthetic.png"]))
+    decoded = [(json.loads(s["json"])["real_id"], decode_png(s["synthetic.png"]))
                for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
     seconds = time.perf_counter() - t0
-    exact = len(decoded) == len(pairs) and all(np.array_equal(pairs[i, 0], a) and np.array_equal(pairs[i, 1], b)
-                                               for i, a, b in decoded)
+    exact = len(decoded) == len(synthetic) and all(np.array_equal(synthetic[i], a) for i, a in decoded)
     return seconds, exact
 
 
+def bench_format(args: argparse.Namespace, root: Path, synthetic: np.ndarray, fmt: str, bar: tqdm) -> dict:
+    """Write, read (cold and warm, with and without CRC) and size one cache format; JPEG's loss too."""
+    n, r = len(synthetic), synthetic.shape[-1]
+    order = np.random.default_rng(r).permutation(n)
+    bar.set_description(f"R={r}: {fmt} write")
+    write_s = write_cache(root, synthetic, args.shard_pairs, fmt, args.jpeg_quality)
+    files = sorted((root / KEY).rglob("*.npy"))
+    back = torch.empty((n, 3, r, r), dtype=torch.uint8)
+    reads = {}
+    for name in READS_CACHE:
+        bar.set_description(f"R={r}: {fmt} read {name}")
+        if name.startswith("cold"):
+            drop_page_cache(files)
+        reads[name] = n / read_cache(root, r, args.take_batch, name.endswith("_verify"), order,
+                                     back if name == "warm_verify" else None)
+    stored = sum(p.stat().st_size for p in (root / KEY).rglob("*") if p.is_file())
+    shard_bytes = sum(p.stat().st_size for p in files)
+    error = back.numpy().astype(np.float64) - synthetic
+    mse = float(np.mean(error**2))
+    bar.update()
+    return {"write_s": n / write_s, "read_s": reads, "bytes_per_image": stored / n,
+            "bits_per_pixel": 8 * shard_bytes / (n * r * r), "exact": mse == 0.0,
+            "psnr_db": 10 * np.log10(255**2 / mse) if mse else float("inf"),
+            "mean_abs_error": float(np.abs(error).mean())}
+
+
 def bench_resolution(args: argparse.Namespace, r: int, work: Path, bar: tqdm) -> dict:
-    pair_bytes = 2 * 3 * r * r
-    n = max(args.take_batch, round(args.mib * 2**20 / pair_bytes))
+    image_bytes = 3 * r * r
+    n = max(args.take_batch, round(args.mib * 2**20 / image_bytes))
     bar.set_description(f"R={r}: pixels")
     real, synthetic = digits_pairs(min(n, 256)) if r == 32 else photo_pairs(r, min(n, 64))
     tile = torch.arange(n) % len(real)
-    pairs = torch.stack([real[tile], synthetic[tile]], dim=1).numpy()  # (n, 2, 3, R, R)
-    raw_root, tars = work / f"raw-{r}", work / f"png-{r}"
+    images = synthetic[tile].numpy()  # (n, 3, R, R): what the cache stores
+    formats = {fmt: bench_format(args, work / f"{fmt}-{r}", images, fmt, bar) for fmt in FORMATS}
+
+    tars = work / f"png-{r}"
     tars.mkdir(parents=True)
-    order = np.random.default_rng(r).permutation(n)
-
-    bar.set_description(f"R={r}: raw write")
-    raw_write = write_raw(raw_root, pairs, args.shard_pairs)
-    raw_files = sorted((raw_root / KEY).rglob("*.npy"))
-    raw_read = {}
-    for name in READS_RAW:
-        bar.set_description(f"R={r}: raw read {name}")
-        if name.startswith("cold"):
-            drop_page_cache(raw_files)
-        raw_read[name] = n / read_raw(raw_root, r, args.take_batch, name.endswith("_verify"), order)
-    bar.update()
-
     bar.set_description(f"R={r}: png write")
-    png_write = write_png(tars, pairs, args.shard_pairs)
+    png_write = write_png(tars, images, args.shard_pairs)
     png_read, lossless = {}, True
     for name in READS_PNG:
         bar.set_description(f"R={r}: png read {name}")
         if name == "cold":
             drop_page_cache(sorted(tars.glob("*.tar")))
-        seconds, exact = read_png(tars, pairs)
+        seconds, exact = read_png(tars, images)
         png_read[name] = n / seconds
         lossless &= exact
+    png_bytes = sum(p.stat().st_size for p in tars.glob("*.tar"))
     bar.update()
 
     bar.set_description(f"R={r}: trainer")
     cfg = load_config(None, {"data.resolution": str(r)})
-    trainer = bench_training(cfg, torch.device("cpu"), torch.from_numpy(pairs[:, 0]), torch.from_numpy(pairs[:, 1]),
-                             args.train_batch_size, args.train_steps, args.train_warmup,
-                             partial(Timer, torch.device("cpu")), bar)
-    raw_bytes = sum(p.stat().st_size for p in (raw_root / KEY).rglob("*") if p.is_file())
-    png_bytes = sum(p.stat().st_size for p in tars.glob("*.tar"))
-    shutil.rmtree(raw_root)
-    shutil.rmtree(tars)
+    trainer = bench_training(cfg, torch.device("cpu"), real[tile], synthetic[tile], args.train_batch_size,
+                             args.train_steps, args.train_warmup, partial(Timer, torch.device("cpu")), bar)
+    for path in [*(work / f"{fmt}-{r}" for fmt in FORMATS), tars]:
+        shutil.rmtree(path)
     rate = trainer["img_s"]
     return {
-        "resolution": r, "pairs": n, "pair_bytes": pair_bytes, "pixels": "digits + stub" if r == 32 else "photo crops",
-        "trainer": trainer,
-        "raw": {"write_pairs_s": n / raw_write, "read_pairs_s": raw_read, "bytes_per_pair": raw_bytes / n},
-        "webdataset_png": {"write_pairs_s": n / png_write, "read_pairs_s": png_read, "bytes_per_pair": png_bytes / n,
+        "resolution": r, "images": n, "image_bytes": image_bytes,
+        "pixels": "digits + stub" if r == 32 else "photo crops", "trainer": trainer, "formats": formats,
+        "webdataset_png": {"write_s": n / png_write, "read_s": png_read, "bytes_per_image": png_bytes / n,
                            "lossless": lossless},
-        "read_over_trainer": {**{f"raw_{k}": v / rate for k, v in raw_read.items()},
+        "read_over_trainer": {**{f"{fmt}_{k}": v / rate for fmt, f in formats.items() for k, v in f["read_s"].items()},
                               **{f"png_{k}": v / rate for k, v in png_read.items()}},
-        "raw_over_png": {"write": (n / raw_write) / (n / png_write),
-                         "read_warm": raw_read["warm_verify"] / png_read["warm"],
-                         "read_cold": raw_read["cold_verify"] / png_read["cold"]},
+        "jpeg_over_raw": {"write": formats["jpeg"]["write_s"] / formats["raw"]["write_s"],
+                          "read_warm": formats["jpeg"]["read_s"]["warm_verify"] / formats["raw"]["read_s"]["warm_verify"],
+                          "read_cold": formats["jpeg"]["read_s"]["cold_verify"] / formats["raw"]["read_s"]["cold_verify"],
+                          "bytes": formats["jpeg"]["bytes_per_image"] / formats["raw"]["bytes_per_image"]},
     }
 
 
@@ -272,43 +296,51 @@ def format_report(res: dict) -> str:
     lines = [f"machine     {m['cpu']} ({m['cpu_count']} logical cores), torch threads {m['threads']}",
              f"disk        {m['filesystem']} (cold reads: pages dropped with posix_fadvise DONTNEED)",
              f"date        {m['date']}", load_line(m), ""]
-    head = (f"  {'format':<22}{'write':>9}{'cold':>9}{'warm':>9}{'cold/tr':>9}{'warm/tr':>9}{'B/pair':>10}")
+    head = f"  {'format':<24}{'write':>9}{'cold':>9}{'warm':>9}{'cold/tr':>9}{'warm/tr':>9}{'B/image':>10}"
     for row in res["resolutions"]:
-        tr, raw, png = row["trainer"], row["raw"], row["webdataset_png"]
-        lines += [f"R = {row['resolution']} ({row['pairs']} pairs, {row['pixels']}); pairs/s; trainer "
+        tr, png, fmts = row["trainer"], row["webdataset_png"], row["formats"]
+        lines += [f"R = {row['resolution']} ({row['images']} synthetic images, {row['pixels']}); images/s; trainer "
                   f"{tr['img_s']:.1f} img/s (batch {tr['batch_size']}, {100 * tr['augment_fraction']:.0f}% augment)",
                   head]
-        for label, cold, warm in (("raw .npy, CRC verify", "cold_verify", "warm_verify"),
-                                  ("raw .npy, no verify", "cold_noverify", "warm_noverify")):
-            lines.append(f"  {label:<22}{raw['write_pairs_s']:>9,.0f}{raw['read_pairs_s'][cold]:>9,.0f}"
-                         f"{raw['read_pairs_s'][warm]:>9,.0f}{row['read_over_trainer']['raw_' + cold]:>8.0f}x"
-                         f"{row['read_over_trainer']['raw_' + warm]:>8.0f}x{raw['bytes_per_pair']:>10,.0f}")
-        lines.append(f"  {'webdataset PNG tar':<22}{png['write_pairs_s']:>9,.0f}{png['read_pairs_s']['cold']:>9,.0f}"
-                     f"{png['read_pairs_s']['warm']:>9,.0f}{row['read_over_trainer']['png_cold']:>8.1f}x"
-                     f"{row['read_over_trainer']['png_warm']:>8.1f}x{png['bytes_per_pair']:>10,.0f}")
-        ratio = row["raw_over_png"]
-        lines += [f"  raw / PNG: write {ratio['write']:.1f}x, read {ratio['read_cold']:.1f}x cold, "
-                  f"{ratio['read_warm']:.1f}x warm; PNG takes {png['bytes_per_pair'] / raw['bytes_per_pair']:.2f}x "
-                  f"the raw bytes; PNG round trip {'exact' if png['lossless'] else 'NOT EXACT'}", ""]
+        for fmt, f in fmts.items():
+            for verify, label in (("verify", "CRC verify"), ("noverify", "no verify")):
+                lines.append(f"  {fmt + ' .npy, ' + label:<24}{f['write_s']:>9,.0f}{f['read_s']['cold_' + verify]:>9,.0f}"
+                             f"{f['read_s']['warm_' + verify]:>9,.0f}"
+                             f"{row['read_over_trainer'][f'{fmt}_cold_{verify}']:>8.0f}x"
+                             f"{row['read_over_trainer'][f'{fmt}_warm_{verify}']:>8.0f}x{f['bytes_per_image']:>10,.0f}")
+        lines.append(f"  {'webdataset PNG tar':<24}{png['write_s']:>9,.0f}{png['read_s']['cold']:>9,.0f}"
+                     f"{png['read_s']['warm']:>9,.0f}{row['read_over_trainer']['png_cold']:>8.1f}x"
+                     f"{row['read_over_trainer']['png_warm']:>8.1f}x{png['bytes_per_image']:>10,.0f}")
+        ratio, jpeg = row["jpeg_over_raw"], fmts["jpeg"]
+        lines += [f"  jpeg / raw: write {ratio['write']:.2f}x, read {ratio['read_cold']:.2f}x cold, "
+                  f"{ratio['read_warm']:.2f}x warm, bytes {ratio['bytes']:.3f}x; jpeg q{res['config']['jpeg_quality']} "
+                  f"{jpeg['bits_per_pixel']:.2f} bits/pixel, PSNR {jpeg['psnr_db']:.1f} dB, mean |error| "
+                  f"{jpeg['mean_abs_error']:.2f}; raw round trip {'exact' if fmts['raw']['exact'] else 'NOT EXACT'}, "
+                  f"PNG round trip {'exact' if png['lossless'] else 'NOT EXACT'}", ""]
     return "\n".join(lines)
 
 
 def plot(res: dict, path: Path) -> None:
     plt = import_pyplot("bench/cache.py")
     rows = res["resolutions"]
-    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.6 * len(rows), 4), squeeze=False)
     for ax, row in zip(axes[0], rows, strict=True):
-        labels = ["raw write", "raw cold", "raw warm", "raw warm\nno CRC", "PNG write", "PNG cold", "PNG warm"]
-        values = [row["raw"]["write_pairs_s"], row["raw"]["read_pairs_s"]["cold_verify"],
-                  row["raw"]["read_pairs_s"]["warm_verify"], row["raw"]["read_pairs_s"]["warm_noverify"],
-                  row["webdataset_png"]["write_pairs_s"], row["webdataset_png"]["read_pairs_s"]["cold"],
-                  row["webdataset_png"]["read_pairs_s"]["warm"]]
-        ax.bar(range(len(values)), values, color=["C0"] * 4 + ["C1"] * 3)
+        labels, values, colours = [], [], []
+        for c, fmt in enumerate(FORMATS):
+            f = row["formats"][fmt]
+            labels += [f"{fmt} write", f"{fmt} cold", f"{fmt} warm"]
+            values += [f["write_s"], f["read_s"]["cold_verify"], f["read_s"]["warm_verify"]]
+            colours += [f"C{c}"] * 3
+        png = row["webdataset_png"]
+        labels += ["PNG write", "PNG cold", "PNG warm"]
+        values += [png["write_s"], png["read_s"]["cold"], png["read_s"]["warm"]]
+        colours += ["C2"] * 3
+        ax.bar(range(len(values)), values, color=colours)
         ax.axhline(row["trainer"]["img_s"], color="k", ls="--", label="trainer (1 CPU thread)")
-        ax.set_xticks(range(len(values)), labels, fontsize=7)
+        ax.set_xticks(range(len(values)), labels, fontsize=6, rotation=45, ha="right")
         ax.set_yscale("log")
         ax.set_title(f"R = {row['resolution']}")
-        ax.set_ylabel("pairs / s")
+        ax.set_ylabel("images / s")
         ax.legend(fontsize=8)
     fig.suptitle(f"cache formats on {res['meta']['filesystem']}, {res['meta']['cpu']}", fontsize=9)
     save_figure(fig, path)
@@ -324,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
     load_before, before = os.getloadavg()[0], cpu_snapshot()
     work = Path(tempfile.mkdtemp(prefix=".cache-bench-", dir=args.dir))
     try:
-        with tqdm(total=2 * len(args.resolutions) + sum(args.train_steps + args.train_warmup
+        with tqdm(total=(len(FORMATS) + 1) * len(args.resolutions) + sum(args.train_steps + args.train_warmup
                                                         for _ in args.resolutions), dynamic_ncols=True) as bar:
             rows = [bench_resolution(args, r, work, bar) for r in args.resolutions]
     finally:
@@ -334,14 +366,14 @@ def main(argv: list[str] | None = None) -> dict:
                  "filesystem": filesystem(args.dir), "torch": torch.__version__,
                  **run_meta(load_before, other_cores_since(before), args.quick, "bench/cache.py", argv)},
         "config": {"resolutions": args.resolutions, "mib": args.mib, "shard_pairs": args.shard_pairs,
-                   "take_batch": args.take_batch, "train_batch_size": args.train_batch_size,
+                   "jpeg_quality": args.jpeg_quality, "take_batch": args.take_batch, "train_batch_size": args.train_batch_size,
                    "train_steps": args.train_steps},
         "resolutions": rows,
         "summary": {"png_lossless": all(r["webdataset_png"]["lossless"] for r in rows),
-                    "min_raw_read_over_trainer": min(min(v for k, v in r["read_over_trainer"].items()
-                                                         if k.startswith("raw")) for r in rows),
-                    "min_png_read_over_trainer": min(min(v for k, v in r["read_over_trainer"].items()
-                                                         if k.startswith("png")) for r in rows)},
+                    "raw_exact": all(r["formats"]["raw"]["exact"] for r in rows),
+                    **{f"min_{fmt}_read_over_trainer": min(min(v for k, v in r["read_over_trainer"].items()
+                                                               if k.startswith(fmt)) for r in rows)
+                       for fmt in (*FORMATS, "png")}},
     }
     png = save_results(res, out, plot, _T0, started)
     print(format_report(res))

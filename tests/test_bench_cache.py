@@ -1,5 +1,6 @@
-"""Smoke test of bench/cache.py: the quick run completes, writes every JSON field, PNG round trips exactly,
-and leaves no temporary cache behind. Timings are never asserted: they depend on the machine and its load."""
+"""Smoke test of bench/cache.py: the quick run completes, writes every JSON field for both cache formats, raw
+and PNG round trip exactly, and it leaves no temporary cache behind. Timings are never asserted: they depend
+on the machine and its load."""
 
 from __future__ import annotations
 
@@ -19,20 +20,26 @@ def test_quick_cache_benchmark_reports_every_rate(tmp_path: Path) -> None:
     res = json.loads(out.read_text())
     assert res["config"]["resolutions"] == [32] and res["meta"]["quick"] is True
     (row,) = res["resolutions"]
-    assert row["resolution"] == 32 and row["pairs"] >= res["config"]["take_batch"]
-    assert row["trainer"]["img_s"] > 0
-    assert row["raw"]["write_pairs_s"] > 0 and row["webdataset_png"]["write_pairs_s"] > 0
-    assert set(row["raw"]["read_pairs_s"]) == {"cold_verify", "warm_verify", "cold_noverify", "warm_noverify"}
-    assert set(row["webdataset_png"]["read_pairs_s"]) == {"cold", "warm"}
-    assert all(v > 0 for v in [*row["raw"]["read_pairs_s"].values(), *row["webdataset_png"]["read_pairs_s"].values()])
-    assert set(row["read_over_trainer"]) == {f"raw_{k}" for k in row["raw"]["read_pairs_s"]} | {
-        f"png_{k}" for k in row["webdataset_png"]["read_pairs_s"]}
-    assert row["read_over_trainer"]["raw_warm_verify"] == row["raw"]["read_pairs_s"]["warm_verify"] / row["trainer"]["img_s"]
-    assert set(row["raw_over_png"]) == {"write", "read_warm", "read_cold"}
-    # The raw shard holds exactly the pixels (plus .npy headers and records); PNG came back bit for bit.
-    assert row["raw"]["bytes_per_pair"] >= row["pair_bytes"]
+    assert row["resolution"] == 32 and row["images"] >= res["config"]["take_batch"]
+    assert row["trainer"]["img_s"] > 0 and res["config"]["jpeg_quality"] == 95
+    reads = {"cold_verify", "warm_verify", "cold_noverify", "warm_noverify"}
+    assert set(row["formats"]) == {"raw", "jpeg"}
+    for f in row["formats"].values():
+        assert f["write_s"] > 0 and set(f["read_s"]) == reads and all(v > 0 for v in f["read_s"].values())
+    assert row["webdataset_png"]["write_s"] > 0 and set(row["webdataset_png"]["read_s"]) == {"cold", "warm"}
+    assert set(row["read_over_trainer"]) == {f"{fmt}_{k}" for fmt in ("raw", "jpeg") for k in reads} | {
+        "png_cold", "png_warm"}
+    assert row["read_over_trainer"]["jpeg_warm_verify"] == (row["formats"]["jpeg"]["read_s"]["warm_verify"]
+                                                            / row["trainer"]["img_s"])
+    assert set(row["jpeg_over_raw"]) == {"write", "read_warm", "read_cold", "bytes"}
+    # A raw shard holds exactly the synthetic pixels (plus .npy headers and records) and reads back bit for
+    # bit; JPEG is lossy, and says by how much; PNG came back bit for bit.
+    raw, jpeg = row["formats"]["raw"], row["formats"]["jpeg"]
+    assert row["image_bytes"] <= raw["bytes_per_image"] < 1.2 * row["image_bytes"] and raw["exact"] is True
+    assert raw["bits_per_pixel"] >= 24 and jpeg["exact"] is False and 0 < jpeg["psnr_db"] < float("inf")
     assert row["webdataset_png"]["lossless"] is True and res["summary"]["png_lossless"] is True
     assert res["meta"]["filesystem"] and res["meta"]["cpu_count"] >= 1 and res["meta"]["date"]
     assert out.with_suffix(".png").stat().st_size > 0
     assert not list(tmp_path.glob(".cache-bench-*"))  # the temporary cache and tars are removed
-    assert "R = 32" in proc.stdout and "raw .npy, CRC verify" in proc.stdout and "webdataset PNG tar" in proc.stdout
+    assert "R = 32" in proc.stdout and "raw .npy, CRC verify" in proc.stdout and "jpeg .npy, CRC verify" in proc.stdout
+    assert "webdataset PNG tar" in proc.stdout and "jpeg / raw" in proc.stdout
