@@ -19,7 +19,7 @@ LAYERS: list[list[str]] = [
     ["data.decode", "data.store", "data.sources", "data.prepare", "data", "augment", "stub_diffuser", "losses", "dino",
      "models", "optim"],
     ["generate", "versatile"],
-    ["ring", "cache.store", "cache.maintenance", "cache.transfer", "cache", "devices"],
+    ["ring", "cache.store", "cache.maintenance", "cache.migrate", "cache.transfer", "cache", "devices"],
     ["worker"],
     ["producer", "warm"],
     ["pairs"],
