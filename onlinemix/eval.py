@@ -12,7 +12,7 @@ form the kNN bank) depends on the set, as in the MixDiff paper's protocols:
   the run's training split fits, the whole set is scored. Its ImageFolder class names must be
   among the run's (labels are matched by name); webdataset ``cls`` values index the run's classes.
 
-A split is an ImageFolder directory, one ``.tar`` webdataset shard, a brace pattern of shards or a
+A split is a prepared image store, an ImageFolder directory, one ``.tar`` webdataset shard, a brace pattern of shards or a
 directory of shards (samples with an image and an integer ``cls``). The probe maths lives in
 :mod:`onlinemix.probe`, what a run directory holds in :mod:`onlinemix.rundir`.
 """
@@ -31,6 +31,7 @@ from torch import nn
 from .cli import run_command
 from .config import ProbeConfig
 from .data import DataError, Images, LabelledImages, RealImages, load_image_source, load_real_images, subset
+from .data.store import ImageStore, StoreError, check_resolution, is_image_store
 from .models import seeded_backbone
 from .probe import extract_features, fit_linear_probe, knn_scores, topk_accuracy
 from .rundir import Checkpoint, load_backbone, resolve_checkpoint
@@ -83,9 +84,15 @@ def transfer_splits(path: Path) -> tuple[Path, Path] | None:
 
 
 def _load(name: str, path: Path, resolution: int) -> LabelledImages:
+    """A split: a prepared image store (read by id as features are extracted, never held whole), or
+    a small set decoded into memory."""
     try:
+        if is_image_store(path):
+            store = ImageStore.open(path)
+            check_resolution(store, resolution)
+            return LabelledImages(store, store.labels, store.classes)
         return load_image_source(path, resolution)
-    except DataError as e:
+    except (DataError, StoreError) as e:
         raise DataError(f"eval set {name}: {e}") from e
 
 
