@@ -161,6 +161,9 @@ class TrainConfig:
     seed: int = opt(0, "seed of the model initialisation, data order and augmentations", low=0)
     cpu_threads: int = opt(0, "torch threads of a trainer on the CPU; 0 = cores left after the producers",
                            low=0, high=256)
+    prefetch: int = opt(2, "batches the input pipeline makes ahead on a worker thread (pair lookup, gather, views, "
+                        "copy to the device) while the current step runs; 0 = each batch in the training loop",
+                        low=0, high=64)
     checkpoint_every: int = opt(0, "save a checkpoint every N steps (0 = only at the end)", low=0)
     log_every: int = opt(10, "write a metrics line every N steps", low=1)
 

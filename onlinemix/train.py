@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from contextlib import ExitStack
 
@@ -42,6 +43,7 @@ from onlinemix.methods import StepInfo, build_method
 from onlinemix.metrics import RunMetrics
 from onlinemix.optim import build_optimizer, cosine_with_warmup, scaled_lr
 from onlinemix.pairs import BatchPairs, PairImages, PairSource
+from onlinemix.prefetch import Prefetcher, Prepared, check_running, to_device
 from onlinemix.probe import compare_with_random_init, extract_features, format_probe, heldout_knn, heldout_linear
 from onlinemix.producer import ProducerPool
 from onlinemix.ring import PairRing, RingError, TrainerPort, remove_stale_segments
@@ -157,35 +159,49 @@ class Trainer:
             out.update({f"{name}_top1": result["top1"], f"{name}_top5": result["top5"]})
         return out
 
-    def fit(self, pairs: PairSource | None, port: TrainerPort | None, pool: ProducerPool | None = None) -> None:
+    def prepare(self, step: int, pairs: PairSource | None, port: TrainerPort | None,
+                copy_stream: torch.cuda.Stream | None) -> Prepared:
+        """Step ``step``'s input: its pairs (the ring slots go back once gathered), views, and the copy to
+        the device. Runs on the input pipeline's thread, ahead of the training loop."""
+        tc, spe = self.cfg.train, self.schedule.steps_per_epoch
+        epoch = step // spe
+        positions = self.schedule.rank_positions(step, self.acc.process_index, tc.batch_size)
+        ids = self.schedule.ids_at(positions)
+        with self.batch_pairs(ids, positions, epoch, pairs) as batch:
+            if port is not None:  # every position up to this batch's end has been asked for
+                port.publish_position((step + 1) * self.schedule.global_batch)
+        views, copied = to_device(self.compose_views(batch.images, epoch), self.acc.device, copy_stream)
+        return Prepared(step, views, batch.stats, copied)
+
+    def fit(self, pairs: PairSource | None, port: TrainerPort | None, pool: ProducerPool | None = None,
+            stop: threading.Event | None = None) -> None:
+        """Train to ``train.epochs``; ``stop`` is the event the pair lookup's waits check (see prefetch.py)."""
         tc = self.cfg.train
         acc = self.acc
-        rank, spe, global_batch = acc.process_index, self.schedule.steps_per_epoch, self.schedule.global_batch
+        spe, global_batch = self.schedule.steps_per_epoch, self.schedule.global_batch
         metrics = RunMetrics(self.run_dir / "metrics.jsonl" if acc.is_main_process else None, port,
                              (lambda: pool.restarts) if pool else (lambda: 0))
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process,
                    desc="train", unit="step", dynamic_ncols=True)
         if port is not None:
             port.publish_position(self.step * global_batch)
+        copy_stream = torch.cuda.Stream(acc.device) if acc.device.type == "cuda" else None
+        pipeline = Prefetcher(lambda step: self.prepare(step, pairs, port, copy_stream), self.step, self.total_steps,
+                              tc.prefetch, stop or threading.Event())
         try:
             while self.step < self.total_steps:
                 epoch = self.step // spe
-                if pairs is not None:
-                    pairs.health_check()
-                positions = self.schedule.rank_positions(self.step, rank, tc.batch_size)
-                ids = self.schedule.ids_at(positions)
+                if pool is not None:
+                    pool.check()
                 t0 = time.monotonic()
-                with self.batch_pairs(ids, positions, epoch, pairs) as batch:
-                    if port is not None:  # every position up to this batch's end has been asked for
-                        port.publish_position((self.step + 1) * global_batch)
-                views = self.augment(batch)  # from the batch's own copy: its ring slots are back already
-                loss = self.train_step(views)
+                batch, data_wait_s = pipeline.next()
+                loss = self.train_step(batch.views)
                 self.step += 1
                 step_s = time.monotonic() - t0
                 if port is not None:
                     port.publish_speed(global_batch, step_s)
                 last = self.step == self.total_steps
-                metrics.record(self.step, epoch, batch.stats, self.step % tc.log_every == 0 or last,
+                metrics.record(self.step, epoch, batch.stats, data_wait_s, self.step % tc.log_every == 0 or last,
                                loss=loss, lr=self.optimizer.param_groups[0]["lr"], step_s=step_s, **self.last_logs)
                 if self.step % spe == 0 or last:
                     metrics.end_epoch(epoch, **self.online_probes(epoch))
@@ -194,6 +210,7 @@ class Trainer:
                 if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
                     self.save_checkpoint()
         finally:
+            pipeline.close()
             bar.close()
             metrics.close()
         t = metrics.totals
@@ -278,6 +295,15 @@ def start_generation(cfg: Config, accelerator: Accelerator, run_dir: Path, globa
     return TrainerPort(ring, leader=accelerator.is_local_main_process), pool
 
 
+def waiting_check(stop: threading.Event, pool: ProducerPool | None) -> None:
+    """What a trainer checks while it waits for missing pairs: the input pipeline closing and, on the
+    main thread only, dead producers (restarted there: a process started from the pipeline's thread
+    would be killed with that thread, as producers die with their parent, PR_SET_PDEATHSIG)."""
+    check_running(stop)
+    if pool is not None and threading.current_thread() is threading.main_thread():
+        pool.check()
+
+
 def wait_for_producers(port: TrainerPort, pool: ProducerPool | None, n: int) -> None:
     """Block until every producer has loaded its generator, so the first batches are not all fallbacks."""
     log.info("waiting for %d producer(s) to load the generator", n)
@@ -344,18 +370,20 @@ def run(argv: list[str] | None = None) -> dict | None:
         if checkpoint is None:
             raise FileNotFoundError(f"--resume {run_dir}: no checkpoint under {run_dir / CHECKPOINT_DIR}")
         trainer.load_checkpoint(checkpoint)
+    stop = threading.Event()  # closes the input pipeline; the pair lookup's waits check it
     with ExitStack() as stack:
         pairs, port, pool = None, None, None
         if cfg.offline and synthetic and trainer.step < trainer.total_steps:
             cache = open_offline_cache(cfg, trainer.schedule.train_ids, real.size)
-            pairs = PairSource(None, cfg.staleness, real.images, cfg.ring.verify_checksums, lambda: None, cache)
+            pairs = PairSource(None, cfg.staleness, real.images, cfg.ring.verify_checksums,
+                               lambda: check_running(stop), cache)
         elif online and trainer.step < trainer.total_steps:
             port, pool = start_generation(cfg, accelerator, run_dir, trainer.schedule.global_batch, real.size, stack)
             wait_for_producers(port, pool, cfg.gen_gpus)
-            health = pool.check if pool is not None else (lambda: None)
             cache = open_online_cache(cfg, port, real.size) if cfg.cache.enabled else None
-            pairs = PairSource(port, cfg.staleness, real.images, cfg.ring.verify_checksums, health, cache)
-        trainer.fit(pairs, port, pool)
+            pairs = PairSource(port, cfg.staleness, real.images, cfg.ring.verify_checksums,
+                               lambda: waiting_check(stop, pool), cache)
+        trainer.fit(pairs, port, pool, stop)
     if not (cfg.probe.enabled and accelerator.is_main_process):
         return None
     results = compare_with_random_init(accelerator.unwrap_model(trainer.model).backbone, cfg, accelerator.device, real)

@@ -25,6 +25,7 @@ LAYERS: list[list[str]] = [
     ["pairs"],
     ["views"],
     ["methods"],
+    ["prefetch"],
     ["metrics", "probe", "rundir"],
     ["cli"],
     ["train", "eval", "stats", "cache.__main__", "data.__main__"],

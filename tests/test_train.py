@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,25 @@ def test_exception_in_the_trainer_stops_producers_and_frees_shared_memory(tmp_pa
     with pytest.raises(RuntimeError, match="injected failure"):
         run(["--train.epochs", "1", "--output-dir", str(tmp_path), "--run-name", "boom", *FAST])
     assert not mp.active_children()
+
+
+def test_exception_in_the_input_pipeline_stops_the_run_with_its_message(tmp_path: Path, monkeypatch,
+                                                                        no_leaked_segments) -> None:
+    """The pipeline thread makes batches ahead; its failure surfaces in the training loop, with the
+    traceback of where it happened, and everything stops as for any trainer exception."""
+    def failing_prepare(self, step, *args):
+        if step == 3:
+            raise ValueError("injected pipeline failure")
+        return original(self, step, *args)
+
+    original = train_module.Trainer.prepare
+    monkeypatch.setattr(train_module.Trainer, "prepare", failing_prepare)
+    with pytest.raises(ValueError, match="injected pipeline failure") as failure:
+        run(["--train.epochs", "1", "--output-dir", str(tmp_path), "--run-name", "pipeline", *FAST])
+    assert "failing_prepare" in [frame.name for frame in traceback.extract_tb(failure.value.__traceback__)]
+    assert not mp.active_children()
+    rows = metrics(tmp_path / "pipeline")
+    assert all(row["step"] <= 3 for row in rows)
 
 
 def _start(tmp_path: Path, name: str, *args: str, epochs: int = 5) -> subprocess.Popen:
