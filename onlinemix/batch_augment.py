@@ -1,0 +1,124 @@
+"""The plain-torch batched augmentation backend: uint8 sources + `ViewParams` -> normalised views.
+
+It defines what a view is for every batched backend: the Triton kernels (`onlinemix_kernels.augment`) are
+tested against it. Operations run in torchvision's order (augment.build_transform): crop + resize on
+uint8 (`resample`, equal to torchvision bit for bit), flip, scaling to [0, 1], ColorJitter's four
+operations in each sample's drawn order, grayscale, Gaussian blur, solarisation, ImageNet normalisation.
+
+Samples are processed in groups that share their ColorJitter order (24 permutations, plus "no jitter"),
+so every colour operation is one in-place tensor op on a whole group; grayscale, blur and solarisation
+touch the subset of a group that draws them. On the CPU, groups are further cut into chunks of about
+`CPU_CHUNK_BYTES` of float pixels, so that the dozens of passes over each chunk stay in the cache; that
+is what makes it several times faster than one torchvision call per image, not the batching itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from onlinemix.photometric import (adjust_brightness_, adjust_contrast_, adjust_hue_, adjust_saturation_,
+                                   gaussian_blur, normalize_, solarize_, to_grayscale_)
+from onlinemix.resample import ResampleTable, resample, resample_table
+from onlinemix.view_params import ViewParams
+
+CPU_CHUNK_BYTES = 2 << 20  # float pixels per chunk on the CPU: about the L2 cache of one core
+_COLOUR_OPS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
+    adjust_brightness_, adjust_contrast_, adjust_saturation_, adjust_hue_)  # by ColorJitter's operation id
+_NO_JITTER = -1
+
+
+def jitter_order_codes(params: ViewParams) -> torch.Tensor:
+    """(B,) int64: one code per ColorJitter order (base-4 digits of the permutation), -1 without jitter."""
+    digits = params.order.to(torch.int64) * torch.tensor([64, 16, 4, 1], device=params.order.device)
+    return torch.where(params.jitter, digits.sum(dim=1), torch.full_like(params.jitter, _NO_JITTER,
+                                                                          dtype=torch.int64))
+
+
+def sample_groups(params: ViewParams, chunk: int) -> list[torch.Tensor]:
+    """Index tensors of samples sharing their ColorJitter order, each at most `chunk` long."""
+    codes, members = jitter_order_codes(params).sort(stable=True)
+    counts = torch.unique_consecutive(codes, return_counts=True)[1].tolist()
+    return [piece for group in members.split(counts) for piece in group.split(chunk)]
+
+
+def _crop_tables(params: ViewParams) -> tuple[ResampleTable, ResampleTable]:
+    rows = resample_table(params.top, params.height, params.size, params.interpolation)
+    cols = resample_table(params.left, params.width, params.size, params.interpolation, reverse=params.flip)
+    return rows, cols
+
+
+def _is_whole_image(params: ViewParams, height: int, width: int) -> bool:
+    """Every box is the whole image and already at the output size: torchvision's resize returns it as is."""
+    return (height == width == params.size and bool((params.top == 0).all()) and bool((params.left == 0).all())
+            and bool((params.height == height).all()) and bool((params.width == width).all()))
+
+
+def _on_subset(x: torch.Tensor, mask: torch.Tensor,
+               fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """x with fn(rows, positions) applied to the rows where mask (n,) holds (in place unless all do)."""
+    positions = mask.nonzero().squeeze(1)
+    if positions.numel() == x.shape[0]:
+        return fn(x, positions)
+    if positions.numel():
+        x[positions] = fn(x[positions], positions)
+    return x
+
+
+def _colour_jitter_(x: torch.Tensor, params: ViewParams) -> torch.Tensor:
+    """ColorJitter in the group's shared order (the group's first sample's)."""
+    if not bool(params.jitter[0]):
+        return x
+    factors = params.factors().to(x.device)
+    for op in params.order[0].tolist():
+        if params.jitter_ops[op]:
+            _COLOUR_OPS[op](x, factors[:, op])
+    return x
+
+
+def _augment_group(images: torch.Tensor, params: ViewParams, rows: ResampleTable | None,
+                   cols: ResampleTable | None) -> torch.Tensor:
+    """uint8 (n, 3, H, W) -> normalised float32 (n, 3, S, S) for samples sharing a ColorJitter order."""
+    if rows is None or cols is None:  # whole image at the output size: only the flip
+        flip = params.flip.to(images.device).view(-1, 1, 1, 1)
+        pixels = torch.where(flip, images.flip(-1), images)
+    else:
+        pixels = resample(images, rows, cols)
+    x = pixels.to(torch.float32).mul_(1.0 / 255)  # v2.ToDtype(float32, scale=True)
+    _colour_jitter_(x, params)
+    x = _on_subset(x, params.grayscale, lambda rows_, _: to_grayscale_(rows_))
+    sigma = params.sigma.to(x.device)
+    x = _on_subset(x, params.blur, lambda rows_, at: gaussian_blur(rows_, sigma[at.to(x.device)],
+                                                                    params.blur_kernel))
+    x = _on_subset(x, params.solarize, lambda rows_, _: solarize_(rows_))
+    return normalize_(x)
+
+
+def chunk_size(params: ViewParams, device: torch.device) -> int:
+    """Samples per group chunk: the whole batch on accelerators, cache-sized on the CPU."""
+    if device.type != "cpu":
+        return params.batch
+    return max(1, CPU_CHUNK_BYTES // (3 * params.size * params.size * 4))
+
+
+def augment_views(images: torch.Tensor, params: ViewParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> normalised (B, 3, S, S) of `dtype`, each image with its own parameters.
+
+    `params` may live on the CPU whatever the images' device (decisions read it there; the tables and
+    factors move to the images' device).
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected uint8 (B, 3, H, W) images, got {images.dtype} {tuple(images.shape)}")
+    if images.shape[0] != params.batch:
+        raise ValueError(f"{images.shape[0]} images for {params.batch} sets of parameters")
+    device = images.device
+    host = params.to("cpu")
+    whole = _is_whole_image(host, images.shape[2], images.shape[3])
+    tables = None if whole else _crop_tables(host)
+    out = torch.empty(host.batch, 3, host.size, host.size, dtype=dtype, device=device)
+    for index in sample_groups(host, chunk_size(host, device)):
+        rows, cols = (None, None) if tables is None else (t.select(index).to(device) for t in tables)
+        views = _augment_group(images.index_select(0, index.to(device)), host.select(index), rows, cols)
+        out.index_copy_(0, index.to(device), views.to(dtype))
+    return out

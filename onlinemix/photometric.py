@@ -1,0 +1,104 @@
+"""Batched colour, blur and normalisation operations with per-sample factors, on float images in [0, 1].
+
+Each function is torchvision.transforms.v2.functional's operation of the same name with a (B,) tensor of
+factors instead of one float, written to work in place on (B, 3, H, W) float32 batches. They follow
+torchvision's definitions: brightness scales and clamps; contrast blends with the mean of the grayscale
+image; saturation blends with the grayscale image; hue rotates the HSV hue; grayscale uses
+(0.2989, 0.587, 0.114); blur convolves with a normalised Gaussian of torchvision's sampling over reflect
+padding; solarisation inverts values at or above the threshold. Hue uses the closed form of the HSV round
+trip (channel = V - (V - min) * clamp(min(k, 4 - k), 0, 1), k = (n + 6 H) mod 6), equal to torchvision's
+piecewise p/q/t selection up to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from onlinemix.augment import IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+_HUE_SEXTANT = (5.0, 3.0, 1.0)  # the HSV -> RGB offsets n of R, G, B
+
+
+def _per_sample(factor: torch.Tensor) -> torch.Tensor:
+    return factor.to(torch.float32).view(-1, 1, 1, 1)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 1, H, W) luma, in torchvision's order of operations."""
+    r, g, b = x.unbind(dim=1)
+    return r.mul(GRAY_WEIGHTS[0]).add_(g, alpha=GRAY_WEIGHTS[1]).add_(b, alpha=GRAY_WEIGHTS[2]).unsqueeze(1)
+
+
+def _blend_(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """x * ratio + other * (1 - ratio), clamped to [0, 1]."""
+    ratio = _per_sample(ratio)
+    return x.mul_(ratio).add_(other * (1.0 - ratio)).clamp_(0.0, 1.0)
+
+
+def adjust_brightness_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return x.mul_(_per_sample(factor)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend_(x, grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), factor)
+
+
+def adjust_saturation_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend_(x, grayscale(x), factor)
+
+
+def adjust_hue_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue by `factor` (a fraction of the circle, in [-0.5, 0.5]); value and saturation stay."""
+    r, g, b = x.unbind(dim=1)
+    v, low = x.amax(dim=1), x.amin(dim=1)
+    span = v - low
+    safe = torch.where(span == 0, torch.ones_like(span), span)
+    # hue in sextants [0, 6): which channel holds the maximum decides the formula (R first, then G)
+    sextant = torch.where(v == r, (g - b).div_(safe),
+                          torch.where(v == g, (b - r).div_(safe).add_(2.0), (r - g).div_(safe).add_(4.0)))
+    sextant.add_(6.0 * _per_sample(factor).squeeze(1)).remainder_(6.0)
+    for channel, n in zip((r, g, b), _HUE_SEXTANT):
+        k = (sextant + n).remainder_(6.0)
+        k = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+        torch.sub(v, k.mul_(span), out=channel)
+    return x
+
+
+def to_grayscale_(x: torch.Tensor) -> torch.Tensor:
+    """rgb_to_grayscale with 3 output channels."""
+    return x.copy_(grayscale(x).expand_as(x))
+
+
+def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """(B,) sigmas -> (B, K) float32 1-D kernels, as torchvision's _get_gaussian_kernel1d computes them."""
+    lim = (kernel_size - 1) / (2.0 * 2.0 ** 0.5)
+    x = torch.linspace(-lim, lim, steps=kernel_size, dtype=torch.float32, device=sigma.device)
+    return torch.softmax(x[None].div(sigma.to(torch.float32)[:, None]).pow(2).neg(), dim=1)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Separable Gaussian blur with reflect padding, one sigma per sample: two passes of K multiply-adds."""
+    kernels = gaussian_kernels(sigma, kernel_size)
+    pad = kernel_size // 2
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    height, width = x.shape[-2:]
+    across = torch.zeros(*x.shape[:2], height + 2 * pad, width, dtype=x.dtype, device=x.device)
+    for k in range(kernel_size):
+        across.addcmul_(padded[..., k:k + width], kernels[:, k].view(-1, 1, 1, 1))
+    out = torch.zeros_like(x)
+    for k in range(kernel_size):
+        out.addcmul_(across[..., k:k + height, :], kernels[:, k].view(-1, 1, 1, 1))
+    return out
+
+
+def solarize_(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= SOLARIZE_THRESHOLD, 1.0 - x, x, out=x)
+
+
+def normalize_(x: torch.Tensor) -> torch.Tensor:
+    """ImageNet mean/std, as v2.Normalize: subtract, then divide."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return x.sub_(mean).div_(std)
