@@ -23,7 +23,7 @@ from onlinemix.photometric import (adjust_brightness_, adjust_contrast_, adjust_
 from onlinemix.resample import ResampleTable, resample, resample_table
 from onlinemix.view_params import ViewParams
 
-CPU_CHUNK_BYTES = 2 << 20  # float pixels per chunk on the CPU: about the L2 cache of one core
+CPU_CHUNK_BYTES = 1 << 20  # float pixels per chunk on the CPU: with the temporaries, about one core's L2
 _COLOUR_OPS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
     adjust_brightness_, adjust_contrast_, adjust_saturation_, adjust_hue_)  # by ColorJitter's operation id
 _NO_JITTER = -1
@@ -81,11 +81,10 @@ def _augment_group(images: torch.Tensor, params: ViewParams, rows: ResampleTable
                    cols: ResampleTable | None) -> torch.Tensor:
     """uint8 (n, 3, H, W) -> normalised float32 (n, 3, S, S) for samples sharing a ColorJitter order."""
     if rows is None or cols is None:  # whole image at the output size: only the flip
-        flip = params.flip.to(images.device).view(-1, 1, 1, 1)
-        pixels = torch.where(flip, images.flip(-1), images)
+        levels = _on_subset(images, params.flip, lambda rows_, _: rows_.flip(-1))
     else:
-        pixels = resample(images, rows, cols)
-    x = pixels.to(torch.float32).mul_(1.0 / 255)  # v2.ToDtype(float32, scale=True)
+        levels = resample(images, rows, cols)
+    x = levels.to(torch.float32).mul_(1.0 / 255)  # v2.ToDtype(float32, scale=True)
     _colour_jitter_(x, params)
     x = _on_subset(x, params.grayscale, lambda rows_, _: to_grayscale_(rows_))
     sigma = params.sigma.to(x.device)

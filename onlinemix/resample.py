@@ -102,30 +102,36 @@ def resample_table(crop_start: torch.Tensor, crop_length: torch.Tensor, out_size
 
 
 def _resample_rows(rows: torch.Tensor, table: ResampleTable) -> torch.Tensor:
-    """uint8 (B, C, N, L) -> uint8 (B, C, S, L): output row i of sample b mixes rows table.start[b, i] + k."""
+    """int32 levels (B, C, N, L) -> int32 levels (B, C, S, L): output row i of sample b mixes the source rows
+    table.start[b, i] + k (whole rows: contiguous copies), as exact integer sums rounded like torch."""
     b, c, n, length = rows.shape
     out_size = table.start.shape[1]
     flat = rows.reshape(b * c * n, length)
     base = (torch.arange(b * c, device=rows.device) * n).view(b, c, 1)
-    last = n - 1
-    acc = torch.zeros(b, c, out_size, length, dtype=torch.int32, device=rows.device)
+    acc = None
     for k in range(table.taps):
-        index = (base + (table.start + k).clamp_max(last)[:, None]).reshape(-1)
+        index = (base + (table.start + k).clamp_max(n - 1)[:, None]).reshape(-1)
         taps = flat.index_select(0, index).view(b, c, out_size, length)
-        acc.addcmul_(taps, table.weight[:, None, :, k, None])
+        weight = table.weight[:, None, :, k, None]
+        acc = taps.mul_(weight) if acc is None else acc.addcmul_(taps, weight)
     half = (1 << (table.shift - 1)).to(torch.int32).view(b, 1, 1, 1)
-    acc.add_(half).bitwise_right_shift_(table.shift.view(b, 1, 1, 1))
-    return acc.clamp_(0, 255).to(torch.uint8)
+    return acc.add_(half).bitwise_right_shift_(table.shift.view(b, 1, 1, 1)).clamp_(0, 255)
 
 
 def resample(images: torch.Tensor, rows: ResampleTable, cols: ResampleTable) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> uint8 (B, C, S, S): the horizontal pass (rounded to uint8), then the vertical one.
+    """uint8 (B, C, H, W) -> int32 levels (B, C, S, S) in [0, 255]: the horizontal pass, then the vertical one.
 
-    Both passes gather whole rows (the horizontal one on the transposed image), so the work is a few
-    contiguous copies and integer multiply-adds per tap rather than a per-element gather.
+    Both passes gather whole rows (the horizontal one on the transposed image), so the work is contiguous
+    copies and integer multiply-adds per tap rather than a per-element gather. Levels stay int32 between
+    the passes (each pass's result is already a rounded, saturated uint8 value), saving conversions.
     """
-    across = _resample_rows(images.transpose(-1, -2).contiguous(), cols)   # (B, C, S_x, H)
-    return _resample_rows(across.transpose(-1, -2).contiguous(), rows)     # (B, C, S_y, S_x)
+    b, c, height, width = images.shape
+    source = torch.empty(b, c, width, height, dtype=torch.int32, device=images.device)
+    source.transpose(-1, -2).copy_(images)                                   # (B, C, W, H)
+    across = _resample_rows(source, cols)                                    # (B, C, S_x, H)
+    upright = torch.empty(b, c, height, across.shape[2], dtype=torch.int32, device=images.device)
+    upright.transpose(-1, -2).copy_(across)                                  # (B, C, H, S_x)
+    return _resample_rows(upright, rows)                                     # (B, C, S_y, S_x)
 
 
 def uses_native_uint8_path(interpolation: str) -> bool:
