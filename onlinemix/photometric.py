@@ -50,33 +50,34 @@ def adjust_saturation_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return _blend_(x, grayscale(x), factor)
 
 
-def _is_max(v: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
-    """1.0 where `channel` holds the maximum v, else 0.0 (sign arithmetic: faster than comparisons on CPUs)."""
-    return (v - channel).sign_().neg_().add_(1.0)
+def _equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """1.0 where a == b, else 0.0, written as float (a bool result takes a far slower path on CPUs)."""
+    return torch.eq(a, b, out=torch.empty_like(a))
 
 
 def adjust_hue_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Rotate the HSV hue by `factor` (a fraction of the circle, in [-0.5, 0.5]); value and saturation stay.
 
     Branch-free: which channel holds the maximum is a 0/1 float mask (R first, then G, as torchvision), and
-    the periodic ramp clamp(min(k, 4 - k), 0, 1) over k = t mod 6 is clamp(2 - |k - 2|, 0, 1) with |k - 2|
-    the distance of t - 2 to the nearest multiple of 6, so no comparison-select or remainder runs on whole
+    the periodic ramp clamp(min(k, 4 - k), 0, 1) over k = (n + 6 H) mod 6 is clamp(2 - 6 d, 0, 1) with d
+    the distance of (k - 2) / 6 to the nearest integer, so no comparison-select or remainder runs on whole
     images (both are several times slower than arithmetic on CPUs).
     """
     r, g, b = x.unbind(dim=1)
     v, low = x.amax(dim=1), x.amin(dim=1)
     span = v - low
     inv = span.clamp_min(_TINY).reciprocal_()  # span 0: every difference below is 0 too
-    is_r = _is_max(v, r)
-    is_g = _is_max(v, g).mul_(1.0 - is_r)
+    is_r = _equal(v, r)
+    is_g = _equal(v, g).mul_(1.0 - is_r)
     sextant = (r - g).mul_(inv).add_(4.0)                                  # hue in sextants if B is the max,
     sextant.addcmul_((b - r).mul_(inv).add_(2.0).sub_(sextant), is_g)     # if G is,
     sextant.addcmul_((g - b).mul_(inv).sub_(sextant), is_r)               # if R is (any multiple of 6 off)
-    sextant.add_(6.0 * _per_sample(factor).squeeze(1) - 2.0)
+    turns = sextant.add_(6.0 * _per_sample(factor).squeeze(1) - 2.0).mul_(1.0 / 6.0)
     for channel, n in zip((r, g, b), _HUE_SEXTANT):
-        t = sextant + n
-        distance = torch.round(t * (1.0 / 6.0)).mul_(6.0).sub_(t).abs_()  # |k - 2|, k = (t + 2) mod 6
-        torch.sub(v, distance.neg_().add_(2.0).clamp_(0.0, 1.0).mul_(span), out=channel)
+        shifted = turns + n / 6.0
+        distance = torch.round(shifted).sub_(shifted).abs_()
+        ramp = torch.rsub(distance, 2.0, alpha=6.0).clamp_(0.0, 1.0)
+        torch.addcmul(v, ramp, span, value=-1.0, out=channel)
     return x
 
 
