@@ -42,6 +42,14 @@ class ResampleTable:
     def to(self, device: torch.device | str) -> ResampleTable:
         return ResampleTable(self.start.to(device), self.weight.to(device), self.shift.to(device))
 
+    def used_range(self, length: int) -> tuple[int, int]:
+        """The source indices [first, end) that any tap of any sample reads."""
+        return int(self.start.min()), min(length, int(self.start.max()) + self.taps)
+
+    def shifted(self, offset: int) -> ResampleTable:
+        """The same tables for a source cut to begin at `offset`."""
+        return ResampleTable(self.start - offset, self.weight, self.shift)
+
     def select(self, index: torch.Tensor) -> ResampleTable:
         """The tables of the samples at `index`."""
         return ResampleTable(self.start.index_select(0, index), self.weight.index_select(0, index),
@@ -121,17 +129,21 @@ def _resample_rows(rows: torch.Tensor, table: ResampleTable) -> torch.Tensor:
 def resample(images: torch.Tensor, rows: ResampleTable, cols: ResampleTable) -> torch.Tensor:
     """uint8 (B, C, H, W) -> int32 levels (B, C, S, S) in [0, 255]: the horizontal pass, then the vertical one.
 
-    Both passes gather whole rows (the horizontal one on the transposed image), so the work is contiguous
-    copies and integer multiply-adds per tap rather than a per-element gather. Levels stay int32 between
-    the passes (each pass's result is already a rounded, saturated uint8 value), saving conversions.
+    Only the source box that some tap reads is touched. Both passes gather whole rows (the horizontal one
+    on the transposed box), so the work is contiguous copies and integer multiply-adds per tap rather
+    than a per-element gather. Levels stay int32 between the passes (each pass's result is already a
+    rounded, saturated uint8 value), saving conversions.
     """
-    b, c, height, width = images.shape
+    top, bottom = rows.used_range(images.shape[2])
+    left, right = cols.used_range(images.shape[3])
+    box = images[:, :, top:bottom, left:right]
+    b, c, height, width = box.shape
     source = torch.empty(b, c, width, height, dtype=torch.int32, device=images.device)
-    source.transpose(-1, -2).copy_(images)                                   # (B, C, W, H)
-    across = _resample_rows(source, cols)                                    # (B, C, S_x, H)
+    source.transpose(-1, -2).copy_(box)                                      # (B, C, w, h)
+    across = _resample_rows(source, cols.shifted(left))                      # (B, C, S_x, h)
     upright = torch.empty(b, c, height, across.shape[2], dtype=torch.int32, device=images.device)
-    upright.transpose(-1, -2).copy_(across)                                  # (B, C, H, S_x)
-    return _resample_rows(upright, rows)                                     # (B, C, S_y, S_x)
+    upright.transpose(-1, -2).copy_(across)                                  # (B, C, h, S_x)
+    return _resample_rows(upright, rows.shifted(top))                        # (B, C, S_y, S_x)
 
 
 def uses_native_uint8_path(interpolation: str) -> bool:
