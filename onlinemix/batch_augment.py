@@ -36,11 +36,16 @@ def jitter_order_codes(params: ViewParams) -> torch.Tensor:
                                                                           dtype=torch.int64))
 
 
-def sample_groups(params: ViewParams, chunk: int) -> list[torch.Tensor]:
-    """Index tensors of samples sharing their ColorJitter order, each at most `chunk` long."""
-    codes, members = jitter_order_codes(params).sort(stable=True)
+def sample_groups(params: ViewParams, chunk: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """A permutation of the batch that puts samples sharing their ColorJitter order next to each other, and
+    the (start, length) ranges of the permuted batch that share one order, each at most `chunk` long."""
+    codes, perm = jitter_order_codes(params).sort(stable=True)
     counts = torch.unique_consecutive(codes, return_counts=True)[1].tolist()
-    return [piece for group in members.split(counts) for piece in group.split(chunk)]
+    ranges, start = [], 0
+    for count in counts:
+        ranges += [(start + i, min(chunk, count - i)) for i in range(0, count, chunk)]
+        start += count
+    return perm, ranges
 
 
 def _crop_tables(params: ViewParams) -> tuple[ResampleTable, ResampleTable]:
@@ -66,11 +71,10 @@ def _on_subset(x: torch.Tensor, mask: torch.Tensor,
     return x
 
 
-def _colour_jitter_(x: torch.Tensor, params: ViewParams) -> torch.Tensor:
+def _colour_jitter_(x: torch.Tensor, params: ViewParams, factors: torch.Tensor) -> torch.Tensor:
     """ColorJitter in the group's shared order (the group's first sample's)."""
     if not bool(params.jitter[0]):
         return x
-    factors = params.factors().to(x.device)
     for op in params.order[0].tolist():
         if params.jitter_ops[op]:
             _COLOUR_OPS[op](x, factors[:, op])
@@ -78,16 +82,18 @@ def _colour_jitter_(x: torch.Tensor, params: ViewParams) -> torch.Tensor:
 
 
 def _augment_group(images: torch.Tensor, params: ViewParams, rows: ResampleTable | None,
-                   cols: ResampleTable | None) -> torch.Tensor:
-    """uint8 (n, 3, H, W) -> normalised float32 (n, 3, S, S) for samples sharing a ColorJitter order."""
+                   cols: ResampleTable | None, factors: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """uint8 (n, 3, H, W) -> normalised float32 (n, 3, S, S) for samples sharing a ColorJitter order.
+
+    `params` is on the CPU (decisions); tables, factors (n, 4) and sigma (n,) are on the images' device.
+    """
     if rows is None or cols is None:  # whole image at the output size: only the flip
         levels = _on_subset(images, params.flip, lambda rows_, _: rows_.flip(-1))
     else:
         levels = resample(images, rows, cols)
     x = levels.to(torch.float32).mul_(1.0 / 255)  # v2.ToDtype(float32, scale=True)
-    _colour_jitter_(x, params)
+    _colour_jitter_(x, params, factors)
     x = _on_subset(x, params.grayscale, lambda rows_, _: to_grayscale_(rows_))
-    sigma = params.sigma.to(x.device)
     x = _on_subset(x, params.blur, lambda rows_, at: gaussian_blur(rows_, sigma[at.to(x.device)],
                                                                     params.blur_kernel))
     x = _on_subset(x, params.solarize, lambda rows_, _: solarize_(rows_))
@@ -112,12 +118,17 @@ def augment_views(images: torch.Tensor, params: ViewParams, dtype: torch.dtype =
     if images.shape[0] != params.batch:
         raise ValueError(f"{images.shape[0]} images for {params.batch} sets of parameters")
     device = images.device
-    host = params.to("cpu")
+    perm, ranges = sample_groups(params.to("cpu"), chunk_size(params, device))
+    host = params.to("cpu").select(perm)  # grouped by ColorJitter order: each group is a slice
     whole = _is_whole_image(host, images.shape[2], images.shape[3])
-    tables = None if whole else _crop_tables(host)
+    tables = None if whole else [t.to(device) for t in _crop_tables(host)]
+    factors, sigma = host.factors().to(device), host.sigma.to(device)
+    perm = perm.to(device)
     out = torch.empty(host.batch, 3, host.size, host.size, dtype=dtype, device=device)
-    for index in sample_groups(host, chunk_size(host, device)):
-        rows, cols = (None, None) if tables is None else (t.select(index).to(device) for t in tables)
-        views = _augment_group(images.index_select(0, index.to(device)), host.select(index), rows, cols)
-        out.index_copy_(0, index.to(device), views.to(dtype))
+    for start, length in ranges:
+        rows, cols = (None, None) if tables is None else (t.narrow(start, length) for t in tables)
+        index = perm.narrow(0, start, length)
+        views = _augment_group(images.index_select(0, index), host.narrow(start, length), rows, cols,
+                               factors.narrow(0, start, length), sigma.narrow(0, start, length))
+        out.index_copy_(0, index, views.to(dtype))
     return out

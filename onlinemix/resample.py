@@ -55,6 +55,11 @@ class ResampleTable:
         return ResampleTable(self.start.index_select(0, index), self.weight.index_select(0, index),
                              self.shift.index_select(0, index))
 
+    def narrow(self, start: int, length: int) -> ResampleTable:
+        """The tables of samples start .. start + length - 1 (views, no copy)."""
+        return ResampleTable(self.start.narrow(0, start, length), self.weight.narrow(0, start, length),
+                             self.shift.narrow(0, start, length))
+
 
 def _filter(x: torch.Tensor, interpolation: str) -> torch.Tensor:
     """torch's antialiasing filters (UpSampleKernel.cpp aa_filter), in float64."""
@@ -113,17 +118,18 @@ def _resample_rows(rows: torch.Tensor, table: ResampleTable) -> torch.Tensor:
     """int32 levels (B, C, N, L) -> int32 levels (B, C, S, L): output row i of sample b mixes the source rows
     table.start[b, i] + k (whole rows: contiguous copies), as exact integer sums rounded like torch."""
     b, c, n, length = rows.shape
-    out_size = table.start.shape[1]
+    out_size, taps = table.start.shape[1], table.taps
+    tap_rows = (table.start[None] + torch.arange(taps, device=rows.device).view(taps, 1, 1)).clamp_max_(n - 1)
+    index = ((torch.arange(b * c, device=rows.device) * n).view(1, b, c, 1) + tap_rows[:, :, None]).view(taps, -1)
     flat = rows.reshape(b * c * n, length)
-    base = (torch.arange(b * c, device=rows.device) * n).view(b, c, 1)
     acc = None
-    for k in range(table.taps):
-        index = (base + (table.start + k).clamp_max(n - 1)[:, None]).reshape(-1)
-        taps = flat.index_select(0, index).view(b, c, out_size, length)
+    for k in range(taps):
+        gathered = flat.index_select(0, index[k]).view(b, c, out_size, length)
         weight = table.weight[:, None, :, k, None]
-        acc = taps.mul_(weight) if acc is None else acc.addcmul_(taps, weight)
+        acc = gathered.mul_(weight) if acc is None else acc.addcmul_(gathered, weight)
     half = (1 << (table.shift - 1)).to(torch.int32).view(b, 1, 1, 1)
-    return acc.add_(half).bitwise_right_shift_(table.shift.view(b, 1, 1, 1)).clamp_(0, 255)
+    acc.add_(half).bitwise_right_shift_(table.shift.view(b, 1, 1, 1))
+    return acc.clamp_(0, 255) if bool((table.weight < 0).any()) else acc  # only bicubic's lobes overshoot
 
 
 def resample(images: torch.Tensor, rows: ResampleTable, cols: ResampleTable) -> torch.Tensor:

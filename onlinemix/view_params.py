@@ -66,12 +66,15 @@ class ViewParams:
         return self.top.shape[0]
 
     def _map(self, fn) -> ViewParams:
-        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
+        return replace(self, **{name: fn(getattr(self, name)) for name in _TENSOR_FIELDS})
 
     def select(self, index: torch.Tensor) -> ViewParams:
         """The samples at `index` (int64), in that order."""
         return self._map(lambda t: t.index_select(0, index.to(t.device)))
+
+    def narrow(self, start: int, length: int) -> ViewParams:
+        """Samples start .. start + length - 1 (views, no copy)."""
+        return self._map(lambda t: t.narrow(0, start, length))
 
     def to(self, device: torch.device | str) -> ViewParams:
         return self._map(lambda t: t.to(device))
@@ -79,6 +82,9 @@ class ViewParams:
     def factors(self) -> torch.Tensor:
         """(B, 4) float32: brightness, contrast, saturation, hue, indexed by operation id."""
         return torch.stack([self.brightness, self.contrast, self.saturation, self.hue], dim=1)
+
+
+_TENSOR_FIELDS = tuple(f.name for f in fields(ViewParams) if f.type == "torch.Tensor")
 
 
 def view_generator(seed: int, rank: int, step: int) -> torch.Generator:

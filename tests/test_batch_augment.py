@@ -7,6 +7,7 @@ torchvision's (float32 rounding; hue differs most, its closed form regroups the 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 import pytest
@@ -157,11 +158,12 @@ def test_views_in_small_chunks_equal_one_chunk(monkeypatch: pytest.MonkeyPatch) 
 
 def test_groups_share_one_jitter_order_and_cover_the_batch() -> None:
     params = sample_view_params(RECIPES["simclr"]["synthetic"], 200, 32, 32, 32, view_generator(1, 0, 0))
-    groups = sample_groups(params, chunk=5)
-    assert sorted(torch.cat(groups).tolist()) == list(range(200))
-    for group in groups:
-        assert len(group) <= 5
-        sub = params.select(group)
+    perm, ranges = sample_groups(params, chunk=5)
+    assert sorted(perm.tolist()) == list(range(200))
+    assert [start for start, _ in ranges] == list(itertools.accumulate([0] + [n for _, n in ranges[:-1]]))
+    for start, length in ranges:
+        assert 1 <= length <= 5
+        sub = params.select(perm[start:start + length])
         assert len({(bool(j), tuple(o)) if j else False for j, o in zip(sub.jitter, sub.order.tolist())}) == 1
 
 
