@@ -74,6 +74,13 @@ def _resampled_pixel(src, b, y, x, mask, s_b, s_c, s_h, s_w, H, W, S,
 
 
 @triton.jit
+def _tile(S, BLOCK: tl.constexpr):
+    """This program's output pixels: flat offsets in the S x S view, their mask, rows and columns."""
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < S * S, offs // S, offs % S
+
+
+@triton.jit
 def _gray(r, g, b):
     return r * 0.2989 + g * 0.587 + b * 0.114
 
@@ -150,10 +157,7 @@ def _contrast_sums_kernel(src, partial, samples, s_b, s_c, s_h, s_w, H, W, S,
                           SATURATION_ON: tl.constexpr, HUE_ON: tl.constexpr, BLOCK: tl.constexpr):
     """Per-tile sums of the grayscale image as contrast finds it (after the operations drawn before it)."""
     b = tl.load(samples + tl.program_id(0))
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < S * S
-    y = offs // S
-    x = offs % S
+    offs, mask, y, x = _tile(S, BLOCK)
     r, g, bl = _resampled_pixel(src, b, y, x, mask, s_b, s_c, s_h, s_w, H, W, S, row_start, row_weight,
                                 row_shift, col_start, col_weight, col_shift, KV, KH)
     before = tl.full([], 1, tl.int32)
@@ -175,10 +179,7 @@ def _views_kernel(src, out, scratch, s_b, s_c, s_h, s_w, H, W, S,
                   SATURATION_ON: tl.constexpr, HUE_ON: tl.constexpr, BLOCK: tl.constexpr):
     """uint8 source -> normalised view (or, for samples drawing a blur, float32 colours in `scratch`)."""
     b = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < S * S
-    y = offs // S
-    x = offs % S
+    offs, mask, y, x = _tile(S, BLOCK)
     r, g, bl = _resampled_pixel(src, b, y, x, mask, s_b, s_c, s_h, s_w, H, W, S, row_start, row_weight,
                                 row_shift, col_start, col_weight, col_shift, KV, KH)
     if tl.load(jitter + b) != 0:
@@ -211,10 +212,7 @@ def _reflect(i, n):
 def _blur_rows_kernel(scratch, across, samples, kernels, S, KS: tl.constexpr, BLOCK: tl.constexpr):
     """Horizontal Gaussian pass of the blurred samples, float32 scratch -> float32 `across`."""
     b = tl.load(samples + tl.program_id(0))
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < S * S
-    y = offs // S
-    x = offs % S
+    offs, mask, y, x = _tile(S, BLOCK)
     base = b.to(tl.int64) * 3 * S * S
     for c in tl.static_range(3):
         acc = tl.zeros([BLOCK], tl.float32)
@@ -229,10 +227,7 @@ def _blur_rows_kernel(scratch, across, samples, kernels, S, KS: tl.constexpr, BL
 def _blur_cols_kernel(across, out, samples, kernels, solarize, S, KS: tl.constexpr, BLOCK: tl.constexpr):
     """Vertical Gaussian pass of the blurred samples, then solarisation, normalisation and the cast."""
     b = tl.load(samples + tl.program_id(0))
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < S * S
-    y = offs // S
-    x = offs % S
+    offs, mask, y, x = _tile(S, BLOCK)
     base = b.to(tl.int64) * 3 * S * S
     r = tl.zeros([BLOCK], tl.float32)
     g = tl.zeros([BLOCK], tl.float32)
