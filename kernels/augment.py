@@ -29,7 +29,8 @@ import triton.language as tl
 
 from onlinemix.augment import IMAGENET_MEAN, IMAGENET_STD
 from onlinemix.photometric import GRAY_WEIGHTS, gaussian_kernels
-from onlinemix.resample import ResampleTable, resample_table
+from onlinemix.batch_augment import crop_tables
+from onlinemix.resample import ResampleTable
 from onlinemix.view_params import BRIGHTNESS, CONTRAST, HUE, SATURATION, ViewParams
 
 BLOCK = 1024  # output pixels per program
@@ -260,8 +261,7 @@ def augment_views_triton(images: torch.Tensor, params: ViewParams,
     if batch == 0:
         return out
     host = params.to("cpu")
-    rows = resample_table(host.top, host.height, size, host.interpolation).to(device)
-    cols = resample_table(host.left, host.width, size, host.interpolation, reverse=host.flip).to(device)
+    rows, cols = (table.to(device) for table in crop_tables(host))
     dev = host.to(device)
     flags = {name: getattr(dev, name).to(torch.int32).contiguous()
              for name in ("jitter", "grayscale", "blur", "solarize")}

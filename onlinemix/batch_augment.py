@@ -8,8 +8,9 @@ operations in each sample's drawn order, grayscale, Gaussian blur, solarisation,
 Samples are processed in groups that share their ColorJitter order (24 permutations, plus "no jitter"),
 so every colour operation is one in-place tensor op on a whole group; grayscale, blur and solarisation
 touch the subset of a group that draws them. On the CPU, groups are further cut into chunks of about
-`CPU_CHUNK_BYTES` of float pixels, so that the dozens of passes over each chunk stay in the cache; that
-is what makes it several times faster than one torchvision call per image, not the batching itself.
+`CPU_CHUNK_BYTES` of float pixels, so that the dozens of passes over each chunk stay in the cache (one
+224 px image per chunk: at that size each op's data, not its call, is the cost, and whole-batch passes
+run from memory instead of the cache).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def sample_groups(params: ViewParams, chunk: int) -> tuple[torch.Tensor, list[tu
     return perm, ranges
 
 
-def _crop_tables(params: ViewParams) -> tuple[ResampleTable, ResampleTable]:
+def crop_tables(params: ViewParams) -> tuple[ResampleTable, ResampleTable]:
+    """The vertical and horizontal resampling tables of every sample's crop (the flip reverses the latter)."""
     rows = resample_table(params.top, params.height, params.size, params.interpolation)
     cols = resample_table(params.left, params.width, params.size, params.interpolation, reverse=params.flip)
     return rows, cols
@@ -121,7 +123,7 @@ def augment_views(images: torch.Tensor, params: ViewParams, dtype: torch.dtype =
     perm, ranges = sample_groups(params.to("cpu"), chunk_size(params, device))
     host = params.to("cpu").select(perm)  # grouped by ColorJitter order: each group is a slice
     whole = _is_whole_image(host, images.shape[2], images.shape[3])
-    tables = None if whole else [t.to(device) for t in _crop_tables(host)]
+    tables = None if whole else [t.to(device) for t in crop_tables(host)]
     factors, sigma = host.factors().to(device), host.sigma.to(device)
     perm = perm.to(device)
     out = torch.empty(host.batch, 3, host.size, host.size, dtype=dtype, device=device)
