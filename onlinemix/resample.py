@@ -50,11 +50,6 @@ class ResampleTable:
         """The same tables for a source cut to begin at `offset`."""
         return ResampleTable(self.start - offset, self.weight, self.shift)
 
-    def select(self, index: torch.Tensor) -> ResampleTable:
-        """The tables of the samples at `index`."""
-        return ResampleTable(self.start.index_select(0, index), self.weight.index_select(0, index),
-                             self.shift.index_select(0, index))
-
     def narrow(self, start: int, length: int) -> ResampleTable:
         """The tables of samples start .. start + length - 1 (views, no copy)."""
         return ResampleTable(self.start.narrow(0, start, length), self.weight.narrow(0, start, length),
