@@ -7,8 +7,9 @@
 For each recipe, resolution R and batch B, one run times, side by side:
 
 * torchvision: `augment.build_transform` + `augment.augment_batch`, one v2 call per image, on the CPU
-  (what trainers do today). Its cost per image does not depend on B, so it is timed on
-  min(B, --torchvision-images) images;
+  (what trainers do today), on all B images, or, where that would take more than --torchvision-seconds
+  per call (the blurred recipes at 224 px), on as many as fit (at least --torchvision-images): its cost per
+  image hardly depends on B;
 * torch: `view_params.sample_view_params` + `batch_augment.augment_views` on --device (sampling included);
 * triton: the same parameters through `onlinemix_kernels.augment.augment_views_triton` (CUDA only).
 
@@ -48,6 +49,7 @@ DEFAULTS = {  # (default run, --quick run)
     "batches": ("64,256", "8"),
     "repeats": (3, 1),
     "torchvision_images": (32, 4),
+    "torchvision_seconds": (2.0, 0.2),
 }
 BACKENDS = ("torchvision", "torch", "triton")
 CPU_SPEEDUP = 3.0        # torch backend >= this x torchvision per image, MixDiff recipes at 224, one core
@@ -83,7 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of {RECIPES}")
     p.add_argument("--repeats", type=int, default=None, help=f"timed calls per measurement {q('repeats')}")
     p.add_argument("--torchvision-images", type=int, default=None,
-                   help=f"images per timed torchvision call {q('torchvision_images')}")
+                   help=f"fewest images per timed torchvision call {q('torchvision_images')}")
+    p.add_argument("--torchvision-seconds", type=float, default=None,
+                   help=f"longest timed torchvision call, seconds, above the fewest images "
+                        f"{q('torchvision_seconds')}")
     p.add_argument("--device", default=None, help="torch backend's device (default cuda when available, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1 on the CPU)")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "augment.json",
@@ -96,8 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.recipes = [r for r in args.recipes.split(",") if r]
     if unknown := set(args.recipes) - set(RECIPES):
         p.error(f"unknown recipes {sorted(unknown)}; known: {RECIPES}")
-    if min(args.resolutions) < 8 or args.repeats < 1 or args.torchvision_images < 1:
-        p.error("--resolutions must be >= 8, --repeats and --torchvision-images >= 1")
+    if min(args.resolutions) < 8 or args.repeats < 1 or args.torchvision_images < 1 or args.torchvision_seconds <= 0:
+        p.error("--resolutions must be >= 8, --repeats and --torchvision-images >= 1, --torchvision-seconds > 0")
     return args
 
 
@@ -120,12 +125,19 @@ def views_per_second(run: Callable[[], int], device: torch.device, repeats: int)
     return views / statistics.median(times)
 
 
-def torchvision_run(specs: tuple[ViewSpec, ...], sources: dict[str, torch.Tensor]) -> Callable[[], int]:
+def torchvision_run(specs: tuple[ViewSpec, ...], sources: dict[str, torch.Tensor], fewest: int,
+                    seconds: float) -> Callable[[], int]:
+    """One v2 call per image over all the sources, or over as many as `seconds` allows (at least `fewest`)."""
     transforms = [build_transform(s.recipe, s.size) for s in specs]
 
-    def run() -> int:
-        return sum(len(augment_batch(t, sources[s.source])) for t, s in zip(transforms, specs))
-    return run
+    def run_on(count: int) -> int:
+        return sum(len(augment_batch(t, sources[s.source][:count])) for t, s in zip(transforms, specs))
+
+    batch = len(next(iter(sources.values())))
+    with Timer(torch.device("cpu")) as probe:
+        run_on(min(batch, fewest))
+    count = max(min(batch, fewest), min(batch, int(seconds / (probe.seconds / min(batch, fewest)))))
+    return lambda: run_on(count)
 
 
 def batched_run(specs: tuple[ViewSpec, ...], sources: dict[str, torch.Tensor], augment: Callable,
@@ -155,11 +167,10 @@ def measure(args: argparse.Namespace, device: torch.device) -> list[dict]:
         for batch in args.batches:
             cpu_sources = {b: smooth_images(batch, resolution, seed=i) for i, b in enumerate(("real", "synthetic"))}
             dev_sources = {b: x.to(device) for b, x in cpu_sources.items()}
-            few = {b: x[:args.torchvision_images] for b, x in cpu_sources.items()}
             for recipe in args.recipes:
                 specs = recipe_specs(recipe, resolution)
-                rates = {"torchvision": views_per_second(torchvision_run(specs, few), torch.device("cpu"),
-                                                         args.repeats),
+                baseline = torchvision_run(specs, cpu_sources, args.torchvision_images, args.torchvision_seconds)
+                rates = {"torchvision": views_per_second(baseline, torch.device("cpu"), args.repeats),
                          "torch": views_per_second(batched_run(specs, dev_sources, augment_views, dtype), device,
                                                    args.repeats),
                          "triton": None if triton is None else views_per_second(
@@ -249,7 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
                  "threads": torch.get_num_threads(), "torch": torch.__version__,
                  **run_meta(load_before, other_cores_since(before), args.quick, "bench/augment.py", argv)},
         "config": {"resolutions": args.resolutions, "batches": args.batches, "recipes": args.recipes,
-                   "repeats": args.repeats, "torchvision_images": args.torchvision_images},
+                   "repeats": args.repeats, "torchvision_images": args.torchvision_images,
+                   "torchvision_seconds": args.torchvision_seconds},
         "rows": rows,
         "targets": targets(rows, device),
     }

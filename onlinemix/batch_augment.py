@@ -64,11 +64,13 @@ def _is_whole_image(params: ViewParams, height: int, width: int) -> bool:
 
 def _on_subset(x: torch.Tensor, mask: torch.Tensor,
                fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """x with fn(rows, positions) applied to the rows where mask (n,) holds (in place unless all do)."""
+    """Apply fn(rows, positions) in place to the rows of x where mask (n,) holds; returns x."""
     positions = mask.nonzero().squeeze(1)
     if positions.numel() == x.shape[0]:
-        return fn(x, positions)
-    if positions.numel():
+        result = fn(x, positions)
+        if result is not x:
+            x.copy_(result)
+    elif positions.numel():
         x[positions] = fn(x[positions], positions)
     return x
 
@@ -84,8 +86,10 @@ def _colour_jitter_(x: torch.Tensor, params: ViewParams, factors: torch.Tensor) 
 
 
 def _augment_group(images: torch.Tensor, params: ViewParams, rows: ResampleTable | None,
-                   cols: ResampleTable | None, factors: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """uint8 (n, 3, H, W) -> normalised float32 (n, 3, S, S) for samples sharing a ColorJitter order.
+                   cols: ResampleTable | None, factors: torch.Tensor, sigma: torch.Tensor,
+                   into: torch.Tensor | None) -> torch.Tensor:
+    """uint8 (n, 3, H, W) -> normalised float32 (n, 3, S, S) for samples sharing a ColorJitter order,
+    computed in `into` when given (rows of the output: no staging copy), else in a new tensor.
 
     `params` is on the CPU (decisions); tables, factors (n, 4) and sigma (n,) are on the images' device.
     """
@@ -93,12 +97,12 @@ def _augment_group(images: torch.Tensor, params: ViewParams, rows: ResampleTable
         levels = _on_subset(images, params.flip, lambda rows_, _: rows_.flip(-1))
     else:
         levels = resample(images, rows, cols)
-    x = levels.to(torch.float32).mul_(1.0 / 255)  # v2.ToDtype(float32, scale=True)
+    x = levels.to(torch.float32) if into is None else into.copy_(levels)
+    x.mul_(1.0 / 255)  # v2.ToDtype(float32, scale=True)
     _colour_jitter_(x, params, factors)
-    x = _on_subset(x, params.grayscale, lambda rows_, _: to_grayscale_(rows_))
-    x = _on_subset(x, params.blur, lambda rows_, at: gaussian_blur(rows_, sigma[at.to(x.device)],
-                                                                    params.blur_kernel))
-    x = _on_subset(x, params.solarize, lambda rows_, _: solarize_(rows_))
+    _on_subset(x, params.grayscale, lambda rows_, _: to_grayscale_(rows_))
+    _on_subset(x, params.blur, lambda rows_, at: gaussian_blur(rows_, sigma[at.to(x.device)], params.blur_kernel))
+    _on_subset(x, params.solarize, lambda rows_, _: solarize_(rows_))
     return normalize_(x)
 
 
@@ -125,12 +129,17 @@ def augment_views(images: torch.Tensor, params: ViewParams, dtype: torch.dtype =
     whole = _is_whole_image(host, images.shape[2], images.shape[3])
     tables = None if whole else [t.to(device) for t in crop_tables(host)]
     factors, sigma = host.factors().to(device), host.sigma.to(device)
+    first_rows = perm.tolist()
     perm = perm.to(device)
     out = torch.empty(host.batch, 3, host.size, host.size, dtype=dtype, device=device)
     for start, length in ranges:
         rows, cols = (None, None) if tables is None else (t.narrow(start, length) for t in tables)
         index = perm.narrow(0, start, length)
+        first = first_rows[start]
+        in_place = dtype == torch.float32 and first_rows[start:start + length] == list(range(first, first + length))
         views = _augment_group(images.index_select(0, index), host.narrow(start, length), rows, cols,
-                               factors.narrow(0, start, length), sigma.narrow(0, start, length))
-        out.index_copy_(0, index, views.to(dtype))
+                               factors.narrow(0, start, length), sigma.narrow(0, start, length),
+                               out.narrow(0, first, length) if in_place else None)
+        if not in_place:
+            out.index_copy_(0, index, views.to(dtype))
     return out

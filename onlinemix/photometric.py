@@ -12,6 +12,8 @@ piecewise p/q/t selection up to float rounding (1e-6).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -114,8 +116,13 @@ def solarize_(x: torch.Tensor) -> torch.Tensor:
     return torch.minimum(x, 1.0 - x, out=x)
 
 
+@functools.lru_cache(maxsize=None)
+def _imagenet_stats(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(IMAGENET_MEAN, dtype=dtype, device=device).view(3, 1, 1)
+    return mean, torch.tensor(IMAGENET_STD, dtype=dtype, device=device).view(3, 1, 1)
+
+
 def normalize_(x: torch.Tensor) -> torch.Tensor:
     """ImageNet mean/std, as v2.Normalize: subtract, then divide."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    mean, std = _imagenet_stats(x.dtype, x.device)
     return x.sub_(mean).div_(std)
