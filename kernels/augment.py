@@ -146,9 +146,9 @@ def _finish(out, b, y, x, mask, S, r, g, bl, solarize):
         bl = tl.minimum(bl, 1.0 - bl)
     at = out + b.to(tl.int64) * 3 * S * S + y * S + x
     ty = out.dtype.element_ty
-    tl.store(at, ((r - 0.485) / 0.229).to(ty, fp_downcast_rounding="rtne"), mask=mask)
-    tl.store(at + S * S, ((g - 0.456) / 0.224).to(ty, fp_downcast_rounding="rtne"), mask=mask)
-    tl.store(at + 2 * S * S, ((bl - 0.406) / 0.225).to(ty, fp_downcast_rounding="rtne"), mask=mask)
+    tl.store(at, ((r - 0.485) / 0.229).to(ty), mask=mask)
+    tl.store(at + S * S, ((g - 0.456) / 0.224).to(ty), mask=mask)
+    tl.store(at + 2 * S * S, ((bl - 0.406) / 0.225).to(ty), mask=mask)
 
 
 @triton.jit
