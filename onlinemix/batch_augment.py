@@ -5,12 +5,12 @@ tested against it. Operations run in torchvision's order (augment.build_transfor
 uint8 (`resample`, equal to torchvision bit for bit), flip, scaling to [0, 1], ColorJitter's four
 operations in each sample's drawn order, grayscale, Gaussian blur, solarisation, ImageNet normalisation.
 
-Samples are processed in groups that share their ColorJitter order (24 permutations, plus "no jitter"),
-so every colour operation is one in-place tensor op on a whole group; grayscale, blur and solarisation
-touch the subset of a group that draws them. On the CPU, groups are further cut into chunks of about
-`CPU_CHUNK_BYTES` of float pixels, so that the dozens of passes over each chunk stay in the cache (one
-224 px image per chunk: at that size each op's data, not its call, is the cost, and whole-batch passes
-run from memory instead of the cache).
+The batch is sorted once by ColorJitter order (24 permutations, plus "no jitter"). Crops are resized a
+block of the sorted batch at a time (`BLOCK_BYTES` of float pixels: few calls per view); then each group
+of samples sharing an order gets every colour operation as one in-place tensor op, and grayscale, blur
+and solarisation touch the subset of the group that draws them. On the CPU, groups are cut into chunks of
+about `CPU_CHUNK_BYTES`, so that the dozens of passes over each chunk stay in the cache (one 224 px image
+per chunk: at that size each op's data, not its call, is the cost).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from onlinemix.resample import ResampleTable, resample, resample_table
 from onlinemix.view_params import ViewParams
 
 CPU_CHUNK_BYTES = 1 << 20  # float pixels per chunk on the CPU: with the temporaries, about one core's L2
+BLOCK_BYTES = 8 << 20      # float pixels resized per call
 _COLOUR_OPS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
     adjust_brightness_, adjust_contrast_, adjust_saturation_, adjust_hue_)  # by ColorJitter's operation id
 _NO_JITTER = -1
@@ -37,15 +38,19 @@ def jitter_order_codes(params: ViewParams) -> torch.Tensor:
                                                                           dtype=torch.int64))
 
 
-def sample_groups(params: ViewParams, chunk: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+def sample_groups(params: ViewParams, chunk: int, block: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """A permutation of the batch that puts samples sharing their ColorJitter order next to each other, and
-    the (start, length) ranges of the permuted batch that share one order, each at most `chunk` long."""
+    the (start, length) ranges of the permuted batch that share one order, each at most `chunk` long and
+    none crossing a multiple of `block`."""
     codes, perm = jitter_order_codes(params).sort(stable=True)
     counts = torch.unique_consecutive(codes, return_counts=True)[1].tolist()
     ranges, start = [], 0
     for count in counts:
-        ranges += [(start + i, min(chunk, count - i)) for i in range(0, count, chunk)]
-        start += count
+        end = start + count
+        while start < end:
+            length = min(chunk, end - start, block - start % block)
+            ranges.append((start, length))
+            start += length
     return perm, ranges
 
 
@@ -85,19 +90,11 @@ def _colour_jitter_(x: torch.Tensor, params: ViewParams, factors: torch.Tensor) 
     return x
 
 
-def _augment_group(images: torch.Tensor, params: ViewParams, rows: ResampleTable | None,
-                   cols: ResampleTable | None, factors: torch.Tensor, sigma: torch.Tensor,
-                   into: torch.Tensor | None) -> torch.Tensor:
-    """uint8 (n, 3, H, W) -> normalised float32 (n, 3, S, S) for samples sharing a ColorJitter order,
-    computed in `into` when given (rows of the output: no staging copy), else in a new tensor.
+def _colour_group_(x: torch.Tensor, params: ViewParams, factors: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Levels (n, 3, S, S) of samples sharing a ColorJitter order -> their normalised views, in place.
 
-    `params` is on the CPU (decisions); tables, factors (n, 4) and sigma (n,) are on the images' device.
+    `params` is on the CPU (decisions); factors (n, 4) and sigma (n,) are on the levels' device.
     """
-    if rows is None or cols is None:  # whole image at the output size: only the flip
-        levels = _on_subset(images, params.flip, lambda rows_, _: rows_.flip(-1))
-    else:
-        levels = resample(images, rows, cols)
-    x = levels.to(torch.float32) if into is None else into.copy_(levels)
     x.mul_(1.0 / 255)  # v2.ToDtype(float32, scale=True)
     _colour_jitter_(x, params, factors)
     _on_subset(x, params.grayscale, lambda rows_, _: to_grayscale_(rows_))
@@ -106,9 +103,17 @@ def _augment_group(images: torch.Tensor, params: ViewParams, rows: ResampleTable
     return normalize_(x)
 
 
+def _block_levels(images: torch.Tensor, params: ViewParams, tables: list[ResampleTable] | None) -> torch.Tensor:
+    """float32 levels (n, 3, S, S) of a block: resized crops, or the whole images flipped where drawn."""
+    if tables is None:  # whole image at the output size: only the flip
+        return _on_subset(images, params.flip, lambda rows_, _: rows_.flip(-1)).to(torch.float32)
+    return resample(images, *tables)
+
+
 def chunk_size(params: ViewParams, device: torch.device) -> int:
-    """Samples per group chunk: the whole batch on accelerators, cache-sized on the CPU."""
-    if device.type != "cpu":
+    """Samples per group chunk: the whole batch on accelerators or when no sample draws a colour operation
+    (then two passes remain, and call overhead, not the cache, decides), else cache-sized."""
+    if device.type != "cpu" or not bool((params.jitter | params.grayscale | params.blur | params.solarize).any()):
         return params.batch
     return max(1, CPU_CHUNK_BYTES // (3 * params.size * params.size * 4))
 
@@ -124,22 +129,28 @@ def augment_views(images: torch.Tensor, params: ViewParams, dtype: torch.dtype =
     if images.shape[0] != params.batch:
         raise ValueError(f"{images.shape[0]} images for {params.batch} sets of parameters")
     device = images.device
-    perm, ranges = sample_groups(params.to("cpu"), chunk_size(params, device))
+    block = max(1, BLOCK_BYTES // (3 * params.size * params.size * 4))
+    perm, ranges = sample_groups(params.to("cpu"), chunk_size(params, device), block)
     host = params.to("cpu").select(perm)  # grouped by ColorJitter order: each group is a slice
     whole = _is_whole_image(host, images.shape[2], images.shape[3])
     tables = None if whole else [t.to(device) for t in crop_tables(host)]
     factors, sigma = host.factors().to(device), host.sigma.to(device)
-    first_rows = perm.tolist()
+    out_rows = perm.tolist()
     perm = perm.to(device)
     out = torch.empty(host.batch, 3, host.size, host.size, dtype=dtype, device=device)
+    levels, block_start = None, -1
     for start, length in ranges:
-        rows, cols = (None, None) if tables is None else (t.narrow(start, length) for t in tables)
-        index = perm.narrow(0, start, length)
-        first = first_rows[start]
-        in_place = dtype == torch.float32 and first_rows[start:start + length] == list(range(first, first + length))
-        views = _augment_group(images.index_select(0, index), host.narrow(start, length), rows, cols,
-                               factors.narrow(0, start, length), sigma.narrow(0, start, length),
-                               out.narrow(0, first, length) if in_place else None)
-        if not in_place:
-            out.index_copy_(0, index, views.to(dtype))
+        if start // block != block_start // block or levels is None:
+            block_start = start - start % block
+            n = min(block, host.batch - block_start)
+            levels = _block_levels(images.index_select(0, perm.narrow(0, block_start, n)),
+                                   host.narrow(block_start, n),
+                                   None if tables is None else [t.narrow(block_start, n) for t in tables])
+        views = _colour_group_(levels.narrow(0, start - block_start, length), host.narrow(start, length),
+                               factors.narrow(0, start, length), sigma.narrow(0, start, length))
+        first = out_rows[start]
+        if out_rows[start:start + length] == list(range(first, first + length)):
+            out.narrow(0, first, length).copy_(views)
+        else:
+            out.index_copy_(0, perm.narrow(0, start, length), views.to(dtype))
     return out

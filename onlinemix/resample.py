@@ -20,11 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 INTERP_SIZE = {"bilinear": 2, "bicubic": 4}  # filter support in input pixels at scale 1
 _BICUBIC_A = -0.5  # PIL's and torch's antialiased bicubic (not the -0.75 of non-antialiased bicubic)
 _MAX_PRECISION = 22  # torch tries precisions below this
 _INT16_LIMIT = 1 << 15
+_FLOAT32_EXACT = 1 << 24  # integers up to here are exact in float32
 
 
 @dataclass(frozen=True)
@@ -109,40 +111,51 @@ def resample_table(crop_start: torch.Tensor, crop_length: torch.Tensor, out_size
     return ResampleTable(start, weight, shift)
 
 
+def _exact_dtype(table: ResampleTable) -> torch.dtype:
+    """float32 when every partial sum of the pass is an integer multiple of 2^-p below 2^24 of them (then
+    float32 arithmetic is exact in any order); float64 otherwise (heavy downscaling: precisions above 15)."""
+    worst = int(table.weight.abs().sum(dim=2).amax()) * 255 + (1 << (int(table.shift.max()) - 1))
+    return torch.float32 if worst < _FLOAT32_EXACT else torch.float64
+
+
 def _resample_rows(rows: torch.Tensor, table: ResampleTable) -> torch.Tensor:
-    """int32 levels (B, C, N, L) -> int32 levels (B, C, S, L): output row i of sample b mixes the source rows
-    table.start[b, i] + k (whole rows: contiguous copies), as exact integer sums rounded like torch."""
+    """float levels (B, C, N, L) -> float levels (B, C, S, L): output row i of sample b is the weighted sum of
+    the source rows table.start[b, i] + k, rounded like torch's integer arithmetic.
+
+    One `embedding_bag` call gathers and sums the rows of every sample at once; the weights are torch's
+    int16 weights times 2^-p, so the sums are exact and floor(sum + 1/2) is torch's (sum + 2^(p-1)) >> p.
+    """
     b, c, n, length = rows.shape
     out_size, taps = table.start.shape[1], table.taps
-    tap_rows = (table.start[None] + torch.arange(taps, device=rows.device).view(taps, 1, 1)).clamp_max_(n - 1)
-    index = ((torch.arange(b * c, device=rows.device) * n).view(1, b, c, 1) + tap_rows[:, :, None]).view(taps, -1)
-    flat = rows.reshape(b * c * n, length)
-    acc = None
-    for k in range(taps):
-        gathered = flat.index_select(0, index[k]).view(b, c, out_size, length)
-        weight = table.weight[:, None, :, k, None]
-        acc = gathered.mul_(weight) if acc is None else acc.addcmul_(gathered, weight)
-    half = (1 << (table.shift - 1)).to(torch.int32).view(b, 1, 1, 1)
-    acc.add_(half).bitwise_right_shift_(table.shift.view(b, 1, 1, 1))
-    return acc.clamp_(0, 255) if bool((table.weight < 0).any()) else acc  # only bicubic's lobes overshoot
+    dtype = _exact_dtype(table)
+    tap_rows = (table.start[..., None] + torch.arange(taps, device=rows.device)).clamp_max_(n - 1)  # (B, S, K)
+    index = ((torch.arange(b * c, device=rows.device) * n).view(b, c, 1, 1) + tap_rows[:, None]).view(-1)
+    scale = torch.pow(2.0, -table.shift.to(torch.float64)).view(b, 1, 1, 1)
+    weights = (table.weight[:, None].to(torch.float64) * scale).to(dtype).expand(b, c, out_size, taps).reshape(-1)
+    offsets = torch.arange(0, index.numel(), taps, device=rows.device)
+    sums = F.embedding_bag(index, rows.reshape(b * c * n, length).to(dtype), offsets, mode="sum",
+                           per_sample_weights=weights)
+    levels = sums.view(b, c, out_size, length).add_(0.5).floor_()
+    if bool((table.weight < 0).any()):  # only bicubic's lobes overshoot
+        levels.clamp_(0, 255)
+    return levels.to(torch.float32)
 
 
 def resample(images: torch.Tensor, rows: ResampleTable, cols: ResampleTable) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> int32 levels (B, C, S, S) in [0, 255]: the horizontal pass, then the vertical one.
+    """uint8 (B, C, H, W) -> float32 levels (B, C, S, S), integers in [0, 255]: the horizontal pass, then the
+    vertical one, each rounded as torch rounds its uint8 passes.
 
     Only the source box that some tap reads is touched. Both passes gather whole rows (the horizontal one
-    on the transposed box), so the work is contiguous copies and integer multiply-adds per tap rather
-    than a per-element gather. Levels stay int32 between the passes (each pass's result is already a
-    rounded, saturated uint8 value), saving conversions.
+    on the transposed box); levels stay float between the passes (integers, exactly represented).
     """
     top, bottom = rows.used_range(images.shape[2])
     left, right = cols.used_range(images.shape[3])
     box = images[:, :, top:bottom, left:right]
     b, c, height, width = box.shape
-    source = torch.empty(b, c, width, height, dtype=torch.int32, device=images.device)
+    source = torch.empty(b, c, width, height, dtype=torch.float32, device=images.device)
     source.transpose(-1, -2).copy_(box)                                      # (B, C, w, h)
     across = _resample_rows(source, cols.shifted(left))                      # (B, C, S_x, h)
-    upright = torch.empty(b, c, height, across.shape[2], dtype=torch.int32, device=images.device)
+    upright = torch.empty(b, c, height, across.shape[2], dtype=torch.float32, device=images.device)
     upright.transpose(-1, -2).copy_(across)                                  # (B, C, h, S_x)
     return _resample_rows(upright, rows.shifted(top))                        # (B, C, S_y, S_x)
 

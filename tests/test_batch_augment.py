@@ -76,13 +76,14 @@ def test_resize_equals_torchvision_uint8(interpolation: str, height: int, width:
     rows = resample_table(top, h, size, interpolation)
     cols = resample_table(left, w, size, interpolation, reverse=flip)
     ours = resample(x, rows, cols)
+    assert torch.equal(ours, ours.round().clamp(0, 255))  # levels: integers in [0, 255]
     theirs = torch.stack([F.resized_crop(x[i], int(top[i]), int(left[i]), int(h[i]), int(w[i]), [size, size],
                                          interpolation=MODES[interpolation], antialias=True) for i in range(batch)])
-    theirs = torch.where(flip.view(-1, 1, 1, 1), theirs.flip(-1), theirs).int()
+    theirs = torch.where(flip.view(-1, 1, 1, 1), theirs.flip(-1), theirs)
     if uses_native_uint8_path(interpolation):
-        assert torch.equal(ours, theirs)
+        assert torch.equal(ours.to(torch.uint8), theirs)
     else:
-        assert (ours - theirs).abs().max() <= 1
+        assert (ours - theirs.float()).abs().max() <= 1
 
 
 # ----------------------------------------------------------------------------- float operations, one by one
@@ -148,21 +149,26 @@ def test_views_equal_torchvision_composition(name: str, height: int, width: int,
     assert torch.allclose(augment_views(x, params), expected, atol=FLOAT_ATOL, rtol=0)
 
 
-def test_views_in_small_chunks_equal_one_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("chunk_bytes,block_bytes", [(1, 1 << 30), (1, 1), (1 << 30, 3 * 32 * 32 * 4 * 5)])
+def test_views_in_small_chunks_and_blocks_equal_one_of_each(monkeypatch: pytest.MonkeyPatch, chunk_bytes: int,
+                                                            block_bytes: int) -> None:
     x = images(16, 32, 32)
     params = sample_view_params(RECIPES["simclr"]["real"], 16, 32, 32, 32, view_generator(0, 0, 0))
+    monkeypatch.setattr("onlinemix.batch_augment.CPU_CHUNK_BYTES", 1 << 30)
+    monkeypatch.setattr("onlinemix.batch_augment.BLOCK_BYTES", 1 << 30)
     whole = augment_views(x, params)
-    monkeypatch.setattr("onlinemix.batch_augment.CPU_CHUNK_BYTES", 1)
+    monkeypatch.setattr("onlinemix.batch_augment.CPU_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr("onlinemix.batch_augment.BLOCK_BYTES", block_bytes)
     assert torch.equal(augment_views(x, params), whole)
 
 
 def test_groups_share_one_jitter_order_and_cover_the_batch() -> None:
     params = sample_view_params(RECIPES["simclr"]["synthetic"], 200, 32, 32, 32, view_generator(1, 0, 0))
-    perm, ranges = sample_groups(params, chunk=5)
+    perm, ranges = sample_groups(params, chunk=5, block=16)
     assert sorted(perm.tolist()) == list(range(200))
     assert [start for start, _ in ranges] == list(itertools.accumulate([0] + [n for _, n in ranges[:-1]]))
     for start, length in ranges:
-        assert 1 <= length <= 5
+        assert 1 <= length <= 5 and start // 16 == (start + length - 1) // 16
         sub = params.select(perm[start:start + length])
         assert len({(bool(j), tuple(o)) if j else False for j, o in zip(sub.jitter, sub.order.tolist())}) == 1
 
