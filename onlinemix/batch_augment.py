@@ -91,7 +91,7 @@ def _colour_jitter_(x: torch.Tensor, params: ViewParams, factors: torch.Tensor) 
 
 
 def _colour_group_(x: torch.Tensor, params: ViewParams, factors: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Levels (n, 3, S, S) of samples sharing a ColorJitter order -> their normalised views, in place.
+    """float32 levels (n, 3, S, S) of samples sharing a ColorJitter order -> their normalised views, in place.
 
     `params` is on the CPU (decisions); factors (n, 4) and sigma (n,) are on the levels' device.
     """
@@ -104,16 +104,16 @@ def _colour_group_(x: torch.Tensor, params: ViewParams, factors: torch.Tensor, s
 
 
 def _block_levels(images: torch.Tensor, params: ViewParams, tables: list[ResampleTable] | None) -> torch.Tensor:
-    """float32 levels (n, 3, S, S) of a block: resized crops, or the whole images flipped where drawn."""
+    """Levels (n, 3, S, S) of a block: resized crops (float32), or the whole images flipped where drawn (uint8,
+    converted where they are used)."""
     if tables is None:  # whole image at the output size: only the flip
-        return _on_subset(images, params.flip, lambda rows_, _: rows_.flip(-1)).to(torch.float32)
+        return _on_subset(images, params.flip, lambda rows_, _: rows_.flip(-1))
     return resample(images, *tables)
 
 
 def chunk_size(params: ViewParams, device: torch.device) -> int:
-    """Samples per group chunk: the whole batch on accelerators or when no sample draws a colour operation
-    (then two passes remain, and call overhead, not the cache, decides), else cache-sized."""
-    if device.type != "cpu" or not bool((params.jitter | params.grayscale | params.blur | params.solarize).any()):
+    """Samples per group chunk: the whole batch on accelerators, cache-sized on the CPU."""
+    if device.type != "cpu":
         return params.batch
     return max(1, CPU_CHUNK_BYTES // (3 * params.size * params.size * 4))
 
@@ -146,11 +146,11 @@ def augment_views(images: torch.Tensor, params: ViewParams, dtype: torch.dtype =
             levels = _block_levels(images.index_select(0, perm.narrow(0, block_start, n)),
                                    host.narrow(block_start, n),
                                    None if tables is None else [t.narrow(block_start, n) for t in tables])
-        views = _colour_group_(levels.narrow(0, start - block_start, length), host.narrow(start, length),
-                               factors.narrow(0, start, length), sigma.narrow(0, start, length))
+        group = levels.narrow(0, start - block_start, length)
         first = out_rows[start]
-        if out_rows[start:start + length] == list(range(first, first + length)):
-            out.narrow(0, first, length).copy_(views)
-        else:
-            out.index_copy_(0, perm.narrow(0, start, length), views.to(dtype))
+        in_out = dtype == torch.float32 and out_rows[start:start + length] == list(range(first, first + length))
+        x = out.narrow(0, first, length).copy_(group) if in_out else group.to(torch.float32)
+        _colour_group_(x, host.narrow(start, length), factors.narrow(0, start, length), sigma.narrow(0, start, length))
+        if not in_out:
+            out.index_copy_(0, perm.narrow(0, start, length), x.to(dtype))
     return out
