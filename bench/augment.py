@@ -142,6 +142,7 @@ def torchvision_run(specs: tuple[ViewSpec, ...], sources: dict[str, torch.Tensor
 
 def batched_run(specs: tuple[ViewSpec, ...], sources: dict[str, torch.Tensor], augment: Callable,
                 dtype: torch.dtype) -> Callable[[], int]:
+    """Draw every spec's parameters for the batch (a new step each call) and run `augment` on each."""
     batch, _, height, width = next(iter(sources.values())).shape
     step = iter(range(1 << 30))
 
@@ -152,6 +153,7 @@ def batched_run(specs: tuple[ViewSpec, ...], sources: dict[str, torch.Tensor], a
 
 
 def triton_backend() -> Callable | None:
+    """augment_views_triton where CUDA is available (the kernels need a GPU to be timed), else None."""
     if not torch.cuda.is_available():
         return None
     from onlinemix_kernels.augment import augment_views_triton
@@ -179,7 +181,8 @@ def measure(args: argparse.Namespace, device: torch.device) -> list[dict]:
                 rows.append({"recipe": recipe, "resolution": resolution, "batch": batch,
                              "views_per_image": len(specs), "views_s": rates,
                              "torch_over_torchvision": rates["torch"] / rates["torchvision"],
-                             "triton_over_torch": None if rates["triton"] is None else rates["triton"] / rates["torch"]})
+                             "triton_over_torch": (None if rates["triton"] is None
+                                                   else rates["triton"] / rates["torch"])})
                 bar.update()
     bar.close()
     return rows

@@ -138,10 +138,10 @@ def augment_views(images: torch.Tensor, params: ViewParams, dtype: torch.dtype =
     out_rows = perm.tolist()
     perm = perm.to(device)
     out = torch.empty(host.batch, 3, host.size, host.size, dtype=dtype, device=device)
-    levels, block_start = None, -1
+    levels, block_start = None, 0
     for start, length in ranges:
-        if start // block != block_start // block or levels is None:
-            block_start = start - start % block
+        if start % block == 0:  # ranges never cross a block boundary, so each block begins with one
+            block_start = start
             n = min(block, host.batch - block_start)
             levels = _block_levels(images.index_select(0, perm.narrow(0, block_start, n)),
                                    host.narrow(block_start, n),
