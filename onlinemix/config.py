@@ -161,6 +161,10 @@ class TrainConfig:
     seed: int = opt(0, "seed of the model initialisation, data order and augmentations", low=0)
     cpu_threads: int = opt(0, "torch threads of a trainer on the CPU; 0 = cores left after the producers",
                            low=0, high=256)
+    augment_backend: str = opt("auto", "what makes the views: 'torchvision' (v2, one call per image, CPU: the ground "
+                               "truth), 'torch' (the whole batch in a few tensor ops, on the training device), "
+                               "'triton' (fused kernels, CUDA only); 'auto' = triton on CUDA, torch elsewhere. The "
+                               "choice and why are logged", choices=("auto", "torchvision", "torch", "triton"))
     prefetch: int = opt(2, "batches the input pipeline makes ahead on a worker thread (pair lookup, gather, views, "
                         "copy to the device) while the current step runs; 0 = each batch in the training loop",
                         low=0, high=64)

@@ -47,16 +47,20 @@ class Prepared:
 
 
 def to_device(views: Views, device: torch.device, stream: torch.cuda.Stream | None) -> tuple[Views, torch.cuda.Event | None]:
-    """``views`` on ``device``: on a GPU through pinned memory on ``stream``, with an event to wait for."""
+    """``views`` on ``device``: on a GPU through pinned memory on ``stream`` (views a batched backend
+    already made there stay), with an event the training loop waits for."""
     if device.type != "cuda" or stream is None:
         return views, None
+
+    def moved(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if tensor.is_cuda else tensor.pin_memory().to(device, non_blocking=True)
+
     with torch.cuda.stream(stream):
-        pinned = Views([v.pin_memory() for v in views.images], views.n_global,
-                       None if views.labels is None else views.labels.pin_memory())
-        moved = pinned.to(device, non_blocking=True)
+        on_device = Views([moved(v) for v in views.images], views.n_global,
+                          None if views.labels is None else moved(views.labels))
         event = torch.cuda.Event()
         event.record(stream)
-    return moved, event
+    return on_device, event
 
 
 class PipelineStopped(Exception):

@@ -25,7 +25,7 @@ import signal
 import socket
 import threading
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ from onlinemix.producer import ProducerPool
 from onlinemix.ring import PairRing, RingError, TrainerPort, remove_stale_segments
 from onlinemix.rundir import BACKBONE_FILE, CHECKPOINT_DIR, latest_checkpoint
 from onlinemix.schedule import EpochSchedule
-from onlinemix.views import Augmentation, ViewComposer, Views, build_pairing
+from onlinemix.views import Augmentation, ViewComposer, Views, build_pairing, choose_backend, make_backend
 from onlinemix.worker import WorkerDied
 
 log = logging.getLogger("onlinemix")
@@ -88,8 +88,11 @@ class Trainer:
         self.step = 0
         # Augmentation randomness per rank, reproducible from the seed.
         rank_seed = tc.seed * 1000 + accelerator.process_index + 1
+        backend, why = choose_backend(tc.augment_backend, accelerator.device)
+        log.info("views: %s backend (%s)", backend, why)
         self.compose_views = ViewComposer(method.view_plan, build_pairing(tc), Augmentation.from_config(cfg),
-                                          cfg.data.resolution, rank_seed, real.labels)
+                                          cfg.data.resolution, rank_seed, real.labels,
+                                          make_backend(backend, accelerator.device, rank_seed))
         torch.manual_seed(rank_seed)
 
     # ------------------------------------------------------------ checkpoints
@@ -170,7 +173,9 @@ class Trainer:
         with self.batch_pairs(ids, positions, epoch, pairs) as batch:
             if port is not None:  # every position up to this batch's end has been asked for
                 port.publish_position((step + 1) * self.schedule.global_batch)
-        views, copied = to_device(self.compose_views(batch.images, epoch), self.acc.device, copy_stream)
+        with torch.cuda.stream(copy_stream) if copy_stream is not None else nullcontext():
+            views = self.compose_views(batch.images, epoch)  # a batched backend works on the device, off the step
+        views, copied = to_device(views, self.acc.device, copy_stream)
         return Prepared(step, views, batch.stats, copied)
 
     def fit(self, pairs: PairSource | None, port: TrainerPort | None, pool: ProducerPool | None = None,
