@@ -8,8 +8,9 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from .config import ConfigError, leaves
+from .config import ConfigError, leaves, parse_value
 from .data import DataError
 
 
@@ -36,6 +37,34 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 def config_overrides(args: argparse.Namespace) -> dict[str, str]:
     """The config overrides the user actually gave (dotted key -> text)."""
     return {key: getattr(args, key) for key, _, _ in leaves() if getattr(args, key) is not None}
+
+
+def config_value(key: str) -> Callable[[str], Any]:
+    """An argparse ``type`` for a command's flag that stands for config key ``key`` (``--guidance``
+    for ``generator.guidance``): the value is parsed and range-checked as the config declares it,
+    so a command never runs with a value that training would refuse (a negative or NaN guidance)."""
+    def parse(text: str) -> Any:
+        try:
+            return parse_value(key, text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``low`` (flags without a config key: counts of images, workers)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is not valid: expected an integer >= {low}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
 
 
 def parse_config_args(parser: argparse.ArgumentParser,

@@ -448,6 +448,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | None
     return cfg
 
 
+def parse_value(key: str, text: str) -> Any:
+    """The value of a known dotted ``key`` given as text, converted and range-checked as declared:
+    how commands check their own flags that stand for a config key."""
+    (f, tp), = [(f, tp) for k, f, tp in leaves() if k == key]
+    return _coerce(key, text, f, tp, from_text=True)
+
+
 def _apply_text_overrides(cfg: Config, overrides: dict[str, str]) -> Config:
     types = {key: (f, tp) for key, f, tp in leaves()}
     typed = {}

@@ -6,13 +6,13 @@ running totals feed the progress bar; each epoch ends with one log line.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from pathlib import Path
 from typing import Callable
 
+from .files import json_text
 from .ring import TrainerPort
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class RunMetrics:
         return out
 
     def _write(self, row: dict) -> None:
-        self.file.write(json.dumps(row) + "\n")
+        self.file.write(json_text(row) + "\n")
         self.file.flush()
 
     def close(self) -> None:

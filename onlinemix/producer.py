@@ -8,7 +8,6 @@ into ring slots, then into the disk cache. :class:`ProducerPool` runs one per ge
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from pathlib import Path
 from .cache import writer_for
 from .config import Config
 from .data import RealImages, select_train_ids
+from .files import write_json
 from .generate import VariationGenerator
 from .ring import PairRing, ProducerPort
 from .schedule import EpochSchedule, variation_seed
@@ -74,10 +74,10 @@ class OnlineJob:
             port = ProducerPort(ring, lookahead=max(cfg.generator.batch_size, ring.slots - self.global_batch),
                                 lead_factor=cfg.producer.lead_factor)
             if spec.log_path is not None:
-                Path(spec.log_path).with_suffix(".json").write_text(json.dumps(
-                    {"pid": os.getpid(), "device": spec.device, "model": cfg.generator.model,
-                     "dtype": str(generator.dtype), "attention": generator.attention,
-                     "attention_reason": generator.attention_reason, "fingerprint": generator.fingerprint}, indent=2))
+                write_json(Path(spec.log_path).with_suffix(".json"),
+                           {"pid": os.getpid(), "device": spec.device, "model": cfg.generator.model,
+                            "dtype": str(generator.dtype), "attention": generator.attention,
+                            "attention_reason": generator.attention_reason, "fingerprint": generator.fingerprint})
             sinks: list[Sink] = [RingSink(port, cfg.staleness.max_age)]
             if cfg.cache.enabled:
                 sinks.append(CacheSink(writer_for(cfg, generator), required=False))

@@ -38,6 +38,7 @@ from onlinemix.cli import parse_args
 from onlinemix.config import Config, ConfigError, load_config, needs_synthetic_views, save_config
 from onlinemix.data import DataError, RealImages, load_real_images, select_train_ids
 from onlinemix.devices import generator_devices
+from onlinemix.files import write_json
 from onlinemix.methods import StepInfo, build_method
 from onlinemix.metrics import RunMetrics
 from onlinemix.optim import build_optimizer, cosine_with_warmup, scaled_lr
@@ -95,7 +96,7 @@ class Trainer:
         path = self.run_dir / CHECKPOINT_DIR / f"step-{self.step}"
         self.acc.save_state(str(path))
         if self.acc.is_main_process:
-            (path / "trainer_state.json").write_text(json.dumps({"step": self.step}))
+            write_json(path / "trainer_state.json", {"step": self.step})
         self.acc.wait_for_everyone()
 
     def load_checkpoint(self, path: Path) -> None:
@@ -356,7 +357,7 @@ def run(argv: list[str] | None = None) -> dict | None:
     if not (cfg.probe.enabled and accelerator.is_main_process):
         return None
     results = compare_with_random_init(accelerator.unwrap_model(trainer.model).backbone, cfg, accelerator.device, real)
-    (run_dir / "probe.json").write_text(json.dumps(results, indent=2))
+    write_json(run_dir / "probe.json", results)
     print(format_probe(results), flush=True)
     if synthetic and cfg.generator.model == "stub":
         print("note: the stub diffuser has random weights, so its 'variations' carry no information about the\n"

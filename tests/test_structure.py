@@ -15,7 +15,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "onlinemix"
 
 LAYERS: list[list[str]] = [
-    ["registry", "config", "schedule", "distributed"],
+    ["files", "registry", "config", "schedule", "distributed"],
     ["data", "augment", "stub_diffuser", "losses", "dino", "models", "optim"],
     ["generate", "versatile"],
     ["ring", "cache.store", "cache.maintenance", "cache.transfer", "cache", "devices"],

@@ -6,15 +6,15 @@ the same ``--section.key VALUE`` flags as training), so ``--cache.dir``, ``--dat
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from ..cli import add_config_options, parse_config_args
+from ..cli import add_config_options, at_least, parse_config_args
 from ..config import Config, ConfigError, DataConfig, load_config
 from ..data import DataError, load_real_images
+from ..files import json_text
 from .maintenance import describe_keys, format_info, format_verify, key_info, quarantined, verify_key
 from .store import CacheError
 from .transfer import export, import_tars
@@ -54,10 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--config", type=Path, default=None, help="YAML preset (see configs/); flags override it")
         commands[name] = p
-    commands["warm"].add_argument("--producers", type=int, default=None, metavar="N",
+    commands["warm"].add_argument("--producers", type=at_least(1), default=None, metavar="N",
                                   help="worker processes, one generator each (default: one per visible GPU, "
                                        "or 1 on the CPU)")
-    commands["warm"].add_argument("--variations", type=int, default=1, metavar="K",
+    commands["warm"].add_argument("--variations", type=at_least(1), default=1, metavar="K",
                                   help="variations per training image (default 1); variation k uses the seed an "
                                        "online run uses in epoch k and is stored with epoch=k")
     commands["info"].add_argument("--coverage", action="store_true",
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     help="directory for the tar shards, named <key>-NNNNNN.tar")
     commands["export"].add_argument("--key", action="append", default=[], metavar="PREFIX",
                                     help="export only keys starting with PREFIX (repeatable; default all keys)")
-    commands["export"].add_argument("--samples-per-tar", type=int, default=10_000, metavar="N",
+    commands["export"].add_argument("--samples-per-tar", type=at_least(1), default=10_000, metavar="N",
                                     help="pairs per tar shard (default 10000)")
     commands["import"].add_argument("sources", nargs="+", metavar="SRC",
                                     help="tar shard, directory of tar shards, or brace pattern 's-{000..009}.tar'")
@@ -82,8 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_warm(cfg: Config, args: argparse.Namespace) -> int:
     workers = args.producers or default_workers()
-    if workers < 1 or args.variations < 1:
-        raise ConfigError("--producers and --variations must be >= 1")
     result = warm(cfg, args.variations, workers)
     print(summary(result))
     return EXIT_INTERRUPTED if result.interrupted else 0
@@ -107,7 +105,7 @@ def run_info(cfg: Config, args: argparse.Namespace) -> int:
              for key, desc in keys.items()]
     held = quarantined(root)
     if args.json:
-        print(json.dumps({"root": str(root), "keys": infos, "quarantine": held}, indent=2))
+        print(json_text({"root": str(root), "keys": infos, "quarantine": held}, indent=2))
         return 0
     print(f"cache {root}: {len(infos)} key(s)" + ("" if root.is_dir() else " (the directory does not exist)"))
     for info in infos:

@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 from isal.isal_zlib import crc32
 
+from ..files import json_text
+
 if TYPE_CHECKING:
     from ..config import Config
     from ..generate import VariationGenerator
@@ -143,7 +145,7 @@ class ShardWriter:
             (self.dir / INDEX).mkdir(parents=True, exist_ok=True)
             meta = self.dir / GENERATOR_FILE
             if not meta.exists():
-                _write_atomically(meta, lambda f: f.write(json.dumps(
+                _write_atomically(meta, lambda f: f.write(json_text(
                     {"format": FORMAT_VERSION, "resolution": resolution, **description}, indent=2).encode()))
         except OSError as e:
             self._give_up(e)
@@ -175,7 +177,7 @@ class ShardWriter:
                   "epochs": [r[2] for r in self._rows], "checksums": [r[3] for r in self._rows]}
         try:
             _write_atomically(shard, lambda f: np.save(f, pairs))
-            _write_atomically(self.dir / INDEX / f"{name}.json", lambda f: f.write(json.dumps(record).encode()))
+            _write_atomically(self.dir / INDEX / f"{name}.json", lambda f: f.write(json_text(record).encode()))
         except OSError as e:
             shard.unlink(missing_ok=True)  # committed records only: a shard without one is garbage
             self._give_up(e)

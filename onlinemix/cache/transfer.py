@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..files import json_text
 from .maintenance import check_shard, committed_records
 from .store import INDEX, CacheError, ShardWriter, cache_key, cache_keys, check_writable
 
@@ -44,7 +45,7 @@ def pair_sample(pair: np.ndarray, real_id: int, seed: int, epoch: int, desc: dic
             "guidance": desc.get("identity", {}).get("guidance"), "dataset": desc["dataset"],
             "resolution": desc["resolution"], "identity": desc.get("identity", {})}
     return {"__key__": f"{real_id}-{seed}", "real.png": encode_png(pair[0]), "synthetic.png": encode_png(pair[1]),
-            "json": json.dumps(meta).encode()}
+            "json": json_text(meta).encode()}
 
 
 def committed_pairs(root: Path, key: str) -> Iterator[tuple[np.ndarray, int, int, int]]:
