@@ -195,6 +195,18 @@ def test_verify_quarantines_a_corrupt_shard_and_keeps_the_rest_readable(warmed: 
     assert not orphan.exists() and (cache / QUARANTINE / key / SHARDS / orphan.name).is_file()
 
 
+def test_verify_of_something_that_is_not_a_cache_fails(dataset: Path, tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for root, problem in ((tmp_path / "typo", "does not exist"), (blocker, "is a file, not a directory"),
+                          (dataset, "is not an onlinemix cache: none of its entries is a cache key")):
+        message = run_main("verify", "--cache.dir", str(root))
+        assert isinstance(message, str) and f"{root}" in message and problem in message, message
+    assert "every committed shard is good" not in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()  # an empty cache (nothing written yet) is a cache
+    assert run_main("verify", "--cache.dir", str(tmp_path / "empty")) == 0
+
+
 def test_export_then_import_gives_identical_pairs(warmed: Path, tmp_path: Path, capsys) -> None:
     tars, fresh = tmp_path / "tars", tmp_path / "fresh"
     assert run_main("export", "--out", str(tars), "--cache.dir", str(warmed), "--samples-per-tar", "50") == 0

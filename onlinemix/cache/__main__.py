@@ -15,7 +15,7 @@ from ..cli import add_config_options, at_least, parse_config_args
 from ..config import Config, ConfigError, DataConfig, load_config
 from ..data import DataError, load_real_images
 from ..files import json_text
-from .maintenance import describe_keys, format_info, format_verify, key_info, quarantined, verify_key
+from .maintenance import describe_keys, format_info, format_verify, key_info, not_a_cache, quarantined, verify_key
 from .store import CacheError
 from .transfer import export, import_tars
 from ..warm import default_workers, summary, warm
@@ -107,7 +107,8 @@ def run_info(cfg: Config, args: argparse.Namespace) -> int:
     if args.json:
         print(json_text({"root": str(root), "keys": infos, "quarantine": held}, indent=2))
         return 0
-    print(f"cache {root}: {len(infos)} key(s)" + ("" if root.is_dir() else " (the directory does not exist)"))
+    problem = not_a_cache(root)
+    print(f"cache {root}: {len(infos)} key(s)" + (f" ({problem})" if problem else ""))
     for info in infos:
         print(format_info(info))
     for key, n in held.items():
@@ -117,6 +118,10 @@ def run_info(cfg: Config, args: argparse.Namespace) -> int:
 
 def run_verify(cfg: Config, args: argparse.Namespace) -> int:
     root = cfg.cache_root()
+    problem = not_a_cache(root)
+    if problem:  # nothing verified is not "every shard is good"
+        raise CacheError(f"{problem}; give --cache.dir the directory that training and `cache warm` write "
+                         "(default <output_dir>/cache)")
     results = [verify_key(root, key, args.quarantine_orphans) for key in describe_keys(root)]
     for res in results:
         print(format_verify(res))
