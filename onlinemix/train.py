@@ -298,17 +298,19 @@ def open_online_cache(cfg: Config, port: TrainerPort) -> CacheReader:
 
 
 def open_offline_cache(cfg: Config, train_ids: np.ndarray) -> CacheReader:
-    """The cache an offline run trains from; refuses to start below ``cache.min_coverage``."""
+    """The cache an offline run trains from; refuses to start below ``cache.min_coverage`` of images
+    with a variation that reads back intact (one pair per image checked: ``CacheReader.coverage``)."""
     root = cfg.cache_root()
     key = select_key(root, cfg.data.dataset, cfg.data.resolution, cfg.generator.guidance, cfg.cache.fingerprint)
     reader = CacheReader(root, key, cfg.data.resolution, cfg.cache.verify_reads)
     covered = reader.coverage(train_ids)
     missing = int((~covered).sum())
     if covered.mean() < cfg.cache.min_coverage:
-        raise CacheError(f"offline: {missing} of {len(train_ids)} training images have no cached variation in "
-                         f"{root / key} (coverage {100 * covered.mean():.1f}% < cache.min_coverage "
-                         f"{100 * cfg.cache.min_coverage:.1f}%); warm the cache first with "
-                         f"`python -m onlinemix.cache warm`, or lower cache.min_coverage")
+        raise CacheError(f"offline: {missing} of {len(train_ids)} training images have no intact cached variation "
+                         f"in {root / key} (coverage {100 * covered.mean():.1f}% < cache.min_coverage "
+                         f"{100 * cfg.cache.min_coverage:.1f}%); warm the cache first with `python -m "
+                         "onlinemix.cache warm` (after `cache verify` when shards were reported corrupt above, so "
+                         "that warm regenerates their pairs), or lower cache.min_coverage")
     log.info("offline: training from %s: %d pairs, %d of %d training images covered (%d will get a real "
              "second view)", root / key, len(reader), len(train_ids) - missing, len(train_ids), missing)
     return reader
