@@ -38,7 +38,7 @@ from onlinemix.cli import parse_args
 from onlinemix.config import Config, ConfigError, load_config, needs_synthetic_views, save_config
 from onlinemix.data import DataError, RealImages, load_real_images, select_train_ids
 from onlinemix.devices import generator_devices
-from onlinemix.files import write_json
+from onlinemix.files import unwritable_reason, write_json
 from onlinemix.methods import StepInfo, build_method
 from onlinemix.metrics import RunMetrics
 from onlinemix.optim import build_optimizer, cosine_with_warmup, scaled_lr
@@ -209,13 +209,16 @@ def resolve_config(args, overrides: dict[str, str]) -> Config:
     if args.resume is not None:
         saved = args.resume / "config.yaml"
         if not saved.is_file():
-            raise ConfigError(f"--resume {args.resume}: no config.yaml there, not an onlinemix run directory")
+            raise ConfigError(f"--resume {args.resume}: no config.yaml there: not an onlinemix run directory, or a "
+                              "run that stopped before training started (start it again without --resume)")
         return load_config(saved, overrides)
     return load_config(args.config, overrides)
 
 
 def make_run_dir(cfg: Config, accelerator: Accelerator, resume: Path | None) -> Path:
-    """Rank 0 names the run directory; every rank gets the same path."""
+    """Rank 0 names the run directory; every rank gets the same path. A directory is taken once a run
+    has started training there (its config.yaml is written then, :func:`run`): a run that failed at
+    start-up leaves only logs, and the corrected run may use the same name."""
     if resume is not None:
         return resume
     name = [cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.train.method}-{cfg.train.pairing}"]
@@ -223,7 +226,8 @@ def make_run_dir(cfg: Config, accelerator: Accelerator, resume: Path | None) -> 
     run_dir = Path(cfg.output_dir) / name[0]
     if accelerator.is_main_process:
         if (run_dir / "config.yaml").exists():
-            raise FileExistsError(f"run directory {run_dir} already holds a run; pick another run_name or --resume it")
+            raise FileExistsError(f"run directory {run_dir} already holds a run that started training; pick another "
+                                  "run_name, or --resume it")
         run_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     return run_dir
@@ -323,6 +327,10 @@ def run(argv: list[str] | None = None) -> dict | None:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     synthetic = needs_synthetic_views(cfg)
     online = synthetic and not cfg.offline  # producers and a ring
+    problem = unwritable_reason(Path(cfg.output_dir))
+    if problem:  # before the cache check: the cache directory defaults to <output_dir>/cache
+        raise ConfigError(f"output_dir {cfg.output_dir} cannot hold run directories ({problem}); set --output-dir "
+                          "to a writable directory")
     if online:
         cfg.check_ring_capacity(local_world_size(accelerator))
         if cfg.cache.enabled:
@@ -335,9 +343,9 @@ def run(argv: list[str] | None = None) -> dict | None:
         torch.set_num_threads(cfg.train.cpu_threads or max(1, ((os.cpu_count() or 1) - producers_here)
                                                             // accelerator.num_processes))
     if accelerator.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")
         log.info("run directory %s", run_dir)
     real = load_real_images(cfg.data)
+    cfg.check_dataset_size(len(select_train_ids(real, cfg.data)), accelerator.num_processes)
     trainer = Trainer(cfg, accelerator, run_dir, real)
     if args.resume is not None:
         checkpoint = latest_checkpoint(run_dir)
@@ -355,6 +363,8 @@ def run(argv: list[str] | None = None) -> dict | None:
             health = pool.check if pool is not None else (lambda: None)
             cache = open_online_cache(cfg, port) if cfg.cache.enabled else None
             pairs = PairSource(port, cfg.staleness, real.images, cfg.ring.verify_checksums, health, cache)
+        if accelerator.is_main_process:  # training starts: the run directory is taken (make_run_dir)
+            save_config(cfg, run_dir / "config.yaml")
         trainer.fit(pairs, port, pool)
     if not (cfg.probe.enabled and accelerator.is_main_process):
         return None

@@ -12,10 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from safetensors.torch import load_file
 
 from onlinemix import train as train_module
+from onlinemix.config import ConfigError
 from onlinemix.train import run
 
 from conftest import REPO, ring_segments, run_training, train_command
@@ -74,6 +77,34 @@ def test_resume_continues_from_the_saved_step(tmp_path: Path) -> None:
     assert steps[: len(first)] == [row["step"] for row in first]
     assert steps[len(first)] > STEPS_PER_EPOCH and steps[-1] == 2 * STEPS_PER_EPOCH
     assert (run_dir / "checkpoints" / f"step-{2 * STEPS_PER_EPOCH}").is_dir()
+
+
+def test_a_run_that_fails_at_start_up_does_not_take_its_run_directory(tmp_path: Path) -> None:
+    """A dataset smaller than one batch stops the run with what to lower; the corrected run may use the
+    same name (config.yaml is written only when training starts), and then the name is taken."""
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for i in range(20):  # 16 training images after the 20% hold-out
+        (data / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(data / f"c{i % 2}" / f"{i}.png")
+    common = ["--data.dataset", str(data), "--train.pairing", "real", "--gen-gpus", "0", "--output-dir", str(tmp_path),
+              "--run-name", "r", "--probe.enabled", "false", "--train.width", "8", "--data.resolution", "16",
+              "--train.epochs", "1"]
+    with pytest.raises(ConfigError, match=r"16 training images .* lower train.batch_size to at most 16"):
+        run(common)
+    assert not (tmp_path / "r" / "config.yaml").exists()
+    run([*common, "--train.batch-size", "8"])
+    assert (tmp_path / "r" / "config.yaml").is_file()
+    with pytest.raises(FileExistsError, match="already holds a run that started training"):
+        run([*common, "--train.batch-size", "8"])
+
+
+def test_an_unusable_output_directory_is_blamed_not_the_cache_below_it(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match=re.escape(f"output_dir {blocker} cannot hold run directories (it is a file, "
+                                                    "not a directory); set --output-dir to a writable directory")):
+        run(["--output-dir", str(blocker)])
 
 
 def test_plain_simclr_learns_better_features_than_random_init(tmp_path: Path) -> None:

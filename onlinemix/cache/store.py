@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 from isal.isal_zlib import crc32
 
-from ..files import json_text
+from ..files import json_text, unwritable_reason
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -66,14 +66,10 @@ def cache_key(fingerprint: str, dataset: str) -> str:
 
 def check_writable(root: Path) -> None:
     """Fail at start, not mid-run, when the cache directory cannot be written."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-test-{socket.gethostname()}-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise CacheError(f"cache directory {root} is not writable ({e.strerror or e}); set cache.dir to a "
-                         f"writable directory, or cache.enabled=false to train without caching") from e
+    problem = unwritable_reason(root)
+    if problem:
+        raise CacheError(f"cache directory {root} is not writable ({problem}); set cache.dir to a "
+                         f"writable directory, or cache.enabled=false to train without caching")
 
 
 def fsync_path(path: Path) -> None:
