@@ -46,7 +46,8 @@ from onlinemix.pairs import BatchPairs, PairImages, PairSource
 from onlinemix.probe import compare_with_random_init, extract_features, format_probe, heldout_knn, heldout_linear
 from onlinemix.producer import ProducerPool
 from onlinemix.ring import PairRing, RingError, TrainerPort, remove_stale_segments
-from onlinemix.rundir import BACKBONE_FILE, CHECKPOINT_DIR, latest_checkpoint
+from onlinemix.rundir import (BACKBONE_FILE, CHECKPOINT_DIR, TRAINER_STATE_FILE, CheckpointError, check_checkpoint,
+                              latest_checkpoint)
 from onlinemix.schedule import EpochSchedule
 from onlinemix.views import Augmentation, ViewComposer, Views, build_pairing
 from onlinemix.worker import WorkerDied
@@ -96,12 +97,13 @@ class Trainer:
         path = self.run_dir / CHECKPOINT_DIR / f"step-{self.step}"
         self.acc.save_state(str(path))
         if self.acc.is_main_process:
-            write_json(path / "trainer_state.json", {"step": self.step})
+            write_json(path / TRAINER_STATE_FILE, {"step": self.step})
         self.acc.wait_for_everyone()
 
     def load_checkpoint(self, path: Path) -> None:
+        check_checkpoint(path)  # a truncated file is named, not a bare SafetensorError
         self.acc.load_state(str(path))
-        self.step = json.loads((path / "trainer_state.json").read_text())["step"]
+        self.step = json.loads((path / TRAINER_STATE_FILE).read_text())["step"]
         log.info("resumed from %s at step %d", path, self.step)
 
     def save_backbone(self) -> None:
@@ -383,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
         run(argv)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    except (WorkerDied, RingError, CacheError, DataError, FileExistsError, FileNotFoundError) as e:
+    except (WorkerDied, RingError, CacheError, DataError, CheckpointError, FileExistsError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted; producers stopped and shared memory released")

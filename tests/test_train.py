@@ -14,11 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 from onlinemix import train as train_module
 from onlinemix.config import ConfigError
+from onlinemix.eval import main as eval_main
+from onlinemix.rundir import CheckpointError, check_checkpoint
 from onlinemix.train import run
 
 from conftest import REPO, ring_segments, run_training, train_command
@@ -76,7 +79,35 @@ def test_resume_continues_from_the_saved_step(tmp_path: Path) -> None:
     steps = [row["step"] for row in metrics(run_dir)]
     assert steps[: len(first)] == [row["step"] for row in first]
     assert steps[len(first)] > STEPS_PER_EPOCH and steps[-1] == 2 * STEPS_PER_EPOCH
-    assert (run_dir / "checkpoints" / f"step-{2 * STEPS_PER_EPOCH}").is_dir()
+    latest = run_dir / "checkpoints" / f"step-{2 * STEPS_PER_EPOCH}"
+    assert latest.is_dir()
+    # Cut short (a crash while saving): the file is named, and what to do.
+    model = latest / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint file {model} cannot be read")) as e:
+        run(["--resume", str(run_dir)])
+    assert f"delete {latest} to resume from the checkpoint before it (step-{STEPS_PER_EPOCH})" in str(e.value)
+    backbone = run_dir / "backbone.safetensors"
+    backbone.write_bytes(backbone.read_bytes()[:1000])
+    with pytest.raises(SystemExit) as e:
+        eval_main([str(run_dir), "--probe-epochs", "1"])
+    assert str(e.value.code).startswith(f"error: {backbone} cannot be read")
+    assert f"`python -m onlinemix.train --resume {run_dir}` writes it again" in str(e.value.code)
+
+
+def test_a_checkpoint_cut_short_names_its_file(tmp_path: Path) -> None:
+    step = tmp_path / "checkpoints" / "step-5"
+    step.mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"incomplete \(no trainer_state.json: saving was cut short\); there is "
+                                              r"no earlier checkpoint: start the run again"):
+        check_checkpoint(step)
+    (step / "trainer_state.json").write_text('{"step": 5}')
+    torch.save({"state": torch.zeros(100)}, step / "optimizer.bin")
+    check_checkpoint(step)
+    (step / "optimizer.bin").write_bytes((step / "optimizer.bin").read_bytes()[:-30])
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint file {step / 'optimizer.bin'} cannot be read "
+                                                        "(not a complete torch.save archive)")):
+        check_checkpoint(step)
 
 
 def test_a_run_that_fails_at_start_up_does_not_take_its_run_directory(tmp_path: Path) -> None:
