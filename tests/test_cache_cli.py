@@ -228,6 +228,36 @@ def test_export_then_import_gives_identical_pairs(warmed: Path, tmp_path: Path, 
             np.testing.assert_array_equal(b[seed][1], pair)
 
 
+def test_import_of_a_tar_cut_short_or_not_a_tar_names_it_and_reports_what_was_committed(warmed: Path,
+                                                                                       tmp_path: Path) -> None:
+    tars, fresh = tmp_path / "tars", tmp_path / "fresh"
+    assert run_main("export", "--out", str(tars), "--cache.dir", str(warmed), "--samples-per-tar", "1000") == 0
+    (tar,) = tars.glob("*.tar")
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(tar.read_bytes()[:tar.stat().st_size // 2])
+    message = run_main("import", str(cut), "--cache.dir", str(fresh), "--cache.shard-pairs", "16")
+    committed = len(CacheReader(fresh, only_key(fresh), 32))
+    assert isinstance(message, str) and f"{cut} is cut short after {committed} pairs" in message, message
+    assert f"imported {committed} pairs (committed; skipped 0 already cached)" in message and committed > 0
+    not_a_tar = tmp_path / "notes.tar"
+    not_a_tar.write_text("hello")
+    message = run_main("import", str(not_a_tar), "--cache.dir", str(fresh))
+    assert f"{not_a_tar} is not a tar archive, or is empty" in message and "imported 0 pairs" in message
+
+
+def test_export_refused_for_a_corrupt_shard_leaves_nothing_behind(warmed: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(warmed, cache)
+    shard = sorted((cache / only_key(cache) / SHARDS).glob("*.npy"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    out = tmp_path / "tars"
+    message = run_main("export", "--out", str(out), "--cache.dir", str(cache), "--samples-per-tar", "50")
+    assert isinstance(message, str) and f"shard {shard} is corrupt" in message
+    assert not out.exists()  # no tar, empty or partial, and not the directory the export made
+
+
 def test_info_reports_counts_histogram_and_leftovers(warmed: Path, dataset: Path, tmp_path: Path, capsys) -> None:
     cache = tmp_path / "cache"
     shutil.copytree(warmed, cache)
