@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -110,10 +111,32 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, st
     return parse_config_args(build_parser(), argv)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is (workers stopped, shared memory released, committed work kept)."""
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM raise :class:`Terminated` in the main thread, so it stops a command as Ctrl-C does."""
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def stopped_by(e: KeyboardInterrupt) -> signal.Signals:
+    """The signal behind a KeyboardInterrupt; a command stopped by it exits with 128 + its number, as a
+    shell reports a process killed by it: 130 for Ctrl-C (SIGINT), 143 for SIGTERM."""
+    return signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+
+
 def run_command(run: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> None:
     """The eval and stats command lines: INFO logging, and their users' errors as an exit message."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    stop_on_sigterm()
     try:
         run(args)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({stopped_by(e).name})", file=sys.stderr)
+        sys.exit(128 + stopped_by(e))

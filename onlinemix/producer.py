@@ -86,9 +86,6 @@ class OnlineJob:
         finally:
             ring.close()
 
-    def report_failure(self, spec: WorkerSpec, error: BaseException) -> None:
-        pass  # the pool reports the exit code; the traceback is in producer-N.log
-
 
 class ProducerPool(WorkerPool):
     """The producers of one node: one per generator device, restarted within ``producer.max_restarts``."""

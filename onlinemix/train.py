@@ -21,7 +21,6 @@ if __package__ in (None, ""):
 import json
 import logging
 import os
-import signal
 import socket
 import time
 from contextlib import ExitStack
@@ -34,7 +33,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from onlinemix.cache import CacheError, CacheReader, cache_key, check_writable, select_key
-from onlinemix.cli import parse_args
+from onlinemix.cli import parse_args, stop_on_sigterm, stopped_by
 from onlinemix.config import Config, ConfigError, load_config, needs_synthetic_views, save_config
 from onlinemix.data import DataError, RealImages, load_real_images, select_train_ids
 from onlinemix.devices import generator_devices
@@ -255,10 +254,6 @@ def local_world_size(accelerator: Accelerator) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
 
 
-def _raise_keyboard_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def start_generation(cfg: Config, accelerator: Accelerator, run_dir: Path, global_batch: int,
                      stack: ExitStack) -> tuple[TrainerPort, ProducerPool | None]:
     """The node's launching rank creates the ring and producers; other local ranks attach by name.
@@ -339,7 +334,7 @@ def run(argv: list[str] | None = None) -> dict | None:
             check_writable(cfg.cache_root())
     run_dir = make_run_dir(cfg, accelerator, args.resume)
     setup_logging(accelerator, run_dir)
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    stop_on_sigterm()
     if accelerator.device.type == "cpu":
         producers_here = cfg.gen_gpus if online and not torch.cuda.is_available() else 0
         torch.set_num_threads(cfg.train.cpu_threads or max(1, ((os.cpu_count() or 1) - producers_here)
@@ -387,8 +382,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"config error: {e}")
     except (WorkerDied, RingError, CacheError, DataError, CheckpointError, FileExistsError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted; producers stopped and shared memory released")
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({stopped_by(e).name}); producers stopped and shared memory released", file=sys.stderr)
+        sys.exit(128 + stopped_by(e))
 
 
 if __name__ == "__main__":

@@ -21,12 +21,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from onlinemix.cache import __main__ as cache_main
 from onlinemix.cache.__main__ import main
+from onlinemix.cli import Terminated
 from onlinemix.cache.store import INDEX, QUARANTINE, SHARDS, CacheReader, cache_keys
 from onlinemix.config import load_config
 from onlinemix.data import load_real_images, select_train_ids
 from onlinemix.generate import make_generator
 from onlinemix.schedule import variation_seed
+from onlinemix.warm import WarmResult
 
 REPO = Path(__file__).resolve().parent.parent
 N_IMAGES, N_TRAIN = 80, 64  # data.holdout_fraction 0.2
@@ -299,6 +302,20 @@ def test_warm_into_an_unwritable_cache_fails_at_start(dataset: Path, tmp_path: P
         locked.mkdir(mode=0o500)
         assert "not writable" in str(run_main("warm", *flags(dataset, locked / "cache")))
 
+
+
+def test_warm_with_a_generator_that_cannot_load_ends_with_its_message(dataset: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    message = run_main("warm", *flags(dataset, tmp_path / "cache", "--generator.model", str(missing)))
+    assert isinstance(message, str) and "warm worker 0 (pid " in message
+    assert "failed before it was ready, so it is not restarted (traceback above): " in message
+    assert message.endswith(f'"{missing}" is neither a valid local path nor a valid repo id. Please check the parameter.')
+
+
+@pytest.mark.parametrize("stop,status", [(KeyboardInterrupt, 130), (Terminated, 143)])
+def test_an_interrupted_warm_exits_with_128_plus_the_signal(stop: type, status: int, monkeypatch) -> None:
+    monkeypatch.setattr(cache_main, "warm", lambda cfg, variations, workers: WarmResult("k", 3, 0, 1.0, 1.0, stop()))
+    assert run_main("warm") == status
 
 
 def test_warm_generates_only_the_real_fraction_a_run_trains_on(dataset: Path, tmp_path: Path) -> None:

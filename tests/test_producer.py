@@ -62,6 +62,27 @@ def test_pairs_from_a_producer_process_match_a_local_regeneration(cfg: Config, t
     assert not all(np.array_equal(out[0, 1], out[k, 1]) for k in range(1, 24))
 
 
+def test_a_generator_that_cannot_load_is_final_and_named(cfg: Config, tmp_path: Path, no_leaked_segments) -> None:
+    """Restarting cannot help a missing model directory: the pool raises at once with the generator's
+    own message instead of spending producer.max_restarts on the same failure."""
+    cfg.generator.model, cfg.producer.max_restarts = str(tmp_path / "no-such-model"), 3
+    ring = PairRing.create(cfg.ring.slots, cfg.data.resolution)
+    pool = ProducerPool(cfg, ring, ["cpu"], 32, tmp_path)
+    try:
+        pool.start()
+        with pytest.raises(WorkerDied) as e:
+            wait_until(lambda: pool.check() or False)
+    finally:
+        pool.stop()
+        ring.close()
+    assert pool.restarts == 0
+    assert str(e.value).startswith(f"producer 0 (pid {pool.procs[0].pid}) failed before it was ready, so it is not "
+                                   "restarted (traceback in producer-0.log): ")
+    assert str(e.value).endswith(f'"{tmp_path / "no-such-model"}" is neither a valid local path nor a valid repo id. '
+                                 "Please check the parameter.")
+    assert "Traceback" in (tmp_path / "producer-0.log").read_text()
+
+
 def _kill_and_reap(pool: ProducerPool) -> int:
     pid = pool.procs[0].pid
     pool.procs[0].kill()

@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from onlinemix import train as train_module
+from onlinemix.cli import Terminated
 from onlinemix.config import ConfigError
 from onlinemix.eval import main as eval_main
 from onlinemix.rundir import CheckpointError, check_checkpoint
@@ -221,9 +222,37 @@ def test_ctrl_c_stops_every_process_and_frees_shared_memory(tmp_path: Path, no_l
     _wait_for_training(tmp_path / "interrupted", proc)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode != 0
-    assert "interrupted" in stderr
+    assert proc.returncode == 130
+    assert "interrupted (SIGINT)" in stderr and "Traceback" not in stderr
     _assert_session_ends(proc.pid)
+
+
+def test_ctrl_c_while_producers_load_ends_without_their_tracebacks(tmp_path: Path, no_leaked_segments) -> None:
+    """Workers ignore SIGINT from their first instruction: a Ctrl-C while they still import is not a
+    KeyboardInterrupt traceback of theirs."""
+    proc = _start(tmp_path, "loading")
+    log = tmp_path / "loading" / "train.log"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and "waiting for 1 producer" in log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    _assert_session_ends(proc.pid)
+
+
+@pytest.mark.parametrize("stop,status", [(KeyboardInterrupt, 130), (Terminated, 143)])
+def test_a_stopped_run_exits_with_128_plus_the_signal(stop: type, status: int, monkeypatch, capsys) -> None:
+    def stopped(argv):
+        raise stop()
+
+    monkeypatch.setattr(train_module, "run", stopped)
+    with pytest.raises(SystemExit) as e:
+        train_module.main([])
+    assert e.value.code == status
+    assert f"interrupted (SIG{'INT' if status == 130 else 'TERM'})" in capsys.readouterr().err
 
 
 def test_dead_producer_stops_the_job_cleanly_when_restarts_are_spent(tmp_path: Path, no_leaked_segments) -> None:
@@ -235,6 +264,7 @@ def test_dead_producer_stops_the_job_cleanly_when_restarts_are_spent(tmp_path: P
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert f"producer 0 (pid {pid}) died: killed by signal SIGKILL" in stderr
+    assert "leaked semaphore" not in stderr  # the producer holds none (tqdm's lock is a thread lock there)
     assert ring_segments() == before
     _assert_session_ends(proc.pid)
 

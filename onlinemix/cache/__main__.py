@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import add_config_options, at_least, parse_config_args
+from ..cli import add_config_options, at_least, parse_config_args, stop_on_sigterm, stopped_by
 from ..config import Config, ConfigError, DataConfig, load_config
 from ..data import DataError, load_real_images
 from ..files import json_text
@@ -19,8 +19,6 @@ from .maintenance import describe_keys, format_info, format_verify, key_info, no
 from .store import CacheError
 from .transfer import export, import_tars
 from ..warm import default_workers, summary, warm
-
-EXIT_INTERRUPTED = 130
 
 COMMANDS = {
     "warm": "generate the variations of every training image into the cache (the paper's precompute): "
@@ -84,7 +82,7 @@ def run_warm(cfg: Config, args: argparse.Namespace) -> int:
     workers = args.producers or default_workers()
     result = warm(cfg, args.variations, workers)
     print(summary(result))
-    return EXIT_INTERRUPTED if result.interrupted else 0
+    return 128 + stopped_by(result.interrupted) if result.interrupted else 0
 
 
 def train_ids_of(desc: dict, cfg: Config) -> np.ndarray | None:
@@ -149,13 +147,15 @@ RUNNERS = {"warm": run_warm, "info": run_info, "verify": run_verify, "export": r
 
 def main(argv: list[str] | None = None) -> None:
     args, overrides = parse_config_args(build_parser(), argv)
+    stop_on_sigterm()
     try:
         cfg = load_config(args.config, overrides)
         code = RUNNERS[args.command](cfg, args)
     except (ConfigError, CacheError, DataError) as e:
         sys.exit(f"onlinemix.cache {args.command}: {e}")
-    except KeyboardInterrupt:
-        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt as e:
+        print(f"onlinemix.cache {args.command}: interrupted ({stopped_by(e).name})", file=sys.stderr)
+        sys.exit(128 + stopped_by(e))
     sys.exit(code)
 
 
