@@ -83,6 +83,10 @@ class ProducerConfig:
     lead_factor: float = opt(1.2, "claim images this many 'generation times' ahead of the trainers (measured "
                              "trainer rate x measured batch time), so pairs arrive just in time; 0 = claim at "
                              "the trainers' position", low=0.0, high=100.0)
+    stuck_s: float = opt(300.0, "a live producer whose loop has not turned for this long (stopped, or a hung GPU "
+                         "call) is reported once and counted (metrics: producer_stalls); still stuck after twice "
+                         "as long, it is killed and restarted (within max_restarts). Longer than the slowest "
+                         "batch, torch.compile's first call included; 0 = never", low=0.0, high=86_400.0)
 
 
 @dataclass

@@ -10,9 +10,9 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable
 
 from .files import json_text
+from .producer import ProducerPool
 from .ring import TrainerPort
 
 log = logging.getLogger(__name__)
@@ -22,10 +22,10 @@ SYNTHETIC = ("fresh", "cached", "disk")
 
 
 class RunMetrics:
-    def __init__(self, path: Path | None, port: TrainerPort | None, restarts: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, path: Path | None, port: TrainerPort | None, pool: ProducerPool | None = None) -> None:
         self.file = open(path, "a") if path is not None else None
         self.port = port  # the ring's counters, None without producers
-        self.restarts = restarts
+        self.pool = pool  # producer restarts and stalls, on the rank that started the producers
         self.totals = dict.fromkeys(COUNTS, 0)
         self._epoch = self._empty_epoch()
         self._started = time.monotonic()
@@ -45,8 +45,9 @@ class RunMetrics:
         if self.port is None:
             return {}
         return {**{f"ring_{k}": v for k, v in self.port.occupancy().items()},
-                "checksum_errors": self.port.checksum_errors, "producer_restarts": self.restarts(),
-                "generated_per_s": self.producer_rate()}
+                "checksum_errors": self.port.checksum_errors,
+                "producer_restarts": self.pool.restarts if self.pool else 0,
+                "producer_stalls": self.pool.stalls if self.pool else 0, "generated_per_s": self.producer_rate()}
 
     def record(self, step: int, epoch: int, stats: dict[str, float], write: bool, **values: float) -> None:
         """Account one finished step; ``write`` also appends a step row."""

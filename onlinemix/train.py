@@ -162,8 +162,7 @@ class Trainer:
         tc = self.cfg.train
         acc = self.acc
         rank, spe, global_batch = acc.process_index, self.schedule.steps_per_epoch, self.schedule.global_batch
-        metrics = RunMetrics(self.run_dir / "metrics.jsonl" if acc.is_main_process else None, port,
-                             (lambda: pool.restarts) if pool else (lambda: 0))
+        metrics = RunMetrics(self.run_dir / "metrics.jsonl" if acc.is_main_process else None, port, pool)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process,
                    desc="train", unit="step", dynamic_ncols=True)
         if port is not None:

@@ -284,16 +284,20 @@ class WorkerPool:
                 where = f"traceback in {Path(spec.log_path).name}" if spec.log_path else "traceback above"
                 raise WorkerDied(f"{spec.name} (pid {p.pid}) failed before it was ready, so it is not restarted "
                                  f"({where}): {failure[1]}")
-            message = f"{spec.name} (pid {p.pid}) died: {self.exit_cause(p)}{log_hint}" + (
-                f"; {failure[1]}" if failure is not None else "")
-            if self.restarts >= self.max_restarts:
-                budget = f" (restart budget producer.max_restarts={self.max_restarts} spent)" if self.max_restarts else ""
-                raise WorkerDied(message + budget)
-            self.restarts += 1
-            self.procs[i] = self._process(i)
-            self._start(self.procs[i])
-            log.warning("%s; restarted it as pid %d (restart %d of %d)", message, self.procs[i].pid,
-                        self.restarts, self.max_restarts)
+            self._restart(i, f"{spec.name} (pid {p.pid}) died: {self.exit_cause(p)}{log_hint}" + (
+                f"; {failure[1]}" if failure is not None else ""))
+
+    def _restart(self, i: int, message: str) -> None:
+        """Start worker i again, within the restart budget; once it is spent, raise :class:`WorkerDied`
+        with ``message`` (what happened to the worker)."""
+        if self.restarts >= self.max_restarts:
+            budget = f" (restart budget producer.max_restarts={self.max_restarts} spent)" if self.max_restarts else ""
+            raise WorkerDied(message + budget)
+        self.restarts += 1
+        self.procs[i] = self._process(i)
+        self._start(self.procs[i])
+        log.warning("%s; restarted it as pid %d (restart %d of %d)", message, self.procs[i].pid,
+                    self.restarts, self.max_restarts)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Wait for workers to finish (the caller has told them to), then terminate and kill the rest."""
