@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 IDLE_SLEEP_S = 0.005
 PR_SET_PDEATHSIG = 1
-MAX_MESSAGE = 2000  # characters of a worker's error message: one pipe write, so never torn by a kill
+MAX_MESSAGE = 1000  # characters of a worker's error message: under PIPE_BUF bytes, one atomic pipe write
 
 
 class WorkerDied(RuntimeError):
