@@ -6,13 +6,13 @@ running totals feed the progress bar; each epoch ends with one log line.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable
 
+from .files import json_text
+from .producer import ProducerPool
 from .ring import TrainerPort
 
 log = logging.getLogger(__name__)
@@ -22,10 +22,10 @@ SYNTHETIC = ("fresh", "cached", "disk")
 
 
 class RunMetrics:
-    def __init__(self, path: Path | None, port: TrainerPort | None, restarts: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, path: Path | None, port: TrainerPort | None, pool: ProducerPool | None = None) -> None:
         self.file = open(path, "a") if path is not None else None
         self.port = port  # the ring's counters, None without producers
-        self.restarts = restarts
+        self.pool = pool  # producer restarts and stalls, on the rank that started the producers
         self.totals = dict.fromkeys(COUNTS, 0)
         self._epoch = self._empty_epoch()
         self._started = time.monotonic()
@@ -46,8 +46,9 @@ class RunMetrics:
         if self.port is None:
             return {}
         return {**{f"ring_{k}": v for k, v in self.port.occupancy().items()},
-                "checksum_errors": self.port.checksum_errors, "producer_restarts": self.restarts(),
-                "generated_per_s": self.producer_rate()}
+                "checksum_errors": self.port.checksum_errors,
+                "producer_restarts": self.pool.restarts if self.pool else 0,
+                "producer_stalls": self.pool.stalls if self.pool else 0, "generated_per_s": self.producer_rate()}
 
     def record(self, step: int, epoch: int, stats: dict[str, float], data_wait_s: float, write: bool,
                **values: float) -> None:
@@ -99,7 +100,7 @@ class RunMetrics:
         return out
 
     def _write(self, row: dict) -> None:
-        self.file.write(json.dumps(row) + "\n")
+        self.file.write(json_text(row) + "\n")
         self.file.flush()
 
     def close(self) -> None:

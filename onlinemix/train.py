@@ -21,7 +21,6 @@ if __package__ in (None, ""):
 import json
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -35,10 +34,11 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from onlinemix.cache import CacheError, CacheReader, cache_key, check_writable, select_key
-from onlinemix.cli import parse_args
+from onlinemix.cli import parse_args, stop_on_sigterm, stopped_by
 from onlinemix.config import Config, ConfigError, load_config, needs_synthetic_views, save_config
 from onlinemix.data import DataError, RealImages, load_real_images, select_train_ids
 from onlinemix.devices import generator_devices
+from onlinemix.files import unwritable_reason, write_json
 from onlinemix.methods import StepInfo, build_method
 from onlinemix.metrics import RunMetrics
 from onlinemix.optim import build_optimizer, cosine_with_warmup, scaled_lr
@@ -47,7 +47,8 @@ from onlinemix.prefetch import Prefetcher, Prepared, check_running, to_device
 from onlinemix.probe import compare_with_random_init, extract_features, format_probe, heldout_knn, heldout_linear
 from onlinemix.producer import ProducerPool
 from onlinemix.ring import PairRing, RingError, TrainerPort, remove_stale_segments
-from onlinemix.rundir import BACKBONE_FILE, CHECKPOINT_DIR, latest_checkpoint
+from onlinemix.rundir import (BACKBONE_FILE, CHECKPOINT_DIR, TRAINER_STATE_FILE, CheckpointError, check_checkpoint,
+                              latest_checkpoint)
 from onlinemix.schedule import EpochSchedule
 from onlinemix.views import Augmentation, ViewComposer, Views, build_pairing, choose_backend, make_backend
 from onlinemix.worker import WorkerDied
@@ -100,12 +101,13 @@ class Trainer:
         path = self.run_dir / CHECKPOINT_DIR / f"step-{self.step}"
         self.acc.save_state(str(path))
         if self.acc.is_main_process:
-            (path / "trainer_state.json").write_text(json.dumps({"step": self.step}))
+            write_json(path / TRAINER_STATE_FILE, {"step": self.step})
         self.acc.wait_for_everyone()
 
     def load_checkpoint(self, path: Path) -> None:
+        check_checkpoint(path)  # a truncated file is named, not a bare SafetensorError
         self.acc.load_state(str(path))
-        self.step = json.loads((path / "trainer_state.json").read_text())["step"]
+        self.step = json.loads((path / TRAINER_STATE_FILE).read_text())["step"]
         log.info("resumed from %s at step %d", path, self.step)
 
     def save_backbone(self) -> None:
@@ -184,8 +186,7 @@ class Trainer:
         tc = self.cfg.train
         acc = self.acc
         spe, global_batch = self.schedule.steps_per_epoch, self.schedule.global_batch
-        metrics = RunMetrics(self.run_dir / "metrics.jsonl" if acc.is_main_process else None, port,
-                             (lambda: pool.restarts) if pool else (lambda: 0))
+        metrics = RunMetrics(self.run_dir / "metrics.jsonl" if acc.is_main_process else None, port, pool)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process,
                    desc="train", unit="step", dynamic_ncols=True)
         if port is not None:
@@ -231,13 +232,16 @@ def resolve_config(args, overrides: dict[str, str]) -> Config:
     if args.resume is not None:
         saved = args.resume / "config.yaml"
         if not saved.is_file():
-            raise ConfigError(f"--resume {args.resume}: no config.yaml there, not an onlinemix run directory")
+            raise ConfigError(f"--resume {args.resume}: no config.yaml there: not an onlinemix run directory, or a "
+                              "run that stopped before training started (start it again without --resume)")
         return load_config(saved, overrides)
     return load_config(args.config, overrides)
 
 
 def make_run_dir(cfg: Config, accelerator: Accelerator, resume: Path | None) -> Path:
-    """Rank 0 names the run directory; every rank gets the same path."""
+    """Rank 0 names the run directory; every rank gets the same path. A directory is taken once a run
+    has started training there (its config.yaml is written then, :func:`run`): a run that failed at
+    start-up leaves only logs, and the corrected run may use the same name."""
     if resume is not None:
         return resume
     name = [cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.train.method}-{cfg.train.pairing}"]
@@ -245,7 +249,8 @@ def make_run_dir(cfg: Config, accelerator: Accelerator, resume: Path | None) -> 
     run_dir = Path(cfg.output_dir) / name[0]
     if accelerator.is_main_process:
         if (run_dir / "config.yaml").exists():
-            raise FileExistsError(f"run directory {run_dir} already holds a run; pick another run_name or --resume it")
+            raise FileExistsError(f"run directory {run_dir} already holds a run that started training; pick another "
+                                  "run_name, or --resume it")
         run_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     return run_dir
@@ -269,10 +274,6 @@ def setup_logging(accelerator: Accelerator, run_dir: Path) -> None:
 def local_world_size(accelerator: Accelerator) -> int:
     """Trainer processes on this node (torchrun and accelerate launch export LOCAL_WORLD_SIZE)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-
-
-def _raise_keyboard_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def start_generation(cfg: Config, accelerator: Accelerator, run_dir: Path, global_batch: int, resolution: int,
@@ -330,17 +331,18 @@ def open_online_cache(cfg: Config, port: TrainerPort, resolution: int) -> CacheR
 
 def open_offline_cache(cfg: Config, train_ids: np.ndarray, resolution: int) -> CacheReader:
     """The cache an offline run trains from (pairs at the stored size ``resolution``); refuses to start
-    below ``cache.min_coverage``."""
+    below ``cache.min_coverage`` of images with a variation that reads back intact (``CacheReader.coverage``)."""
     root = cfg.cache_root()
     key = select_key(root, cfg.data.dataset, resolution, cfg.generator.guidance, cfg.cache.fingerprint)
     reader = CacheReader(root, key, resolution, cfg.cache.verify_reads)
     covered = reader.coverage(train_ids)
     missing = int((~covered).sum())
     if covered.mean() < cfg.cache.min_coverage:
-        raise CacheError(f"offline: {missing} of {len(train_ids)} training images have no cached variation in "
-                         f"{root / key} (coverage {100 * covered.mean():.1f}% < cache.min_coverage "
-                         f"{100 * cfg.cache.min_coverage:.1f}%); warm the cache first with "
-                         f"`python -m onlinemix.cache warm`, or lower cache.min_coverage")
+        raise CacheError(f"offline: {missing} of {len(train_ids)} training images have no intact cached variation "
+                         f"in {root / key} (coverage {100 * covered.mean():.1f}% < cache.min_coverage "
+                         f"{100 * cfg.cache.min_coverage:.1f}%); warm the cache first with `python -m "
+                         "onlinemix.cache warm` (after `cache verify` when shards were reported corrupt above, so "
+                         "that warm regenerates their pairs), or lower cache.min_coverage")
     log.info("offline: training from %s: %d pairs, %d of %d training images covered (%d will get a real "
              "second view)", root / key, len(reader), len(train_ids) - missing, len(train_ids), missing)
     return reader
@@ -353,22 +355,26 @@ def run(argv: list[str] | None = None) -> dict | None:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     synthetic = needs_synthetic_views(cfg)
     online = synthetic and not cfg.offline  # producers and a ring
+    problem = unwritable_reason(Path(cfg.output_dir))
+    if problem:  # before the cache check: the cache directory defaults to <output_dir>/cache
+        raise ConfigError(f"output_dir {cfg.output_dir} cannot hold run directories ({problem}); set --output-dir "
+                          "to a writable directory")
     if online:
         cfg.check_ring_capacity(local_world_size(accelerator))
         if cfg.cache.enabled:
             check_writable(cfg.cache_root())
     run_dir = make_run_dir(cfg, accelerator, args.resume)
     setup_logging(accelerator, run_dir)
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    stop_on_sigterm()
     if accelerator.device.type == "cpu":
         producers_here = cfg.gen_gpus if online and not torch.cuda.is_available() else 0
         torch.set_num_threads(cfg.train.cpu_threads or max(1, ((os.cpu_count() or 1) - producers_here)
                                                             // accelerator.num_processes))
     if accelerator.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")
         log.info("run directory %s", run_dir)
     with accelerator.local_main_process_first():  # one process per node prepares a store the others then map
         real = load_real_images(cfg.data, cfg.store_root())
+    cfg.check_dataset_size(len(select_train_ids(real, cfg.data)), accelerator.num_processes)
     trainer = Trainer(cfg, accelerator, run_dir, real)
     if args.resume is not None:
         checkpoint = latest_checkpoint(run_dir)
@@ -388,11 +394,13 @@ def run(argv: list[str] | None = None) -> dict | None:
             cache = open_online_cache(cfg, port, real.size) if cfg.cache.enabled else None
             pairs = PairSource(port, cfg.staleness, real.images, cfg.ring.verify_checksums,
                                lambda: waiting_check(stop, pool), cache)
+        if accelerator.is_main_process:  # training starts: the run directory is taken (make_run_dir)
+            save_config(cfg, run_dir / "config.yaml")
         trainer.fit(pairs, port, pool, stop)
     if not (cfg.probe.enabled and accelerator.is_main_process):
         return None
     results = compare_with_random_init(accelerator.unwrap_model(trainer.model).backbone, cfg, accelerator.device, real)
-    (run_dir / "probe.json").write_text(json.dumps(results, indent=2))
+    write_json(run_dir / "probe.json", results)
     print(format_probe(results), flush=True)
     if synthetic and cfg.generator.model == "stub":
         print("note: the stub diffuser has random weights, so its 'variations' carry no information about the\n"
@@ -406,10 +414,11 @@ def main(argv: list[str] | None = None) -> None:
         run(argv)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    except (WorkerDied, RingError, CacheError, DataError, FileExistsError, FileNotFoundError) as e:
+    except (WorkerDied, RingError, CacheError, DataError, CheckpointError, FileExistsError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted; producers stopped and shared memory released")
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({stopped_by(e).name}); producers stopped and shared memory released", file=sys.stderr)
+        sys.exit(128 + stopped_by(e))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 from isal.isal_zlib import crc32
 
-from ..files import write_atomically
+from ..files import json_text, unwritable_reason, write_atomically
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -66,14 +66,10 @@ def cache_key(fingerprint: str, dataset: str) -> str:
 
 def check_writable(root: Path) -> None:
     """Fail at start, not mid-run, when the cache directory cannot be written."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-test-{socket.gethostname()}-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise CacheError(f"cache directory {root} is not writable ({e.strerror or e}); set cache.dir to a "
-                         f"writable directory, or cache.enabled=false to train without caching") from e
+    problem = unwritable_reason(root)
+    if problem:
+        raise CacheError(f"cache directory {root} is not writable ({problem}); set cache.dir to a "
+                         f"writable directory, or cache.enabled=false to train without caching")
 
 
 # ----------------------------------------------------------------------------- writing
@@ -120,7 +116,7 @@ class ShardWriter:
             (self.dir / INDEX).mkdir(parents=True, exist_ok=True)
             meta = self.dir / GENERATOR_FILE
             if not meta.exists():
-                write_atomically(meta, lambda f: f.write(json.dumps(
+                write_atomically(meta, lambda f: f.write(json_text(
                     {"format": FORMAT_VERSION, "resolution": resolution, **description}, indent=2).encode()))
         except OSError as e:
             self._give_up(e)
@@ -152,7 +148,7 @@ class ShardWriter:
                   "epochs": [r[2] for r in self._rows], "checksums": [r[3] for r in self._rows]}
         try:
             write_atomically(shard, lambda f: np.save(f, pairs))
-            write_atomically(self.dir / INDEX / f"{name}.json", lambda f: f.write(json.dumps(record).encode()))
+            write_atomically(self.dir / INDEX / f"{name}.json", lambda f: f.write(json_text(record).encode()))
         except OSError as e:
             shard.unlink(missing_ok=True)  # committed records only: a shard without one is garbage
             self._give_up(e)
@@ -211,6 +207,8 @@ class CacheReader:
         self._by_id: dict[int, list[Variation]] = {}
         self._seen: set[str] = set()
         self._bad: set[str] = set()
+        self._intact: set[str] = set()  # shards whose every pair matched its CRC32 (coverage checked them)
+        self._checksums: dict[str, list[int]] = {}  # per shard, from its record
         self._maps: dict[str, np.ndarray] = {}
         self._uses: dict[tuple[str, int], int] = {}
         self.refresh()
@@ -232,6 +230,7 @@ class CacheReader:
                     record["ids"], record["seeds"], record["epochs"], record["checksums"])):
                 self._by_id.setdefault(real_id, []).append(
                     Variation(record["shard"], row, real_id, seed, epoch, record["created"], checksum))
+            self._checksums[record["shard"]] = record["checksums"]
             added += record["pairs"]
         return added
 
@@ -242,8 +241,33 @@ class CacheReader:
         return [v for v in self._by_id.get(real_id, ()) if v.shard not in self._bad]
 
     def coverage(self, ids: Iterable[int]) -> np.ndarray:
-        """For each id: does the cache hold at least one variation of it?"""
-        return np.array([bool(self.variations(int(i))) for i in ids], dtype=bool)
+        """For each id: does the cache hold a variation of it in a shard that reads back intact?
+
+        A commit record alone is not enough: a corrupt shard would count, then serve nothing (a pair
+        that fails its CRC32 takes its whole shard out of service). So the shard of each image's
+        first candidate is checked, every pair against its CRC32, once per shard; shards that hold
+        only further variations of covered images are not read at all."""
+        return np.array([any(self._shard_intact(v.shard) for v in self.variations(int(i))) for i in ids],
+                        dtype=bool)
+
+    def _shard_intact(self, name: str) -> bool:
+        if name not in self._intact and name not in self._bad:
+            pairs, checksums = self._shard(name), self._checksums[name]
+            if pairs is not None and len(pairs) < len(checksums):
+                self._skip(name, f"holds {len(pairs)} pairs, its record {len(checksums)}")
+            elif pairs is not None:
+                bad = next((row for row, c in enumerate(checksums) if crc32(pairs[row]) != c), None)
+                if bad is None:
+                    self._intact.add(name)
+                else:
+                    self._skip(name, f"pair {bad} fails its checksum")
+        return name in self._intact
+
+    def _skip(self, name: str, why: str) -> None:
+        """Take a corrupt shard out of service."""
+        log.warning("cache: shard %s %s; the shard is skipped (run `python -m onlinemix.cache verify` to "
+                    "quarantine it)", name, why)
+        self._bad.add(name)
 
     def _shard(self, name: str) -> np.ndarray | None:
         if name not in self._maps:
@@ -251,13 +275,11 @@ class CacheReader:
                 # Copy-on-write: writable for torch.from_numpy, while the file itself is never modified.
                 pairs = np.load(self.dir / SHARDS / name, mmap_mode="c")
             except (OSError, ValueError) as e:
-                log.warning("cache: shard %s is unreadable (%s); its pairs are skipped", name, e)
-                self._bad.add(name)
+                self._skip(name, f"is unreadable ({e})")
                 return None
-            if pairs.ndim != 5 or pairs.shape[1:] != (2, 3, self.resolution, self.resolution):
-                log.warning("cache: shard %s has shape %s, not (n, 2, 3, %d, %d); skipped", name, pairs.shape,
-                            self.resolution, self.resolution)
-                self._bad.add(name)
+            r = self.resolution
+            if pairs.ndim != 5 or pairs.shape[1:] != (2, 3, r, r):
+                self._skip(name, f"has shape {pairs.shape}, not (n, 2, 3, {r}, {r})")
                 return None
             self._maps[name] = pairs
         return self._maps[name]
@@ -269,9 +291,7 @@ class CacheReader:
             return None
         pair = pairs[v.row]
         if self.verify and crc32(pair) != v.checksum:
-            log.warning("cache: pair %d of shard %s fails its checksum; the shard is skipped (run "
-                        "`python -m onlinemix.cache verify` to quarantine it)", v.row, v.shard)
-            self._bad.add(v.shard)
+            self._skip(v.shard, f"pair {v.row} fails its checksum")
             return None
         return pair
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,10 +19,12 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..files import json_text
 from .maintenance import check_shard, committed_records
 from .store import INDEX, CacheError, ShardWriter, cache_key, cache_keys, check_writable
 
 PNG_COMPRESS_LEVEL = 6  # PIL's default: zlib level 6
+PARTIAL = ".partial"  # suffix of a tar while its export runs
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -44,7 +47,7 @@ def pair_sample(pair: np.ndarray, real_id: int, seed: int, epoch: int, desc: dic
             "guidance": desc.get("identity", {}).get("guidance"), "dataset": desc["dataset"],
             "resolution": desc["resolution"], "identity": desc.get("identity", {})}
     return {"__key__": f"{real_id}-{seed}", "real.png": encode_png(pair[0]), "synthetic.png": encode_png(pair[1]),
-            "json": json.dumps(meta).encode()}
+            "json": json_text(meta).encode()}
 
 
 def committed_pairs(root: Path, key: str) -> Iterator[tuple[np.ndarray, int, int, int]]:
@@ -59,24 +62,41 @@ def committed_pairs(root: Path, key: str) -> Iterator[tuple[np.ndarray, int, int
 
 
 def export(root: Path, out: Path, keys: list[str], maxcount: int) -> dict[str, int]:
-    """Write every committed pair of the given keys (all when empty) to ``out/<key>-NNNNNN.tar``."""
+    """Write every committed pair of the given keys (all when empty) to ``out/<key>-NNNNNN.tar``.
+
+    Tars are written under temporary names (``.<key>-NNNNNN.tar.partial``) and renamed once every
+    key is exported, so an export that stops (a corrupt shard, Ctrl-C) leaves no tar, empty or partial;
+    temporary tars of these keys left by an export that was killed are removed first."""
     import webdataset as wds
 
     described = cache_keys(root)
     chosen = [k for k in described if not keys or any(k.startswith(p) for p in keys)]
     if not chosen:
         raise CacheError(f"cache {root} has no key matching {keys or 'anything'} (it holds {list(described) or 'nothing'})")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    partials = lambda: [p for key in chosen for p in out.glob(f".{key}-*.tar{PARTIAL}")]  # noqa: E731
+    for stale in partials():
+        stale.unlink()
     written = {}
-    for key in chosen:
-        desc = described[key]
-        n = 0
-        with wds.ShardWriter(str(out / f"{key}-%06d.tar"), maxcount=maxcount, verbose=0) as sink:
-            for pair, real_id, seed, epoch in tqdm(committed_pairs(root, key), unit="pair",
-                                                   desc=f"export {key[:16]}", dynamic_ncols=True, leave=False):
-                sink.write(pair_sample(pair, real_id, seed, epoch, desc))
-                n += 1
-        written[key] = n
+    try:
+        for key in chosen:
+            desc = described[key]
+            n = 0
+            with wds.ShardWriter(str(out / f".{key}-%06d.tar{PARTIAL}"), maxcount=maxcount, verbose=0) as sink:
+                for pair, real_id, seed, epoch in tqdm(committed_pairs(root, key), unit="pair",
+                                                       desc=f"export {key[:16]}", dynamic_ncols=True, leave=False):
+                    sink.write(pair_sample(pair, real_id, seed, epoch, desc))
+                    n += 1
+            written[key] = n
+    except BaseException:
+        for partial in partials():
+            partial.unlink()
+        if created:
+            out.rmdir()
+        raise
+    for partial in partials():
+        partial.rename(out / partial.name[1:].removesuffix(PARTIAL))
     return written
 
 
@@ -146,15 +166,28 @@ class _Importer:
 
 
 def import_tars(root: Path, sources: list[str], shard_pairs: int) -> tuple[int, int, list[str]]:
-    """Read exported tars into the cache: (pairs added, pairs skipped as present, keys touched)."""
+    """Read exported tars into the cache: (pairs added, pairs skipped as present, keys touched).
+
+    A tar that is not one, or is cut short, stops the import with its name and the pairs imported
+    before it, which are committed (an import again skips them)."""
     import webdataset as wds
 
     check_writable(root)
+    urls = tar_urls(sources)
     importer = _Importer(root, shard_pairs)
     try:
-        for sample in tqdm(wds.WebDataset(tar_urls(sources), shardshuffle=False, empty_check=False), unit="pair",
-                           desc="import", dynamic_ncols=True, leave=False):
-            importer.add(sample)
+        for url in urls:
+            before = importer.added + importer.skipped
+            try:
+                for sample in tqdm(wds.WebDataset([url], shardshuffle=False, empty_check=False), unit="pair",
+                                   desc=f"import {Path(url).name}", dynamic_ncols=True, leave=False):
+                    importer.add(sample)
+            except tarfile.ReadError as e:
+                read = importer.added + importer.skipped - before
+                what = f"is cut short after {read} pairs" if read else "is not a tar archive, or is empty"
+                raise CacheError(f"{url} {what} ({e.args[0] if e.args else e}); imported {importer.added} pairs "
+                                 f"(committed; skipped {importer.skipped} already cached) before it stopped: copy or "
+                                 "export that file again and import it (pairs already imported are skipped)") from None
     finally:
         importer.close()
     return importer.added, importer.skipped, sorted(importer.writers)
