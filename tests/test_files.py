@@ -34,7 +34,7 @@ def test_metrics_rows_of_batches_without_synthetic_views_are_strict_json(tmp_pat
     metrics = RunMetrics(tmp_path / "metrics.jsonl", None)
     stats = {"fresh": 0, "cached": 0, "disk": 0, "fallback": 4, "mean_age": math.nan, "mean_reuse": math.nan,
              "wait_s": 0.0}
-    metrics.record(1, 0, stats, True, loss=1.0)
+    metrics.record(1, 0, stats, 0.0, True, loss=1.0)
     metrics.end_epoch(0)
     metrics.close()
     rows = [strict_loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
