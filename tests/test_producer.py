@@ -108,7 +108,7 @@ def test_a_stuck_producer_is_reported_once_counted_and_restarted(cfg: Config, tm
         assert pool.procs[0].pid != stopped and pool.procs[0].is_alive()
         metrics = RunMetrics(tmp_path / "metrics.jsonl", TrainerPort(ring, leader=True), pool)
         metrics.record(1, 0, {"fresh": 0, "cached": 0, "disk": 0, "fallback": 1, "mean_age": 0.0,
-                              "mean_reuse": 0.0, "wait_s": 0.0}, True)
+                              "mean_reuse": 0.0, "wait_s": 0.0}, 0.0, True)
         metrics.close()
     finally:
         pool.stop()
