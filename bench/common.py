@@ -12,7 +12,6 @@ so that bench/ring.py can import this module without importing torch at start-up
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -21,6 +20,8 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from onlinemix.files import write_json
 
 if TYPE_CHECKING:
     import torch
@@ -240,7 +241,7 @@ def save_results(res: dict[str, Any], out: Path, plot: Callable[[dict[str, Any],
     res["meta"]["wall_s"] = time.perf_counter() - t0
     if started is not None:
         res["meta"]["measure_s"] = time.perf_counter() - started
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    write_json(out, res)
     return png
 
 

@@ -1,4 +1,6 @@
 """Triton kernels of onlinemix, each beside a plain-torch reference (import name: onlinemix_kernels).
 
-Empty for now: batch augmentation and NT-Xent run through torchvision and plain torch.
+`augment`: fused batched view augmentation (crop + resize, flip, colour jitter, grayscale, blur,
+solarisation, normalisation); reference `onlinemix.batch_augment.augment_views`. NT-Xent still runs in
+plain torch.
 """

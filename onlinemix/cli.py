@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from .config import ConfigError, leaves
+from .config import ConfigError, leaves, parse_value
 from .data import DataError
 
 
@@ -36,6 +38,34 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 def config_overrides(args: argparse.Namespace) -> dict[str, str]:
     """The config overrides the user actually gave (dotted key -> text)."""
     return {key: getattr(args, key) for key, _, _ in leaves() if getattr(args, key) is not None}
+
+
+def config_value(key: str) -> Callable[[str], Any]:
+    """An argparse ``type`` for a command's flag that stands for config key ``key`` (``--guidance``
+    for ``generator.guidance``): the value is parsed and range-checked as the config declares it,
+    so a command never runs with a value that training would refuse (a negative or NaN guidance)."""
+    def parse(text: str) -> Any:
+        try:
+            return parse_value(key, text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``low`` (flags without a config key: counts of images, workers)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is not valid: expected an integer >= {low}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
 
 
 def parse_config_args(parser: argparse.ArgumentParser,
@@ -81,10 +111,32 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, st
     return parse_config_args(build_parser(), argv)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is (workers stopped, shared memory released, committed work kept)."""
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM raise :class:`Terminated` in the main thread, so it stops a command as Ctrl-C does."""
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def stopped_by(e: KeyboardInterrupt) -> signal.Signals:
+    """The signal behind a KeyboardInterrupt; a command stopped by it exits with 128 + its number, as a
+    shell reports a process killed by it: 130 for Ctrl-C (SIGINT), 143 for SIGTERM."""
+    return signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+
+
 def run_command(run: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> None:
     """The eval and stats command lines: INFO logging, and their users' errors as an exit message."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    stop_on_sigterm()
     try:
         run(args)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({stopped_by(e).name})", file=sys.stderr)
+        sys.exit(128 + stopped_by(e))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,10 @@ class ProducerConfig:
     lead_factor: float = opt(1.2, "claim images this many 'generation times' ahead of the trainers (measured "
                              "trainer rate x measured batch time), so pairs arrive just in time; 0 = claim at "
                              "the trainers' position", low=0.0, high=100.0)
+    stuck_s: float = opt(300.0, "a live producer whose loop has not turned for this long (stopped, or a hung GPU "
+                         "call) is reported once and counted (metrics: producer_stalls); still stuck after twice "
+                         "as long, it is killed and restarted (within max_restarts). Longer than the slowest "
+                         "batch, torch.compile's first call included; 0 = never", low=0.0, high=86_400.0)
 
 
 @dataclass
@@ -165,6 +170,13 @@ class TrainConfig:
     seed: int = opt(0, "seed of the model initialisation, data order and augmentations", low=0)
     cpu_threads: int = opt(0, "torch threads of a trainer on the CPU; 0 = cores left after the producers",
                            low=0, high=256)
+    augment_backend: str = opt("auto", "what makes the views: 'torchvision' (v2, one call per image, CPU: the ground "
+                               "truth), 'torch' (the whole batch in a few tensor ops, on the training device), "
+                               "'triton' (fused kernels, CUDA only); 'auto' = triton on CUDA, torch elsewhere. The "
+                               "choice and why are logged", choices=("auto", "torchvision", "torch", "triton"))
+    prefetch: int = opt(2, "batches the input pipeline makes ahead on a worker thread (pair lookup, gather, views, "
+                        "copy to the device) while the current step runs; 0 = each batch in the training loop",
+                        low=0, high=64)
     checkpoint_every: int = opt(0, "save a checkpoint every N steps (0 = only at the end)", low=0)
     log_every: int = opt(10, "write a metrics line every N steps", low=1)
 
@@ -273,6 +285,31 @@ class Config:
                               "(use staleness.policy=real to never wait)")
         if needs_synthetic_views(self) and not self.offline:
             self.check_ring_capacity(trainers_on_node=1)
+        min_bytes = self.cache_shard_bytes()
+        if self.cache.enabled and 0 < self.cache.max_gb * 1e9 < min_bytes:
+            raise ConfigError(f"cache.max_gb={self.cache.max_gb:g} cannot hold one cache shard of cache.shard_pairs="
+                              f"{self.cache.shard_pairs} images at data.resolution={self.data.resolution}, so every "
+                              f"shard would be evicted as soon as it is written: set cache.max_gb to at least "
+                              f"{math.ceil(min_bytes / 1e6) / 1e3:g} (0 = no limit), or lower cache.shard_pairs")
+
+    def cache_shard_bytes(self) -> int:
+        """An upper bound of one full cache shard on disk: its raw synthetic images (a JPEG shard is smaller),
+        the .npy header and its commit record (ids, seeds, epochs, CRC32s and lengths as JSON, under 64 bytes
+        an image)."""
+        return 128 + 256 + self.cache.shard_pairs * (3 * self.data.resolution ** 2 + 64)
+
+    def check_dataset_size(self, train_images: int, ranks: int) -> None:
+        """Every step takes a whole global batch of distinct training images: the training split
+        must hold at least one."""
+        b = self.train.batch_size
+        if train_images >= b * ranks:
+            return
+        fix = (f"lower train.batch_size to at most {train_images // ranks}" if train_images // ranks >= 2
+               else f"use more images or fewer than {ranks} trainer ranks")
+        raise ConfigError(f"data.dataset={self.data.dataset} has {train_images} training images (after the "
+                          f"data.holdout_fraction={self.data.holdout_fraction:g} hold-out, at data.real_fraction="
+                          f"{self.data.real_fraction:g}), fewer than one global batch of {b * ranks} "
+                          f"(train.batch_size={b} x {ranks} rank(s)): {fix}")
 
     def check_ring_capacity(self, trainers_on_node: int) -> None:
         """The ring must hold every local trainer's batch plus one batch in flight per producer;
@@ -438,7 +475,8 @@ def read_preset(path: Path, including: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML preset's values. ``base: OTHER.yaml`` (relative to the file) loads OTHER first and
     lets this file override it, so one experiment is a few lines on top of its recipe."""
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist" + (f" (the base of {including[-1]})" if including else ""))
+        what = "is a directory, not a YAML file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config file {path} {what}" + (f" (the base of {including[-1]})" if including else ""))
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -462,6 +500,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, str] | None
         cfg = _apply_text_overrides(cfg, overrides)
     cfg.check_consistency()
     return cfg
+
+
+def parse_value(key: str, text: str) -> Any:
+    """The value of a known dotted ``key`` given as text, converted and range-checked as declared:
+    how commands check their own flags that stand for a config key."""
+    (f, tp), = [(f, tp) for k, f, tp in leaves() if k == key]
+    return _coerce(key, text, f, tp, from_text=True)
 
 
 def _apply_text_overrides(cfg: Config, overrides: dict[str, str]) -> Config:

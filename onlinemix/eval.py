@@ -12,7 +12,7 @@ form the kNN bank) depends on the set, as in the MixDiff paper's protocols:
   the run's training split fits, the whole set is scored. Its ImageFolder class names must be
   among the run's (labels are matched by name); webdataset ``cls`` values index the run's classes.
 
-A split is an ImageFolder directory, one ``.tar`` webdataset shard, a brace pattern of shards or a
+A split is a prepared image store, an ImageFolder directory, one ``.tar`` webdataset shard, a brace pattern of shards or a
 directory of shards (samples with an image and an integer ``cls``). The probe maths lives in
 :mod:`onlinemix.probe`, what a run directory holds in :mod:`onlinemix.rundir`.
 """
@@ -20,7 +20,6 @@ directory of shards (samples with an image and an integer ``cls``). The probe ma
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,9 +27,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cli import run_command
+from .cli import config_value, run_command
 from .config import ProbeConfig
 from .data import DataError, Images, LabelledImages, RealImages, load_image_source, load_real_images, subset
+from .data.store import ImageStore, StoreError, check_resolution, is_image_store
+from .files import write_json
 from .models import seeded_backbone
 from .probe import extract_features, fit_linear_probe, knn_scores, topk_accuracy
 from .rundir import Checkpoint, load_backbone, resolve_checkpoint
@@ -83,9 +84,15 @@ def transfer_splits(path: Path) -> tuple[Path, Path] | None:
 
 
 def _load(name: str, path: Path, resolution: int) -> LabelledImages:
+    """A split: a prepared image store (read by id as features are extracted, never held whole), or
+    a small set decoded into memory."""
     try:
+        if is_image_store(path):
+            store = ImageStore.open(path)
+            check_resolution(store, resolution)
+            return LabelledImages(store, store.labels, store.classes)
         return load_image_source(path, resolution)
-    except DataError as e:
+    except (DataError, StoreError) as e:
         raise DataError(f"eval set {name}: {e}") from e
 
 
@@ -181,7 +188,7 @@ def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     md, js = out_dir / f"{result['checkpoint']}.md", out_dir / f"{result['checkpoint']}.json"
     md.write_text(format_markdown(result))
-    js.write_text(json.dumps(result, indent=2))
+    write_json(js, result)
     return md, js
 
 
@@ -197,17 +204,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "next to a config.yaml")
     parser.add_argument("--eval-set", type=parse_eval_set, action="append", default=[], metavar="NAME=PATH",
                         help="an extra evaluation set (repeatable)")
-    parser.add_argument("--knn-k", type=int, default=20, help="neighbours of the weighted kNN (default 20)")
-    parser.add_argument("--knn-temperature", type=float, default=0.07, help="kNN temperature T (default 0.07)")
-    parser.add_argument("--probe-epochs", type=int, default=None, help="probe optimisation steps (default: the run's probe.epochs)")
+    parser.add_argument("--knn-k", type=config_value("probe.knn_k"), default=20, help="neighbours of the weighted kNN (default 20)")
+    parser.add_argument("--knn-temperature", type=config_value("probe.knn_temperature"), default=0.07, help="kNN temperature T (default 0.07)")
+    parser.add_argument("--probe-epochs", type=config_value("probe.epochs"), default=None, help="probe optimisation steps (default: the run's probe.epochs)")
     parser.add_argument("--random-init", action="store_true", help="also evaluate the run's random-init backbone")
     parser.add_argument("--out", type=Path, default=None, help="write eval/<checkpoint>.md/.json here instead of the run dir")
     args = parser.parse_args(argv)
     names = [name for name, _ in args.eval_set]
     if len(set(names)) != len(names):
         parser.error(f"--eval-set names must be unique, got {names}")
-    if args.knn_k < 1 or args.knn_temperature <= 0 or (args.probe_epochs is not None and args.probe_epochs < 1):
-        parser.error("--knn-k and --probe-epochs must be >= 1 and --knn-temperature > 0")
     return args
 
 

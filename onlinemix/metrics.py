@@ -6,13 +6,13 @@ running totals feed the progress bar; each epoch ends with one log line.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable
 
+from .files import json_text
+from .producer import ProducerPool
 from .ring import TrainerPort
 
 log = logging.getLogger(__name__)
@@ -22,10 +22,10 @@ SYNTHETIC = ("fresh", "cached", "disk")
 
 
 class RunMetrics:
-    def __init__(self, path: Path | None, port: TrainerPort | None, restarts: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, path: Path | None, port: TrainerPort | None, pool: ProducerPool | None = None) -> None:
         self.file = open(path, "a") if path is not None else None
         self.port = port  # the ring's counters, None without producers
-        self.restarts = restarts
+        self.pool = pool  # producer restarts and stalls, on the rank that started the producers
         self.totals = dict.fromkeys(COUNTS, 0)
         self._epoch = self._empty_epoch()
         self._started = time.monotonic()
@@ -33,7 +33,8 @@ class RunMetrics:
 
     @staticmethod
     def _empty_epoch() -> dict[str, float]:
-        return {**dict.fromkeys(COUNTS, 0), "age_sum": 0.0, "reuse_sum": 0.0, "wait_s": 0.0, "steps": 0,
+        return {**dict.fromkeys(COUNTS, 0), "age_sum": 0.0, "reuse_sum": 0.0, "wait_s": 0.0, "data_wait_s": 0.0,
+                "steps": 0,
                 "started": time.monotonic()}
 
     def producer_rate(self) -> float:
@@ -45,12 +46,16 @@ class RunMetrics:
         if self.port is None:
             return {}
         return {**{f"ring_{k}": v for k, v in self.port.occupancy().items()},
-                "checksum_errors": self.port.checksum_errors, "producer_restarts": self.restarts(),
-                "generated_per_s": self.producer_rate()}
+                "checksum_errors": self.port.checksum_errors,
+                "producer_restarts": self.pool.restarts if self.pool else 0,
+                "producer_stalls": self.pool.stalls if self.pool else 0, "generated_per_s": self.producer_rate()}
 
-    def record(self, step: int, epoch: int, stats: dict[str, float], write: bool, **values: float) -> None:
-        """Account one finished step; ``write`` also appends a step row."""
+    def record(self, step: int, epoch: int, stats: dict[str, float], data_wait_s: float, write: bool,
+               **values: float) -> None:
+        """Account one finished step; ``data_wait_s``: how long it waited for its input (the pipeline was
+        behind); ``write`` also appends a step row."""
         e = self._epoch
+        e["data_wait_s"] += data_wait_s
         synthetic = sum(stats[k] for k in SYNTHETIC)
         for k in COUNTS:
             self.totals[k] += stats[k]
@@ -61,7 +66,8 @@ class RunMetrics:
         e["wait_s"] += stats["wait_s"]
         e["steps"] += 1
         if write and self.file:
-            row = {"step": step, "epoch": epoch, **values, **stats, **{f"total_{k}": v for k, v in self.totals.items()},
+            row = {"step": step, "epoch": epoch, **values, **stats, "data_wait_s": data_wait_s,
+                   **{f"total_{k}": v for k, v in self.totals.items()},
                    **self._ring_state()}
             self._write(row)
 
@@ -74,7 +80,8 @@ class RunMetrics:
         row = {"epoch_end": epoch, **values, **{k: e[k] for k in COUNTS},
                "mean_age": e["age_sum"] / synthetic if synthetic else math.nan,
                "mean_reuse": e["reuse_sum"] / synthetic if synthetic else math.nan,
-               "wait_s": e["wait_s"], "epoch_s": time.monotonic() - e["started"], **self._ring_state()}
+               "wait_s": e["wait_s"], "data_wait_s": e["data_wait_s"], "epoch_s": time.monotonic() - e["started"],
+               **self._ring_state()}
         if self.file:
             self._write(row)
         log.info("epoch %d: %d fresh, %d cached, %d from disk, %d fallback; mean age %.2f epochs, mean reuse "
@@ -93,7 +100,7 @@ class RunMetrics:
         return out
 
     def _write(self, row: dict) -> None:
-        self.file.write(json.dumps(row) + "\n")
+        self.file.write(json_text(row) + "\n")
         self.file.flush()
 
     def close(self) -> None:

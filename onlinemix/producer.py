@@ -3,13 +3,17 @@
 A producer claims the next positions of the trainers' schedule where the trainers will be
 when its batch is ready (:class:`~onlinemix.ring.ProducerPort`), skips images that already
 have an unused view waiting, generates the rest with per-image seeds and publishes the pairs
-into ring slots, then into the disk cache. :class:`ProducerPool` runs one per generator device.
+into ring slots, then into the disk cache. :class:`ProducerPool` runs one per generator device and
+watches each one's progress counter in the ring, so a producer that is alive but stuck (stopped,
+a hung GPU call) is reported, counted and restarted instead of silently costing every step its
+full ``staleness.wait_timeout_s``.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,10 +22,13 @@ from pathlib import Path
 from .cache import writer_for
 from .config import Config
 from .data import RealImages, select_train_ids
+from .files import write_json
 from .generate import VariationGenerator
 from .ring import PairRing, ProducerPort
 from .schedule import EpochSchedule, variation_seed
 from .worker import CacheSink, RingSink, Sink, Work, WorkerPool, WorkerSpec
+
+log = logging.getLogger(__name__)
 
 
 class RingWork:
@@ -72,12 +79,12 @@ class OnlineJob:
         ring = PairRing.attach(self.ring_name)
         try:
             port = ProducerPort(ring, lookahead=max(cfg.generator.batch_size, ring.slots - self.global_batch),
-                                lead_factor=cfg.producer.lead_factor)
+                                lead_factor=cfg.producer.lead_factor, index=spec.index)
             if spec.log_path is not None:
-                Path(spec.log_path).with_suffix(".json").write_text(json.dumps(
-                    {"pid": os.getpid(), "device": spec.device, "model": cfg.generator.model,
-                     "dtype": str(generator.dtype), "attention": generator.attention,
-                     "attention_reason": generator.attention_reason, "fingerprint": generator.fingerprint}, indent=2))
+                write_json(Path(spec.log_path).with_suffix(".json"),
+                           {"pid": os.getpid(), "device": spec.device, "model": cfg.generator.model,
+                            "dtype": str(generator.dtype), "attention": generator.attention,
+                            "attention_reason": generator.attention_reason, "fingerprint": generator.fingerprint})
             sinks: list[Sink] = [RingSink(port, cfg.staleness.max_age)]
             if cfg.cache.enabled:
                 sinks.append(CacheSink(writer_for(cfg, generator), required=False))
@@ -86,12 +93,22 @@ class OnlineJob:
         finally:
             ring.close()
 
-    def report_failure(self, spec: WorkerSpec, error: BaseException) -> None:
-        pass  # the pool reports the exit code; the traceback is in producer-N.log
+
+@dataclass
+class _Watch:
+    """What the pool last saw of one producer's progress counter, and since when."""
+    pid: int | None
+    progress: int
+    since: float
+    turning: bool = False  # its loop has turned since it started (loading the generator is not watched)
+    warned: bool = False
 
 
 class ProducerPool(WorkerPool):
-    """The producers of one node: one per generator device, restarted within ``producer.max_restarts``."""
+    """The producers of one node: one per generator device, restarted within ``producer.max_restarts``.
+
+    A live producer whose progress counter has not moved for ``producer.stuck_s`` is reported once
+    and counted in ``stalls``; still stuck after twice that, it is killed and restarted."""
 
     def __init__(self, cfg: Config, ring: PairRing, devices: list[str], global_batch: int, log_dir: Path) -> None:
         job = OnlineJob(ring.name, global_batch)
@@ -99,6 +116,37 @@ class ProducerPool(WorkerPool):
                  for i, device in enumerate(devices)]
         super().__init__(specs, cfg.producer.max_restarts)
         self.ring = ring
+        self.stuck_s = cfg.producer.stuck_s
+        self.stalls = 0  # stuck producers reported
+        self._watch = [_Watch(None, 0, 0.0) for _ in specs]
+
+    def check(self) -> None:
+        """Restart dead producers (:meth:`WorkerPool.check`), then watch the live ones' progress."""
+        super().check()
+        if self.stuck_s:
+            for i in range(len(self.procs)):
+                self._watch_progress(i)
+
+    def _watch_progress(self, i: int) -> None:
+        p, seen = self.procs[i], self._watch[i]
+        progress, now = self.ring.producer_progress(i), time.monotonic()
+        if p.pid != seen.pid or progress != seen.progress:  # a new process, or its loop turned
+            self._watch[i] = _Watch(p.pid, progress, now, turning=p.pid == seen.pid)
+            return
+        stuck = now - seen.since
+        if not seen.turning or stuck < self.stuck_s:
+            return
+        name = f"{self.specs[i].name} (pid {p.pid})"
+        if not seen.warned:
+            seen.warned = True
+            self.stalls += 1
+            log.warning("%s has made no progress for %.0fs (producer.stuck_s=%g; stopped, or a hung GPU call?); "
+                        "training goes on under the staleness policy, and it is restarted if still stuck after "
+                        "%.0fs", name, stuck, self.stuck_s, 2 * self.stuck_s)
+        elif stuck >= 2 * self.stuck_s:
+            p.kill()
+            p.join(10.0)
+            self._restart(i, f"{name} made no progress for {stuck:.0f}s (producer.stuck_s={self.stuck_s:g}); killed it")
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Close the ring to producers (they finish their batch and exit), then stop the processes."""

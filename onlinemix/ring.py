@@ -1,7 +1,8 @@
 """Shared-memory ring of (real, synthetic) uint8 image pairs.
 
-Layout of one segment: a header of int64 counters, a table of int64 slot metadata and
-the pixel array ``(slots, 2, 3, R, R)`` uint8. Only slot indices and counters ever move
+Layout of one segment: a header of int64 counters, one int64 progress counter per producer
+(:data:`MAX_PRODUCERS`), a table of int64 slot metadata and the pixel array ``(slots, 2, 3, R, R)``
+uint8. Only slot indices and counters ever move
 between processes. A producer writes each pair into its slot once; a trainer borrows the
 slot, gathers the pixels into its batch and gives the slot back before augmenting.
 
@@ -46,6 +47,7 @@ MAGIC = 0x6F6E6C696E656D78  # "onlinemx"
 
 FREE, WRITING, READY = 0, 1, 2
 WRITE_RETRY_S = 0.005  # a producer waiting for a free slot polls this often
+MAX_PRODUCERS = 64  # progress counters in a segment: one per producer of a node (config's gen_gpus <= 64)
 
 
 
@@ -115,7 +117,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def ring_nbytes(slots: int, resolution: int) -> int:
-    return 8 * len(RingHeader.FIELDS) + 8 * S.COUNT * slots + slots * 2 * 3 * resolution * resolution
+    return (8 * len(RingHeader.FIELDS) + 8 * MAX_PRODUCERS + 8 * S.COUNT * slots
+            + slots * 2 * 3 * resolution * resolution)
 
 
 def remove_stale_segments() -> list[str]:
@@ -185,6 +188,10 @@ class PairRing:
         self.slots = self.header.slots
         self.resolution = self.header.resolution
         offset = cells.nbytes
+        # Bumped by each producer whenever its loop turns (a claim, a wait for a free slot); frozen
+        # while it generates a batch, or when it is stopped or hangs: see ProducerPool's watch.
+        self.progress = np.ndarray((MAX_PRODUCERS,), dtype=np.int64, buffer=shm.buf, offset=offset)
+        offset += self.progress.nbytes
         self.meta = np.ndarray((self.slots, S.COUNT), dtype=np.int64, buffer=shm.buf, offset=offset)
         offset += self.meta.nbytes
         r = self.resolution
@@ -210,7 +217,7 @@ class PairRing:
         cells[:] = 0
         header = RingHeader(cells)
         header.slots, header.resolution, header.creator_pid = slots, resolution, os.getpid()
-        np.ndarray((slots, S.COUNT), dtype=np.int64, buffer=shm.buf, offset=cells.nbytes)[:] = 0
+        np.ndarray((MAX_PRODUCERS + slots * S.COUNT,), dtype=np.int64, buffer=shm.buf, offset=cells.nbytes)[:] = 0
         header.magic = MAGIC  # last: a reader never sees a half-initialised ring as valid
         return cls(shm, owner=True)
 
@@ -231,7 +238,7 @@ class PairRing:
             return
         os.close(self._lock_fd)
         self._lock_fd = -1
-        del self.header, self.meta, self.pixels
+        del self.header, self.progress, self.meta, self.pixels
         self.shm.close()
         if self.owner:
             try:
@@ -256,6 +263,10 @@ class PairRing:
     def mark_closed(self) -> None:
         """No more work: producers finish their batch and exit, and writers waiting for a slot give up."""
         self.header.closed = 1
+
+    def producer_progress(self, index: int) -> int:
+        """How often producer ``index`` has turned its loop (:meth:`ProducerPort.beat`)."""
+        return int(self.progress[index])
 
     def occupancy(self) -> dict[str, int]:
         states = self.meta[:, S.state]
@@ -533,11 +544,18 @@ class ProducerPort:
     positions ahead of them (0 = at the trainers), never more than ``lookahead`` ahead.
     """
 
-    def __init__(self, ring: PairRing, lookahead: int, lead_factor: float) -> None:
+    def __init__(self, ring: PairRing, lookahead: int, lead_factor: float, index: int = 0) -> None:
+        if not 0 <= index < MAX_PRODUCERS:
+            raise RingError(f"producer index {index} out of range: a ring serves at most {MAX_PRODUCERS} producers")
         self.ring = ring
         self.lookahead = lookahead
         self.lead_factor = lead_factor
+        self.index = index
         self._batch_s = Ewma()
+
+    def beat(self) -> None:
+        """This producer's loop turned: it is alive and not stuck (its parent watches the counter)."""
+        self.ring.progress[self.index] += 1
 
     @property
     def closed(self) -> bool:
@@ -571,6 +589,7 @@ class ProducerPort:
         claims continue from where the last one ended, but never start closer to the trainers
         than the lead and never reach more than ``lookahead`` positions ahead of them.
         """
+        self.beat()
         lead = self.lead()
         with self.ring.locked():
             header = self.ring.header
@@ -598,6 +617,7 @@ class ProducerPort:
         ring, i = self.ring, 0
         written: list[int] = []
         while i < len(ids):
+            self.beat()
             if ring.closed:
                 return written
             slots = ring.reserve(len(ids) - i, int(epochs[i]), max_age)

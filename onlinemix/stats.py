@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import textwrap
 from dataclasses import asdict, dataclass, replace
@@ -32,9 +31,10 @@ from tqdm.auto import tqdm
 
 from .augment import eval_transform
 from .cache import CacheError, CacheReader, select_key
-from .cli import run_command
+from .cli import at_least, config_value, run_command
 from .config import GeneratorConfig, load_config
 from .data import load_real_images
+from .files import write_json
 from .generate import make_generator
 from .rundir import CONFIG_FILE, load_backbone
 from .schedule import variation_seed
@@ -230,12 +230,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a run directory: its dataset, generator settings and (by default) trained backbone")
     parser.add_argument("--config", type=Path, default=None, help="take the dataset and generator from this config "
                         "instead of the run's (needs --arch and --weights when no run is given)")
-    parser.add_argument("--guidance", type=float, nargs="+", default=list(DEFAULT_GUIDANCE),
+    parser.add_argument("--guidance", type=config_value("generator.guidance"), nargs="+", default=list(DEFAULT_GUIDANCE),
                         help=f"guidance scales (default {' '.join(f'{k:g}' for k in DEFAULT_GUIDANCE)})")
-    parser.add_argument("--num-images", type=int, default=1000, help="real images, a fixed random subset (default 1000)")
+    parser.add_argument("--num-images", type=at_least(2), default=1000, help="real images, a fixed random subset (default 1000)")
     parser.add_argument("--arch", default=None, help="feature extractor: a torchvision architecture, e.g. inception_v3")
     parser.add_argument("--weights", type=Path, default=None, help="local weights file of --arch")
-    parser.add_argument("--extractor-size", type=int, default=None, help="input side of --arch (default 224; 299 for inception_v3)")
+    parser.add_argument("--extractor-size", type=at_least(1), default=None, help="input side of --arch (default 224; 299 for inception_v3)")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default RUN_DIR/stats)")
     args = parser.parse_args(argv)
     if args.run_dir is None and args.config is None:
@@ -246,8 +246,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("without a run directory the feature extractor must be given with --arch and --weights")
     if args.run_dir is None and args.out is None:
         parser.error("without a run directory give --out")
-    if args.num_images < 2:
-        parser.error("--num-images must be >= 2")
     return args
 
 
@@ -266,7 +264,7 @@ def run(args: argparse.Namespace) -> dict:
               "generator": {k: v for k, v in asdict(cfg.generator).items() if k != "guidance"}}
     out = args.out or args.run_dir / "stats"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "stats.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "stats.json", result)
     plot(result, out / "stats.png")
     print(format_result(result), flush=True)
     log.info("wrote %s and %s", out / "stats.json", out / "stats.png")

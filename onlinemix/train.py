@@ -21,10 +21,10 @@ if __package__ in (None, ""):
 import json
 import logging
 import os
-import signal
 import socket
+import threading
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 
 import numpy as np
 import torch
@@ -34,20 +34,23 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from onlinemix.cache import CacheError, CacheReader, cache_key, check_writable, select_key
-from onlinemix.cli import parse_args
+from onlinemix.cli import parse_args, stop_on_sigterm, stopped_by
 from onlinemix.config import Config, ConfigError, load_config, needs_synthetic_views, save_config
 from onlinemix.data import DataError, RealImages, load_real_images, select_train_ids
 from onlinemix.devices import generator_devices
+from onlinemix.files import unwritable_reason, write_json
 from onlinemix.methods import StepInfo, build_method
 from onlinemix.metrics import RunMetrics
 from onlinemix.optim import build_optimizer, cosine_with_warmup, scaled_lr
 from onlinemix.pairs import BatchPairs, PairImages, PairSource
+from onlinemix.prefetch import Prefetcher, Prepared, check_running, to_device
 from onlinemix.probe import compare_with_random_init, extract_features, format_probe, heldout_knn, heldout_linear
 from onlinemix.producer import ProducerPool
 from onlinemix.ring import PairRing, RingError, TrainerPort, remove_stale_segments
-from onlinemix.rundir import BACKBONE_FILE, CHECKPOINT_DIR, latest_checkpoint
+from onlinemix.rundir import (BACKBONE_FILE, CHECKPOINT_DIR, TRAINER_STATE_FILE, CheckpointError, check_checkpoint,
+                              latest_checkpoint)
 from onlinemix.schedule import EpochSchedule
-from onlinemix.views import Augmentation, ViewComposer, Views, build_pairing
+from onlinemix.views import Augmentation, ViewComposer, Views, build_pairing, choose_backend, make_backend
 from onlinemix.worker import WorkerDied
 
 log = logging.getLogger("onlinemix")
@@ -86,8 +89,11 @@ class Trainer:
         self.step = 0
         # Augmentation randomness per rank, reproducible from the seed.
         rank_seed = tc.seed * 1000 + accelerator.process_index + 1
+        backend, why = choose_backend(tc.augment_backend, accelerator.device)
+        log.info("views: %s backend (%s)", backend, why)
         self.compose_views = ViewComposer(method.view_plan, build_pairing(tc), Augmentation.from_config(cfg),
-                                          cfg.data.resolution, rank_seed, real.labels)
+                                          cfg.data.resolution, rank_seed, real.labels,
+                                          make_backend(backend, accelerator.device, rank_seed))
         torch.manual_seed(rank_seed)
 
     # ------------------------------------------------------------ checkpoints
@@ -95,12 +101,13 @@ class Trainer:
         path = self.run_dir / CHECKPOINT_DIR / f"step-{self.step}"
         self.acc.save_state(str(path))
         if self.acc.is_main_process:
-            (path / "trainer_state.json").write_text(json.dumps({"step": self.step}))
+            write_json(path / TRAINER_STATE_FILE, {"step": self.step})
         self.acc.wait_for_everyone()
 
     def load_checkpoint(self, path: Path) -> None:
+        check_checkpoint(path)  # a truncated file is named, not a bare SafetensorError
         self.acc.load_state(str(path))
-        self.step = json.loads((path / "trainer_state.json").read_text())["step"]
+        self.step = json.loads((path / TRAINER_STATE_FILE).read_text())["step"]
         log.info("resumed from %s at step %d", path, self.step)
 
     def save_backbone(self) -> None:
@@ -157,35 +164,50 @@ class Trainer:
             out.update({f"{name}_top1": result["top1"], f"{name}_top5": result["top5"]})
         return out
 
-    def fit(self, pairs: PairSource | None, port: TrainerPort | None, pool: ProducerPool | None = None) -> None:
+    def prepare(self, step: int, pairs: PairSource | None, port: TrainerPort | None,
+                copy_stream: torch.cuda.Stream | None) -> Prepared:
+        """Step ``step``'s input: its pairs (the ring slots go back once gathered), views, and the copy to
+        the device. Runs on the input pipeline's thread, ahead of the training loop."""
+        tc, spe = self.cfg.train, self.schedule.steps_per_epoch
+        epoch = step // spe
+        positions = self.schedule.rank_positions(step, self.acc.process_index, tc.batch_size)
+        ids = self.schedule.ids_at(positions)
+        with self.batch_pairs(ids, positions, epoch, pairs) as batch:
+            if port is not None:  # every position up to this batch's end has been asked for
+                port.publish_position((step + 1) * self.schedule.global_batch)
+        with torch.cuda.stream(copy_stream) if copy_stream is not None else nullcontext():
+            views = self.compose_views(batch.images, epoch)  # a batched backend works on the device, off the step
+        views, copied = to_device(views, self.acc.device, copy_stream)
+        return Prepared(step, views, batch.stats, copied)
+
+    def fit(self, pairs: PairSource | None, port: TrainerPort | None, pool: ProducerPool | None = None,
+            stop: threading.Event | None = None) -> None:
+        """Train to ``train.epochs``; ``stop`` is the event the pair lookup's waits check (see prefetch.py)."""
         tc = self.cfg.train
         acc = self.acc
-        rank, spe, global_batch = acc.process_index, self.schedule.steps_per_epoch, self.schedule.global_batch
-        metrics = RunMetrics(self.run_dir / "metrics.jsonl" if acc.is_main_process else None, port,
-                             (lambda: pool.restarts) if pool else (lambda: 0))
+        spe, global_batch = self.schedule.steps_per_epoch, self.schedule.global_batch
+        metrics = RunMetrics(self.run_dir / "metrics.jsonl" if acc.is_main_process else None, port, pool)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process,
                    desc="train", unit="step", dynamic_ncols=True)
         if port is not None:
             port.publish_position(self.step * global_batch)
+        copy_stream = torch.cuda.Stream(acc.device) if acc.device.type == "cuda" else None
+        pipeline = Prefetcher(lambda step: self.prepare(step, pairs, port, copy_stream), self.step, self.total_steps,
+                              tc.prefetch, stop or threading.Event())
         try:
             while self.step < self.total_steps:
                 epoch = self.step // spe
-                if pairs is not None:
-                    pairs.health_check()
-                positions = self.schedule.rank_positions(self.step, rank, tc.batch_size)
-                ids = self.schedule.ids_at(positions)
+                if pool is not None:
+                    pool.check()
                 t0 = time.monotonic()
-                with self.batch_pairs(ids, positions, epoch, pairs) as batch:
-                    if port is not None:  # every position up to this batch's end has been asked for
-                        port.publish_position((self.step + 1) * global_batch)
-                views = self.augment(batch)  # from the batch's own copy: its ring slots are back already
-                loss = self.train_step(views)
+                batch, data_wait_s = pipeline.next()
+                loss = self.train_step(batch.views)
                 self.step += 1
                 step_s = time.monotonic() - t0
                 if port is not None:
                     port.publish_speed(global_batch, step_s)
                 last = self.step == self.total_steps
-                metrics.record(self.step, epoch, batch.stats, self.step % tc.log_every == 0 or last,
+                metrics.record(self.step, epoch, batch.stats, data_wait_s, self.step % tc.log_every == 0 or last,
                                loss=loss, lr=self.optimizer.param_groups[0]["lr"], step_s=step_s, **self.last_logs)
                 if self.step % spe == 0 or last:
                     metrics.end_epoch(epoch, **self.online_probes(epoch))
@@ -194,6 +216,7 @@ class Trainer:
                 if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
                     self.save_checkpoint()
         finally:
+            pipeline.close()
             bar.close()
             metrics.close()
         t = metrics.totals
@@ -209,13 +232,16 @@ def resolve_config(args, overrides: dict[str, str]) -> Config:
     if args.resume is not None:
         saved = args.resume / "config.yaml"
         if not saved.is_file():
-            raise ConfigError(f"--resume {args.resume}: no config.yaml there, not an onlinemix run directory")
+            raise ConfigError(f"--resume {args.resume}: no config.yaml there: not an onlinemix run directory, or a "
+                              "run that stopped before training started (start it again without --resume)")
         return load_config(saved, overrides)
     return load_config(args.config, overrides)
 
 
 def make_run_dir(cfg: Config, accelerator: Accelerator, resume: Path | None) -> Path:
-    """Rank 0 names the run directory; every rank gets the same path."""
+    """Rank 0 names the run directory; every rank gets the same path. A directory is taken once a run
+    has started training there (its config.yaml is written then, :func:`run`): a run that failed at
+    start-up leaves only logs, and the corrected run may use the same name."""
     if resume is not None:
         return resume
     name = [cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.train.method}-{cfg.train.pairing}"]
@@ -223,7 +249,8 @@ def make_run_dir(cfg: Config, accelerator: Accelerator, resume: Path | None) -> 
     run_dir = Path(cfg.output_dir) / name[0]
     if accelerator.is_main_process:
         if (run_dir / "config.yaml").exists():
-            raise FileExistsError(f"run directory {run_dir} already holds a run; pick another run_name or --resume it")
+            raise FileExistsError(f"run directory {run_dir} already holds a run that started training; pick another "
+                                  "run_name, or --resume it")
         run_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     return run_dir
@@ -247,10 +274,6 @@ def setup_logging(accelerator: Accelerator, run_dir: Path) -> None:
 def local_world_size(accelerator: Accelerator) -> int:
     """Trainer processes on this node (torchrun and accelerate launch export LOCAL_WORLD_SIZE)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-
-
-def _raise_keyboard_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def start_generation(cfg: Config, accelerator: Accelerator, run_dir: Path, global_batch: int, resolution: int,
@@ -278,6 +301,15 @@ def start_generation(cfg: Config, accelerator: Accelerator, run_dir: Path, globa
     return TrainerPort(ring, leader=accelerator.is_local_main_process), pool
 
 
+def waiting_check(stop: threading.Event, pool: ProducerPool | None) -> None:
+    """What a trainer checks while it waits for missing pairs: the input pipeline closing and, on the
+    main thread only, dead producers (restarted there: a process started from the pipeline's thread
+    would be killed with that thread, as producers die with their parent, PR_SET_PDEATHSIG)."""
+    check_running(stop)
+    if pool is not None and threading.current_thread() is threading.main_thread():
+        pool.check()
+
+
 def wait_for_producers(port: TrainerPort, pool: ProducerPool | None, n: int) -> None:
     """Block until every producer has loaded its generator, so the first batches are not all fallbacks."""
     log.info("waiting for %d producer(s) to load the generator", n)
@@ -300,17 +332,18 @@ def open_online_cache(cfg: Config, port: TrainerPort, resolution: int, device: t
 
 def open_offline_cache(cfg: Config, train_ids: np.ndarray, resolution: int, device: torch.device) -> CacheReader:
     """The cache an offline run trains from (pairs at the stored size ``resolution``); refuses to start
-    below ``cache.min_coverage``."""
+    below ``cache.min_coverage`` of images with a variation that reads back intact (``CacheReader.coverage``)."""
     root = cfg.cache_root()
     key = select_key(root, cfg.data.dataset, resolution, cfg.generator.guidance, cfg.cache.fingerprint)
     reader = CacheReader(root, key, resolution, cfg.cache.verify_reads, device)
     covered = reader.coverage(train_ids)
     missing = int((~covered).sum())
     if covered.mean() < cfg.cache.min_coverage:
-        raise CacheError(f"offline: {missing} of {len(train_ids)} training images have no cached variation in "
-                         f"{root / key} (coverage {100 * covered.mean():.1f}% < cache.min_coverage "
-                         f"{100 * cfg.cache.min_coverage:.1f}%); warm the cache first with "
-                         f"`python -m onlinemix.cache warm`, or lower cache.min_coverage")
+        raise CacheError(f"offline: {missing} of {len(train_ids)} training images have no intact cached variation "
+                         f"in {root / key} (coverage {100 * covered.mean():.1f}% < cache.min_coverage "
+                         f"{100 * cfg.cache.min_coverage:.1f}%); warm the cache first with `python -m "
+                         "onlinemix.cache warm` (after `cache verify` when shards were reported corrupt above, so "
+                         "that warm regenerates their pairs), or lower cache.min_coverage")
     log.info("offline: training from %s: %d pairs, %d of %d training images covered (%d will get a real "
              "second view)", root / key, len(reader), len(train_ids) - missing, len(train_ids), missing)
     return reader
@@ -323,44 +356,52 @@ def run(argv: list[str] | None = None) -> dict | None:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     synthetic = needs_synthetic_views(cfg)
     online = synthetic and not cfg.offline  # producers and a ring
+    problem = unwritable_reason(Path(cfg.output_dir))
+    if problem:  # before the cache check: the cache directory defaults to <output_dir>/cache
+        raise ConfigError(f"output_dir {cfg.output_dir} cannot hold run directories ({problem}); set --output-dir "
+                          "to a writable directory")
     if online:
         cfg.check_ring_capacity(local_world_size(accelerator))
         if cfg.cache.enabled:
             check_writable(cfg.cache_root())
     run_dir = make_run_dir(cfg, accelerator, args.resume)
     setup_logging(accelerator, run_dir)
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    stop_on_sigterm()
     if accelerator.device.type == "cpu":
         producers_here = cfg.gen_gpus if online and not torch.cuda.is_available() else 0
         torch.set_num_threads(cfg.train.cpu_threads or max(1, ((os.cpu_count() or 1) - producers_here)
                                                             // accelerator.num_processes))
     if accelerator.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")
         log.info("run directory %s", run_dir)
     with accelerator.local_main_process_first():  # one process per node prepares a store the others then map
         real = load_real_images(cfg.data, cfg.store_root())
+    cfg.check_dataset_size(len(select_train_ids(real, cfg.data)), accelerator.num_processes)
     trainer = Trainer(cfg, accelerator, run_dir, real)
     if args.resume is not None:
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
             raise FileNotFoundError(f"--resume {run_dir}: no checkpoint under {run_dir / CHECKPOINT_DIR}")
         trainer.load_checkpoint(checkpoint)
+    stop = threading.Event()  # closes the input pipeline; the pair lookup's waits check it
     with ExitStack() as stack:
         pairs, port, pool = None, None, None
         if cfg.offline and synthetic and trainer.step < trainer.total_steps:
             cache = open_offline_cache(cfg, trainer.schedule.train_ids, real.size, accelerator.device)
-            pairs = PairSource(None, cfg.staleness, real.images, cfg.ring.verify_checksums, lambda: None, cache)
+            pairs = PairSource(None, cfg.staleness, real.images, cfg.ring.verify_checksums,
+                               lambda: check_running(stop), cache)
         elif online and trainer.step < trainer.total_steps:
             port, pool = start_generation(cfg, accelerator, run_dir, trainer.schedule.global_batch, real.size, stack)
             wait_for_producers(port, pool, cfg.gen_gpus)
-            health = pool.check if pool is not None else (lambda: None)
             cache = open_online_cache(cfg, port, real.size, accelerator.device) if cfg.cache.enabled else None
-            pairs = PairSource(port, cfg.staleness, real.images, cfg.ring.verify_checksums, health, cache)
-        trainer.fit(pairs, port, pool)
+            pairs = PairSource(port, cfg.staleness, real.images, cfg.ring.verify_checksums,
+                               lambda: waiting_check(stop, pool), cache)
+        if accelerator.is_main_process:  # training starts: the run directory is taken (make_run_dir)
+            save_config(cfg, run_dir / "config.yaml")
+        trainer.fit(pairs, port, pool, stop)
     if not (cfg.probe.enabled and accelerator.is_main_process):
         return None
     results = compare_with_random_init(accelerator.unwrap_model(trainer.model).backbone, cfg, accelerator.device, real)
-    (run_dir / "probe.json").write_text(json.dumps(results, indent=2))
+    write_json(run_dir / "probe.json", results)
     print(format_probe(results), flush=True)
     if synthetic and cfg.generator.model == "stub":
         print("note: the stub diffuser has random weights, so its 'variations' carry no information about the\n"
@@ -374,10 +415,11 @@ def main(argv: list[str] | None = None) -> None:
         run(argv)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    except (WorkerDied, RingError, CacheError, DataError, FileExistsError, FileNotFoundError) as e:
+    except (WorkerDied, RingError, CacheError, DataError, CheckpointError, FileExistsError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted; producers stopped and shared memory released")
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({stopped_by(e).name}); producers stopped and shared memory released", file=sys.stderr)
+        sys.exit(128 + stopped_by(e))
 
 
 if __name__ == "__main__":

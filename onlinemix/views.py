@@ -36,14 +36,18 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar, NamedTuple
 
 import torch
 
-from .augment import MixDiffDinoCrops, MultiCrop, augment_second_views, multicrop_sizes, view_recipe
-from .config import Config, TrainConfig
+from .augment import build_transform, multicrop_sizes
+from .batch_augment import augment_views
+from .config import Config, ConfigError, TrainConfig
 from .pairs import PairImages
 from .registry import PAIRINGS
+from .view_params import sample_view_params
+from .view_specs import ViewSpec, mixdiff_dino_specs, multicrop_specs, pair_specs
 
 # ----------------------------------------------------------------------------- pairings
 
@@ -202,42 +206,126 @@ class Augmentation:
         return self.recipe != "no_augmentation"
 
 
+# ----------------------------------------------------------------------------- backends
+
+
+class PerImageViews:
+    """torchvision.transforms.v2, one call per image on the CPU: the ground truth the batched
+    backends are tested against (their parameters are drawn from the same distributions)."""
+
+    name = "torchvision"
+
+    def __init__(self) -> None:
+        self._transforms: dict[ViewSpec, object] = {}
+
+    def __call__(self, images: torch.Tensor, synthetic: torch.Tensor, real: ViewSpec, other: ViewSpec) -> torch.Tensor:
+        pick = [self._transform(other if syn else real) for syn in synthetic.tolist()]
+        return torch.stack([transform(image) for transform, image in zip(pick, images.cpu(), strict=True)])
+
+    def _transform(self, spec: ViewSpec):
+        if spec not in self._transforms:
+            self._transforms[spec] = build_transform(spec.recipe, spec.size)
+        return self._transforms[spec]
+
+
+class BatchedViews:
+    """A whole batch per call: per-sample parameters drawn as torchvision draws them
+    (``view_params``), pixels made by the plain-torch backend or the fused Triton kernels on
+    the device, from its own seeded generator."""
+
+    def __init__(self, name: str, device: torch.device, seed: int) -> None:
+        self.name = name
+        self.device = device
+        self.generator = torch.Generator().manual_seed(seed)
+        if name == "triton":
+            from onlinemix_kernels.augment import augment_views_triton  # imports triton: only when chosen
+
+            self.run = partial(augment_views_triton, dtype=torch.float32)
+        else:
+            self.run = augment_views
+
+    def __call__(self, images: torch.Tensor, synthetic: torch.Tensor, real: ViewSpec, other: ViewSpec) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        out = torch.empty(len(images), 3, real.size, real.size, device=self.device)
+        for spec, rows in ((real, ~synthetic), (other, synthetic)) if real != other else ((real, None),):
+            index = None if rows is None else rows.nonzero().flatten()
+            n = len(images) if index is None else len(index)
+            if n == 0:
+                continue
+            params = sample_view_params(spec.recipe, n, images.shape[2], images.shape[3], spec.size, self.generator)
+            if index is None:
+                out = self.run(images, params)
+            else:
+                out[index.to(self.device)] = self.run(images.index_select(0, index.to(self.device)), params)
+        return out
+
+
+ViewBackend = PerImageViews | BatchedViews
+
+
+def choose_backend(requested: str, device: torch.device) -> tuple[str, str]:
+    """(backend, why): ``auto`` = the Triton kernels on CUDA when they load, the torch backend elsewhere."""
+    if requested == "triton" and device.type != "cuda":
+        raise ConfigError(f"train.augment_backend=triton needs a CUDA device; this run trains on {device.type} "
+                          "(use torch)")
+    if requested != "auto":
+        return requested, "requested"
+    if device.type != "cuda":
+        return "torch", f"auto: training on {device.type}, where the Triton kernels do not run"
+    try:
+        import onlinemix_kernels.augment  # noqa: F401
+    except Exception as e:  # ImportError, or a Triton that cannot compile here
+        return "torch", f"auto: the Triton kernels do not load ({e.__class__.__name__}: {e})"
+    return "triton", "auto: training on CUDA"
+
+
+def make_backend(name: str, device: torch.device, seed: int) -> ViewBackend:
+    """The view backend ``name`` (after ``choose_backend``); batched ones make views on ``device``."""
+    return PerImageViews() if name == "torchvision" else BatchedViews(name, device, seed)
+
+
 class ViewComposer:
     """Batch in, views out: the float views a method's plan asks for, under the pairing in force.
 
-    ``seed`` seeds the composer's coin (the 'mixing' choices): give each trainer rank its own.
-    ``labels`` (int64, indexed by image id) are needed by :class:`ClassifierViews` only.
+    ``seed`` seeds the composer's coin (the 'mixing' choices) and a batched backend's parameters:
+    give each trainer rank its own. ``labels`` (int64, indexed by image id) are needed by
+    :class:`ClassifierViews` only. ``backend`` makes the pixels (default: torchvision per image).
     """
 
     def __init__(self, plan: ViewPlan, pairing: Pairing, augmentation: Augmentation, resolution: int, seed: int,
-                 labels: torch.Tensor | None = None) -> None:
+                 labels: torch.Tensor | None = None, backend: ViewBackend | None = None) -> None:
         if isinstance(plan, ClassifierViews) and labels is None:
             raise ValueError("classifier views need the real images' labels")
         self.plan = plan
         self.pairing = pairing
         self.labels = labels
         self.coin = torch.Generator().manual_seed(seed)
-        self.branches = tuple(view_recipe(augmentation.recipe, resolution, branch, augmentation.min_crop_scale)
-                              for branch in ("real", "synthetic"))
+        self.backend = backend or PerImageViews()
+        self.branches = pair_specs(augmentation.recipe, resolution, augmentation.min_crop_scale)
         if isinstance(plan, MultiCrops):
             global_size, local_size = multicrop_sizes(resolution)
-            global_scale, local_scale = (plan.global_crop_min, 1.0), (LOCAL_CROP_MIN, plan.global_crop_min)
-            self.mixdiff_crops = MixDiffDinoCrops(global_size, local_size, *MIXDIFF_LOCAL_CROPS, global_scale,
-                                                  local_scale, augmentation.photometric)
-            self.multicrop = MultiCrop(global_size, local_size, N_GLOBAL_CROPS, plan.local_crops, global_scale,
-                                       local_scale, augmentation.photometric)
+            scales = dict(global_scale=(plan.global_crop_min, 1.0), local_scale=(LOCAL_CROP_MIN, plan.global_crop_min),
+                          photometric=augmentation.photometric)
+            self.mixdiff_crops = mixdiff_dino_specs(global_size, local_size, *MIXDIFF_LOCAL_CROPS, **scales)
+            self.multicrop = multicrop_specs(global_size, local_size, N_GLOBAL_CROPS, plan.local_crops, **scales)
 
     def augment(self, images: torch.Tensor, synthetic: torch.Tensor) -> torch.Tensor:
         """One view of each image, with its source's recipe."""
-        return augment_second_views(images, synthetic, *self.branches)
+        return self.backend(images, synthetic, *self.branches)
+
+    def crops(self, specs: tuple[ViewSpec, ...], sources: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """One batch per crop spec, each from the images of its source ('real' = view a's, 'synthetic' = b's)."""
+        images = sources["real"]
+        every = torch.zeros(len(images), dtype=torch.bool)
+        return [self.backend(sources[spec.source], every, spec, spec) for spec in specs]
 
     def __call__(self, batch: PairImages, epoch: int) -> Views:
         pairing = self.pairing.at(epoch)
         s = pairing.sources(batch, self.coin)
         match self.plan:
             case MultiCrops():
-                crops = self.mixdiff_crops(s.a, s.b).views if pairing.two_sources else self.multicrop(s.a)
-                return Views(crops, N_GLOBAL_CROPS)
+                specs = self.mixdiff_crops if pairing.two_sources else self.multicrop
+                return Views(self.crops(specs, {"real": s.a, "synthetic": s.b}), N_GLOBAL_CROPS)
             case ClassifierViews():
                 images = [self.augment(s.a, s.a_synthetic)]
                 if pairing.two_sources:

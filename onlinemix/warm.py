@@ -46,7 +46,7 @@ class WarmResult:
     skipped: int
     seconds: float          # in all, including process start and generator loading
     generate_seconds: float  # from handing out the work to the end
-    interrupted: bool
+    interrupted: KeyboardInterrupt | None  # what stopped it (Ctrl-C, SIGTERM); None when it ran to the end
 
 
 def default_workers() -> int:
@@ -125,9 +125,6 @@ class WarmJob:
             [CacheSink(writer, required=True), ProgressSink(self.events, spec.index)]
         self.events.put(("finished", spec.index, writer.committed))
 
-    def report_failure(self, spec: WorkerSpec, error: BaseException) -> None:
-        self.events.put(("failed", spec.index, f"{error.__class__.__name__}: {error}"))
-
 
 # ----------------------------------------------------------------------------- parent
 
@@ -147,14 +144,14 @@ class _Workers:
         return len(self.tasks)
 
     def next_event(self) -> tuple | None:
-        """The next worker message; raises when a worker died without saying why."""
+        """The next worker message, or None; raises, with the worker's own error message, when one died."""
+        try:
+            self.pool.check()
+        except WorkerDied as e:
+            raise CacheError(str(e)) from None
         try:
             return self.events.get(timeout=POLL_S)
         except queue.Empty:
-            try:
-                self.pool.check()
-            except WorkerDied as e:
-                raise CacheError(str(e)) from None
             return None
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
@@ -180,11 +177,8 @@ def _gather_ready(workers: _Workers) -> dict:
     descs: dict[int, dict] = {}
     while len(descs) < workers.count:
         event = workers.next_event()
-        if event is None:
-            continue
-        if event[0] == "failed":
-            raise CacheError(f"warm worker {event[1]} failed to start: {event[2]}")
-        descs[event[1]] = event[2]
+        if event is not None:
+            descs[event[1]] = event[2]
     fingerprints = {d["fingerprint"] for d in descs.values()}
     if len(fingerprints) > 1:
         raise CacheError(f"the workers' generators differ ({sorted(fingerprints)}): use identical devices")
@@ -199,7 +193,7 @@ def warm(cfg: Config, variations: int, workers: int) -> WarmResult:
     train_ids = select_train_ids(real, cfg.data).numpy()  # the images runs train on
     started = time.perf_counter()
     pool = _Workers(cfg, workers)
-    key, generated, skipped, interrupted = "(not known yet)", 0, 0, False
+    key, generated, skipped, interrupted = "(not known yet)", 0, 0, None
     generate_started = None
     try:
         desc = _gather_ready(pool)
@@ -223,10 +217,8 @@ def warm(cfg: Config, variations: int, workers: int) -> WarmResult:
                     bar.update(event[2])
                 elif event[0] == "finished":
                     finished += 1
-                elif event[0] == "failed":
-                    raise CacheError(f"warm worker {event[1]} failed: {event[2]}")
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as e:
+        interrupted = e
     finally:
         pool.shutdown()
         generated += pool.drain_done()

@@ -8,11 +8,14 @@ a *job* says where the work comes from and where the pairs go:
   pairs go to the ring, then to the disk cache;
 - warm (:mod:`onlinemix.warm`): rows handed out by the warm command; pairs go to the cache.
 
-A worker ignores Ctrl-C (it reaches the whole process group; the parent decides when workers
-stop) and dies with its parent, even a SIGKILLed one (Linux ``PR_SET_PDEATHSIG``; the parent
-pid is also checked between batches), so an orphan never keeps writing behind a new run, and it
-commits nothing: what it held is generated again by whoever resumes. :class:`WorkerPool` starts
-workers with ``spawn``, says how dead ones died, restarts them within a budget and stops them.
+A worker ignores Ctrl-C from its first instruction (it reaches the whole process group; the
+parent decides when workers stop) and dies with its parent, even a SIGKILLed one (Linux
+``PR_SET_PDEATHSIG``; the parent pid is also checked between batches), so an orphan never keeps
+writing behind a new run, and it commits nothing: what it held is generated again by whoever
+resumes. :class:`WorkerPool` starts workers with ``spawn``, says how dead ones died (with the
+worker's own error message, sent through a pipe), restarts them within a budget and stops them.
+A worker that fails before it is ready (a generator that cannot load: a missing directory, no
+network, xformers asked for and absent) would fail the same way again, so it is not restarted.
 """
 
 from __future__ import annotations
@@ -22,15 +25,19 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .cache import CacheError, ShardWriter
 from .config import Config
@@ -42,6 +49,7 @@ log = logging.getLogger(__name__)
 
 IDLE_SLEEP_S = 0.005
 PR_SET_PDEATHSIG = 1
+MAX_MESSAGE = 1000  # characters of a worker's error message: under PIPE_BUF bytes, one atomic pipe write
 
 
 class WorkerDied(RuntimeError):
@@ -128,9 +136,6 @@ class Job(Protocol):
                 real: RealImages) -> AbstractContextManager[tuple[WorkSource, list[Sink]]]:
         """Set up (report readiness, open the sinks), yield the work source and sinks, tear down."""
 
-    def report_failure(self, spec: WorkerSpec, error: BaseException) -> None:
-        """Tell the parent why this worker is about to die, where the exit code would not."""
-
 
 @dataclass
 class WorkerSpec:
@@ -182,21 +187,33 @@ def _setup_logging(spec: WorkerSpec) -> None:
     root.setLevel(logging.INFO)
 
 
-def worker_main(spec: WorkerSpec) -> None:
-    """Entry point of a worker process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def error_message(error: BaseException) -> str:
+    """An exception's own message on one line (diffusers and the hub write several), or its class name."""
+    return " ".join(str(error).split())[:MAX_MESSAGE] or error.__class__.__name__
+
+
+def worker_main(spec: WorkerSpec, failures: Connection) -> None:
+    """Entry point of a worker process (started with SIGINT ignored: :meth:`WorkerPool._start`). An
+    error is logged with its traceback (the worker's log, or stderr) and sent to the pool as
+    (ready, message); the process then exits with status 1, without a second traceback."""
     _die_with_parent()
     _setup_logging(spec)
+    # tqdm's default lock is a multiprocessing semaphore, for bars shared between processes, which
+    # workers never draw (diffusers creates a disabled bar per call); a worker killed by SIGKILL would
+    # leave it registered with the resource tracker, which then warns of a leaked semaphore at exit.
+    tqdm.set_lock(threading.RLock())
     cfg = spec.cfg
     if spec.device == "cpu":
         torch.set_num_threads(cfg.generator.cpu_threads)
     alive = lambda: os.getppid() == spec.parent_pid  # noqa: E731
+    ready = False
     try:
         real = load_real_images(cfg.data, cfg.store_root())
         generator = make_generator(cfg.generator, spec.device, real.size)
         log.info("pid %d started on %s; fingerprint %s; attention %s", os.getpid(), spec.device,
                  generator.fingerprint, generator.attention)
         with spec.job.session(spec, generator, real) as (source, sinks):
+            ready = True
             try:
                 generate_loop(generator, real.images, source, sinks, alive)
             finally:
@@ -205,8 +222,8 @@ def worker_main(spec: WorkerSpec) -> None:
                         sink.close()
     except Exception as e:
         log.exception("%s failed", spec.name)
-        spec.job.report_failure(spec, e)
-        raise
+        failures.send((ready, error_message(e)))
+        sys.exit(1)
 
 
 class WorkerPool:
@@ -217,40 +234,67 @@ class WorkerPool:
         self.max_restarts = max_restarts
         self.restarts = 0
         self._ctx = mp.get_context("spawn")
-        self.procs = [self._process(spec) for spec in specs]
+        # One pipe per worker (kept across its restarts): the worker writes why it failed.
+        self._failures = [self._ctx.Pipe(duplex=False) for _ in specs]
+        self.procs = [self._process(i) for i in range(len(specs))]
 
-    def _process(self, spec: WorkerSpec) -> mp.process.BaseProcess:
-        return self._ctx.Process(target=worker_main, args=(spec,), daemon=True,
+    def _process(self, i: int) -> mp.process.BaseProcess:
+        spec = self.specs[i]
+        return self._ctx.Process(target=worker_main, args=(spec, self._failures[i][1]), daemon=True,
                                  name=f"onlinemix-{spec.job.kind.replace(' ', '-')}-{spec.index}")
+
+    @staticmethod
+    def _start(p: mp.process.BaseProcess) -> None:
+        """Start a worker with SIGINT ignored, which it inherits from its first instruction: a Ctrl-C
+        while it still imports would otherwise end it with a KeyboardInterrupt traceback."""
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            p.start()
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def start(self) -> None:
         for p in self.procs:
-            p.start()
+            self._start(p)
 
     @staticmethod
     def exit_cause(p: mp.process.BaseProcess) -> str:
         return f"killed by signal {signal.Signals(-p.exitcode).name}" if p.exitcode < 0 else f"exit code {p.exitcode}"
 
-    def _death_notice(self, i: int) -> str:
-        spec, p = self.specs[i], self.procs[i]
-        log_hint = f"; see its log {Path(spec.log_path).name}" if spec.log_path else ""
-        return f"{spec.name} (pid {p.pid}) died: {self.exit_cause(p)}{log_hint}"
+    def _failure(self, i: int) -> tuple[bool, str] | None:
+        """(was it ready, its error message) sent by worker i before it died, if it sent one."""
+        reader, failure = self._failures[i][0], None
+        while reader.poll():  # the latest; a restarted worker's earlier failure was reported already
+            failure = reader.recv()
+        return failure
 
     def check(self) -> None:
         """Restart workers that died (exited other than cleanly) while the restart budget lasts;
-        then raise :class:`WorkerDied`, naming the worker and how it died."""
+        then raise :class:`WorkerDied`, naming the worker, how it died and its own error message.
+        A worker that failed before it was ready is not restarted: it would fail the same way."""
         for i, p in enumerate(self.procs):
             if p.exitcode in (None, 0):
                 continue
-            message = self._death_notice(i)
-            if self.restarts >= self.max_restarts:
-                budget = f" (restart budget producer.max_restarts={self.max_restarts} spent)" if self.max_restarts else ""
-                raise WorkerDied(message + budget)
-            self.restarts += 1
-            self.procs[i] = self._process(self.specs[i])
-            self.procs[i].start()
-            log.warning("%s; restarted it as pid %d (restart %d of %d)", message, self.procs[i].pid,
-                        self.restarts, self.max_restarts)
+            spec, failure = self.specs[i], self._failure(i)
+            log_hint = f"; see its log {Path(spec.log_path).name}" if spec.log_path else ""
+            if failure is not None and not failure[0]:
+                where = f"traceback in {Path(spec.log_path).name}" if spec.log_path else "traceback above"
+                raise WorkerDied(f"{spec.name} (pid {p.pid}) failed before it was ready, so it is not restarted "
+                                 f"({where}): {failure[1]}")
+            self._restart(i, f"{spec.name} (pid {p.pid}) died: {self.exit_cause(p)}{log_hint}" + (
+                f"; {failure[1]}" if failure is not None else ""))
+
+    def _restart(self, i: int, message: str) -> None:
+        """Start worker i again, within the restart budget; once it is spent, raise :class:`WorkerDied`
+        with ``message`` (what happened to the worker)."""
+        if self.restarts >= self.max_restarts:
+            budget = f" (restart budget producer.max_restarts={self.max_restarts} spent)" if self.max_restarts else ""
+            raise WorkerDied(message + budget)
+        self.restarts += 1
+        self.procs[i] = self._process(i)
+        self._start(self.procs[i])
+        log.warning("%s; restarted it as pid %d (restart %d of %d)", message, self.procs[i].pid,
+                    self.restarts, self.max_restarts)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Wait for workers to finish (the caller has told them to), then terminate and kill the rest."""

@@ -22,13 +22,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from onlinemix.cache import __main__ as cache_main
 from onlinemix.cache.__main__ import main
+from onlinemix.cli import Terminated
 from onlinemix.cache.store import INDEX, QUARANTINE, SHARDS, CacheReader, cache_keys
 from onlinemix.cache.transfer import decode_png, encode_png
 from onlinemix.config import load_config
 from onlinemix.data import RealImages, load_real_images, select_train_ids
 from onlinemix.generate import make_generator
 from onlinemix.schedule import variation_seed
+from onlinemix.warm import WarmResult
 
 REPO = Path(__file__).resolve().parent.parent
 N_IMAGES, N_TRAIN = 80, 64  # data.holdout_fraction 0.2
@@ -200,6 +203,18 @@ def test_verify_quarantines_a_corrupt_shard_and_keeps_the_rest_readable(warmed: 
     assert not orphan.exists() and (cache / QUARANTINE / key / SHARDS / orphan.name).is_file()
 
 
+def test_verify_of_something_that_is_not_a_cache_fails(dataset: Path, tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for root, problem in ((tmp_path / "typo", "does not exist"), (blocker, "is a file, not a directory"),
+                          (dataset, "is not an onlinemix cache: none of its entries is a cache key")):
+        message = run_main("verify", "--cache.dir", str(root))
+        assert isinstance(message, str) and f"{root}" in message and problem in message, message
+    assert "every committed shard is good" not in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()  # an empty cache (nothing written yet) is a cache
+    assert run_main("verify", "--cache.dir", str(tmp_path / "empty")) == 0
+
+
 def same_variations(src: CacheReader, dst: CacheReader) -> None:
     """Both caches hold the same variations (real id, seed, epoch) with the same stored bytes."""
     assert len(src) == len(dst)
@@ -286,6 +301,36 @@ def test_commands_on_a_cache_in_the_old_layout_name_migrate(warmed: Path, tmp_pa
     assert run_main("verify", "--cache.dir", str(cache)) == 0
 
 
+def test_import_of_a_tar_cut_short_or_not_a_tar_names_it_and_reports_what_was_committed(warmed: Path,
+                                                                                       tmp_path: Path) -> None:
+    tars, fresh = tmp_path / "tars", tmp_path / "fresh"
+    assert run_main("export", "--out", str(tars), "--cache.dir", str(warmed), "--samples-per-tar", "1000") == 0
+    (tar,) = tars.glob("*.tar")
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(tar.read_bytes()[:tar.stat().st_size // 2])
+    message = run_main("import", str(cut), "--cache.dir", str(fresh), "--cache.shard-pairs", "16")
+    committed = len(CacheReader(fresh, only_key(fresh), 32))
+    assert isinstance(message, str) and f"{cut} is cut short after {committed} pairs" in message, message
+    assert f"imported {committed} pairs (committed; skipped 0 already cached)" in message and committed > 0
+    not_a_tar = tmp_path / "notes.tar"
+    not_a_tar.write_text("hello")
+    message = run_main("import", str(not_a_tar), "--cache.dir", str(fresh))
+    assert f"{not_a_tar} is not a tar archive, or is empty" in message and "imported 0 pairs" in message
+
+
+def test_export_refused_for_a_corrupt_shard_leaves_nothing_behind(warmed: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(warmed, cache)
+    shard = sorted((cache / only_key(cache) / SHARDS).glob("*.npy"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    out = tmp_path / "tars"
+    message = run_main("export", "--out", str(out), "--cache.dir", str(cache), "--samples-per-tar", "50")
+    assert isinstance(message, str) and f"shard {shard} is corrupt" in message
+    assert not out.exists()  # no tar, empty or partial, and not the directory the export made
+
+
 def test_info_reports_counts_histogram_and_leftovers(warmed: Path, dataset: Path, tmp_path: Path, capsys) -> None:
     cache = tmp_path / "cache"
     shutil.copytree(warmed, cache)
@@ -327,6 +372,20 @@ def test_warm_into_an_unwritable_cache_fails_at_start(dataset: Path, tmp_path: P
         locked.mkdir(mode=0o500)
         assert "not writable" in str(run_main("warm", *flags(dataset, locked / "cache")))
 
+
+
+def test_warm_with_a_generator_that_cannot_load_ends_with_its_message(dataset: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    message = run_main("warm", *flags(dataset, tmp_path / "cache", "--generator.model", str(missing)))
+    assert isinstance(message, str) and "warm worker 0 (pid " in message
+    assert "failed before it was ready, so it is not restarted (traceback above): " in message
+    assert message.endswith(f'"{missing}" is neither a valid local path nor a valid repo id. Please check the parameter.')
+
+
+@pytest.mark.parametrize("stop,status", [(KeyboardInterrupt, 130), (Terminated, 143)])
+def test_an_interrupted_warm_exits_with_128_plus_the_signal(stop: type, status: int, monkeypatch) -> None:
+    monkeypatch.setattr(cache_main, "warm", lambda cfg, variations, workers: WarmResult("k", 3, 0, 1.0, 1.0, stop()))
+    assert run_main("warm") == status
 
 
 def test_warm_generates_only_the_real_fraction_a_run_trains_on(dataset: Path, tmp_path: Path) -> None:

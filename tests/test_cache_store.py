@@ -208,3 +208,20 @@ def test_offline_key_selection_by_dataset_resolution_and_guidance(tmp_path: Path
         select_key(tmp_path, "digits", R, 3.0)
     assert select_key(tmp_path, "digits", R, 3.0, fingerprint="ddd") == cache_key("d" * 16, "digits")
     assert json.loads((tmp_path / KEY / "generator.json").read_text())["resolution"] == R
+
+
+def test_coverage_counts_only_variations_that_read_back_intact(tmp_path: Path, caplog) -> None:
+    """Images whose only variations lie in a corrupt shard are not covered (offline start-up must not
+    count them: the shard would serve nothing), and the corrupt shard is never served afterwards."""
+    w = writer(tmp_path, shard_pairs=4)
+    write(w, range(4))          # shard 0: images 0-3, corrupted below
+    write(w, [2, 3, 4, 5])      # shard 1: a second variation of 2 and 3, intact
+    w.close()
+    first = sorted((tmp_path / KEY / SHARDS).glob("*.npy"))[0]
+    data = bytearray(first.read_bytes())
+    data[-5] ^= 0xFF  # inside the last image (image 3) of shard 0
+    first.write_bytes(bytes(data))
+    r = CacheReader(tmp_path, KEY, R, verify=False)  # coverage checks CRCs even when reads do not
+    assert r.coverage(range(7)).tolist() == [False, False, True, True, True, True, False]
+    assert "fails its checksum" in caplog.text
+    assert take(r, 0) is None and take(r, 3).variation.shard != first.name

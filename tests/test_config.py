@@ -14,6 +14,7 @@ import yaml
 from onlinemix.cli import build_parser, parse_args
 from onlinemix.config import Config, ConfigError, leaves, load_config, save_config
 from onlinemix.registry import METHODS, PAIRINGS
+from onlinemix.train import main as train_main
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.yaml"
@@ -264,6 +265,30 @@ def test_ring_must_hold_one_producer_batch() -> None:
         load_config(None, {"ring.slots": "4", "generator.batch_size": "8"})
 
 
+def test_a_size_limit_below_one_shard_is_refused_naming_the_minimum() -> None:
+    cfg = load_config(None, {"cache.max_gb": "0.01"})  # a shard of 256 synthetic images at 32 px: 0.8 MB
+    assert cfg.cache_shard_bytes() > 256 * 3 * 32 * 32
+    with pytest.raises(ConfigError, match=re.escape("cache.max_gb=0.0005 cannot hold one cache shard of "
+                                                    "cache.shard_pairs=256 images at data.resolution=32")) as e:
+        load_config(None, {"cache.max_gb": "0.0005"})
+    minimum = float(re.search(r"at least ([0-9.]+)", str(e.value)).group(1))
+    assert minimum * 1e9 >= cfg.cache_shard_bytes()
+    load_config(None, {"cache.max_gb": str(minimum)})
+    load_config(None, {"cache.max_gb": "0.0005", "cache.enabled": "false", "train.pairing": "real"})
+
+
+def test_a_dataset_smaller_than_one_global_batch_says_how_to_fix_it() -> None:
+    cfg = load_config(None, {"train.batch_size": "128"})
+    cfg.check_dataset_size(256, 2)
+    with pytest.raises(ConfigError, match=re.escape("has 100 training images (after the data.holdout_fraction=0.2 "
+                                                    "hold-out, at data.real_fraction=1), fewer than one global batch "
+                                                    "of 256 (train.batch_size=128 x 2 rank(s)): lower train.batch_size "
+                                                    "to at most 50")):
+        cfg.check_dataset_size(100, 2)
+    with pytest.raises(ConfigError, match="use more images or fewer than 4 trainer ranks"):
+        cfg.check_dataset_size(7, 4)
+
+
 def test_command_line_overrides_yaml(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, {"train": {"epochs": 3, "lr": 0.5}})
     cfg = load_config(path, {"train.epochs": "7"})
@@ -339,6 +364,11 @@ def test_missing_file_raises_config_error(tmp_path: Path) -> None:
         load_config(path)
 
 
+def test_a_config_that_is_a_directory_is_named_as_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"config file {tmp_path} is a directory, not a YAML file")):
+        load_config(tmp_path)
+
+
 def test_yaml_that_is_not_a_mapping(tmp_path: Path) -> None:
     path = tmp_path / "list.yaml"
     path.write_text("- 1\n- 2\n")
@@ -369,6 +399,12 @@ def test_train_rejects_bad_config_before_creating_anything(tmp_path: Path) -> No
     assert "Traceback" not in proc.stderr
     assert not out_dir.exists()
     assert list(work.iterdir()) == []
+
+
+def test_a_mistyped_flag_ends_training_with_one_config_error_line() -> None:
+    with pytest.raises(SystemExit) as e:
+        train_main(["--train.epochz", "3"])
+    assert e.value.code == "config error: unknown key 'train.epochz' (did you mean 'train.epochs'?)"
 
 
 # ----------------------------------------------------------------------------- presets with a base

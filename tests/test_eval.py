@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from onlinemix.config import Config, save_config
 from onlinemix.data import load_image_source, load_real_images
+from onlinemix.data.prepare import Settings, prepare
 from onlinemix.eval import main
 from onlinemix.models import build_backbone
 
@@ -92,8 +93,10 @@ def test_eval_command_end_to_end(run_dir: Path, heldout, tmp_path: Path, capsys)
     xfer_val, val_labels = two_tone(20, seed=1)
     write_folder(tmp_path / "xfer" / "train", xfer_train, ["dark" if y == 0 else "bright" for y in train_labels])
     write_folder(tmp_path / "xfer" / "val", xfer_val, ["dark" if y == 0 else "bright" for y in val_labels])
+    prepare(str(folder), tmp_path / "store", Settings(size=R), workers=1, progress=False)
     out = tmp_path / "out"
     main([str(run_dir), "--eval-set", f"folder={folder}", "--eval-set", f"shards={shards}",
+          "--eval-set", f"store={tmp_path / 'store'}",
           "--eval-set", f"xfer={tmp_path / 'xfer'}", "--random-init", "--probe-epochs", "20",
           "--knn-k", "10", "--knn-temperature", "0.1", "--out", str(out)])
     name = run_dir.name
@@ -101,13 +104,13 @@ def test_eval_command_end_to_end(run_dir: Path, heldout, tmp_path: Path, capsys)
     markdown = (out / "eval" / f"{name}.md").read_text()
     assert markdown in capsys.readouterr().out
     rows = {(r["eval_set"], r["method"], r["backbone"]): r for r in result["rows"]}
-    assert len(rows) == 4 * 2 * 2  # sets x methods x backbones
+    assert len(rows) == 5 * 2 * 2  # sets x methods x backbones
     for backbone in ("trained", "random_init"):
         for method in ("linear probe", "kNN"):
             ref = rows["digits", method, backbone]
             assert ref["n_eval"] == len(images) and 0 <= ref["top1"] <= ref["top5"] <= 100
-            # The same held-out images, read back from PNG folders and tar shards, score exactly the same.
-            for copy in ("folder", "shards"):
+            # The same held-out images, read back from PNG folders, tar shards and a store, score the same.
+            for copy in ("folder", "shards", "store"):
                 assert rows[copy, method, backbone]["top1"] == pytest.approx(ref["top1"])
                 assert rows[copy, method, backbone]["top5"] == pytest.approx(ref["top5"])
             xfer = rows["xfer", method, backbone]

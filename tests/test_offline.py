@@ -38,7 +38,7 @@ def test_online_run_caches_every_pair_then_offline_runs_train_from_the_cache_alo
     refused = run_training("--run-name", "refused", "--offline", "--gen-gpus", "0", "--cache.min-coverage", "1",
                            *common)
     assert refused.returncode != 0
-    assert f"{TRAIN_IMAGES - covered} of {TRAIN_IMAGES} training images have no cached variation" in refused.stderr
+    assert f"{TRAIN_IMAGES - covered} of {TRAIN_IMAGES} training images have no intact cached variation" in refused.stderr
     assert not (tmp_path / "refused" / "metrics.jsonl").exists()
 
     # Another data order (seed 1) also draws the images the online epoch left out (the last partial batch).

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -12,8 +15,9 @@ import torch
 from onlinemix.config import Config, load_config
 from onlinemix.data import load_real_images
 from onlinemix.generate import make_generator
+from onlinemix.metrics import RunMetrics
 from onlinemix.producer import ProducerPool
-from onlinemix.ring import PairRing, S
+from onlinemix.ring import PairRing, S, TrainerPort
 from onlinemix.schedule import EpochSchedule, variation_seed
 from onlinemix.worker import WorkerDied
 
@@ -60,6 +64,57 @@ def test_pairs_from_a_producer_process_match_a_local_regeneration(cfg: Config, t
     expected = generator.generate(real.images[torch.from_numpy(ids)], [seeds[int(i)] for i in ids]).numpy()
     assert np.array_equal(out[:, 1], expected)
     assert not all(np.array_equal(out[0, 1], out[k, 1]) for k in range(1, 24))
+
+
+def test_a_generator_that_cannot_load_is_final_and_named(cfg: Config, tmp_path: Path, no_leaked_segments) -> None:
+    """Restarting cannot help a missing model directory: the pool raises at once with the generator's
+    own message instead of spending producer.max_restarts on the same failure."""
+    cfg.generator.model, cfg.producer.max_restarts = str(tmp_path / "no-such-model"), 3
+    ring = PairRing.create(cfg.ring.slots, cfg.data.resolution)
+    pool = ProducerPool(cfg, ring, ["cpu"], 32, tmp_path)
+    try:
+        pool.start()
+        with pytest.raises(WorkerDied) as e:
+            wait_until(lambda: pool.check() or False)
+    finally:
+        pool.stop()
+        ring.close()
+    assert pool.restarts == 0
+    assert str(e.value).startswith(f"producer 0 (pid {pool.procs[0].pid}) failed before it was ready, so it is not "
+                                   "restarted (traceback in producer-0.log): ")
+    assert str(e.value).endswith(f'"{tmp_path / "no-such-model"}" is neither a valid local path nor a valid repo id. '
+                                 "Please check the parameter.")
+    assert "Traceback" in (tmp_path / "producer-0.log").read_text()
+
+
+def test_a_stuck_producer_is_reported_once_counted_and_restarted(cfg: Config, tmp_path: Path, caplog,
+                                                                 no_leaked_segments) -> None:
+    """SIGSTOP stands for a hung GPU call: the process lives, its loop no longer turns."""
+    cfg.producer.stuck_s = 1.0
+    ring = PairRing.create(cfg.ring.slots, cfg.data.resolution)
+    pool = ProducerPool(cfg, ring, ["cpu"], 32, tmp_path)
+    try:
+        pool.start()
+        pool.check()
+        wait_until(lambda: ring.producer_progress(0) > 0)  # loaded; its loop turns (idle, with no trainer)
+        pool.check()  # the pool has seen it turn: from now on it is watched
+        stopped = pool.procs[0].pid
+        os.kill(stopped, signal.SIGSTOP)
+        wait_until(lambda: pool.check() or pool.stalls == 1, timeout=30)
+        assert f"producer 0 (pid {stopped}) has made no progress for" in caplog.text and pool.restarts == 0
+        wait_until(lambda: pool.check() or pool.restarts == 1, timeout=30)
+        assert pool.stalls == 1 and caplog.text.count("has made no progress") == 1  # reported once
+        assert f"producer 0 (pid {stopped}) made no progress for" in caplog.text
+        assert pool.procs[0].pid != stopped and pool.procs[0].is_alive()
+        metrics = RunMetrics(tmp_path / "metrics.jsonl", TrainerPort(ring, leader=True), pool)
+        metrics.record(1, 0, {"fresh": 0, "cached": 0, "disk": 0, "fallback": 1, "mean_age": 0.0,
+                              "mean_reuse": 0.0, "wait_s": 0.0}, 0.0, True)
+        metrics.close()
+    finally:
+        pool.stop()
+        ring.close()
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert (row["producer_stalls"], row["producer_restarts"]) == (1, 1)
 
 
 def _kill_and_reap(pool: ProducerPool) -> int:

@@ -15,6 +15,7 @@ from onlinemix.config import Config, save_config
 from onlinemix.data import load_real_images
 from onlinemix.schedule import variation_seed
 from onlinemix.models import build_backbone
+from test_files import strict_loads
 from onlinemix.stats import (
     frechet_distance,
     frechet_from_moments,
@@ -94,7 +95,7 @@ def test_stats_command_end_to_end(tmp_path: Path, capsys) -> None:
     save_file(build_backbone(cfg.train).state_dict(), str(tmp_path / "backbone.safetensors"))
     save_config(cfg, tmp_path / "config.yaml")
     main([str(tmp_path), "--num-images", "64", "--guidance", "1", "3"])
-    result = json.loads((tmp_path / "stats" / "stats.json").read_text())
+    result = strict_loads((tmp_path / "stats" / "stats.json").read_text())
     label = f"Frechet distance on the trained tinycnn backbone of run {tmp_path.name} features (not the Inception FID)"
     assert result["fd_label"] == label and label in capsys.readouterr().out
     assert result["num_images"] == 64 and [r["guidance"] for r in result["scales"]] == [1.0, 3.0]
@@ -122,6 +123,15 @@ def test_stats_read_variations_from_the_cache_when_it_covers_the_images(tmp_path
     rows = {r["guidance"]: r for r in json.loads((tmp_path / "stats" / "stats.json").read_text())["scales"]}
     assert rows[3.0]["variations"] == "cache" and rows[3.0]["diversity"] == pytest.approx(0.0, abs=1e-6)
     assert rows[1.0]["variations"] == "generated" and rows[1.0]["diversity"] > 0
+
+
+@pytest.mark.parametrize("value", ["-3", "nan", "inf", "51"])
+def test_stats_guidance_is_checked_as_the_config_checks_generator_guidance(value: str, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--config", "c.yaml", "--arch", "resnet18", "--weights", "w", "--out", "o", "--guidance", "2", value])
+    assert e.value.code == 2
+    assert f"argument --guidance: generator.guidance='{value}' is not valid: expected float >= 0.0 <= 50.0" \
+        in capsys.readouterr().err
 
 
 def test_stats_command_bad_input(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "onlinemix"
 LAYERS: list[list[str]] = [
     ["registry", "config", "schedule", "distributed", "files"],
     ["data.decode", "data.store", "data.sources", "data.prepare", "data", "augment", "stub_diffuser", "losses", "dino",
-     "models", "optim"],
+     "models", "optim", "view_params", "view_specs", "resample", "photometric", "batch_augment"],
     ["generate", "versatile"],
     ["ring", "cache.store", "cache.maintenance", "cache.migrate", "cache.transfer", "cache", "devices"],
     ["worker"],
@@ -25,6 +25,7 @@ LAYERS: list[list[str]] = [
     ["pairs"],
     ["views"],
     ["methods"],
+    ["prefetch"],
     ["metrics", "probe", "rundir"],
     ["cli"],
     ["train", "eval", "stats", "cache.__main__", "data.__main__"],
@@ -53,7 +54,7 @@ def runtime_imports(path: Path) -> set[str]:
             base = package[:len(package) - node.level + 1] if node.level else []
             target = ".".join(base + (node.module.split(".") if node.module else []))
             target = target.removeprefix("onlinemix").lstrip(".")
-            if node.level or (node.module or "").startswith("onlinemix"):
+            if node.level or (node.module or "").split(".")[0] == "onlinemix":
                 for alias in node.names:
                     candidate = f"{target}.{alias.name}".lstrip(".")
                     found.add(candidate if candidate in RANK else target)

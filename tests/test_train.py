@@ -10,12 +10,20 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from onlinemix import train as train_module
+from onlinemix.cli import Terminated
+from onlinemix.config import ConfigError
+from onlinemix.eval import main as eval_main
+from onlinemix.rundir import CheckpointError, check_checkpoint
 from onlinemix.train import run
 
 from conftest import REPO, ring_segments, run_training, train_command
@@ -73,7 +81,63 @@ def test_resume_continues_from_the_saved_step(tmp_path: Path) -> None:
     steps = [row["step"] for row in metrics(run_dir)]
     assert steps[: len(first)] == [row["step"] for row in first]
     assert steps[len(first)] > STEPS_PER_EPOCH and steps[-1] == 2 * STEPS_PER_EPOCH
-    assert (run_dir / "checkpoints" / f"step-{2 * STEPS_PER_EPOCH}").is_dir()
+    latest = run_dir / "checkpoints" / f"step-{2 * STEPS_PER_EPOCH}"
+    assert latest.is_dir()
+    # Cut short (a crash while saving): the file is named, and what to do.
+    model = latest / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint file {model} cannot be read")) as e:
+        run(["--resume", str(run_dir)])
+    assert f"delete {latest} to resume from the checkpoint before it (step-{STEPS_PER_EPOCH})" in str(e.value)
+    backbone = run_dir / "backbone.safetensors"
+    backbone.write_bytes(backbone.read_bytes()[:1000])
+    with pytest.raises(SystemExit) as e:
+        eval_main([str(run_dir), "--probe-epochs", "1"])
+    assert str(e.value.code).startswith(f"error: {backbone} cannot be read")
+    assert f"`python -m onlinemix.train --resume {run_dir}` writes it again" in str(e.value.code)
+
+
+def test_a_checkpoint_cut_short_names_its_file(tmp_path: Path) -> None:
+    step = tmp_path / "checkpoints" / "step-5"
+    step.mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"incomplete \(no trainer_state.json: saving was cut short\); there is "
+                                              r"no earlier checkpoint: start the run again"):
+        check_checkpoint(step)
+    (step / "trainer_state.json").write_text('{"step": 5}')
+    torch.save({"state": torch.zeros(100)}, step / "optimizer.bin")
+    check_checkpoint(step)
+    (step / "optimizer.bin").write_bytes((step / "optimizer.bin").read_bytes()[:-30])
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint file {step / 'optimizer.bin'} cannot be read "
+                                                        "(not a complete torch.save archive)")):
+        check_checkpoint(step)
+
+
+def test_a_run_that_fails_at_start_up_does_not_take_its_run_directory(tmp_path: Path) -> None:
+    """A dataset smaller than one batch stops the run with what to lower; the corrected run may use the
+    same name (config.yaml is written only when training starts), and then the name is taken."""
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for i in range(20):  # 16 training images after the 20% hold-out
+        (data / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(data / f"c{i % 2}" / f"{i}.png")
+    common = ["--data.dataset", str(data), "--train.pairing", "real", "--gen-gpus", "0", "--output-dir", str(tmp_path),
+              "--run-name", "r", "--probe.enabled", "false", "--train.width", "8", "--data.resolution", "16",
+              "--train.epochs", "1"]
+    with pytest.raises(ConfigError, match=r"16 training images .* lower train.batch_size to at most 16"):
+        run(common)
+    assert not (tmp_path / "r" / "config.yaml").exists()
+    run([*common, "--train.batch-size", "8"])
+    assert (tmp_path / "r" / "config.yaml").is_file()
+    with pytest.raises(FileExistsError, match="already holds a run that started training"):
+        run([*common, "--train.batch-size", "8"])
+
+
+def test_an_unusable_output_directory_is_blamed_not_the_cache_below_it(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match=re.escape(f"output_dir {blocker} cannot hold run directories (it is a file, "
+                                                    "not a directory); set --output-dir to a writable directory")):
+        run(["--output-dir", str(blocker)])
 
 
 def test_plain_simclr_learns_better_features_than_random_init(tmp_path: Path) -> None:
@@ -101,6 +165,25 @@ def test_exception_in_the_trainer_stops_producers_and_frees_shared_memory(tmp_pa
     with pytest.raises(RuntimeError, match="injected failure"):
         run(["--train.epochs", "1", "--output-dir", str(tmp_path), "--run-name", "boom", *FAST])
     assert not mp.active_children()
+
+
+def test_exception_in_the_input_pipeline_stops_the_run_with_its_message(tmp_path: Path, monkeypatch,
+                                                                        no_leaked_segments) -> None:
+    """The pipeline thread makes batches ahead; its failure surfaces in the training loop, with the
+    traceback of where it happened, and everything stops as for any trainer exception."""
+    def failing_prepare(self, step, *args):
+        if step == 3:
+            raise ValueError("injected pipeline failure")
+        return original(self, step, *args)
+
+    original = train_module.Trainer.prepare
+    monkeypatch.setattr(train_module.Trainer, "prepare", failing_prepare)
+    with pytest.raises(ValueError, match="injected pipeline failure") as failure:
+        run(["--train.epochs", "1", "--output-dir", str(tmp_path), "--run-name", "pipeline", *FAST])
+    assert "failing_prepare" in [frame.name for frame in traceback.extract_tb(failure.value.__traceback__)]
+    assert not mp.active_children()
+    rows = metrics(tmp_path / "pipeline")
+    assert all(row["step"] <= 3 for row in rows)
 
 
 def _start(tmp_path: Path, name: str, *args: str, epochs: int = 5) -> subprocess.Popen:
@@ -159,9 +242,37 @@ def test_ctrl_c_stops_every_process_and_frees_shared_memory(tmp_path: Path, no_l
     _wait_for_training(tmp_path / "interrupted", proc)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode != 0
-    assert "interrupted" in stderr
+    assert proc.returncode == 130
+    assert "interrupted (SIGINT)" in stderr and "Traceback" not in stderr
     _assert_session_ends(proc.pid)
+
+
+def test_ctrl_c_while_producers_load_ends_without_their_tracebacks(tmp_path: Path, no_leaked_segments) -> None:
+    """Workers ignore SIGINT from their first instruction: a Ctrl-C while they still import is not a
+    KeyboardInterrupt traceback of theirs."""
+    proc = _start(tmp_path, "loading")
+    log = tmp_path / "loading" / "train.log"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and "waiting for 1 producer" in log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    _assert_session_ends(proc.pid)
+
+
+@pytest.mark.parametrize("stop,status", [(KeyboardInterrupt, 130), (Terminated, 143)])
+def test_a_stopped_run_exits_with_128_plus_the_signal(stop: type, status: int, monkeypatch, capsys) -> None:
+    def stopped(argv):
+        raise stop()
+
+    monkeypatch.setattr(train_module, "run", stopped)
+    with pytest.raises(SystemExit) as e:
+        train_module.main([])
+    assert e.value.code == status
+    assert f"interrupted (SIG{'INT' if status == 130 else 'TERM'})" in capsys.readouterr().err
 
 
 def test_dead_producer_stops_the_job_cleanly_when_restarts_are_spent(tmp_path: Path, no_leaked_segments) -> None:
@@ -173,6 +284,7 @@ def test_dead_producer_stops_the_job_cleanly_when_restarts_are_spent(tmp_path: P
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert f"producer 0 (pid {pid}) died: killed by signal SIGKILL" in stderr
+    assert "leaked semaphore" not in stderr  # the producer holds none (tqdm's lock is a thread lock there)
     assert ring_segments() == before
     _assert_session_ends(proc.pid)
 

@@ -6,16 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from onlinemix.config import load_config, needs_synthetic_views
+from onlinemix.config import ConfigError, load_config, needs_synthetic_views
 from onlinemix.pairs import PairImages
 from onlinemix.registry import PAIRINGS
 from onlinemix.views import (
     Augmentation,
+    BatchedViews,
     ClassifierViews,
     MixDiff,
     Mixing,
     MultiCrops,
     Pairing,
+    PerImageViews,
     Real,
     Sequential,
     Synthetic,
@@ -23,6 +25,8 @@ from onlinemix.views import (
     ViewComposer,
     ViewPlan,
     build_pairing,
+    choose_backend,
+    make_backend,
 )
 
 RES = 16
@@ -108,14 +112,40 @@ def test_missing_synthetic_view_falls_back_to_the_real_image(pairing: Pairing) -
 def test_recipe_follows_the_source() -> None:
     """The real-branch recipe for real images, the synthetic one for synthetic images."""
     compose = composer(TwoViews(), Synthetic(), augmentation=Augmentation("simclr", 0.2))
-    real_t, syn_t = compose.branches
-    assert "GaussianBlur" in str(real_t) and "RandomSolarize" not in str(real_t)
-    assert "RandomSolarize" in str(syn_t)
+    real, synthetic = compose.branches
+    assert real.recipe.blur_p == 1.0 and real.recipe.solarize_p == 0.0
+    assert synthetic.recipe.solarize_p > 0.0 and synthetic.recipe.blur_p == 0.0
     calls = []
-    compose.branches = (lambda img: calls.append("real") or torch.zeros(1),
-                        lambda img: calls.append("syn") or torch.ones(1))
+
+    def recording(images, is_synthetic, real_spec, synthetic_spec):
+        calls.extend("syn" if s else "real" for s in is_synthetic.tolist())
+        return torch.zeros(len(images), 3, RES, RES)
+
+    compose.backend = recording
     compose(make_batch(2, [True, False]), 0)
     assert calls == ["syn", "real", "syn", "real"]
+
+
+@pytest.mark.parametrize("plan,pairing", [(TwoViews(), MixDiff()), (TwoViews(), Synthetic()), (TwoViews(), Real()),
+                                          (DINO_CROPS, MixDiff()), (DINO_CROPS, Real())])
+def test_the_batched_backend_crops_every_view_from_the_same_sources(plan: ViewPlan, pairing: Pairing) -> None:
+    """The torch backend draws its own parameters, so pixels differ from torchvision's; which image
+    each view comes from, how many views and their sizes must not."""
+    batch = make_batch(synthetic=[True, False] * (B // 2))
+    per_image = composer(plan, pairing)(batch, 0)
+    batched = ViewComposer(plan, pairing, GEOMETRY_ONLY, RES, 0, LABELS,
+                           BatchedViews("torch", torch.device("cpu"), 0))(batch, 0)
+    assert [v.shape for v in batched.images] == [v.shape for v in per_image.images]
+    assert [source(v) for v in batched.images] == [source(v) for v in per_image.images]
+    assert batched.n_global == per_image.n_global
+
+
+def test_backend_choice() -> None:
+    assert choose_backend("auto", torch.device("cpu"))[0] == "torch"
+    assert choose_backend("torchvision", torch.device("cpu")) == ("torchvision", "requested")
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        choose_backend("triton", torch.device("cpu"))
+    assert isinstance(make_backend("torchvision", torch.device("cpu"), 0), PerImageViews)
 
 
 def test_every_registered_pairing_is_implemented_here() -> None:
@@ -160,12 +190,11 @@ def test_dino_mixing_keeps_each_sample_on_one_source_across_its_crops() -> None:
 
 def test_dino_crop_scales_follow_the_plan() -> None:
     compose = composer(MultiCrops(global_crop_min=0.14, local_crops=2), Real(), augmentation=Augmentation("simclr", 0.2))
-    global_crop = compose.multicrop.global_transforms[0].transforms[0]
-    local_crop = compose.multicrop.local_transform.transforms[0]
-    assert global_crop.scale == (0.14, 1.0) and local_crop.scale == (0.05, 0.14)
-    assert "ColorJitter" in str(compose.multicrop.local_transform)
-    flip_only = composer(DINO_CROPS, Real()).multicrop.local_transform
-    assert "ColorJitter" not in str(flip_only) and "GaussianBlur" not in str(flip_only)
+    global_crop, local_crop = compose.multicrop[0].recipe, compose.multicrop[-1].recipe
+    assert global_crop.crop_scale == (0.14, 1.0) and local_crop.crop_scale == (0.05, 0.14)
+    assert local_crop.jitter_p > 0
+    flip_only = composer(DINO_CROPS, Real()).multicrop[-1].recipe
+    assert flip_only.jitter_p == 0 and flip_only.blur_p == 0 and flip_only.flip_p > 0
 
 
 # ----------------------------------------------------------------------------- supervised

@@ -6,23 +6,21 @@ the same ``--section.key VALUE`` flags as training), so ``--cache.dir``, ``--dat
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from ..cli import add_config_options, parse_config_args
+from ..cli import add_config_options, at_least, parse_config_args, stop_on_sigterm, stopped_by
 from ..config import Config, ConfigError, DataConfig, load_config
 from ..data import DataError, RealImages, load_real_images
-from .maintenance import describe_keys, format_info, format_verify, key_info, quarantined, verify_key
+from ..files import json_text
+from .maintenance import describe_keys, format_info, format_verify, key_info, not_a_cache, quarantined, verify_key
 from .migrate import format_migrate, migrate
 from .store import FORMAT_VERSION, CacheError
 from .transfer import export, import_tars
 from ..warm import default_workers, summary, warm
-
-EXIT_INTERRUPTED = 130
 
 COMMANDS = {
     "warm": "generate the variations of every training image into the cache (the paper's precompute): "
@@ -61,10 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--config", type=Path, default=None, help="YAML preset (see configs/); flags override it")
         commands[name] = p
-    commands["warm"].add_argument("--producers", type=int, default=None, metavar="N",
+    commands["warm"].add_argument("--producers", type=at_least(1), default=None, metavar="N",
                                   help="worker processes, one generator each (default: one per visible GPU, "
                                        "or 1 on the CPU)")
-    commands["warm"].add_argument("--variations", type=int, default=1, metavar="K",
+    commands["warm"].add_argument("--variations", type=at_least(1), default=1, metavar="K",
                                   help="variations per training image (default 1); variation k uses the seed an "
                                        "online run uses in epoch k and is stored with epoch=k")
     commands["info"].add_argument("--coverage", action="store_true",
@@ -81,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands["export"].add_argument("--with-real", action="store_true",
                                     help="also write each pair's real image (real.png), read by id from the key's "
                                          "dataset, for readers outside onlinemix (import does not need it)")
-    commands["export"].add_argument("--samples-per-tar", type=int, default=10_000, metavar="N",
+    commands["export"].add_argument("--samples-per-tar", type=at_least(1), default=10_000, metavar="N",
                                     help="pairs per tar shard (default 10000)")
     commands["import"].add_argument("sources", nargs="+", metavar="SRC",
                                     help="tar shard, directory of tar shards, or brace pattern 's-{000..009}.tar'")
@@ -92,11 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_warm(cfg: Config, args: argparse.Namespace) -> int:
     workers = args.producers or default_workers()
-    if workers < 1 or args.variations < 1:
-        raise ConfigError("--producers and --variations must be >= 1")
     result = warm(cfg, args.variations, workers)
     print(summary(result))
-    return EXIT_INTERRUPTED if result.interrupted else 0
+    return 128 + stopped_by(result.interrupted) if result.interrupted else 0
 
 
 def real_images_of(desc: dict, cfg: Config) -> RealImages:
@@ -121,9 +117,10 @@ def run_info(cfg: Config, args: argparse.Namespace) -> int:
              for key, desc in keys.items()]
     held = quarantined(root)
     if args.json:
-        print(json.dumps({"root": str(root), "keys": infos, "quarantine": held}, indent=2))
+        print(json_text({"root": str(root), "keys": infos, "quarantine": held}, indent=2))
         return 0
-    print(f"cache {root}: {len(infos)} key(s)" + ("" if root.is_dir() else " (the directory does not exist)"))
+    problem = not_a_cache(root)
+    print(f"cache {root}: {len(infos)} key(s)" + (f" ({problem})" if problem else ""))
     for info in infos:
         print(format_info(info))
     for key, n in held.items():
@@ -133,6 +130,10 @@ def run_info(cfg: Config, args: argparse.Namespace) -> int:
 
 def run_verify(cfg: Config, args: argparse.Namespace) -> int:
     root = cfg.cache_root()
+    problem = not_a_cache(root)
+    if problem:  # nothing verified is not "every shard is good"
+        raise CacheError(f"{problem}; give --cache.dir the directory that training and `cache warm` write "
+                         "(default <output_dir>/cache)")
     results = [verify_key(root, key, args.quarantine_orphans) for key in describe_keys(root)]
     for res in results:
         print(format_verify(res))
@@ -179,13 +180,15 @@ RUNNERS = {"warm": run_warm, "info": run_info, "verify": run_verify, "export": r
 
 def main(argv: list[str] | None = None) -> None:
     args, overrides = parse_config_args(build_parser(), argv)
+    stop_on_sigterm()
     try:
         cfg = load_config(args.config, overrides)
         code = RUNNERS[args.command](cfg, args)
     except (ConfigError, CacheError, DataError) as e:
         sys.exit(f"onlinemix.cache {args.command}: {e}")
-    except KeyboardInterrupt:
-        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt as e:
+        print(f"onlinemix.cache {args.command}: interrupted ({stopped_by(e).name})", file=sys.stderr)
+        sys.exit(128 + stopped_by(e))
     sys.exit(code)
 
 

@@ -17,8 +17,8 @@ import numpy as np
 from isal.isal_zlib import crc32
 from tqdm.auto import tqdm
 
-from .store import (FORMAT_VERSION, INDEX, MIGRATE_COMMAND, QUARANTINE, SHARDS, cache_keys, check_layout,
-                    read_record, record_variations, stored_image, version_of)
+from .store import (FORMAT_VERSION, GENERATOR_FILE, INDEX, MIGRATE_COMMAND, QUARANTINE, SHARDS, cache_keys,
+                    check_layout, read_record, record_variations, stored_image, version_of)
 
 RECORD_FIELDS = ("version", "shard", "format", "pairs", "resolution", "ids", "seeds", "epochs", "checksums")
 OLD_RECORD = f"a commit record of cache format 1 (real + synthetic pairs): `{MIGRATE_COMMAND}` converts it"
@@ -199,6 +199,19 @@ def format_verify(res: dict) -> str:
     if res["temporary_files"]:
         lines.append(f"  {len(res['temporary_files'])} temporary file(s) left alone (a writer may be at work)")
     return "\n".join(lines)
+
+
+def not_a_cache(root: Path) -> str | None:
+    """Why ``root`` is not a cache directory, or None when it is one (possibly empty): a mistyped
+    ``--cache.dir``, a file or an image folder must not pass for a cache with nothing wrong in it."""
+    if not root.exists():
+        return f"cache directory {root} does not exist"
+    if not root.is_dir():
+        return f"cache directory {root} is a file, not a directory"
+    if not describe_keys(root) and any(p.name != QUARANTINE for p in root.iterdir()):
+        return (f"{root} is not an onlinemix cache: none of its entries is a cache key "
+                f"(<key>/{GENERATOR_FILE} or <key>/{SHARDS}/)")
+    return None
 
 
 def describe_keys(root: Path) -> dict[str, dict]:

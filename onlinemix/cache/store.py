@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from isal.isal_zlib import crc32
 
-from ..files import write_atomically
+from ..files import json_text, unwritable_reason, write_atomically
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -112,14 +112,10 @@ def check_layout(root: Path, keys: Iterable[str] | None = None) -> None:
 def check_writable(root: Path) -> None:
     """Fail at start, not mid-run, when the cache directory cannot be written, or holds keys in an
     older layout that new shards must not be mixed into."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-test-{socket.gethostname()}-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise CacheError(f"cache directory {root} is not writable ({e.strerror or e}); set cache.dir to a "
-                         f"writable directory, or cache.enabled=false to train without caching") from e
+    problem = unwritable_reason(root)
+    if problem:
+        raise CacheError(f"cache directory {root} is not writable ({problem}); set cache.dir to a "
+                         f"writable directory, or cache.enabled=false to train without caching")
     check_layout(root)
 
 
@@ -169,7 +165,7 @@ def writer_for(cfg: Config, generator: VariationGenerator) -> ShardWriter:
 
 def write_description(key_dir: Path, resolution: int, description: dict) -> None:
     """``generator.json`` in the current format version (atomically: readers select keys by it)."""
-    write_atomically(key_dir / GENERATOR_FILE, lambda f: f.write(json.dumps(
+    write_atomically(key_dir / GENERATOR_FILE, lambda f: f.write(json_text(
         {**description, "version": FORMAT_VERSION, "resolution": resolution}, indent=2).encode()))
 
 
@@ -189,7 +185,7 @@ def commit_shard(key_dir: Path, data: np.ndarray, record: dict) -> None:
     shard = key_dir / SHARDS / record["shard"]
     try:
         write_atomically(shard, lambda f: np.save(f, data))
-        write_atomically(key_dir / INDEX / f"{shard.stem}.json", lambda f: f.write(json.dumps(record).encode()))
+        write_atomically(key_dir / INDEX / f"{shard.stem}.json", lambda f: f.write(json_text(record).encode()))
     except OSError:
         shard.unlink(missing_ok=True)  # committed records only: a shard without one is garbage
         raise
@@ -357,6 +353,8 @@ class CacheReader:
         self._by_id: dict[int, list[Variation]] = {}
         self._seen: set[str] = set()
         self._bad: set[str] = set()
+        self._intact: set[str] = set()  # shards whose every pair matched its CRC32 (coverage checked them)
+        self._shards: dict[str, list[Variation]] = {}  # per shard, its variations, from its record
         self._maps: dict[str, np.ndarray] = {}
         self._uses: dict[tuple[str, int], int] = {}
         self.refresh()
@@ -378,8 +376,10 @@ class CacheReader:
                 log.warning("cache: record %s is in cache format %d, not %d; its images are skipped (%s converts "
                             "it)", path, version_of(record), FORMAT_VERSION, MIGRATE_COMMAND)
                 continue
-            for v in record_variations(record):
+            variations = record_variations(record)
+            for v in variations:
                 self._by_id.setdefault(v.real_id, []).append(v)
+            self._shards[record["shard"]] = variations
             added += record["pairs"]
         return added
 
@@ -390,22 +390,49 @@ class CacheReader:
         return [v for v in self._by_id.get(real_id, ()) if v.shard not in self._bad]
 
     def coverage(self, ids: Iterable[int]) -> np.ndarray:
-        """For each id: does the cache hold at least one variation of it?"""
-        return np.array([bool(self.variations(int(i))) for i in ids], dtype=bool)
+        """For each id: does the cache hold a variation of it in a shard that reads back intact?
+
+        A commit record alone is not enough: a corrupt shard would count, then serve nothing (a pair
+        that fails its CRC32 takes its whole shard out of service). So the shard of each image's
+        first candidate is checked, every image against its CRC32, once per shard; shards that hold
+        only further variations of covered images are not read at all."""
+        return np.array([any(self._shard_intact(v.shard) for v in self.variations(int(i))) for i in ids],
+                        dtype=bool)
+
+    def _shard_intact(self, name: str) -> bool:
+        if name not in self._intact and name not in self._bad:
+            variations = self._shards[name]
+            data = self._shard(name, variations[0].format)
+            if data is not None:
+                stored = [stored_image(data, v) for v in variations]
+                short = sum(x is None for x in stored)
+                bad = next((v.row for v, x in zip(variations, stored) if x is not None and crc32(x) != v.checksum),
+                           None)
+                if short:
+                    self._skip(name, f"holds {len(variations) - short} images, its record {len(variations)}")
+                elif bad is None:
+                    self._intact.add(name)
+                else:
+                    self._skip(name, f"image {bad} fails its checksum")
+        return name in self._intact
+
+    def _skip(self, name: str, why: str) -> None:
+        """Take a corrupt shard out of service."""
+        log.warning("cache: shard %s %s; the shard is skipped (run `python -m onlinemix.cache verify` to "
+                    "quarantine it)", name, why)
+        self._bad.add(name)
 
     def _shard(self, name: str, fmt: str) -> np.ndarray | None:
         if name not in self._maps:
             try:
                 data = np.load(self.dir / SHARDS / name, mmap_mode="r")
             except (OSError, ValueError) as e:
-                log.warning("cache: shard %s is unreadable (%s); its images are skipped", name, e)
-                self._bad.add(name)
+                self._skip(name, f"is unreadable ({e})")
                 return None
             expected = (3, self.resolution, self.resolution) if fmt == "raw" else ()
             if data.dtype != np.uint8 or data.shape[1:] != expected or data.ndim != len(expected) + 1:
-                log.warning("cache: %s shard %s is %s %s, not uint8 (n, %s); skipped", fmt, name, data.dtype,
-                            data.shape, ", ".join(map(str, expected)))
-                self._bad.add(name)
+                self._skip(name, f"is {data.dtype} {data.shape}, not a {fmt} shard: uint8 "
+                                 f"(n, {', '.join(map(str, expected))})")
                 return None
             self._maps[name] = data
         return self._maps[name]
@@ -415,9 +442,7 @@ class CacheReader:
         data = self._shard(v.shard, v.format)
         stored = None if data is None else stored_image(data, v)
         if stored is not None and self.verify and crc32(stored) != v.checksum:
-            log.warning("cache: image %d of shard %s fails its checksum; the shard is skipped (run "
-                        "`python -m onlinemix.cache verify` to quarantine it)", v.row, v.shard)
-            self._bad.add(v.shard)
+            self._skip(v.shard, f"image {v.row} fails its checksum")
             return None
         return stored
 

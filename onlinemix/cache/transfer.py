@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,11 +21,13 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..files import json_text
 from .maintenance import check_shard, committed_records
 from .store import (INDEX, CacheError, ShardWriter, Variation, cache_key, cache_keys, check_layout, check_writable,
                     record_variations, stored_image)
 
 PNG_COMPRESS_LEVEL = 6  # PIL's default: zlib level 6
+PARTIAL = ".partial"  # suffix of a tar while its export runs
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -46,7 +49,7 @@ def variation_sample(v: Variation, stored: np.ndarray, desc: dict, real: np.ndar
     meta = {"real_id": v.real_id, "seed": v.seed, "epoch": v.epoch, "fingerprint": desc["fingerprint"],
             "guidance": desc.get("identity", {}).get("guidance"), "dataset": desc["dataset"],
             "resolution": desc["resolution"], "identity": desc.get("identity", {})}
-    sample = {"__key__": f"{v.real_id}-{v.seed}", "json": json.dumps(meta).encode()}
+    sample = {"__key__": f"{v.real_id}-{v.seed}", "json": json_text(meta).encode()}
     if v.format == "jpeg":
         sample["synthetic.jpg"] = stored.tobytes()
     else:
@@ -61,7 +64,7 @@ def committed_variations(root: Path, key: str) -> Iterator[tuple[Variation, np.n
     for record, shard in committed_records(root, key):
         reason = check_shard(root / key / INDEX / f"{shard.stem}.json", shard)
         if reason:
-            raise CacheError(f"shard {shard} is unusable ({reason}); run `python -m onlinemix.cache verify` first")
+            raise CacheError(f"shard {shard} is corrupt ({reason}); run `python -m onlinemix.cache verify` first")
         data = np.load(shard, mmap_mode="r")
         for v in record_variations(record):
             yield v, stored_image(data, v)
@@ -70,7 +73,11 @@ def committed_variations(root: Path, key: str) -> Iterator[tuple[Variation, np.n
 def export(root: Path, out: Path, keys: list[str], maxcount: int,
            real_of: Callable[[dict], Callable[[int], np.ndarray]] | None = None) -> dict[str, int]:
     """Write every committed variation of the given keys (all when empty) to ``out/<key>-NNNNNN.tar``;
-    with ``real_of`` (a key's description -> its real image by id) each sample also gets ``real.png``."""
+    with ``real_of`` (a key's description -> its real image by id) each sample also gets ``real.png``.
+
+    Tars are written under temporary names (``.<key>-NNNNNN.tar.partial``) and renamed once every
+    key is exported, so an export that stops (a corrupt shard, Ctrl-C) leaves no tar, empty or partial;
+    temporary tars of these keys left by an export that was killed are removed first."""
     import webdataset as wds
 
     described = cache_keys(root)
@@ -78,18 +85,31 @@ def export(root: Path, out: Path, keys: list[str], maxcount: int,
     if not chosen:
         raise CacheError(f"cache {root} has no key matching {keys or 'anything'} (it holds {list(described) or 'nothing'})")
     check_layout(root, chosen)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    partials = lambda: [p for key in chosen for p in out.glob(f".{key}-*.tar{PARTIAL}")]  # noqa: E731
+    for stale in partials():
+        stale.unlink()
     written = {}
-    for key in chosen:
-        desc = described[key]
-        real = real_of(desc) if real_of is not None else None
-        n = 0
-        with wds.ShardWriter(str(out / f"{key}-%06d.tar"), maxcount=maxcount, verbose=0) as sink:
-            for v, stored in tqdm(committed_variations(root, key), unit="pair", desc=f"export {key[:16]}",
-                                  dynamic_ncols=True, leave=False):
-                sink.write(variation_sample(v, stored, desc, None if real is None else real(v.real_id)))
-                n += 1
-        written[key] = n
+    try:
+        for key in chosen:
+            desc = described[key]
+            real = real_of(desc) if real_of is not None else None
+            n = 0
+            with wds.ShardWriter(str(out / f".{key}-%06d.tar{PARTIAL}"), maxcount=maxcount, verbose=0) as sink:
+                for v, stored in tqdm(committed_variations(root, key), unit="pair", desc=f"export {key[:16]}",
+                                      dynamic_ncols=True, leave=False):
+                    sink.write(variation_sample(v, stored, desc, None if real is None else real(v.real_id)))
+                    n += 1
+            written[key] = n
+    except BaseException:
+        for partial in partials():
+            partial.unlink()
+        if created:
+            out.rmdir()
+        raise
+    for partial in partials():
+        partial.rename(out / partial.name[1:].removesuffix(PARTIAL))
     return written
 
 
@@ -171,15 +191,28 @@ class _Importer:
 
 def import_tars(root: Path, sources: list[str], shard_pairs: int, fmt: str = "raw",
                 quality: int = 95) -> tuple[int, int, list[str]]:
-    """Read exported tars into the cache: (variations added, variations skipped as present, keys touched)."""
+    """Read exported tars into the cache: (variations added, variations skipped as present, keys touched).
+
+    A tar that is not one, or is cut short, stops the import with its name and the variations imported
+    before it, which are committed (an import again skips them)."""
     import webdataset as wds
 
     check_writable(root)
+    urls = tar_urls(sources)
     importer = _Importer(root, shard_pairs, fmt, quality)
     try:
-        for sample in tqdm(wds.WebDataset(tar_urls(sources), shardshuffle=False, empty_check=False), unit="pair",
-                           desc="import", dynamic_ncols=True, leave=False):
-            importer.add(sample)
+        for url in urls:
+            before = importer.added + importer.skipped
+            try:
+                for sample in tqdm(wds.WebDataset([url], shardshuffle=False, empty_check=False), unit="pair",
+                                   desc=f"import {Path(url).name}", dynamic_ncols=True, leave=False):
+                    importer.add(sample)
+            except tarfile.ReadError as e:
+                read = importer.added + importer.skipped - before
+                what = f"is cut short after {read} pairs" if read else "is not a tar archive, or is empty"
+                raise CacheError(f"{url} {what} ({e.args[0] if e.args else e}); imported {importer.added} pairs "
+                                 f"(committed; skipped {importer.skipped} already cached) before it stopped: copy or "
+                                 "export that file again and import it (pairs already imported are skipped)") from None
     finally:
         importer.close()
     return importer.added, importer.skipped, sorted(importer.present)

@@ -93,7 +93,7 @@ def load_image_folder(root: Path, resolution: int) -> tuple[torch.Tensor, torch.
 class LabelledImages:
     """Images of an evaluation source; ``classes`` is None for webdataset shards (integer ``cls`` only)."""
 
-    images: torch.Tensor        # (N, 3, R, R) uint8
+    images: torch.Tensor        # (N, 3, R, R) uint8 (or an ImageStore, which indexes like one)
     labels: torch.Tensor        # (N,) int64
     classes: list[str] | None
 

@@ -1,0 +1,278 @@
+"""View augmentation throughput: torchvision per image vs the batched torch backend vs the Triton kernels.
+
+    python bench/augment.py               # 32 and 224 px, batches 64 and 256, every recipe
+    python bench/augment.py --quick       # seconds; what tests/test_bench_augment.py runs
+    python bench/augment.py --resolutions 224 --batches 256 --recipes mixdiff_real
+
+For each recipe, resolution R and batch B, one run times, side by side:
+
+* torchvision: `augment.build_transform` + `augment.augment_batch`, one v2 call per image, on the CPU
+  (what trainers do today), on all B images, or, where that would take more than --torchvision-seconds
+  per call (the blurred recipes at 224 px), on as many as fit (at least --torchvision-images): its cost per
+  image hardly depends on B;
+* torch: `view_params.sample_view_params` + `batch_augment.augment_views` on --device (sampling included);
+* triton: the same parameters through `onlinemix_kernels.augment.augment_views_triton` (CUDA only).
+
+Recipes (crop bound 0.08, as registered): MixDiff's real branch (blur on every view) and synthetic
+branch (solarisation), DINO + MixDiff multi-crop (2 globals at R, 8 locals at 3/7 R; every crop counts as
+a view), and the resize-only no-augmentation ablation. Sources are R x R uint8 images, as the ring holds
+them. Rates are views per second over the median of --repeats timed calls after one warm-up call;
+outputs are float32 on the CPU and bfloat16 on CUDA. On the CPU torch runs one thread (per-core rates).
+"""
+
+from __future__ import annotations
+
+import time
+
+_T0 = time.perf_counter()  # before the heavy imports: the reported wall time includes them
+
+import argparse
+import os
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from onlinemix.augment import augment_batch, build_transform, multicrop_sizes
+from onlinemix.batch_augment import augment_views
+from onlinemix.view_params import view_generator
+from onlinemix.view_specs import ViewSpec, mixdiff_dino_specs, pair_specs, sample_specs
+
+from common import (Timer, cpu_snapshot, device_name, fill_defaults, import_pyplot, int_list, load_line,
+                    other_cores_since, run_meta, save_figure, save_results, setup_torch)
+
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULTS = {  # (default run, --quick run)
+    "resolutions": ("32,224", "32"),
+    "batches": ("64,256", "8"),
+    "repeats": (3, 1),
+    "torchvision_images": (32, 4),
+    "torchvision_seconds": (2.0, 0.2),
+}
+BACKENDS = ("torchvision", "torch", "triton")
+CPU_SPEEDUP = 3.0        # torch backend >= this x torchvision per image, MixDiff recipes at 224, one core
+GPU_SPEEDUP = 3.0        # triton >= this x the torch backend on the same GPU
+GPU_VIEWS_S = 150_000    # triton views/s at 224 on the MixDiff recipes
+TARGET_RESOLUTION = 224
+MIXDIFF = ("mixdiff_real", "mixdiff_synthetic")
+
+
+def recipe_specs(name: str, resolution: int) -> tuple[ViewSpec, ...]:
+    """The views one source image (pair) gets under the named benchmark recipe."""
+    if name == "mixdiff_real":
+        return pair_specs("simclr", resolution, min_scale=None)[:1]
+    if name == "mixdiff_synthetic":
+        return pair_specs("simclr", resolution, min_scale=None)[1:]
+    if name == "dino_multicrop":
+        return mixdiff_dino_specs(*multicrop_sizes(resolution))
+    return pair_specs("no_augmentation", resolution)[:1]
+
+
+RECIPES = ("mixdiff_real", "mixdiff_synthetic", "dino_multicrop", "no_augmentation")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/augment.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Views/s of torchvision per image, the batched torch backend and "
+                                            "the Triton kernels, per recipe, resolution and batch.",
+                                epilog="Flags left out take the default run's value, or the --quick value with "
+                                       "--quick. Results: a table on stdout, JSON at --out, a PNG next to it.")
+    q = lambda key: f"(default {DEFAULTS[key][0]} / quick {DEFAULTS[key][1]})"  # noqa: E731
+    p.add_argument("--resolutions", default=None, help=f"comma-separated output sides R {q('resolutions')}")
+    p.add_argument("--batches", default=None, help=f"comma-separated batch sizes {q('batches')}")
+    p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of {RECIPES}")
+    p.add_argument("--repeats", type=int, default=None, help=f"timed calls per measurement {q('repeats')}")
+    p.add_argument("--torchvision-images", type=int, default=None,
+                   help=f"fewest images per timed torchvision call {q('torchvision_images')}")
+    p.add_argument("--torchvision-seconds", type=float, default=None,
+                   help=f"longest timed torchvision call, seconds, above the fewest images "
+                        f"{q('torchvision_seconds')}")
+    p.add_argument("--device", default=None, help="torch backend's device (default cuda when available, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default 1 on the CPU)")
+    p.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "augment.json",
+                   help="JSON results; the PNG goes next to it (default bench/results/augment.json)")
+    p.add_argument("--quick", action="store_true", help="32 px, batch 8, one repeat: seconds")
+    args = p.parse_args(argv)
+    fill_defaults(args, DEFAULTS)
+    args.resolutions = int_list(p, "--resolutions", args.resolutions)
+    args.batches = int_list(p, "--batches", args.batches)
+    args.recipes = [r for r in args.recipes.split(",") if r]
+    if unknown := set(args.recipes) - set(RECIPES):
+        p.error(f"unknown recipes {sorted(unknown)}; known: {RECIPES}")
+    if min(args.resolutions) < 8 or args.repeats < 1 or args.torchvision_images < 1 or args.torchvision_seconds <= 0:
+        p.error("--resolutions must be >= 8, --repeats and --torchvision-images >= 1, --torchvision-seconds > 0")
+    return args
+
+
+def smooth_images(batch: int, resolution: int, seed: int = 0) -> torch.Tensor:
+    """uint8 sources with image-like structure (gradients plus noise), not pure noise."""
+    g = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(0, 255, resolution).expand(resolution, resolution) * torch.rand(batch, 3, 1, 1, generator=g)
+    noise = torch.randint(-30, 31, (batch, 3, resolution, resolution), generator=g)
+    return (ramp + noise).clamp(0, 255).to(torch.uint8)
+
+
+def views_per_second(run: Callable[[], int], device: torch.device, repeats: int) -> float:
+    """Views / median seconds of `repeats` calls of run() (which returns its view count), after a warm-up."""
+    run()
+    times, views = [], 0
+    for _ in range(repeats):
+        with Timer(device) as t:
+            views = run()
+        times.append(t.seconds)
+    return views / statistics.median(times)
+
+
+def torchvision_run(specs: tuple[ViewSpec, ...], sources: dict[str, torch.Tensor], fewest: int,
+                    seconds: float) -> Callable[[], int]:
+    """One v2 call per image over all the sources, or over as many as `seconds` allows (at least `fewest`)."""
+    transforms = [build_transform(s.recipe, s.size) for s in specs]
+
+    def run_on(count: int) -> int:
+        return sum(len(augment_batch(t, sources[s.source][:count])) for t, s in zip(transforms, specs))
+
+    batch = len(next(iter(sources.values())))
+    with Timer(torch.device("cpu")) as probe:
+        run_on(min(batch, fewest))
+    count = max(min(batch, fewest), min(batch, int(seconds / (probe.seconds / min(batch, fewest)))))
+    return lambda: run_on(count)
+
+
+def batched_run(specs: tuple[ViewSpec, ...], sources: dict[str, torch.Tensor], augment: Callable,
+                dtype: torch.dtype) -> Callable[[], int]:
+    """Draw every spec's parameters for the batch (a new step each call) and run `augment` on each."""
+    batch, _, height, width = next(iter(sources.values())).shape
+    step = iter(range(1 << 30))
+
+    def run() -> int:
+        params = sample_specs(specs, batch, height, width, view_generator(0, 0, next(step)))
+        return sum(len(augment(sources[s.source], p, dtype)) for s, p in zip(specs, params))
+    return run
+
+
+def triton_backend() -> Callable | None:
+    """augment_views_triton where CUDA is available (the kernels need a GPU to be timed), else None."""
+    if not torch.cuda.is_available():
+        return None
+    from onlinemix_kernels.augment import augment_views_triton
+    return augment_views_triton
+
+
+def measure(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    triton = triton_backend()
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    rows = []
+    bar = tqdm(total=len(args.resolutions) * len(args.batches) * len(args.recipes), dynamic_ncols=True)
+    for resolution in args.resolutions:
+        for batch in args.batches:
+            cpu_sources = {b: smooth_images(batch, resolution, seed=i) for i, b in enumerate(("real", "synthetic"))}
+            dev_sources = {b: x.to(device) for b, x in cpu_sources.items()}
+            for recipe in args.recipes:
+                specs = recipe_specs(recipe, resolution)
+                baseline = torchvision_run(specs, cpu_sources, args.torchvision_images, args.torchvision_seconds)
+                rates = {"torchvision": views_per_second(baseline, torch.device("cpu"), args.repeats),
+                         "torch": views_per_second(batched_run(specs, dev_sources, augment_views, dtype), device,
+                                                   args.repeats),
+                         "triton": None if triton is None else views_per_second(
+                             batched_run(specs, {b: x.to("cuda") for b, x in cpu_sources.items()}, triton,
+                                         torch.bfloat16), torch.device("cuda"), args.repeats)}
+                rows.append({"recipe": recipe, "resolution": resolution, "batch": batch,
+                             "views_per_image": len(specs), "views_s": rates,
+                             "torch_over_torchvision": rates["torch"] / rates["torchvision"],
+                             "triton_over_torch": (None if rates["triton"] is None
+                                                   else rates["triton"] / rates["torch"])})
+                bar.update()
+    bar.close()
+    return rows
+
+
+def targets(rows: list[dict], device: torch.device) -> list[dict]:
+    """The issue's targets, each PASS, MISS or not measured here."""
+    at_target = [r for r in rows if r["resolution"] == TARGET_RESOLUTION]
+    out = []
+    if device.type == "cpu":
+        mixdiff = [r for r in at_target if r["recipe"] in MIXDIFF]
+        out.append({"target": f"CPU, one core: torch >= {CPU_SPEEDUP:g}x torchvision per image, MixDiff recipes "
+                              f"at {TARGET_RESOLUTION}",
+                    "met": None if not mixdiff else all(r["torch_over_torchvision"] >= CPU_SPEEDUP for r in mixdiff),
+                    "worst": min((r["torch_over_torchvision"] for r in mixdiff), default=None)})
+        out.append({"target": "CPU, one core: torch not slower than torchvision on any measured recipe",
+                    "met": all(r["torch_over_torchvision"] >= 1.0 for r in rows),
+                    "worst": min(r["torch_over_torchvision"] for r in rows)})
+    mixdiff_gpu = [r for r in at_target if r["recipe"] in MIXDIFF and r["views_s"]["triton"] is not None]
+    out.append({"target": f"GPU: triton >= {GPU_SPEEDUP:g}x the torch backend and >= {GPU_VIEWS_S:,} views/s at "
+                          f"{TARGET_RESOLUTION}, MixDiff recipes",
+                "met": None if not mixdiff_gpu else all(
+                    r["triton_over_torch"] >= GPU_SPEEDUP and r["views_s"]["triton"] >= GPU_VIEWS_S
+                    for r in mixdiff_gpu),
+                "worst": min((r["views_s"]["triton"] for r in mixdiff_gpu), default=None)})
+    return out
+
+
+def format_row(r: dict) -> str:
+    rates = "  ".join(f"{b} " + ("       n/a" if r["views_s"][b] is None else f"{r['views_s'][b]:10.0f}")
+                      for b in BACKENDS)
+    return (f"{r['recipe']:18s} R={r['resolution']:<4d} B={r['batch']:<4d} views/s: {rates}"
+            f"   torch/torchvision {r['torch_over_torchvision']:5.2f}x")
+
+
+def format_report(res: dict) -> str:
+    m = res["meta"]
+    lines = [f"device      {m['device_name']} ({m['device']}, {m['threads']} torch threads), {m['date']}",
+             load_line(m), ""]
+    lines += [format_row(r) for r in res["rows"]]
+    if res["meta"]["device"] == "cpu" or not torch.cuda.is_available():
+        lines.append("triton      not measured here (needs CUDA)")
+    lines.append("")
+    for t in res["targets"]:
+        verdict = "not measured here" if t["met"] is None else ("PASS" if t["met"] else "MISS")
+        worst = "" if t["worst"] is None else f" (worst {t['worst']:.2f})"
+        lines.append(f"{verdict:17s} {t['target']}{worst}")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    plt = import_pyplot("bench/augment.py")
+    keys = sorted({(r["resolution"], r["batch"]) for r in res["rows"]})
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4), squeeze=False)
+    for ax, (resolution, batch) in zip(axes[0], keys, strict=True):
+        rows = [r for r in res["rows"] if (r["resolution"], r["batch"]) == (resolution, batch)]
+        for i, backend in enumerate(BACKENDS):
+            values = [r["views_s"][backend] or 0 for r in rows]
+            ax.bar([j + 0.27 * (i - 1) for j in range(len(rows))], values, width=0.27, label=backend)
+        ax.set_xticks(range(len(rows)), [r["recipe"].replace("_", "\n", 1) for r in rows], fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("views / s")
+        ax.set_title(f"R = {resolution}, B = {batch}")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"view augmentation on {res['meta']['device_name']}", fontsize=9)
+    save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = setup_torch(args.device, args.threads)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    load_before, before = os.getloadavg()[0], cpu_snapshot()
+    rows = measure(args, device)
+    res = {
+        "meta": {"device": str(device), "device_name": device_name(device), "cpu_count": os.cpu_count(),
+                 "threads": torch.get_num_threads(), "torch": torch.__version__,
+                 **run_meta(load_before, other_cores_since(before), args.quick, "bench/augment.py", argv)},
+        "config": {"resolutions": args.resolutions, "batches": args.batches, "recipes": args.recipes,
+                   "repeats": args.repeats, "torchvision_images": args.torchvision_images,
+                   "torchvision_seconds": args.torchvision_seconds},
+        "rows": rows,
+        "targets": targets(rows, device),
+    }
+    png = save_results(res, args.out, plot, _T0, started)
+    print(format_report(res))
+    print(f"wrote {args.out} and {png}; {res['meta']['wall_s']:.1f}s in all")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""The plain-torch batched augmentation backend: uint8 sources + `ViewParams` -> normalised views.
+
+It defines what a view is for every batched backend: the Triton kernels (`onlinemix_kernels.augment`) are
+tested against it. Operations run in torchvision's order (augment.build_transform): crop + resize on
+uint8 (`resample`, equal to torchvision bit for bit), flip, scaling to [0, 1], ColorJitter's four
+operations in each sample's drawn order, grayscale, Gaussian blur, solarisation, ImageNet normalisation.
+
+The batch is sorted once by ColorJitter order (24 permutations, plus "no jitter"). Crops are resized a
+block of the sorted batch at a time (`BLOCK_BYTES` of float pixels: few calls per view); then each group
+of samples sharing an order gets every colour operation as one in-place tensor op, and grayscale, blur
+and solarisation touch the subset of the group that draws them. On the CPU, groups are cut into chunks of
+about `CPU_CHUNK_BYTES`, so that the dozens of passes over each chunk stay in the cache (one 224 px image
+per chunk: at that size each op's data, not its call, is the cost).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from onlinemix.photometric import (adjust_brightness_, adjust_contrast_, adjust_hue_, adjust_saturation_,
+                                   gaussian_blur, normalize_, solarize_, to_grayscale_)
+from onlinemix.resample import ResampleTable, resample, resample_table
+from onlinemix.view_params import ViewParams
+
+CPU_CHUNK_BYTES = 1 << 20  # float pixels per chunk on the CPU: with the temporaries, about one core's L2
+BLOCK_BYTES = 8 << 20      # float pixels resized per call
+_COLOUR_OPS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
+    adjust_brightness_, adjust_contrast_, adjust_saturation_, adjust_hue_)  # by ColorJitter's operation id
+_NO_JITTER = -1
+
+
+def jitter_order_codes(params: ViewParams) -> torch.Tensor:
+    """(B,) int64: one code per ColorJitter order (base-4 digits of the permutation), -1 without jitter."""
+    digits = params.order.to(torch.int64) * torch.tensor([64, 16, 4, 1], device=params.order.device)
+    return torch.where(params.jitter, digits.sum(dim=1), torch.full_like(params.jitter, _NO_JITTER,
+                                                                          dtype=torch.int64))
+
+
+def sample_groups(params: ViewParams, chunk: int, block: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """A permutation of the batch that puts samples sharing their ColorJitter order next to each other, and
+    the (start, length) ranges of the permuted batch that share one order, each at most `chunk` long and
+    none crossing a multiple of `block`."""
+    codes, perm = jitter_order_codes(params).sort(stable=True)
+    counts = torch.unique_consecutive(codes, return_counts=True)[1].tolist()
+    ranges, start = [], 0
+    for count in counts:
+        end = start + count
+        while start < end:
+            length = min(chunk, end - start, block - start % block)
+            ranges.append((start, length))
+            start += length
+    return perm, ranges
+
+
+def crop_tables(params: ViewParams) -> tuple[ResampleTable, ResampleTable]:
+    """The vertical and horizontal resampling tables of every sample's crop (the flip reverses the latter)."""
+    rows = resample_table(params.top, params.height, params.size, params.interpolation)
+    cols = resample_table(params.left, params.width, params.size, params.interpolation, reverse=params.flip)
+    return rows, cols
+
+
+def _is_whole_image(params: ViewParams, height: int, width: int) -> bool:
+    """Every box is the whole image and already at the output size: torchvision's resize returns it as is."""
+    return (height == width == params.size and bool((params.top == 0).all()) and bool((params.left == 0).all())
+            and bool((params.height == height).all()) and bool((params.width == width).all()))
+
+
+def _on_subset(x: torch.Tensor, mask: torch.Tensor,
+               fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Apply fn(rows, positions) in place to the rows of x where mask (n,) holds; returns x."""
+    positions = mask.nonzero().squeeze(1)
+    if positions.numel() == x.shape[0]:
+        result = fn(x, positions)
+        if result is not x:
+            x.copy_(result)
+    elif positions.numel():
+        x[positions] = fn(x[positions], positions)
+    return x
+
+
+def _colour_jitter_(x: torch.Tensor, params: ViewParams, factors: torch.Tensor) -> torch.Tensor:
+    """ColorJitter in the group's shared order (the group's first sample's)."""
+    if not bool(params.jitter[0]):
+        return x
+    for op in params.order[0].tolist():
+        if params.jitter_ops[op]:
+            _COLOUR_OPS[op](x, factors[:, op])
+    return x
+
+
+def _colour_group_(x: torch.Tensor, params: ViewParams, factors: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """float32 levels (n, 3, S, S) of samples sharing a ColorJitter order -> their normalised views, in place.
+
+    `params` is on the CPU (decisions); factors (n, 4) and sigma (n,) are on the levels' device.
+    """
+    x.mul_(1.0 / 255)  # v2.ToDtype(float32, scale=True)
+    _colour_jitter_(x, params, factors)
+    _on_subset(x, params.grayscale, lambda rows_, _: to_grayscale_(rows_))
+    _on_subset(x, params.blur, lambda rows_, at: gaussian_blur(rows_, sigma[at.to(x.device)], params.blur_kernel))
+    _on_subset(x, params.solarize, lambda rows_, _: solarize_(rows_))
+    return normalize_(x)
+
+
+def _block_levels(images: torch.Tensor, params: ViewParams, tables: list[ResampleTable] | None) -> torch.Tensor:
+    """Levels (n, 3, S, S) of a block: resized crops (float32), or the whole images flipped where drawn (uint8,
+    converted where they are used)."""
+    if tables is None:  # whole image at the output size: only the flip
+        return _on_subset(images, params.flip, lambda rows_, _: rows_.flip(-1))
+    return resample(images, *tables)
+
+
+def chunk_size(params: ViewParams, device: torch.device) -> int:
+    """Samples per group chunk: the whole batch on accelerators, cache-sized on the CPU."""
+    if device.type != "cpu":
+        return params.batch
+    return max(1, CPU_CHUNK_BYTES // (3 * params.size * params.size * 4))
+
+
+def augment_views(images: torch.Tensor, params: ViewParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> normalised (B, 3, S, S) of `dtype`, each image with its own parameters.
+
+    `params` may live on the CPU whatever the images' device (decisions read it there; the tables and
+    factors move to the images' device).
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected uint8 (B, 3, H, W) images, got {images.dtype} {tuple(images.shape)}")
+    if images.shape[0] != params.batch:
+        raise ValueError(f"{images.shape[0]} images for {params.batch} sets of parameters")
+    device = images.device
+    block = max(1, BLOCK_BYTES // (3 * params.size * params.size * 4))
+    perm, ranges = sample_groups(params.to("cpu"), chunk_size(params, device), block)
+    host = params.to("cpu").select(perm)  # grouped by ColorJitter order: each group is a slice
+    whole = _is_whole_image(host, images.shape[2], images.shape[3])
+    tables = None if whole else [t.to(device) for t in crop_tables(host)]
+    factors, sigma = host.factors().to(device), host.sigma.to(device)
+    out_rows = perm.tolist()
+    perm = perm.to(device)
+    out = torch.empty(host.batch, 3, host.size, host.size, dtype=dtype, device=device)
+    levels, block_start = None, 0
+    for start, length in ranges:
+        if start % block == 0:  # ranges never cross a block boundary, so each block begins with one
+            block_start = start
+            n = min(block, host.batch - block_start)
+            levels = _block_levels(images.index_select(0, perm.narrow(0, block_start, n)),
+                                   host.narrow(block_start, n),
+                                   None if tables is None else [t.narrow(block_start, n) for t in tables])
+        group = levels.narrow(0, start - block_start, length)
+        first = out_rows[start]
+        in_out = dtype == torch.float32 and out_rows[start:start + length] == list(range(first, first + length))
+        x = out.narrow(0, first, length).copy_(group) if in_out else group.to(torch.float32)
+        _colour_group_(x, host.narrow(start, length), factors.narrow(0, start, length), sigma.narrow(0, start, length))
+        if not in_out:
+            out.index_copy_(0, perm.narrow(0, start, length), x.to(dtype))
+    return out

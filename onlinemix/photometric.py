@@ -1,0 +1,128 @@
+"""Batched colour, blur and normalisation operations with per-sample factors, on float images in [0, 1].
+
+Each function is torchvision.transforms.v2.functional's operation of the same name with a (B,) tensor of
+factors instead of one float, written to work in place on (B, 3, H, W) float32 batches. They follow
+torchvision's definitions: brightness scales and clamps; contrast blends with the mean of the grayscale
+image; saturation blends with the grayscale image; hue rotates the HSV hue; grayscale uses
+(0.2989, 0.587, 0.114); blur convolves with a normalised Gaussian of torchvision's sampling over reflect
+padding; solarisation inverts values at or above the threshold. Hue uses the closed form of the HSV round
+trip (channel = V - (V - min) * clamp(min(k, 4 - k), 0, 1), k = (n + 6 H) mod 6), equal to torchvision's
+piecewise p/q/t selection up to float rounding (1e-6).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from onlinemix.augment import IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+_HUE_SEXTANT = (5.0, 3.0, 1.0)  # the HSV -> RGB offsets n of R, G, B
+_TINY = 1e-30
+
+
+def _per_sample(factor: torch.Tensor) -> torch.Tensor:
+    return factor.to(torch.float32).view(-1, 1, 1, 1)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 1, H, W) luma, in torchvision's order of operations."""
+    r, g, b = x.unbind(dim=1)
+    return r.mul(GRAY_WEIGHTS[0]).add_(g, alpha=GRAY_WEIGHTS[1]).add_(b, alpha=GRAY_WEIGHTS[2]).unsqueeze(1)
+
+
+def _blend_(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """x * ratio + other * (1 - ratio), clamped to [0, 1]."""
+    ratio = _per_sample(ratio)
+    return x.mul_(ratio).add_(other * (1.0 - ratio)).clamp_(0.0, 1.0)
+
+
+def adjust_brightness_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return x.mul_(_per_sample(factor)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend_(x, grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), factor)
+
+
+def adjust_saturation_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend_(x, grayscale(x), factor)
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """1.0 where a == b, else 0.0, written as float (a bool result takes a far slower path on CPUs)."""
+    return torch.eq(a, b, out=torch.empty_like(a))
+
+
+def adjust_hue_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue by `factor` (a fraction of the circle, in [-0.5, 0.5]); value and saturation stay.
+
+    Branch-free: which channel holds the maximum is a 0/1 float mask (R first, then G, as torchvision), and
+    the periodic ramp clamp(min(k, 4 - k), 0, 1) over k = (n + 6 H) mod 6 is clamp(2 - 6 d, 0, 1) with d
+    the distance of (k - 2) / 6 to the nearest integer, so no comparison-select or remainder runs on whole
+    images (both are several times slower than arithmetic on CPUs).
+    """
+    r, g, b = x.unbind(dim=1)
+    v, low = x.amax(dim=1), x.amin(dim=1)
+    span = v - low
+    inv = span.clamp_min(_TINY).reciprocal_()  # span 0: every difference below is 0 too
+    is_r = _equal(v, r)
+    is_g = _equal(v, g).mul_(1.0 - is_r)
+    sextant = (r - g).mul_(inv).add_(4.0)                                  # hue in sextants if B is the max,
+    sextant.addcmul_((b - r).mul_(inv).add_(2.0).sub_(sextant), is_g)     # if G is,
+    sextant.addcmul_((g - b).mul_(inv).sub_(sextant), is_r)               # if R is (any multiple of 6 off)
+    turns = sextant.add_(6.0 * _per_sample(factor).squeeze(1) - 2.0).mul_(1.0 / 6.0)
+    for channel, n in zip((r, g, b), _HUE_SEXTANT):
+        shifted = turns + n / 6.0
+        distance = torch.round(shifted).sub_(shifted).abs_()
+        ramp = torch.rsub(distance, 2.0, alpha=6.0).clamp_(0.0, 1.0)
+        torch.addcmul(v, ramp, span, value=-1.0, out=channel)
+    return x
+
+
+def to_grayscale_(x: torch.Tensor) -> torch.Tensor:
+    """rgb_to_grayscale with 3 output channels."""
+    return x.copy_(grayscale(x).expand_as(x))
+
+
+def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """(B,) sigmas -> (B, K) float32 1-D kernels, as torchvision's _get_gaussian_kernel1d computes them."""
+    lim = (kernel_size - 1) / (2.0 * 2.0 ** 0.5)
+    x = torch.linspace(-lim, lim, steps=kernel_size, dtype=torch.float32, device=sigma.device)
+    return torch.softmax(x[None].div(sigma.to(torch.float32)[:, None]).pow(2).neg(), dim=1)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Separable Gaussian blur with reflect padding, one sigma per sample: two passes of K multiply-adds."""
+    kernels = gaussian_kernels(sigma, kernel_size)
+    pad = kernel_size // 2
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    height, width = x.shape[-2:]
+    across = torch.zeros(*x.shape[:2], height + 2 * pad, width, dtype=x.dtype, device=x.device)
+    for k in range(kernel_size):
+        across.addcmul_(padded[..., k:k + width], kernels[:, k].view(-1, 1, 1, 1))
+    out = torch.zeros_like(x)
+    for k in range(kernel_size):
+        out.addcmul_(across[..., k:k + height, :], kernels[:, k].view(-1, 1, 1, 1))
+    return out
+
+
+def solarize_(x: torch.Tensor) -> torch.Tensor:
+    """Values >= 0.5 become 1 - x: the same as min(x, 1 - x), two cheap passes instead of a select."""
+    assert SOLARIZE_THRESHOLD == 0.5, "min(x, 1 - x) inverts exactly the values >= 0.5"
+    return torch.minimum(x, 1.0 - x, out=x)
+
+
+@functools.lru_cache(maxsize=None)
+def _imagenet_stats(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(IMAGENET_MEAN, dtype=dtype, device=device).view(3, 1, 1)
+    return mean, torch.tensor(IMAGENET_STD, dtype=dtype, device=device).view(3, 1, 1)
+
+
+def normalize_(x: torch.Tensor) -> torch.Tensor:
+    """ImageNet mean/std, as v2.Normalize: subtract, then divide."""
+    mean, std = _imagenet_stats(x.dtype, x.device)
+    return x.sub_(mean).div_(std)

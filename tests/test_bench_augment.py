@@ -1,0 +1,40 @@
+"""Smoke test of bench/augment.py: the quick run completes, reports every backend's rate (triton only with CUDA),
+judges every target and writes the JSON and the PNG. Timings are never asserted: they depend on the machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "augment.py"
+
+
+def test_quick_augment_benchmark_reports_every_rate(tmp_path: Path) -> None:
+    out = tmp_path / "a.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=SCRIPT.parent.parent,
+                          env={**os.environ, "TQDM_DISABLE": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["config"]["resolutions"] == [32] and res["meta"]["quick"] is True
+    assert {r["recipe"] for r in res["rows"]} == {"mixdiff_real", "mixdiff_synthetic", "dino_multicrop",
+                                                  "no_augmentation"}
+    for row in res["rows"]:
+        assert row["views_s"]["torchvision"] > 0 and row["views_s"]["torch"] > 0
+        assert row["torch_over_torchvision"] == row["views_s"]["torch"] / row["views_s"]["torchvision"]
+        assert (row["views_s"]["triton"] is None) == (not torch.cuda.is_available())
+    dino = next(r for r in res["rows"] if r["recipe"] == "dino_multicrop")
+    assert dino["views_per_image"] == 10
+    assert len(res["targets"]) == 3 and all(t["met"] in (True, False, None) for t in res["targets"])
+    assert res["targets"][0]["met"] is None  # the 224 px targets: not measured by a 32 px run
+    assert res["meta"]["device_name"] and res["meta"]["date"]
+    assert out.with_suffix(".png").stat().st_size > 0
+    verdicts = [line.split()[0] for line in proc.stdout.splitlines() if "torch" in line and "x" in line]
+    assert {"PASS", "MISS", "not"} & set(verdicts)
+    if not torch.cuda.is_available():
+        assert "triton      not measured here" in proc.stdout
