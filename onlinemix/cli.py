@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .cache import CacheError
 from .config import ConfigError, leaves, parse_value
 from .data import DataError
 
@@ -135,7 +136,7 @@ def run_command(run: Callable[[argparse.Namespace], object], args: argparse.Name
     stop_on_sigterm()
     try:
         run(args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+    except (CacheError, ConfigError, DataError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt as e:
         print(f"interrupted ({stopped_by(e).name})", file=sys.stderr)

@@ -134,6 +134,20 @@ def test_stats_guidance_is_checked_as_the_config_checks_generator_guidance(value
         in capsys.readouterr().err
 
 
+def test_stats_refuse_a_cache_in_the_old_layout_naming_migrate(tmp_path: Path) -> None:
+    cfg = Config()
+    cfg.data.resolution, cfg.train.width, cfg.output_dir = 16, 8, str(tmp_path)
+    save_file(build_backbone(cfg.train).state_dict(), str(tmp_path / "backbone.safetensors"))
+    save_config(cfg, tmp_path / "config.yaml")
+    key = cfg.cache_root() / cache_key("c" * 16, "digits")
+    key.mkdir(parents=True)  # as cache format 1 described a key: no version, "format": 1
+    (key / "generator.json").write_text(json.dumps({"format": 1, "resolution": 16, "fingerprint": "c" * 16,
+                                                    "dataset": "digits", "identity": {"guidance": 3.0}}))
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path), "--num-images", "8", "--guidance", "3"])
+    assert f"python -m onlinemix.cache migrate --cache.dir {cfg.cache_root()}" in str(e.value.code)
+
+
 def test_stats_command_bad_input(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path)])
