@@ -296,7 +296,7 @@ class Config:
         """An upper bound of one full cache shard on disk: its raw synthetic images (a JPEG shard is smaller),
         the .npy header and its commit record (ids, seeds, epochs, CRC32s and lengths as JSON, under 64 bytes
         an image)."""
-        return 128 + 256 + self.cache.shard_pairs * (3 * self.data.resolution ** 2 + 64)
+        return 128 + 256 + self.cache.shard_pairs * (3 * (self.data.stored_size or self.data.resolution) ** 2 + 64)
 
     def check_dataset_size(self, train_images: int, ranks: int) -> None:
         """Every step takes a whole global batch of distinct training images: the training split
