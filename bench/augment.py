@@ -40,10 +40,8 @@ from onlinemix.batch_augment import augment_views
 from onlinemix.view_params import view_generator
 from onlinemix.view_specs import ViewSpec, mixdiff_dino_specs, pair_specs, sample_specs
 
-from common import (Timer, cpu_snapshot, device_name, fill_defaults, import_pyplot, int_list, load_line,
-                    other_cores_since, run_meta, save_figure, save_results, setup_torch)
-
-BENCH_DIR = Path(__file__).resolve().parent
+from common import (BenchParser, Timer, cpu_snapshot, device_name, import_pyplot, int_list, load_line,
+                    other_cores_since, results_path, run_meta, save_figure, save_results, setup_torch)
 DEFAULTS = {  # (default run, --quick run)
     "resolutions": ("32,224", "32"),
     "batches": ("64,256", "8"),
@@ -74,12 +72,14 @@ RECIPES = ("mixdiff_real", "mixdiff_synthetic", "dino_multicrop", "no_augmentati
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench/augment.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="Views/s of torchvision per image, the batched torch backend and "
-                                            "the Triton kernels, per recipe, resolution and batch.",
-                                epilog="Flags left out take the default run's value, or the --quick value with "
-                                       "--quick. Results: a table on stdout, JSON at --out, a PNG next to it.")
-    q = lambda key: f"(default {DEFAULTS[key][0]} / quick {DEFAULTS[key][1]})"  # noqa: E731
+    p = BenchParser(
+        "bench/augment.py",
+        description="Views/s of torchvision per image, the batched torch backend and the Triton kernels, per "
+                    "recipe, resolution and batch.",
+        epilog="Flags left out take the default run's value, or the --quick value with --quick. Results: a "
+               "table on stdout, JSON at --out, a PNG next to it.",
+        defaults=DEFAULTS, quick_help="32 px, batch 8, one repeat: seconds")
+    q = p.default_note
     p.add_argument("--resolutions", default=None, help=f"comma-separated output sides R {q('resolutions')}")
     p.add_argument("--batches", default=None, help=f"comma-separated batch sizes {q('batches')}")
     p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of {RECIPES}")
@@ -89,13 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torchvision-seconds", type=float, default=None,
                    help=f"longest timed torchvision call, seconds, above the fewest images "
                         f"{q('torchvision_seconds')}")
-    p.add_argument("--device", default=None, help="torch backend's device (default cuda when available, else cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default 1 on the CPU)")
-    p.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "augment.json",
-                   help="JSON results; the PNG goes next to it (default bench/results/augment.json)")
-    p.add_argument("--quick", action="store_true", help="32 px, batch 8, one repeat: seconds")
-    args = p.parse_args(argv)
-    fill_defaults(args, DEFAULTS)
+    p.add_torch_flags("They run the torch backend; torchvision per image always runs on the CPU.")
+    args = p.parse(argv)
     args.resolutions = int_list(p, "--resolutions", args.resolutions)
     args.batches = int_list(p, "--batches", args.batches)
     args.recipes = [r for r in args.recipes.split(",") if r]
@@ -254,6 +249,7 @@ def plot(res: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = setup_torch(args.device, args.threads)
+    args.out = results_path(args.out, "bench/augment.py", device.type)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     load_before, before = os.getloadavg()[0], cpu_snapshot()

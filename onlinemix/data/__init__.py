@@ -24,7 +24,8 @@ import torch
 
 from ..config import DataConfig
 from .decode import DataError, LabelledImages, load_digits, load_image_source
-from .prepare import PrepareBusy, PrepareError, Settings, default_workers, prepare
+from .prepare import PrepareBusy, PrepareError, Settings, default_workers
+from .prepare import prepare as prepare_store  # the name `prepare` stays the submodule
 from .store import ImageStore, StoreError, check_resolution, is_image_store
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def prepared_store(cfg: DataConfig, store_root: Path) -> ImageStore:
     root = store_root / f"{Path(cfg.dataset.split('{')[0]).name or 'shards'}-{settings.format}{settings.size}-{digest}"
     while not is_image_store(root):
         try:
-            prepare(cfg.dataset, root, settings, default_workers())
+            prepare_store(cfg.dataset, root, settings, default_workers())
         except PrepareBusy:
             log.info("waiting for another process to finish preparing %s", root)
             time.sleep(PREPARE_POLL_S)
