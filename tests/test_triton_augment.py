@@ -36,5 +36,5 @@ def test_every_kernel_case_passes() -> None:
 
 
 def test_kernels_come_from_this_checkout() -> None:
-    """An editable install of another worktree would test other kernels; install this one (pip install -e .)."""
+    """An editable install of another checkout would test other kernels; install this one (pip install -e .)."""
     assert Path(onlinemix_kernels.__file__).resolve().parent == TESTS.parent / "kernels"
