@@ -47,20 +47,31 @@ def _load_rgb(path: Path, resolution: int) -> torch.Tensor:
         return _to_rgb_tensor(img, resolution, str(path))
 
 
-def _to_rgb_tensor(img: Image.Image, resolution: int, name: str) -> torch.Tensor:
-    """Decode any mode (grey, RGBA, palette, 16-bit) to RGB, resize the short side, centre crop."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: map the full range to 8 bits
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode to RGB: 16-bit grey mapped onto 8 bits (the full range, not clipped), alpha dropped,
+    palettes and CMYK converted. Stores and in-memory loading convert alike."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         img = Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8))
-    img = img.convert("RGB")
+    return img.convert("RGB")
+
+
+def square_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """(new width, new height, left, top): the short side scaled to ``size``, then the centre
+    ``size`` x ``size`` crop. One rounding for training images, RAW stores and squared JPEGs."""
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    return new_w, new_h, (new_w - size) // 2, (new_h - size) // 2
+
+
+def _to_rgb_tensor(img: Image.Image, resolution: int, name: str) -> torch.Tensor:
+    """Decode any mode (grey, RGBA, palette, 16-bit) to RGB, resize the short side, centre crop."""
+    img = to_rgb(img)
     w, h = img.size
     if w == 0 or h == 0:
         raise DataError(f"{name}: zero-size image")
-    scale = resolution / min(w, h)
-    img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
-                     Image.Resampling.BICUBIC)
-    w, h = img.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
+    new_w, new_h, left, top = square_geometry(w, h, resolution)
+    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
     img = img.crop((left, top, left + resolution, top + resolution))
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 

@@ -43,7 +43,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ..files import write_atomically
-from .decode import DataError, _to_rgb_tensor
+from .decode import DataError, _to_rgb_tensor, to_rgb
 from .store import (CHUNK_TABLE, CHUNKS_DIR, COMMITS_DIR, FORMAT_VERSION, FORMATS, INDEX_FILE, LABELS_FILE,
                          PREPARE_FILE, SKIPPED_FILE, STORE_FILE, chunk_path, commit_path, resume_command)
 from .sources import ChunkTask, Source, SourceImage, open_source
@@ -114,15 +114,6 @@ class PrepareResult:
 
 
 # ----------------------------------------------------------------------------- one image
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any mode to RGB as ``onlinemix.data`` converts it: 16-bit grey mapped onto 8 bits, alpha dropped,
-    palettes and CMYK converted."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8))
-    return img.convert("RGB")
-
 
 def capped(img: Image.Image, size: int) -> Image.Image:
     """The image with its longer side at most ``size``, aspect kept (bicubic, antialiased)."""

@@ -51,6 +51,8 @@ import numpy as np
 import torch
 from isal.isal_zlib import crc32
 
+from .decode import square_geometry
+
 FORMAT_VERSION = 1
 FORMATS = ("raw", "jpeg")
 STORE_FILE, PREPARE_FILE = "store.json", "prepare.json"
@@ -107,14 +109,6 @@ def read_header(root: Path) -> dict[str, Any]:
                          f"onlinemix reads ({FORMAT_VERSION}): upgrade onlinemix, or prepare the store again "
                          f"with this one")
     return header
-
-
-def square_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int]:
-    """(new width, new height, left, top): the short side scaled to ``size``, then the centre
-    ``size`` x ``size`` crop; the same rounding as ``onlinemix.data`` uses for training images."""
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    return new_w, new_h, (new_w - size) // 2, (new_h - size) // 2
 
 
 def square(image: torch.Tensor, size: int) -> torch.Tensor:
