@@ -264,9 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
         "targets": targets(rows, device),
     }
-    png = save_results(res, args.out, plot, _T0, started)
-    print(format_report(res))
-    print(f"wrote {args.out} and {png}; {res['meta']['wall_s']:.1f}s in all")
+    save_results(res, args.out, plot, format_report, _T0, started)
     return res
 
 

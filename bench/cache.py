@@ -374,9 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                                if k.startswith(fmt)) for r in rows)
                        for fmt in (*FORMATS, "png")}},
     }
-    png = save_results(res, out, plot, _T0, started)
-    print(format_report(res))
-    print(f"wrote {out} and {png}; {res['meta']['wall_s']:.1f}s in all")
+    save_results(res, out, plot, format_report, _T0, started)
     return res
 
 

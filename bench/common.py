@@ -230,11 +230,13 @@ def save_figure(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
-def save_results(res: dict[str, Any], out: Path, plot: Callable[[dict[str, Any], Path], None], t0: float,
-                 started: float | None = None) -> Path:
+def save_results(res: dict[str, Any], out: Path, plot: Callable[[dict[str, Any], Path], None],
+                 report: Callable[[dict[str, Any]], str], t0: float, started: float | None = None, *,
+                 gap: bool = False, after_imports: bool = False) -> None:
     """Plot ``res`` to the PNG next to ``out`` (named in ``res["plot"]``), add the run's wall time since ``t0``
     (and, when ``started`` is given, the time since then as "measure_s") to its meta, write it as JSON to
-    ``out`` and return the PNG's path."""
+    ``out``, then print ``report(res)`` and where the files went (after a blank line with ``gap``, with the
+    time after imports with ``after_imports``)."""
     png = out.with_suffix(".png")
     plot(res, png)
     res["plot"] = png.name  # next to the JSON
@@ -242,7 +244,10 @@ def save_results(res: dict[str, Any], out: Path, plot: Callable[[dict[str, Any],
     if started is not None:
         res["meta"]["measure_s"] = time.perf_counter() - started
     write_json(out, res)
-    return png
+    print(report(res))
+    times = f"{res['meta']['wall_s']:.1f}s in all" + (f", {res['meta']['measure_s']:.1f}s after imports"
+                                                      if after_imports else "")
+    print(("\n" if gap else "") + f"wrote {out} and {png}; {times}")
 
 
 class Timer:

@@ -946,9 +946,7 @@ def main(argv: list[str] | None = None) -> dict:
         and all(q["all_pairs_intact"] for b in blocks for q in b["queue"]),
     }
     res["meta"]["segments_left"] = own_segments()
-    png = save_results(res, out, plot, _T0)
-    print(format_report(res))
-    print(f"\nwrote {out} and {png}; {res['meta']['wall_s']:.1f}s in all")
+    save_results(res, out, plot, format_report, _T0, gap=True)
     return res
 
 

@@ -501,10 +501,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ring": ring,
         "split": split_model(training["img_s"], generation["best_img_s"], args.node_gpus, args.max_reuse),
     }
-    png = save_results(res, out, plot, _T0, started)
-    print(format_report(res))
-    print(f"\nwrote {out} and {png}; {res['meta']['wall_s']:.1f}s in all, "
-          f"{res['meta']['measure_s']:.1f}s after imports")
+    save_results(res, out, plot, format_report, _T0, started, gap=True, after_imports=True)
     return res
 
 
