@@ -257,7 +257,7 @@ def bench_ring(cfg, real: np.ndarray, synthetic: np.ndarray, write_batch: int, t
                 e = min(n, s + write_batch)
                 written = producer.write_pairs(real[s:e], synthetic[s:e], ids[s:e], ids[s:e], ids[s:e].tolist(),
                                                epochs[s:e], max_age)
-                if len(written) != e - s:
+                if written != e - s:
                     raise RuntimeError("the ring closed while a batch was written")
             t1 = time.perf_counter()
             for s in range(0, n, take_batch):
