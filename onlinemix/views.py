@@ -46,7 +46,7 @@ from .batch_augment import augment_views
 from .config import Config, ConfigError, TrainConfig
 from .pairs import PairImages
 from .registry import PAIRINGS
-from .view_params import sample_view_params
+from .view_params import ViewParams, sample_view_params
 from .view_specs import ViewSpec, mixdiff_dino_specs, multicrop_specs, pair_specs
 
 # ----------------------------------------------------------------------------- pairings
@@ -246,18 +246,18 @@ class BatchedViews:
 
     def __call__(self, images: torch.Tensor, synthetic: torch.Tensor, real: ViewSpec, other: ViewSpec) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
+        if real == other:  # one recipe for every row: no split, no scatter
+            return self.run(images, self.params(real, images, len(images)))
         out = torch.empty(len(images), 3, real.size, real.size, device=self.device)
-        for spec, rows in ((real, ~synthetic), (other, synthetic)) if real != other else ((real, None),):
-            index = None if rows is None else rows.nonzero().flatten()
-            n = len(images) if index is None else len(index)
-            if n == 0:
-                continue
-            params = sample_view_params(spec.recipe, n, images.shape[2], images.shape[3], spec.size, self.generator)
-            if index is None:
-                out = self.run(images, params)
-            else:
-                out[index.to(self.device)] = self.run(images.index_select(0, index.to(self.device)), params)
+        for spec, rows in ((real, ~synthetic), (other, synthetic)):
+            index = rows.nonzero().flatten().to(self.device)
+            if len(index):
+                out[index] = self.run(images.index_select(0, index), self.params(spec, images, len(index)))
         return out
+
+    def params(self, spec: ViewSpec, images: torch.Tensor, n: int) -> ViewParams:
+        """``n`` samples of ``spec``'s parameters for crops of ``images``' size, from this backend's generator."""
+        return sample_view_params(spec.recipe, n, images.shape[2], images.shape[3], spec.size, self.generator)
 
 
 ViewBackend = PerImageViews | BatchedViews
