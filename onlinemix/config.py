@@ -177,7 +177,12 @@ class TrainConfig:
     prefetch: int = opt(2, "batches the input pipeline makes ahead on a worker thread (pair lookup, gather, views, "
                         "copy to the device) while the current step runs; 0 = each batch in the training loop",
                         low=0, high=64)
-    checkpoint_every: int = opt(0, "save a checkpoint every N steps (0 = only at the end)", low=0)
+    checkpoint_every: int = opt(0, "save a checkpoint every N steps (0 = by time only, and at the end)", low=0)
+    checkpoint_every_s: float = opt(1800.0, "also save one when this many seconds have passed since the last (or "
+                                    "the start): a run killed without warning loses at most that much; 0 = off",
+                                    low=0.0)
+    keep_checkpoints: int = opt(2, "complete checkpoints kept in the run directory, the newest; older ones are "
+                                "deleted once a newer one is complete; 0 = keep all", low=0, high=1_000_000)
     log_every: int = opt(10, "write a metrics line every N steps", low=1)
 
 

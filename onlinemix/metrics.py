@@ -92,6 +92,15 @@ class RunMetrics:
                 log.info("epoch %d: %s top-1 %.2f%% on held-out real images", epoch, label, values[f"{name}_top1"])
         self._epoch = self._empty_epoch()
 
+    def state(self) -> dict:
+        """The running totals and the current epoch's sums, which a run resumed mid-epoch continues."""
+        return {"totals": self.totals, "epoch": {k: v for k, v in self._epoch.items() if k != "started"}}
+
+    def restore(self, state: dict) -> None:
+        """Continue from :meth:`state` of a checkpoint (the epoch's time counts from now)."""
+        self.totals.update(state["totals"])
+        self._epoch.update(state["epoch"])
+
     def postfix(self, loss: float) -> dict[str, str | int]:
         out: dict[str, str | int] = {"loss": f"{loss:.3f}", **self.totals}
         if self.port is not None:
