@@ -42,7 +42,8 @@ STEPS_PER_EPOCH = 45 // BATCH
 def tiny(cache: Path, out: Path, *extra: str) -> list[str]:
     return [*(f"--{k}={v}" for k, v in DATA.items()), "--train.width", "4", "--train.batch-size", str(BATCH),
             "--train.epochs", "2", "--train.cpu-threads", "1", "--probe.enabled", "false", "--probe.knn-every", "0",
-            "--offline", "--gen-gpus", "0", "--cache.dir", str(cache), "--output-dir", str(out), *extra]
+            "--dino.local-crops", "2", "--offline", "--gen-gpus", "0", "--cache.dir", str(cache), "--output-dir", str(out),
+            *extra]
 
 
 @pytest.fixture(scope="session")
