@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from onlinemix.files import write_json
 
-from common import RESULTS_DIR
+from common import NOT_MEASURED, RESULTS_DIR
 
 BENCH_DIR = Path(__file__).resolve().parent
 FAILED = "FAILED"
@@ -125,7 +125,7 @@ def format_summary(summary: dict) -> str:
         lines.append(f"| {r['bench']} | {r['seconds']:.0f} | {load} | {files} |")
     counts = {s: sum(row["status"] == s for row in summary["rows"]) for s in ("PASS", "MISS", FAILED)}
     lines += ["", f"{counts['PASS']} PASS, {counts['MISS']} MISS, "
-                  f"{sum(row['status'] == 'not measured here' for row in summary['rows'])} not measured here, "
+                  f"{sum(row['status'] == NOT_MEASURED for row in summary['rows'])} {NOT_MEASURED}, "
                   f"{counts[FAILED]} failed"]
     return "\n".join(lines)
 
