@@ -88,8 +88,10 @@ def run_bench(bench: Bench, out_dir: Path, quick: bool) -> dict:
         why = f"exit status {proc.returncode}" if proc.returncode else f"wrote no {out.name}"
         return {**row, "status": FAILED, "error": f"{why}: {last_line(log.read_text(errors='replace'))}"}
     res = json.loads(out.read_text())
+    if not isinstance(res.get("targets"), list):
+        return {**row, "status": FAILED, "error": f"{out.name} has no \"targets\" list: list them with common.target"}
     return {**row, "status": "ok", "json": out.name, "plot": res.get("plot"), "targets": res["targets"],
-            "other_processes_cores": res["meta"].get("other_processes_cores")}
+            "other_processes_cores": res.get("meta", {}).get("other_processes_cores")}
 
 
 def summary_rows(results: list[dict]) -> list[dict]:

@@ -25,8 +25,9 @@ targets = [target("ratio on this machine", 2.0, 1.5, detail="quick" if "--quick"
 json.dump({{"meta": {{"other_processes_cores": 0.1}}, "targets": targets, "plot": None}}, open(out, "w"))
 '''
 FAILS = 'import sys\nprint("loading the model...")\nsys.exit("error: no file named model_index.json in /models/sd")\n'
-NO_TARGET = ('import json, sys\njson.dump({"meta": {}, "targets": []}, '
-             'open(sys.argv[sys.argv.index("--out") + 1], "w"))\n')
+WRITES = 'import json, sys\njson.dump({}, open(sys.argv[sys.argv.index("--out") + 1], "w"))\n'
+NO_TARGET = WRITES.format('{"meta": {}, "targets": []}')
+UNLISTED = WRITES.format('{"meta": {}}')
 
 
 @pytest.fixture
@@ -37,27 +38,29 @@ def runner(monkeypatch):
 
 
 def test_a_failing_script_is_reported_and_the_others_still_run(runner, tmp_path: Path) -> None:
-    scripts = {"fails": FAILS, "reports": REPORTS.format(bench=str(BENCH)), "plain": NO_TARGET}
+    scripts = {"fails": FAILS, "reports": REPORTS.format(bench=str(BENCH)), "plain": NO_TARGET, "unlisted": UNLISTED}
     for name, text in scripts.items():
         (tmp_path / f"{name}.py").write_text(text)
     benches = tuple(runner.Bench(name, f"what {name} measures", tmp_path / f"{name}.py") for name in scripts)
     summary = runner.run_benches(benches, tmp_path / "out", True, "python -m bench --quick", "cpu-2core")
 
-    assert [r["bench"] for r in summary["benches"]] == ["fails", "reports", "plain"]
-    fails, reports, _ = summary["benches"]
+    assert [r["bench"] for r in summary["benches"]] == ["fails", "reports", "plain", "unlisted"]
+    fails, reports, _, unlisted = summary["benches"]
     assert fails["status"] == "FAILED" and fails["returncode"] == 1
     assert fails["error"] == "exit status 1: error: no file named model_index.json in /models/sd"
     assert (tmp_path / "out" / "fails.log").read_text().startswith("loading the model...")
     assert reports["targets"][0]["detail"] == "quick"  # --quick reached the script
+    assert unlisted["status"] == "FAILED" and 'unlisted.json has no "targets" list' in unlisted["error"]
     assert [(r["bench"], r["status"]) for r in summary["rows"]] == [
-        ("fails", "FAILED"), ("reports", "PASS"), ("reports", "not measured here"), ("plain", "no target")]
+        ("fails", "FAILED"), ("reports", "PASS"), ("reports", "not measured here"), ("plain", "no target"),
+        ("unlisted", "FAILED")]
     assert runner.exit_status(summary) == 1
 
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["rows"] == summary["rows"]
     table = (tmp_path / "out" / "summary.md").read_text()
     assert "| reports | PASS | ratio on this machine | 2 | >= 1.5 |" in table
     assert "| reports | not measured here | ratio on a GPU |  | >= 3 |" in table
-    assert "1 PASS, 0 MISS, 1 not measured here, 1 failed" in table
+    assert "1 PASS, 0 MISS, 1 not measured here, 2 failed" in table
 
 
 def test_only_names_the_unknown_benchmark(runner, capsys) -> None:
