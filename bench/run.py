@@ -33,6 +33,7 @@ from onlinemix.files import write_json
 from common import NOT_MEASURED, RESULTS_DIR
 
 BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
 FAILED = "FAILED"
 NO_TARGET = "no target"
 
@@ -68,6 +69,13 @@ def device_label() -> str:
     return f"cpu-{os.cpu_count()}core"
 
 
+def shown(path: Path) -> Path:
+    """``path`` relative to the repository when it lies inside (the scripts run there), so that commands, logs
+    and JSON name no particular checkout."""
+    path = path.resolve()
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
+
+
 def last_line(text: str) -> str:
     """The last non-blank line of a script's output: its error, when it failed."""
     return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "no output")
@@ -77,10 +85,10 @@ def run_bench(bench: Bench, out_dir: Path, quick: bool) -> dict:
     """Run one script in its own process; what it reported, or why it failed."""
     out, log = out_dir / f"{bench.name}.json", out_dir / f"{bench.name}.log"
     out.unlink(missing_ok=True)  # a result of an earlier run must not pass for this one
-    command = [sys.executable, str(bench.path), *(["--quick"] if quick else []), "--out", str(out)]
+    command = [sys.executable, str(shown(bench.path)), *(["--quick"] if quick else []), "--out", str(shown(out))]
     started = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=BENCH_DIR.parent,
+        proc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
                               env={**os.environ, "TQDM_DISABLE": "1"})
     row = {"bench": bench.name, "about": bench.about, "command": " ".join(command[1:]), "log": log.name,
            "seconds": time.perf_counter() - started, "returncode": proc.returncode}
