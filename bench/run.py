@@ -118,6 +118,11 @@ def summary_rows(results: list[dict]) -> list[dict]:
     return rows
 
 
+def cell(text: str) -> str:
+    """``text`` in a Markdown table cell (a "|" in it escaped)."""
+    return text.replace("|", r"\|")
+
+
 def format_summary(summary: dict) -> str:
     """The summary as Markdown: where and how it ran, the target table, each script's time, load and files."""
     m = summary["meta"]
@@ -125,9 +130,9 @@ def format_summary(summary: dict) -> str:
              f"`{m['command']}`, {m['date']}, {m['cpu_count']} logical cores" + (", --quick" if m["quick"] else ""),
              "", "| bench | status | target | value | goal |", "|---|---|---|---:|---|"]
     for row in summary["rows"]:
-        value = "" if row["value"] is None else f"{row['value']:.3g}"
+        value = "" if row["value"] is None else f"{row['value']:#.3g}"
         goal = "" if row["goal"] is None else f"{row['op']} {row['goal']:g}"
-        lines.append(f"| {row['bench']} | {row['status']} | {row['target'].replace('|', '/')} | {value} | {goal} |")
+        lines.append(f"| {row['bench']} | {row['status']} | {cell(row['target'])} | {value} | {goal} |")
     lines += ["", "| bench | seconds | other processes' cores | files |", "|---|---:|---:|---|"]
     for r in summary["benches"]:
         load = "" if r.get("other_processes_cores") is None else f"{r['other_processes_cores']:.2f}"
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)])
     summary = run_benches(benches, out_dir, args.quick, command, device)
     print(format_summary(summary))
-    print(f"\nwrote {out_dir}/summary.md, summary.json and each benchmark's JSON, PNG and log")
+    print(f"\nwrote {shown(out_dir)}/summary.md, summary.json and each benchmark's JSON, PNG and log")
     return exit_status(summary)
 
 

@@ -58,7 +58,7 @@ def test_a_failing_script_is_reported_and_the_others_still_run(runner, tmp_path:
 
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["rows"] == summary["rows"]
     table = (tmp_path / "out" / "summary.md").read_text()
-    assert "| reports | PASS | ratio on this machine | 2 | >= 1.5 |" in table
+    assert "| reports | PASS | ratio on this machine | 2.00 | >= 1.5 |" in table
     assert "| reports | not measured here | ratio on a GPU |  | >= 3 |" in table
     assert "1 PASS, 0 MISS, 1 not measured here, 2 failed" in table
 
