@@ -130,7 +130,7 @@ def format_summary(summary: dict) -> str:
              f"`{m['command']}`, {m['date']}, {m['cpu_count']} logical cores" + (", --quick" if m["quick"] else ""),
              "", "| bench | status | target | value | goal |", "|---|---|---|---:|---|"]
     for row in summary["rows"]:
-        value = "" if row["value"] is None else f"{row['value']:#.3g}"
+        value = "" if row["value"] is None else f"{row['value']:#.3g}".rstrip(".")  # 1.00, 268
         goal = "" if row["goal"] is None else f"{row['op']} {row['goal']:g}"
         lines.append(f"| {row['bench']} | {row['status']} | {cell(row['target'])} | {value} | {goal} |")
     lines += ["", "| bench | seconds | other processes' cores | files |", "|---|---:|---:|---|"]
