@@ -10,7 +10,9 @@ Four measurements, each on the current device:
    bare ``pipe(...)`` call on already-preprocessed pixels, per batch size, and their ratio;
 2. training: real images/s of the product's trainer step (``Trainer.augment`` then
    ``Trainer.train_step``: the configured method, view recipes and optimizer), pairs held in memory
-   (no ring);
+   (no ring); and the step cost: a MixDiff step with its pairs ready (read from a warm disk cache, as
+   offline training does) against a plain SimCLR step (``train.pairing real``) on the same batches, in
+   turns (target: <= 1.05x);
 3. ring: pairs/s through ``PairRing`` (``ProducerPort.write_pairs``: reserve, write, one
    ``publish_many`` per batch; then take) against a plain numpy
    copy of the same bytes with the same batching;
