@@ -91,8 +91,10 @@ def _check_explicit(node: NodeLaunch, devices: list[str]) -> list[str]:
             continue
         index = int(device.split(":")[1])
         if node.visible_gpus == 0:
-            raise DeviceError(f"gen_devices names {device}, but no CUDA device is visible to this process "
-                              f"(CUDA_VISIBLE_DEVICES={node.cuda_visible_devices!r}); use cpu, or fix the GPU setup")
+            where = ("CUDA_VISIBLE_DEVICES is not set" if node.cuda_visible_devices is None
+                     else f"CUDA_VISIBLE_DEVICES={node.cuda_visible_devices!r}")
+            raise DeviceError(f"gen_devices names {device}, but no CUDA device is visible to this process ({where}); "
+                              "use cpu, or fix the GPU setup")
         if index >= node.visible_gpus:
             raise DeviceError(f"gen_devices names {device}, but {node.visible_clause()}, so the indices are "
                               f"cuda:0..cuda:{node.visible_gpus - 1} (counted within CUDA_VISIBLE_DEVICES when it "
