@@ -123,8 +123,8 @@ def test_gpu_check_stops_at_once_without_a_gpu(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ two nodes on one machine
 
 TINY = ["--train.batch-size", "32", "--data.resolution", "16", "--data.real-fraction", "0.1",
-        "--probe.knn-every", "0", "--probe.enabled", "false", "--generator.batch-size", "8", "--ring.slots", "128",
-        "--run-name", "two"]
+        "--probe.knn-every", "0", "--probe.enabled", "false", "--generator.batch-size", "8", "--generator.steps", "2",
+        "--ring.slots", "128", "--train.width", "8", "--train.log-every", "1", "--run-name", "two"]
 
 
 def free_port() -> int:
@@ -222,7 +222,7 @@ def _children(pid: int) -> set[int]:
 def test_a_trainer_rank_killed_on_one_node_stops_the_other_node(tmp_path: Path, no_leaked_segments) -> None:
     """SIGKILL of node 1's trainer rank: node 0's rank, both producers and both launchers end, bounded in time,
     and no ring is left (node 1's goes with its creator's resource tracker)."""
-    procs = start_nodes(tmp_path, "--train.epochs", "50")
+    procs = start_nodes(tmp_path, "--train.epochs", "50", "--staleness.policy", "real")
     try:
         deadline = time.monotonic() + 180
         metrics = tmp_path / "node0" / "two" / "metrics.jsonl"
