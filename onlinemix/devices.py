@@ -72,9 +72,8 @@ def producer_devices(node: NodeLaunch, gen_gpus: int, gen_devices: list[str], co
     if node.cuda_visible_devices is not None:
         where = "gpu_ids in the accelerate config" if node.launcher == "accelerate" else "CUDA_VISIBLE_DEVICES"
         fixes.append(f"list {t + k} GPUs in {where} (trainers take the first {t}, producers the next {k})")
-    if t >= v:
-        fixes.append(f"start {max(v - k, 0)} trainer process(es) per node with {node.trainer_processes_flag()}"
-                     if v > k else f"start fewer trainer processes per node ({node.trainer_processes_flag()})")
+    if t >= v > k:
+        fixes.append(f"start {v - k} trainer process(es) per node with {node.trainer_processes_flag()}")
     if v > t:
         fixes.append(f"lower {count_name} to {v - t}")
     fixes.append(f"place the producers yourself with --gen-devices (e.g. --gen-devices cuda:{v - 1}, sharing a "

@@ -59,6 +59,15 @@ def test_accelerate_num_processes_taking_every_gpu_says_how_many_trainers_fit() 
     assert "lower gen_gpus" not in message  # no GPU is left over for any producer
 
 
+def test_one_gpu_for_a_trainer_and_a_producer_points_to_gen_devices() -> None:
+    with pytest.raises(DeviceError) as e:
+        producer_devices(node(1, 1, launcher="python"), 1, [])
+    message = str(e.value)
+    assert message.endswith("needs 2 GPUs, but 1 GPU(s) are visible; place the producers yourself with "
+                            "--gen-devices (e.g. --gen-devices cuda:0, sharing a trainer's GPU)")
+    assert "trainer process(es)" not in message and "lower gen_gpus" not in message
+
+
 def test_cuda_visible_devices_subset_is_named_as_the_cause() -> None:
     with pytest.raises(DeviceError) as e:
         producer_devices(node(2, 2, cvd="0,1", launcher="torchrun"), 2, [])
