@@ -205,6 +205,8 @@ def worker_main(spec: WorkerSpec, failures: Connection) -> None:
     cfg = spec.cfg
     if spec.device == "cpu":
         torch.set_num_threads(cfg.generator.cpu_threads)
+    elif cfg.producer.memory_fraction:  # a GPU shared with a trainer: keep to a share of it
+        torch.cuda.set_per_process_memory_fraction(cfg.producer.memory_fraction, torch.device(spec.device))
     alive = lambda: os.getppid() == spec.parent_pid  # noqa: E731
     ready = False
     try:
