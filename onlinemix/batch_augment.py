@@ -21,7 +21,7 @@ import torch
 
 from onlinemix.photometric import (adjust_brightness_, adjust_contrast_, adjust_hue_, adjust_saturation_,
                                    gaussian_blur, normalize_, solarize_, to_grayscale_)
-from onlinemix.resample import ResampleTable, resample, resample_table
+from onlinemix.resample import ResampleTable, resample, resample_table, resized_crops
 from onlinemix.view_params import ViewParams
 
 CPU_CHUNK_BYTES = 1 << 20  # float pixels per chunk on the CPU: with the temporaries, about one core's L2
@@ -29,6 +29,7 @@ BLOCK_BYTES = 8 << 20      # float pixels resized per call
 _COLOUR_OPS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
     adjust_brightness_, adjust_contrast_, adjust_saturation_, adjust_hue_)  # by ColorJitter's operation id
 _NO_JITTER = -1
+_TO_UNIT = 1.0 / 255  # v2.ToDtype(float32, scale=True): levels (uint8, or float32 integers) times this
 
 
 def jitter_order_codes(params: ViewParams) -> torch.Tensor:
@@ -91,11 +92,11 @@ def _colour_jitter_(x: torch.Tensor, params: ViewParams, factors: torch.Tensor) 
 
 
 def _colour_group_(x: torch.Tensor, params: ViewParams, factors: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """float32 levels (n, 3, S, S) of samples sharing a ColorJitter order -> their normalised views, in place.
+    """float32 values in [0, 1] (n, 3, S, S) of samples sharing a ColorJitter order -> their normalised views,
+    in place.
 
-    `params` is on the CPU (decisions); factors (n, 4) and sigma (n,) are on the levels' device.
+    `params` is on the CPU (decisions); factors (n, 4) and sigma (n,) are on the values' device.
     """
-    x.mul_(1.0 / 255)  # v2.ToDtype(float32, scale=True)
     _colour_jitter_(x, params, factors)
     _on_subset(x, params.grayscale, lambda rows_, _: to_grayscale_(rows_))
     _on_subset(x, params.blur, lambda rows_, at: gaussian_blur(rows_, sigma[at.to(x.device)], params.blur_kernel))
@@ -103,12 +104,18 @@ def _colour_group_(x: torch.Tensor, params: ViewParams, factors: torch.Tensor, s
     return normalize_(x)
 
 
-def _block_levels(images: torch.Tensor, params: ViewParams, tables: list[ResampleTable] | None) -> torch.Tensor:
-    """Levels (n, 3, S, S) of a block: resized crops (float32), or the whole images flipped where drawn (uint8,
-    converted where they are used)."""
-    if tables is None:  # whole image at the output size: only the flip
-        return _on_subset(images, params.flip, lambda rows_, _: rows_.flip(-1))
-    return resample(images, *tables)
+def crop_boxes(params: ViewParams) -> torch.Tensor:
+    """(B, 4) int64: each sample's crop box as (top, left, height, width)."""
+    return torch.stack([params.top, params.left, params.height, params.width], dim=1)
+
+
+def _block_levels(images: torch.Tensor, index: torch.Tensor, params: ViewParams,
+                  tables: list[ResampleTable] | None) -> torch.Tensor:
+    """Levels (n, 3, S, S) of the block of sources images[index], flipped where drawn: float32 from the tables,
+    or uint8 from torchvision's own resize where there are none (converted where they are used)."""
+    if tables is None:
+        return resized_crops(images, index.cpu(), crop_boxes(params), params.flip, params.size, params.interpolation)
+    return resample(images.index_select(0, index), *tables)
 
 
 def chunk_size(params: ViewParams, device: torch.device) -> int:
@@ -132,8 +139,8 @@ def augment_views(images: torch.Tensor, params: ViewParams, dtype: torch.dtype =
     block = max(1, BLOCK_BYTES // (3 * params.size * params.size * 4))
     perm, ranges = sample_groups(params.to("cpu"), chunk_size(params, device), block)
     host = params.to("cpu").select(perm)  # grouped by ColorJitter order: each group is a slice
-    whole = _is_whole_image(host, images.shape[2], images.shape[3])
-    tables = None if whole else [t.to(device) for t in crop_tables(host)]
+    native = device.type == "cpu" or _is_whole_image(host, images.shape[2], images.shape[3])
+    tables = None if native else [t.to(device) for t in crop_tables(host)]
     factors, sigma = host.factors().to(device), host.sigma.to(device)
     out_rows = perm.tolist()
     perm = perm.to(device)
@@ -143,13 +150,12 @@ def augment_views(images: torch.Tensor, params: ViewParams, dtype: torch.dtype =
         if start % block == 0:  # ranges never cross a block boundary, so each block begins with one
             block_start = start
             n = min(block, host.batch - block_start)
-            levels = _block_levels(images.index_select(0, perm.narrow(0, block_start, n)),
-                                   host.narrow(block_start, n),
+            levels = _block_levels(images, perm.narrow(0, block_start, n), host.narrow(block_start, n),
                                    None if tables is None else [t.narrow(block_start, n) for t in tables])
         group = levels.narrow(0, start - block_start, length)
         first = out_rows[start]
         in_out = dtype == torch.float32 and out_rows[start:start + length] == list(range(first, first + length))
-        x = out.narrow(0, first, length).copy_(group) if in_out else group.to(torch.float32)
+        x = torch.mul(group, _TO_UNIT, out=out.narrow(0, first, length)) if in_out else group.mul(_TO_UNIT)
         _colour_group_(x, host.narrow(start, length), factors.narrow(0, start, length), sigma.narrow(0, start, length))
         if not in_out:
             out.index_copy_(0, perm.narrow(0, start, length), x.to(dtype))
