@@ -2,13 +2,16 @@
 
 It defines what a view is for every batched backend: the Triton kernels (`onlinemix_kernels.augment`) are
 tested against it. Operations run in torchvision's order (augment.build_transform): crop + resize on
-uint8 (`resample`, equal to torchvision bit for bit), flip, scaling to [0, 1], ColorJitter's four
-operations in each sample's drawn order, grayscale, Gaussian blur, solarisation, ImageNet normalisation.
+uint8 (equal to torchvision bit for bit), flip, scaling to [0, 1] (one op with the conversion to float),
+ColorJitter's four operations in each sample's drawn order, grayscale, Gaussian blur, solarisation,
+ImageNet normalisation.
 
 The batch is sorted once by ColorJitter order (24 permutations, plus "no jitter"). Crops are resized a
-block of the sorted batch at a time (`BLOCK_BYTES` of float pixels: few calls per view); then each group
-of samples sharing an order gets every colour operation as one in-place tensor op, and grayscale, blur
-and solarisation touch the subset of the group that draws them. On the CPU, groups are cut into chunks of
+block of the sorted batch at a time (`BLOCK_BYTES` of float pixels): on the CPU by torchvision's own uint8
+kernel (`resample.resized_crops`, a call per sample, or one when the block shares a box), elsewhere by the
+gathered tables (`resample.resample`: few calls per view). Then each group of
+samples sharing an order gets every colour operation as one in-place tensor op, and grayscale, blur and
+solarisation touch the subset of the group that draws them. On the CPU, groups are cut into chunks of
 about `CPU_CHUNK_BYTES`, so that the dozens of passes over each chunk stay in the cache (one 224 px image
 per chunk: at that size each op's data, not its call, is the cost).
 """
@@ -25,7 +28,8 @@ from onlinemix.resample import ResampleTable, resample, resample_table, resized_
 from onlinemix.view_params import ViewParams
 
 CPU_CHUNK_BYTES = 1 << 20  # float pixels per chunk on the CPU: with the temporaries, about one core's L2
-BLOCK_BYTES = 8 << 20      # float pixels resized per call
+BLOCK_BYTES = 8 << 20      # float pixels resized per call of the tables' resize
+NATIVE_RESIZE_DEVICES = ("cpu",)  # where torchvision's own resize kernel, per sample, beats the tables' gathers
 _COLOUR_OPS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
     adjust_brightness_, adjust_contrast_, adjust_saturation_, adjust_hue_)  # by ColorJitter's operation id
 _NO_JITTER = -1
@@ -136,11 +140,12 @@ def augment_views(images: torch.Tensor, params: ViewParams, dtype: torch.dtype =
     if images.shape[0] != params.batch:
         raise ValueError(f"{images.shape[0]} images for {params.batch} sets of parameters")
     device = images.device
+    host = params.to("cpu")
     block = max(1, BLOCK_BYTES // (3 * params.size * params.size * 4))
-    perm, ranges = sample_groups(params.to("cpu"), chunk_size(params, device), block)
-    host = params.to("cpu").select(perm)  # grouped by ColorJitter order: each group is a slice
-    native = device.type == "cpu" or _is_whole_image(host, images.shape[2], images.shape[3])
-    tables = None if native else [t.to(device) for t in crop_tables(host)]
+    perm, ranges = sample_groups(host, chunk_size(params, device), block)
+    use_tables = device.type not in NATIVE_RESIZE_DEVICES and not _is_whole_image(host, *images.shape[2:])
+    host = host.select(perm)  # grouped by ColorJitter order: each group is a slice
+    tables = [t.to(device) for t in crop_tables(host)] if use_tables else None
     factors, sigma = host.factors().to(device), host.sigma.to(device)
     out_rows = perm.tolist()
     perm = perm.to(device)

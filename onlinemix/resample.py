@@ -193,13 +193,9 @@ def resized_crops(images: torch.Tensor, index: torch.Tensor, boxes: torch.Tensor
         return _flip_where_(resized_crop_image(sources, *boxes[0].tolist(), [size, size], interpolation=mode,
                                                antialias=True), flip)
     out = torch.empty(len(index), images.shape[1], size, size, dtype=torch.uint8, device=images.device)
-    mirrored = torch.arange(size - 1, -1, -1, device=images.device)
     for row, (source, box, mirror) in enumerate(zip(index.tolist(), boxes.tolist(), flip.tolist())):
         crop = resized_crop_image(images[source], *box, [size, size], interpolation=mode, antialias=True)
-        if mirror:
-            torch.index_select(crop, -1, mirrored, out=out[row])
-        else:
-            out[row].copy_(crop)
+        out[row].copy_(crop.flip(-1) if mirror else crop)  # flip's last-dim kernel, not a gather
     return out
 
 
