@@ -19,6 +19,7 @@ per chunk: at that size each op's data, not its call, is the cost).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -72,39 +73,61 @@ def _is_whole_image(params: ViewParams, height: int, width: int) -> bool:
             and bool((params.height == height).all()) and bool((params.width == width).all()))
 
 
-def _on_subset(x: torch.Tensor, mask: torch.Tensor,
+@dataclass(frozen=True)
+class _Decisions:
+    """The per-sample choices of (part of) the sorted batch as Python lists, read per group without tensor
+    calls (at 224 px a group is one view, and those calls cost about 40 us of it)."""
+
+    jitter: list[bool]
+    order: list[list[int]]
+    grayscale: list[bool]
+    blur: list[bool]
+    solarize: list[bool]
+
+    @classmethod
+    def of(cls, params: ViewParams) -> _Decisions:
+        return cls(params.jitter.tolist(), params.order.tolist(), params.grayscale.tolist(), params.blur.tolist(),
+                   params.solarize.tolist())
+
+    def narrow(self, start: int, length: int) -> _Decisions:
+        return _Decisions(*(getattr(self, f.name)[start:start + length] for f in fields(self)))
+
+
+def _on_subset(x: torch.Tensor, mask: list[bool],
                fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Apply fn(rows, positions) in place to the rows of x where mask (n,) holds; returns x."""
-    positions = mask.nonzero().squeeze(1)
-    if positions.numel() == x.shape[0]:
-        result = fn(x, positions)
+    if all(mask):
+        result = fn(x, torch.arange(len(mask), device=x.device))
         if result is not x:
             x.copy_(result)
-    elif positions.numel():
-        x[positions] = fn(x[positions], positions)
+    elif any(mask):
+        positions = torch.tensor([i for i, chosen in enumerate(mask) if chosen], device=x.device)
+        x.index_copy_(0, positions, fn(x.index_select(0, positions), positions))
     return x
 
 
-def _colour_jitter_(x: torch.Tensor, params: ViewParams, factors: torch.Tensor) -> torch.Tensor:
+def _colour_jitter_(x: torch.Tensor, params: ViewParams, decisions: _Decisions, factors: torch.Tensor) -> torch.Tensor:
     """ColorJitter in the group's shared order (the group's first sample's)."""
-    if not bool(params.jitter[0]):
+    if not decisions.jitter[0]:
         return x
-    for op in params.order[0].tolist():
+    for op in decisions.order[0]:
         if params.jitter_ops[op]:
             _COLOUR_OPS[op](x, factors[:, op])
     return x
 
 
-def _colour_group_(x: torch.Tensor, params: ViewParams, factors: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def _colour_group_(x: torch.Tensor, params: ViewParams, decisions: _Decisions, factors: torch.Tensor,
+                   sigma: torch.Tensor) -> torch.Tensor:
     """float32 values in [0, 1] (n, 3, S, S) of samples sharing a ColorJitter order -> their normalised views,
     in place.
 
-    `params` is on the CPU (decisions); factors (n, 4) and sigma (n,) are on the values' device.
+    `params` gives the batch's settings, `decisions` the group's choices; factors (n, 4) and sigma (n,) are
+    on the values' device.
     """
-    _colour_jitter_(x, params, factors)
-    _on_subset(x, params.grayscale, lambda rows_, _: to_grayscale_(rows_))
-    _on_subset(x, params.blur, lambda rows_, at: gaussian_blur(rows_, sigma[at.to(x.device)], params.blur_kernel))
-    _on_subset(x, params.solarize, lambda rows_, _: solarize_(rows_))
+    _colour_jitter_(x, params, decisions, factors)
+    _on_subset(x, decisions.grayscale, lambda rows_, _: to_grayscale_(rows_))
+    _on_subset(x, decisions.blur, lambda rows_, at: gaussian_blur(rows_, sigma[at], params.blur_kernel))
+    _on_subset(x, decisions.solarize, lambda rows_, _: solarize_(rows_))
     return normalize_(x)
 
 
@@ -146,6 +169,7 @@ def augment_views(images: torch.Tensor, params: ViewParams, dtype: torch.dtype =
     use_tables = device.type not in NATIVE_RESIZE_DEVICES and not _is_whole_image(host, *images.shape[2:])
     host = host.select(perm)  # grouped by ColorJitter order: each group is a slice
     tables = [t.to(device) for t in crop_tables(host)] if use_tables else None
+    decisions = _Decisions.of(host)
     factors, sigma = host.factors().to(device), host.sigma.to(device)
     out_rows = perm.tolist()
     perm = perm.to(device)
@@ -161,7 +185,8 @@ def augment_views(images: torch.Tensor, params: ViewParams, dtype: torch.dtype =
         first = out_rows[start]
         in_out = dtype == torch.float32 and out_rows[start:start + length] == list(range(first, first + length))
         x = torch.mul(group, _TO_UNIT, out=out.narrow(0, first, length)) if in_out else group.mul(_TO_UNIT)
-        _colour_group_(x, host.narrow(start, length), factors.narrow(0, start, length), sigma.narrow(0, start, length))
+        _colour_group_(x, host, decisions.narrow(start, length), factors.narrow(0, start, length),
+                       sigma.narrow(0, start, length))
         if not in_out:
             out.index_copy_(0, perm.narrow(0, start, length), x.to(dtype))
     return out

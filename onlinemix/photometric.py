@@ -60,7 +60,7 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def adjust_hue_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Rotate the HSV hue by `factor` (a fraction of the circle, in [-0.5, 0.5]); value and saturation stay.
 
-    Branch-free, in about 20 tensor ops (the three output channels at once where it can): which channel
+    Branch-free, in about 25 tensor ops (the three output channels at once where it can): which channel
     holds the maximum is a 0/1 float mask (R first, then G, as torchvision), and the periodic ramp
     clamp(min(k, 4 - k), 0, 1) over k = (n + 6 H) mod 6 is clamp(2 - 6 d, 0, 1) with d the distance of
     (k - 2) / 6 to the nearest integer, applied as V - span * ramp clamped to [min, V]. No
@@ -74,7 +74,8 @@ def adjust_hue_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     is_r = _equal(v.squeeze(1), r)
     is_g = _equal(v.squeeze(1), g)
     is_g.addcmul_(is_g, is_r, value=-1.0)                              # G is the max and R is not
-    # the hue in turns, less 4 sextants: (r - g) if B is the max, (b - r) - 2 if G is, (g - b) - 4 if R is
+    # the hue in turns, less 2/3: ((r - g) if B is the max, (b - r) - 2 span if G is, (g - b) - 4 span if R is)
+    # / (6 span)
     across = r - g
     across.addcmul_((b - r).sub_(across), is_g)
     across.addcmul_((g - b).sub_(across), is_r)

@@ -15,9 +15,9 @@ shift ``shift[b]``. A horizontal flip reverses the horizontal table. The tables 
 and drive both the batched torch implementation here (accelerators) and the Triton kernels.
 
 On the CPU, `resized_crops` calls torchvision's own kernel instead (`resized_crop_image`, per sample, or
-once for a batch that shares one box): its uint8 kernel reads each source pixel once per pass, where
-the gather of whole rows here copies and converts the box twice, so it is several times faster per
-view, and it is torchvision's result by construction on every CPU.
+once for a batch that shares one box): its integer SIMD passes beat the float copies and gathers of the
+tables (about 3x per 224 px view on one core: 0.35 against 0.98 ms, tables included), and the result is
+torchvision's by construction on every CPU.
 """
 
 from __future__ import annotations
