@@ -76,12 +76,12 @@ def adjust_hue_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     is_g.addcmul_(is_g, is_r, value=-1.0)                              # G is the max and R is not
     # the hue in turns, less 2/3: ((r - g) if B is the max, (b - r) - 2 span if G is, (g - b) - 4 span if R is)
     # / (6 span)
-    across = r - g
-    across.addcmul_((b - r).sub_(across), is_g)
-    across.addcmul_((g - b).sub_(across), is_r)
+    across, other = r - g, b - r
+    across.addcmul_(other.sub_(across), is_g)
+    across.addcmul_(torch.sub(g, b, out=other).sub_(across), is_r)
     hue = across.mul_(inv).sub_(is_g, alpha=1.0 / 3.0).sub_(is_r, alpha=2.0 / 3.0).unsqueeze(1)
     turns = torch.add(hue, _per_sample(factor).add(_hue_offsets(x.device)))  # (k - 2) / 6 of each channel
-    distance = turns.sub_(torch.round(turns)).abs_()
+    distance = turns.sub_(torch.round(turns, out=x)).abs_()              # x's values are no longer read
     top = torch.add(v, span, alpha=-2.0)                                  # V - span * (2 - 6 d)
     torch.addcmul(top, distance, span.mul_(6.0), out=x)
     return x.clamp_(low, v)
