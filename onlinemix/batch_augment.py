@@ -184,7 +184,8 @@ def augment_views(images: torch.Tensor, params: ViewParams, dtype: torch.dtype =
         group = levels.narrow(0, start - block_start, length)
         first = out_rows[start]
         in_out = dtype == torch.float32 and out_rows[start:start + length] == list(range(first, first + length))
-        x = torch.mul(group, _TO_UNIT, out=out.narrow(0, first, length)) if in_out else group.mul(_TO_UNIT)
+        x = (torch.mul(group, _TO_UNIT, out=out.narrow(0, first, length)) if in_out
+             else group.to(torch.float32).mul_(_TO_UNIT))
         _colour_group_(x, host, decisions.narrow(start, length), factors.narrow(0, start, length),
                        sigma.narrow(0, start, length))
         if not in_out:

@@ -183,7 +183,7 @@ def test_views_in_small_chunks_and_blocks_equal_one_of_each(monkeypatch: pytest.
     assert torch.equal(augment_views(x, params), whole)
 
 
-def test_the_tables_make_the_views_torchvisions_resize_makes(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tables_and_torchvisions_resize_make_the_same_views(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CPU resizes with torchvision's kernel, accelerators with the tables: the same views (one level
     apart at most where torchvision resizes uint8 in float)."""
     x = images(12, 40, 36)
