@@ -60,10 +60,10 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def adjust_hue_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Rotate the HSV hue by `factor` (a fraction of the circle, in [-0.5, 0.5]); value and saturation stay.
 
-    Branch-free, in 28 tensor ops over whole images (the three output channels at once where it can): which channel
-    holds the maximum is a 0/1 float mask (R first, then G, as torchvision), and the periodic ramp
-    clamp(min(k, 4 - k), 0, 1) over k = (n + 6 H) mod 6 is clamp(2 - 6 d, 0, 1) with d the distance of
-    (k - 2) / 6 to the nearest integer, applied as V - span * ramp clamped to [min, V]. No
+    Branch-free, in 28 tensor ops over whole images (the three output channels at once where it can):
+    which channel holds the maximum is a 0/1 float mask (R first, then G, as torchvision), and the periodic
+    ramp clamp(min(k, 4 - k), 0, 1) over k = (n + 6 H) mod 6 is clamp(2 - 6 d, 0, 1) with d the distance
+    of (k - 2) / 6 to the nearest integer, applied as V - span * ramp clamped to [min, V]. No
     comparison-select or remainder runs on whole images (both are several times slower than arithmetic
     on CPUs).
     """
