@@ -2,13 +2,16 @@
 
 It defines what a view is for every batched backend: the Triton kernels (`onlinemix_kernels.augment`) are
 tested against it. Operations run in torchvision's order (augment.build_transform): crop + resize on
-uint8 (`resample`, equal to torchvision bit for bit), flip, scaling to [0, 1], ColorJitter's four
-operations in each sample's drawn order, grayscale, Gaussian blur, solarisation, ImageNet normalisation.
+uint8 (equal to torchvision bit for bit), flip, scaling to [0, 1] (one op with the conversion to float),
+ColorJitter's four operations in each sample's drawn order, grayscale, Gaussian blur, solarisation,
+ImageNet normalisation.
 
 The batch is sorted once by ColorJitter order (24 permutations, plus "no jitter"). Crops are resized a
-block of the sorted batch at a time (`BLOCK_BYTES` of float pixels: few calls per view); then each group
-of samples sharing an order gets every colour operation as one in-place tensor op, and grayscale, blur
-and solarisation touch the subset of the group that draws them. On the CPU, groups are cut into chunks of
+block of the sorted batch at a time (`BLOCK_BYTES` of float pixels): on the CPU by torchvision's own uint8
+kernel (`resample.resized_crops`, a call per sample, or one when the block shares a box), elsewhere by the
+gathered tables (`resample.resample`: few calls per view). Then each group of
+samples sharing an order gets every colour operation as one in-place tensor op, and grayscale, blur and
+solarisation touch the subset of the group that draws them. On the CPU, groups are cut into chunks of
 about `CPU_CHUNK_BYTES`, so that the dozens of passes over each chunk stay in the cache (one 224 px image
 per chunk: at that size each op's data, not its call, is the cost).
 """
@@ -16,19 +19,22 @@ per chunk: at that size each op's data, not its call, is the cost).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 import torch
 
 from onlinemix.photometric import (adjust_brightness_, adjust_contrast_, adjust_hue_, adjust_saturation_,
                                    gaussian_blur, normalize_, solarize_, to_grayscale_)
-from onlinemix.resample import ResampleTable, resample, resample_table
+from onlinemix.resample import ResampleTable, resample, resample_table, resized_crops
 from onlinemix.view_params import ViewParams
 
 CPU_CHUNK_BYTES = 1 << 20  # float pixels per chunk on the CPU: with the temporaries, about one core's L2
-BLOCK_BYTES = 8 << 20      # float pixels resized per call
+BLOCK_BYTES = 8 << 20      # float pixels resized per call of the tables' resize
+NATIVE_RESIZE_DEVICES = ("cpu",)  # where torchvision's own resize kernel, per sample, beats the tables' gathers
 _COLOUR_OPS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
     adjust_brightness_, adjust_contrast_, adjust_saturation_, adjust_hue_)  # by ColorJitter's operation id
 _NO_JITTER = -1
+_TO_UNIT = 1.0 / 255  # v2.ToDtype(float32, scale=True): levels (uint8, or float32 integers) times this
 
 
 def jitter_order_codes(params: ViewParams) -> torch.Tensor:
@@ -67,48 +73,76 @@ def _is_whole_image(params: ViewParams, height: int, width: int) -> bool:
             and bool((params.height == height).all()) and bool((params.width == width).all()))
 
 
-def _on_subset(x: torch.Tensor, mask: torch.Tensor,
+@dataclass(frozen=True)
+class _Decisions:
+    """The per-sample choices of (part of) the sorted batch as Python lists, read per group without tensor
+    calls (at 224 px a group is one view, and those calls cost about 40 us of it)."""
+
+    jitter: list[bool]
+    order: list[list[int]]
+    grayscale: list[bool]
+    blur: list[bool]
+    solarize: list[bool]
+
+    @classmethod
+    def of(cls, params: ViewParams) -> _Decisions:
+        return cls(params.jitter.tolist(), params.order.tolist(), params.grayscale.tolist(), params.blur.tolist(),
+                   params.solarize.tolist())
+
+    def narrow(self, start: int, length: int) -> _Decisions:
+        return _Decisions(*(getattr(self, f.name)[start:start + length] for f in fields(self)))
+
+
+def _on_subset(x: torch.Tensor, mask: list[bool],
                fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Apply fn(rows, positions) in place to the rows of x where mask (n,) holds; returns x."""
-    positions = mask.nonzero().squeeze(1)
-    if positions.numel() == x.shape[0]:
-        result = fn(x, positions)
+    if all(mask):
+        result = fn(x, torch.arange(len(mask), device=x.device))
         if result is not x:
             x.copy_(result)
-    elif positions.numel():
-        x[positions] = fn(x[positions], positions)
+    elif any(mask):
+        positions = torch.tensor([i for i, chosen in enumerate(mask) if chosen], device=x.device)
+        x.index_copy_(0, positions, fn(x.index_select(0, positions), positions))
     return x
 
 
-def _colour_jitter_(x: torch.Tensor, params: ViewParams, factors: torch.Tensor) -> torch.Tensor:
+def _colour_jitter_(x: torch.Tensor, params: ViewParams, decisions: _Decisions, factors: torch.Tensor) -> torch.Tensor:
     """ColorJitter in the group's shared order (the group's first sample's)."""
-    if not bool(params.jitter[0]):
+    if not decisions.jitter[0]:
         return x
-    for op in params.order[0].tolist():
+    for op in decisions.order[0]:
         if params.jitter_ops[op]:
             _COLOUR_OPS[op](x, factors[:, op])
     return x
 
 
-def _colour_group_(x: torch.Tensor, params: ViewParams, factors: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """float32 levels (n, 3, S, S) of samples sharing a ColorJitter order -> their normalised views, in place.
+def _colour_group_(x: torch.Tensor, params: ViewParams, decisions: _Decisions, factors: torch.Tensor,
+                   sigma: torch.Tensor) -> torch.Tensor:
+    """float32 values in [0, 1] (n, 3, S, S) of samples sharing a ColorJitter order -> their normalised views,
+    in place.
 
-    `params` is on the CPU (decisions); factors (n, 4) and sigma (n,) are on the levels' device.
+    `params` gives the batch's settings, `decisions` the group's choices; factors (n, 4) and sigma (n,) are
+    on the values' device.
     """
-    x.mul_(1.0 / 255)  # v2.ToDtype(float32, scale=True)
-    _colour_jitter_(x, params, factors)
-    _on_subset(x, params.grayscale, lambda rows_, _: to_grayscale_(rows_))
-    _on_subset(x, params.blur, lambda rows_, at: gaussian_blur(rows_, sigma[at.to(x.device)], params.blur_kernel))
-    _on_subset(x, params.solarize, lambda rows_, _: solarize_(rows_))
+    _colour_jitter_(x, params, decisions, factors)
+    _on_subset(x, decisions.grayscale, lambda rows_, _: to_grayscale_(rows_))
+    _on_subset(x, decisions.blur, lambda rows_, at: gaussian_blur(rows_, sigma[at], params.blur_kernel))
+    _on_subset(x, decisions.solarize, lambda rows_, _: solarize_(rows_))
     return normalize_(x)
 
 
-def _block_levels(images: torch.Tensor, params: ViewParams, tables: list[ResampleTable] | None) -> torch.Tensor:
-    """Levels (n, 3, S, S) of a block: resized crops (float32), or the whole images flipped where drawn (uint8,
-    converted where they are used)."""
-    if tables is None:  # whole image at the output size: only the flip
-        return _on_subset(images, params.flip, lambda rows_, _: rows_.flip(-1))
-    return resample(images, *tables)
+def crop_boxes(params: ViewParams) -> torch.Tensor:
+    """(B, 4) int64: each sample's crop box as (top, left, height, width)."""
+    return torch.stack([params.top, params.left, params.height, params.width], dim=1)
+
+
+def _block_levels(images: torch.Tensor, index: torch.Tensor, params: ViewParams,
+                  tables: list[ResampleTable] | None) -> torch.Tensor:
+    """Levels (n, 3, S, S) of the block of sources images[index], flipped where drawn: float32 from the tables,
+    or uint8 from torchvision's own resize where there are none (converted where they are used)."""
+    if tables is None:
+        return resized_crops(images, index.cpu(), crop_boxes(params), params.flip, params.size, params.interpolation)
+    return resample(images.index_select(0, index), *tables)
 
 
 def chunk_size(params: ViewParams, device: torch.device) -> int:
@@ -129,11 +163,13 @@ def augment_views(images: torch.Tensor, params: ViewParams, dtype: torch.dtype =
     if images.shape[0] != params.batch:
         raise ValueError(f"{images.shape[0]} images for {params.batch} sets of parameters")
     device = images.device
+    host = params.to("cpu")
     block = max(1, BLOCK_BYTES // (3 * params.size * params.size * 4))
-    perm, ranges = sample_groups(params.to("cpu"), chunk_size(params, device), block)
-    host = params.to("cpu").select(perm)  # grouped by ColorJitter order: each group is a slice
-    whole = _is_whole_image(host, images.shape[2], images.shape[3])
-    tables = None if whole else [t.to(device) for t in crop_tables(host)]
+    perm, ranges = sample_groups(host, chunk_size(params, device), block)
+    use_tables = device.type not in NATIVE_RESIZE_DEVICES and not _is_whole_image(host, *images.shape[2:])
+    host = host.select(perm)  # grouped by ColorJitter order: each group is a slice
+    tables = [t.to(device) for t in crop_tables(host)] if use_tables else None
+    decisions = _Decisions.of(host)
     factors, sigma = host.factors().to(device), host.sigma.to(device)
     out_rows = perm.tolist()
     perm = perm.to(device)
@@ -143,14 +179,15 @@ def augment_views(images: torch.Tensor, params: ViewParams, dtype: torch.dtype =
         if start % block == 0:  # ranges never cross a block boundary, so each block begins with one
             block_start = start
             n = min(block, host.batch - block_start)
-            levels = _block_levels(images.index_select(0, perm.narrow(0, block_start, n)),
-                                   host.narrow(block_start, n),
+            levels = _block_levels(images, perm.narrow(0, block_start, n), host.narrow(block_start, n),
                                    None if tables is None else [t.narrow(block_start, n) for t in tables])
         group = levels.narrow(0, start - block_start, length)
         first = out_rows[start]
         in_out = dtype == torch.float32 and out_rows[start:start + length] == list(range(first, first + length))
-        x = out.narrow(0, first, length).copy_(group) if in_out else group.to(torch.float32)
-        _colour_group_(x, host.narrow(start, length), factors.narrow(0, start, length), sigma.narrow(0, start, length))
+        x = (torch.mul(group, _TO_UNIT, out=out.narrow(0, first, length)) if in_out
+             else group.to(torch.float32).mul_(_TO_UNIT))
+        _colour_group_(x, host, decisions.narrow(start, length), factors.narrow(0, start, length),
+                       sigma.narrow(0, start, length))
         if not in_out:
             out.index_copy_(0, perm.narrow(0, start, length), x.to(dtype))
     return out

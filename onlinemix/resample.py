@@ -12,7 +12,12 @@ and rounds once, which differs by at most one level).
 Every sample has its own crop box, so each one gets its own tables: for output index i of sample b,
 taps ``start[b, i] + k`` with integer weights ``weight[b, i, k]`` (zero past the filter's support) and
 shift ``shift[b]``. A horizontal flip reverses the horizontal table. The tables are small (B x S x K)
-and drive both the torch implementation here and the Triton kernels.
+and drive both the batched torch implementation here (accelerators) and the Triton kernels.
+
+On the CPU, `resized_crops` calls torchvision's own kernel instead (`resized_crop_image`, per sample, or
+once for a batch that shares one box): its integer SIMD passes beat the float copies and gathers of the
+tables (about 3x per 224 px view on one core: 0.35 against 0.98 ms, tables included), and the result is
+torchvision's by construction on every CPU.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2.functional import InterpolationMode, resized_crop_image
 
 INTERP_SIZE = {"bilinear": 2, "bicubic": 4}  # filter support in input pixels at scale 1
+_MODES = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 _BICUBIC_A = -0.5  # PIL's and torch's antialiased bicubic (not the -0.75 of non-antialiased bicubic)
 _MAX_PRECISION = 22  # torch tries precisions below this
 _INT16_LIMIT = 1 << 15
@@ -158,6 +165,38 @@ def resample(images: torch.Tensor, rows: ResampleTable, cols: ResampleTable) -> 
     upright = torch.empty(b, c, height, across.shape[2], dtype=torch.float32, device=images.device)
     upright.transpose(-1, -2).copy_(across)                                  # (B, C, h, S_x)
     return _resample_rows(upright, rows.shifted(top))                        # (B, C, S_y, S_x)
+
+
+def _flip_where_(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Mirror the rows of images (B, C, H, W) where flip (B,) holds, in place; returns images.
+
+    Whole rows move by `index_select` / `index_copy_` (copies of contiguous images, unlike boolean
+    indexing, which gathers element by element)."""
+    positions = flip.nonzero().squeeze(1).to(images.device)
+    if positions.numel():
+        images.index_copy_(0, positions, images.index_select(0, positions).flip(-1))
+    return images
+
+
+def resized_crops(images: torch.Tensor, index: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int,
+                  interpolation: str) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> uint8 (B, C, S, S): for each b, source index[b] cropped to boxes[b] (top, left,
+    height, width), resized by torchvision's `resized_crop_image` and mirrored where flip[b] holds.
+
+    index, boxes and flip live on the CPU. A batch whose boxes are all the same is resized in one call.
+    """
+    if interpolation not in _MODES:
+        raise ValueError(f"unsupported interpolation {interpolation!r}; known: {sorted(_MODES)}")
+    mode = _MODES[interpolation]
+    if bool((boxes == boxes[:1]).all()):  # a fresh tensor: resizing to the box's own size returns its input
+        sources = images.index_select(0, index.to(images.device))
+        return _flip_where_(resized_crop_image(sources, *boxes[0].tolist(), [size, size], interpolation=mode,
+                                               antialias=True), flip)
+    out = torch.empty(len(index), images.shape[1], size, size, dtype=torch.uint8, device=images.device)
+    for row, (source, box, mirror) in enumerate(zip(index.tolist(), boxes.tolist(), flip.tolist())):
+        crop = resized_crop_image(images[source], *box, [size, size], interpolation=mode, antialias=True)
+        out[row].copy_(crop.flip(-1) if mirror else crop)  # flip's last-dim kernel, not a gather
+    return out
 
 
 def uses_native_uint8_path(interpolation: str) -> bool:

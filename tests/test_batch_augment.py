@@ -20,7 +20,7 @@ from onlinemix.augment import (DINO_GLOBAL_2, DINO_LOCAL, IMAGENET_MEAN, IMAGENE
 from onlinemix.batch_augment import augment_views, sample_groups
 from onlinemix.photometric import (adjust_brightness_, adjust_contrast_, adjust_hue_, adjust_saturation_,
                                    gaussian_blur, normalize_, solarize_, to_grayscale_)
-from onlinemix.resample import resample, resample_table, uses_native_uint8_path
+from onlinemix.resample import resample, resample_table, resized_crops, uses_native_uint8_path
 from onlinemix.view_params import ViewParams, sample_view_params, view_generator
 from onlinemix.view_specs import mixdiff_dino_specs, multicrop_specs, pair_specs, sample_specs
 
@@ -84,6 +84,27 @@ def test_resize_equals_torchvision_uint8(interpolation: str, height: int, width:
         assert torch.equal(ours.to(torch.uint8), theirs)
     else:
         assert (ours - theirs.float()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("kind,size", [("own", 13), ("shared", 13), ("whole", 20)])
+def test_resized_crops_are_torchvisions_and_leave_the_sources_alone(interpolation: str, kind: str, size: int) -> None:
+    """Each sample's box, one box for all (one batched call) and the whole image at its own size (no resize)."""
+    x = images(6, 20, 20, seed=3)
+    before = x.clone()
+    g = torch.Generator().manual_seed(4)
+    h, w = torch.randint(1, 21, (6,), generator=g), torch.randint(1, 21, (6,), generator=g)
+    boxes = torch.stack([(torch.rand(6, generator=g) * (20 - h + 1)).long(),
+                         (torch.rand(6, generator=g) * (20 - w + 1)).long(), h, w], dim=1)
+    if kind != "own":
+        boxes[:] = torch.tensor([2, 3, 15, 17] if kind == "shared" else [0, 0, 20, 20])
+    index = torch.tensor([5, 0, 0, 3, 1, 2])
+    flip = torch.tensor([True, False, True, True, False, False])
+    ours = resized_crops(x, index, boxes, flip, size, interpolation)
+    theirs = [F.resized_crop(x[i], *box, [size, size], interpolation=MODES[interpolation], antialias=True)
+              for i, box in zip(index.tolist(), boxes.tolist())]
+    assert torch.equal(ours, torch.stack([t.flip(-1) if f else t for t, f in zip(theirs, flip.tolist())]))
+    assert torch.equal(x, before)
 
 
 # ----------------------------------------------------------------------------- float operations, one by one
@@ -160,6 +181,20 @@ def test_views_in_small_chunks_and_blocks_equal_one_of_each(monkeypatch: pytest.
     monkeypatch.setattr("onlinemix.batch_augment.CPU_CHUNK_BYTES", chunk_bytes)
     monkeypatch.setattr("onlinemix.batch_augment.BLOCK_BYTES", block_bytes)
     assert torch.equal(augment_views(x, params), whole)
+
+
+def test_tables_and_torchvisions_resize_make_the_same_views(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU resizes with torchvision's kernel, accelerators with the tables: the same views (one level
+    apart at most where torchvision resizes uint8 in float)."""
+    x = images(12, 40, 36)
+    params = sample_view_params(RECIPES["simclr"]["real"].geometric_only(), 12, 40, 36, 24, view_generator(3, 0, 0))
+    native = augment_views(x, params)
+    monkeypatch.setattr("onlinemix.batch_augment.NATIVE_RESIZE_DEVICES", ())
+    tables = augment_views(x, params)
+    if uses_native_uint8_path("bilinear"):
+        assert torch.equal(tables, native)
+    else:
+        assert (tables - native).abs().max() <= 1 / 255 / min(IMAGENET_STD) + FLOAT_ATOL
 
 
 def test_groups_share_one_jitter_order_and_cover_the_batch() -> None:
