@@ -26,7 +26,7 @@ LAYERS: list[list[str]] = [
     ["views"],
     ["methods"],
     ["prefetch"],
-    ["metrics", "probe", "rundir"],
+    ["metrics", "probe", "linear_eval", "rundir"],
     ["cli"],
     ["train", "eval", "stats", "cache.__main__", "data.__main__"],
 ]
