@@ -258,7 +258,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--linear-batch-size", type=config_value("linear_eval.batch_size"), default=None,
                         help="linear: images per step (default: the run's linear_eval.batch_size, 256)")
     parser.add_argument("--augment-backend", type=config_value("train.augment_backend"), default=None,
-                        help="linear: what makes the training views, as train.augment_backend (default: the run's)")
+                        help="linear: what makes the training views, as train.augment_backend: auto, torchvision, torch "
+                             "or triton (default: the run's)")
     parser.add_argument("--random-init", action="store_true", help="also evaluate the run's random-init backbone")
     parser.add_argument("--out", type=Path, default=None, help="write eval/<checkpoint>.md/.json here instead of the run dir")
     args = parser.parse_args(argv)
@@ -267,11 +268,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--eval-set names must be unique, got {names}")
     given = [f"--{flag.replace('_', '-')}" for flag in LINEAR_FLAGS if getattr(args, flag) is not None]
     if given and "linear" not in PROTOCOLS[args.protocol]:
-        parser.error(f"{' '.join(given)} set the linear protocol, which --protocol {args.protocol} does not run: "
-                     "add --protocol linear or --protocol both")
+        parser.error(f"{', '.join(given)}: an option of the linear protocol, which --protocol {args.protocol} does "
+                     "not run; add --protocol linear or --protocol both")
     if args.probe_epochs is not None and "fast" not in PROTOCOLS[args.protocol]:
-        parser.error("--probe-epochs sets the fast protocol, which --protocol linear does not run: "
-                     "add --protocol both, or leave it out")
+        parser.error("--probe-epochs: an option of the fast protocol, which --protocol linear does not run; add "
+                     "--protocol both, or leave it out")
     return args
 
 

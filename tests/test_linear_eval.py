@@ -150,10 +150,10 @@ def test_bad_options(store_run: Path, capsys) -> None:
     assert error_of([str(store_run), "--protocol", "probe"]) == "2"
     assert "argument --protocol: invalid choice: 'probe'" in capsys.readouterr().err
     assert error_of([str(store_run), "--linear-epochs", "2"]) == "2"
-    assert ("--linear-epochs set the linear protocol, which --protocol fast does not run: add --protocol linear or "
-            "--protocol both") in capsys.readouterr().err
+    assert ("--linear-epochs: an option of the linear protocol, which --protocol fast does not run; add --protocol "
+            "linear or --protocol both") in capsys.readouterr().err
     assert error_of([str(store_run), "--protocol", "linear", "--probe-epochs", "5"]) == "2"
-    assert "--probe-epochs sets the fast protocol, which --protocol linear does not run" in capsys.readouterr().err
+    assert "--probe-epochs: an option of the fast protocol, which --protocol linear does not run" in capsys.readouterr().err
     assert error_of([str(store_run), "--protocol", "linear", "--linear-lr", "-1"]) == "2"
     assert "linear_eval.lr=" in capsys.readouterr().err
     assert error_of([str(store_run), "--protocol", "linear", "--linear-batch-size", "0"]) == "2"
