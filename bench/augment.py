@@ -41,7 +41,8 @@ from onlinemix.view_params import view_generator
 from onlinemix.view_specs import ViewSpec, mixdiff_dino_specs, pair_specs, sample_specs
 
 from common import (BenchParser, Timer, cpu_snapshot, device_name, import_pyplot, int_list, load_line,
-                    other_cores_since, results_path, run_meta, save_figure, save_results, setup_torch)
+                    other_cores_since, results_path, run_meta, save_figure, save_results, setup_torch, target,
+                    target_line)
 DEFAULTS = {  # (default run, --quick run)
     "resolutions": ("32,224", "32"),
     "batches": ("64,256", "8"),
@@ -184,26 +185,23 @@ def measure(args: argparse.Namespace, device: torch.device) -> list[dict]:
 
 
 def targets(rows: list[dict], device: torch.device) -> list[dict]:
-    """The issue's targets, each PASS, MISS or not measured here."""
+    """The issue's targets, each PASS, MISS or not measured here (CPU targets off the CPU, GPU ones without CUDA,
+    and the 224 px ones when 224 px was not measured)."""
     at_target = [r for r in rows if r["resolution"] == TARGET_RESOLUTION]
-    out = []
-    if device.type == "cpu":
-        mixdiff = [r for r in at_target if r["recipe"] in MIXDIFF]
-        out.append({"target": f"CPU, one core: torch >= {CPU_SPEEDUP:g}x torchvision per image, MixDiff recipes "
-                              f"at {TARGET_RESOLUTION}",
-                    "met": None if not mixdiff else all(r["torch_over_torchvision"] >= CPU_SPEEDUP for r in mixdiff),
-                    "worst": min((r["torch_over_torchvision"] for r in mixdiff), default=None)})
-        out.append({"target": "CPU, one core: torch not slower than torchvision on any measured recipe",
-                    "met": all(r["torch_over_torchvision"] >= 1.0 for r in rows),
-                    "worst": min(r["torch_over_torchvision"] for r in rows)})
-    mixdiff_gpu = [r for r in at_target if r["recipe"] in MIXDIFF and r["views_s"]["triton"] is not None]
-    out.append({"target": f"GPU: triton >= {GPU_SPEEDUP:g}x the torch backend and >= {GPU_VIEWS_S:,} views/s at "
-                          f"{TARGET_RESOLUTION}, MixDiff recipes",
-                "met": None if not mixdiff_gpu else all(
-                    r["triton_over_torch"] >= GPU_SPEEDUP and r["views_s"]["triton"] >= GPU_VIEWS_S
-                    for r in mixdiff_gpu),
-                "worst": min((r["views_s"]["triton"] for r in mixdiff_gpu), default=None)})
-    return out
+    mixdiff = [r for r in at_target if r["recipe"] in MIXDIFF]
+    mixdiff_gpu = [r for r in mixdiff if r["views_s"]["triton"] is not None]
+    on_cpu = device.type == "cpu"
+    return [
+        target(f"CPU, one core: torch >= {CPU_SPEEDUP:g}x torchvision per image, MixDiff recipes at "
+               f"{TARGET_RESOLUTION} (worst)", min((r["torch_over_torchvision"] for r in mixdiff), default=None),
+               CPU_SPEEDUP, measured=on_cpu),
+        target("CPU, one core: torch not slower than torchvision on any measured recipe (worst)",
+               min(r["torch_over_torchvision"] for r in rows), 1.0, measured=on_cpu),
+        target(f"GPU: triton >= {GPU_SPEEDUP:g}x the torch backend at {TARGET_RESOLUTION}, MixDiff recipes (worst)",
+               min((r["triton_over_torch"] for r in mixdiff_gpu), default=None), GPU_SPEEDUP),
+        target(f"GPU: triton views/s at {TARGET_RESOLUTION}, MixDiff recipes (worst)",
+               min((r["views_s"]["triton"] for r in mixdiff_gpu), default=None), GPU_VIEWS_S),
+    ]
 
 
 def format_row(r: dict) -> str:
@@ -220,11 +218,7 @@ def format_report(res: dict) -> str:
     lines += [format_row(r) for r in res["rows"]]
     if res["meta"]["device"] == "cpu" or not torch.cuda.is_available():
         lines.append("triton      not measured here (needs CUDA)")
-    lines.append("")
-    for t in res["targets"]:
-        verdict = "not measured here" if t["met"] is None else ("PASS" if t["met"] else "MISS")
-        worst = "" if t["worst"] is None else f" (worst {t['worst']:.2f})"
-        lines.append(f"{verdict:17s} {t['target']}{worst}")
+    lines += ["", "Targets", *(target_line(t) for t in res["targets"])]
     return "\n".join(lines)
 
 

@@ -368,6 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "jpeg_quality": args.jpeg_quality, "take_batch": args.take_batch, "train_batch_size": args.train_batch_size,
                    "train_steps": args.train_steps},
         "resolutions": rows,
+        "targets": [],  # none: read / trainer says how far the cache is from limiting training
         "summary": {"png_lossless": all(r["webdataset_png"]["lossless"] for r in rows),
                     "raw_exact": all(r["formats"]["raw"]["exact"] for r in rows),
                     **{f"min_{fmt}_read_over_trainer": min(min(v for k, v in r["read_over_trainer"].items()

@@ -1,8 +1,9 @@
 """Helpers shared by the benchmark scripts in bench/: the command line every benchmark starts from
 (``BenchParser``: --device/--threads, --out, --quick and flag defaults that depend on --quick),
 integer-list flags, torch device and thread set-up, machine naming, background-load measurement,
-run metadata for the JSON, the report's "load" line, the matplotlib import guard and the writing
-of the PNG and JSON results.
+run metadata for the JSON, the report's "load" line, targets in the one shape every benchmark's JSON
+uses (``target``, read by bench/run.py), the matplotlib import guard and the writing of the PNG and
+JSON results.
 
 Imported as ``from common import ...`` (the scripts run as ``python bench/<name>.py``, so bench/ is
 ``sys.path[0]``). torch, diffusers and transformers are imported inside the functions that need them,
@@ -12,6 +13,7 @@ so that bench/ring.py can import this module without importing torch at start-up
 from __future__ import annotations
 
 import argparse
+import operator
 import os
 import platform
 import sys
@@ -198,6 +200,32 @@ def run_meta(load_before: float, other_cores: float | None, quick: bool, script:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": quick,
         "command": " ".join([f"python {script}", *(sys.argv[1:] if argv is None else argv)]),
     }
+
+
+# ----------------------------------------------------------------------------- targets
+
+NOT_MEASURED = "not measured here"
+OPS = {">=": operator.ge, "<=": operator.le}
+
+
+def target(name: str, value: float | None, goal: float, op: str = ">=", detail: str = "",
+           measured: bool = True) -> dict[str, Any]:
+    """One target as every benchmark's JSON lists it under "targets" (bench/run.py reads them all alike).
+
+    ``status`` is PASS or MISS by ``value op goal``, or "not measured here" when ``value`` is None or the
+    run could not judge it (``measured=False``: a GPU target on a CPU, a size this run did not measure;
+    ``value`` then keeps what this run reached, for information)."""
+    if op not in OPS:
+        raise ValueError(f"target op must be one of {sorted(OPS)}, got {op!r}")
+    status = (NOT_MEASURED if value is None or not measured else
+              "PASS" if OPS[op](value, goal) else "MISS")
+    return {"name": name, "value": value, "goal": goal, "op": op, "status": status, "detail": detail}
+
+
+def target_line(t: dict[str, Any]) -> str:
+    """A report line for one ``target``: status, name, value against the goal, detail."""
+    value = "" if t["value"] is None else f": {t['value']:.3g} (goal {t['op']} {t['goal']:g})"
+    return f"  {t['status']:<17} {t['name']}{value}" + (f"; {t['detail']}" if t["detail"] else "")
 
 
 # ----------------------------------------------------------------------------- output

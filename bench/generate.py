@@ -72,7 +72,8 @@ from onlinemix.generate import (FULL_SIZE_RANDOM, SCHEDULERS, DiffusersVariation
 from onlinemix.stub_diffuser import build_full_size_random_pipeline, build_stub_pipeline
 
 from common import (BenchParser, Timer, cpu_snapshot, device_name, import_pyplot, int_list, load_line,
-                    other_cores_since, results_path, run_meta, save_figure, save_results, setup_torch, torch_meta)
+                    other_cores_since, results_path, run_meta, save_figure, save_results, setup_torch, target,
+                    target_line, torch_meta)
 
 TARGET_OVERHEAD = 1.10  # generate() / bare pipe() on the stub, every row
 TARGET_PLAIN = 3.0      # x the plain diffusers call, H100-class GPU, batch >= 16
@@ -617,25 +618,19 @@ def measure_row(label: str, spec: Spec, args, device: torch.device, images: torc
 
 def evaluate_targets(res: dict) -> list[dict]:
     m, rows = res["meta"], [r for r in res["rows"] if r["status"] == "ok"]
-    targets = []
+    stub = res["config"]["model"] == "stub"
     # 1. wrapper overhead on the stub, every measured row
-    t = {"name": f"wrapper overhead generate()/pipe() <= {TARGET_OVERHEAD:.2f}x on the stub (every row)",
-         "threshold": TARGET_OVERHEAD}
+    name = f"wrapper overhead generate()/pipe() <= {TARGET_OVERHEAD:.2f}x on the stub (every row)"
     if rows:
         worst = max(rows, key=lambda r: r["overhead"])
         base = next((r for r in rows if r["factor"] == "baseline"), None)
-        t.update(value=worst["overhead"], row=row_name(worst),
-                 detail=f"worst {worst['overhead']:.3f}x ({row_name(worst)})"
-                        + (f", baseline {base['overhead']:.3f}x" if base else "")
-                        + f", median {statistics.median(r['overhead'] for r in rows):.3f}x")
-        if res["config"]["model"] == "stub":
-            t["status"] = "PASS" if worst["overhead"] <= TARGET_OVERHEAD else "MISS"
-        else:
-            t["status"] = "not measured here"
-            t["detail"] += f" (model {res['config']['model']}, the target is for the stub)"
+        detail = (f"worst {worst['overhead']:.3f}x ({row_name(worst)})"
+                  + (f", baseline {base['overhead']:.3f}x" if base else "")
+                  + f", median {statistics.median(r['overhead'] for r in rows):.3f}x"
+                  + ("" if stub else f" (model {res['config']['model']}, the target is for the stub)"))
+        targets = [target(name, worst["overhead"], TARGET_OVERHEAD, "<=", detail, measured=stub)]
     else:
-        t.update(status="not measured here", value=None, detail="no row ran")
-    targets.append(t)
+        targets = [target(name, None, TARGET_OVERHEAD, "<=", "no row ran")]
     # 2./3. H100-class GPU, batch >= 16: x plain and fraction of the FLOP bound
     big = [r for r in rows if r["batch"] >= TARGET_MIN_BATCH and r.get("x_plain")]
     h100 = m["device"].startswith("cuda") and any(k in m["device_name"] for k in H100_CLASS)
@@ -644,19 +639,13 @@ def evaluate_targets(res: dict) -> list[dict]:
                                       f"{TARGET_MIN_BATCH} (H100-class GPU)", "{:.2f}x"),
             ("achieved_fraction", TARGET_BOUND, f">= {TARGET_BOUND:.0%} of the FLOP bound at batch >= "
                                                 f"{TARGET_MIN_BATCH} (H100-class GPU)", "{:.1%}")):
-        t = {"name": name, "threshold": threshold}
         best = max(big, key=lambda r: r[key]) if big else None
-        seen = f"best here {fmt.format(best[key])} ({row_name(best)})" if best else f"no row at batch >= {TARGET_MIN_BATCH}"
-        t.update(value=best[key] if best else None, row=row_name(best) if best else None)
+        detail = f"best here {fmt.format(best[key])} ({row_name(best)})" if best else f"no row at batch >= {TARGET_MIN_BATCH}"
         if not h100:
-            t.update(status="not measured here", detail=f"{m['device']} is {m['device_name']}, not an H100-class GPU; "
-                                                        f"{seen}")
-        elif best is None:
-            t.update(status="not measured here", detail=seen)
-        else:
-            t.update(status="PASS" if best[key] >= threshold else "MISS", detail=seen
-                     + ("" if res["config"]["model"] != "stub" else "; model stub: run --full-size for the real test"))
-        targets.append(t)
+            detail = f"{m['device']} is {m['device_name']}, not an H100-class GPU; {detail}"
+        elif stub:
+            detail += "; model stub: run --full-size for the real test"
+        targets.append(target(name, best[key] if best else None, threshold, ">=", detail, measured=h100))
     return targets
 
 
@@ -729,9 +718,7 @@ def format_report(res: dict) -> str:
     if cb and cb["measured_as"] != "combined":
         lines.append(f"  combined (the fastest value of dtype, attention, compile, channels_last at the largest batch) "
                      f"= row {cb['row']}, already measured: no extra row")
-    lines += ["", "Targets"]
-    for t in res["targets"]:
-        lines.append(f"  {t['status']:<17}  {t['name']}: {t['detail']}")
+    lines += ["", "Targets", *(target_line(t) for t in res["targets"])]
     return "\n".join(lines)
 
 

@@ -10,7 +10,9 @@ Four measurements, each on the current device:
    bare ``pipe(...)`` call on already-preprocessed pixels, per batch size, and their ratio;
 2. training: real images/s of the product's trainer step (``Trainer.augment`` then
    ``Trainer.train_step``: the configured method, view recipes and optimizer), pairs held in memory
-   (no ring);
+   (no ring); and the step cost: a MixDiff step with its pairs ready (read from a warm disk cache, as
+   offline training does) against a plain SimCLR step (``train.pairing real``) on the same batches, in
+   turns (target: <= 1.05x);
 3. ring: pairs/s through ``PairRing`` (``ProducerPort.write_pairs``: reserve, write, one
    ``publish_many`` per batch; then take) against a plain numpy
    copy of the same bytes with the same batching;
@@ -44,12 +46,16 @@ from accelerate import Accelerator
 from onlinemix.config import ConfigError, load_config
 from onlinemix.data import RealImages, load_real_images
 from onlinemix.generate import DiffusersVariationGenerator
-from onlinemix.pairs import BatchPairs, PairImages
+from onlinemix.cache.store import CacheReader, ShardWriter
+from onlinemix.pairs import BatchPairs, PairImages, PairSource
 from onlinemix.ring import PairRing, ProducerPort
 from onlinemix.train import Trainer
 
 from common import (BenchParser, Timer, cpu_snapshot, import_pyplot, int_list, load_line, other_cores_since,
-                    results_path, run_meta, save_figure, save_results, setup_torch, torch_meta)
+                    results_path, run_meta, save_figure, save_results, setup_torch, target, target_line, torch_meta)
+
+STEP_COST_TARGET = 1.05  # a MixDiff step with pairs ready <= this x a plain SimCLR step on the same batch
+STEP_COST_KEY = "bench-step-cost"
 
 # Values used when a flag is not given: (default run, --quick run).
 DEFAULTS = {
@@ -179,29 +185,36 @@ def bench_generation(gen: DiffusersVariationGenerator, images: torch.Tensor, bat
 
 # ----------------------------------------------------------------------------- 2. training
 
-def bench_training(cfg, device: torch.device, real_images: torch.Tensor, synthetic_images: torch.Tensor,
-                   batch_size: int, steps: int, warmup: int, timer: Callable[[], Timer], bar: tqdm) -> dict:
-    """Real images/s of the product's trainer step on pairs held in memory (no ring).
-
-    One ``onlinemix.train.Trainer`` rank (its method, view composer and optimizer, built from the
-    config as a run builds them), single process, so no SyncBatchNorm and no gradient all-reduce.
-    Every second view is synthetic (the mixdiff path with no fallbacks). A step is the trainer's
-    ``augment`` (views on the CPU) then ``train_step`` (to the device, forward, loss, backward,
-    optimizer step), timed apart.
-    """
-    tc = replace(cfg.train, batch_size=batch_size)
+def build_trainer(cfg, device: torch.device, real_images: torch.Tensor, batch_size: int,
+                  pairing: str | None = None) -> Trainer:
+    """One ``onlinemix.train.Trainer`` rank at ``batch_size`` (and ``pairing``, else the config's), built as a run
+    builds it, single process (no SyncBatchNorm, no gradient all-reduce), over unlabelled images that all train."""
+    tc = replace(cfg.train, batch_size=batch_size, pairing=pairing or cfg.train.pairing)
     n = len(real_images)
     # Unlabelled pairs: every image trains (no held-out split); labels are only read by 'supervised'.
     real = RealImages(real_images, torch.zeros(n, dtype=torch.int64), ["unlabelled"], torch.arange(n),
                       torch.arange(0))
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(replace(cfg, train=tc), Accelerator(cpu=device.type == "cpu"), Path(run_dir), real)
+        return Trainer(replace(cfg, train=tc), Accelerator(cpu=device.type == "cpu"), Path(run_dir), real)
+
+
+def bench_training(cfg, device: torch.device, real_images: torch.Tensor, synthetic_images: torch.Tensor,
+                   batch_size: int, steps: int, warmup: int, timer: Callable[[], Timer], bar: tqdm) -> dict:
+    """Real images/s of the product's trainer step on pairs held in memory (no ring).
+
+    One trainer rank (``build_trainer``). Every second view is synthetic (the mixdiff path with no
+    fallbacks). A step is the trainer's ``augment`` (views on the CPU) then ``train_step`` (to the
+    device, forward, loss, backward, optimizer step), timed apart.
+    """
+    tc = cfg.train
+    trainer = build_trainer(cfg, device, real_images, batch_size)
+    n = len(real_images)
     gen = torch.Generator().manual_seed(tc.seed)
     is_synthetic = torch.ones(batch_size, dtype=torch.bool)
 
     def step() -> tuple[float, float, float]:
         ids = torch.randint(0, n, (batch_size,), generator=gen)
-        batch = BatchPairs(PairImages(real.images[ids], synthetic_images[ids], is_synthetic, ids), {})
+        batch = BatchPairs(PairImages(real_images[ids], synthetic_images[ids], is_synthetic, ids), {})
         with timer() as t_aug:
             views = trainer.augment(batch)
         with timer() as t_compute:
@@ -226,6 +239,67 @@ def bench_training(cfg, device: torch.device, real_images: torch.Tensor, synthet
             "step_s_mean": total / steps, "augment_s_mean": sum(aug_s) / steps, "compute_s_mean": sum(compute_s) / steps,
             "augment_fraction": sum(aug_s) / total, "last_loss": losses[-1],
             "backbone": tc.backbone, "width": tc.width, "params": sum(p.numel() for p in trainer.model.parameters())}
+
+
+# ----------------------------------------------------------------------------- 2b. step cost
+
+STEP_PARTS = ("lookup", "augment", "compute")
+
+
+def warm_cache(root: Path, synthetic_images: torch.Tensor) -> CacheReader:
+    """A disk cache holding one variation of every image (``synthetic_images[i]`` of image i), as ``cache warm``
+    leaves it, opened for reading."""
+    writer = ShardWriter(root, STEP_COST_KEY, {"fingerprint": STEP_COST_KEY, "identity": {}, "dataset": "bench"},
+                         synthetic_images.shape[-1], len(synthetic_images), flush_s=float("inf"))
+    for i, image in enumerate(synthetic_images.numpy()):
+        writer.add(i, i, 0, image)
+    writer.close()
+    return CacheReader(root, STEP_COST_KEY, synthetic_images.shape[-1])
+
+
+def bench_step_cost(cfg, device: torch.device, real_images: torch.Tensor, synthetic_images: torch.Tensor,
+                    batch_size: int, steps: int, warmup: int, timer: Callable[[], Timer], bar: tqdm) -> dict:
+    """A MixDiff step with its pairs ready vs a plain SimCLR step (``train.pairing real``) on the same batch.
+
+    MixDiff reads the batch's synthetic images from a warm disk cache exactly as offline training does
+    (``PairSource`` without a ring: ``CacheReader.take``, then the gather), so it never waits for a
+    producer; plain SimCLR gathers the real images alone. Then each makes its two views and steps.
+    Both trainers start from the same weights and get the same ids; they take turns, the first of
+    each turn alternating, so that drift of the machine hits both alike. Lookup, augmentation and
+    compute are timed apart; the ratio is of the median step.
+    """
+    trainers = {"mixdiff": build_trainer(cfg, device, real_images, batch_size, "mixdiff"),
+                "simclr": build_trainer(cfg, device, real_images, batch_size, "real")}
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    times: dict[str, dict[str, list[float]]] = {k: {part: [] for part in STEP_PARTS} for k in trainers}
+    with tempfile.TemporaryDirectory() as cache_dir:
+        pairs = PairSource(None, cfg.staleness, real_images, cfg.ring.verify_checksums, lambda: None,
+                           warm_cache(Path(cache_dir), synthetic_images))
+
+        def step(name: str, ids: np.ndarray, timed: bool) -> None:
+            trainer = trainers[name]
+            with timer() as t_lookup:
+                batch = trainer.batch_pairs(ids, ids, 0, pairs if name == "mixdiff" else None)
+            with timer() as t_aug:
+                views = trainer.augment(batch)
+            with timer() as t_compute:
+                trainer.train_step(views)
+            trainer.step += 1
+            if timed:
+                for part, t in zip(STEP_PARTS, (t_lookup, t_aug, t_compute)):
+                    times[name][part].append(t.seconds)
+
+        for i in range(warmup + steps):
+            bar.set_description(f"step cost b={batch_size}" + (" (warm-up)" if i < warmup else ""))
+            ids = torch.randperm(len(real_images), generator=gen)[:batch_size].numpy()
+            for name in (("mixdiff", "simclr") if i % 2 == 0 else ("simclr", "mixdiff")):
+                step(name, ids, i >= warmup)
+            bar.update()
+    step_s = {k: [sum(parts) for parts in zip(*t.values())] for k, t in times.items()}
+    median = {k: statistics.median(v) for k, v in step_s.items()}
+    return {"batch_size": batch_size, "steps": steps, "warmup_steps": warmup, "step_s": step_s,
+            "parts_s_mean": {k: {part: statistics.fmean(v) for part, v in t.items()} for k, t in times.items()},
+            "median_step_s": median, "mixdiff_over_simclr": median["mixdiff"] / median["simclr"]}
 
 
 # ----------------------------------------------------------------------------- 3. ring
@@ -347,6 +421,7 @@ def split_model(train_img_s: float, gen_img_s: float, node_gpus: int, max_reuse:
 
 def format_report(res: dict) -> str:
     m, g, tr, rg, sp = res["meta"], res["generation"], res["training"], res["ring"], res["split"]
+    sc = res["step_cost"]
     lines = [
         f"device      {m['device']}: {m['device_name']}",
         f"threads     torch.get_num_threads() = {m['threads']}"
@@ -371,6 +446,14 @@ def format_report(res: dict) -> str:
         f"  {tr['img_s']:.1f} real img/s; {tr['step_s_mean'] * 1e3:.0f} ms/step = "
         f"{tr['augment_s_mean'] * 1e3:.0f} ms augment (CPU, per image) + {tr['compute_s_mean'] * 1e3:.0f} ms "
         f"forward/loss/backward/step ({100 * tr['augment_fraction']:.0f}% augment)",
+        "",
+        f"Step cost (batch {sc['batch_size']}, {sc['steps']} steps each after {sc['warmup_steps']} warm-up, in turns; "
+        f"mean ms per step)",
+        f"  {'':<30}  {'lookup':>8}  {'augment':>8}  {'compute':>8}  {'median step':>11}",
+        *(f"  {label:<30}  " + "  ".join(f"{1e3 * sc['parts_s_mean'][k][part]:>8.1f}" for part in STEP_PARTS)
+          + f"  {1e3 * sc['median_step_s'][k]:>11.1f}"
+          for k, label in (("mixdiff", "MixDiff, pairs from warm cache"), ("simclr", "plain SimCLR (pairing real)"))),
+        f"  MixDiff / SimCLR = {sc['mixdiff_over_simclr']:.3f}x",
         "",
         f"Ring ({rg['pairs']} pairs of {rg['pair_bytes']} B, write batch {rg['write_batch']}, "
         f"take batch {rg['take_batch']}, checksums {'on' if rg['verify_checksums'] else 'off'})",
@@ -398,6 +481,7 @@ def format_report(res: dict) -> str:
                         for r in sp["max_reuse"])
         lines.append(f"  {row['gen']:>3}  {row['train']:>5}  {row['train_capacity_img_s']:>10.1f}  "
                      f"{row['gen_capacity_img_s']:>9.1f}{cells}")
+    lines += ["", "Targets", *(target_line(t) for t in res["targets"])]
     return "\n".join(lines)
 
 
@@ -472,12 +556,14 @@ def main(argv: list[str] | None = None) -> dict:
     synthetic = gen.generate(real.images[:n_syn], list(range(n_syn))).cpu()
     synthetic = synthetic[torch.arange(len(real)) % n_syn]
 
-    total = (2 * len(args.gen_batch_sizes) * (args.gen_repeats + 1) + args.train_warmup + args.train_steps
+    total = (2 * len(args.gen_batch_sizes) * (args.gen_repeats + 1) + 2 * (args.train_warmup + args.train_steps)
              + 2 * (args.ring_repeats + 1))
     with tqdm(total=total, unit="call", dynamic_ncols=True) as bar:
         gen_rows = bench_generation(gen, real.images, args.gen_batch_sizes, args.gen_repeats, timer, bar)
         training = bench_training(cfg, device, real.images, synthetic, args.train_batch_size, args.train_steps,
                                   args.train_warmup, timer, bar)
+        step_cost = bench_step_cost(cfg, device, real.images, synthetic, args.train_batch_size, args.train_steps,
+                                    args.train_warmup, timer, bar)
         idx = np.arange(args.ring_pairs) % len(real)
         ring = bench_ring(cfg, real.images.numpy()[idx], synthetic.numpy()[idx], cfg.generator.batch_size,
                           args.train_batch_size, args.ring_repeats, bar)
@@ -498,8 +584,14 @@ def main(argv: list[str] | None = None) -> dict:
                    "fingerprint": gen.fingerprint},
         "generation": generation,
         "training": training,
+        "step_cost": step_cost,
         "ring": ring,
         "split": split_model(training["img_s"], generation["best_img_s"], args.node_gpus, args.max_reuse),
+        "targets": [target("MixDiff step with pairs ready (from a warm cache) / plain SimCLR step, same batch",
+                           step_cost["mixdiff_over_simclr"], STEP_COST_TARGET, "<=",
+                           f"median step {1e3 * step_cost['median_step_s']['mixdiff']:.1f} vs "
+                           f"{1e3 * step_cost['median_step_s']['simclr']:.1f} ms, batch {step_cost['batch_size']}, "
+                           f"{step_cost['steps']} steps each")],
     }
     save_results(res, out, plot, format_report, _T0, started, gap=True, after_imports=True)
     return res

@@ -100,9 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "the embedded default: SimCLR + MixDiff, tiny convnet, bundled digits, tiny stub diffuser, CPU.")
     parser.add_argument("--config", type=Path, default=None,
                         help="YAML preset (see configs/); command-line flags override it")
-    parser.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                        help="continue a run from its latest checkpoint, with its saved config "
-                             "(flags given here still override it, e.g. more --train.epochs)")
+    parser.add_argument("--resume", default=None, metavar="auto|RUN_DIR|CHECKPOINT_DIR",
+                        help="continue a run from a complete checkpoint, with its saved config (flags given here "
+                             "still override it, e.g. more --train.epochs): RUN_DIR's newest, that checkpoint "
+                             "directory, or 'auto': the newest of run --run-name in --output-dir (of any run "
+                             "there without --run-name)")
     add_config_options(parser)
     return parser
 
@@ -122,6 +124,30 @@ def stop_on_sigterm() -> None:
         raise Terminated()
 
     signal.signal(signal.SIGTERM, handler)
+
+
+class StopRequests:
+    """SIGINT (Ctrl-C) and SIGTERM (a cluster's preemption) while training runs, from :meth:`install`
+    to :meth:`restore`: the first one is recorded in ``received`` for the training loop, which stops
+    after its current step with a checkpoint; a second one stops at once, as outside training."""
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        """The handlers from before :meth:`install`."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None:
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        self.received = signal.Signals(signum)
 
 
 def stopped_by(e: KeyboardInterrupt) -> signal.Signals:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,9 @@ class ProducerConfig:
                          "call) is reported once and counted (metrics: producer_stalls); still stuck after twice "
                          "as long, it is killed and restarted (within max_restarts). Longer than the slowest "
                          "batch, torch.compile's first call included; 0 = never", low=0.0, high=86_400.0)
+    memory_fraction: float = opt(0.0, "largest share of its GPU's memory a producer's PyTorch allocator may take "
+                                 "(torch.cuda.set_per_process_memory_fraction), e.g. 0.3 when it shares a trainer's "
+                                 "GPU (gen_devices); 0 = no limit", low=0.0, high=1.0)
 
 
 @dataclass
@@ -177,7 +181,12 @@ class TrainConfig:
     prefetch: int = opt(2, "batches the input pipeline makes ahead on a worker thread (pair lookup, gather, views, "
                         "copy to the device) while the current step runs; 0 = each batch in the training loop",
                         low=0, high=64)
-    checkpoint_every: int = opt(0, "save a checkpoint every N steps (0 = only at the end)", low=0)
+    checkpoint_every: int = opt(0, "save a checkpoint every N steps (0 = by time only, and at the end)", low=0)
+    checkpoint_every_s: float = opt(1800.0, "also save one when this many seconds have passed since the last (or "
+                                    "the start): a run killed without warning loses at most that much; 0 = off",
+                                    low=0.0)
+    keep_checkpoints: int = opt(2, "complete checkpoints kept in the run directory, the newest; older ones are "
+                                "deleted once a newer one is complete; 0 = keep all", low=0, high=1_000_000)
     log_every: int = opt(10, "write a metrics line every N steps", low=1)
 
 
@@ -254,10 +263,17 @@ class LinearEvalConfig:
 
 @dataclass
 class Config:
-    gen_gpus: int = opt(1, "producer processes; each takes one GPU not used by a trainer, "
-                        "or runs on the CPU when there is no GPU", low=0, high=64)
+    gen_gpus: int = opt(1, "producer processes per node; each takes one GPU after the node's trainer ranks' "
+                        "(cuda:T..cuda:T+gen_gpus-1 for T trainer ranks), or runs on the CPU when there is no GPU",
+                        low=0, high=64)
+    gen_devices: str = opt("", "comma-separated devices of the node's producers, one producer each, instead of "
+                           "gen_gpus' placement: e.g. cuda:0 (one GPU shared with the trainer, time-sliced), "
+                           "cuda:6,cuda:7, cpu; '' = gen_gpus")
     output_dir: str = opt("runs", "directory under which each run gets its own sub-directory")
     run_name: str = opt("", "name of the run directory (default: timestamp, method and pairing)")
+    report_to: str = opt("auto", "experiment tracker of the main process (accelerate's): 'tensorboard' (event files "
+                         "in the run directory), 'wandb', 'none'; 'auto' = tensorboard when it is installed. "
+                         "metrics.jsonl is always written", choices=("auto", "tensorboard", "wandb", "none"))
     offline: bool = opt(False, "cache-warm offline mode: train from the disk cache alone, with no producer "
                         "process (the paper's precomputed setting); images without a cached variation get a "
                         "real second view")
@@ -275,6 +291,24 @@ class Config:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     linear_eval: LinearEvalConfig = field(default_factory=LinearEvalConfig)
 
+    def producer_device_list(self) -> list[str]:
+        """``gen_devices`` as a list ([] = place ``gen_gpus`` producers after the trainers)."""
+        if not self.gen_devices.strip():
+            return []
+        devices = [d.strip() for d in self.gen_devices.split(",")]
+        bad = [d for d in devices if not re.fullmatch(r"cpu|cuda:\d+", d)]
+        if bad:
+            raise ConfigError(f"gen_devices={self.gen_devices!r}: {', '.join(repr(d) for d in bad)} is not a device; "
+                              "expected a comma-separated list of 'cuda:N' and 'cpu', e.g. cuda:0 or cuda:6,cuda:7")
+        if len(devices) > 64:
+            raise ConfigError(f"gen_devices lists {len(devices)} devices: a node runs at most 64 producers")
+        return devices
+
+    @property
+    def producers(self) -> int:
+        """Producer processes per node: one per ``gen_devices`` entry when it is set, else ``gen_gpus``."""
+        return len(self.producer_device_list()) or self.gen_gpus
+
     def cache_root(self) -> Path:
         return Path(self.cache.dir) if self.cache.dir else Path(self.output_dir) / "cache"
 
@@ -284,9 +318,10 @@ class Config:
 
     def check_consistency(self) -> None:
         """Reject combinations that are individually valid but cannot run."""
+        self.producer_device_list()
         if self.offline and not self.cache.enabled:
             raise ConfigError("offline=true trains from the disk cache: it needs cache.enabled=true")
-        if needs_synthetic_views(self) and self.gen_gpus < 1 and not self.offline:
+        if needs_synthetic_views(self) and self.producers < 1 and not self.offline:
             raise ConfigError(f"train.pairing={self.train.pairing} needs at least one producer: gen_gpus=0 is not "
                               "allowed (use offline=true to train from the disk cache, or train.pairing=real for "
                               "plain SSL)")
@@ -332,12 +367,12 @@ class Config:
     def check_ring_capacity(self, trainers_on_node: int) -> None:
         """The ring must hold every local trainer's batch plus one batch in flight per producer;
         otherwise producers cannot place a whole batch ahead of the trainers and every batch stalls."""
-        needed = trainers_on_node * self.train.batch_size + self.gen_gpus * self.generator.batch_size
+        needed = trainers_on_node * self.train.batch_size + self.producers * self.generator.batch_size
         if self.ring.slots < needed:
             raise ConfigError(
                 f"ring.slots={self.ring.slots} cannot hold {trainers_on_node} trainer batch(es) of "
                 f"train.batch_size={self.train.batch_size} plus one batch of generator.batch_size="
-                f"{self.generator.batch_size} per producer (gen_gpus={self.gen_gpus}): need at least {needed}")
+                f"{self.generator.batch_size} per producer ({self.producers} producer(s)): need at least {needed}")
 
 
 def needs_synthetic_views(cfg: Config) -> bool:

@@ -4,7 +4,7 @@ A method is an ``nn.Module`` holding the backbone (attribute ``backbone``, what 
 ``backbone.safetensors`` use) and its heads, and names the views its loss takes (``view_plan``;
 onlinemix/views.py composes them). The trainer calls, per step:
 
-    views = composer(batch.images, epoch)               # onlinemix/views.py: uint8 images -> float views
+    views = composer(batch.images, epoch, step)         # onlinemix/views.py: uint8 images -> float views
     loss, logs = model(views.to(device), info)          # forward through the accelerate-prepared module
     backward; [clip]; method.after_backward(info); optimizer.step(); method.after_step(info)
 

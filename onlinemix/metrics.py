@@ -1,7 +1,8 @@
 """Run metrics: how each batch's second views were obtained, per step and per epoch.
 
-Step rows (every ``train.log_every`` steps) and epoch rows go to ``metrics.jsonl``; the
-running totals feed the progress bar; each epoch ends with one log line.
+Step rows (every ``train.log_every`` steps) and epoch rows go to ``metrics.jsonl`` and, their
+numbers, to the experiment tracker; the running totals feed the progress bar; each epoch ends
+with one log line, and the run with a summary.
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .files import json_text
 from .producer import ProducerPool
 from .ring import TrainerPort
+from .tracking import scalars
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +25,14 @@ SYNTHETIC = ("fresh", "cached", "disk")
 
 
 class RunMetrics:
-    def __init__(self, path: Path | None, port: TrainerPort | None, pool: ProducerPool | None = None) -> None:
+    def __init__(self, path: Path | None, port: TrainerPort | None, pool: ProducerPool | None = None,
+                 tracker: Callable[[dict, int], None] | None = None) -> None:
         self.file = open(path, "a") if path is not None else None
         self.port = port  # the ring's counters, None without producers
         self.pool = pool  # producer restarts and stalls, on the rank that started the producers
+        self.tracker = tracker  # each written row, e.g. Accelerator.log (rows go to metrics.jsonl either way)
         self.totals = dict.fromkeys(COUNTS, 0)
+        self._run = {"steps": 0, "step": 0, "wait_s": 0.0, "data_wait_s": 0.0, "step_s": 0.0}
         self._epoch = self._empty_epoch()
         self._started = time.monotonic()
         self._generated0 = port.generated if port else 0
@@ -54,8 +60,10 @@ class RunMetrics:
                **values: float) -> None:
         """Account one finished step; ``data_wait_s``: how long it waited for its input (the pipeline was
         behind); ``write`` also appends a step row."""
-        e = self._epoch
+        e, run = self._epoch, self._run
         e["data_wait_s"] += data_wait_s
+        run.update(steps=run["steps"] + 1, step=step, wait_s=run["wait_s"] + stats["wait_s"],
+                   data_wait_s=run["data_wait_s"] + data_wait_s, step_s=run["step_s"] + values.get("step_s", 0.0))
         synthetic = sum(stats[k] for k in SYNTHETIC)
         for k in COUNTS:
             self.totals[k] += stats[k]
@@ -67,6 +75,7 @@ class RunMetrics:
         e["steps"] += 1
         if write and self.file:
             row = {"step": step, "epoch": epoch, **values, **stats, "data_wait_s": data_wait_s,
+                   "data_wait_share": data_wait_s / values["step_s"] if values.get("step_s") else 0.0,
                    **{f"total_{k}": v for k, v in self.totals.items()},
                    **self._ring_state()}
             self._write(row)
@@ -82,8 +91,9 @@ class RunMetrics:
                "mean_reuse": e["reuse_sum"] / synthetic if synthetic else math.nan,
                "wait_s": e["wait_s"], "data_wait_s": e["data_wait_s"], "epoch_s": time.monotonic() - e["started"],
                **self._ring_state()}
+        row["data_wait_share"] = row["data_wait_s"] / max(row["epoch_s"], 1e-9)
         if self.file:
-            self._write(row)
+            self._write(row, "epoch/")
         log.info("epoch %d: %d fresh, %d cached, %d from disk, %d fallback; mean age %.2f epochs, mean reuse "
                  "%.2f; waited %.1fs of %.1fs", epoch, e["fresh"], e["cached"], e["disk"], e["fallback"], row["mean_age"],
                  row["mean_reuse"], e["wait_s"], row["epoch_s"])
@@ -92,6 +102,15 @@ class RunMetrics:
                 log.info("epoch %d: %s top-1 %.2f%% on held-out real images", epoch, label, values[f"{name}_top1"])
         self._epoch = self._empty_epoch()
 
+    def state(self) -> dict:
+        """The running totals and the current epoch's sums, which a run resumed mid-epoch continues."""
+        return {"totals": self.totals, "epoch": {k: v for k, v in self._epoch.items() if k != "started"}}
+
+    def restore(self, state: dict) -> None:
+        """Continue from :meth:`state` of a checkpoint (the epoch's time counts from now)."""
+        self.totals.update(state["totals"])
+        self._epoch.update(state["epoch"])
+
     def postfix(self, loss: float) -> dict[str, str | int]:
         out: dict[str, str | int] = {"loss": f"{loss:.3f}", **self.totals}
         if self.port is not None:
@@ -99,9 +118,21 @@ class RunMetrics:
             out["wait"] = f"{self._epoch['wait_s']:.0f}s"
         return out
 
-    def _write(self, row: dict) -> None:
+    def summary(self, global_batch: int) -> dict:
+        """The run's totals since this object was made: images/s of the trainers (all ranks) and of this
+        node's producers (None without), how second views were obtained, and the time spent waiting."""
+        run, seconds = self._run, max(1e-9, time.monotonic() - self._started)
+        return {"steps": run["steps"], "train_s": seconds, "trainer_images_per_s": run["steps"] * global_batch / seconds,
+                "producer_images_per_s": self.producer_rate() if self.port else None,
+                "generated": self.port.generated - self._generated0 if self.port else 0, "views": dict(self.totals),
+                "data_wait_s": run["data_wait_s"], "data_wait_share": run["data_wait_s"] / max(run["step_s"], 1e-9),
+                "view_wait_s": run["wait_s"]}
+
+    def _write(self, row: dict, prefix: str = "") -> None:
         self.file.write(json_text(row) + "\n")
         self.file.flush()
+        if self.tracker is not None:
+            self.tracker(scalars(row, prefix), self._run["step"])
 
     def close(self) -> None:
         if self.file:

@@ -45,11 +45,13 @@ class PairImages:
 
 @dataclass
 class BatchPairs:
-    """One batch's gathered images, how its second views were obtained, and the ring slots it
-    borrowed: ``with batch:`` (or :meth:`release`) hands them back; the images stay valid."""
+    """One batch's gathered images, how its second views were obtained, the disk cache's variations
+    it took ((shard, row): the trainer counts their uses, which a resumed run continues from) and the
+    ring slots it borrowed: ``with batch:`` (or :meth:`release`) hands them back; the images stay valid."""
     images: PairImages
     stats: dict[str, float] = field(default_factory=dict)
     loans: list[Loan] = field(default_factory=list, repr=False)
+    from_cache: list[tuple[str, int]] = field(default_factory=list)
 
     def release(self) -> None:
         """Give the ring its slots back (the gathered images are a copy and stay valid)."""
@@ -97,10 +99,11 @@ class PairSource:
             raise
         pairs: dict[int, np.ndarray] = {i: loan.pair(i) for loan in loans for i in np.flatnonzero(loan.result.found)}
         real, other = self.gather(ids, pairs)
-        disk = self._from_cache(ids, epoch, result, other) if self.cache is not None else np.zeros(b, dtype=bool)
+        disk, from_cache = self._from_cache(ids, epoch, result, other) if self.cache is not None else \
+            (np.zeros(b, dtype=bool), [])
         synthetic = torch.from_numpy(result.found | disk)
         return BatchPairs(PairImages(real, other, synthetic, torch.from_numpy(ids).long()),
-                          batch_stats(result, disk, waited), loans)
+                          batch_stats(result, disk, waited), loans, from_cache)
 
     def gather(self, ids: np.ndarray, pairs: dict[int, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's (real, second) uint8 (B, 3, R, R) images: row i copied out of the ring's ``pairs[i]``
@@ -115,13 +118,16 @@ class PairSource:
             other[rest] = real[rest]
         return real, other
 
-    def _from_cache(self, ids: np.ndarray, epoch: int, result: TakeResult, other: torch.Tensor) -> np.ndarray:
+    def _from_cache(self, ids: np.ndarray, epoch: int, result: TakeResult,
+                    other: torch.Tensor) -> tuple[np.ndarray, list[tuple[str, int]]]:
         """Second views from the disk cache where the ring had none (policy ``cached``, ``wait`` after its
         timeout, and offline mode): the cache holds the synthetic image, the real one is already in the
-        batch. ``result`` gets the age and reuse of the views served."""
+        batch. ``result`` gets the age and reuse of the views served. Returns which rows came from the
+        cache and the (shard, row) of each variation taken."""
         disk = np.zeros(len(ids), dtype=bool)
+        taken: list[tuple[str, int]] = []
         if self.ring is not None and self.staleness.policy == "real":
-            return disk
+            return disk, taken
         if time.monotonic() - self._refreshed > CACHE_REFRESH_S:  # producers keep committing shards
             self.cache.refresh()
             self._refreshed = time.monotonic()
@@ -131,9 +137,10 @@ class PairSource:
                 continue
             other[i] = served.image
             disk[i] = True
+            taken.append((served.variation.shard, served.variation.row))
             result.age[i] = max(0, epoch - served.variation.epoch)
             result.uses[i] = served.uses
-        return disk
+        return disk, taken
 
     def _wait_for_missing(self, ids: np.ndarray, positions: np.ndarray, epoch: int,
                           loans: list[Loan]) -> tuple[TakeResult, float]:

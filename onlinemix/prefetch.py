@@ -31,10 +31,12 @@ POLL_S = 0.1
 @dataclass
 class Prepared:
     """One step's input: its views (on the device when there is one), how its second views were
-    obtained (``PairSource`` stats) and the CUDA event the copy to the device recorded."""
+    obtained (``PairSource`` stats), the disk cache variations it took ((shard, row), counted by the
+    trainer when the step runs) and the CUDA event the copy to the device recorded."""
     step: int
     views: Views
     stats: dict[str, float]
+    from_cache: list[tuple[str, int]]
     copied: torch.cuda.Event | None = None
 
     def wait(self) -> None:

@@ -65,9 +65,15 @@ class RingWork:
 
 @dataclass
 class OnlineJob:
-    """The producer's job: ring positions in; pairs to the ring and (``cache.enabled``) the disk cache."""
+    """The producer's job: ring positions in; pairs to the ring and (``cache.enabled``) the disk cache.
+
+    Node ``node`` of ``nodes`` has a ring of its own, serving its trainers' slice of each global batch;
+    its producers are numbered from ``first_index`` (unique across nodes, for their names and files)."""
     ring_name: str
     global_batch: int
+    node: int = 0
+    nodes: int = 1
+    first_index: int = 0
     kind: str = "producer"
 
     @contextmanager
@@ -75,11 +81,12 @@ class OnlineJob:
                 real: RealImages) -> Iterator[tuple[RingWork, list[Sink]]]:
         cfg = spec.cfg
         # The trainers' own schedule: the same ids (data.select_train_ids) in the same order.
-        schedule = EpochSchedule(select_train_ids(real, cfg.data).numpy(), self.global_batch, cfg.train.seed)
+        schedule = EpochSchedule(select_train_ids(real, cfg.data).numpy(), self.global_batch, cfg.train.seed,
+                                 self.node, self.nodes)
         ring = PairRing.attach(self.ring_name)
         try:
-            port = ProducerPort(ring, lookahead=max(cfg.generator.batch_size, ring.slots - self.global_batch),
-                                lead_factor=cfg.producer.lead_factor, index=spec.index)
+            port = ProducerPort(ring, lookahead=max(cfg.generator.batch_size, ring.slots - schedule.node_batch),
+                                lead_factor=cfg.producer.lead_factor, index=spec.index - self.first_index)
             if spec.log_path is not None:
                 write_json(Path(spec.log_path).with_suffix(".json"),
                            {"pid": os.getpid(), "device": spec.device, "model": cfg.generator.model,
@@ -107,12 +114,16 @@ class _Watch:
 class ProducerPool(WorkerPool):
     """The producers of one node: one per generator device, restarted within ``producer.max_restarts``.
 
-    A live producer whose progress counter has not moved for ``producer.stuck_s`` is reported once
-    and counted in ``stalls``; still stuck after twice that, it is killed and restarted."""
+    Node n's producers are numbered from n x (producers per node), so their names and their files
+    (``producer-<number>.log`` and ``.json``) are unique across the nodes of a run, also on a shared
+    run directory. A live producer whose progress counter has not moved for ``producer.stuck_s`` is
+    reported once and counted in ``stalls``; still stuck after twice that, it is killed and restarted."""
 
-    def __init__(self, cfg: Config, ring: PairRing, devices: list[str], global_batch: int, log_dir: Path) -> None:
-        job = OnlineJob(ring.name, global_batch)
-        specs = [WorkerSpec(i, cfg, device, os.getpid(), str(log_dir / f"producer-{i}.log"), job)
+    def __init__(self, cfg: Config, ring: PairRing, devices: list[str], global_batch: int, log_dir: Path,
+                 node: int = 0, nodes: int = 1) -> None:
+        job = OnlineJob(ring.name, global_batch, node, nodes, first_index=node * len(devices))
+        specs = [WorkerSpec(job.first_index + i, cfg, device, os.getpid(),
+                            str(log_dir / f"producer-{job.first_index + i}.log"), job)
                  for i, device in enumerate(devices)]
         super().__init__(specs, cfg.producer.max_restarts)
         self.ring = ring

@@ -1,7 +1,7 @@
 """The files of a run directory that other commands read back, and how to find them.
 
     <run>/config.yaml            the resolved config (CONFIG_FILE)
-    <run>/checkpoints/step-N/    accelerate training state (CHECKPOINT_DIR, latest_checkpoint)
+    <run>/checkpoints/step-N/    training state to resume from (onlinemix/checkpoint.py)
     <run>/backbone.safetensors   the final backbone (BACKBONE_FILE, load_backbone)
 
 Training writes these names; ``--resume``, the eval command and the statistics command read them
@@ -11,12 +11,10 @@ directory or a ``.safetensors`` file next to its ``config.yaml``.
 
 from __future__ import annotations
 
-import json
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -25,57 +23,10 @@ from .models import build_backbone
 
 BACKBONE_FILE = "backbone.safetensors"
 CONFIG_FILE = "config.yaml"
-CHECKPOINT_DIR = "checkpoints"
-TRAINER_STATE_FILE = "trainer_state.json"  # written last into a checkpoint: without it, saving was cut short
 
 
 class CheckpointError(ValueError):
     """A file of a run cannot be read back: cut short (a crash while saving) or corrupt."""
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """The training states under ``run_dir``, by step."""
-    return sorted((run_dir / CHECKPOINT_DIR).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The training state with the highest step under ``run_dir``, or None when there is none."""
-    saved = checkpoints(run_dir)
-    return saved[-1] if saved else None
-
-
-def unreadable(path: Path) -> str | None:
-    """Why a file of a training state cannot be read back, or None. Cheap: safetensors headers (which
-    cover the file's length), JSON, and the zip directory at the end of torch.save's archives."""
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), "pt"):
-                return None
-        except SafetensorError as e:
-            return str(e)
-    if path.suffix == ".json":
-        try:
-            json.loads(path.read_text())
-            return None
-        except ValueError as e:
-            return f"not valid JSON ({e})"
-    return None if zipfile.is_zipfile(path) else "not a complete torch.save archive"
-
-
-def check_checkpoint(path: Path) -> None:
-    """Raise :class:`CheckpointError` naming the first file of training state ``path`` (a
-    ``checkpoints/step-N`` directory) that cannot be read back, and what to do about it."""
-    run_dir = path.parent.parent
-    earlier = [p for p in checkpoints(run_dir) if p != path]
-    fix = (f"delete {path} to resume from the checkpoint before it ({earlier[-1].name})" if earlier
-           else f"there is no earlier checkpoint: start the run again (a new run_name, or after deleting {run_dir})")
-    if not (path / TRAINER_STATE_FILE).is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete (no {TRAINER_STATE_FILE}: saving was cut short); {fix}")
-    for file in sorted(p for p in path.iterdir() if p.is_file()):
-        problem = unreadable(file)
-        if problem:
-            raise CheckpointError(f"checkpoint file {file} cannot be read ({problem}): it was cut short or is "
-                                  f"corrupt; {fix}")
 
 
 @dataclass

@@ -18,12 +18,11 @@ if __package__ in (None, ""):
     # Run as a script: this directory would shadow other top-level modules with ours; use the package.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-import json
 import logging
 import os
-import socket
 import threading
 import time
+from collections import Counter
 from contextlib import ExitStack, nullcontext
 
 import numpy as np
@@ -34,10 +33,12 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from onlinemix.cache import CacheError, CacheReader, cache_key, check_writable, select_key
-from onlinemix.cli import parse_args, stop_on_sigterm, stopped_by
+from onlinemix.checkpoint import (CheckpointSchedule, load_checkpoint, newest_checkpoint, resume_point,
+                                  save_checkpoint)
+from onlinemix.cli import StopRequests, parse_args, stop_on_sigterm, stopped_by
 from onlinemix.config import Config, ConfigError, load_config, needs_synthetic_views, save_config
 from onlinemix.data import DataError, RealImages, load_real_images, select_train_ids
-from onlinemix.devices import generator_devices
+from onlinemix.devices import NodeLaunch, producer_devices, shared_with_trainers
 from onlinemix.files import unwritable_reason, write_json
 from onlinemix.methods import StepInfo, build_method
 from onlinemix.metrics import RunMetrics
@@ -47,9 +48,9 @@ from onlinemix.prefetch import Prefetcher, Prepared, check_running, to_device
 from onlinemix.probe import compare_with_random_init, extract_features, format_probe, heldout_knn, heldout_linear
 from onlinemix.producer import ProducerPool
 from onlinemix.ring import PairRing, RingError, TrainerPort, remove_stale_segments
-from onlinemix.rundir import (BACKBONE_FILE, CHECKPOINT_DIR, TRAINER_STATE_FILE, CheckpointError, check_checkpoint,
-                              latest_checkpoint)
+from onlinemix.rundir import BACKBONE_FILE, CONFIG_FILE, CheckpointError
 from onlinemix.schedule import EpochSchedule
+from onlinemix.tracking import SUMMARY_FILE, chosen_tracker, format_summary, start_tracking
 from onlinemix.views import Augmentation, ViewComposer, Views, build_pairing, choose_backend, make_backend
 from onlinemix.worker import WorkerDied
 
@@ -67,9 +68,10 @@ class Trainer:
         self.run_dir = run_dir
         self.real = real
         tc = cfg.train
-        # The same ids as the producers' schedule (data.select_train_ids: train.real_fraction).
+        # The same ids as the producers' schedule (data.select_train_ids: train.real_fraction); positions
+        # count this node's samples, which its own ring and producers serve.
         self.schedule = EpochSchedule(select_train_ids(real, cfg.data).numpy(),
-                                      tc.batch_size * accelerator.num_processes, tc.seed)
+                                      tc.batch_size * accelerator.num_processes, tc.seed, *node_of(accelerator))
         self.total_steps = self.schedule.steps_per_epoch * tc.epochs
         self.warmup_steps = int(tc.warmup_epochs * self.schedule.steps_per_epoch)
         method = build_method(cfg, len(real.classes))  # initial weights depend on train.seed only
@@ -87,6 +89,9 @@ class Trainer:
             accelerator.register_for_checkpointing(module)
         self.last_logs: dict[str, float] = {}
         self.step = 0
+        self.saved_step: int | None = None  # the step of the checkpoint last saved or loaded
+        self.cache_uses: Counter[tuple[str, int]] = Counter()  # disk cache variations taken by trained steps
+        self.resumed_metrics: dict | None = None
         # Augmentation randomness per rank, reproducible from the seed.
         rank_seed = tc.seed * 1000 + accelerator.process_index + 1
         backend, why = choose_backend(tc.augment_backend, accelerator.device)
@@ -97,17 +102,19 @@ class Trainer:
         torch.manual_seed(rank_seed)
 
     # ------------------------------------------------------------ checkpoints
-    def save_checkpoint(self) -> None:
-        path = self.run_dir / CHECKPOINT_DIR / f"step-{self.step}"
-        self.acc.save_state(str(path))
-        if self.acc.is_main_process:
-            write_json(path / TRAINER_STATE_FILE, {"step": self.step})
-        self.acc.wait_for_everyone()
+    def save_checkpoint(self, metrics: RunMetrics) -> None:
+        """Everything a resumed run needs to continue exactly (onlinemix/checkpoint.py): accelerate's state,
+        and this rank's metrics totals and cache use counts."""
+        counters = {"metrics": metrics.state(),
+                    "cache_uses": [[shard, row, n] for (shard, row), n in sorted(self.cache_uses.items())]}
+        save_checkpoint(self.acc, self.run_dir, self.step, counters, self.cfg.train.keep_checkpoints)
+        self.saved_step = self.step
 
     def load_checkpoint(self, path: Path) -> None:
-        check_checkpoint(path)  # a truncated file is named, not a bare SafetensorError
-        self.acc.load_state(str(path))
-        self.step = json.loads((path / TRAINER_STATE_FILE).read_text())["step"]
+        self.step, counters = load_checkpoint(self.acc, path)
+        self.saved_step = self.step
+        self.resumed_metrics = counters.get("metrics")
+        self.cache_uses = Counter({(shard, row): n for shard, row, n in counters.get("cache_uses", [])})
         log.info("resumed from %s at step %d", path, self.step)
 
     def save_backbone(self) -> None:
@@ -127,7 +134,7 @@ class Trainer:
 
     def augment(self, batch: BatchPairs) -> Views:
         """The batch's float views (CPU) for the configured method and pairing (onlinemix/views.py)."""
-        return self.compose_views(batch.images, self.step // self.schedule.steps_per_epoch)
+        return self.compose_views(batch.images, self.step // self.schedule.steps_per_epoch, self.step)
 
     def train_step(self, views: Views) -> float:
         tc = self.cfg.train
@@ -170,31 +177,42 @@ class Trainer:
         the device. Runs on the input pipeline's thread, ahead of the training loop."""
         tc, spe = self.cfg.train, self.schedule.steps_per_epoch
         epoch = step // spe
-        positions = self.schedule.rank_positions(step, self.acc.process_index, tc.batch_size)
+        positions = self.schedule.rank_positions(step, self.acc.local_process_index, tc.batch_size)
         ids = self.schedule.ids_at(positions)
         with self.batch_pairs(ids, positions, epoch, pairs) as batch:
-            if port is not None:  # every position up to this batch's end has been asked for
-                port.publish_position((step + 1) * self.schedule.global_batch)
+            if port is not None:  # every position of the node up to this batch's end has been asked for
+                port.publish_position((step + 1) * self.schedule.node_batch)
         with torch.cuda.stream(copy_stream) if copy_stream is not None else nullcontext():
-            views = self.compose_views(batch.images, epoch)  # a batched backend works on the device, off the step
+            views = self.compose_views(batch.images, epoch, step)  # a batched backend works on the device
         views, copied = to_device(views, self.acc.device, copy_stream)
-        return Prepared(step, views, batch.stats, copied)
+        return Prepared(step, views, batch.stats, batch.from_cache, copied)
 
     def fit(self, pairs: PairSource | None, port: TrainerPort | None, pool: ProducerPool | None = None,
-            stop: threading.Event | None = None) -> None:
-        """Train to ``train.epochs``; ``stop`` is the event the pair lookup's waits check (see prefetch.py)."""
+            stop: threading.Event | None = None) -> tuple[RunMetrics, str | None]:
+        """Train to ``train.epochs``; ``stop`` is the event the pair lookup's waits check (see prefetch.py).
+        SIGINT or SIGTERM (on any rank) stops training after the current step, with a checkpoint. Returns
+        the run's metrics (for its summary) and what stopped it, None when training ran to its end."""
         tc = self.cfg.train
         acc = self.acc
-        spe, global_batch = self.schedule.steps_per_epoch, self.schedule.global_batch
-        metrics = RunMetrics(self.run_dir / "metrics.jsonl" if acc.is_main_process else None, port, pool)
+        spe, node_batch = self.schedule.steps_per_epoch, self.schedule.node_batch
+        metrics = RunMetrics(self.run_dir / "metrics.jsonl" if acc.is_main_process else None, port, pool,
+                             acc.log if acc.trackers else None)
+        if self.resumed_metrics is not None:
+            metrics.restore(self.resumed_metrics)
+        if pairs is not None and pairs.cache is not None:
+            pairs.cache.restore_uses(self.cache_uses)
+        checkpoint_due = CheckpointSchedule(acc, tc.checkpoint_every, tc.checkpoint_every_s)
+        stop_reason = None
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process,
                    desc="train", unit="step", dynamic_ncols=True)
         if port is not None:
-            port.publish_position(self.step * global_batch)
+            port.publish_position(self.step * node_batch)
         copy_stream = torch.cuda.Stream(acc.device) if acc.device.type == "cuda" else None
         pipeline = Prefetcher(lambda step: self.prepare(step, pairs, port, copy_stream), self.step, self.total_steps,
                               tc.prefetch, stop or threading.Event())
+        stops = StopRequests()
         try:
+            stops.install()
             while self.step < self.total_steps:
                 epoch = self.step // spe
                 if pool is not None:
@@ -203,9 +221,10 @@ class Trainer:
                 batch, data_wait_s = pipeline.next()
                 loss = self.train_step(batch.views)
                 self.step += 1
+                self.cache_uses.update(batch.from_cache)
                 step_s = time.monotonic() - t0
                 if port is not None:
-                    port.publish_speed(global_batch, step_s)
+                    port.publish_speed(node_batch, step_s)
                 last = self.step == self.total_steps
                 metrics.record(self.step, epoch, batch.stats, data_wait_s, self.step % tc.log_every == 0 or last,
                                loss=loss, lr=self.optimizer.param_groups[0]["lr"], step_s=step_s, **self.last_logs)
@@ -213,35 +232,47 @@ class Trainer:
                     metrics.end_epoch(epoch, **self.online_probes(epoch))
                 bar.set_postfix(metrics.postfix(loss), refresh=False)
                 bar.update()
-                if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
-                    self.save_checkpoint()
+                save, stopping = checkpoint_due(self.step, stops.received is not None)
+                if stopping:
+                    stop_reason = stops.received.name if stops.received else "a signal to another rank"
+                    break
+                if save:
+                    self.save_checkpoint(metrics)
+                    checkpoint_due.saved()
         finally:
+            stops.restore()
             pipeline.close()
             bar.close()
             metrics.close()
+        if self.saved_step != self.step:
+            self.save_checkpoint(metrics)
+        if stop_reason is not None:
+            return metrics, stop_reason
         t = metrics.totals
         log.info("trained %d steps; second views: %d fresh, %d cached, %d from disk, %d fallback",
                  self.step, t["fresh"], t["cached"], t["disk"], t["fallback"])
-        self.save_checkpoint()
         self.save_backbone()
+        return metrics, None
 
 
 # ---------------------------------------------------------------------------- setup
 
-def resolve_config(args, overrides: dict[str, str]) -> Config:
-    if args.resume is not None:
-        saved = args.resume / "config.yaml"
-        if not saved.is_file():
-            raise ConfigError(f"--resume {args.resume}: no config.yaml there: not an onlinemix run directory, or a "
-                              "run that stopped before training started (start it again without --resume)")
-        return load_config(saved, overrides)
-    return load_config(args.config, overrides)
+def resolve_config(args, overrides: dict[str, str]) -> tuple[Config, tuple[Path, Path | None] | None]:
+    """The run's config and, with ``--resume``, the run directory and checkpoint to continue from
+    (``checkpoint.resume_point``: the checkpoint is None for the run's newest complete one)."""
+    cfg = load_config(args.config, overrides)
+    if args.resume is None:
+        return cfg, None
+    run_dir, checkpoint = resume_point(args.resume, Path(cfg.output_dir), cfg.run_name)
+    return load_config(run_dir / CONFIG_FILE, overrides), (run_dir, checkpoint)
 
 
 def make_run_dir(cfg: Config, accelerator: Accelerator, resume: Path | None) -> Path:
-    """Rank 0 names the run directory; every rank gets the same path. A directory is taken once a run
-    has started training there (its config.yaml is written then, :func:`run`): a run that failed at
-    start-up leaves only logs, and the corrected run may use the same name."""
+    """Rank 0 names the run directory; every rank gets the same path, and each node's local main process
+    creates it, so a node without a filesystem shared with the main process has one for what it writes
+    (its producers' files). A directory is taken once a run has started training there (its config.yaml
+    is written then, :func:`run`): a run that failed at start-up leaves only logs, and the corrected run
+    may use the same name."""
     if resume is not None:
         return resume
     name = [cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.train.method}-{cfg.train.pairing}"]
@@ -251,6 +282,7 @@ def make_run_dir(cfg: Config, accelerator: Accelerator, resume: Path | None) -> 
         if (run_dir / "config.yaml").exists():
             raise FileExistsError(f"run directory {run_dir} already holds a run that started training; pick another "
                                   "run_name, or --resume it")
+    if accelerator.is_local_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     return run_dir
@@ -276,11 +308,21 @@ def local_world_size(accelerator: Accelerator) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
 
 
-def start_generation(cfg: Config, accelerator: Accelerator, run_dir: Path, global_batch: int, resolution: int,
-                     stack: ExitStack) -> tuple[TrainerPort, ProducerPool | None]:
-    """The node's launching rank creates the ring and producers; other local ranks attach by name.
-    Every rank gets its end of the ring; the launching rank leads (publishes position and speed)."""
-    name_file = run_dir / f".ring-{socket.gethostname()}"
+def node_of(accelerator: Accelerator) -> tuple[int, int]:
+    """(this node's rank, the number of nodes): torchrun's GROUP_RANK (accelerate launch runs it too),
+    else from the ranks, which launchers number node by node."""
+    per_node = local_world_size(accelerator)
+    return int(os.environ.get("GROUP_RANK", accelerator.process_index // per_node)), accelerator.num_processes // per_node
+
+
+def start_generation(cfg: Config, accelerator: Accelerator, run_dir: Path, global_batch: int, devices: list[str],
+                     resolution: int, stack: ExitStack) -> tuple[TrainerPort, ProducerPool | None]:
+    """Each node's launching rank creates the node's ring and starts its producers on ``devices``; the
+    other local ranks attach by the name it writes to ``.ring-node<N>`` in the (node-local or shared)
+    run directory. Every rank gets its end of the ring; the launching rank leads (publishes position and
+    speed)."""
+    node, nodes = node_of(accelerator)
+    name_file = run_dir / f".ring-node{node}"
     pool = None
     if accelerator.is_local_main_process:
         for stale in remove_stale_segments():
@@ -288,12 +330,15 @@ def start_generation(cfg: Config, accelerator: Accelerator, run_dir: Path, globa
         ring = PairRing.create(cfg.ring.slots, resolution)
         stack.callback(ring.close)
         name_file.write_text(ring.name)
-        devices = generator_devices(cfg.gen_gpus, local_world_size(accelerator))
-        pool = ProducerPool(cfg, ring, devices, global_batch, run_dir)
+        pool = ProducerPool(cfg, ring, devices, global_batch, run_dir, node, nodes)
         stack.callback(pool.stop)
         pool.start()
-        log.info("ring %s: %d slots, %.1f MiB; %d producer(s) on %s", ring.name, ring.slots,
-                 ring.shm.size / 2**20, len(devices), ", ".join(devices))
+        shared = shared_with_trainers(NodeLaunch.detect(local_world_size(accelerator)), devices)
+        if shared:
+            log.warning("producers share %s with trainer ranks: they take turns on it (producer.memory_fraction "
+                        "caps a producer's memory)", ", ".join(shared))
+        log.info("node %d of %d: ring %s: %d slots, %.1f MiB; %d producer(s) on %s", node, nodes, ring.name,
+                 ring.slots, ring.shm.size / 2**20, len(devices), ", ".join(devices))
     accelerator.wait_for_everyone()
     if not accelerator.is_local_main_process:
         ring = PairRing.attach(name_file.read_text())
@@ -352,23 +397,27 @@ def open_offline_cache(cfg: Config, train_ids: np.ndarray, resolution: int, devi
 def run(argv: list[str] | None = None) -> dict | None:
     """Parse, validate, train, probe. Returns the probe results on the main process."""
     args, overrides = parse_args(argv)
-    cfg = resolve_config(args, overrides)  # every config error surfaces here, before anything starts
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    cfg, resume = resolve_config(args, overrides)  # every config error surfaces here, before anything starts
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=chosen_tracker(cfg.report_to),
+                              project_dir=cfg.output_dir)  # the tracker's directory: the run's (start_tracking)
     synthetic = needs_synthetic_views(cfg)
     online = synthetic and not cfg.offline  # producers and a ring
     problem = unwritable_reason(Path(cfg.output_dir))
     if problem:  # before the cache check: the cache directory defaults to <output_dir>/cache
         raise ConfigError(f"output_dir {cfg.output_dir} cannot hold run directories ({problem}); set --output-dir "
                           "to a writable directory")
+    devices = []
     if online:
         cfg.check_ring_capacity(local_world_size(accelerator))
+        devices = producer_devices(NodeLaunch.detect(local_world_size(accelerator)), cfg.gen_gpus,
+                                   cfg.producer_device_list())
         if cfg.cache.enabled:
             check_writable(cfg.cache_root())
-    run_dir = make_run_dir(cfg, accelerator, args.resume)
+    run_dir = make_run_dir(cfg, accelerator, resume[0] if resume else None)
     setup_logging(accelerator, run_dir)
     stop_on_sigterm()
     if accelerator.device.type == "cpu":
-        producers_here = cfg.gen_gpus if online and not torch.cuda.is_available() else 0
+        producers_here = devices.count("cpu")
         torch.set_num_threads(cfg.train.cpu_threads or max(1, ((os.cpu_count() or 1) - producers_here)
                                                             // accelerator.num_processes))
     if accelerator.is_main_process:
@@ -377,10 +426,14 @@ def run(argv: list[str] | None = None) -> dict | None:
         real = load_real_images(cfg.data, cfg.store_root())
     cfg.check_dataset_size(len(select_train_ids(real, cfg.data)), accelerator.num_processes)
     trainer = Trainer(cfg, accelerator, run_dir, real)
-    if args.resume is not None:
-        checkpoint = latest_checkpoint(run_dir)
+    if resume is not None:
+        checkpoint = resume[1]
         if checkpoint is None:
-            raise FileNotFoundError(f"--resume {run_dir}: no checkpoint under {run_dir / CHECKPOINT_DIR}")
+            newest = newest_checkpoint(run_dir)
+            if newest is None:
+                raise CheckpointError(f"--resume {run_dir}: no complete checkpoint in it; start the run again "
+                                      "without --resume (a new run_name, or after deleting the directory)")
+            checkpoint = newest.path
         trainer.load_checkpoint(checkpoint)
     stop = threading.Event()  # closes the input pipeline; the pair lookup's waits check it
     with ExitStack() as stack:
@@ -390,14 +443,28 @@ def run(argv: list[str] | None = None) -> dict | None:
             pairs = PairSource(None, cfg.staleness, real.images, cfg.ring.verify_checksums,
                                lambda: check_running(stop), cache)
         elif online and trainer.step < trainer.total_steps:
-            port, pool = start_generation(cfg, accelerator, run_dir, trainer.schedule.global_batch, real.size, stack)
-            wait_for_producers(port, pool, cfg.gen_gpus)
+            port, pool = start_generation(cfg, accelerator, run_dir, trainer.schedule.global_batch, devices, real.size,
+                                          stack)
+            wait_for_producers(port, pool, len(devices))
             cache = open_online_cache(cfg, port, real.size, accelerator.device) if cfg.cache.enabled else None
             pairs = PairSource(port, cfg.staleness, real.images, cfg.ring.verify_checksums,
                                lambda: waiting_check(stop, pool), cache)
         if accelerator.is_main_process:  # training starts: the run directory is taken (make_run_dir)
             save_config(cfg, run_dir / "config.yaml")
-        trainer.fit(pairs, port, pool, stop)
+        start_tracking(accelerator, cfg, run_dir)
+        metrics, stop_reason = trainer.fit(pairs, port, pool, stop)
+        if accelerator.is_main_process:
+            newest = newest_checkpoint(run_dir)
+            summary = {**metrics.summary(trainer.schedule.global_batch),
+                       "checkpoint": str(newest.path) if newest else None}
+            write_json(run_dir / SUMMARY_FILE, summary)
+            print(format_summary(summary), flush=True)
+    accelerator.end_training()
+    if stop_reason is not None:
+        if accelerator.is_main_process:
+            print(f"stopped by {stop_reason} at step {trainer.step} of {trainer.total_steps}, checkpoint saved; "
+                  f"continue with: python -m onlinemix.train --resume {run_dir}", file=sys.stderr, flush=True)
+        return None
     if not (cfg.probe.enabled and accelerator.is_main_process):
         return None
     results = compare_with_random_init(accelerator.unwrap_model(trainer.model).backbone, cfg, accelerator.device, real)

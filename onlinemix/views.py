@@ -6,7 +6,7 @@ images, which second images are synthetic, image ids) and a :class:`ViewComposer
 
     composer = ViewComposer(method.view_plan, build_pairing(cfg.train), Augmentation.from_config(cfg),
                             cfg.data.resolution, seed, labels)
-    views = composer(batch, epoch)                  # per-image torchvision v2 transforms, CPU
+    views = composer(batch, epoch, step)            # per-image torchvision v2 transforms, CPU
     loss, logs = model(views.to(device), info)
 
 A method says which views its loss takes with a *view plan* (:class:`TwoViews`,
@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import ClassVar, NamedTuple
 
+import numpy as np
 import torch
 
 from .augment import build_transform, multicrop_sizes
@@ -218,6 +219,10 @@ class PerImageViews:
     def __init__(self) -> None:
         self._transforms: dict[ViewSpec, object] = {}
 
+    def reseed(self, seed: int) -> None:
+        """v2 transforms draw from torch's global generator, so that is what a batch's seed sets."""
+        torch.manual_seed(seed)
+
     def __call__(self, images: torch.Tensor, synthetic: torch.Tensor, real: ViewSpec, other: ViewSpec) -> torch.Tensor:
         pick = [self._transform(other if syn else real) for syn in synthetic.tolist()]
         return torch.stack([transform(image) for transform, image in zip(pick, images.cpu(), strict=True)])
@@ -243,6 +248,9 @@ class BatchedViews:
             self.run = partial(augment_views_triton, dtype=torch.float32)
         else:
             self.run = augment_views
+
+    def reseed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
 
     def __call__(self, images: torch.Tensor, synthetic: torch.Tensor, real: ViewSpec, other: ViewSpec) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
@@ -284,12 +292,21 @@ def make_backend(name: str, device: torch.device, seed: int) -> ViewBackend:
     return PerImageViews() if name == "torchvision" else BatchedViews(name, device, seed)
 
 
+def batch_seeds(seed: int, step: int) -> tuple[int, int]:
+    """The seeds of step ``step``'s mixing coin and view parameters: a pure function of (seed, step), so
+    that no generator state needs saving and a run resumed at any step (whatever the input pipeline
+    had made ahead when it stopped) draws what the uninterrupted run drew."""
+    coin, views = np.random.SeedSequence([seed, step]).generate_state(2)
+    return int(coin), int(views)
+
+
 class ViewComposer:
     """Batch in, views out: the float views a method's plan asks for, under the pairing in force.
 
-    ``seed`` seeds the composer's coin (the 'mixing' choices) and a batched backend's parameters:
-    give each trainer rank its own. ``labels`` (int64, indexed by image id) are needed by
-    :class:`ClassifierViews` only. ``backend`` makes the pixels (default: torchvision per image).
+    ``seed`` and the step seed the composer's coin (the 'mixing' choices) and the backend's parameters
+    (:func:`batch_seeds`): give each trainer rank its own seed. ``labels`` (int64, indexed by image id)
+    are needed by :class:`ClassifierViews` only. ``backend`` makes the pixels (default: torchvision per
+    image).
     """
 
     def __init__(self, plan: ViewPlan, pairing: Pairing, augmentation: Augmentation, resolution: int, seed: int,
@@ -299,7 +316,7 @@ class ViewComposer:
         self.plan = plan
         self.pairing = pairing
         self.labels = labels
-        self.coin = torch.Generator().manual_seed(seed)
+        self.seed = seed
         self.backend = backend or PerImageViews()
         self.branches = pair_specs(augmentation.recipe, resolution, augmentation.min_crop_scale)
         if isinstance(plan, MultiCrops):
@@ -319,9 +336,12 @@ class ViewComposer:
         every = torch.zeros(len(images), dtype=torch.bool)
         return [self.backend(sources[spec.source], every, spec, spec) for spec in specs]
 
-    def __call__(self, batch: PairImages, epoch: int) -> Views:
+    def __call__(self, batch: PairImages, epoch: int, step: int) -> Views:
+        """The views of training step ``step`` (in ``epoch``)."""
+        coin_seed, views_seed = batch_seeds(self.seed, step)
+        self.backend.reseed(views_seed)
         pairing = self.pairing.at(epoch)
-        s = pairing.sources(batch, self.coin)
+        s = pairing.sources(batch, torch.Generator().manual_seed(coin_seed))
         match self.plan:
             case MultiCrops():
                 specs = self.mixdiff_crops if pairing.two_sources else self.multicrop

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .cache import CacheError, CacheReader, cache_key, check_writable, generator_description, writer_for
 from .config import Config
 from .data import RealImages, load_real_images, select_train_ids
-from .devices import generator_devices
+from .devices import NodeLaunch, producer_devices
 from .generate import VariationGenerator
 from .schedule import variation_seed
 from .worker import CacheSink, Pairs, Sink, Work, WorkerDied, WorkerPool, WorkerSpec
@@ -136,7 +136,9 @@ class _Workers:
         self.events, self.stop = ctx.Queue(), ctx.Event()
         self.tasks = [ctx.Queue() for _ in range(n)]
         self.pool = WorkerPool([WorkerSpec(i, cfg, device, os.getpid(), None, WarmJob(self.tasks[i], self.events, self.stop))
-                                for i, device in enumerate(generator_devices(n, trainers_on_node=0))], max_restarts=0)
+                                for i, device in enumerate(producer_devices(NodeLaunch.detect(trainers=0), n, [],
+                                                                            count_name="--producers"))],
+                                max_restarts=0)
         self.pool.start()
 
     @property

@@ -193,7 +193,7 @@ def error_message(error: BaseException) -> str:
 
 
 def worker_main(spec: WorkerSpec, failures: Connection) -> None:
-    """Entry point of a worker process (started with SIGINT ignored: :meth:`WorkerPool._start`). An
+    """Entry point of a worker process (started with SIGINT and SIGTERM ignored: :meth:`WorkerPool._start`). An
     error is logged with its traceback (the worker's log, or stderr) and sent to the pool as
     (ready, message); the process then exits with status 1, without a second traceback."""
     _die_with_parent()
@@ -205,6 +205,8 @@ def worker_main(spec: WorkerSpec, failures: Connection) -> None:
     cfg = spec.cfg
     if spec.device == "cpu":
         torch.set_num_threads(cfg.generator.cpu_threads)
+    elif cfg.producer.memory_fraction:  # a GPU shared with a trainer: keep to a share of it
+        torch.cuda.set_per_process_memory_fraction(cfg.producer.memory_fraction, torch.device(spec.device))
     alive = lambda: os.getppid() == spec.parent_pid  # noqa: E731
     ready = False
     try:
@@ -245,13 +247,16 @@ class WorkerPool:
 
     @staticmethod
     def _start(p: mp.process.BaseProcess) -> None:
-        """Start a worker with SIGINT ignored, which it inherits from its first instruction: a Ctrl-C
-        while it still imports would otherwise end it with a KeyboardInterrupt traceback."""
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        """Start a worker with SIGINT and SIGTERM ignored, which it inherits from its first instruction.
+        Ctrl-C and a cluster's preemption signal reach the whole process group; they are the parent's to
+        act on (a trainer finishes its step and writes a checkpoint meanwhile, and needs its producers
+        for that step), and the parent stops its workers itself. A worker still dies with its parent."""
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             p.start()
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def start(self) -> None:
         for p in self.procs:
@@ -303,9 +308,6 @@ class WorkerPool:
             if p.pid is not None:
                 p.join(max(0.0, deadline - time.monotonic()))
         for p in self.procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(2.0)
-            if p.is_alive():
+            if p.is_alive():  # it ignores SIGTERM (see _start)
                 p.kill()
                 p.join()

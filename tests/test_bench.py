@@ -25,6 +25,12 @@ def test_quick_benchmark_writes_complete_results(tmp_path: Path) -> None:
     assert gen and all(r["wrapper_img_s"] > 0 and r["bare_img_s"] > 0 and r["overhead_ratio"] > 0 for r in gen)
     assert res["generation"]["best_img_s"] > 0
     assert res["training"]["img_s"] > 0
+    cost = res["step_cost"]  # MixDiff (pairs from a warm cache) and plain SimCLR, the same steps each
+    assert all(len(cost["step_s"][k]) == cost["steps"] and cost["parts_s_mean"][k]["lookup"] > 0
+               for k in ("mixdiff", "simclr"))
+    assert cost["mixdiff_over_simclr"] == cost["median_step_s"]["mixdiff"] / cost["median_step_s"]["simclr"]
+    (step_target,) = res["targets"]
+    assert step_target["value"] == cost["mixdiff_over_simclr"] and step_target["status"] in ("PASS", "MISS")
     assert res["ring"]["ring_pairs_s"] > 0 and res["ring"]["numpy_pairs_s"] > 0
 
     split = res["split"]
@@ -34,7 +40,7 @@ def test_quick_benchmark_writes_complete_results(tmp_path: Path) -> None:
 
     assert res["meta"]["device"] == "cpu" and res["meta"]["threads"] == 1
     assert out.with_suffix(".png").is_file() and out.with_suffix(".png").stat().st_size > 0
-    assert "Generation" in proc.stdout and "Split of a" in proc.stdout
+    assert "Generation" in proc.stdout and "Split of a" in proc.stdout and "Step cost" in proc.stdout
 
 
 def test_help_explains_every_flag() -> None:

@@ -33,7 +33,7 @@ def test_quick_data_benchmark_reports_every_part(tmp_path: Path) -> None:
     # every reader mapped the whole store, and the shared pages counted once between them
     assert all(min(r["rss_per_reader"]) >= 0.95 * res["memory"]["store_bytes"] for r in memory)
     assert all(r["growth_over_store"] < 1.5 for r in memory)
-    assert [s["pass"] is None for s in res["summary"]] == [False, False, False, False, True]
+    assert len(res["targets"]) == 5 and all(t["status"] in ("PASS", "MISS") for t in res["targets"])
     assert out.with_suffix(".png").stat().st_size > 0
     assert not list(tmp_path.glob(".data-bench-*"))
     assert "Targets" in proc.stdout and "RAW store read >= 0.5x a memcpy" in proc.stdout

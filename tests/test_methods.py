@@ -53,7 +53,7 @@ def views_for(method, batch: PairImages | None = None, pairing: str = "mixdiff",
     cfg = make_cfg(pairing=pairing, augmentation=augmentation)
     compose = ViewComposer(method.view_plan, build_pairing(cfg.train), Augmentation.from_config(cfg), RES,
                            cfg.train.seed, torch.arange(100) % NUM_CLASSES)
-    return compose(make_batch() if batch is None else batch, epoch)
+    return compose(make_batch() if batch is None else batch, epoch, step=0)
 
 
 @pytest.mark.parametrize("name,plan", [("simclr", TwoViews()), ("barlowtwins", TwoViews()),
@@ -148,7 +148,7 @@ def test_supervised_learns_a_fixed_batch() -> None:
     batch = PairImages.real_only(torch.randint(0, 256, (B, 3, RES, RES), dtype=torch.uint8, generator=g), np.arange(B))
     optimizer = build_optimizer("adamw", method, 1e-2, 0.0)
     compose = ViewComposer(method.view_plan, build_pairing(cfg.train), Augmentation.from_config(cfg), RES, 0, labels)
-    views = compose(batch, 0)
+    views = compose(batch, 0, 0)
     assert len(views.images) == 1 and torch.equal(views.labels, labels)  # one image view for 'real'
     losses = []
     for step in range(30):

@@ -21,7 +21,7 @@ from onlinemix.views import Views
 
 
 def made(step: int) -> Prepared:
-    return Prepared(step, Views([torch.full((1, 3, 2, 2), float(step))], 1), {"step": step})
+    return Prepared(step, Views([torch.full((1, 3, 2, 2), float(step))], 1), {"step": step}, [])
 
 
 @pytest.mark.parametrize("depth", [0, 1, 3])

@@ -131,6 +131,10 @@ def test_dead_producer_is_restarted_until_the_budget_is_spent(cfg: Config, tmp_p
     try:
         pool.start()
         wait_until(lambda: (pool.check() or ring.header.ready_producers) == 1)
+        # a preemption's SIGTERM reaches the whole process group; it is the trainer's to act on
+        os.kill(pool.procs[0].pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert pool.procs[0].is_alive() and pool.restarts == 0
         first = _kill_and_reap(pool)
         pool.check()  # producer.max_restarts=1: restarted, training would go on
         assert pool.restarts == 1 and pool.procs[0].pid != first and pool.procs[0].is_alive()

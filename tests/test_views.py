@@ -66,7 +66,7 @@ DINO_CROPS = MultiCrops(global_crop_min=0.4, local_crops=8)
 @pytest.mark.parametrize("pairing,expected", [(MixDiff(), ("real", "syn")), (Real(), ("real", "real")),
                                               (Synthetic(), ("syn", "syn"))])
 def test_pairings_take_the_right_sources(plan: ViewPlan, pairing: Pairing, expected: tuple[str, str]) -> None:
-    views = composer(plan, pairing)(make_batch(), epoch=0)
+    views = composer(plan, pairing)(make_batch(), epoch=0, step=0)
     # The classifier takes view b only where it differs from view a: an image and its variation.
     assert len(views.images) == views.n_global == (2 if isinstance(plan, TwoViews) or pairing.two_sources else 1)
     for view, expected_source in zip(views.images, expected):
@@ -74,18 +74,19 @@ def test_pairings_take_the_right_sources(plan: ViewPlan, pairing: Pairing, expec
 
 
 def test_mixing_uses_one_source_per_sample_for_both_views_and_both_occur() -> None:
-    view_a, view_b = composer(TwoViews(), Mixing())(make_batch(64), epoch=0).images
+    view_a, view_b = composer(TwoViews(), Mixing())(make_batch(64), epoch=0, step=0).images
     a, b = source(view_a), source(view_b)
     assert a == b
     assert 15 < a.count("syn") < 49  # 50/50 over 64 samples
 
 
-def test_mixing_is_seeded_per_composer() -> None:
-    def picks(seed: int) -> list[list[str]]:
-        return [source(v) for v in composer(TwoViews(), Mixing(), seed)(make_batch(32), 0).images]
+def test_mixing_is_seeded_per_composer_and_step() -> None:
+    def picks(seed: int, step: int = 0) -> list[list[str]]:
+        return [source(v) for v in composer(TwoViews(), Mixing(), seed)(make_batch(32), 0, step).images]
 
     assert picks(0) == picks(0)
     assert picks(123) != picks(0)  # each trainer rank gets its own seed
+    assert picks(0, step=5) == picks(0, step=5) != picks(0)  # a pure function of the step: nothing to checkpoint
 
 
 @pytest.mark.parametrize("real_epochs,switch", [(0, 2), (1, 1), (3, 3)])
@@ -98,14 +99,14 @@ def test_sequential_is_real_before_the_switch_then_synthetic(real_epochs: int, s
     for epoch in range(4):
         expected = "real" if epoch < switch else "syn"
         assert pairing.at(epoch).uses_synthetic == (epoch >= switch)
-        for view in compose(make_batch(), epoch).images:
+        for view in compose(make_batch(), epoch, epoch).images:
             assert source(view) == [expected] * B, (epoch, switch)
 
 
 @pytest.mark.parametrize("pairing", [MixDiff(), Synthetic()])
 def test_missing_synthetic_view_falls_back_to_the_real_image(pairing: Pairing) -> None:
     flags = [False, True] * (B // 2)
-    _, view_b = composer(TwoViews(), pairing)(make_batch(synthetic=flags), 0).images
+    _, view_b = composer(TwoViews(), pairing)(make_batch(synthetic=flags), 0, 0).images
     assert source(view_b) == ["syn" if f else "real" for f in flags]
 
 
@@ -117,12 +118,16 @@ def test_recipe_follows_the_source() -> None:
     assert synthetic.recipe.solarize_p > 0.0 and synthetic.recipe.blur_p == 0.0
     calls = []
 
-    def recording(images, is_synthetic, real_spec, synthetic_spec):
-        calls.extend("syn" if s else "real" for s in is_synthetic.tolist())
-        return torch.zeros(len(images), 3, RES, RES)
+    class Recording:
+        def reseed(self, seed: int) -> None:
+            pass
 
-    compose.backend = recording
-    compose(make_batch(2, [True, False]), 0)
+        def __call__(self, images, is_synthetic, real_spec, synthetic_spec):
+            calls.extend("syn" if s else "real" for s in is_synthetic.tolist())
+            return torch.zeros(len(images), 3, RES, RES)
+
+    compose.backend = Recording()
+    compose(make_batch(2, [True, False]), 0, 0)
     assert calls == ["syn", "real", "syn", "real"]
 
 
@@ -132,9 +137,9 @@ def test_the_batched_backend_crops_every_view_from_the_same_sources(plan: ViewPl
     """The torch backend draws its own parameters, so pixels differ from torchvision's; which image
     each view comes from, how many views and their sizes must not."""
     batch = make_batch(synthetic=[True, False] * (B // 2))
-    per_image = composer(plan, pairing)(batch, 0)
+    per_image = composer(plan, pairing)(batch, 0, 0)
     batched = ViewComposer(plan, pairing, GEOMETRY_ONLY, RES, 0, LABELS,
-                           BatchedViews("torch", torch.device("cpu"), 0))(batch, 0)
+                           BatchedViews("torch", torch.device("cpu"), 0))(batch, 0, 0)
     assert [v.shape for v in batched.images] == [v.shape for v in per_image.images]
     assert [source(v) for v in batched.images] == [source(v) for v in per_image.images]
     assert batched.n_global == per_image.n_global
@@ -168,7 +173,7 @@ def test_sequential_has_no_sources_of_its_own() -> None:
 
 
 def test_dino_mixdiff_views_are_one_plus_six_real_and_one_plus_two_synthetic() -> None:
-    views = composer(DINO_CROPS, MixDiff())(make_batch(), 0)
+    views = composer(DINO_CROPS, MixDiff())(make_batch(), 0, 0)
     assert len(views.images) == 10 and views.n_global == 2
     assert [v.shape[-1] for v in views.images] == [RES, RES] + [8] * 8  # multicrop_sizes(16) = (16, 8)
     assert [source(v)[0] for v in views.images] == ["real", "syn"] + ["real"] * 6 + ["syn"] * 2
@@ -177,13 +182,13 @@ def test_dino_mixdiff_views_are_one_plus_six_real_and_one_plus_two_synthetic() -
 
 @pytest.mark.parametrize("pairing,expected", [(Real(), "real"), (Synthetic(), "syn")])
 def test_dino_single_source_pairings_multicrop_one_image(pairing: Pairing, expected: str) -> None:
-    views = composer(MultiCrops(0.4, local_crops=4), pairing)(make_batch(), 0)
+    views = composer(MultiCrops(0.4, local_crops=4), pairing)(make_batch(), 0, 0)
     assert [v.shape[-1] for v in views.images] == [RES, RES, 8, 8, 8, 8] and views.n_global == 2
     assert all(source(v) == [expected] * B for v in views.images)
 
 
 def test_dino_mixing_keeps_each_sample_on_one_source_across_its_crops() -> None:
-    views = composer(MultiCrops(0.4, local_crops=2), Mixing())(make_batch(32), 0)
+    views = composer(MultiCrops(0.4, local_crops=2), Mixing())(make_batch(32), 0, 0)
     per_view = [source(v) for v in views.images]
     assert all(s == per_view[0] for s in per_view) and len(set(per_view[0])) == 2
 
@@ -203,7 +208,7 @@ def test_dino_crop_scales_follow_the_plan() -> None:
 @pytest.mark.parametrize("pairing", [MixDiff(), Real(), Mixing()])
 def test_classifier_views_carry_the_labels_of_their_ids(pairing: Pairing) -> None:
     batch = make_batch()
-    views = composer(ClassifierViews(), pairing)(batch, 0)
+    views = composer(ClassifierViews(), pairing)(batch, 0, 0)
     assert torch.equal(views.labels, LABELS[batch.ids]) and views.labels.dtype == torch.int64
 
 
@@ -213,7 +218,7 @@ def test_classifier_views_need_labels() -> None:
 
 
 def test_views_move_with_their_labels() -> None:
-    views = composer(ClassifierViews(), MixDiff())(make_batch(), 0)
+    views = composer(ClassifierViews(), MixDiff())(make_batch(), 0, 0)
     moved = views.to(torch.device("cpu"))
     assert moved.n_global == views.n_global and torch.equal(moved.labels, views.labels)
     assert all(torch.equal(a, b) for a, b in zip(moved.images, views.images, strict=True))

@@ -305,7 +305,7 @@ class Served:
     """A variation taken from the cache: its synthetic image (the real one is the image store's)."""
     image: torch.Tensor  # uint8 (3, R, R), on the CPU
     variation: Variation
-    uses: int            # times it served before in this process
+    uses: int            # times it served before in this run
 
 
 def read_record(path: Path) -> dict | None:
@@ -463,6 +463,10 @@ class CacheReader:
                 uses = self._uses.get((best.shard, best.row), 0)
                 self._uses[(best.shard, best.row)] = uses + 1
                 return best, stored, uses
+
+    def restore_uses(self, uses: dict[tuple[str, int], int]) -> None:
+        """Continue from these use counts per (shard, row) (a resumed run: what its batches took before)."""
+        self._uses = dict(uses)
 
     def take(self, real_ids: Iterable[int]) -> list[Served | None]:
         """Serve one variation of each image (None where the cache has none readable); the JPEGs among
