@@ -245,6 +245,23 @@ class ProbeConfig:
 
 
 @dataclass
+class LinearEvalConfig:
+    """The paper's linear evaluation protocol (``python -m onlinemix.eval --protocol linear``): a linear layer on
+    the frozen backbone, trained on augmented real images. Defaults from solo-learn's linear evaluation, which
+    MixDiff builds on (scripts/linear/imagenet-100/*.yaml, solo/args/linear.py): SGD, momentum 0.9, no weight
+    decay, batch 256, lr 0.1 per 256 images (its BYOL / Barlow Twins configs), 100 epochs, lr divided by 10 at
+    epochs 60 and 80 (MultiStepLR; here at the same fractions of linear_eval.epochs)."""
+    lr_milestones: typing.ClassVar[tuple[float, ...]] = (0.6, 0.8)  # fractions of the epochs
+    lr_gamma: typing.ClassVar[float] = 0.1
+    epochs: int = opt(100, "epochs of the linear classifier over the training images", low=1, high=100_000)
+    batch_size: int = opt(256, "images per SGD step", low=1, high=65536)
+    lr: float = opt(0.1, "SGD learning rate per 256 images, scaled linearly with linear_eval.batch_size (solo-learn's "
+                    "configs raise it to 0.3 for DINO and 1.0 for SimCLR)", low=1e-6, high=100.0)
+    momentum: float = opt(0.9, "SGD momentum", low=0.0, high=0.9999)
+    weight_decay: float = opt(0.0, "SGD weight decay", low=0.0, high=10.0)
+
+
+@dataclass
 class Config:
     gen_gpus: int = opt(1, "producer processes per node; each takes one GPU after the node's trainer ranks' "
                         "(cuda:T..cuda:T+gen_gpus-1 for T trainer ranks), or runs on the CPU when there is no GPU",
@@ -272,6 +289,7 @@ class Config:
     barlowtwins: BarlowTwinsConfig = field(default_factory=BarlowTwinsConfig)
     dino: DINOConfig = field(default_factory=DINOConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    linear_eval: LinearEvalConfig = field(default_factory=LinearEvalConfig)
 
     def producer_device_list(self) -> list[str]:
         """``gen_devices`` as a list ([] = place ``gen_gpus`` producers after the trainers)."""

@@ -115,11 +115,11 @@ def test_eval_command_end_to_end(run_dir: Path, heldout, tmp_path: Path, capsys)
                 assert rows[copy, method, backbone]["top5"] == pytest.approx(ref["top5"])
             xfer = rows["xfer", method, backbone]
             assert (xfer["n_fit"], xfer["n_eval"], xfer["top1"]) == (40, 20, 100.0)
-            assert xfer["protocol"].startswith("transfer")
-    assert rows["folder", "kNN", "trained"]["protocol"].startswith("robustness")
+            assert xfer["split"].startswith("transfer") and xfer["protocol"] == "fast"
+    assert rows["folder", "kNN", "trained"]["split"].startswith("robustness")
     assert "k=10" in result["settings"]["kNN"] and "T=0.1" in result["settings"]["kNN"]
     assert "20 steps" in result["settings"]["linear probe"]
-    assert "| eval set | protocol | method | backbone |" in markdown
+    assert "| eval set | split | protocol | method | backbone |" in markdown
 
 
 def test_shards_by_brace_pattern_and_directory(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ LAYERS: list[list[str]] = [
     ["views"],
     ["methods"],
     ["prefetch"],
-    ["tracking", "metrics", "probe", "rundir", "checkpoint"],
+    ["tracking", "metrics", "probe", "linear_eval", "rundir", "checkpoint"],
     ["cli"],
     ["train", "eval", "stats", "cache.__main__", "data.__main__"],
 ]
