@@ -59,8 +59,15 @@ class RingWork:
         return None
 
     def done(self, work: Work, seconds: float) -> None:
+        self.port.count_busy(seconds)
         # The lead is planned for full batches; a batch thinned out by the skip counts as one.
         self.port.observe_batch(seconds * self.batch_size / len(work.ids))
+
+
+def producer_port(ring: PairRing, cfg: Config, global_batch: int, index: int) -> ProducerPort:
+    """Producer ``index``'s port: claims at most the slots the trainers' batch leaves free ahead of them."""
+    return ProducerPort(ring, lookahead=max(cfg.generator.batch_size, ring.slots - global_batch),
+                        lead_factor=cfg.producer.lead_factor, index=index)
 
 
 @dataclass
@@ -78,8 +85,7 @@ class OnlineJob:
         schedule = EpochSchedule(select_train_ids(real, cfg.data).numpy(), self.global_batch, cfg.train.seed)
         ring = PairRing.attach(self.ring_name)
         try:
-            port = ProducerPort(ring, lookahead=max(cfg.generator.batch_size, ring.slots - self.global_batch),
-                                lead_factor=cfg.producer.lead_factor, index=spec.index)
+            port = producer_port(ring, cfg, self.global_batch, spec.index)
             if spec.log_path is not None:
                 write_json(Path(spec.log_path).with_suffix(".json"),
                            {"pid": os.getpid(), "device": spec.device, "model": cfg.generator.model,
