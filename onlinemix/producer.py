@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 class RingWork:
     """Online work: positions claimed from the ring ahead of the trainers, minus the images
-    that already have an unused view waiting for them."""
+    that already have an unused view waiting for them and the positions past the end of training."""
 
     def __init__(self, port: ProducerPort, schedule: EpochSchedule, cfg: Config) -> None:
         self.port = port
@@ -41,6 +41,7 @@ class RingWork:
         self.batch_size = cfg.generator.batch_size
         self.max_age = cfg.staleness.max_age
         self.base_seed = cfg.generator.seed
+        self.end = cfg.train.epochs * schedule.positions_per_epoch  # no trainer asks for a position past it
 
     def finished(self) -> bool:
         return self.port.closed
@@ -48,6 +49,7 @@ class RingWork:
     def next(self) -> Work | None:
         while not self.port.closed:
             positions = self.port.claim(self.batch_size)
+            positions = positions[positions < self.end]
             if len(positions) == 0:
                 return None
             ids, epochs = self.schedule.ids_at(positions), self.schedule.epoch_of(positions)

@@ -636,6 +636,8 @@ class ProducerPort:
             if urgent_start < urgent_end:
                 end = min(urgent_start + n, urgent_end)
                 header.urgent_start = end
+                if urgent_start <= header.gen_pos < end:  # claimed now: the next claim must not make them again
+                    header.gen_pos = end
                 return np.arange(urgent_start, end, dtype=np.int64)
             start = max(header.gen_pos, trainer + min(lead, max(0, self.lookahead - n)))
             end = min(start + n, trainer + self.lookahead)
