@@ -23,7 +23,7 @@ import heapq
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -64,6 +64,7 @@ class EpochResult:
     epoch_s: float = 0.0
     generated: int = 0           # pairs the producers published during the epoch
     evicted_unserved: int = 0    # of the ring's evictions during the epoch, pairs that never served
+    new_variations: int = 0      # variations (image, seed) served for the first time in the run
 
     @property
     def views(self) -> int:
@@ -90,6 +91,7 @@ class EpochResult:
             self.age_sum += stats["mean_age"] * synthetic
             self.reuse_sum += stats["mean_reuse"] * synthetic
         self.wait_s += stats["wait_s"]
+        self.new_variations += int(stats["new_variations"])
 
 
 @dataclass
@@ -105,7 +107,7 @@ class Simulation:
         out = EpochResult(-1)
         for e in self.epochs:
             for name in ("fresh", "cached", "disk", "fallback", "age_sum", "reuse_sum", "stall_s", "wait_s",
-                         "epoch_s", "generated", "evicted_unserved"):
+                         "epoch_s", "generated", "evicted_unserved", "new_variations"):
                 setattr(out, name, getattr(out, name) + getattr(e, name))
         return out
 
@@ -144,16 +146,19 @@ class DiskCache:
     """The disk cache as the trainers see it: shards committed by each producer's writer, visible after
     the trainers' next index refresh; ``take`` serves the least used, then youngest, variation."""
 
-    def __init__(self, clock: _Clock, producers: int, shard_pairs: int, flush_s: float) -> None:
+    def __init__(self, clock: _Clock, producers: int, shard_pairs: int, flush_s: float,
+                 refresh_s: float = CACHE_REFRESH_S) -> None:
         self.clock = clock
         self.shard_pairs = shard_pairs
         self.flush_s = flush_s
+        self.refresh_s = refresh_s
         self._pending: list[list[tuple[int, int, float]]] = [[] for _ in range(producers)]
         self._last_flush = [0.0] * producers
         self._committed: list[tuple[int, int, float]] = []
         self._seen = 0
         self._refreshed = 0.0
         self._variations: dict[int, list[list[float]]] = {}  # id -> [[uses, created, epoch], ...]
+        self.served: list[tuple[int, int]] = []  # (image, variation epoch) of the views ``take`` served
 
     def warm(self, ids: np.ndarray, variations: int) -> None:
         """Variations 0 .. ``variations`` - 1 of every image, there before training starts (``cache warm``)."""
@@ -171,7 +176,7 @@ class DiskCache:
 
     def take(self, ids: np.ndarray, missing: np.ndarray, epoch: int, result: TakeResult) -> np.ndarray:
         """Serve the ``missing`` entries of a batch from the cache; fills ``result``'s age and uses."""
-        if self.clock.now - self._refreshed > CACHE_REFRESH_S:
+        if self.clock.now - self._refreshed > self.refresh_s:
             for i, e, created in self._committed[self._seen:]:
                 self._variations.setdefault(i, []).append([0, created, e])
             self._seen = len(self._committed)
@@ -182,6 +187,7 @@ class DiskCache:
             if not candidates:
                 continue
             best = min(candidates, key=lambda v: (v[0], -v[1], -v[2]))
+            self.served.append((int(ids[j]), int(best[2])))
             disk[j] = True
             result.age[j] = max(0, epoch - int(best[2]))
             result.uses[j] = int(best[0])
@@ -257,6 +263,7 @@ class _Trainer:
         self.epoch = EpochResult(0)
         self.epochs: list[EpochResult] = []
         self._ring_counts = (0, 0)
+        self.seen: set[tuple[int, int]] = set()  # variations served so far: (image, the epoch it was made for)
 
     # ------------------------------------------------------------------ input pipeline
     def start(self) -> None:
@@ -309,13 +316,20 @@ class _Trainer:
     def finish_lookup(self) -> None:
         sim, lk = self.sim, self.lookup
         self.lookup = None
+        meta = sim.ring.meta
+        served = [(int(meta[slot, S.real_id]), int(meta[slot, S.birth_epoch]))
+                  for loan in lk.loans for slot in loan.slots[loan.slots >= 0].tolist()]
         for loan in lk.loans:
             self.port.give_back(loan)
         disk = np.zeros(len(lk.ids), dtype=bool)
         if sim.disk is not None and reads_disk(sim.cfg.staleness, online=True):
             disk = sim.disk.take(lk.ids, ~lk.result.found, lk.step // sim.schedule.steps_per_epoch, lk.result)
+            served += sim.disk.served
+            sim.disk.served.clear()
+        new = set(served) - self.seen
+        self.seen |= new
         waited = sim.clock.now - lk.started if lk.deadline < math.inf else 0.0
-        stats = batch_stats(lk.result, disk, waited)
+        stats = {**batch_stats(lk.result, disk, waited), "new_variations": len(new)}
         self.port.publish_position((lk.step + 1) * sim.schedule.global_batch)
         sim.clock.after(sim.rates.prepare_s, self.prepared, lk.step, stats)
 
@@ -385,12 +399,15 @@ class _Run:
 
 
 def simulate(cfg: Config, dataset_size: int, rates: Rates, *, producers: int | None = None, trainers: int = 1,
-             epochs: int | None = None, warm_variations: int = 0) -> Simulation:
+             epochs: int | None = None, warm_variations: int = 0, represents: int | None = None) -> Simulation:
     """Run ``cfg``'s online training of ``dataset_size`` images on a virtual clock.
 
     ``producers`` defaults to ``cfg.gen_gpus``; ``trainers`` ranks of ``cfg.train.batch_size`` make the
     global batch; ``epochs`` defaults to ``cfg.train.epochs``; ``warm_variations`` > 0 starts from a
     cache that holds that many variations of every image (``python -m onlinemix.cache warm``).
+    ``represents``: the ``dataset_size`` images stand for a dataset this large, so the ring's slots and
+    the cache's commit and refresh delays shrink with it and keep their size next to an epoch (the
+    batches, rates and wait timeout, which act per step, stay).
     """
     producers = cfg.gen_gpus if producers is None else producers
     epochs = cfg.train.epochs if epochs is None else epochs
@@ -402,10 +419,14 @@ def simulate(cfg: Config, dataset_size: int, rates: Rates, *, producers: int | N
     if cfg.ring.slots < needed:
         raise ValueError(f"ring.slots={cfg.ring.slots} cannot hold the global batch ({global_batch}) plus one "
                          f"generator batch per producer: need at least {needed}")
+    scale = max(1.0, (represents or dataset_size) / dataset_size)
+    if scale > 1:
+        cfg = replace(cfg, ring=replace(cfg.ring, slots=max(needed, round(cfg.ring.slots / scale))))
     schedule = EpochSchedule(np.arange(dataset_size), global_batch, cfg.train.seed)
     run = _Run(cfg, schedule, rates, epochs * schedule.steps_per_epoch)
     if cfg.cache.enabled:
-        run.disk = DiskCache(run.clock, producers, cfg.cache.shard_pairs, cfg.cache.flush_s)
+        run.disk = DiskCache(run.clock, producers, cfg.cache.shard_pairs, cfg.cache.flush_s / scale,
+                             CACHE_REFRESH_S / scale)
         if warm_variations:
             run.disk.warm(schedule.train_ids, warm_variations)
     for index in range(producers):

@@ -29,7 +29,7 @@ LAYERS: list[list[str]] = [
     ["prefetch"],
     ["metrics", "probe", "rundir"],
     ["cli"],
-    ["train", "eval", "stats", "cache.__main__", "data.__main__"],
+    ["train", "eval", "stats", "plan", "cache.__main__", "data.__main__"],
 ]
 RANK = {name: (layer, position) for layer, names in enumerate(LAYERS) for position, name in enumerate(names)}
 
