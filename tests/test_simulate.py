@@ -22,6 +22,7 @@ def test_generation_far_faster_than_training_serves_every_view_fresh() -> None:
     sim = simulate(cfg, 256, Rates(gen_pairs_s=1e5, step_s=0.01))
     assert [e.fractions()["fresh"] for e in sim.epochs] == [1.0, 1.0, 1.0]
     assert sim.evicted_unserved == 0  # nothing generated is thrown away unserved
+    assert sim.generated == 3 * 256 and sim.unserved_at_end == 0  # nor made past the last position
     assert sim.stall_fraction < 0.01
     assert sim.total().new_variations == 3 * 256  # a new variation of every image in every epoch
 
