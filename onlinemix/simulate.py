@@ -405,9 +405,9 @@ def simulate(cfg: Config, dataset_size: int, rates: Rates, *, producers: int | N
     ``producers`` defaults to ``cfg.gen_gpus``; ``trainers`` ranks of ``cfg.train.batch_size`` make the
     global batch; ``epochs`` defaults to ``cfg.train.epochs``; ``warm_variations`` > 0 starts from a
     cache that holds that many variations of every image (``python -m onlinemix.cache warm``).
-    ``represents``: the ``dataset_size`` images stand for a dataset this large, so the ring's slots and
-    the cache's commit and refresh delays shrink with it and keep their size next to an epoch (the
-    batches, rates and wait timeout, which act per step, stay).
+    ``represents``: the ``dataset_size`` images stand for a dataset this large, so the ring's slots (down
+    to what the producers' lead needs) and the cache's commit and refresh delays shrink with it and keep
+    their size next to an epoch (the batches, rates and wait timeout, which act per step, stay).
     """
     producers = cfg.gen_gpus if producers is None else producers
     epochs = cfg.train.epochs if epochs is None else epochs
@@ -421,7 +421,11 @@ def simulate(cfg: Config, dataset_size: int, rates: Rates, *, producers: int | N
                          f"generator batch per producer: need at least {needed}")
     scale = max(1.0, (represents or dataset_size) / dataset_size)
     if scale > 1:
-        cfg = replace(cfg, ring=replace(cfg.ring, slots=max(needed, round(cfg.ring.slots / scale))))
+        # Fewer slots hold pairs for less of an epoch, as the full ring does for the full dataset, but
+        # producers must still reach their lead (positions the trainers pass while a batch is made).
+        lead = (global_batch / rates.step_s) * (cfg.generator.batch_size / rates.gen_pairs_s) * cfg.producer.lead_factor
+        slots = min(cfg.ring.slots, max(needed + math.ceil(lead), round(cfg.ring.slots / scale)))
+        cfg = replace(cfg, ring=replace(cfg.ring, slots=slots))
     schedule = EpochSchedule(np.arange(dataset_size), global_batch, cfg.train.seed)
     run = _Run(cfg, schedule, rates, epochs * schedule.steps_per_epoch)
     if cfg.cache.enabled:
