@@ -11,8 +11,10 @@ best split (``--objective fastest``, or ``freshest`` within ``--wall-hours``) an
 warming the cache first (``python -m onlinemix.cache warm`` on every device, then offline training).
 
 Large datasets are simulated on a subsample of ``--sim-images`` images per node for ``--sim-epochs``
-epochs, with the real batch sizes, ring and time constants; later epochs repeat the last simulated one,
-and counts scale back to the full dataset. Every node trains its share of the dataset with its own ring.
+epochs, with the real batch sizes and rates (ring slots and cache delays scaled to the subsample's
+epoch); later epochs repeat the last simulated one's ring and generation while the disk cache keeps
+filling (each epoch's new variations cover more images), and counts scale back to the full dataset.
+Every node trains its share of the dataset with its own ring.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tqdm import tqdm
 
 from .cli import add_config_options, at_least, parse_config_args
 from .config import Config, ConfigError, load_config
+from .pairs import reads_disk
 from .simulate import Rates, simulate
 
 
@@ -49,7 +52,7 @@ class Split:
     variations_per_image: float  # distinct synthetic variations of an image served over the run
     fresh: float                 # of all second views, over the run
     synthetic: float             # fresh + cached + disk
-    mean_age: float
+    mean_age: float              # epochs, of the synthetic views of the simulated epochs
     cache_gb: float              # synthetic images the producers write to the disk cache over the run
 
 
@@ -74,7 +77,7 @@ def read_rates(path: Path) -> dict[str, float]:
 
 
 def predict_split(cfg: Config, rates: DeviceRates, gen: int, train: int, nodes: int, dataset_size: int,
-                  sim_images: int, sim_epochs: int, warm_variations: int = 0) -> Split:
+                  sim_images: int, sim_epochs: int) -> Split:
     """Simulate one node with ``gen`` producers and ``train`` trainers on its share of the dataset."""
     per_node = max(1, dataset_size // nodes)
     images = min(per_node, sim_images)
@@ -83,19 +86,30 @@ def predict_split(cfg: Config, rates: DeviceRates, gen: int, train: int, nodes: 
     simulated = min(epochs, sim_epochs)
     step_s = cfg.train.batch_size / rates.train_img_s  # ranks step in lockstep, each on its own batch
     sim = simulate(cfg, images, Rates(rates.gen_img_s, step_s), producers=gen, trainers=train, epochs=simulated,
-                   warm_variations=warm_variations, represents=per_node)
+                   represents=per_node)
     done, last = sim.epochs, sim.epochs[-1]
-    rest = epochs - simulated
+    counts = {k: sum(getattr(e, k) for e in done) for k in ("fresh", "cached", "disk", "new_variations", "generated")}
+    simulated_synthetic = sum(e.fresh + e.cached + e.disk for e in done)
+    age = sum(e.age_sum for e in done) / simulated_synthetic if simulated_synthetic else math.nan
+    views = sum(e.views for e in done)
+    # Later epochs repeat the last one's ring and generation; the disk cache keeps filling, so what the ring
+    # lacks comes from the cache for a growing share of the images (policies that read it).
+    ring = last.fresh + last.cached
+    covered = sim.disk_images / images
+    reads = cfg.cache.enabled and reads_disk(cfg.staleness, online=True)
+    for _ in range(epochs - simulated):
+        disk = (last.views - ring) * covered if reads else 0.0
+        for k, value in (("fresh", last.fresh), ("cached", last.cached), ("disk", disk),
+                         ("new_variations", last.new_variations), ("generated", last.generated)):
+            counts[k] += value
+        views += last.views
+        covered = 1 - (1 - covered) * (1 - min(1.0, last.generated / images))
     epoch_s = last.epoch_s * scale
-    total_s = (sum(e.epoch_s for e in done) + rest * last.epoch_s) * scale
-    views = sum(e.views for e in done) + rest * last.views
-    counts = {k: sum(getattr(e, k) for e in done) + rest * getattr(last, k)
-              for k in ("fresh", "cached", "disk", "new_variations", "generated", "age_sum")}
+    total_s = (sum(e.epoch_s for e in done) + (epochs - simulated) * last.epoch_s) * scale
     synthetic = counts["fresh"] + counts["cached"] + counts["disk"]
     stored = cfg.data.stored_size or cfg.data.resolution
     return Split(gen, train, nodes * per_node * epochs / total_s, epoch_s, total_s,
-                 counts["new_variations"] / images, counts["fresh"] / views, synthetic / views,
-                 counts["age_sum"] / synthetic if synthetic else math.nan,
+                 counts["new_variations"] / images, counts["fresh"] / views, synthetic / views, age,
                  nodes * counts["generated"] * scale * 3 * stored * stored / 1e9)
 
 
@@ -140,7 +154,8 @@ def warm_first(cfg: Config, rates: DeviceRates, gpus: int, nodes: int, dataset_s
     stored = cfg.data.stored_size or cfg.data.resolution
     text = (f"warm first: {k} variation(s) per image on all {devices} devices ({duration(warm_s)}), then offline "
             f"training on all of them ({duration(train_s)}): {duration(warm_s + train_s)} in all, cache "
-            f"{dataset_size * k * 3 * stored * stored / 1e9:.2f} GB, against {duration(online.total_s)} online")
+            f"{dataset_size * k * 3 * stored * stored / 1e9:.2f} GB, a synthetic view for every image; against "
+            f"{duration(online.total_s)} online, a synthetic view for {online.synthetic:.0%} of them")
     if warm_s + train_s < online.total_s:
         return text + ": warming the cache first is better (python -m onlinemix.cache warm --variations " \
                       f"{k}, then train with --offline)"

@@ -102,6 +102,7 @@ class Simulation:
     generated: int
     evicted_unserved: int   # pairs evicted from the ring before they ever served
     unserved_at_end: int    # pairs still in the ring, never served, when training ended
+    disk_images: int = 0    # images with a variation the trainers can read from the disk cache at the end
 
     def total(self) -> EpochResult:
         out = EpochResult(-1)
@@ -173,6 +174,10 @@ class DiskCache:
                 self._committed += pending
                 pending.clear()
                 self._last_flush[producer] = now
+
+    def images(self) -> int:
+        """Images with at least one variation committed (visible at the trainers' next refresh)."""
+        return len(set(self._variations) | {i for i, _, _ in self._committed})
 
     def take(self, ids: np.ndarray, missing: np.ndarray, epoch: int, result: TakeResult) -> np.ndarray:
         """Serve the ``missing`` entries of a batch from the cache; fills ``result``'s age and uses."""
@@ -440,4 +445,6 @@ def simulate(cfg: Config, dataset_size: int, rates: Rates, *, producers: int | N
     meta = run.ring.meta
     unserved = int(((meta[:, S.state] == READY) & (meta[:, S.uses] == 0)).sum())
     header = run.ring.header
-    return Simulation(run.trainer.epochs, run.clock.now, header.generated, header.evicted_unserved, unserved)
+    disk_images = run.disk.images() if run.disk is not None else 0
+    return Simulation(run.trainer.epochs, run.clock.now, header.generated, header.evicted_unserved, unserved,
+                      disk_images)
