@@ -224,12 +224,14 @@ class _Producer:
         if sim.ring.closed:
             return
         pixels = sim.pixels[: len(work.ids) - written]
-        written += self.port.place(pixels, pixels, work.ids[written:], work.positions[written:], work.seeds[written:],
-                                   work.epochs[written:], sim.cfg.staleness.max_age)
+        placed = self.port.place(pixels, pixels, work.ids[written:], work.positions[written:], work.seeds[written:],
+                                 work.epochs[written:], sim.cfg.staleness.max_age)
+        written += placed
+        if placed:
+            sim.trainer.published()
         if written < len(work.ids):
             sim.clock.after(WRITE_RETRY_S, self.write, work, started, written)
             return
-        sim.trainer.published()
         if sim.disk is not None:
             sim.disk.add(self.index, work)
         self.work.done(work, sim.clock.now - started)
