@@ -57,6 +57,7 @@ BENCHES = (
     Bench("augment", "batched views vs torchvision per image"),
     Bench("throughput", "generation vs training, the MixDiff step cost, the ring, the node split"),
     Bench("precompute", "cache warm + offline training vs online producers"),
+    Bench("tradeoff", "the online system's simulator vs real runs; generation wasted, trainer stalls"),
 )
 
 

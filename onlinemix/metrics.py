@@ -52,7 +52,8 @@ class RunMetrics:
         if self.port is None:
             return {}
         return {**{f"ring_{k}": v for k, v in self.port.occupancy().items()},
-                "checksum_errors": self.port.checksum_errors,
+                "checksum_errors": self.port.checksum_errors, "generated": self.port.generated,
+                "evicted_unserved": self.port.evicted_unserved, "producer_busy_s": self.port.busy_s,
                 "producer_restarts": self.pool.restarts if self.pool else 0,
                 "producer_stalls": self.pool.stalls if self.pool else 0, "generated_per_s": self.producer_rate()}
 

@@ -126,7 +126,7 @@ class PairSource:
         cache and the (shard, row) of each variation taken."""
         disk = np.zeros(len(ids), dtype=bool)
         taken: list[tuple[str, int]] = []
-        if self.ring is not None and self.staleness.policy == "real":
+        if not reads_disk(self.staleness, online=self.ring is not None):
             return disk, taken
         if time.monotonic() - self._refreshed > CACHE_REFRESH_S:  # producers keep committing shards
             self.cache.refresh()
@@ -147,7 +147,7 @@ class PairSource:
         """Under the ``wait`` policy, keep borrowing the ids still missing until the timeout."""
         result = TakeResult(*(a.copy() for a in (loans[0].result.found, loans[0].result.fresh,
                                                  loans[0].result.age, loans[0].result.uses)))
-        if self.staleness.policy != "wait" or result.found.all():
+        if not waits(self.staleness) or result.found.all():
             return result, 0.0
         start = time.monotonic()
         missing = positions[~result.found]
@@ -166,6 +166,16 @@ class PairSource:
             result.fresh |= more.fresh
             result.found |= more.found
         return result, time.monotonic() - start
+
+
+def waits(staleness: StalenessConfig) -> bool:
+    """Whether a batch missing views waits for the producers (up to ``wait_timeout_s``) before the disk cache."""
+    return staleness.policy == "wait"
+
+
+def reads_disk(staleness: StalenessConfig, online: bool) -> bool:
+    """Whether views the ring lacks come from the disk cache: offline always, online unless the policy is ``real``."""
+    return not online or staleness.policy != "real"
 
 
 def batch_stats(result: TakeResult, disk: np.ndarray, waited_s: float) -> dict[str, float]:

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 class RingWork:
     """Online work: positions claimed from the ring ahead of the trainers, minus the images
-    that already have an unused view waiting for them."""
+    that already have an unused view waiting for them and the positions past the end of training."""
 
     def __init__(self, port: ProducerPort, schedule: EpochSchedule, cfg: Config) -> None:
         self.port = port
@@ -41,6 +41,7 @@ class RingWork:
         self.batch_size = cfg.generator.batch_size
         self.max_age = cfg.staleness.max_age
         self.base_seed = cfg.generator.seed
+        self.end = cfg.train.epochs * schedule.positions_per_epoch  # no trainer asks for a position past it
 
     def finished(self) -> bool:
         return self.port.closed
@@ -48,6 +49,7 @@ class RingWork:
     def next(self) -> Work | None:
         while not self.port.closed:
             positions = self.port.claim(self.batch_size)
+            positions = positions[positions < self.end]
             if len(positions) == 0:
                 return None
             ids, epochs = self.schedule.ids_at(positions), self.schedule.epoch_of(positions)
@@ -59,8 +61,16 @@ class RingWork:
         return None
 
     def done(self, work: Work, seconds: float) -> None:
+        self.port.count_busy(seconds)
         # The lead is planned for full batches; a batch thinned out by the skip counts as one.
         self.port.observe_batch(seconds * self.batch_size / len(work.ids))
+
+
+def producer_port(ring: PairRing, cfg: Config, node_batch: int, index: int) -> ProducerPort:
+    """The port of the node's producer ``index``: claims at most the slots its trainers' batch (their
+    slice of each global batch) leaves free ahead of them."""
+    return ProducerPort(ring, lookahead=max(cfg.generator.batch_size, ring.slots - node_batch),
+                        lead_factor=cfg.producer.lead_factor, index=index)
 
 
 @dataclass
@@ -85,8 +95,7 @@ class OnlineJob:
                                  self.node, self.nodes)
         ring = PairRing.attach(self.ring_name)
         try:
-            port = ProducerPort(ring, lookahead=max(cfg.generator.batch_size, ring.slots - schedule.node_batch),
-                                lead_factor=cfg.producer.lead_factor, index=spec.index - self.first_index)
+            port = producer_port(ring, cfg, schedule.node_batch, spec.index - self.first_index)
             if spec.log_path is not None:
                 write_json(Path(spec.log_path).with_suffix(".json"),
                            {"pid": os.getpid(), "device": spec.device, "model": cfg.generator.model,

@@ -89,6 +89,8 @@ class RingHeader:
     # producers -> trainers
     gen_pos = _Cell()             # the next position no producer has claimed
     generated = _Cell()           # pairs published since the ring was created
+    evicted_unserved = _Cell()    # published pairs whose slot was taken back before they ever served
+    busy_ms = _Cell()             # producers' time on batches (claim to publication), waits for a free slot excluded
     checksum_errors = _Cell()     # corrupt pairs found (and dropped) by readers
     ready_producers = _Cell()     # producers that loaded their generator
     fingerprint = _Cell()         # their generator fingerprint (16 hex digits), once one is ready
@@ -178,28 +180,40 @@ class Loan:
 class PairRing:
     """A fixed pool of pair slots in one shared-memory segment, usable from any process."""
 
-    def __init__(self, shm: shared_memory.SharedMemory, owner: bool) -> None:
+    def __init__(self, buf: memoryview | bytearray, shm: shared_memory.SharedMemory | None = None,
+                 owner: bool = False) -> None:
         self.shm = shm
         self.owner = owner
-        cells = np.ndarray((len(RingHeader.FIELDS),), dtype=np.int64, buffer=shm.buf)
+        cells = np.ndarray((len(RingHeader.FIELDS),), dtype=np.int64, buffer=buf)
         self.header = RingHeader(cells)
         if self.header.magic != MAGIC:
-            raise RingError(f"shared-memory segment {shm.name} is not an onlinemix ring")
+            raise RingError(f"shared-memory segment {self.name} is not an onlinemix ring")
         self.slots = self.header.slots
         self.resolution = self.header.resolution
         offset = cells.nbytes
         # Bumped by each producer whenever its loop turns (a claim, a wait for a free slot); frozen
         # while it generates a batch, or when it is stopped or hangs: see ProducerPool's watch.
-        self.progress = np.ndarray((MAX_PRODUCERS,), dtype=np.int64, buffer=shm.buf, offset=offset)
+        self.progress = np.ndarray((MAX_PRODUCERS,), dtype=np.int64, buffer=buf, offset=offset)
         offset += self.progress.nbytes
-        self.meta = np.ndarray((self.slots, S.COUNT), dtype=np.int64, buffer=shm.buf, offset=offset)
+        self.meta = np.ndarray((self.slots, S.COUNT), dtype=np.int64, buffer=buf, offset=offset)
         offset += self.meta.nbytes
         r = self.resolution
-        self.pixels = np.ndarray((self.slots, 2, 3, r, r), dtype=np.uint8, buffer=shm.buf, offset=offset)
-        self._lock_fd = os.open(SHM_DIR / shm.name, os.O_RDWR)
+        self.pixels = np.ndarray((self.slots, 2, 3, r, r), dtype=np.uint8, buffer=buf, offset=offset)
+        # Across processes the segment's own file is locked too; a local ring needs only the thread lock.
+        self._lock_fd = os.open(SHM_DIR / shm.name, os.O_RDWR) if shm is not None else -1
         self._thread_lock = threading.Lock()
+        self.clock_ns = time.time_ns  # birth times: the simulator swaps in its virtual clock
 
     # ------------------------------------------------------------------ lifetime
+    @staticmethod
+    def _initialise(buf: memoryview | bytearray, slots: int, resolution: int) -> None:
+        cells = np.ndarray((len(RingHeader.FIELDS),), dtype=np.int64, buffer=buf)
+        cells[:] = 0
+        header = RingHeader(cells)
+        header.slots, header.resolution, header.creator_pid = slots, resolution, os.getpid()
+        np.ndarray((MAX_PRODUCERS + slots * S.COUNT,), dtype=np.int64, buffer=buf, offset=cells.nbytes)[:] = 0
+        header.magic = MAGIC  # last: a reader never sees a half-initialised ring as valid
+
     @classmethod
     def create(cls, slots: int, resolution: int) -> PairRing:
         nbytes = ring_nbytes(slots, resolution)
@@ -213,32 +227,39 @@ class PairRing:
                 f"container more (docker run --shm-size={max(1, nbytes * 2 // 2**30 + 1)}g)")
         name = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
-        cells = np.ndarray((len(RingHeader.FIELDS),), dtype=np.int64, buffer=shm.buf)
-        cells[:] = 0
-        header = RingHeader(cells)
-        header.slots, header.resolution, header.creator_pid = slots, resolution, os.getpid()
-        np.ndarray((MAX_PRODUCERS + slots * S.COUNT,), dtype=np.int64, buffer=shm.buf, offset=cells.nbytes)[:] = 0
-        header.magic = MAGIC  # last: a reader never sees a half-initialised ring as valid
-        return cls(shm, owner=True)
+        cls._initialise(shm.buf, slots, resolution)
+        return cls(shm.buf, shm, owner=True)
+
+    @classmethod
+    def local(cls, slots: int, resolution: int = 1) -> PairRing:
+        """A ring in this process's own memory, with the same slot rules: what the simulator runs
+        (``onlinemix.simulate``) on a virtual clock, with 1-pixel pairs."""
+        buf = bytearray(ring_nbytes(slots, resolution))
+        cls._initialise(buf, slots, resolution)
+        return cls(buf)
 
     @classmethod
     def attach(cls, name: str) -> PairRing:
         try:
-            return cls(_attach_untracked(name), owner=False)
+            shm = _attach_untracked(name)
+            return cls(shm.buf, shm)
         except FileNotFoundError:
             raise RingError(f"ring {name} does not exist (its creator has exited?)") from None
 
     @property
     def name(self) -> str:
-        return self.shm.name
+        return self.shm.name if self.shm is not None else "local"
 
     def close(self) -> None:
         """Detach; the creator also unlinks the segment. Safe to call twice."""
-        if self._lock_fd < 0:
+        if not hasattr(self, "header"):
             return
-        os.close(self._lock_fd)
-        self._lock_fd = -1
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
         del self.header, self.progress, self.meta, self.pixels
+        if self.shm is None:
+            return
         self.shm.close()
         if self.owner:
             try:
@@ -249,6 +270,9 @@ class PairRing:
     @contextmanager
     def locked(self) -> Iterator[None]:
         with self._thread_lock:
+            if self._lock_fd < 0:
+                yield
+                return
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             try:
                 yield
@@ -313,11 +337,13 @@ class PairRing:
                 evictable = (state == READY) & (m[:, S.pins] == 0)
                 expired = evictable & (epoch - m[:, S.birth_epoch] > max_age)
                 passed = evictable & ~expired & (m[:, S.position] < self.header.trainer_pos)
-                picked += list(np.flatnonzero(expired)[: n - len(picked)])
+                evicted = list(np.flatnonzero(expired)[: n - len(picked)])
                 candidates = np.flatnonzero(passed)
                 superseded = self._superseded(state == READY)[candidates]
                 order = np.lexsort((m[candidates, S.birth_ns], m[candidates, S.uses] == 0, ~superseded))
-                picked += list(candidates[order][: n - len(picked)])
+                evicted += list(candidates[order][: n - len(picked) - len(evicted)])
+                self.header.evicted_unserved += int((m[evicted, S.uses] == 0).sum())
+                picked += evicted
             pid = os.getpid()
             for slot in picked:
                 m[slot, S.state] = WRITING
@@ -356,7 +382,7 @@ class PairRing:
             for column, values in ((S.real_id, real_ids), (S.position, positions), (S.seed, seeds),
                                    (S.birth_epoch, birth_epochs), (S.checksum, checksums)):
                 m[slots, column] = values
-            m[slots, S.birth_ns] = time.time_ns()
+            m[slots, S.birth_ns] = self.clock_ns()
             m[slots, S.uses] = 0
             m[slots, S.pins] = 0
             m[slots, S.state] = READY
@@ -530,6 +556,16 @@ class TrainerPort:
     def checksum_errors(self) -> int:
         return self.ring.header.checksum_errors
 
+    @property
+    def evicted_unserved(self) -> int:
+        """Published pairs whose slot was taken back before they ever served (generation the ring wasted)."""
+        return self.ring.header.evicted_unserved
+
+    @property
+    def busy_s(self) -> float:
+        """Seconds producers spent on batches, waits for a free slot excluded (see ``ProducerPort.count_busy``)."""
+        return self.ring.header.busy_ms / 1000
+
     def occupancy(self) -> dict[str, int]:
         return self.ring.occupancy()
 
@@ -552,6 +588,7 @@ class ProducerPort:
         self.lead_factor = lead_factor
         self.index = index
         self._batch_s = Ewma()
+        self._slot_wait_s = 0.0  # waits for a free slot since the last count_busy
 
     def beat(self) -> None:
         """This producer's loop turned: it is alive and not stuck (its parent watches the counter)."""
@@ -599,6 +636,8 @@ class ProducerPort:
             if urgent_start < urgent_end:
                 end = min(urgent_start + n, urgent_end)
                 header.urgent_start = end
+                if urgent_start <= header.gen_pos < end:  # claimed now: the next claim must not make them again
+                    header.gen_pos = end
                 return np.arange(urgent_start, end, dtype=np.int64)
             start = max(header.gen_pos, trainer + min(lead, max(0, self.lookahead - n)))
             end = min(start + n, trainer + self.lookahead)
@@ -610,22 +649,40 @@ class ProducerPort:
     def has_unused_view(self, ids: np.ndarray, positions: np.ndarray, epochs: np.ndarray, max_age: int) -> np.ndarray:
         return self.ring.has_unused_view(ids, positions, epochs, max_age)
 
+    def place(self, real: np.ndarray, synthetic: np.ndarray, ids: np.ndarray, positions: np.ndarray,
+              seeds: list[int], epochs: np.ndarray, max_age: int) -> int:
+        """Write and publish the first pairs given, as many as slots can be reserved for now
+        (:meth:`PairRing.reserve`: least valuable first); returns how many (0: the ring is full)."""
+        ring = self.ring
+        slots = ring.reserve(len(ids), int(epochs[0]), max_age)
+        if not slots:
+            return 0
+        n = len(slots)
+        checksums = [ring.write(slot, real[j], synthetic[j]) for j, slot in enumerate(slots)]
+        ring.publish_many(slots, real_ids=ids[:n], positions=positions[:n], seeds=seeds[:n],
+                          birth_epochs=epochs[:n], checksums=checksums)
+        return n
+
     def write_pairs(self, real: np.ndarray, synthetic: np.ndarray, ids: np.ndarray, positions: np.ndarray,
                     seeds: list[int], epochs: np.ndarray, max_age: int) -> int:
         """Write and publish pairs as slots become free; waits (until the ring closes) while it is full.
         Returns how many were written: fewer than given when the ring closed first."""
-        ring, i = self.ring, 0
+        i = 0
         while i < len(ids):
             self.beat()
-            if ring.closed:
+            if self.ring.closed:
                 return i
-            slots = ring.reserve(len(ids) - i, int(epochs[i]), max_age)
-            if not slots:
+            written = self.place(real[i:], synthetic[i:], ids[i:], positions[i:], seeds[i:], epochs[i:], max_age)
+            if not written:
+                started = time.perf_counter()
                 time.sleep(WRITE_RETRY_S)
-                continue
-            batch = slice(i, i + len(slots))
-            checksums = [ring.write(slot, real[j], synthetic[j]) for j, slot in enumerate(slots, start=i)]
-            ring.publish_many(slots, real_ids=ids[batch], positions=positions[batch], seeds=seeds[batch],
-                              birth_epochs=epochs[batch], checksums=checksums)
-            i += len(slots)
+                self._slot_wait_s += time.perf_counter() - started
+            i += written
         return i
+
+    def count_busy(self, seconds: float) -> None:
+        """A batch took ``seconds`` from claim to publication: add them, less the time spent waiting for a
+        free slot, to the ring's ``busy_ms``, so that generated / busy time is the producers' real rate."""
+        busy, self._slot_wait_s = max(0.0, seconds - self._slot_wait_s), 0.0
+        with self.ring.locked():
+            self.ring.header.busy_ms += round(1000 * busy)

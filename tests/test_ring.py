@@ -204,6 +204,32 @@ def test_lead_is_trainer_speed_times_smoothed_batch_time(ring: PairRing) -> None
     assert ProducerPort(ring, lookahead=10_000, lead_factor=0.0).lead() == 0  # disabled
 
 
+def test_urgently_claimed_positions_are_not_claimed_again(ring: PairRing) -> None:
+    port = producer_port(ring, lookahead=100)
+    assert port.claim(2).tolist() == [0, 1]
+    TrainerPort(ring, leader=True).request(2, 6)  # the claim pointer is inside the urgent positions
+    assert port.claim(2).tolist() == [2, 3]
+    assert port.claim(2).tolist() == [4, 5]
+    assert port.claim(2).tolist() == [6, 7]  # not 2 and 3 again
+
+
+def test_evictions_of_pairs_that_never_served_are_counted() -> None:
+    ring = PairRing.local(slots=8, resolution=R)  # the same rules, in this process's memory
+    ring.clock_ns = iter(range(100)).__next__  # birth times from a clock of our own
+    ring.header.trainer_pos = 100
+    for i in range(ring.slots):
+        put(ring, real_id=i, position=i)
+    assert ring.meta[:, S.birth_ns].tolist() == list(range(8))
+    take(ring, [0, 1, 2], [50, 50, 50], max_reuse=2)
+    served = ring.reserve(3, 0, 100)  # served pairs go first
+    assert sorted(served) == [0, 1, 2] and ring.header.evicted_unserved == 0
+    ring.reserve(2, 0, 100)
+    port = TrainerPort(ring, leader=True)
+    assert port.evicted_unserved == 2
+    ProducerPort(ring, lookahead=8, lead_factor=1.0).count_busy(1.5)
+    assert port.busy_s == 1.5
+
+
 def test_urgent_positions_the_trainers_have_passed_are_skipped(ring: PairRing) -> None:
     trainers = TrainerPort(ring, leader=True)
     trainers.request(10, 20)

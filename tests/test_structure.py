@@ -1,7 +1,8 @@
 """The package's modules import only modules below them in the data flow.
 
 Layers, bottom to top: what every module may rely on; real data and view recipes; generators;
-the ring and the disk cache; generation workers and their jobs; a trainer batch's pair lookup;
+the ring and the disk cache; generation workers and their jobs; a trainer batch's pair lookup (and
+the simulator, which runs it on a virtual clock);
 view composition; methods; monitoring; the commands. A module may import modules of lower
 layers, and of its own layer only where the list below orders them (left before right). A new
 module must be placed here, which is the point: where it sits is a decision, not an accident.
@@ -22,13 +23,13 @@ LAYERS: list[list[str]] = [
     ["ring", "cache.store", "cache.maintenance", "cache.migrate", "cache.transfer", "cache", "devices"],
     ["worker"],
     ["producer", "warm"],
-    ["pairs"],
+    ["pairs", "simulate"],
     ["views"],
     ["methods"],
     ["prefetch"],
     ["tracking", "metrics", "probe", "linear_eval", "rundir", "checkpoint"],
     ["cli"],
-    ["train", "eval", "stats", "cache.__main__", "data.__main__"],
+    ["train", "eval", "stats", "plan", "cache.__main__", "data.__main__"],
 ]
 RANK = {name: (layer, position) for layer, names in enumerate(LAYERS) for position, name in enumerate(names)}
 

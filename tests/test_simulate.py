@@ -1,0 +1,81 @@
+"""The simulator on cases whose outcome can be worked out by hand, and the planner's table for a fixed rates file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from onlinemix.config import load_config
+from onlinemix.plan import main as plan_main
+from onlinemix.simulate import Rates, simulate
+
+STOPPED = 1e-9  # pairs/s: a producer that never finishes a batch
+
+
+def config(**overrides: str):
+    return load_config(None, {k.replace("__", "."): v for k, v in overrides.items()})
+
+
+def test_generation_far_faster_than_training_serves_every_view_fresh() -> None:
+    cfg = config(staleness__policy="wait", staleness__max_reuse="1", train__batch_size="32", train__epochs="3")
+    sim = simulate(cfg, 256, Rates(gen_pairs_s=1e5, step_s=0.01))
+    assert [e.fractions()["fresh"] for e in sim.epochs] == [1.0, 1.0, 1.0]
+    assert sim.evicted_unserved == 0  # nothing generated is thrown away unserved
+    assert sim.generated == 3 * 256 and sim.unserved_at_end == 0  # nor made past the last position
+    assert sim.stall_fraction < 0.01
+    assert sim.total().new_variations == 3 * 256  # a new variation of every image in every epoch
+
+
+def test_stopped_generation_falls_back_to_real_views_or_serves_the_cache() -> None:
+    real = simulate(config(staleness__policy="real", train__batch_size="32", train__epochs="2"), 64,
+                    Rates(STOPPED, 0.01))
+    assert [e.fractions()["fallback"] for e in real.epochs] == [1.0, 1.0]
+    assert real.generated == 0
+    # Two warm variations per image, served least used first, then youngest: 1, 0, 1, 0.
+    cached = simulate(config(staleness__policy="cached", train__batch_size="32", train__epochs="4"), 64,
+                      Rates(STOPPED, 0.01), warm_variations=2)
+    assert [e.fractions()["disk"] for e in cached.epochs] == [1.0] * 4
+    assert [e.mean_reuse for e in cached.epochs] == [0, 0, 1, 1]
+    assert [e.mean_age for e in cached.epochs] == [0, 1, 1, 3]  # epoch - variation, never negative
+    assert [e.new_variations for e in cached.epochs] == [64, 64, 0, 0]
+
+
+def test_a_ring_view_serves_max_reuse_times_then_a_new_one_is_waited_for() -> None:
+    # One batch of 32 images per epoch; a batch of 32 variations takes the producer 10 s, a step 10 ms.
+    cfg = config(staleness__policy="wait", staleness__wait_timeout_s="20", staleness__max_reuse="3",
+                 train__batch_size="32", generator__batch_size="32", train__epochs="6", ring__slots="64",
+                 cache__enabled="false")
+    sim = simulate(cfg, 32, Rates(gen_pairs_s=3.2, step_s=0.01))
+    assert [(e.fresh, e.cached, e.fallback) for e in sim.epochs] == [(32, 0, 0), (0, 32, 0), (0, 32, 0)] * 2
+    assert [e.mean_reuse for e in sim.epochs] == [0, 1, 2, 0, 1, 2]
+    # Epoch 3 serves the views made for epoch 1 (made while epochs 1 and 2 reused epoch 0's).
+    assert [e.mean_age for e in sim.epochs] == [0, 1, 2, 2, 3, 4]
+    assert [round(e.stall_s) for e in sim.epochs] == [10, 0, 0, 10, 0, 0]
+    assert sim.generated == 64
+
+
+def test_rates_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="rates must be positive"):
+        Rates(0.0, 1.0)
+
+
+
+def test_the_planner_prints_every_split_marks_the_fastest_and_weighs_warming(tmp_path, capsys) -> None:
+    rates = tmp_path / "throughput.json"
+    rates.write_text(json.dumps({"generation": {"best_img_s": 40.0}, "training": {"img_s": 100.0}}))
+    plan_main(["--gpus", "3", "--dataset-size", "2000", "--epochs", "3", "--rates", str(rates),
+               "--sim-images", "256", "--sim-epochs", "2", "--train.batch-size", "32", "--staleness.policy", "cached"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("1 node(s) x 3 devices, 2000 images, 3 epochs; per device 40 pairs/s generated, 100 img/s "
+                      "trained; policy cached, max_reuse 4, ring 2048 slots")
+    assert out[1].split() == ["gen", "train", "img/s", "epoch", "run", "var/img", "fresh", "synth", "age", "cache",
+                              "GB"]
+    rows = [line.split() for line in out[2:4]]
+    assert [row[:2] for row in rows] == [["1", "2"], ["2", "1"]]
+    # Two trainers need 200 img/s and one producer makes 40: throughput is the trainers' (no policy wait).
+    assert float(rows[0][2]) == pytest.approx(200, rel=0.05)
+    assert float(rows[1][2]) == pytest.approx(100, rel=0.05)
+    assert rows[0][-1] == "*" and len(rows[1]) == 10
+    assert out[4] == "* best (fastest): 1 producer(s) + 2 trainer(s) per node"
+    assert out[5].startswith("warm first: ") and out[5].endswith("online is better")
