@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .cache.store import serving_order
 from .config import Config
 from .pairs import CACHE_REFRESH_S, batch_stats, reads_disk, waits
 from .producer import RingWork, producer_port
@@ -191,7 +192,7 @@ class DiskCache:
             candidates = self._variations.get(int(ids[j]))
             if not candidates:
                 continue
-            best = min(candidates, key=lambda v: (v[0], -v[1], -v[2]))
+            best = min(candidates, key=lambda v: serving_order(*v))
             self.served.append((int(ids[j]), int(best[2])))
             disk[j] = True
             result.age[j] = max(0, epoch - int(best[2]))

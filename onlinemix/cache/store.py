@@ -457,7 +457,7 @@ class CacheReader:
             candidates = self.variations(real_id)
             if not candidates:
                 return None
-            best = min(candidates, key=lambda v: (self._uses.get((v.shard, v.row), 0), -v.created, -v.epoch))
+            best = min(candidates, key=lambda v: serving_order(self._uses.get((v.shard, v.row), 0), v.created, v.epoch))
             stored = self._stored(best)
             if stored is not None:
                 uses = self._uses.get((best.shard, best.row), 0)
@@ -475,6 +475,12 @@ class CacheReader:
         found = [c for c in chosen if c is not None]
         images = iter(decode_images([(v.format, stored) for v, stored, _ in found], self.resolution, self.device))
         return [None if c is None else Served(next(images), c[0], c[2]) for c in chosen]
+
+
+def serving_order(uses: int, created: float, epoch: int) -> tuple[int, float, int]:
+    """The sort key of an image's cached variations, first served first: the least used, then the
+    youngest (created last, then made for the latest epoch). The simulator serves by the same key."""
+    return uses, -created, -epoch
 
 
 def cache_keys(root: Path) -> dict[str, dict]:
