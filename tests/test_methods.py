@@ -209,7 +209,7 @@ def test_producer_and_trainer_schedule_the_same_ids(tmp_path: Path, monkeypatch)
         pass
 
     class Recording:
-        def __init__(self, train_ids, global_batch, seed):
+        def __init__(self, train_ids, global_batch, seed, node=0, nodes=1):
             seen["producer"] = np.asarray(train_ids)
             raise Stop
 
