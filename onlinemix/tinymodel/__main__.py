@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for f in fields(TrainSettings):
         kind = float if f.type == "float" else at_least(0)
         train_cmd.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default,
-                               help=f"[default: {f.default}]")
+                               help=f"{f.metadata['help']} [default: {f.default}]")
     train_cmd.add_argument("--threads", type=at_least(1), default=1,
                            help="torch threads; the weights depend on it (default 1, as the bundled model)")
     quality = commands.add_parser("quality", help="class accuracy, distances and diversity of the variations of "

@@ -14,7 +14,7 @@ quality measurement runs on images the model did not learn.
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,15 +30,19 @@ from ..generate import clip_resize
 from .model import CLIP_SIZE, NATIVE_SIZE, assemble_pipeline, build_components, clip_processor, training_scheduler
 
 
+def setting(default: float, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainSettings:
-    seed: int = 0
-    vae_steps: int = 400
-    steps: int = 2500
-    batch_size: int = 64
-    lr: float = 1e-3
-    kl_weight: float = 1e-4
-    conditioning_dropout: float = 0.1
+    seed: int = setting(0, "initial weights, batches and noise")
+    vae_steps: int = setting(400, "steps of the VAE stage")
+    steps: int = setting(2500, "steps of the UNet + image encoder stage")
+    batch_size: int = setting(64, "images per step, both stages")
+    lr: float = setting(1e-3, "AdamW learning rate, both stages (cosine decay with warm-up in the second)")
+    kl_weight: float = setting(1e-4, "weight of the VAE's KL term")
+    conditioning_dropout: float = setting(0.1, "fraction of embeddings replaced by the unconditional (zero) one")
 
     def __post_init__(self) -> None:
         if min(self.vae_steps, self.steps, self.batch_size) < 1 or self.seed < 0:
