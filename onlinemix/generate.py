@@ -134,9 +134,11 @@ class DiffusersVariationGenerator:
         self.clip_std = torch.tensor(processor.image_std, device=self.device).view(1, 3, 1, 1)
         # The pipeline accepts sizes divisible by 8 (and by the VAE's spatial factor). A bundled model
         # generates at the size it was trained at; the others at the output resolution unless told.
-        native = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         multiple = math.lcm(8, self.pipe.vae_scale_factor)
-        size = cfg.resolution or (native if cfg.model in BUNDLED_MODELS else resolution)
+        if cfg.resolution or cfg.model not in BUNDLED_MODELS:
+            size = cfg.resolution or resolution
+        else:
+            size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         self.gen_size = -(-size // multiple) * multiple
         self._prepare()
         self.fingerprint = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]

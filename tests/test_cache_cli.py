@@ -55,7 +55,8 @@ def real_images(dataset: Path, **overrides: str) -> RealImages:
 
 
 def flags(dataset: Path, cache: Path, *extra: str) -> list[str]:
-    return ["--data.dataset", str(dataset), "--cache.dir", str(cache), "--generator.batch-size", "8", *extra]
+    return ["--data.dataset", str(dataset), "--cache.dir", str(cache), "--generator.model", "stub", "--generator.batch-size", "8",
+            *extra]
 
 
 def warm_command(dataset: Path, cache: Path, *extra: str) -> list[str]:
