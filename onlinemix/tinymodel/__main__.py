@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 from dataclasses import fields
 from pathlib import Path
@@ -49,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> None:
     if args.command == "train":
+        if importlib.util.find_spec("matplotlib") is None:  # checked now, not after the training
+            raise ValueError("the training's loss curve needs matplotlib: pip install matplotlib")
         torch.set_num_threads(args.threads)
         settings = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings)})
         train(args.out, settings)
