@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-supervised training with synthetic views generated on the fly (MixDiff). "
                     "Producers run a Stable Diffusion image-variation model and fill a shared-memory ring of "
                     "(real, synthetic) pairs; trainers consume it through accelerate. With no arguments, trains "
-                    "the embedded default: SimCLR + MixDiff, tiny convnet, bundled digits, tiny stub diffuser, CPU.")
+                    "the embedded default: SimCLR + MixDiff, tiny convnet, bundled digits, digits-tiny variation model, CPU.")
     parser.add_argument("--config", type=Path, default=None,
                         help="YAML preset (see configs/); command-line flags override it")
     parser.add_argument("--resume", default=None, metavar="auto|RUN_DIR|CHECKPOINT_DIR",

@@ -58,18 +58,21 @@ class DataConfig:
 
 @dataclass
 class GeneratorConfig:
-    model: str = opt("stub", "'stub' (tiny random-weight diffuser, CPU friendly), 'full-size-random' (the real "
-                     "architecture with random weights, for speed measurements) or a hub id / local directory of a "
-                     "StableDiffusionImageVariationPipeline, e.g. lambdalabs/sd-image-variations-diffusers")
+    model: str = opt("digits-tiny", "'digits-tiny' (a small image-variation model trained on the bundled digits, "
+                     "shipped in the package: python -m onlinemix.tinymodel), 'stub' (tiny random-weight diffuser, the "
+                     "fastest), 'full-size-random' (the real architecture with random weights, for speed measurements) "
+                     "or a hub id / local directory of a StableDiffusionImageVariationPipeline, e.g. "
+                     "lambdalabs/sd-image-variations-diffusers")
     pipeline: str = opt("sd-image-variation", f"which diffusers pipeline generates: {GENERATORS.describe()}",
                         choices=GENERATORS.names())
-    revision: str = opt("v2.0", "hub revision of an SD image-variation model (ignored for 'stub', local "
+    revision: str = opt("v2.0", "hub revision of an SD image-variation model (ignored for 'stub', 'digits-tiny', local "
                         "directories and Versatile Diffusion)")
     steps: int = opt(10, "denoising steps per image", low=1, high=1000)
     guidance: float = opt(3.0, "classifier-free guidance scale k (k <= 1 disables guidance and halves the cost)",
                           low=0.0, high=50.0)
     resolution: int = opt(0, "side of the generated images before they are resized to data.resolution; "
-                          "0 = data.resolution (right for the stub; the real model is trained at 512)", low=0, high=2048)
+                          "0 = the size digits-tiny was trained at (8) for it, data.resolution for the others "
+                          "(right for the stub; the real model is trained at 512)", low=0, high=2048)
     scheduler: str = opt("dpm++", "sampler", choices=("dpm++", "ddim", "pndm", "euler"))
     dtype: str = opt("auto", "generator precision; auto = fp16 on GPU, fp32 on CPU",
                      choices=("auto", "fp16", "bf16", "fp32"))

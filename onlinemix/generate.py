@@ -14,10 +14,11 @@ centre-crop.
 from __future__ import annotations
 
 import hashlib
-import math
-from pathlib import Path
 import json
 import logging
+import math
+from importlib import resources
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -36,6 +37,7 @@ SCHEDULERS = {"dpm++": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "pndm
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PREPROCESSING_VERSION = 1  # bump when the input preprocessing changes the output
 FULL_SIZE_RANDOM = "full-size-random"
+BUNDLED_MODELS = {"digits-tiny": "assets/digits-tiny"}  # name -> directory in the package (python -m onlinemix.tinymodel)
 MAX_RETRIES = 3
 BLANK_STD = 1e-3  # a generated image whose pixels vary less than this (on [0, 1]) is blank
 
@@ -93,7 +95,7 @@ def load_pipeline(cfg: GeneratorConfig, device: torch.device, dtype: torch.dtype
             pipe.to(dtype=dtype)
     else:
         pipe = StableDiffusionImageVariationPipeline.from_pretrained(
-            cfg.model, revision=cfg.revision, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+            model_location(cfg.model), revision=cfg.revision, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
     if cfg.tiny_vae:
         pipe.vae = AutoencoderTiny.from_pretrained(cfg.tiny_vae, torch_dtype=dtype)
     pipe.scheduler = SCHEDULERS[cfg.scheduler].from_config(pipe.scheduler.config)
@@ -130,9 +132,14 @@ class DiffusersVariationGenerator:
         self.clip_size = int(self.pipe.image_encoder.config.image_size)
         self.clip_mean = torch.tensor(processor.image_mean, device=self.device).view(1, 3, 1, 1)
         self.clip_std = torch.tensor(processor.image_std, device=self.device).view(1, 3, 1, 1)
-        # The pipeline accepts sizes divisible by 8 (and by the VAE's spatial factor).
+        # The pipeline accepts sizes divisible by 8 (and by the VAE's spatial factor). A bundled model
+        # generates at the size it was trained at; the others at the output resolution unless told.
         multiple = math.lcm(8, self.pipe.vae_scale_factor)
-        self.gen_size = -(-(cfg.resolution or resolution) // multiple) * multiple
+        if cfg.resolution or cfg.model not in BUNDLED_MODELS:
+            size = cfg.resolution or resolution
+        else:
+            size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        self.gen_size = -(-size // multiple) * multiple
         self._prepare()
         self.fingerprint = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
         self.retries = 0
@@ -153,9 +160,9 @@ class DiffusersVariationGenerator:
         speed and memory, not the images, so they are not part of it."""
         random_weights = self.cfg.model in ("stub", FULL_SIZE_RANDOM)
         return {"pipeline": self.kind, "model": self.cfg.model,
-                "revision": "" if random_weights else self.cfg.revision,
+                "revision": "" if random_weights or self.cfg.model in BUNDLED_MODELS else self.cfg.revision,
                 "stub_seed": self.cfg.stub_seed if random_weights else None, "tiny_vae": self.cfg.tiny_vae,
-                "local_weights": local_weights_digest(self.cfg.model),
+                "local_weights": local_weights_digest(model_location(self.cfg.model)),
                 "dtype": str(self.dtype), "scheduler": self.cfg.scheduler, "steps": self.cfg.steps,
                 "guidance": self.cfg.guidance, "size": self.gen_size, "resolution": self.resolution,
                 "preprocessing": PREPROCESSING_VERSION}
@@ -166,9 +173,7 @@ class DiffusersVariationGenerator:
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> CLIP pixel values, as the model was trained: squash, bicubic, no antialias."""
-        x = images.to(self.device, torch.float32) / 255.0
-        x = F.interpolate(x, size=(self.clip_size, self.clip_size), mode="bicubic", align_corners=False, antialias=False)
-        return self.normalize(x)
+        return self.normalize(clip_resize(images.to(self.device), self.clip_size))
 
     def _run(self, pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
@@ -197,6 +202,20 @@ class DiffusersVariationGenerator:
         if out.shape[-1] != self.resolution:
             out = F.interpolate(out, size=(self.resolution, self.resolution), mode="bilinear", antialias=True)
         return (out.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def clip_resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> [0, 1] float (B, 3, size, size) as image-variation models are trained on:
+    the whole image squashed, bicubic, no antialiasing."""
+    x = images.to(torch.float32) / 255.0
+    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=False)
+
+
+def model_location(model: str) -> str:
+    """A bundled model's name -> its directory in the package; a hub id or directory as given."""
+    if model in BUNDLED_MODELS:
+        return str(resources.files("onlinemix").joinpath(BUNDLED_MODELS[model]))
+    return model
 
 
 def unusable_images(out: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from diffusers import DPMSolverMultistepScheduler
 
 from .config import GeneratorConfig
-from .generate import FULL_SIZE_RANDOM, SCHEDULERS, DiffusersVariationGenerator, GeneratorError
+from .generate import BUNDLED_MODELS, FULL_SIZE_RANDOM, SCHEDULERS, DiffusersVariationGenerator, GeneratorError
 from .stub_diffuser import tiny_components
 
 log = logging.getLogger(__name__)
@@ -139,8 +139,8 @@ def load_versatile_pipeline(cfg: GeneratorConfig, device: torch.device, dtype: t
     if unsupported:
         raise GeneratorError(f"generator option(s) {', '.join(unsupported)} are not supported by the Versatile "
                              f"Diffusion generator yet")
-    if cfg.model == FULL_SIZE_RANDOM:
-        raise GeneratorError(f"model={FULL_SIZE_RANDOM} builds SD image variations; the Versatile Diffusion "
+    if cfg.model in (FULL_SIZE_RANDOM, *BUNDLED_MODELS):
+        raise GeneratorError(f"model={cfg.model} is an SD image-variation model; the Versatile Diffusion "
                              f"generator takes 'stub' or a VD checkpoint (e.g. {DEFAULT_MODEL})")
     if cfg.model == "stub":
         pipe = build_stub_versatile_pipeline(cfg.stub_seed)

@@ -26,13 +26,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def gen() -> DiffusersVariationGenerator:
-    return DiffusersVariationGenerator(GeneratorConfig(), "cpu", RES)
+    return DiffusersVariationGenerator(GeneratorConfig(model="stub"), "cpu", RES)
 
 
 @pytest.fixture
 def fresh_gen() -> DiffusersVariationGenerator:
     """A generator of its own, for tests that patch it or read its retry counter."""
-    return DiffusersVariationGenerator(GeneratorConfig(), "cpu", RES)
+    return DiffusersVariationGenerator(GeneratorConfig(model="stub"), "cpu", RES)
 
 
 # ----------------------------------------------------------------------------- output
@@ -78,7 +78,7 @@ def test_output_resolution(resolution: int) -> None:
     24 can be generated directly; 23 cannot, so the output is resized from the generation
     size; 20 is a multiple of the stub VAE's factor 2 but not of 8.
     """
-    g = DiffusersVariationGenerator(GeneratorConfig(steps=2), "cpu", resolution)
+    g = DiffusersVariationGenerator(GeneratorConfig(model="stub", steps=2), "cpu", resolution)
     assert g.gen_size % g.pipe.vae_scale_factor == 0 and g.gen_size >= resolution
     out = g.generate(random_images(2), [1, 2])
     assert out.dtype == torch.uint8
@@ -163,20 +163,20 @@ def test_seed_count_mismatch(gen: DiffusersVariationGenerator) -> None:
 
 
 def test_fingerprint_stable_for_same_config() -> None:
-    a = DiffusersVariationGenerator(GeneratorConfig(), "cpu", RES)
-    b = DiffusersVariationGenerator(GeneratorConfig(), "cpu", RES)
+    a = DiffusersVariationGenerator(GeneratorConfig(model="stub"), "cpu", RES)
+    b = DiffusersVariationGenerator(GeneratorConfig(model="stub"), "cpu", RES)
     assert a.fingerprint == b.fingerprint
 
 
 @pytest.mark.parametrize("change", [{"guidance": 1.0}, {"steps": 4}, {"scheduler": "ddim"}, {"stub_seed": 1}])
 def test_fingerprint_changes_with_output_affecting_settings(gen: DiffusersVariationGenerator,
                                                             change: dict[str, object]) -> None:
-    other = DiffusersVariationGenerator(dataclasses.replace(GeneratorConfig(), **change), "cpu", RES)
+    other = DiffusersVariationGenerator(dataclasses.replace(GeneratorConfig(model="stub"), **change), "cpu", RES)
     assert other.fingerprint != gen.fingerprint
 
 
 def test_fingerprint_changes_with_resolution(gen: DiffusersVariationGenerator) -> None:
-    other = DiffusersVariationGenerator(GeneratorConfig(), "cpu", 16)
+    other = DiffusersVariationGenerator(GeneratorConfig(model="stub"), "cpu", 16)
     assert other.fingerprint != gen.fingerprint
 
 
@@ -187,18 +187,18 @@ def test_xformers_requested_but_missing() -> None:
     if importlib.util.find_spec("xformers") is not None:
         pytest.skip("xformers installed")
     with pytest.raises(GeneratorError, match="xformers"):
-        DiffusersVariationGenerator(GeneratorConfig(attention="xformers"), "cpu", RES)
+        DiffusersVariationGenerator(GeneratorConfig(model="stub", attention="xformers"), "cpu", RES)
 
 
 def test_auto_attention_falls_back_to_sdpa() -> None:
     if importlib.util.find_spec("xformers") is not None:
         pytest.skip("xformers installed")
-    g = DiffusersVariationGenerator(GeneratorConfig(attention="auto"), "cpu", RES)
+    g = DiffusersVariationGenerator(GeneratorConfig(model="stub", attention="auto"), "cpu", RES)
     assert g.attention == "sdpa"
 
 
 def test_sdpa_requested(gen: DiffusersVariationGenerator) -> None:
-    g = DiffusersVariationGenerator(GeneratorConfig(attention="sdpa"), "cpu", RES)
+    g = DiffusersVariationGenerator(GeneratorConfig(model="stub", attention="sdpa"), "cpu", RES)
     assert g.attention == "sdpa"
 
 
@@ -286,7 +286,7 @@ def test_always_non_finite_raises(fresh_gen: DiffusersVariationGenerator,
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
 def test_every_scheduler_generates(name: str) -> None:
-    g = DiffusersVariationGenerator(GeneratorConfig(scheduler=name, steps=4), "cpu", RES)
+    g = DiffusersVariationGenerator(GeneratorConfig(model="stub", scheduler=name, steps=4), "cpu", RES)
     assert isinstance(g.pipe.scheduler, SCHEDULERS[name])
     out = g.generate(random_images(2), [1, 2])
     assert out.shape == (2, 3, RES, RES) and out.dtype == torch.uint8
@@ -314,6 +314,6 @@ def test_non_finite_output_of_the_real_pipeline_is_regenerated(fresh_gen: Diffus
 
 
 def test_generation_size_is_independent_of_the_ring_resolution() -> None:
-    gen = DiffusersVariationGenerator(GeneratorConfig(resolution=64), "cpu", 24)
+    gen = DiffusersVariationGenerator(GeneratorConfig(model="stub", resolution=64), "cpu", 24)
     assert gen.gen_size == 64
     assert gen.generate(random_images(2), [1, 2]).shape == (2, 3, 24, 24)

@@ -30,11 +30,11 @@ def images() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def baseline(images: torch.Tensor) -> torch.Tensor:
-    return DiffusersVariationGenerator(GeneratorConfig(), "cpu", RES).generate(images, [1, 2, 3])
+    return DiffusersVariationGenerator(GeneratorConfig(model="stub"), "cpu", RES).generate(images, [1, 2, 3])
 
 
 def generate_with(images: torch.Tensor, **options) -> tuple[DiffusersVariationGenerator, torch.Tensor]:
-    gen = DiffusersVariationGenerator(dataclasses.replace(GeneratorConfig(), **options), "cpu", RES)
+    gen = DiffusersVariationGenerator(dataclasses.replace(GeneratorConfig(model="stub"), **options), "cpu", RES)
     return gen, gen.generate(images, [1, 2, 3])
 
 
@@ -42,7 +42,7 @@ def generate_with(images: torch.Tensor, **options) -> tuple[DiffusersVariationGe
 def test_speed_options_keep_the_images_and_the_fingerprint(images, baseline, options) -> None:
     gen, out = generate_with(images, **options)
     assert (out.int() - baseline.int()).abs().max() <= 1  # the same images, up to float rounding
-    assert gen.fingerprint == DiffusersVariationGenerator(GeneratorConfig(), "cpu", RES).fingerprint
+    assert gen.fingerprint == DiffusersVariationGenerator(GeneratorConfig(model="stub"), "cpu", RES).fingerprint
 
 
 def test_tiny_vae_from_a_local_directory(images, baseline, tmp_path: Path) -> None:
@@ -53,7 +53,7 @@ def test_tiny_vae_from_a_local_directory(images, baseline, tmp_path: Path) -> No
     assert isinstance(gen.pipe.vae, AutoencoderTiny)
     assert out.shape == baseline.shape and out.dtype == torch.uint8
     assert not torch.equal(out, baseline)  # another decoder: other images, hence another fingerprint
-    assert gen.fingerprint != DiffusersVariationGenerator(GeneratorConfig(), "cpu", RES).fingerprint
+    assert gen.fingerprint != DiffusersVariationGenerator(GeneratorConfig(model="stub"), "cpu", RES).fingerprint
 
 
 def test_full_size_architecture_matches_the_released_model() -> None:
@@ -71,7 +71,7 @@ def test_loading_from_a_local_directory_goes_through_from_pretrained(images, bas
     build_stub_pipeline(0).save_pretrained(tmp_path / "model")
     gen, out = generate_with(images, model=str(tmp_path / "model"))
     assert torch.equal(out, baseline)  # same weights, same images
-    stub_fingerprint = DiffusersVariationGenerator(GeneratorConfig(), "cpu", RES).fingerprint
+    stub_fingerprint = DiffusersVariationGenerator(GeneratorConfig(model="stub"), "cpu", RES).fingerprint
     assert gen.fingerprint != stub_fingerprint
     (tmp_path / "model" / "unet" / "extra.safetensors").write_bytes(b"0" * 10)  # other weights, other identity
     assert generate_with(images, model=str(tmp_path / "model"))[0].fingerprint != gen.fingerprint

@@ -70,7 +70,7 @@ def test_generate_module_imports_no_other_generator() -> None:
         from onlinemix.generate import make_generator
         make_generator(GeneratorConfig(steps=1), "cpu", 16)
         print("onlinemix.versatile" in sys.modules)
-        make_generator(GeneratorConfig(steps=1, pipeline="versatile"), "cpu", 16)
+        make_generator(GeneratorConfig(model="stub", steps=1, pipeline="versatile"), "cpu", 16)
         print("onlinemix.versatile" in sys.modules)
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "onlinemix"
 LAYERS: list[list[str]] = [
     ["registry", "config", "schedule", "distributed", "files"],
     ["data.decode", "data.store", "data.sources", "data.prepare", "data", "augment", "stub_diffuser", "losses", "dino",
-     "models", "optim", "view_params", "view_specs", "resample", "photometric", "batch_augment"],
+     "models", "optim", "view_params", "view_specs", "resample", "photometric", "batch_augment", "tinymodel", "tinymodel.model"],
     ["generate", "versatile"],
     ["ring", "cache.store", "cache.maintenance", "cache.migrate", "cache.transfer", "cache", "devices"],
     ["worker"],
@@ -29,7 +29,8 @@ LAYERS: list[list[str]] = [
     ["prefetch"],
     ["tracking", "metrics", "probe", "linear_eval", "rundir", "checkpoint"],
     ["cli"],
-    ["train", "eval", "stats", "plan", "cache.__main__", "data.__main__"],
+    ["train", "eval", "stats", "plan", "cache.__main__", "data.__main__", "tinymodel.train", "tinymodel.quality",
+     "tinymodel.__main__"],
 ]
 RANK = {name: (layer, position) for layer, names in enumerate(LAYERS) for position, name in enumerate(names)}
 

@@ -40,7 +40,8 @@ def test_each_method_trains_on_real_pairs(tmp_path: Path, method: str) -> None:
 
 
 def test_dino_mixdiff_with_the_stub_producer(tmp_path: Path, no_leaked_segments) -> None:
-    proc = run_training("--train.method", "dino", "--gen-gpus", "1", *SMALL, "--output-dir", str(tmp_path),
+    proc = run_training("--train.method", "dino", "--gen-gpus", "1", "--generator.model", "stub", *SMALL,
+                        "--output-dir", str(tmp_path),
                         "--run-name", "dino-mixdiff")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "dino-mixdiff"

@@ -16,7 +16,7 @@ from onlinemix.versatile import (UNCOND_PIXEL, VersatileVariationGenerator, buil
                                  encode_pixel_values, versatile_pipeline_class)
 
 RES = 32
-CFG = GeneratorConfig(steps=4)
+CFG = GeneratorConfig(model="stub", steps=4)
 
 
 def random_images(n: int, h: int = RES, w: int = RES, seed: int = 0) -> torch.Tensor:
@@ -195,5 +195,5 @@ def test_fingerprint_stable_and_follows_settings(gen: VersatileVariationGenerato
 
 
 def test_generator_pipeline_setting_selects_versatile_diffusion() -> None:
-    assert isinstance(make_generator(GeneratorConfig(pipeline="versatile"), "cpu", RES), VersatileVariationGenerator)
-    assert type(make_generator(GeneratorConfig(), "cpu", RES)) is DiffusersVariationGenerator
+    assert isinstance(make_generator(GeneratorConfig(model="stub", pipeline="versatile"), "cpu", RES), VersatileVariationGenerator)
+    assert type(make_generator(GeneratorConfig(model="stub"), "cpu", RES)) is DiffusersVariationGenerator
