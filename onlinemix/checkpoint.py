@@ -151,10 +151,15 @@ def prune(run_dir: Path, keep: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def save_checkpoint(acc: Accelerator, run_dir: Path, step: int, rank_state: dict, keep: int) -> None:
-    """Write the checkpoint of ``step`` atomically (every rank calls this; see the module docstring)
-    and prune to the newest ``keep``."""
-    final = run_dir / CHECKPOINT_DIR / f"step-{step}"
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """Where the complete checkpoint of ``step`` lies."""
+    return run_dir / CHECKPOINT_DIR / f"step-{step}"
+
+
+def save_checkpoint(acc: Accelerator, run_dir: Path, step: int, rank_state: dict, keep: int) -> Path:
+    """Write the checkpoint of ``step`` atomically (every rank calls this; see the module docstring),
+    prune to the newest ``keep``, and return its directory."""
+    final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".{final.name}{TMP_SUFFIX}")
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save of this step that was killed
@@ -172,6 +177,7 @@ def save_checkpoint(acc: Accelerator, run_dir: Path, step: int, rank_state: dict
         _replace_dir(tmp, final)
         prune(run_dir, keep)
     acc.wait_for_everyone()
+    return final
 
 
 def load_checkpoint(acc: Accelerator, path: Path) -> tuple[int, dict]:

@@ -33,8 +33,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from onlinemix.cache import CacheError, CacheReader, cache_key, check_writable, select_key
-from onlinemix.checkpoint import (CheckpointSchedule, load_checkpoint, newest_checkpoint, resume_point,
-                                  save_checkpoint)
+from onlinemix.checkpoint import (CheckpointSchedule, checkpoint_dir, load_checkpoint, newest_checkpoint,
+                                  resume_point, save_checkpoint)
 from onlinemix.cli import StopRequests, parse_args, stop_on_sigterm, stopped_by
 from onlinemix.config import Config, ConfigError, load_config, needs_synthetic_views, save_config
 from onlinemix.data import DataError, RealImages, load_real_images, select_train_ids
@@ -89,7 +89,7 @@ class Trainer:
             accelerator.register_for_checkpointing(module)
         self.last_logs: dict[str, float] = {}
         self.step = 0
-        self.saved_step: int | None = None  # the step of the checkpoint last saved or loaded
+        self.checkpoint: Path | None = None  # the checkpoint last saved or loaded
         self.cache_uses: Counter[tuple[str, int]] = Counter()  # disk cache variations taken by trained steps
         self.resumed_metrics: dict | None = None
         # Augmentation randomness per rank, reproducible from the seed.
@@ -107,12 +107,11 @@ class Trainer:
         and this rank's metrics totals and cache use counts."""
         counters = {"metrics": metrics.state(),
                     "cache_uses": [[shard, row, n] for (shard, row), n in sorted(self.cache_uses.items())]}
-        save_checkpoint(self.acc, self.run_dir, self.step, counters, self.cfg.train.keep_checkpoints)
-        self.saved_step = self.step
+        self.checkpoint = save_checkpoint(self.acc, self.run_dir, self.step, counters, self.cfg.train.keep_checkpoints)
 
     def load_checkpoint(self, path: Path) -> None:
         self.step, counters = load_checkpoint(self.acc, path)
-        self.saved_step = self.step
+        self.checkpoint = path
         self.resumed_metrics = counters.get("metrics")
         self.cache_uses = Counter({(shard, row): n for shard, row, n in counters.get("cache_uses", [])})
         log.info("resumed from %s at step %d", path, self.step)
@@ -244,7 +243,7 @@ class Trainer:
             pipeline.close()
             bar.close()
             metrics.close()
-        if self.saved_step != self.step:
+        if self.checkpoint != checkpoint_dir(self.run_dir, self.step):
             self.save_checkpoint(metrics)
         if stop_reason is not None:
             return metrics, stop_reason
@@ -454,9 +453,7 @@ def run(argv: list[str] | None = None) -> dict | None:
         start_tracking(accelerator, cfg, run_dir)
         metrics, stop_reason = trainer.fit(pairs, port, pool, stop)
         if accelerator.is_main_process:
-            newest = newest_checkpoint(run_dir)
-            summary = {**metrics.summary(trainer.schedule.global_batch),
-                       "checkpoint": str(newest.path) if newest else None}
+            summary = {**metrics.summary(trainer.schedule.global_batch), "checkpoint": str(trainer.checkpoint)}
             write_json(run_dir / SUMMARY_FILE, summary)
             print(format_summary(summary), flush=True)
     accelerator.end_training()
