@@ -10,7 +10,10 @@ For each recipe, resolution R and batch B, one run times, side by side:
   (what trainers do today), on all B images, or, where that would take more than --torchvision-seconds
   per call (the blurred recipes at 224 px), on as many as fit (at least --torchvision-images): its cost per
   image hardly depends on B;
-* torch: `view_params.sample_view_params` + `batch_augment.augment_views` on --device (sampling included);
+* torch: `view_params.sample_view_params` + `batch_augment.augment_views` on --device (sampling included),
+  into recycled output batches on the CPU (`buffers.RecycledTensors`), as `views.BatchedViews` runs it;
+* compiled: the same with hue compiled by TorchInductor (`compiled_ops`; CPU only, skipped by --quick), which
+  `train.augment_backend=auto` uses on the CPU for views of at least `COMPILE_MIN_SIZE` px;
 * triton: the same parameters through `onlinemix_kernels.augment.augment_views_triton` (CUDA only).
 
 Recipes (crop bound 0.08, as registered): MixDiff's real branch (blur on every view) and synthetic
@@ -18,6 +21,7 @@ branch (solarisation), DINO + MixDiff multi-crop (2 globals at R, 8 locals at 3/
 a view), and the resize-only no-augmentation ablation. Sources are R x R uint8 images, as the ring holds
 them. Rates are views per second over the median of --repeats timed calls after one warm-up call;
 outputs are float32 on the CPU and bfloat16 on CUDA. On the CPU torch runs one thread (per-core rates).
+The CPU targets compare what `auto` runs (torch, or compiled at 224 px) with torchvision.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import argparse
 import os
 import statistics
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,7 +42,9 @@ from tqdm.auto import tqdm
 
 from onlinemix.augment import augment_batch, build_transform, multicrop_sizes
 from onlinemix.batch_augment import augment_views
-from onlinemix.view_params import view_generator
+from onlinemix.buffers import RecycledTensors
+from onlinemix.compiled_ops import COMPILE_MIN_SIZE, warm_up
+from onlinemix.view_params import ViewParams, view_generator
 from onlinemix.view_specs import ViewSpec, mixdiff_dino_specs, pair_specs, sample_specs
 
 from common import (BenchParser, Timer, cpu_snapshot, device_name, import_pyplot, int_list, load_line,
@@ -50,8 +57,8 @@ DEFAULTS = {  # (default run, --quick run)
     "torchvision_images": (32, 4),
     "torchvision_seconds": (2.0, 0.2),
 }
-BACKENDS = ("torchvision", "torch", "triton")
-CPU_SPEEDUP = 3.0        # torch backend >= this x torchvision per image, MixDiff recipes at 224, one core
+BACKENDS = ("torchvision", "torch", "compiled", "triton")
+CPU_SPEEDUP = 3.0        # auto's backend >= this x torchvision per image, MixDiff recipes at 224, one core
 GPU_SPEEDUP = 3.0        # triton >= this x the torch backend on the same GPU
 GPU_VIEWS_S = 150_000    # triton views/s at 224 on the MixDiff recipes
 TARGET_RESOLUTION = 224
@@ -148,6 +155,17 @@ def batched_run(specs: tuple[ViewSpec, ...], sources: dict[str, torch.Tensor], a
     return run
 
 
+def recycling(augment: Callable, device: torch.device) -> Callable:
+    """`augment_views` (or a partial of it) writing into recycled output batches on the CPU."""
+    if device.type != "cpu":
+        return augment
+    outputs = RecycledTensors()
+
+    def run(images: torch.Tensor, params: ViewParams, dtype: torch.dtype) -> torch.Tensor:
+        return augment(images, params, dtype, out=outputs.empty((params.batch, 3, params.size, params.size), dtype))
+    return run
+
+
 def triton_backend() -> Callable | None:
     """augment_views_triton where CUDA is available (the kernels need a GPU to be timed), else None."""
     if not torch.cuda.is_available():
@@ -156,7 +174,23 @@ def triton_backend() -> Callable | None:
     return augment_views_triton
 
 
-def measure(args: argparse.Namespace, device: torch.device) -> list[dict]:
+def compiled_backend(device: torch.device, quick: bool) -> tuple[Callable | None, str]:
+    """augment_views with compiled hue, after compiling it, on the CPU (not with --quick); and what happened."""
+    if device.type != "cpu" or quick:
+        return None, "not measured (CPU only, and not with --quick)"
+    try:
+        seconds = warm_up()
+    except RuntimeError as e:
+        return None, str(e)
+    return recycling(partial(augment_views, compiled=True), device), f"compiled in {seconds:.1f}s"
+
+
+def auto_backend(resolution: int, rates: dict[str, float | None]) -> str:
+    """What train.augment_backend=auto runs on the CPU for views of this size, when it could be measured."""
+    return "compiled" if resolution >= COMPILE_MIN_SIZE and rates["compiled"] is not None else "torch"
+
+
+def measure(args: argparse.Namespace, device: torch.device, compiled: Callable | None) -> list[dict]:
     triton = triton_backend()
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     rows = []
@@ -169,14 +203,18 @@ def measure(args: argparse.Namespace, device: torch.device) -> list[dict]:
                 specs = recipe_specs(recipe, resolution)
                 baseline = torchvision_run(specs, cpu_sources, args.torchvision_images, args.torchvision_seconds)
                 rates = {"torchvision": views_per_second(baseline, torch.device("cpu"), args.repeats),
-                         "torch": views_per_second(batched_run(specs, dev_sources, augment_views, dtype), device,
-                                                   args.repeats),
+                         "torch": views_per_second(batched_run(specs, dev_sources, recycling(augment_views, device),
+                                                               dtype), device, args.repeats),
+                         "compiled": None if compiled is None else views_per_second(
+                             batched_run(specs, dev_sources, compiled, dtype), device, args.repeats),
                          "triton": None if triton is None else views_per_second(
                              batched_run(specs, {b: x.to("cuda") for b, x in cpu_sources.items()}, triton,
                                          torch.bfloat16), torch.device("cuda"), args.repeats)}
+                auto = auto_backend(resolution, rates)
                 rows.append({"recipe": recipe, "resolution": resolution, "batch": batch,
-                             "views_per_image": len(specs), "views_s": rates,
+                             "views_per_image": len(specs), "views_s": rates, "auto": auto,
                              "torch_over_torchvision": rates["torch"] / rates["torchvision"],
+                             "auto_over_torchvision": rates[auto] / rates["torchvision"],
                              "triton_over_torch": (None if rates["triton"] is None
                                                    else rates["triton"] / rates["torch"])})
                 bar.update()
@@ -192,11 +230,11 @@ def targets(rows: list[dict], device: torch.device) -> list[dict]:
     mixdiff_gpu = [r for r in mixdiff if r["views_s"]["triton"] is not None]
     on_cpu = device.type == "cpu"
     return [
-        target(f"CPU, one core: torch >= {CPU_SPEEDUP:g}x torchvision per image, MixDiff recipes at "
-               f"{TARGET_RESOLUTION} (worst)", min((r["torch_over_torchvision"] for r in mixdiff), default=None),
+        target(f"CPU, one core: auto's backend >= {CPU_SPEEDUP:g}x torchvision per image, MixDiff recipes at "
+               f"{TARGET_RESOLUTION} (worst)", min((r["auto_over_torchvision"] for r in mixdiff), default=None),
                CPU_SPEEDUP, measured=on_cpu),
-        target("CPU, one core: torch not slower than torchvision on any measured recipe (worst)",
-               min(r["torch_over_torchvision"] for r in rows), 1.0, measured=on_cpu),
+        target("CPU, one core: auto's backend not slower than torchvision on any measured recipe (worst)",
+               min(r["auto_over_torchvision"] for r in rows), 1.0, measured=on_cpu),
         target(f"GPU: triton >= {GPU_SPEEDUP:g}x the torch backend at {TARGET_RESOLUTION}, MixDiff recipes (worst)",
                min((r["triton_over_torch"] for r in mixdiff_gpu), default=None), GPU_SPEEDUP),
         target(f"GPU: triton views/s at {TARGET_RESOLUTION}, MixDiff recipes (worst)",
@@ -208,7 +246,8 @@ def format_row(r: dict) -> str:
     rates = "  ".join(f"{b} " + ("       n/a" if r["views_s"][b] is None else f"{r['views_s'][b]:10.0f}")
                       for b in BACKENDS)
     return (f"{r['recipe']:18s} R={r['resolution']:<4d} B={r['batch']:<4d} views/s: {rates}"
-            f"   torch/torchvision {r['torch_over_torchvision']:5.2f}x")
+            f"   torch/torchvision {r['torch_over_torchvision']:5.2f}x  auto ({r['auto']})/torchvision "
+            f"{r['auto_over_torchvision']:5.2f}x")
 
 
 def format_report(res: dict) -> str:
@@ -216,6 +255,7 @@ def format_report(res: dict) -> str:
     lines = [f"device      {m['device_name']} ({m['device']}, {m['threads']} torch threads), {m['date']}",
              load_line(m), ""]
     lines += [format_row(r) for r in res["rows"]]
+    lines.append(f"compiled    {m['compiled']}")
     if res["meta"]["device"] == "cpu" or not torch.cuda.is_available():
         lines.append("triton      not measured here (needs CUDA)")
     lines += ["", "Targets", *(target_line(t) for t in res["targets"])]
@@ -230,7 +270,7 @@ def plot(res: dict, path: Path) -> None:
         rows = [r for r in res["rows"] if (r["resolution"], r["batch"]) == (resolution, batch)]
         for i, backend in enumerate(BACKENDS):
             values = [r["views_s"][backend] or 0 for r in rows]
-            ax.bar([j + 0.27 * (i - 1) for j in range(len(rows))], values, width=0.27, label=backend)
+            ax.bar([j + 0.2 * (i - 1.5) for j in range(len(rows))], values, width=0.2, label=backend)
         ax.set_xticks(range(len(rows)), [r["recipe"].replace("_", "\n", 1) for r in rows], fontsize=7)
         ax.set_yscale("log")
         ax.set_ylabel("views / s")
@@ -247,10 +287,11 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     load_before, before = os.getloadavg()[0], cpu_snapshot()
-    rows = measure(args, device)
+    compiled, compiled_status = compiled_backend(device, args.quick)
+    rows = measure(args, device, compiled)
     res = {
         "meta": {"device": str(device), "device_name": device_name(device), "cpu_count": os.cpu_count(),
-                 "threads": torch.get_num_threads(), "torch": torch.__version__,
+                 "threads": torch.get_num_threads(), "torch": torch.__version__, "compiled": compiled_status,
                  **run_meta(load_before, other_cores_since(before), args.quick, "bench/augment.py", argv)},
         "config": {"resolutions": args.resolutions, "batches": args.batches, "recipes": args.recipes,
                    "repeats": args.repeats, "torchvision_images": args.torchvision_images,

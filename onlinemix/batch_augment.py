@@ -31,8 +31,8 @@ from onlinemix.view_params import ViewParams
 CPU_CHUNK_BYTES = 1 << 20  # float pixels per chunk on the CPU: with the temporaries, about one core's L2
 BLOCK_BYTES = 8 << 20      # float pixels resized per call of the tables' resize
 NATIVE_RESIZE_DEVICES = ("cpu",)  # where torchvision's own resize kernel, per sample, beats the tables' gathers
-_COLOUR_OPS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
-    adjust_brightness_, adjust_contrast_, adjust_saturation_, adjust_hue_)  # by ColorJitter's operation id
+ColourOps = tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...]  # by ColorJitter's operation id
+_COLOUR_OPS: ColourOps = (adjust_brightness_, adjust_contrast_, adjust_saturation_, adjust_hue_)
 _NO_JITTER = -1
 _TO_UNIT = 1.0 / 255  # v2.ToDtype(float32, scale=True): levels (uint8, or float32 integers) times this
 
@@ -106,25 +106,35 @@ def _on_subset(x: torch.Tensor, mask: list[bool],
     return x
 
 
-def _colour_jitter_(x: torch.Tensor, params: ViewParams, decisions: _Decisions, factors: torch.Tensor) -> torch.Tensor:
+def colour_ops(compiled: bool) -> ColourOps:
+    """ColorJitter's four operations by operation id: eager, or with hue compiled (`compiled_ops`)."""
+    if not compiled:
+        return _COLOUR_OPS
+    from onlinemix.compiled_ops import compiled_hue  # imports TorchInductor: only when chosen
+
+    return (*_COLOUR_OPS[:3], compiled_hue())
+
+
+def _colour_jitter_(x: torch.Tensor, params: ViewParams, decisions: _Decisions, factors: torch.Tensor,
+                    ops: ColourOps) -> torch.Tensor:
     """ColorJitter in the group's shared order (the group's first sample's)."""
     if not decisions.jitter[0]:
         return x
     for op in decisions.order[0]:
         if params.jitter_ops[op]:
-            _COLOUR_OPS[op](x, factors[:, op])
+            ops[op](x, factors[:, op])
     return x
 
 
 def _colour_group_(x: torch.Tensor, params: ViewParams, decisions: _Decisions, factors: torch.Tensor,
-                   sigma: torch.Tensor) -> torch.Tensor:
+                   sigma: torch.Tensor, ops: ColourOps) -> torch.Tensor:
     """float32 values in [0, 1] (n, 3, S, S) of samples sharing a ColorJitter order -> their normalised views,
     in place.
 
     `params` gives the batch's settings, `decisions` the group's choices; factors (n, 4) and sigma (n,) are
     on the values' device.
     """
-    _colour_jitter_(x, params, decisions, factors)
+    _colour_jitter_(x, params, decisions, factors, ops)
     _on_subset(x, decisions.grayscale, lambda rows_, _: to_grayscale_(rows_))
     _on_subset(x, decisions.blur, lambda rows_, at: gaussian_blur(rows_, sigma[at], params.blur_kernel))
     _on_subset(x, decisions.solarize, lambda rows_, _: solarize_(rows_))
@@ -152,17 +162,30 @@ def chunk_size(params: ViewParams, device: torch.device) -> int:
     return max(1, CPU_CHUNK_BYTES // (3 * params.size * params.size * 4))
 
 
-def augment_views(images: torch.Tensor, params: ViewParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def augment_views(images: torch.Tensor, params: ViewParams, dtype: torch.dtype = torch.float32,
+                  compiled: bool = False, out: torch.Tensor | None = None,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> normalised (B, 3, S, S) of `dtype`, each image with its own parameters.
 
     `params` may live on the CPU whatever the images' device (decisions read it there; the tables and
-    factors move to the images' device).
+    factors move to the images' device). `compiled` runs hue compiled by TorchInductor (`compiled_ops`).
+    Given `out` (N, 3, S, S) of `dtype` on the images' device, sample b's view is written to its row
+    rows[b] (`rows`: (B,) int64 on the CPU, default 0 .. B-1), the other rows are left as they are, and
+    `out` is returned: views of several recipes fill one batch without a scatter copy.
     """
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected uint8 (B, 3, H, W) images, got {images.dtype} {tuple(images.shape)}")
     if images.shape[0] != params.batch:
         raise ValueError(f"{images.shape[0]} images for {params.batch} sets of parameters")
+    if rows is not None and (out is None or rows.shape != (params.batch,)):
+        raise ValueError(f"rows must come with out and give one row per sample ({params.batch}), got "
+                         f"{None if rows is None else tuple(rows.shape)}")
     device = images.device
+    if out is None:
+        out = torch.empty(params.batch, 3, params.size, params.size, dtype=dtype, device=device)
+    elif out.dtype != dtype or out.device != device or out.shape[1:] != (3, params.size, params.size):
+        raise ValueError(f"out must be (N, 3, {params.size}, {params.size}) {dtype} on {device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
     host = params.to("cpu")
     block = max(1, BLOCK_BYTES // (3 * params.size * params.size * 4))
     perm, ranges = sample_groups(host, chunk_size(params, device), block)
@@ -171,9 +194,10 @@ def augment_views(images: torch.Tensor, params: ViewParams, dtype: torch.dtype =
     tables = [t.to(device) for t in crop_tables(host)] if use_tables else None
     decisions = _Decisions.of(host)
     factors, sigma = host.factors().to(device), host.sigma.to(device)
-    out_rows = perm.tolist()
-    perm = perm.to(device)
-    out = torch.empty(host.batch, 3, host.size, host.size, dtype=dtype, device=device)
+    ops = colour_ops(compiled)
+    targets = perm if rows is None else rows.to(torch.int64)[perm]  # the output row of each sorted sample
+    out_rows = targets.tolist()
+    perm, targets = perm.to(device), targets.to(device)
     levels, block_start = None, 0
     for start, length in ranges:
         if start % block == 0:  # ranges never cross a block boundary, so each block begins with one
@@ -187,7 +211,7 @@ def augment_views(images: torch.Tensor, params: ViewParams, dtype: torch.dtype =
         x = (torch.mul(group, _TO_UNIT, out=out.narrow(0, first, length)) if in_out
              else group.to(torch.float32).mul_(_TO_UNIT))
         _colour_group_(x, host, decisions.narrow(start, length), factors.narrow(0, start, length),
-                       sigma.narrow(0, start, length))
+                       sigma.narrow(0, start, length), ops)
         if not in_out:
-            out.index_copy_(0, perm.narrow(0, start, length), x.to(dtype))
+            out.index_copy_(0, targets.narrow(0, start, length), x.to(dtype))
     return out

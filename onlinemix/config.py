@@ -179,8 +179,10 @@ class TrainConfig:
                            low=0, high=256)
     augment_backend: str = opt("auto", "what makes the views: 'torchvision' (v2, one call per image, CPU: the ground "
                                "truth), 'torch' (the whole batch in a few tensor ops, on the training device), "
-                               "'triton' (fused kernels, CUDA only); 'auto' = triton on CUDA, torch elsewhere. The "
-                               "choice and why are logged", choices=("auto", "torchvision", "torch", "triton"))
+                               "'compiled' (torch with hue compiled into one C++ loop by TorchInductor, CPU only; "
+                               "seconds of compiling at start), 'triton' (fused kernels, CUDA only); 'auto' = triton "
+                               "on CUDA, on the CPU compiled for views of 128 px or more and torch below. The choice "
+                               "and why are logged", choices=("auto", "torchvision", "torch", "compiled", "triton"))
     prefetch: int = opt(2, "batches the input pipeline makes ahead on a worker thread (pair lookup, gather, views, "
                         "copy to the device) while the current step runs; 0 = each batch in the training loop",
                         low=0, high=64)

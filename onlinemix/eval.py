@@ -258,8 +258,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--linear-batch-size", type=config_value("linear_eval.batch_size"), default=None,
                         help="linear: images per step (default: the run's linear_eval.batch_size, 256)")
     parser.add_argument("--augment-backend", type=config_value("train.augment_backend"), default=None,
-                        help="linear: what makes the training views, as train.augment_backend: auto, torchvision, torch "
-                             "or triton (default: the run's)")
+                        help="linear: what makes the training views, as train.augment_backend: auto, torchvision, torch, "
+                             "compiled or triton (default: the run's)")
     parser.add_argument("--random-init", action="store_true", help="also evaluate the run's random-init backbone")
     parser.add_argument("--out", type=Path, default=None, help="write eval/<checkpoint>.md/.json here instead of the run dir")
     args = parser.parse_args(argv)
@@ -284,7 +284,8 @@ def settings_for(ckpt: Checkpoint, args: argparse.Namespace, device: torch.devic
     if "linear" in protocols:
         given = {"epochs": args.linear_epochs, "lr": args.linear_lr, "batch_size": args.linear_batch_size}
         cfg = replace(ckpt.cfg.linear_eval, **{k: v for k, v in given.items() if v is not None})
-        backend, why = choose_backend(args.augment_backend or ckpt.cfg.train.augment_backend, device)
+        backend, why = choose_backend(args.augment_backend or ckpt.cfg.train.augment_backend, device,
+                                     ckpt.cfg.data.resolution)
         log.info("linear eval views: %s backend (%s)", backend, why)
         linear = LinearProtocol(cfg, backend, training_view(ckpt.cfg.data.resolution, ckpt.cfg.data.min_crop_scale))
     return Settings(probe, args.knn_k, args.knn_temperature, linear)

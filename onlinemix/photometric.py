@@ -34,22 +34,22 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     return r.mul(GRAY_WEIGHTS[0]).add_(g, alpha=GRAY_WEIGHTS[1]).add_(b, alpha=GRAY_WEIGHTS[2]).unsqueeze(1)
 
 
-def _blend_(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-    """x * ratio + other * (1 - ratio), clamped to [0, 1]."""
-    ratio = _per_sample(ratio)
-    return x.mul_(ratio).add_(other * (1.0 - ratio)).clamp_(0.0, 1.0)
-
-
 def adjust_brightness_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return x.mul_(_per_sample(factor)).clamp_(0.0, 1.0)
 
 
 def adjust_contrast_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend_(x, grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), factor)
+    """x * ratio + (1 - ratio) * mean luma, clamped. The mean luma is the luma of the channel means (a linear
+    map: the same value, read in one pass instead of making the luma image first)."""
+    ratio = _per_sample(factor)
+    mean = grayscale(x.mean(dim=(-2, -1), keepdim=True))
+    return x.mul_(ratio).add_(mean * (1.0 - ratio)).clamp_(0.0, 1.0)
 
 
 def adjust_saturation_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend_(x, grayscale(x), factor)
+    """x * ratio + (1 - ratio) * luma, clamped: the blend as one multiply-add pass over x."""
+    ratio = _per_sample(factor)
+    return torch.addcmul(grayscale(x).mul_(1.0 - ratio), x, ratio, out=x).clamp_(0.0, 1.0)
 
 
 def _equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,8 @@ def adjust_hue_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     across.addcmul_(other.sub_(across), is_g)
     across.addcmul_(torch.sub(g, b, out=other).sub_(across), is_r)
     hue = across.mul_(inv).sub_(is_g, alpha=1.0 / 3.0).sub_(is_r, alpha=2.0 / 3.0).unsqueeze(1)
-    turns = torch.add(hue, _per_sample(factor).add(_hue_offsets(x.device)))  # (k - 2) / 6 of each channel
+    offsets = _hue_offsets.__wrapped__(x.device) if torch.compiler.is_compiling() else _hue_offsets(x.device)
+    turns = torch.add(hue, _per_sample(factor).add(offsets))              # (k - 2) / 6 of each channel
     distance = turns.sub_(torch.round(turns, out=x)).abs_()              # x's values are no longer read
     top = torch.add(v, span, alpha=-2.0)                                  # V - span * (2 - 6 d)
     torch.addcmul(top, distance, span.mul_(6.0), out=x)
@@ -90,7 +91,7 @@ def adjust_hue_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def _hue_offsets(device: torch.device) -> torch.Tensor:
     """(1, 3, 1, 1): (4 - 2 + n) / 6 of R, G, B (the hue above is 4 sextants short; the ramp's argument is
-    k - 2)."""
+    k - 2). Cached in eager mode; traced uncached when compiled (a constant of the compiled code)."""
     return torch.tensor([(2.0 + n) / 6.0 for n in _HUE_SEXTANT], device=device).view(1, 3, 1, 1)
 
 

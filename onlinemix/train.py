@@ -94,7 +94,7 @@ class Trainer:
         self.resumed_metrics: dict | None = None
         # Augmentation randomness per rank, reproducible from the seed.
         rank_seed = tc.seed * 1000 + accelerator.process_index + 1
-        backend, why = choose_backend(tc.augment_backend, accelerator.device)
+        backend, why = choose_backend(tc.augment_backend, accelerator.device, cfg.data.resolution)
         log.info("views: %s backend (%s)", backend, why)
         self.compose_views = ViewComposer(method.view_plan, build_pairing(tc), Augmentation.from_config(cfg),
                                           cfg.data.resolution, rank_seed, real.labels,

@@ -44,6 +44,8 @@ import torch
 
 from .augment import build_transform, multicrop_sizes
 from .batch_augment import augment_views
+from .buffers import RecycledTensors
+from .compiled_ops import COMPILE_MIN_SIZE, warm_up
 from .config import Config, ConfigError, TrainConfig
 from .pairs import PairImages
 from .registry import PAIRINGS
@@ -235,32 +237,37 @@ class PerImageViews:
 
 class BatchedViews:
     """A whole batch per call: per-sample parameters drawn as torchvision draws them
-    (``view_params``), pixels made by the plain-torch backend or the fused Triton kernels on
-    the device, from its own seeded generator."""
+    (``view_params``), pixels made by the plain-torch backend (``compiled``: with hue compiled) or
+    the fused Triton kernels on the device, from its own seeded generator. On the CPU, output batches
+    are recycled once nothing holds them (``buffers``)."""
 
     def __init__(self, name: str, device: torch.device, seed: int) -> None:
         self.name = name
         self.device = device
         self.generator = torch.Generator().manual_seed(seed)
+        self.outputs = RecycledTensors() if device.type == "cpu" else None
         if name == "triton":
             from onlinemix_kernels.augment import augment_views_triton  # imports triton: only when chosen
 
-            self.run = partial(augment_views_triton, dtype=torch.float32)
+            def run(images: torch.Tensor, params: ViewParams, out: torch.Tensor, rows: torch.Tensor) -> None:
+                out.index_copy_(0, rows.to(out.device), augment_views_triton(images, params, out.dtype))
+            self.run = run
         else:
-            self.run = augment_views
+            self.run = partial(augment_views, compiled=name == "compiled")
 
     def reseed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
 
     def __call__(self, images: torch.Tensor, synthetic: torch.Tensor, real: ViewSpec, other: ViewSpec) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
-        if real == other:  # one recipe for every row: no split, no scatter
-            return self.run(images, self.params(real, images, len(images)))
-        out = torch.empty(len(images), 3, real.size, real.size, device=self.device)
-        for spec, rows in ((real, ~synthetic), (other, synthetic)):
-            index = rows.nonzero().flatten().to(self.device)
+        shape = (len(images), 3, real.size, real.size)
+        out = (self.outputs.empty(shape) if self.outputs is not None
+               else torch.empty(shape, device=self.device))
+        for spec, rows in ((real, ~synthetic), (other, synthetic)) if real != other else ((real, None),):
+            index = torch.arange(len(images)) if rows is None else rows.nonzero().flatten()
             if len(index):
-                out[index] = self.run(images.index_select(0, index), self.params(spec, images, len(index)))
+                chosen = images if rows is None else images.index_select(0, index.to(self.device))
+                self.run(chosen, self.params(spec, images, len(index)), out=out, rows=index)
         return out
 
     def params(self, spec: ViewSpec, images: torch.Tensor, n: int) -> ViewParams:
@@ -271,13 +278,30 @@ class BatchedViews:
 ViewBackend = PerImageViews | BatchedViews
 
 
-def choose_backend(requested: str, device: torch.device) -> tuple[str, str]:
-    """(backend, why): ``auto`` = the Triton kernels on CUDA when they load, the torch backend elsewhere."""
+def choose_backend(requested: str, device: torch.device, view_size: int) -> tuple[str, str]:
+    """(backend, why): ``auto`` = the Triton kernels on CUDA when they load; on the CPU, the torch backend
+    with hue compiled for views of at least ``compiled_ops.COMPILE_MIN_SIZE`` px when that compiles, else
+    the torch backend. ``compiled`` is compiled here, so a failure is known before training."""
     if requested == "triton" and device.type != "cuda":
         raise ConfigError(f"train.augment_backend=triton needs a CUDA device; this run trains on {device.type} "
                           "(use torch)")
+    if requested == "compiled" and device.type != "cpu":
+        raise ConfigError(f"train.augment_backend=compiled is for CPUs; this run trains on {device.type} "
+                          "(use triton or torch)")
+    if requested == "compiled":
+        try:
+            return "compiled", f"requested; hue compiled in {warm_up():.1f}s"
+        except RuntimeError as e:
+            raise ConfigError(f"train.augment_backend=compiled: {e} (use torch)") from e
     if requested != "auto":
         return requested, "requested"
+    if device.type == "cpu":
+        if view_size < COMPILE_MIN_SIZE:
+            return "torch", f"auto: {view_size} px views on the CPU (hue is compiled from {COMPILE_MIN_SIZE} px)"
+        try:
+            return "compiled", f"auto: {view_size} px views on the CPU; hue compiled in {warm_up():.1f}s"
+        except RuntimeError as e:
+            return "torch", f"auto: on the CPU, and {e}"
     if device.type != "cuda":
         return "torch", f"auto: training on {device.type}, where the Triton kernels do not run"
     try:

@@ -18,6 +18,7 @@ from torchvision.transforms.v2 import functional as F
 from onlinemix.augment import (DINO_GLOBAL_2, DINO_LOCAL, IMAGENET_MEAN, IMAGENET_STD, RECIPES, SOLARIZE_THRESHOLD,
                                MixDiffDinoCrops, MultiCrop)
 from onlinemix.batch_augment import augment_views, sample_groups
+from onlinemix.compiled_ops import warm_up
 from onlinemix.photometric import (adjust_brightness_, adjust_contrast_, adjust_hue_, adjust_saturation_,
                                    gaussian_blur, normalize_, solarize_, to_grayscale_)
 from onlinemix.resample import resample, resample_table, resized_crops, uses_native_uint8_path
@@ -262,3 +263,29 @@ def test_pair_specs_follow_view_recipe() -> None:
     assert (real.recipe.blur_p, synthetic.recipe.solarize_p) == (1.0, 0.2)
     assert real.recipe.crop_scale == (0.2, 1.0) and (real.source, synthetic.source) == ("real", "synthetic")
     assert pair_specs("no_augmentation", 32)[0].recipe.crop_scale is None
+
+
+def test_views_written_into_given_rows_equal_their_own_batch() -> None:
+    x = images(6, 32, 32)
+    params = sample_view_params(RECIPES["simclr"]["synthetic"], 6, 32, 32, 24, view_generator(4, 0, 0))
+    rows = torch.tensor([7, 0, 3, 5, 1, 2])
+    out = torch.full((8, 3, 24, 24), -9.0)
+    assert augment_views(x, params, out=out, rows=rows) is out
+    assert torch.equal(out[rows], augment_views(x, params))
+    assert bool((out[[4, 6]] == -9.0).all())  # rows nobody asked for are left alone
+    with pytest.raises(ValueError, match="out must be"):
+        augment_views(x, params, out=torch.empty(8, 3, 32, 32), rows=rows)
+    with pytest.raises(ValueError, match="rows must come with out"):
+        augment_views(x, params, rows=rows)
+
+
+def test_compiled_hue_makes_the_eager_views() -> None:
+    """TorchInductor's fused hue against the eager backend, on every recipe's jitter at once (batch sizes 1 and
+    more, odd sizes: one compiled function serves them all)."""
+    warm_up()
+    for batch, size in ((1, 17), (9, 24)):
+        x = images(batch, 29, 31, seed=batch)
+        params = sample_view_params(RECIPES["simclr"]["synthetic"], batch, 29, 31, size, view_generator(5, 0, batch))
+        params = replace(params, jitter=torch.ones_like(params.jitter))  # hue on every sample
+        assert torch.allclose(augment_views(x, params, compiled=True), augment_views(x, params), atol=FLOAT_ATOL,
+                              rtol=0)

@@ -27,6 +27,8 @@ def test_quick_augment_benchmark_reports_every_rate(tmp_path: Path) -> None:
     for row in res["rows"]:
         assert row["views_s"]["torchvision"] > 0 and row["views_s"]["torch"] > 0
         assert row["torch_over_torchvision"] == row["views_s"]["torch"] / row["views_s"]["torchvision"]
+        assert row["views_s"]["compiled"] is None and row["auto"] == "torch"  # --quick compiles nothing (32 px)
+        assert row["auto_over_torchvision"] == row["torch_over_torchvision"]
         assert (row["views_s"]["triton"] is None) == (not torch.cuda.is_available())
     dino = next(r for r in res["rows"] if r["recipe"] == "dino_multicrop")
     assert dino["views_per_image"] == 10
@@ -34,9 +36,9 @@ def test_quick_augment_benchmark_reports_every_rate(tmp_path: Path) -> None:
     assert len(statuses) == 4 and set(statuses) <= {"PASS", "MISS", "not measured here"}
     assert statuses[0] == "not measured here"  # the 224 px targets: not measured by a 32 px run
     assert statuses[1] in ("PASS", "MISS") and res["targets"][1]["value"] == min(
-        r["torch_over_torchvision"] for r in res["rows"])
+        r["auto_over_torchvision"] for r in res["rows"])
     assert res["meta"]["device_name"] and res["meta"]["date"]
     assert out.with_suffix(".png").stat().st_size > 0
-    assert f"{statuses[1]:<17} CPU, one core: torch not slower than torchvision" in proc.stdout
+    assert f"{statuses[1]:<17} CPU, one core: auto's backend not slower than torchvision" in proc.stdout
     if not torch.cuda.is_available():
         assert "triton      not measured here" in proc.stdout

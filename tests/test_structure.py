@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "onlinemix"
 LAYERS: list[list[str]] = [
     ["registry", "config", "schedule", "distributed", "files"],
     ["data.decode", "data.store", "data.sources", "data.prepare", "data", "augment", "stub_diffuser", "losses", "dino",
-     "models", "optim", "view_params", "view_specs", "resample", "photometric", "batch_augment", "tinymodel", "tinymodel.model"],
+     "models", "optim", "view_params", "view_specs", "resample", "photometric", "compiled_ops", "buffers", "batch_augment", "tinymodel", "tinymodel.model"],
     ["generate", "versatile"],
     ["ring", "cache.store", "cache.maintenance", "cache.migrate", "cache.transfer", "cache", "devices"],
     ["worker"],

@@ -146,11 +146,33 @@ def test_the_batched_backend_crops_every_view_from_the_same_sources(plan: ViewPl
 
 
 def test_backend_choice() -> None:
-    assert choose_backend("auto", torch.device("cpu"))[0] == "torch"
-    assert choose_backend("torchvision", torch.device("cpu")) == ("torchvision", "requested")
+    cpu = torch.device("cpu")
+    assert choose_backend("auto", cpu, 32)[0] == "torch"
+    assert choose_backend("torchvision", cpu, 224) == ("torchvision", "requested")
     with pytest.raises(ConfigError, match="needs a CUDA device"):
-        choose_backend("triton", torch.device("cpu"))
+        choose_backend("triton", cpu, 32)
+    with pytest.raises(ConfigError, match="is for CPUs"):
+        choose_backend("compiled", torch.device("cuda"), 224)
+    backend, why = choose_backend("auto", cpu, 224)  # compiles hue (seconds, once per process)
+    assert backend == "compiled" and "hue compiled in" in why
     assert isinstance(make_backend("torchvision", torch.device("cpu"), 0), PerImageViews)
+
+
+def test_the_cpu_backend_recycles_a_batch_of_views_only_once_nothing_holds_it() -> None:
+    """Two recipes fill one output batch (real rows and synthetic rows), which comes back for a later batch
+    only after its holder let go of it."""
+    batch = PairImages(torch.full((8, 3, 128, 128), 90, dtype=torch.uint8), torch.zeros(8, 3, 128, 128, dtype=torch.uint8),
+                       torch.tensor([True, False] * 4), torch.arange(8))
+    compose = ViewComposer(TwoViews(), MixDiff(), Augmentation("simclr", 0.2), 128, 0, LABELS,
+                           BatchedViews("torch", torch.device("cpu"), 0))
+    first = compose(batch, 0, 0)
+    held = first.images[1].clone()
+    address = first.images[1].data_ptr()
+    second = compose(batch, 0, 1)
+    assert address not in {v.data_ptr() for v in second.images}
+    assert torch.equal(first.images[1], held)
+    del first
+    assert address in {v.data_ptr() for v in compose(batch, 0, 2).images}
 
 
 def test_every_registered_pairing_is_implemented_here() -> None:
