@@ -161,8 +161,8 @@ def test_backend_choice() -> None:
 def test_the_cpu_backend_recycles_a_batch_of_views_only_once_nothing_holds_it() -> None:
     """Two recipes fill one output batch (real rows and synthetic rows), which comes back for a later batch
     only after its holder let go of it."""
-    batch = PairImages(torch.full((8, 3, 128, 128), 90, dtype=torch.uint8), torch.zeros(8, 3, 128, 128, dtype=torch.uint8),
-                       torch.tensor([True, False] * 4), torch.arange(8))
+    real = torch.full((8, 3, 128, 128), 90, dtype=torch.uint8)
+    batch = PairImages(real, torch.zeros_like(real), torch.tensor([True, False] * 4), torch.arange(8))
     compose = ViewComposer(TwoViews(), MixDiff(), Augmentation("simclr", 0.2), 128, 0, LABELS,
                            BatchedViews("torch", torch.device("cpu"), 0))
     first = compose(batch, 0, 0)
