@@ -19,7 +19,7 @@ from onlinemix.data.decode import load_digits
 from onlinemix.generate import make_generator, model_location
 from onlinemix.schedule import variation_seed
 from onlinemix.tinymodel.model import NATIVE_SIZE
-from onlinemix.tinymodel.quality import mild_augmentations, train_classifier
+from onlinemix.tinymodel.quality import drawn_as_trained, mild_augmentations, train_classifier
 from onlinemix.tinymodel.train import TrainSettings, draw_targets, train, training_images, with_noise
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,6 +89,14 @@ def test_targets_are_the_digits_drawn_anew_by_a_seeded_random_affine_map(heldout
     assert (a - native).abs().flatten(1).mean(1).min() > 0.05 and (a - other).abs().flatten(1).mean(1).min() > 0.05
     ink_ratio = (a + 1).flatten(1).sum(1) / (native + 1).flatten(1).sum(1)  # the same digit, no background added
     assert ((ink_ratio > 0.6) & (ink_ratio < 1.5)).all(), ink_ratio
+
+
+def test_the_sources_drawn_as_trained_are_measured_for_models_trained_here(heldout) -> None:
+    real, ids = heldout
+    drawn = drawn_as_trained("digits-tiny", ids[:8], 32)
+    assert drawn.dtype == torch.uint8 and drawn.shape == (8, 3, 32, 32)
+    assert (drawn.float() - real.images[ids[:8]].float()).abs().flatten(1).mean(1).min() > 1  # every one moved
+    assert drawn_as_trained("stub", ids[:8], 32) is None
 
 
 def test_embedding_noise_is_relative_to_the_embedding() -> None:

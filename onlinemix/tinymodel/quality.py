@@ -144,8 +144,9 @@ def measure(gen_cfg: GeneratorConfig, scales: list[float], num_images: int, seed
     second = variations_for(images, ids, replace(gen_cfg, seed=gen_cfg.seed + 1), seed_guidance, device)
     half = len(ids) // 2
     drawn = drawn_as_trained(gen_cfg.model, ids, images.shape[-1])
-    trained_targets = None if drawn is None else {"accuracy": classifier.accuracy(drawn, labels),
-                                                   **distances(classifier, images, drawn)}
+    trained_targets = None if drawn is None else {
+        "accuracy": classifier.accuracy(drawn, labels), **distances(classifier, images, drawn),
+        "frechet_distance": frechet_distance(real_features, classifier.features(drawn))}
     return {"model": gen_cfg.model, "num_images": len(ids), "steps": gen_cfg.steps, "scheduler": gen_cfg.scheduler,
             "classifier_accuracy_real": classifier.accuracy(images, labels),
             "classifier_accuracy_augmented": classifier.accuracy(mild_augmentations(images, 2), labels),
@@ -170,6 +171,7 @@ def format_quality(result: dict) -> str:
                  f"diversity {seeds['feature']:.4f}")
     if (drawn := result["drawn_as_trained"]) is not None:
         lines.append(f"  the source drawn as the training's targets: accuracy {drawn['accuracy']:.1%}  "
-                     f"pixel {drawn['pixel']:.4f}  diversity {drawn['feature']:.4f}")
+                     f"pixel {drawn['pixel']:.4f}  diversity {drawn['feature']:.4f}  "
+                     f"Frechet {drawn['frechet_distance']:.3f}")
     lines.append(f"  real vs real (two halves): Frechet {result['frechet_distance_real_halves']:.3f}")
     return "\n".join(lines)
