@@ -1,14 +1,22 @@
 """Training digits-tiny the way image-variation models are trained, on the digits' training split.
 
 Two stages, one seed: the VAE learns to reconstruct the 8x8 digits (reconstruction + a small KL
-term), then is frozen; the UNet learns to denoise VAE latents of an image conditioned on the image
-embedding of that same image. The image encoder is trained jointly with the UNet: a randomly
+term), then is frozen; the UNet learns to denoise VAE latents of a digit conditioned on the image
+embedding of that digit. The image encoder is trained jointly with the UNet: a randomly
 initialised encoder that stays fixed carries little class information (the real model's CLIP
 was trained for that on 400M image-text pairs), while training it through the denoising loss
-makes the embedding keep what the UNet needs to redraw the digit. One embedding in ten is
-replaced by zeros, the pipeline's unconditional input, so classifier-free guidance works. The
-held-out images (``data.holdout_fraction``, as the trainer splits them) are never seen, so the
-quality measurement runs on images the model did not learn.
+makes the embedding keep what the UNet needs to draw the digit.
+
+Two things keep that embedding from carrying the source's pixels, with which the model would
+redraw the source in place (a copy) and redraw a held-out digit whose embedding lands near a
+training digit of another class as that class: the denoising target is the digit drawn anew by a
+random affine map (shift, rotation, scale, shear; ``draw_targets``) while the encoder sees the
+digit itself, so the embedding must name the digit rather than where its ink is; and noise
+relative to the embedding's size is added to it in training (``with_noise``), so only what survives
+noise, the digit's class and style, is worth keeping. One embedding in ten is replaced by zeros, the
+pipeline's unconditional input, so classifier-free guidance works. The held-out images
+(``data.holdout_fraction``, as the trainer splits them) are never seen, so the quality measurement
+runs on images the model did not learn.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_cosine_schedule_with_warmup
+from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from ..config import DataConfig
@@ -38,24 +47,38 @@ def setting(default: float, help: str):
 class TrainSettings:
     seed: int = setting(0, "initial weights, batches and noise")
     vae_steps: int = setting(400, "steps of the VAE stage")
-    steps: int = setting(2500, "steps of the UNet + image encoder stage")
+    steps: int = setting(7500, "steps of the UNet + image encoder stage")
     batch_size: int = setting(64, "images per step, both stages")
     lr: float = setting(1e-3, "AdamW learning rate, both stages (cosine decay with warm-up in the second)")
     kl_weight: float = setting(1e-4, "weight of the VAE's KL term")
     conditioning_dropout: float = setting(0.1, "fraction of embeddings replaced by the unconditional (zero) one")
+    shift: float = setting(0.15, "targets' random shift, at most this fraction of the side each way")
+    rotation: float = setting(15.0, "targets' random rotation, at most this many degrees each way")
+    scale: float = setting(0.15, "targets' random scale, within 1 -/+ this")
+    shear: float = setting(10.0, "targets' random horizontal shear, at most this many degrees each way")
+    embedding_noise: float = setting(0.4, "Gaussian noise added to the embedding in training, relative to its RMS")
 
     def __post_init__(self) -> None:
         if min(self.vae_steps, self.steps, self.batch_size) < 1 or self.seed < 0:
             raise ValueError(f"steps, vae_steps and batch_size must be at least 1 and seed at least 0, got {self}")
         if not (self.lr > 0 and self.kl_weight >= 0 and 0 <= self.conditioning_dropout < 1):
             raise ValueError(f"expected lr > 0, kl_weight >= 0 and conditioning_dropout in [0, 1), got {self}")
+        if not (0 <= self.shift < 0.5 and 0 <= self.rotation <= 180 and 0 <= self.scale < 1 and 0 <= self.shear < 90
+                and self.embedding_noise >= 0):
+            raise ValueError(f"expected shift in [0, 0.5), rotation in [0, 180], scale in [0, 1), shear in [0, 90) "
+                             f"and embedding_noise >= 0, got {self}")
+
+
+DRAW_FACTOR = 4  # targets are drawn at 4x the native size, so that a shift or rotation moves ink by sub-pixels
 
 
 @dataclass
 class TrainingImages:
-    """The digits' training split: diffusion targets at the native size in [-1, 1], and the encoder's
+    """The digits' training split: grey digits in [-1, 1] at ``DRAW_FACTOR`` times the native size
+    (each pixel a block, so that drawing without a transform gives back the native digit exactly),
+    from which each step's diffusion targets are drawn (:func:`draw_targets`), and the encoder's
     input as the generator prepares it from the trainer's images (CLIP size, CLIP mean/std)."""
-    targets: torch.Tensor
+    blocks: torch.Tensor
     clip_pixels: torch.Tensor
 
 
@@ -66,17 +89,42 @@ def training_images() -> TrainingImages:
     train_ids, _ = split_ids(len(native), data.holdout_fraction)
     processor = clip_processor()
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (processor.image_mean, processor.image_std))
-    return TrainingImages(native[train_ids].float() / 127.5 - 1,
-                          (clip_resize(stored[train_ids], CLIP_SIZE) - mean) / std)
+    return TrainingImages(digit_blocks(native[train_ids]), (clip_resize(stored[train_ids], CLIP_SIZE) - mean) / std)
 
 
-def train_vae(vae: torch.nn.Module, images: torch.Tensor, settings: TrainSettings, rng: torch.Generator) -> list[float]:
-    """Reconstruction with a light KL pull towards N(0, 1); returns the loss per step."""
+def digit_blocks(native: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, 8, 8) digits -> grey (B, 1, 32, 32) in [-1, 1], each pixel a ``DRAW_FACTOR`` block."""
+    return F.interpolate(native[:, :1].float(), scale_factor=DRAW_FACTOR, mode="nearest") / 127.5 - 1
+
+
+def uniform(n: int, half_width: float, rng: torch.Generator, centre: float = 0.0) -> list[float]:
+    return (centre + half_width * (2 * torch.rand(n, generator=rng) - 1)).tolist()
+
+
+def draw_targets(blocks: torch.Tensor, settings: TrainSettings, rng: torch.Generator) -> torch.Tensor:
+    """Diffusion targets (B, 3, 8, 8) from :class:`TrainingImages` blocks (B, 1, 32, 32): each digit
+    drawn anew by a random affine map (the settings' shift, rotation, scale and shear), then
+    area-downsampled to the native size, as a hand writes the same digit at another place, slant and
+    size. Trained on such targets, the model redraws the digit its embedding names rather than the
+    source's pixels."""
+    n, side = len(blocks), blocks.shape[-1]
+    angles, shears = uniform(n, settings.rotation, rng), uniform(n, settings.shear, rng)
+    scales = uniform(n, settings.scale, rng, centre=1.0)
+    shifts = (torch.tensor(uniform(2 * n, settings.shift, rng)) * side).view(n, 2).tolist()
+    drawn = torch.stack([
+        v2.functional.affine(digit, angle=angle, translate=shift, scale=scale, shear=[shear, 0.0],
+                             interpolation=v2.InterpolationMode.BILINEAR, fill=-1.0)
+        for digit, angle, shift, scale, shear in zip(blocks, angles, shifts, scales, shears)])
+    return F.interpolate(drawn, size=(NATIVE_SIZE, NATIVE_SIZE), mode="area").expand(-1, 3, -1, -1)
+
+
+def train_vae(vae: torch.nn.Module, blocks: torch.Tensor, settings: TrainSettings, rng: torch.Generator) -> list[float]:
+    """Reconstruction of drawn targets with a light KL pull towards N(0, 1); returns the loss per step."""
     opt = torch.optim.AdamW(vae.parameters(), lr=settings.lr, weight_decay=0.0)
     losses = []
     vae.train()
     for _ in (bar := tqdm(range(settings.vae_steps), desc="vae", unit="step")):
-        x = images[torch.randint(len(images), (settings.batch_size,), generator=rng)]
+        x = draw_targets(blocks[torch.randint(len(blocks), (settings.batch_size,), generator=rng)], settings, rng)
         posterior = vae.encode(x).latent_dist
         reconstruction = vae.decode(posterior.sample(generator=rng)).sample
         loss = F.mse_loss(reconstruction, x) + settings.kl_weight * posterior.kl().mean()
@@ -90,18 +138,27 @@ def train_vae(vae: torch.nn.Module, images: torch.Tensor, settings: TrainSetting
 
 
 @torch.no_grad()
-def scaled_latents(vae: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The latents' means, scaled to unit variance; the factor is stored in the VAE's config, where the
-    pipeline reads it to undo the scaling before decoding."""
-    latents = vae.encode(images).latent_dist.mean
-    vae.register_to_config(scaling_factor=float(1 / latents.std()))
-    return latents * vae.config.scaling_factor
+def set_latent_scaling(vae: torch.nn.Module, targets: torch.Tensor) -> None:
+    """Store the factor that scales the latents' means of ``targets`` to unit variance in the VAE's
+    config, where the pipeline reads it to undo the scaling before decoding."""
+    vae.register_to_config(scaling_factor=float(1 / vae.encode(targets).latent_dist.mean.std()))
 
 
-def train_denoiser(unet: torch.nn.Module, image_encoder: torch.nn.Module, latents: torch.Tensor,
-                   clip_pixels: torch.Tensor, settings: TrainSettings, rng: torch.Generator) -> list[float]:
-    """Noise prediction on latents conditioned on their own image's embedding (zeroed at the
-    conditioning-dropout rate); UNet and encoder optimised together. Returns the loss per step."""
+def with_noise(embedding: torch.Tensor, relative_std: float, rng: torch.Generator) -> torch.Tensor:
+    """The embedding plus Gaussian noise of ``relative_std`` times its RMS: a bottleneck that the
+    encoder cannot escape by growing the embedding, so it keeps what survives noise (the digit's class)
+    rather than every pixel."""
+    if relative_std == 0:
+        return embedding
+    rms = embedding.detach().pow(2).mean(dim=-1, keepdim=True).sqrt()
+    return embedding + relative_std * rms * torch.randn(embedding.shape, generator=rng)
+
+
+def train_denoiser(unet: torch.nn.Module, image_encoder: torch.nn.Module, vae: torch.nn.Module, data: TrainingImages,
+                   settings: TrainSettings, rng: torch.Generator) -> list[float]:
+    """Noise prediction on VAE latents of drawn targets, conditioned on the embedding of the source
+    digit (zeroed at the conditioning-dropout rate); UNet and encoder optimised together. Returns the
+    loss per step."""
     scheduler = training_scheduler()
     params = [*unet.parameters(), *image_encoder.parameters()]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=1e-4)
@@ -110,13 +167,14 @@ def train_denoiser(unet: torch.nn.Module, image_encoder: torch.nn.Module, latent
     unet.train()
     image_encoder.train()
     for _ in (bar := tqdm(range(settings.steps), desc="unet + image encoder", unit="step")):
-        idx = torch.randint(len(latents), (settings.batch_size,), generator=rng)
-        z0 = latents[idx]
-        embedding = image_encoder(clip_pixels[idx]).image_embeds.unsqueeze(1)
+        idx = torch.randint(len(data.blocks), (settings.batch_size,), generator=rng)
+        with torch.no_grad():
+            z0 = vae.encode(draw_targets(data.blocks[idx], settings, rng)).latent_dist.mean * vae.config.scaling_factor
+        embedding = with_noise(image_encoder(data.clip_pixels[idx]).image_embeds, settings.embedding_noise, rng)
         keep = torch.rand(len(idx), 1, 1, generator=rng) >= settings.conditioning_dropout
         noise = torch.randn(z0.shape, generator=rng)
         t = torch.randint(scheduler.config.num_train_timesteps, (len(idx),), generator=rng)
-        prediction = unet(scheduler.add_noise(z0, noise, t), t, embedding * keep).sample
+        prediction = unet(scheduler.add_noise(z0, noise, t), t, embedding.unsqueeze(1) * keep).sample
         loss = F.mse_loss(prediction, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -137,14 +195,14 @@ def train(out: Path, settings: TrainSettings) -> dict:
     rng = torch.Generator().manual_seed(settings.seed)
     data = training_images()
     unet, vae, image_encoder = build_components(settings.seed)
-    vae_losses = train_vae(vae, data.targets, settings, rng)
-    latents = scaled_latents(vae, data.targets)
-    denoiser_losses = train_denoiser(unet, image_encoder, latents, data.clip_pixels, settings, rng)
+    vae_losses = train_vae(vae, data.blocks, settings, rng)
+    set_latent_scaling(vae, draw_targets(data.blocks, settings, rng))
+    denoiser_losses = train_denoiser(unet, image_encoder, vae, data, settings, rng)
     pipe = assemble_pipeline(unet, vae, image_encoder).to(dtype=torch.float16)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     pipe.save_pretrained(staging, safe_serialization=True)
-    log = {"settings": asdict(settings), "training_images": len(data.targets),
+    log = {"settings": asdict(settings), "training_images": len(data.blocks),
            "vae_loss": vae_losses, "denoiser_loss": denoiser_losses}
     write_json(staging / "training.json", log)
     plot_losses(log, staging / "loss.png")
