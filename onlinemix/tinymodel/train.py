@@ -52,10 +52,10 @@ class TrainSettings:
     lr: float = setting(1e-3, "AdamW learning rate, both stages (cosine decay with warm-up in the second)")
     kl_weight: float = setting(1e-4, "weight of the VAE's KL term")
     conditioning_dropout: float = setting(0.1, "fraction of embeddings replaced by the unconditional (zero) one")
-    shift: float = setting(0.15, "targets' random shift, at most this fraction of the side each way")
-    rotation: float = setting(15.0, "targets' random rotation, at most this many degrees each way")
-    scale: float = setting(0.15, "targets' random scale, within 1 -/+ this")
-    shear: float = setting(10.0, "targets' random horizontal shear, at most this many degrees each way")
+    shift: float = setting(0.17, "targets' random shift, at most this fraction of the side each way")
+    rotation: float = setting(17.0, "targets' random rotation, at most this many degrees each way")
+    scale: float = setting(0.17, "targets' random scale, within 1 -/+ this")
+    shear: float = setting(12.0, "targets' random horizontal shear, at most this many degrees each way")
     embedding_noise: float = setting(0.4, "Gaussian noise added to the embedding in training, relative to its RMS")
 
     def __post_init__(self) -> None:
