@@ -249,8 +249,10 @@ class BatchedViews:
         if name == "triton":
             from onlinemix_kernels.augment import augment_views_triton  # imports triton: only when chosen
 
-            def run(images: torch.Tensor, params: ViewParams, out: torch.Tensor, rows: torch.Tensor) -> None:
-                out.index_copy_(0, rows.to(out.device), augment_views_triton(images, params, out.dtype))
+            def run(images: torch.Tensor, params: ViewParams, out: torch.Tensor | None = None,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+                views = augment_views_triton(images, params, torch.float32)
+                return views if out is None else out.index_copy_(0, rows.to(out.device), views)
             self.run = run
         else:
             self.run = partial(augment_views, compiled=name == "compiled")
@@ -261,13 +263,16 @@ class BatchedViews:
     def __call__(self, images: torch.Tensor, synthetic: torch.Tensor, real: ViewSpec, other: ViewSpec) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
         shape = (len(images), 3, real.size, real.size)
-        out = (self.outputs.empty(shape) if self.outputs is not None
-               else torch.empty(shape, device=self.device))
-        for spec, rows in ((real, ~synthetic), (other, synthetic)) if real != other else ((real, None),):
-            index = torch.arange(len(images)) if rows is None else rows.nonzero().flatten()
+        out = self.outputs.empty(shape) if self.outputs is not None else None  # None: the backend allocates
+        if real == other:  # one recipe for every row: no split
+            return self.run(images, self.params(real, images, len(images)), out=out)
+        if out is None:
+            out = torch.empty(shape, device=self.device)
+        for spec, rows in ((real, ~synthetic), (other, synthetic)):
+            index = rows.nonzero().flatten()
             if len(index):
-                chosen = images if rows is None else images.index_select(0, index.to(self.device))
-                self.run(chosen, self.params(spec, images, len(index)), out=out, rows=index)
+                self.run(images.index_select(0, index.to(self.device)), self.params(spec, images, len(index)),
+                         out=out, rows=index)
         return out
 
     def params(self, spec: ViewSpec, images: torch.Tensor, n: int) -> ViewParams:
@@ -285,10 +290,10 @@ def choose_backend(requested: str, device: torch.device, view_size: int) -> tupl
     if requested == "triton" and device.type != "cuda":
         raise ConfigError(f"train.augment_backend=triton needs a CUDA device; this run trains on {device.type} "
                           "(use torch)")
-    if requested == "compiled" and device.type != "cpu":
-        raise ConfigError(f"train.augment_backend=compiled is for CPUs; this run trains on {device.type} "
-                          "(use triton or torch)")
     if requested == "compiled":
+        if device.type != "cpu":
+            raise ConfigError(f"train.augment_backend=compiled is for CPUs; this run trains on {device.type} "
+                              "(use triton or torch)")
         try:
             return "compiled", f"requested; hue compiled in {warm_up():.1f}s"
         except RuntimeError as e:
