@@ -14,6 +14,7 @@ centre-crop.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -72,10 +73,35 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def xformers_unusable() -> str | None:
+    """Why xformers cannot serve attention here, or None. Imported only when asked (it is optional).
+
+    A wheel built for another torch still imports, but loads none of its own kernels: what it would run
+    is PyTorch's own attention, which SDPA runs without it, so it counts as unusable."""
+    if importlib.util.find_spec("xformers") is None:
+        return "not installed (pip install '.[xformers]')"
+    try:
+        import xformers
+        import xformers.ops  # noqa: F401
+    except Exception as e:  # a broken install fails here, often with an OSError
+        return f"does not import ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if not getattr(xformers, "_has_cpp_library", True):
+        failure = getattr(xformers, "_cpp_lib", None) and xformers._cpp_lib._cpp_library_load_exception
+        built = getattr(getattr(failure, "build_info", None), "torch_version", "another torch")
+        return f"its compiled kernels do not load (xformers {xformers.__version__} was built for torch {built}; " \
+               f"this is torch {torch.__version__})"
+    return None
+
+
 def select_attention(pipe: StableDiffusionImageVariationPipeline, requested: str) -> tuple[str, str]:
     """Pick the attention backend; returns (backend, reason). xformers is optional and never imported eagerly."""
     if requested == "sdpa":
         return "sdpa", "requested"
+    problem = xformers_unusable()
+    if problem is not None:
+        if requested == "xformers":
+            raise GeneratorError(f"attention=xformers was requested but xformers cannot be used: {problem}")
+        return "sdpa", f"xformers unavailable: {problem}"
     try:
         pipe.enable_xformers_memory_efficient_attention()
         return "xformers", "xformers kernels loaded"

@@ -12,11 +12,23 @@ to a run directory; a linear probe on real images closes the run.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):
-    # Run as a script: this directory would shadow other top-level modules with ours; use the package.
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+if __name__ == "__main__" and not __package__:
+    # Started as a file (`accelerate launch onlinemix/train.py`): Python put this folder first on sys.path, where
+    # the package's own modules (config, data, cache, ...) would shadow installed modules of those names. Take it
+    # off and run the installed package's module instead: this process and the producers it spawns (which inherit
+    # sys.path and re-import the main module by name) then import the package only.
+    import os
+    import runpy
+
+    here = os.path.dirname(os.path.realpath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != here]
+    try:
+        import onlinemix  # noqa: F401
+    except ImportError:
+        sys.exit("error: onlinemix is not installed in this environment; install it first (the README's Quick start)")
+    runpy.run_module("onlinemix.train", run_name="__main__", alter_sys=True)
+    sys.exit(0)
 
 import logging
 import os
@@ -24,6 +36,7 @@ import threading
 import time
 from collections import Counter
 from contextlib import ExitStack, nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch

@@ -29,7 +29,7 @@ LAYERS: list[list[str]] = [
     ["prefetch"],
     ["tracking", "metrics", "probe", "linear_eval", "rundir", "checkpoint"],
     ["cli"],
-    ["train", "eval", "stats", "plan", "cache.__main__", "data.__main__", "tinymodel.train", "tinymodel.quality",
+    ["train", "eval", "stats", "plan", "env", "__main__", "cache.__main__", "data.__main__", "tinymodel.train", "tinymodel.quality",
      "tinymodel.__main__"],
 ]
 RANK = {name: (layer, position) for layer, names in enumerate(LAYERS) for position, name in enumerate(names)}

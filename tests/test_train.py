@@ -47,9 +47,12 @@ def epoch_rows(run_dir: Path) -> list[dict]:
     return [row for row in _rows(run_dir) if "epoch_end" in row]
 
 
-def test_default_run_shortened_through_accelerate_launch(tmp_path: Path, no_leaked_segments) -> None:
+@pytest.mark.parametrize("where", ["repository", "elsewhere"])
+def test_default_run_shortened_through_accelerate_launch(where: str, tmp_path: Path, no_leaked_segments) -> None:
+    """The README's main command, started from the repository root and from another folder (the script's
+    folder and the current one are first on sys.path: neither may shadow an installed package)."""
     proc = run_training("--train.epochs", "1", "--output-dir", str(tmp_path), "--run-name", "e2e", *FAST,
-                        launcher="accelerate")
+                        launcher="accelerate", cwd=REPO if where == "repository" else tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "e2e"
     for name in ("config.yaml", "metrics.jsonl", "backbone.safetensors", "probe.json", "train.log", "producer-0.log"):

@@ -37,4 +37,4 @@ def test_every_kernel_case_passes() -> None:
 
 def test_kernels_come_from_this_checkout() -> None:
     """An editable install of another checkout would test other kernels; install this one (pip install -e .)."""
-    assert Path(onlinemix_kernels.__file__).resolve().parent == TESTS.parent / "kernels"
+    assert Path(onlinemix_kernels.__file__).resolve().parent == TESTS.parent / "kernels" / "onlinemix_kernels"
