@@ -21,6 +21,8 @@ from onlinemix.ring import PairRing, S, TrainerPort
 from onlinemix.schedule import EpochSchedule, variation_seed
 from onlinemix.worker import WorkerDied
 
+from conftest import assert_same_variation
+
 
 @pytest.fixture
 def cfg(tmp_path: Path) -> Config:
@@ -62,7 +64,7 @@ def test_pairs_from_a_producer_process_match_a_local_regeneration(cfg: Config, t
     torch.set_num_threads(1)
     generator = make_generator(cfg.generator, "cpu", cfg.data.resolution)
     expected = generator.generate(real.images[torch.from_numpy(ids)], [seeds[int(i)] for i in ids]).numpy()
-    assert np.array_equal(out[:, 1], expected)
+    assert_same_variation(out[:, 1], expected)  # the producer generated in batches of another size
     assert not all(np.array_equal(out[0, 1], out[k, 1]) for k in range(1, 24))
 
 
