@@ -127,27 +127,33 @@ def stop_on_sigterm() -> None:
 
 
 class StopRequests:
-    """SIGINT (Ctrl-C) and SIGTERM (a cluster's preemption) while training runs, from :meth:`install`
-    to :meth:`restore`: the first one is recorded in ``received`` for the training loop, which stops
-    after its current step with a checkpoint; a second one stops at once, as outside training."""
+    """SIGINT (Ctrl-C) and SIGTERM (a cluster's preemption) while entered (training and its last
+    checkpoint): the first one is recorded in ``received`` for the training loop, which stops after its
+    current step with a checkpoint. A second Ctrl-C stops at once, as outside training; more SIGTERMs
+    change nothing: under a scheduler plus accelerate or torchrun a trainer often gets one from each, and
+    the preemption checkpoint is what they all ask for."""
 
     def __init__(self) -> None:
         self.received: signal.Signals | None = None
         self._previous: dict[signal.Signals, Any] = {}
 
-    def install(self) -> None:
+    def __enter__(self) -> StopRequests:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
+        return self
 
-    def restore(self) -> None:
-        """The handlers from before :meth:`install`."""
+    def __exit__(self, *exc: object) -> None:
+        """The handlers from before; after a stop request, SIGTERM stays ignored while the process winds up."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self.received is not None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.received is not None:
-            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-        self.received = signal.Signals(signum)
+        if self.received is None:
+            self.received = signal.Signals(signum)
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt()
 
 
 def stopped_by(e: KeyboardInterrupt) -> signal.Signals:

@@ -3,6 +3,7 @@
     <run>/config.yaml            the resolved config (CONFIG_FILE)
     <run>/checkpoints/step-N/    training state to resume from (onlinemix/checkpoint.py)
     <run>/backbone.safetensors   the final backbone (BACKBONE_FILE, load_backbone)
+    <run>/.writer.lock           held by the run writing the directory (WRITER_LOCK, hold_run_dir)
 
 Training writes these names; ``--resume``, the eval command and the statistics command read them
 back, so they are declared once, here. A :class:`Checkpoint` is a backbone to evaluate: a run
@@ -11,6 +12,11 @@ directory or a ``.safetensors`` file next to its ``config.yaml``.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +29,35 @@ from .models import build_backbone
 
 BACKBONE_FILE = "backbone.safetensors"
 CONFIG_FILE = "config.yaml"
+WRITER_LOCK = ".writer.lock"
 
 
 class CheckpointError(ValueError):
     """A file of a run cannot be read back: cut short (a crash while saving) or corrupt."""
+
+
+class RunDirInUse(FileExistsError):
+    """Another live process writes this run directory."""
+
+
+@contextmanager
+def hold_run_dir(run_dir: Path) -> Iterator[None]:
+    """This process alone writes ``run_dir`` while in the block: two runs (or two ``--resume``) of one
+    directory would write every metrics row twice and race on checkpoints. An exclusive ``flock``, which
+    the kernel drops when its holder dies, so a killed run never blocks the next one."""
+    fd = os.open(run_dir / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            raise RunDirInUse(f"run directory {run_dir} is being written by {holder}; wait for that run to end "
+                              "(or stop it), or give this one another run_name") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"the run of pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @dataclass

@@ -61,7 +61,7 @@ from onlinemix.prefetch import Prefetcher, Prepared, check_running, to_device
 from onlinemix.probe import compare_with_random_init, extract_features, format_probe, heldout_knn, heldout_linear
 from onlinemix.producer import ProducerPool
 from onlinemix.ring import PairRing, RingError, TrainerPort, remove_stale_segments
-from onlinemix.rundir import BACKBONE_FILE, CONFIG_FILE, CheckpointError
+from onlinemix.rundir import BACKBONE_FILE, CONFIG_FILE, CheckpointError, hold_run_dir
 from onlinemix.schedule import EpochSchedule
 from onlinemix.tracking import SUMMARY_FILE, chosen_tracker, format_summary, start_tracking
 from onlinemix.views import Augmentation, ViewComposer, Views, build_pairing, choose_backend, make_backend
@@ -222,42 +222,41 @@ class Trainer:
         copy_stream = torch.cuda.Stream(acc.device) if acc.device.type == "cuda" else None
         pipeline = Prefetcher(lambda step: self.prepare(step, pairs, port, copy_stream), self.step, self.total_steps,
                               tc.prefetch, stop or threading.Event())
-        stops = StopRequests()
-        try:
-            stops.install()
-            while self.step < self.total_steps:
-                epoch = self.step // spe
-                if pool is not None:
-                    pool.check()
-                t0 = time.monotonic()
-                batch, data_wait_s = pipeline.next()
-                loss = self.train_step(batch.views)
-                self.step += 1
-                self.cache_uses.update(batch.from_cache)
-                step_s = time.monotonic() - t0
-                if port is not None:
-                    port.publish_speed(node_batch, step_s)
-                last = self.step == self.total_steps
-                metrics.record(self.step, epoch, batch.stats, data_wait_s, self.step % tc.log_every == 0 or last,
-                               loss=loss, lr=self.optimizer.param_groups[0]["lr"], step_s=step_s, **self.last_logs)
-                if self.step % spe == 0 or last:
-                    metrics.end_epoch(epoch, **self.online_probes(epoch))
-                bar.set_postfix(metrics.postfix(loss), refresh=False)
-                bar.update()
-                save, stopping = checkpoint_due(self.step, stops.received is not None)
-                if stopping:
-                    stop_reason = stops.received.name if stops.received else "a signal to another rank"
-                    break
-                if save:
-                    self.save_checkpoint(metrics)
-                    checkpoint_due.saved()
-        finally:
-            stops.restore()
-            pipeline.close()
-            bar.close()
-            metrics.close()
-        if self.checkpoint != checkpoint_dir(self.run_dir, self.step):
-            self.save_checkpoint(metrics)
+        # Signals are recorded until the last checkpoint is written: a repeated SIGTERM must not cut it short.
+        with StopRequests() as stops:
+            try:
+                while self.step < self.total_steps:
+                    epoch = self.step // spe
+                    if pool is not None:
+                        pool.check()
+                    t0 = time.monotonic()
+                    batch, data_wait_s = pipeline.next()
+                    loss = self.train_step(batch.views)
+                    self.step += 1
+                    self.cache_uses.update(batch.from_cache)
+                    step_s = time.monotonic() - t0
+                    if port is not None:
+                        port.publish_speed(node_batch, step_s)
+                    last = self.step == self.total_steps
+                    metrics.record(self.step, epoch, batch.stats, data_wait_s, self.step % tc.log_every == 0 or last,
+                                   loss=loss, lr=self.optimizer.param_groups[0]["lr"], step_s=step_s, **self.last_logs)
+                    if self.step % spe == 0 or last:
+                        metrics.end_epoch(epoch, **self.online_probes(epoch))
+                    bar.set_postfix(metrics.postfix(loss), refresh=False)
+                    bar.update()
+                    save, stopping = checkpoint_due(self.step, stops.received is not None)
+                    if stopping:
+                        stop_reason = stops.received.name if stops.received else "a signal to another rank"
+                        break
+                    if save:
+                        self.save_checkpoint(metrics)
+                        checkpoint_due.saved()
+            finally:
+                pipeline.close()
+                bar.close()
+                metrics.close()
+            if self.checkpoint != checkpoint_dir(self.run_dir, self.step):
+                self.save_checkpoint(metrics)
         if stop_reason is not None:
             return metrics, stop_reason
         t = metrics.totals
@@ -426,65 +425,68 @@ def run(argv: list[str] | None = None) -> dict | None:
         if cfg.cache.enabled:
             check_writable(cfg.cache_root())
     run_dir = make_run_dir(cfg, accelerator, resume[0] if resume else None)
-    setup_logging(accelerator, run_dir)
-    stop_on_sigterm()
-    if accelerator.device.type == "cpu":
-        producers_here = devices.count("cpu")
-        torch.set_num_threads(cfg.train.cpu_threads or max(1, ((os.cpu_count() or 1) - producers_here)
-                                                            // accelerator.num_processes))
-    if accelerator.is_main_process:
-        log.info("run directory %s", run_dir)
-    with accelerator.local_main_process_first():  # one process per node prepares a store the others then map
-        real = load_real_images(cfg.data, cfg.store_root())
-    cfg.check_dataset_size(len(select_train_ids(real, cfg.data)), accelerator.num_processes)
-    trainer = Trainer(cfg, accelerator, run_dir, real)
-    if resume is not None:
-        checkpoint = resume[1]
-        if checkpoint is None:
-            newest = newest_checkpoint(run_dir)
-            if newest is None:
-                raise CheckpointError(f"--resume {run_dir}: no complete checkpoint in it; start the run again "
-                                      "without --resume (a new run_name, or after deleting the directory)")
-            checkpoint = newest.path
-        trainer.load_checkpoint(checkpoint)
-    stop = threading.Event()  # closes the input pipeline; the pair lookup's waits check it
-    with ExitStack() as stack:
-        pairs, port, pool = None, None, None
-        if cfg.offline and synthetic and trainer.step < trainer.total_steps:
-            cache = open_offline_cache(cfg, trainer.schedule.train_ids, real.size, accelerator.device)
-            pairs = PairSource(None, cfg.staleness, real.images, cfg.ring.verify_checksums,
-                               lambda: check_running(stop), cache)
-        elif online and trainer.step < trainer.total_steps:
-            port, pool = start_generation(cfg, accelerator, run_dir, trainer.schedule.global_batch, devices, real.size,
-                                          stack)
-            wait_for_producers(port, pool, len(devices))
-            cache = open_online_cache(cfg, port, real.size, accelerator.device) if cfg.cache.enabled else None
-            pairs = PairSource(port, cfg.staleness, real.images, cfg.ring.verify_checksums,
-                               lambda: waiting_check(stop, pool), cache)
-        if accelerator.is_main_process:  # training starts: the run directory is taken (make_run_dir)
-            save_config(cfg, run_dir / "config.yaml")
-        start_tracking(accelerator, cfg, run_dir)
-        metrics, stop_reason = trainer.fit(pairs, port, pool, stop)
+    # One writer per run directory: a second run or --resume of it is refused while this one lives.
+    with hold_run_dir(run_dir) if accelerator.is_main_process else nullcontext():
+        setup_logging(accelerator, run_dir)
+        stop_on_sigterm()
+        if accelerator.device.type == "cpu":
+            producers_here = devices.count("cpu")
+            torch.set_num_threads(cfg.train.cpu_threads or max(1, ((os.cpu_count() or 1) - producers_here)
+                                                                // accelerator.num_processes))
         if accelerator.is_main_process:
-            summary = {**metrics.summary(trainer.schedule.global_batch), "checkpoint": str(trainer.checkpoint)}
-            write_json(run_dir / SUMMARY_FILE, summary)
-            print(format_summary(summary), flush=True)
-    accelerator.end_training()
-    if stop_reason is not None:
-        if accelerator.is_main_process:
-            print(f"stopped by {stop_reason} at step {trainer.step} of {trainer.total_steps}, checkpoint saved; "
-                  f"continue with: python -m onlinemix.train --resume {run_dir}", file=sys.stderr, flush=True)
-        return None
-    if not (cfg.probe.enabled and accelerator.is_main_process):
-        return None
-    results = compare_with_random_init(accelerator.unwrap_model(trainer.model).backbone, cfg, accelerator.device, real)
-    write_json(run_dir / "probe.json", results)
-    print(format_probe(results), flush=True)
-    if synthetic and cfg.generator.model == "stub":
-        print("note: the stub diffuser has random weights, so its 'variations' carry no information about the\n"
-              "      image; this run exercises the system, not the method. --train.pairing real shows learning.",
-              flush=True)
-    return results
+            log.info("run directory %s", run_dir)
+        with accelerator.local_main_process_first():  # one process per node prepares a store the others then map
+            real = load_real_images(cfg.data, cfg.store_root())
+        cfg.check_dataset_size(len(select_train_ids(real, cfg.data)), accelerator.num_processes)
+        trainer = Trainer(cfg, accelerator, run_dir, real)
+        if resume is not None:
+            checkpoint = resume[1]
+            if checkpoint is None:
+                newest = newest_checkpoint(run_dir)
+                if newest is None:
+                    raise CheckpointError(f"--resume {run_dir}: no complete checkpoint in it; start the run again "
+                                          "without --resume (a new run_name, or after deleting the directory)")
+                checkpoint = newest.path
+            trainer.load_checkpoint(checkpoint)
+        stop = threading.Event()  # closes the input pipeline; the pair lookup's waits check it
+        with ExitStack() as stack:
+            pairs, port, pool = None, None, None
+            if cfg.offline and synthetic and trainer.step < trainer.total_steps:
+                cache = open_offline_cache(cfg, trainer.schedule.train_ids, real.size, accelerator.device)
+                pairs = PairSource(None, cfg.staleness, real.images, cfg.ring.verify_checksums,
+                                   lambda: check_running(stop), cache)
+            elif online and trainer.step < trainer.total_steps:
+                port, pool = start_generation(cfg, accelerator, run_dir, trainer.schedule.global_batch, devices,
+                                              real.size, stack)
+                wait_for_producers(port, pool, len(devices))
+                cache = open_online_cache(cfg, port, real.size, accelerator.device) if cfg.cache.enabled else None
+                pairs = PairSource(port, cfg.staleness, real.images, cfg.ring.verify_checksums,
+                                   lambda: waiting_check(stop, pool), cache)
+            if accelerator.is_main_process:  # training starts: the run directory is taken (make_run_dir)
+                save_config(cfg, run_dir / "config.yaml")
+            start_tracking(accelerator, cfg, run_dir)
+            metrics, stop_reason = trainer.fit(pairs, port, pool, stop)
+            if accelerator.is_main_process:
+                summary = {**metrics.summary(trainer.schedule.global_batch), "checkpoint": str(trainer.checkpoint)}
+                write_json(run_dir / SUMMARY_FILE, summary)
+                print(format_summary(summary), flush=True)
+        accelerator.end_training()
+        if stop_reason is not None:
+            if accelerator.is_main_process:
+                print(f"stopped by {stop_reason} at step {trainer.step} of {trainer.total_steps}, checkpoint saved; "
+                      f"continue with: python -m onlinemix.train --resume {run_dir}", file=sys.stderr, flush=True)
+            return None
+        if not (cfg.probe.enabled and accelerator.is_main_process):
+            return None
+        backbone = accelerator.unwrap_model(trainer.model).backbone
+        results = compare_with_random_init(backbone, cfg, accelerator.device, real)
+        write_json(run_dir / "probe.json", results)
+        print(format_probe(results), flush=True)
+        if synthetic and cfg.generator.model == "stub":
+            print("note: the stub diffuser has random weights, so its 'variations' carry no information about the\n"
+                  "      image; this run exercises the system, not the method. --train.pairing real shows learning.",
+                  flush=True)
+        return results
 
 
 def main(argv: list[str] | None = None) -> None:

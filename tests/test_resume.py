@@ -1,6 +1,7 @@
 """Exact resume: a run resumed from a mid-epoch checkpoint ends with the uninterrupted run's weights
 (every method and pairing, offline from a warmed cache: the deterministic synthetic source); SIGTERM
-stops a real run with a checkpoint and exit status 0; incomplete checkpoints are never chosen."""
+stops a real run with a checkpoint and exit status 0; incomplete checkpoints are never chosen; a run
+directory has one writer at a time."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ from onlinemix.config import load_config
 from onlinemix.data import load_real_images, select_train_ids
 from onlinemix.generate import make_generator
 from onlinemix.registry import METHODS, PAIRINGS
-from onlinemix.rundir import CheckpointError
+from onlinemix.rundir import CheckpointError, RunDirInUse, hold_run_dir
 from onlinemix.train import run
 from onlinemix.warm import RowsWork
 from onlinemix.worker import CacheSink, generate_loop
@@ -117,8 +119,8 @@ def test_resumed_from_mid_epoch_equals_the_uninterrupted_run(method: str, pairin
 def test_sigterm_mid_epoch_checkpoints_exits_0_and_resume_auto_equals_the_uninterrupted_run(
         warmed_cache: Path, tmp_path: Path) -> None:
     """A real process stopped by SIGTERM (paused first, so that the signal lands mid-run whatever the
-    machine's load) writes a checkpoint at the step it was in and exits 0; ``--resume auto`` skips a
-    newer checkpoint cut short and ends where the uninterrupted run ends."""
+    machine's load), then sent more SIGTERMs, writes a checkpoint at the step it was in and exits 0;
+    ``--resume auto`` skips a newer checkpoint cut short and ends where the uninterrupted run ends."""
     args = tiny(warmed_cache, tmp_path, "--train.batch-size", "2", "--train.epochs", "1", "--train.log-every", "1")
     steps = 45 // 2
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
@@ -131,10 +133,15 @@ def test_sigterm_mid_epoch_checkpoints_exits_0_and_resume_auto_equals_the_uninte
     os.kill(proc.pid, signal.SIGSTOP)
     os.kill(proc.pid, signal.SIGTERM)
     os.kill(proc.pid, signal.SIGCONT)
+    for _ in range(5):  # a launcher and a scheduler both forward theirs: later ones change nothing
+        time.sleep(0.05)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
     saved = newest_checkpoint(tmp_path / "stopped")
     assert 0 < saved.step < steps, "the run ended before the signal: nothing to resume"
+    assert all((p / COMPLETE_FILE).is_file() for p in (tmp_path / "stopped" / "checkpoints").iterdir())
     assert (f"stopped by SIGTERM at step {saved.step} of {steps}, checkpoint saved; continue with: python -m "
             f"onlinemix.train --resume {tmp_path / 'stopped'}") in stderr
     assert "Traceback" not in stderr and not (tmp_path / "stopped" / "backbone.safetensors").exists()
@@ -193,3 +200,31 @@ def test_stop_and_time_based_saves_are_decided_after_a_step() -> None:
     assert due(7, stop_requested=False) == (True, False)  # overdue by time
     due.saved()
     assert due(8, stop_requested=False) == (False, False)
+
+
+def test_a_run_directory_taken_by_a_live_run_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """Two runs (or two --resume) of one directory would write every metrics row twice."""
+    run_dir = tmp_path / "taken"
+    run_dir.mkdir()
+    with hold_run_dir(run_dir):
+        with pytest.raises(RunDirInUse, match=f"run directory {run_dir} is being written by the run of pid "
+                                              f"{os.getpid()}"):
+            run(["--output-dir", str(tmp_path), "--run-name", "taken", "--gen-gpus", "0", "--train.pairing", "real",
+                 "--train.epochs", "1", "--probe.enabled", "false"])
+    assert sorted(p.name for p in run_dir.iterdir()) == [".writer.lock"]
+
+
+def test_a_killed_writer_does_not_hold_its_run_directory(tmp_path: Path) -> None:
+    hold = ("import sys, time; from pathlib import Path; from onlinemix.rundir import hold_run_dir\n"
+            "with hold_run_dir(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirInUse, match=f"pid {holder.pid} "):
+            with hold_run_dir(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with hold_run_dir(tmp_path):  # the kernel dropped the dead process's lock
+        pass
