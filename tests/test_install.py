@@ -123,14 +123,22 @@ def test_an_xformers_built_for_another_torch_is_not_used(tmp_path: Path, monkeyp
         "_cpp_library_load_exception = SimpleNamespace(build_info=SimpleNamespace(torch_version='2.0.0+cu118'))\n")
     (package / "ops.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
-    for name in [m for m in sys.modules if m == "xformers" or m.startswith("xformers.")]:
+    for name in xformers_modules():
         monkeypatch.delitem(sys.modules, name)
 
     from onlinemix.config import GeneratorConfig
     from onlinemix.generate import GeneratorError, make_generator, xformers_unusable
 
-    assert "built for torch 2.0.0+cu118" in xformers_unusable()
-    auto = make_generator(GeneratorConfig(model="stub", attention="auto"), "cpu", 32)
-    assert auto.attention == "sdpa" and "built for torch 2.0.0+cu118" in auto.attention_reason
-    with pytest.raises(GeneratorError, match="xformers cannot be used: its compiled kernels do not load"):
-        make_generator(GeneratorConfig(model="stub", attention="xformers"), "cpu", 32)
+    try:
+        assert "built for torch 2.0.0+cu118" in xformers_unusable()
+        auto = make_generator(GeneratorConfig(model="stub", attention="auto"), "cpu", 32)
+        assert auto.attention == "sdpa" and "built for torch 2.0.0+cu118" in auto.attention_reason
+        with pytest.raises(GeneratorError, match="xformers cannot be used: its compiled kernels do not load"):
+            make_generator(GeneratorConfig(model="stub", attention="xformers"), "cpu", 32)
+    finally:  # the stand-in must not outlive the test (later tests ask whether xformers is installed)
+        for name in xformers_modules():
+            del sys.modules[name]
+
+
+def xformers_modules() -> list[str]:
+    return [m for m in sys.modules if m == "xformers" or m.startswith("xformers.")]
