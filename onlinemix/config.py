@@ -362,8 +362,12 @@ class Config:
         b = self.train.batch_size
         if train_images >= b * ranks:
             return
-        fix = (f"lower train.batch_size to at most {train_images // ranks}" if train_images // ranks >= 2
-               else f"use more images or fewer than {ranks} trainer ranks")
+        if train_images // ranks >= 2:
+            fix = f"lower train.batch_size to at most {train_images // ranks}"
+        elif train_images >= 2:  # a pair of images per rank at least: a batch of one has no negatives
+            fix = f"use more images or at most {train_images // 2} trainer rank(s)"
+        else:
+            fix = "use a dataset with at least 2 training images (or a lower data.holdout_fraction)"
         raise ConfigError(f"data.dataset={self.data.dataset} has {train_images} training images (after the "
                           f"data.holdout_fraction={self.data.holdout_fraction:g} hold-out, at data.real_fraction="
                           f"{self.data.real_fraction:g}), fewer than one global batch of {b * ranks} "

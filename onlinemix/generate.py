@@ -39,6 +39,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PREPROCESSING_VERSION = 1  # bump when the input preprocessing changes the output
 FULL_SIZE_RANDOM = "full-size-random"
 BUNDLED_MODELS = {"digits-tiny": "assets/digits-tiny"}  # name -> directory in the package (python -m onlinemix.tinymodel)
+DEFAULT_HUB_MODEL = "lambdalabs/sd-image-variations-diffusers"  # the MixDiff paper's weights
 MAX_RETRIES = 3
 BLANK_STD = 1e-3  # a generated image whose pixels vary less than this (on [0, 1]) is blank
 
@@ -238,10 +239,17 @@ def clip_resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def model_location(model: str) -> str:
-    """A bundled model's name -> its directory in the package; a hub id or directory as given."""
+    """A bundled model's name -> its directory in the package; a hub id or directory as given.
+
+    A path that does not exist is named as such here: passed on, the hub client would blame its syntax
+    as a repo id ("Repo id must use alphanumeric chars ...")."""
     if model in BUNDLED_MODELS:
         return str(resources.files("onlinemix").joinpath(BUNDLED_MODELS[model]))
-    return model
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+    if looks_like_path and not Path(model).expanduser().is_dir():
+        raise FileNotFoundError(f"generator.model {model}: no such directory (a local model is a directory with "
+                                f"model_index.json; a hub id looks like {DEFAULT_HUB_MODEL})")
+    return str(Path(model).expanduser()) if looks_like_path else model
 
 
 def unusable_images(out: torch.Tensor) -> torch.Tensor:

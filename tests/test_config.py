@@ -285,8 +285,11 @@ def test_a_dataset_smaller_than_one_global_batch_says_how_to_fix_it() -> None:
                                                     "of 256 (train.batch_size=128 x 2 rank(s)): lower train.batch_size "
                                                     "to at most 50")):
         cfg.check_dataset_size(100, 2)
-    with pytest.raises(ConfigError, match="use more images or fewer than 4 trainer ranks"):
+    with pytest.raises(ConfigError, match=r"use more images or at most 3 trainer rank\(s\)$"):
         cfg.check_dataset_size(7, 4)
+    with pytest.raises(ConfigError, match=r"use a dataset with at least 2 training images \(or a lower "
+                                          r"data.holdout_fraction\)$"):
+        cfg.check_dataset_size(1, 1)
 
 
 def test_command_line_overrides_yaml(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 from collections.abc import Callable
 
 import pytest
@@ -11,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from onlinemix.config import GeneratorConfig
-from onlinemix.generate import MAX_RETRIES, SCHEDULERS, DiffusersVariationGenerator, GeneratorError
+from onlinemix.generate import MAX_RETRIES, SCHEDULERS, DiffusersVariationGenerator, GeneratorError, make_generator
+from onlinemix.tinymodel.__main__ import main as tinymodel_main
 
 from conftest import assert_same_variation
 
@@ -319,3 +321,16 @@ def test_generation_size_is_independent_of_the_ring_resolution() -> None:
     gen = DiffusersVariationGenerator(GeneratorConfig(model="stub", resolution=64), "cpu", 24)
     assert gen.gen_size == 64
     assert gen.generate(random_images(2), [1, 2]).shape == (2, 3, 24, 24)
+
+
+@pytest.mark.parametrize("model", ["./missing_model", "/no/such/model", "models/sd/missing", "~/no-such-model-dir"])
+def test_a_missing_local_model_is_named_as_a_missing_directory(model: str) -> None:
+    """Passed on, the hub client would blame the path's syntax as a repo id."""
+    with pytest.raises(FileNotFoundError, match=f"^generator.model {re.escape(model)}: no such directory"):
+        make_generator(GeneratorConfig(model=model), "cpu", RES)
+
+
+def test_tinymodel_quality_names_a_missing_model() -> None:
+    with pytest.raises(SystemExit) as e:
+        tinymodel_main(["quality", "--model", "./missing_model", "--num-images", "2"])
+    assert str(e.value.code).startswith("error: generator.model ./missing_model: no such directory")

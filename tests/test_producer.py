@@ -84,8 +84,9 @@ def test_a_generator_that_cannot_load_is_final_and_named(cfg: Config, tmp_path: 
     assert pool.restarts == 0
     assert str(e.value).startswith(f"producer 0 (pid {pool.procs[0].pid}) failed before it was ready, so it is not "
                                    "restarted (traceback in producer-0.log): ")
-    assert str(e.value).endswith(f'"{tmp_path / "no-such-model"}" is neither a valid local path nor a valid repo id. '
-                                 "Please check the parameter.")
+    assert str(e.value).endswith(f"generator.model {tmp_path / 'no-such-model'}: no such directory (a local model is "
+                                 "a directory with model_index.json; a hub id looks like "
+                                 "lambdalabs/sd-image-variations-diffusers)")
     assert "Traceback" in (tmp_path / "producer-0.log").read_text()
 
 
