@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import (AutoencoderTiny, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                        PNDMScheduler, StableDiffusionImageVariationPipeline)
+from diffusers.utils import deprecation_utils as diffusers_deprecation
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
 
 from .config import GeneratorConfig
 from .registry import GENERATORS
@@ -113,8 +116,22 @@ def select_attention(pipe: StableDiffusionImageVariationPipeline, requested: str
         return "sdpa", f"xformers unavailable ({reason})"
 
 
+def dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``from_pretrained``'s dtype keyword: diffusers renamed ``torch_dtype`` to ``dtype`` (the old name
+    warns at every producer start); releases before the rename know only ``torch_dtype``."""
+    renamed = hasattr(diffusers_deprecation, "_resolve_dtype")
+    return {"dtype" if renamed else "torch_dtype": dtype}
+
+
+def quiet_loading() -> None:
+    """No per-component progress bars while a pipeline loads: they fill every producer's log."""
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def load_pipeline(cfg: GeneratorConfig, device: torch.device, dtype: torch.dtype) -> StableDiffusionImageVariationPipeline:
     """Build or load the pipeline, then apply the configured scheduler and speed options."""
+    quiet_loading()
     if cfg.model in ("stub", FULL_SIZE_RANDOM):
         pipe = (build_stub_pipeline(cfg.stub_seed) if cfg.model == "stub"
                 else build_full_size_random_pipeline(seed=cfg.stub_seed, device=device))
@@ -122,9 +139,10 @@ def load_pipeline(cfg: GeneratorConfig, device: torch.device, dtype: torch.dtype
             pipe.to(dtype=dtype)
     else:
         pipe = StableDiffusionImageVariationPipeline.from_pretrained(
-            model_location(cfg.model), revision=cfg.revision, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+            model_location(cfg.model), revision=cfg.revision, safety_checker=None, requires_safety_checker=False,
+            **dtype_argument(dtype))
     if cfg.tiny_vae:
-        pipe.vae = AutoencoderTiny.from_pretrained(cfg.tiny_vae, torch_dtype=dtype)
+        pipe.vae = AutoencoderTiny.from_pretrained(cfg.tiny_vae, **dtype_argument(dtype))
     pipe.scheduler = SCHEDULERS[cfg.scheduler].from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)

@@ -27,13 +27,14 @@ from .models import seeded_backbone
 @torch.no_grad()
 def extract_features(backbone: nn.Module, images: Images, device: torch.device, batch_size: int = 512,
                      desc: str | None = "features", resolution: int | None = None) -> torch.Tensor:
-    """Frozen features in eval mode; a progress bar unless ``desc`` is None (inside training's own bar).
+    """Frozen features in eval mode; a progress bar on a terminal unless ``desc`` is None (inside training's own bar).
     Images larger than ``resolution`` (a store's, kept larger for the training crops) are centre-cropped
     to it, the usual evaluation view."""
     was_training = backbone.training
     backbone.eval()
     norm = eval_transform()
-    starts = tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, disable=desc is None)
+    starts = tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False,
+                  disable=True if desc is None else None)  # None: only on a terminal, not in logs
     crop = (lambda x: center_crop(x, [resolution, resolution])) if resolution and images.shape[-1] > resolution \
         else (lambda x: x)
     feats = [backbone(norm(crop(images[i:i + batch_size])).to(device)).float().cpu() for i in starts]

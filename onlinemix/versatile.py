@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from diffusers import DPMSolverMultistepScheduler
 
 from .config import GeneratorConfig
-from .generate import BUNDLED_MODELS, FULL_SIZE_RANDOM, SCHEDULERS, DiffusersVariationGenerator, GeneratorError
+from .generate import (BUNDLED_MODELS, FULL_SIZE_RANDOM, SCHEDULERS, DiffusersVariationGenerator, GeneratorError,
+                       dtype_argument, quiet_loading)
 from .stub_diffuser import tiny_components
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,8 @@ def load_versatile_pipeline(cfg: GeneratorConfig, device: torch.device, dtype: t
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:
-        pipe = versatile_pipeline_class().from_pretrained(cfg.model, torch_dtype=dtype)
+        quiet_loading()
+        pipe = versatile_pipeline_class().from_pretrained(cfg.model, **dtype_argument(dtype))
     pipe.scheduler = SCHEDULERS[cfg.scheduler].from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import re
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -334,3 +335,13 @@ def test_tinymodel_quality_names_a_missing_model() -> None:
     with pytest.raises(SystemExit) as e:
         tinymodel_main(["quality", "--model", "./missing_model", "--num-images", "2"])
     assert str(e.value.code).startswith("error: generator.model ./missing_model: no such directory")
+
+
+def test_loading_the_bundled_model_prints_no_warning_and_no_progress_bar(capsys) -> None:
+    """Every producer start loads it: a deprecation warning or per-component bars would fill every log."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_generator(GeneratorConfig(), "cpu", RES)
+    assert [str(w.message) for w in caught if "dtype" in str(w.message)] == []
+    err = capsys.readouterr().err
+    assert "Loading pipeline components" not in err and "Loading weights" not in err, err
