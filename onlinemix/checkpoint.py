@@ -81,6 +81,8 @@ def resume_point(arg: str, output_dir: Path, run_name: str) -> tuple[Path, Path 
         runs = [output_dir / run_name] if run_name else sorted(p for p in output_dir.glob("*") if p.is_dir())
         newest = [(saved[-1].saved_at, run) for run in runs if (saved := scan(run)[0])]
         if not newest:
+            if run_name and (runs[0] / CONFIG_FILE).is_file():
+                return runs[0], None  # it started training but saved nothing complete: from step 0
             where = runs[0] if run_name else f"any run directory in {output_dir}"
             raise CheckpointError(f"--resume auto: no complete checkpoint in {where}; start the run without --resume")
         return max(newest)[1], None

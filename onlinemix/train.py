@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from onlinemix.cache import CacheError, CacheReader, cache_key, check_writable, select_key
 from onlinemix.checkpoint import (CheckpointSchedule, checkpoint_dir, load_checkpoint, newest_checkpoint,
-                                  resume_point, save_checkpoint)
+                                  resume_point, save_checkpoint, scan)
 from onlinemix.cli import StopRequests, parse_args, stop_on_sigterm, stopped_by
 from onlinemix.config import Config, ConfigError, load_config, needs_synthetic_views, save_config
 from onlinemix.data import DataError, RealImages, load_real_images, select_train_ids
@@ -278,6 +278,17 @@ def resolve_config(args, overrides: dict[str, str]) -> tuple[Config, tuple[Path,
     return load_config(run_dir / CONFIG_FILE, overrides), (run_dir, checkpoint)
 
 
+def set_aside_metrics(run_dir: Path) -> str:
+    """Rename an earlier attempt's metrics.jsonl, whose steps a restart from step 0 trains again (kept, not
+    mixed with the new rows); returns what was done, for the log."""
+    old = run_dir / "metrics.jsonl"
+    if not old.exists():
+        return ""
+    aside = run_dir / f"metrics-before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    old.rename(aside)
+    return f" (the earlier attempt's metrics kept as {aside.name})"
+
+
 def make_run_dir(cfg: Config, accelerator: Accelerator, resume: Path | None) -> Path:
     """Rank 0 names the run directory; every rank gets the same path, and each node's local main process
     creates it, so a node without a filesystem shared with the main process has one for what it writes
@@ -291,8 +302,10 @@ def make_run_dir(cfg: Config, accelerator: Accelerator, resume: Path | None) -> 
     run_dir = Path(cfg.output_dir) / name[0]
     if accelerator.is_main_process:
         if (run_dir / "config.yaml").exists():
+            resumable = "" if scan(run_dir)[0] else \
+                " (it has no complete checkpoint: --resume trains it from step 0 with its saved config)"
             raise FileExistsError(f"run directory {run_dir} already holds a run that started training; pick another "
-                                  "run_name, or --resume it")
+                                  f"run_name, or --resume it{resumable}")
     if accelerator.is_local_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -443,11 +456,13 @@ def run(argv: list[str] | None = None) -> dict | None:
             checkpoint = resume[1]
             if checkpoint is None:
                 newest = newest_checkpoint(run_dir)
-                if newest is None:
-                    raise CheckpointError(f"--resume {run_dir}: no complete checkpoint in it; start the run again "
-                                          "without --resume (a new run_name, or after deleting the directory)")
-                checkpoint = newest.path
-            trainer.load_checkpoint(checkpoint)
+                checkpoint = newest.path if newest is not None else None
+            if checkpoint is not None:
+                trainer.load_checkpoint(checkpoint)
+            elif accelerator.is_main_process:  # a kill during the first save, or checkpoints deleted
+                log.warning("--resume %s: no complete checkpoint in it: training it from step 0 with its saved "
+                            "config%s", run_dir, set_aside_metrics(run_dir))
+        finished_before = trainer.step >= trainer.total_steps  # a finished run resumed: its backbone, again
         stop = threading.Event()  # closes the input pipeline; the pair lookup's waits check it
         with ExitStack() as stack:
             pairs, port, pool = None, None, None
@@ -466,7 +481,10 @@ def run(argv: list[str] | None = None) -> dict | None:
                 save_config(cfg, run_dir / "config.yaml")
             start_tracking(accelerator, cfg, run_dir)
             metrics, stop_reason = trainer.fit(pairs, port, pool, stop)
-            if accelerator.is_main_process:
+            if finished_before:
+                log.info("the run had already trained all %d steps: its backbone was written again from %s; "
+                         "%s kept", trainer.total_steps, trainer.checkpoint, SUMMARY_FILE)
+            elif accelerator.is_main_process:
                 summary = {**metrics.summary(trainer.schedule.global_batch), "checkpoint": str(trainer.checkpoint)}
                 write_json(run_dir / SUMMARY_FILE, summary)
                 print(format_summary(summary), flush=True)

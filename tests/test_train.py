@@ -6,6 +6,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,9 +117,10 @@ def test_a_checkpoint_cut_short_names_its_file(tmp_path: Path) -> None:
         check_checkpoint(step)
 
 
-def test_a_run_that_fails_at_start_up_does_not_take_its_run_directory(tmp_path: Path) -> None:
+def test_a_run_directory_is_taken_when_training_starts_and_always_resumable(tmp_path: Path) -> None:
     """A dataset smaller than one batch stops the run with what to lower; the corrected run may use the
-    same name (config.yaml is written only when training starts), and then the name is taken."""
+    same name (config.yaml is written only when training starts), and then the name is taken: --resume
+    continues it, finished or without a complete checkpoint."""
     data = tmp_path / "data"
     rng = np.random.default_rng(0)
     for i in range(20):  # 16 training images after the 20% hold-out
@@ -132,8 +134,25 @@ def test_a_run_that_fails_at_start_up_does_not_take_its_run_directory(tmp_path: 
     assert not (tmp_path / "r" / "config.yaml").exists()
     run([*common, "--train.batch-size", "8"])
     assert (tmp_path / "r" / "config.yaml").is_file()
-    with pytest.raises(FileExistsError, match="already holds a run that started training"):
+    with pytest.raises(FileExistsError, match="already holds a run that started training; pick another run_name, "
+                                              "or --resume it$"):
         run([*common, "--train.batch-size", "8"])
+
+    # A finished run resumed writes its backbone again and keeps its summary (no 0-step summary over it).
+    summary = (tmp_path / "r" / "summary.json").read_text()
+    run(["--resume", str(tmp_path / "r")])
+    assert (tmp_path / "r" / "summary.json").read_text() == summary
+
+    # Without a complete checkpoint (a kill during the first save): --resume trains it from step 0, never
+    # a loop of "start without --resume" and "--resume it".
+    shutil.rmtree(tmp_path / "r" / "checkpoints")
+    with pytest.raises(FileExistsError, match=r"it has no complete checkpoint: --resume trains it from step 0"):
+        run([*common, "--train.batch-size", "8"])
+    run(["--resume", "auto", "--output-dir", str(tmp_path), "--run-name", "r"])
+    assert [json.loads(line)["step"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+            if '"step"' in line] == [2]  # log_every: the last step only
+    assert len(list((tmp_path / "r").glob("metrics-before-*.jsonl"))) == 1  # the first attempt's rows, kept
+    assert (tmp_path / "r" / "checkpoints" / "step-2" / "COMPLETE").is_file()
 
 
 def test_an_unusable_output_directory_is_blamed_not_the_cache_below_it(tmp_path: Path) -> None:
