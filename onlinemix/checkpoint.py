@@ -186,14 +186,21 @@ def load_checkpoint(acc: Accelerator, path: Path) -> tuple[int, dict]:
     """Restore accelerate's state from checkpoint ``path``; returns its step and this rank's counters
     (empty when the run had fewer ranks: they start at zero)."""
     check_checkpoint(path)  # a truncated file is named, not a bare SafetensorError
+    state = json.loads((path / TRAINER_STATE_FILE).read_text())
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and state["step"] >= 0):
+        raise CheckpointError(f"checkpoint file {path / TRAINER_STATE_FILE} holds no step count "
+                              f"({str(state)[:80]}); delete {path} to resume from the checkpoint before it")
     acc.load_state(str(path))
-    step = json.loads((path / TRAINER_STATE_FILE).read_text())["step"]
     rank_file = path / rank_state_file(acc.process_index)
     if not rank_file.is_file():
         log.warning("%s has no %s (it was saved by fewer ranks): this rank's counters start at zero", path,
                     rank_file.name)
-        return step, {}
-    return step, json.loads(rank_file.read_text())
+        return state["step"], {}
+    counters = json.loads(rank_file.read_text())
+    if not isinstance(counters, dict):
+        raise CheckpointError(f"checkpoint file {rank_file} holds no counters ({str(counters)[:80]}); delete "
+                              f"{path} to resume from the checkpoint before it")
+    return state["step"], counters
 
 
 class CheckpointSchedule:

@@ -524,6 +524,29 @@ def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# What a checkpoint's weights and optimizer state are shaped by: none may differ on --resume.
+FIXED_ON_RESUME = ("train.method", "train.backbone", "train.width", "train.optimizer", "simclr.proj_dim",
+                   "barlowtwins.projector", "dino.out_dim", "dino.hidden_dim", "dino.bottleneck_dim", "dino.use_bn",
+                   "dino.norm_last_layer")
+
+
+def check_resume_overrides(saved: Config, resumed: Config) -> None:
+    """Refuse, before anything loads, a --resume that changes what the checkpoint's state is shaped by."""
+    old, new = _flat(to_dict(saved)), _flat(to_dict(resumed))
+    changed = [f"{key} {old[key]!r} -> {new[key]!r}" for key in FIXED_ON_RESUME if old[key] != new[key]]
+    if changed:
+        raise ConfigError(f"--resume cannot change {', '.join(changed)}: the checkpoint's weights and optimizer "
+                          f"state are shaped by them (fixed on resume: {', '.join(FIXED_ON_RESUME)}); start a new "
+                          "run for another setting")
+
+
+def _flat(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in nested.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The config as nested plain values under its keys: what presets and config.yaml hold."""
     out = {}

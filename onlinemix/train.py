@@ -49,7 +49,8 @@ from onlinemix.cache import CacheError, CacheReader, cache_key, check_writable, 
 from onlinemix.checkpoint import (CheckpointSchedule, checkpoint_dir, load_checkpoint, newest_checkpoint,
                                   resume_point, save_checkpoint, scan)
 from onlinemix.cli import StopRequests, parse_args, stop_on_sigterm, stopped_by
-from onlinemix.config import Config, ConfigError, load_config, needs_synthetic_views, save_config
+from onlinemix.config import (Config, ConfigError, check_resume_overrides, load_config, needs_synthetic_views,
+                              save_config)
 from onlinemix.data import DataError, RealImages, load_real_images, select_train_ids
 from onlinemix.devices import NodeLaunch, producer_devices, shared_with_trainers
 from onlinemix.files import unwritable_reason, write_json
@@ -275,7 +276,9 @@ def resolve_config(args, overrides: dict[str, str]) -> tuple[Config, tuple[Path,
     if args.resume is None:
         return cfg, None
     run_dir, checkpoint = resume_point(args.resume, Path(cfg.output_dir), cfg.run_name)
-    return load_config(run_dir / CONFIG_FILE, overrides), (run_dir, checkpoint)
+    resumed = load_config(run_dir / CONFIG_FILE, overrides)
+    check_resume_overrides(load_config(run_dir / CONFIG_FILE), resumed)
+    return resumed, (run_dir, checkpoint)
 
 
 def set_aside_metrics(run_dir: Path) -> str:

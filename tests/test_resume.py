@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,7 +24,7 @@ from safetensors.torch import load_file
 from onlinemix.cache import writer_for
 from onlinemix.checkpoint import (COMPLETE_FILE, CheckpointSchedule, newest_checkpoint, prune, rank_state_file,
                                   resume_point)
-from onlinemix.config import load_config
+from onlinemix.config import ConfigError, load_config
 from onlinemix.data import load_real_images, select_train_ids
 from onlinemix.generate import make_generator
 from onlinemix.registry import METHODS, PAIRINGS
@@ -228,3 +229,21 @@ def test_a_killed_writer_does_not_hold_its_run_directory(tmp_path: Path) -> None
         holder.wait()
     with hold_run_dir(tmp_path):  # the kernel dropped the dead process's lock
         pass
+
+
+def test_resume_refuses_a_changed_shape_and_names_a_malformed_state(warmed_cache: Path, tmp_path: Path) -> None:
+    """Settings that shape the checkpoint's state are checked before anything loads (they used to end in
+    a size-mismatch or KeyError traceback), and a trainer_state.json of the wrong shape is named."""
+    run(tiny(warmed_cache, tmp_path, "--run-name", "r", "--train.epochs", "1"))
+    run_dir = tmp_path / "r"
+    for flag, value, said in [("--train.width", "8", "train.width 4 -> 8"),
+                              ("--train.method", "barlowtwins", "train.method 'simclr' -> 'barlowtwins'"),
+                              ("--train.optimizer", "sgd", "train.optimizer 'adamw' -> 'sgd'")]:
+        with pytest.raises(ConfigError, match=re.escape(f"--resume cannot change {said}: the checkpoint's")):
+            run(["--resume", str(run_dir), flag, value])
+    run(["--resume", str(run_dir), "--train.epochs", "2"])  # what the state is not shaped by may change
+    saved = newest_checkpoint(run_dir)
+    (saved.path / "trainer_state.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint file {saved.path / 'trainer_state.json'} holds "
+                                                        f"no step count ([1, 2]); delete {saved.path}")):
+        run(["--resume", str(run_dir)])
