@@ -45,12 +45,12 @@ from accelerate.utils import broadcast_object_list
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from onlinemix.cache import CacheError, CacheReader, cache_key, check_writable, select_key
+from onlinemix.cache import CacheError, CacheReader, cache_key, cache_keys, check_writable, select_key
 from onlinemix.checkpoint import (CheckpointSchedule, checkpoint_dir, load_checkpoint, newest_checkpoint,
                                   resume_point, save_checkpoint, scan)
 from onlinemix.cli import StopRequests, parse_args, stop_on_sigterm, stopped_by
-from onlinemix.config import (Config, ConfigError, check_resume_overrides, load_config, needs_synthetic_views,
-                              save_config)
+from onlinemix.config import (Config, ConfigError, GeneratorConfig, check_resume_overrides, load_config,
+                              needs_synthetic_views, save_config)
 from onlinemix.data import DataError, RealImages, load_real_images, select_train_ids
 from onlinemix.devices import NodeLaunch, producer_devices, shared_with_trainers
 from onlinemix.files import unwritable_reason, write_json
@@ -402,11 +402,32 @@ def open_online_cache(cfg: Config, port: TrainerPort, resolution: int, device: t
                        cfg.cache.verify_reads, device)
 
 
+def adopt_cached_generator(cfg: Config, identity: dict, where: Path) -> None:
+    """An offline run trains from variations some generator made: its settings go into ``cfg`` (and so
+    config.yaml), not the configured ones. A generator.model set other than the default and different
+    from the cache's is refused: those variations are not what the user asked for."""
+    made_by = identity.get("model")
+    if made_by is None or made_by == cfg.generator.model:
+        return
+    if cfg.generator.model != GeneratorConfig().model:
+        raise ConfigError(f"offline: generator.model={cfg.generator.model}, but the cached pairs for this dataset, "
+                          f"resolution and guidance ({where}) were made by {made_by}; warm the cache with "
+                          f"{cfg.generator.model} first, or leave generator.model out to train from them")
+    log.warning("offline: the cached pairs in %s were made by generator.model=%s, not the configured %s: training "
+                "from them, and the run's config records %s", where, made_by, cfg.generator.model, made_by)
+    for name in ("model", "revision", "tiny_vae", "scheduler", "steps"):
+        if identity.get(name) not in (None, ""):
+            setattr(cfg.generator, name, identity[name])
+    if identity.get("stub_seed") is not None:
+        cfg.generator.stub_seed = identity["stub_seed"]
+
+
 def open_offline_cache(cfg: Config, train_ids: np.ndarray, resolution: int, device: torch.device) -> CacheReader:
     """The cache an offline run trains from (pairs at the stored size ``resolution``); refuses to start
     below ``cache.min_coverage`` of images with a variation that reads back intact (``CacheReader.coverage``)."""
     root = cfg.cache_root()
     key = select_key(root, cfg.data.dataset, resolution, cfg.generator.guidance, cfg.cache.fingerprint)
+    adopt_cached_generator(cfg, cache_keys(root)[key].get("identity", {}), root / key)
     reader = CacheReader(root, key, resolution, cfg.cache.verify_reads, device)
     covered = reader.coverage(train_ids)
     missing = int((~covered).sum())

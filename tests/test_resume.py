@@ -51,17 +51,21 @@ def tiny(cache: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def warmed_cache(tmp_path_factory) -> Path:
-    """Every training image's first two variations in a cache, generated in this process with the stub
-    and `cache warm`'s rows and seeds: what `python -m onlinemix.cache warm --variations 2` stores."""
-    root = tmp_path_factory.mktemp("warmed") / "cache"
-    cfg = load_config(None, {**DATA, "cache.dir": str(root)})
+    """Every training image's first two variations in a cache, generated in this process with the default
+    generator and `cache warm`'s rows and seeds: what `python -m onlinemix.cache warm --variations 2` stores."""
+    return warm(tmp_path_factory.mktemp("warmed") / "cache", VARIATIONS)
+
+
+def warm(root: Path, variations: int, **generator: str) -> Path:
+    """``variations`` variations of every training image in the cache at ``root``, made in this process."""
+    cfg = load_config(None, {**DATA, "cache.dir": str(root), **{f"generator.{k}": v for k, v in generator.items()}})
     real = load_real_images(cfg.data, cfg.store_root())
     ids = select_train_ids(real, cfg.data).numpy()
-    generator = make_generator(cfg.generator, "cpu", real.size)
-    rows = np.array([(i, k) for k in range(VARIATIONS) for i in ids.tolist()], dtype=np.int64)
-    sink = CacheSink(writer_for(cfg, generator), required=True)
-    generate_loop(generator, real.images, RowsWork(rows, cfg.generator.batch_size, cfg.generator.seed,
-                                                   threading.Event()), [sink], lambda: True)
+    made_by = make_generator(cfg.generator, "cpu", real.size)
+    rows = np.array([(i, k) for k in range(variations) for i in ids.tolist()], dtype=np.int64)
+    sink = CacheSink(writer_for(cfg, made_by), required=True)
+    generate_loop(made_by, real.images, RowsWork(rows, cfg.generator.batch_size, cfg.generator.seed,
+                                                 threading.Event()), [sink], lambda: True)
     sink.close()
     return root
 
@@ -247,3 +251,15 @@ def test_resume_refuses_a_changed_shape_and_names_a_malformed_state(warmed_cache
     with pytest.raises(CheckpointError, match=re.escape(f"checkpoint file {saved.path / 'trainer_state.json'} holds "
                                                         f"no step count ([1, 2]); delete {saved.path}")):
         run(["--resume", str(run_dir)])
+
+
+def test_offline_trains_from_the_generator_that_made_the_cache_and_records_it(tmp_path: Path) -> None:
+    """The cache's generator, not the configured one, goes into config.yaml; another generator.model
+    asked for is refused instead of being ignored."""
+    cache = warm(tmp_path / "cache", 1, model="stub", steps="2")
+    with pytest.raises(ConfigError, match="offline: generator.model=full-size-random, but the cached pairs for this "
+                                          "dataset, resolution and guidance .* were made by stub"):
+        run(tiny(cache, tmp_path, "--run-name", "refused", "--generator.model", "full-size-random"))
+    run(tiny(cache, tmp_path, "--run-name", "adopted", "--train.epochs", "1"))
+    recorded = load_config(tmp_path / "adopted" / "config.yaml").generator
+    assert (recorded.model, recorded.steps) == ("stub", 2)
