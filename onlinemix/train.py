@@ -51,7 +51,7 @@ from onlinemix.checkpoint import (CheckpointSchedule, checkpoint_dir, load_check
 from onlinemix.cli import StopRequests, parse_args, stop_on_sigterm, stopped_by
 from onlinemix.config import (Config, ConfigError, GeneratorConfig, check_resume_overrides, load_config,
                               needs_synthetic_views, save_config)
-from onlinemix.data import DataError, RealImages, load_real_images, select_train_ids
+from onlinemix.data import DataError, RealImages, StoreError, load_real_images, select_train_ids
 from onlinemix.devices import NodeLaunch, producer_devices, shared_with_trainers
 from onlinemix.files import unwritable_reason, write_json
 from onlinemix.methods import StepInfo, build_method
@@ -536,7 +536,8 @@ def main(argv: list[str] | None = None) -> None:
         run(argv)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    except (WorkerDied, RingError, CacheError, DataError, CheckpointError, FileExistsError, FileNotFoundError) as e:
+    except (WorkerDied, RingError, CacheError, DataError, StoreError, CheckpointError, FileExistsError,
+            FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt as e:
         print(f"interrupted ({stopped_by(e).name}); producers stopped and shared memory released", file=sys.stderr)

@@ -24,8 +24,9 @@ from torchvision.transforms.v2 import functional as TF
 from onlinemix.data.__main__ import main
 from onlinemix.data.decode import load_image_folder
 from onlinemix.data.sources import array_source
-from onlinemix.data.store import ImageStore, StoreError, check_resolution, verify_store
+from onlinemix.data.store import ImageStore, StoreError, check_resolution, file_crc32, verify_store
 from onlinemix.data.prepare import PrepareError, Settings, prepare
+from onlinemix.train import main as train_main
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
@@ -475,6 +476,42 @@ def test_verify_names_a_corrupt_chunk_and_info_a_missing_one(tmp_path: Path, cap
         main(["info", str(tmp_path / "store")])
     out = capsys.readouterr().out
     assert exit_.value.code == 1 and "images       1797 in 10 classes" in out and "2 missing or of the wrong size: 1, 3" in out
+
+
+@pytest.mark.parametrize("store_format", ["raw", "jpeg"])
+def test_damaged_bytes_stop_a_reader_naming_the_store_and_chunk(store_format: str, tmp_path: Path) -> None:
+    """A flipped byte used to train silently (RAW) or end in the JPEG decoder naming nothing; a training
+    run on the store ends with the same one line."""
+    store = tmp_path / "store"
+    prepare("digits", store, Settings(size=8, chunk_images=512, format=store_format), workers=1, progress=False)
+    ImageStore.open(store).read([600])
+    chunk = store / "chunks" / "000001.bin"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x20
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=rf"image store {store} is damaged: {chunk} \(chunk 1\) has CRC32 [0-9a-f]{{8}}, "
+                                         r"expected [0-9a-f]{8}; run verify"):
+        ImageStore.open(store).read([600])
+    ImageStore.open(store).read([10])  # the other chunks still read
+    with pytest.raises(SystemExit) as e:
+        train_main(["--data.dataset", str(store), "--data.resolution", "8", "--train.pairing", "real", "--gen-gpus", "0",
+                    "--train.epochs", "1", "--output-dir", str(tmp_path / "runs"), "--probe.enabled", "false"])
+    assert str(e.value.code).startswith(f"error: image store {store} is damaged: {chunk} (chunk 1)")
+
+
+def test_a_jpeg_that_does_not_decode_is_named_with_its_store_and_chunk(tmp_path: Path) -> None:
+    """Bytes that match their chunk's CRC32 (damaged before it was computed) but do not decode."""
+    store = tmp_path / "store"
+    prepare("digits", store, Settings(size=8, chunk_images=512, format="jpeg"), workers=1, progress=False)
+    chunk, (_, offset, length) = store / "chunks" / "000001.bin", np.load(store / "index.npy")[600]
+    data = bytearray(chunk.read_bytes())
+    data[offset:offset + length] = b"\x00" * length
+    chunk.write_bytes(bytes(data))
+    table = np.load(store / "chunks.npy")
+    table[1, 2] = file_crc32(chunk)
+    np.save(store / "chunks.npy", table)
+    with pytest.raises(StoreError, match=rf"image store {store}: an image of chunk\(s\) \[1\] does not decode"):
+        ImageStore.open(store).read([600])
 
 
 def test_a_store_of_a_newer_format_version_is_refused(tmp_path: Path, capsys) -> None:
