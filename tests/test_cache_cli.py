@@ -398,3 +398,10 @@ def test_warm_generates_only_the_real_fraction_a_run_trains_on(dataset: Path, tm
     subset = set(select_train_ids(real_images(dataset, **{"data.real_fraction": "0.5"}), cfg.data).tolist())
     assert result["generated"] == len(subset) == N_TRAIN // 2
     assert {real_id for real_id, _, _ in cached_pairs(cache)} == subset
+
+
+def test_migrate_names_a_cache_directory_that_does_not_exist(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["migrate", "--cache.dir", str(tmp_path / "typo")])
+    assert str(e.value.code) == (f"onlinemix.cache migrate: cache {tmp_path / 'typo'}: no such directory (the cache "
+                                 "directory is cache.dir, by default <output_dir>/cache)")

@@ -17,6 +17,7 @@ from onlinemix.config import Config, save_config
 from onlinemix.data import load_image_source, load_real_images
 from onlinemix.data.prepare import Settings, prepare
 from onlinemix.eval import main
+from onlinemix.stats import main as stats_main
 from onlinemix.models import build_backbone
 
 R = 16  # image side of the tiny run
@@ -186,3 +187,11 @@ def test_class_mismatch(run_dir: Path, tmp_path: Path) -> None:
 
 def test_bad_eval_set_syntax(run_dir: Path) -> None:
     assert error_of([str(run_dir), "--eval-set", "no-equals-sign"]) == "2"
+
+
+@pytest.mark.parametrize("command,prog", [(main, "onlinemix.eval"), (stats_main, "onlinemix.stats")])
+def test_argument_errors_name_the_command_as_it_is_run(command, prog: str, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        command(["--no-such-flag"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"\n{prog}: error: " in err and ".py" not in err

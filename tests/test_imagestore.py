@@ -545,3 +545,10 @@ def test_prepare_refuses_to_mix_settings_or_overwrite_other_files_and_confirms_a
         prepare("digits", tmp_path / "other", Settings(size=8), workers=1, progress=False)
     with pytest.raises(StoreError, match="not an image store"):
         ImageStore.open(tmp_path / "other")
+
+
+def test_prepare_into_a_file_is_refused_with_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(PrepareError, match=f"--out {blocker} cannot hold a store \\(it is a file, not a directory\\)"):
+        prepare("digits", blocker, Settings(size=8), workers=1, progress=False)

@@ -128,3 +128,11 @@ def test_package_data_is_small_and_declared() -> None:
     patterns = re.findall(r'"(assets/[^"]+)"', (REPO / "pyproject.toml").read_text())
     declared = {p for pattern in patterns for p in (REPO / "onlinemix").glob(pattern)}
     assert sorted(map(str, set(files) - declared)) == []
+
+
+def test_training_into_a_file_is_refused_before_it_trains(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match=f"--out {blocker} is a file; give a directory for the model"):
+        train(blocker, TrainSettings(steps=1, vae_steps=1))
+    assert not (tmp_path / "file.partial").exists()

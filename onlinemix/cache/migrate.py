@@ -87,6 +87,9 @@ def migrate_key(root: Path, key: str, fmt: str, quality: int) -> dict:
 
 def migrate(root: Path, fmt: str, quality: int) -> list[dict]:
     """Convert every key of the cache that holds old-layout shards or an old ``generator.json``."""
+    if not root.is_dir():
+        raise CacheError(f"cache {root}: no such directory (the cache directory is cache.dir, by default "
+                         "<output_dir>/cache)")
     keys = cache_keys(root)
     if not keys:
         raise CacheError(f"cache {root} holds no keys")

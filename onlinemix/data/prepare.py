@@ -42,7 +42,7 @@ from isal.isal_zlib import crc32
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from ..files import write_atomically
+from ..files import unwritable_reason, write_atomically
 from .decode import DataError, _to_rgb_tensor, to_rgb
 from .store import (CHUNK_TABLE, CHUNKS_DIR, COMMITS_DIR, FORMAT_VERSION, FORMATS, INDEX_FILE, LABELS_FILE,
                          PREPARE_FILE, SKIPPED_FILE, STORE_FILE, chunk_path, commit_path, resume_command)
@@ -347,6 +347,9 @@ def prepare(source: str | Source, out: Path, settings: Settings, workers: int, c
     settings = settings.resolved()
     if workers < 1:
         raise PrepareError("--workers must be >= 1")
+    problem = unwritable_reason(out)
+    if problem:
+        raise PrepareError(f"--out {out} cannot hold a store ({problem}); give a directory")
     if isinstance(source, str):
         try:
             source = open_source(source, settings.size, classes_file)

@@ -191,6 +191,11 @@ def train_denoiser(unet: torch.nn.Module, image_encoder: torch.nn.Module, vae: t
 def train(out: Path, settings: TrainSettings) -> dict:
     """Train from ``settings.seed`` and save the pipeline to ``out`` (fp16 safetensors, replacing what
     was there once complete), with ``training.json`` (settings and losses) and ``loss.png``."""
+    if out.exists() and not out.is_dir():  # checked before the training, not after it
+        raise ValueError(f"--out {out} is a file; give a directory for the model")
+    problem = unwritable_reason(out.parent)
+    if problem:
+        raise ValueError(f"--out {out}: its folder {out.parent} cannot hold the model ({problem})")
     torch.use_deterministic_algorithms(True)
     rng = torch.Generator().manual_seed(settings.seed)
     data = training_images()
