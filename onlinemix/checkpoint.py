@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import time
 import zipfile
@@ -158,6 +159,19 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / CHECKPOINT_DIR / f"step-{step}"
 
 
+def write_failure(e: OSError | SafetensorError) -> str:
+    """The OS's words for a failed write (safetensors wraps them in a Rust debug string)."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    found = re.search(r'message: "([^"]+)"|I/O error: (.+?) \(os error \d+\)', str(e))
+    return (found[1] or found[2]) if found else str(e).splitlines()[0]
+
+
+def what_survives(run_dir: Path) -> str:
+    complete = scan(run_dir)[0]
+    return f"the checkpoint of step {complete[-1].step} is intact" if complete else "no earlier checkpoint exists"
+
+
 def save_checkpoint(acc: Accelerator, run_dir: Path, step: int, rank_state: dict, keep: int) -> Path:
     """Write the checkpoint of ``step`` atomically (every rank calls this; see the module docstring),
     prune to the newest ``keep``, and return its directory."""
@@ -167,8 +181,13 @@ def save_checkpoint(acc: Accelerator, run_dir: Path, step: int, rank_state: dict
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save of this step that was killed
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    write_json(tmp / rank_state_file(acc.process_index), rank_state)
+    try:
+        acc.save_state(str(tmp))
+        write_json(tmp / rank_state_file(acc.process_index), rank_state)
+    except (OSError, SafetensorError) as e:  # a full disk, or a file-size or quota limit
+        shutil.rmtree(tmp, ignore_errors=True)  # what was written of it: the space goes back
+        raise CheckpointError(f"cannot write checkpoint {final} ({write_failure(e)}); {what_survives(run_dir)}; "
+                              f"free space for {run_dir}, then --resume it") from e
     acc.wait_for_everyone()
     if acc.is_main_process:
         write_json(tmp / TRAINER_STATE_FILE, {"step": step})

@@ -6,6 +6,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -439,3 +440,25 @@ def test_an_image_folder_run_prepares_a_store_and_every_process_reads_it(tmp_pat
 
     described = list(cache_keys(tmp_path / "cache").values())
     assert [d["resolution"] for d in described] == [24]  # pairs cached at the stored size, not the view size
+
+
+def _file_size_limit(limit: int) -> None:
+    """A disk that fills up, for one process: writes past ``limit`` bytes fail with EFBIG (not SIGXFSZ)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_a_checkpoint_that_does_not_fit_ends_the_run_with_one_line(tmp_path: Path) -> None:
+    """The model's 1 MB do not fit under the limit: one line naming the checkpoint and what survives,
+    and the partial checkpoint's space given back (it was a SafetensorError traceback)."""
+    args = ["--train.pairing", "real", "--gen-gpus", "0", "--train.epochs", "1", "--probe.enabled", "false",
+            "--report-to", "none", "--output-dir", str(tmp_path), "--run-name", "full", *FAST]
+    proc = subprocess.run(train_command(*args), capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "TQDM_DISABLE": "1"}, preexec_fn=lambda: _file_size_limit(500_000))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (f"error: cannot write checkpoint {tmp_path / 'full' / 'checkpoints' / f'step-{STEPS_PER_EPOCH}'} "
+                    f"(File too large); no earlier checkpoint exists; free space for {tmp_path / 'full'}, then "
+                    "--resume it"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert list((tmp_path / "full" / "checkpoints").iterdir()) == []
