@@ -27,6 +27,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import resource
 import secrets
 import shutil
 import sys
@@ -225,8 +226,17 @@ class PairRing:
                 f"the ring needs {nbytes / 2**20:.1f} MiB of shared memory but {SHM_DIR} has "
                 f"{free / 2**20:.1f} MiB free; lower ring.slots or data.resolution, or give the "
                 f"container more (docker run --shm-size={max(1, nbytes * 2 // 2**30 + 1)}g)")
+        file_limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if file_limit != resource.RLIM_INFINITY and nbytes > file_limit:  # the segment is a file of that size
+            raise RingError(f"the ring needs {nbytes / 2**20:.1f} MiB of shared memory but this process may write "
+                            f"files of at most {file_limit / 2**20:.1f} MiB (ulimit -f); lower ring.slots or "
+                            "data.resolution, or raise the limit")
         name = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
-        shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
+        try:
+            shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
+        except OSError as e:
+            raise RingError(f"cannot create the ring's {nbytes / 2**20:.1f} MiB of shared memory in {SHM_DIR} "
+                            f"({e.strerror or e}); lower ring.slots or data.resolution") from e
         cls._initialise(shm.buf, slots, resolution)
         return cls(shm.buf, shm, owner=True)
 

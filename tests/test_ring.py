@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import resource
 import signal
 import zlib
 from multiprocessing import shared_memory
@@ -285,6 +286,18 @@ def test_too_small_shared_memory_is_a_clear_error_at_start(monkeypatch, no_leake
     monkeypatch.setattr(ring_module.shutil, "disk_usage", lambda path: Usage)
     with pytest.raises(RingError, match="shm-size"):
         PairRing.create(slots=100_000, resolution=64)
+
+
+def test_a_file_size_limit_below_the_ring_is_a_clear_error_at_start(no_leaked_segments) -> None:
+    """The segment is a file in /dev/shm: past ``ulimit -f`` it failed with an OSError traceback, and
+    the standard library's clean-up added a resource-tracker KeyError traceback."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, hard))
+    try:
+        with pytest.raises(RingError, match=r"may write files of at most 1.0 MiB \(ulimit -f\); lower ring.slots"):
+            PairRing.create(slots=1000, resolution=64)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 def test_attach_to_missing_ring_is_a_clear_error() -> None:
