@@ -105,3 +105,13 @@ def shared_with_trainers(node: NodeLaunch, devices: list[str]) -> list[str]:
     """The producers' devices that a trainer rank of this node also uses (they take turns on it)."""
     trainer_gpus = {f"cuda:{i}" for i in range(node.trainers)} if node.visible_gpus else set()
     return sorted(set(devices) & trainer_gpus)
+
+
+def make_current(device: torch.device | str) -> None:
+    """Make ``device`` the calling thread's current CUDA device (nothing to do off CUDA), before anything
+    touches CUDA on that thread. The current device is per thread and starts at cuda:0, and libraries
+    allocate on it: diffusers' xformers probe, leaving a ``torch.cuda.stream`` block, a Triton launch.
+    Left at cuda:0, each would open a context (about 0.5 GB) on another process's GPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .devices import make_current
 from .views import Views
 
 POLL_S = 0.1
@@ -84,8 +85,9 @@ class Prefetcher:
     """Steps ``first`` .. ``last`` - 1 made by ``prepare(step)``, in order, up to ``depth`` ahead."""
 
     def __init__(self, prepare: Callable[[int], Prepared], first: int, last: int, depth: int,
-                 stop: threading.Event) -> None:
+                 stop: threading.Event, device: torch.device | None = None) -> None:
         self.prepare = prepare
+        self.device = device  # the worker thread's current CUDA device (devices.make_current)
         self.next_step = first
         self.last = last
         self.depth = depth
@@ -98,6 +100,8 @@ class Prefetcher:
 
     def _run(self, first: int) -> None:
         try:
+            if self.device is not None:
+                make_current(self.device)
             for step in range(first, self.last):
                 item = self.prepare(step)
                 while not self._stop.is_set():

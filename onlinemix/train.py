@@ -222,7 +222,7 @@ class Trainer:
             port.publish_position(self.step * node_batch)
         copy_stream = torch.cuda.Stream(acc.device) if acc.device.type == "cuda" else None
         pipeline = Prefetcher(lambda step: self.prepare(step, pairs, port, copy_stream), self.step, self.total_steps,
-                              tc.prefetch, stop or threading.Event())
+                              tc.prefetch, stop or threading.Event(), acc.device)
         # Signals are recorded until the last checkpoint is written: a repeated SIGTERM must not cut it short.
         with StopRequests() as stops:
             try:

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from .cache import CacheError, ShardWriter
 from .config import Config
 from .data import RealImages, load_real_images
+from .devices import make_current
 from .generate import VariationGenerator, make_generator
 from .ring import ProducerPort
 
@@ -197,6 +198,7 @@ def worker_main(spec: WorkerSpec, failures: Connection) -> None:
     error is logged with its traceback (the worker's log, or stderr) and sent to the pool as
     (ready, message); the process then exits with status 1, without a second traceback."""
     _die_with_parent()
+    make_current(spec.device)  # first: nothing may open a context on cuda:0, a trainer's GPU
     _setup_logging(spec)
     # tqdm's default lock is a multiprocessing semaphore, for bars shared between processes, which
     # workers never draw (diffusers creates a disabled bar per call); a worker killed by SIGKILL would

@@ -109,3 +109,24 @@ def test_the_trainer_gives_ring_slots_back_before_the_step(tmp_path, no_leaked_s
         assert ring.header.trainer_pos == 8  # the trainers have asked for this batch's positions
     finally:
         ring.close()
+
+
+def test_the_worker_thread_makes_the_training_device_current_before_its_first_step(monkeypatch) -> None:
+    """The current CUDA device is per thread and starts at cuda:0: a rank's pipeline thread that did not
+    set it would open a context on rank 0's GPU. (No GPU here: the call into torch.cuda is recorded.)"""
+    events = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: events.append(("set_device", str(device),
+                                                                                 threading.current_thread().name)))
+
+    def prepare(step: int) -> Prepared:
+        events.append(("prepare", step, threading.current_thread().name))
+        return made(step)
+
+    pipeline = Prefetcher(prepare, 0, 2, 2, threading.Event(), torch.device("cuda:3"))
+    try:
+        pipeline.next()
+        pipeline.next()
+    finally:
+        pipeline.close()
+    assert events[0] == ("set_device", "cuda:3", "onlinemix-prefetch")
+    assert [e[0] for e in events[1:]] == ["prepare", "prepare"]

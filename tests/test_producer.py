@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 import torch
 
+from onlinemix import worker as worker_module
 from onlinemix.config import Config, load_config
 from onlinemix.data import load_real_images
 from onlinemix.generate import make_generator
 from onlinemix.metrics import RunMetrics
-from onlinemix.producer import ProducerPool
+from onlinemix.producer import OnlineJob, ProducerPool
 from onlinemix.ring import PairRing, S, TrainerPort
 from onlinemix.schedule import EpochSchedule, variation_seed
-from onlinemix.worker import WorkerDied
+from onlinemix.worker import WorkerDied, WorkerSpec, worker_main
 
 from conftest import assert_same_variation
 
@@ -149,3 +150,25 @@ def test_dead_producer_is_restarted_until_the_budget_is_spent(cfg: Config, tmp_p
     finally:
         pool.stop()
         ring.close()
+
+
+def test_a_worker_makes_its_device_current_before_anything_else(cfg: Config, monkeypatch) -> None:
+    """Before its log, its data or its generator: diffusers' xformers probe allocates on the current
+    device, which is cuda:0 (a trainer's GPU) until set. (No GPU here: the call into torch.cuda is
+    recorded and ends the worker there.)"""
+    class Selected(BaseException):
+        pass
+
+    calls = []
+
+    def set_device(device) -> None:
+        calls.append(f"set_device {device}")
+        raise Selected
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(worker_module, "_die_with_parent", lambda: calls.append("die_with_parent"))
+    monkeypatch.setattr(worker_module, "_setup_logging", lambda spec: calls.append("logging"))
+    spec = WorkerSpec(0, cfg, "cuda:2", os.getpid(), None, OnlineJob("unused", 32, 0, 1, 0))
+    with pytest.raises(Selected):
+        worker_main(spec, None)
+    assert calls == ["die_with_parent", "set_device cuda:2"]

@@ -23,6 +23,8 @@ on top of that.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import triton
 import triton.language as tl
@@ -255,6 +257,12 @@ def augment_views_triton(images: torch.Tensor, params: ViewParams,
         raise ValueError(f"{images.shape[0]} images for {params.batch} sets of parameters")
     if dtype not in OUTPUT_DTYPES:
         raise ValueError(f"unsupported output dtype {dtype}; known: {OUTPUT_DTYPES}")
+    # Triton launches on the thread's current CUDA device, whatever the tensors' device: guard it.
+    with torch.cuda.device(images.device) if images.device.type == "cuda" else nullcontext():
+        return _augment(images, params, dtype)
+
+
+def _augment(images: torch.Tensor, params: ViewParams, dtype: torch.dtype) -> torch.Tensor:
     device = images.device
     batch, size = params.batch, params.size
     out = torch.empty(batch, 3, size, size, dtype=dtype, device=device)
