@@ -42,7 +42,7 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 import torch
 
-from .augment import build_transform, multicrop_sizes
+from .augment import ViewRecipe, build_transform, multicrop_sizes
 from .batch_augment import augment_views
 from .buffers import RecycledTensors
 from .compiled_ops import COMPILE_MIN_SIZE, warm_up
@@ -298,6 +298,12 @@ def choose_backend(requested: str, device: torch.device, view_size: int) -> tupl
             return "compiled", f"requested; hue compiled in {warm_up():.1f}s"
         except RuntimeError as e:
             raise ConfigError(f"train.augment_backend=compiled: {e} (use torch)") from e
+    if requested == "triton":
+        problem = triton_problem(device)
+        if problem is not None:
+            raise ConfigError(f"train.augment_backend=triton: the Triton kernels cannot make views here ({problem}); "
+                              "use torch or auto")
+        return "triton", "requested; a trial launch matched the torch backend"
     if requested != "auto":
         return requested, "requested"
     if device.type == "cpu":
@@ -309,11 +315,33 @@ def choose_backend(requested: str, device: torch.device, view_size: int) -> tupl
             return "torch", f"auto: on the CPU, and {e}"
     if device.type != "cuda":
         return "torch", f"auto: training on {device.type}, where the Triton kernels do not run"
+    problem = triton_problem(device)
+    if problem is not None:
+        return "torch", f"auto: the Triton kernels cannot make views here ({problem})"
+    return "triton", "auto: training on CUDA; a trial launch matched the torch backend"
+
+
+TRIAL_RECIPE = ViewRecipe(blur_p=0.5, solarize_p=0.5)  # every kernel and every colour operation
+TRIAL_TOLERANCE = 1e-3  # the kernels match the torch backend to about 2e-5 in float32
+
+
+def triton_problem(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot make views on ``device``, or None. Triton compiles at the first launch,
+    with a C compiler, libcuda and ptxas: one launch on a small batch here, checked against the torch
+    backend, finds a missing piece before training instead of at step 0 in the input-pipeline thread."""
     try:
-        import onlinemix_kernels.augment  # noqa: F401
-    except Exception as e:  # ImportError, or a Triton that cannot compile here
-        return "torch", f"auto: the Triton kernels do not load ({e.__class__.__name__}: {e})"
-    return "triton", "auto: training on CUDA"
+        from onlinemix_kernels.augment import augment_views_triton
+
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (8, 3, 24, 24), dtype=torch.uint8, generator=generator)
+        params = sample_view_params(TRIAL_RECIPE, len(images), 24, 24, 16, generator)
+        ours = augment_views_triton(images.to(device), params, torch.float32).cpu()
+        error = float((ours - augment_views(images, params)).abs().max())
+    except Exception as e:  # ImportError, no driver, no compiler, a failed compilation
+        return f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if not error <= TRIAL_TOLERANCE:
+        return f"a trial launch differs from the torch backend by {error:.3g}"
+    return None
 
 
 def make_backend(name: str, device: torch.device, seed: int) -> ViewBackend:

@@ -155,6 +155,16 @@ def test_backend_choice() -> None:
         choose_backend("compiled", torch.device("cuda"), 224)
     backend, why = choose_backend("auto", cpu, 224)  # compiles hue (seconds, once per process)
     assert backend == "compiled" and "hue compiled in" in why
+
+
+def test_auto_falls_back_to_torch_when_a_triton_launch_fails_and_says_why() -> None:
+    """Triton compiles at its first launch, which fails without a driver, compiler or ptxas: found by a
+    trial launch when the backend is chosen (here: no CUDA driver at all), not at step 0."""
+    backend, why = choose_backend("auto", torch.device("cuda"), 224)
+    assert backend == "torch" and why.startswith("auto: the Triton kernels cannot make views here (RuntimeError: ")
+    with pytest.raises(ConfigError, match=r"train.augment_backend=triton: the Triton kernels cannot make views here "
+                                          r"\(RuntimeError: .*\); use torch or auto"):
+        choose_backend("triton", torch.device("cuda"), 224)
     assert isinstance(make_backend("torchvision", torch.device("cpu"), 0), PerImageViews)
 
 

@@ -95,3 +95,10 @@ def test_wrong_inputs_are_refused() -> None:
         augment_views_triton(torch.zeros(1, 3, 8, 8, device=DEVICE), params)
     with pytest.raises(ValueError, match="dtype"):
         augment_views_triton(torch.zeros(1, 3, 8, 8, dtype=torch.uint8, device=DEVICE), params, torch.int8)
+
+
+def test_the_trial_launch_that_chooses_triton_passes_where_the_kernels_run() -> None:
+    """What ``train.augment_backend`` runs before choosing the kernels (here on the interpreter's CPU)."""
+    from onlinemix.views import triton_problem
+
+    assert triton_problem(torch.device("cpu")) is None
