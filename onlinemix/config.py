@@ -193,6 +193,10 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "complete checkpoints kept in the run directory, the newest; older ones are "
                                 "deleted once a newer one is complete; 0 = keep all", low=0, high=1_000_000)
     log_every: int = opt(10, "write a metrics line every N steps", low=1)
+    collective_timeout_s: float = opt(3600.0, "how long a rank waits in a collective (NCCL, gloo) before the job is "
+                                      "declared hung; above the longest work one rank does alone (the kNN probe "
+                                      "over the training split, a checkpoint save): NCCL's own default is 600",
+                                      low=60.0)
 
 
 @dataclass

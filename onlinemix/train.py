@@ -36,12 +36,13 @@ import threading
 import time
 from collections import Counter
 from contextlib import ExitStack, nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -447,7 +448,9 @@ def run(argv: list[str] | None = None) -> dict | None:
     args, overrides = parse_args(argv)
     cfg, resume = resolve_config(args, overrides)  # every config error surfaces here, before anything starts
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=chosen_tracker(cfg.report_to),
-                              project_dir=cfg.output_dir)  # the tracker's directory: the run's (start_tracking)
+                              project_dir=cfg.output_dir,  # the tracker's directory: the run's (start_tracking)
+                              kwargs_handlers=[InitProcessGroupKwargs(
+                                  timeout=timedelta(seconds=cfg.train.collective_timeout_s))])
     synthetic = needs_synthetic_views(cfg)
     online = synthetic and not cfg.offline  # producers and a ring
     problem = unwritable_reason(Path(cfg.output_dir))
