@@ -25,7 +25,7 @@ from onlinemix.data.__main__ import main
 from onlinemix.data.decode import load_image_folder
 from onlinemix.data.sources import array_source
 from onlinemix.data.store import ImageStore, StoreError, check_resolution, file_crc32, verify_store
-from onlinemix.data.prepare import PrepareError, Settings, prepare
+from onlinemix.data.prepare import PrepareError, Settings, pool_start_method, prepare
 from onlinemix.train import main as train_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -552,3 +552,18 @@ def test_prepare_into_a_file_is_refused_with_one_line(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(PrepareError, match=f"--out {blocker} cannot hold a store \\(it is a file, not a directory\\)"):
         prepare("digits", blocker, Settings(size=8), workers=1, progress=False)
+
+
+def test_prepare_spawns_its_workers_once_a_process_group_is_up(tmp_path: Path) -> None:
+    """A training run prepares its store after CUDA and NCCL started; a forked child of those can
+    deadlock. A gloo group stands in for them here (CUDA cannot start without a GPU)."""
+    assert pool_start_method() == "fork"
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                                         world_size=1)
+    try:
+        assert pool_start_method() == "spawn"
+        prepare(array_source("synthetic", np.zeros((40, 3, 8, 8), np.uint8), np.arange(40) % 2, ["a", "b"], "z"),
+                tmp_path / "spawned", Settings(size=8, chunk_images=20), workers=2, progress=False)  # a pool
+        assert ImageStore.open(tmp_path / "spawned").read([39]).sum() == 0
+    finally:
+        torch.distributed.destroy_process_group()

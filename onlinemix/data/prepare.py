@@ -223,6 +223,16 @@ def build_chunk(root: Path, settings: Settings, task: ChunkTask) -> ChunkResult:
     return ChunkResult(task.index, len(task.images), len(parts), skipped)
 
 
+def pool_start_method() -> str:
+    """fork where it is safe (Linux, in a process that has not started CUDA or a process group): workers start
+    at once and run only Pillow and numpy. A training run prepares its store after CUDA and NCCL are up, and a
+    forked child of those can deadlock on locks their threads held: spawn there."""
+    torch = sys.modules.get("torch")  # not imported: nothing of it started
+    started = torch is not None and (torch.cuda.is_initialized() or (torch.distributed.is_available()
+                                                                     and torch.distributed.is_initialized()))
+    return "fork" if sys.platform == "linux" and not started else "spawn"
+
+
 def run_chunks(tasks: Iterator[ChunkTask], root: Path, settings: Settings, workers: int) -> Iterator[ChunkResult]:
     """Build every task's chunk, in this process (``workers == 1``) or in a pool, yielding each result.
     At most two chunks per worker wait in the pool, so a streamed source never piles up in memory."""
@@ -230,10 +240,8 @@ def run_chunks(tasks: Iterator[ChunkTask], root: Path, settings: Settings, worke
         for task in tasks:
             yield build_chunk(root, settings, task)
         return
-    # fork (Linux): workers start at once and run only Pillow and numpy, nothing fork-unsafe (CUDA is never touched);
-    # frozen objects are skipped by the garbage collector, so the children never copy the parent's source listing
-    context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    gc.freeze()
+    context = mp.get_context(pool_start_method())
+    gc.freeze()  # frozen objects are skipped by the garbage collector: forked children never copy the source listing
     with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker) as pool:
         pending: set[Future] = set()
         try:
