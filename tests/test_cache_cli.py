@@ -382,7 +382,8 @@ def test_warm_with_a_generator_that_cannot_load_ends_with_its_message(dataset: P
     message = run_main("warm", *flags(dataset, tmp_path / "cache", "--generator.model", str(missing)))
     assert isinstance(message, str) and "warm worker 0 (pid " in message
     assert "failed before it was ready, so it is not restarted (traceback above): " in message
-    assert message.endswith(f'"{missing}" is neither a valid local path nor a valid repo id. Please check the parameter.')
+    assert message.endswith(f"generator.model {missing}: no such directory (a local model is a directory with "
+                            "model_index.json; a hub id looks like lambdalabs/sd-image-variations-diffusers)")
 
 
 @pytest.mark.parametrize("stop,status", [(KeyboardInterrupt, 130), (Terminated, 143)])

@@ -174,9 +174,12 @@ def complete(run_dir: Path, step: int, saved_at: float) -> Path:
 def test_resume_chooses_the_newest_complete_checkpoint_and_skips_incomplete_ones(tmp_path: Path, caplog) -> None:
     run_dir = tmp_path / "r"
     run_dir.mkdir()
-    (run_dir / "config.yaml").write_text("{}")
     with pytest.raises(CheckpointError, match=r"--resume auto: no complete checkpoint in .*r; start the run without"):
-        resume_point("auto", tmp_path, "r")
+        resume_point("auto", tmp_path, "r")  # it never started training
+    (run_dir / "config.yaml").write_text("{}")
+    assert resume_point("auto", tmp_path, "r") == (run_dir, None)  # it did, and saved nothing: from step 0
+    with pytest.raises(CheckpointError, match=r"--resume auto: no complete checkpoint in any run directory"):
+        resume_point("auto", tmp_path, "")
     older = complete(run_dir, 4, saved_at=100.0)
     newer = complete(run_dir, 2, saved_at=200.0)  # resumed from an older one: newest by time, not by step
     (run_dir / "checkpoints" / "step-9").mkdir()  # no marker: cut short

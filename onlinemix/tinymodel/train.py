@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..config import DataConfig
 from ..data import split_ids
 from ..data.decode import load_digits
-from ..files import write_json
+from ..files import unwritable_reason, write_json
 from ..generate import clip_resize
 from .model import CLIP_SIZE, NATIVE_SIZE, assemble_pipeline, build_components, clip_processor, training_scheduler
 
