@@ -13,7 +13,6 @@ so that bench/ring.py can import this module without importing torch at start-up
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import operator
 import os
 import platform
@@ -253,8 +252,12 @@ def import_pyplot(script: str) -> Any:
 
 
 def has_matplotlib() -> bool:
-    """Whether matplotlib can be imported: it comes with the test and bench extras only."""
-    return importlib.util.find_spec("matplotlib") is not None
+    """Whether matplotlib imports: it comes with the test and bench extras only."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def save_figure(fig: Any, path: Path) -> None:
