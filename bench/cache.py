@@ -14,8 +14,8 @@ For each resolution R, N synthetic images (``--mib`` of raw pixels) are
   (``onlinemix.cache.transfer.variation_sample``, the export format of raw shards; tars fsynced too);
 * read back: the cache through ``CacheReader.take`` in random id order, ``--take-batch`` ids a call as a
   trainer batch asks (JPEGs decoded in one batched call on --device: nvJPEG on a GPU, as a trainer's
-  reader does), each image copied into a batch buffer on the CPU, with and without CRC verification; the tars sequentially (tar has no random access) through
-  ``webdataset.WebDataset`` with the PNGs decoded. Each read runs cold-ish (the files' pages dropped
+  reader does), each image copied into a batch buffer on the CPU, with and without CRC verification; the
+  tars sequentially (tar has no random access) through ``webdataset.WebDataset`` with the PNGs decoded. Each read runs cold-ish (the files' pages dropped
   with ``posix_fadvise(DONTNEED)`` first) and warm (again, from the page cache);
 * compared with the trainer's consumption rate measured in the same run: one trainer step on
   --device (``bench/throughput.py``'s ``bench_training``: the product's ``Trainer.augment`` of both views +

@@ -40,7 +40,7 @@ KILL_GRACE_S = 5.0
 PASS, MISS, FAIL = "PASS", "MISS", "FAIL"
 REPORT = "gpu_check.json"
 KERNEL_CASES = 13  # tests/triton_cases.py's cases at least (tests/test_triton_augment.py counts the same)
-GiB = 2**30
+MiB = 2**20
 
 
 @dataclass(frozen=True)
@@ -253,17 +253,23 @@ def judge_augment(out: Path) -> Verdict:
     return judge_targets([t for t in res["targets"] if t["name"].startswith("GPU")], figure)
 
 
+def generate_row_figure(r: dict[str, Any]) -> str:
+    """One bench/generate.py row: dtype, attention, then images/s and peak memory, or why it did not run."""
+    if r["status"] != "ok":
+        return f"{r['dtype']} {r['attention']}: {r['status']}"
+    regenerated = f", {r['retries']} regenerated" if r["retries"] else ""
+    return (f"{r['dtype']} {r['attention']}: {r['img_s']:.2f} img/s, {r['peak_mem_bytes'] / MiB:,.0f} MiB peak"
+            f"{regenerated}")
+
+
 def judge_generate(name: str) -> Callable[[Path], Verdict]:
     """bench/generate.py's rows in ``name``: each one's images/s and peak memory; a row that errored fails."""
     def judge_rows(out: Path) -> Verdict:
         rows = read_json(out / name)["rows"]
-        parts = [f"{r['dtype']} {r['attention']}: " + (f"{r['img_s']:.2f} img/s, {r['peak_mem_bytes'] / GiB:.1f} GiB"
-                                                       + (f", {r['retries']} regenerated" if r["retries"] else "")
-                                                       if r["status"] == "ok" else r["status"])
-                 for r in rows]
         errors = [r["reason"] for r in rows if r["status"] == "error"]
         ok = any(r["status"] == "ok" for r in rows) and not errors
-        return Verdict(PASS if ok else FAIL, "; ".join(parts), "; ".join(errors)[:300] or ("" if ok else "no row ran"))
+        return Verdict(PASS if ok else FAIL, "; ".join(generate_row_figure(r) for r in rows),
+                       "; ".join(errors)[:300] or ("" if ok else "no row ran"))
     return judge_rows
 
 
@@ -313,7 +319,8 @@ def gpu_steps(out: Path, python: str = sys.executable) -> list[Step]:
              (out / "triton-kernels.xml",), env={"TRITON_INTERPRET": None}),
         Step("augment", (*bench("augment"), "--device", "cuda", "--dtype", "fp32", "--resolutions", "224",
                          "--batches", "256", "--recipes", "mixdiff_real,mixdiff_synthetic", "--repeats", "3",
-                         "--torchvision-images", "8", "--torchvision-seconds", "0.5", "--out", str(out / "augment.json")),
+                         "--torchvision-images", "8", "--torchvision-seconds", "0.5",
+                         "--out", str(out / "augment.json")),
              35, "triton >= 150,000 views/s and >= 3x torch (224 px, batch 256, fp32 as training)", judge_augment,
              (out / "augment.json",)),
         Step("generate", (*bench("generate"), "--full-size", "--device", "cuda", "--dtypes", "fp16", "--attentions",
