@@ -119,9 +119,9 @@ def step_env(step: Step) -> dict[str, str]:
 
 
 def last_line(path: Path) -> str:
-    """The last non-blank line of a log: a failed step's error, mostly."""
+    """The last non-blank line of a log (a failed step's error, mostly), or "" for an empty log."""
     text = path.read_text(errors="replace") if path.is_file() else ""
-    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "no output")
+    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
 
 
 def judge(step: Step, out: Path, returncode: int, timed_out: bool, log: Path) -> Verdict:
@@ -134,7 +134,8 @@ def judge(step: Step, out: Path, returncode: int, timed_out: bool, log: Path) ->
     if timed_out:
         return Verdict(FAIL, verdict.figure, f"killed at its limit of {step.limit_s:g}s")
     if returncode != 0:
-        return Verdict(FAIL, verdict.figure, f"exit status {returncode}: {last_line(log)}")
+        why = last_line(log) or verdict.reason or "no output"
+        return Verdict(FAIL, verdict.figure, f"exit status {returncode}: {why}")
     return verdict
 
 
@@ -212,10 +213,12 @@ def judge_env(out: Path) -> Verdict:
     if not info["gpus"]:
         return Verdict(FAIL, f"torch {info['torch']['version']}, no GPU", "the environment report sees no GPU")
     gpu = info["gpus"][0]
-    return Verdict(PASS, f"{gpu['name']} ({gpu['memory_gib']} GiB), torch {info['torch']['version']}, "
-                         f"Triton kernels {'load' if info['triton_kernels']['load'] else 'do not load'}, "
-                         f"attention auto: {info['attention_auto']}, views auto: "
-                         f"{info['view_backend_auto']['backend']}")
+    figure = (f"{gpu['name']} ({gpu['memory_gib']} GiB), torch {info['torch']['version']}, "
+              f"Triton kernels {'load' if info['triton_kernels']['load'] else 'do not load'}, "
+              f"attention auto: {info['attention_auto']}, views auto: {info['view_backend_auto']['backend']}")
+    if info["conflicts"]:
+        return Verdict(FAIL, figure, "; ".join(info["conflicts"]))
+    return Verdict(PASS, figure)
 
 
 def judge_kernel_cases(out: Path) -> Verdict:

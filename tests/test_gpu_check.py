@@ -134,3 +134,26 @@ def test_gpu_check_stops_at_once_without_a_gpu(tmp_path: Path) -> None:
     assert proc.stderr.strip() == ("gpu_check: no CUDA device is visible (torch.cuda.is_available() is False; "
                                    "CUDA_VISIBLE_DEVICES=): run it on a machine with a GPU")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("counts, status", [({"tests": 13}, PASS), ({"tests": 13, "skipped": 13}, FAIL),
+                                            ({"tests": 13, "failures": 1}, FAIL), ({"tests": 5}, FAIL)])
+def test_kernel_cases_pass_only_when_every_case_ran_and_passed(tmp_path: Path, counts: dict, status: str) -> None:
+    """Skipped cases (no triton) or too few are no check of the kernels."""
+    attributes = " ".join(f'{k}="{v}"' for k, v in counts.items())
+    (tmp_path / "triton-kernels.xml").write_text(f'<testsuites><testsuite name="pytest" {attributes}/></testsuites>')
+    assert gpu_check.judge_kernel_cases(tmp_path).status == status
+
+
+def generate_row(attention: str, status: str) -> dict:
+    return {"dtype": "fp16", "attention": attention, "status": status, "reason": f"{attention} {status}",
+            "img_s": 2.5, "peak_mem_bytes": 3 * 2**30, "retries": 0}
+
+
+def test_a_generator_row_that_errors_fails_and_an_unavailable_backend_does_not(tmp_path: Path) -> None:
+    path = tmp_path / "generate.json"
+    judge = gpu_check.judge_generate("generate.json")
+    path.write_text(json.dumps({"rows": [generate_row("sdpa", "ok"), generate_row("xformers", "unavailable")]}))
+    assert judge(tmp_path) == Verdict(PASS, "fp16 sdpa: 2.50 img/s, 3,072 MiB peak; fp16 xformers: unavailable")
+    path.write_text(json.dumps({"rows": [generate_row("sdpa", "error"), generate_row("xformers", "ok")]}))
+    assert judge(tmp_path).status == FAIL and judge(tmp_path).reason == "sdpa error"
