@@ -314,7 +314,7 @@ def gpu_steps(out: Path, python: str = sys.executable) -> list[Step]:
     """The checks, in order, with limits adding up to well under 8 minutes with the kill grace."""
     bench = lambda script: (python, f"bench/{script}.py")  # noqa: E731
     return [
-        Step("env", (python, "-m", "onlinemix", "env", "--json"), 15, "a GPU visible, no shadowed package",
+        Step("env", (python, "-m", "onlinemix", "env", "--json"), 30, "a GPU visible, no shadowed package",
              judge_env, (out / "env.json",), stdout="env.json"),
         Step("triton-kernels", (python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/triton_cases.py",
                                 f"--junitxml={out / 'triton-kernels.xml'}"), 60,

@@ -112,7 +112,7 @@ def test_a_step_gets_its_environment_and_its_stdout_file(tmp_path: Path) -> None
 def test_the_step_limits_fit_the_eight_minutes() -> None:
     steps = gpu_check.gpu_steps(Path("/out"))
     worst = sum(s.limit_s + gpu_check.KILL_GRACE_S for s in steps)
-    assert worst <= 420, worst  # with room for the install check and start-up, under 480 s
+    assert worst <= 430, worst  # with the install check and start-up, under 480 s
     assert len({s.name for s in steps}) == len(steps)
 
 
