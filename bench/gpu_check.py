@@ -83,7 +83,9 @@ def signal_group(pgid: int, sig: signal.Signals) -> None:
 
 def wait_or_kill(proc: subprocess.Popen, limit_s: float, grace_s: float) -> bool:
     """Wait for ``proc`` up to ``limit_s``; past it, SIGTERM its group and SIGKILL it after ``grace_s``.
-    What the step left running in its group is killed either way. True when it ran past its limit."""
+    What the step left running in its group is killed either way; a process the kill cannot reach at once
+    (in a driver call in uninterruptible sleep) is left after another ``grace_s``, with no exit status, so
+    that the check goes on. True when it ran past its limit."""
     try:
         proc.wait(timeout=limit_s)
         timed_out = False
@@ -95,7 +97,10 @@ def wait_or_kill(proc: subprocess.Popen, limit_s: float, grace_s: float) -> bool
         except subprocess.TimeoutExpired:
             pass
     signal_group(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
     return timed_out
 
 
@@ -158,12 +163,10 @@ def run_step(step: Step, out: Path, grace_s: float = KILL_GRACE_S) -> dict[str, 
             "command": " ".join(step.command)}
 
 
-def write_report(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]], finished: bool) -> Path:
+def write_report(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]], finished: bool) -> None:
     """OUT/gpu_check.json: the machine, every row so far, the failed steps, and whether every step ran."""
-    path = out / REPORT
-    write_json(path, {"meta": meta, "finished": finished, "steps": rows,
-                      "failed": [r["step"] for r in rows if r["status"] == FAIL]})
-    return path
+    write_json(out / REPORT, {"meta": meta, "finished": finished, "steps": rows,
+                              "failed": [r["step"] for r in rows if r["status"] == FAIL]})
 
 
 def run_steps(steps: Sequence[Step], out: Path, meta: dict[str, Any], grace_s: float = KILL_GRACE_S
