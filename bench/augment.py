@@ -20,7 +20,8 @@ Recipes (crop bound 0.08, as registered): MixDiff's real branch (blur on every v
 branch (solarisation), DINO + MixDiff multi-crop (2 globals at R, 8 locals at 3/7 R; every crop counts as
 a view), and the resize-only no-augmentation ablation. Sources are R x R uint8 images, as the ring holds
 them. Rates are views per second over the median of --repeats timed calls after one warm-up call;
-outputs are float32 on the CPU and bfloat16 on CUDA. On the CPU torch runs one thread (per-core rates).
+outputs are in --dtype (default float32, the dtype training's views have on every backend). On the
+CPU torch runs one thread (per-core rates).
 The CPU targets compare what `auto` runs (torch, or compiled at 224 px) with torchvision.
 """
 
@@ -63,6 +64,7 @@ GPU_SPEEDUP = 3.0        # triton >= this x the torch backend on the same GPU
 GPU_VIEWS_S = 150_000    # triton views/s at 224 on the MixDiff recipes
 TARGET_RESOLUTION = 224
 MIXDIFF = ("mixdiff_real", "mixdiff_synthetic")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def recipe_specs(name: str, resolution: int) -> tuple[ViewSpec, ...]:
@@ -97,6 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torchvision-seconds", type=float, default=None,
                    help=f"longest timed torchvision call, seconds, above the fewest images "
                         f"{q('torchvision_seconds')}")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                   help="output dtype of the torch, compiled and Triton backends (default fp32: what training's "
+                        "views are; torchvision per image always gives fp32)")
     p.add_torch_flags("They run the torch backend; torchvision per image always runs on the CPU.")
     args = p.parse(argv)
     args.resolutions = int_list(p, "--resolutions", args.resolutions)
@@ -192,7 +197,7 @@ def auto_backend(resolution: int, rates: dict[str, float | None]) -> str:
 
 def measure(args: argparse.Namespace, device: torch.device, compiled: Callable | None) -> list[dict]:
     triton = triton_backend()
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = DTYPES[args.dtype]
     rows = []
     bar = tqdm(total=len(args.resolutions) * len(args.batches) * len(args.recipes), dynamic_ncols=True)
     for resolution in args.resolutions:
@@ -209,7 +214,7 @@ def measure(args: argparse.Namespace, device: torch.device, compiled: Callable |
                              batched_run(specs, dev_sources, compiled, dtype), device, args.repeats),
                          "triton": None if triton is None else views_per_second(
                              batched_run(specs, {b: x.to("cuda") for b, x in cpu_sources.items()}, triton,
-                                         torch.bfloat16), torch.device("cuda"), args.repeats)}
+                                         dtype), torch.device("cuda"), args.repeats)}
                 auto = auto_backend(resolution, rates)
                 rows.append({"recipe": recipe, "resolution": resolution, "batch": batch,
                              "views_per_image": len(specs), "views_s": rates, "auto": auto,
@@ -253,6 +258,7 @@ def format_row(r: dict) -> str:
 def format_report(res: dict) -> str:
     m = res["meta"]
     lines = [f"device      {m['device_name']} ({m['device']}, {m['threads']} torch threads), {m['date']}",
+             f"dtype       {res['config']['dtype']} views from the torch, compiled and Triton backends",
              load_line(m), ""]
     lines += [format_row(r) for r in res["rows"]]
     lines.append(f"compiled    {m['compiled']}")
@@ -294,6 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "threads": torch.get_num_threads(), "torch": torch.__version__, "compiled": compiled_status,
                  **run_meta(load_before, other_cores_since(before), args.quick, "bench/augment.py", argv)},
         "config": {"resolutions": args.resolutions, "batches": args.batches, "recipes": args.recipes,
+                   "dtype": args.dtype,
                    "repeats": args.repeats, "torchvision_images": args.torchvision_images,
                    "torchvision_seconds": args.torchvision_seconds},
         "rows": rows,

@@ -3,6 +3,7 @@
     python bench/cache.py                  # resolutions 32 (bundled digits), 224, 256 and 512
     python bench/cache.py --quick          # seconds; what tests/test_bench_cache.py runs
     python bench/cache.py --resolutions 224 --mib 512 --jpeg-quality 90
+    python bench/cache.py --device cuda --resolutions 224     # JPEG decode with nvJPEG, the trainer on the GPU
 
 The cache stores the synthetic side of each pair (the real image is read from the image store by id).
 For each resolution R, N synthetic images (``--mib`` of raw pixels) are
@@ -12,12 +13,12 @@ For each resolution R, N synthetic images (``--mib`` of raw pixels) are
   stored image, fsync of shard and commit record; and as webdataset tar shards of lossless PNGs
   (``onlinemix.cache.transfer.variation_sample``, the export format of raw shards; tars fsynced too);
 * read back: the cache through ``CacheReader.take`` in random id order, ``--take-batch`` ids a call as a
-  trainer batch asks (JPEGs decoded in one batched call, on the CPU here), each image copied into a batch
-  buffer, with and without CRC verification; the tars sequentially (tar has no random access) through
-  ``webdataset.WebDataset`` with the PNGs decoded. Each read runs cold-ish (the files' pages dropped
+  trainer batch asks (JPEGs decoded in one batched call on --device: nvJPEG on a GPU, as a trainer's
+  reader does), each image copied into a batch buffer on the CPU, with and without CRC verification; the
+  tars sequentially (tar has no random access) through ``webdataset.WebDataset`` with the PNGs decoded. Each read runs cold-ish (the files' pages dropped
   with ``posix_fadvise(DONTNEED)`` first) and warm (again, from the page cache);
-* compared with the trainer's consumption rate measured in the same run: one trainer step on the
-  CPU (``bench/throughput.py``'s ``bench_training``: the product's ``Trainer.augment`` of both views +
+* compared with the trainer's consumption rate measured in the same run: one trainer step on
+  --device (``bench/throughput.py``'s ``bench_training``: the product's ``Trainer.augment`` of both views +
   ``Trainer.train_step``), real images per second. "read / trainer" above 1 means one reader
   thread feeds more than one trainer rank.
 
@@ -26,7 +27,8 @@ bits per stored pixel, from which the README's disk estimates for ImageNet are c
 Pixels: at 32 px the bundled digits and the stub generator's variations of them (what the default
 cache holds); at larger R random crops of a photograph (matplotlib's sample Grace Hopper), since
 JPEG and PNG sizes and speeds depend on content and digits compress far better than photos.
-On CPU, torch runs one thread (per-core rates, as bench/throughput.py).
+On the CPU, torch runs one thread (per-core rates, as bench/throughput.py); --device defaults to CUDA
+where available.
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ from onlinemix.config import CacheConfig, load_config
 from onlinemix.data import load_real_images
 from onlinemix.generate import make_generator
 
-from common import (RESULTS_DIR, BenchParser, Timer, cpu_name, cpu_snapshot, import_pyplot, load_line,
-                    other_cores_since, results_path, run_meta, save_figure, save_results)
+from common import (RESULTS_DIR, BenchParser, Timer, cpu_name, cpu_snapshot, device_name, import_pyplot, load_line,
+                    other_cores_since, results_path, run_meta, save_figure, save_results, setup_torch)
 from throughput import bench_training
 
 KEY = "bench"
@@ -91,6 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-batch-size", type=int, default=None, help=f"trainer batch {q('train_batch_size')}")
     p.add_argument("--train-steps", type=int, default=None, help=f"timed trainer steps {q('train_steps')}")
     p.add_argument("--train-warmup", type=int, default=None, help=f"untimed trainer steps {q('train_warmup')}")
+    p.add_torch_flags("They run the trainer step and, on a GPU, the JPEG decode.")
     p.add_argument("--dir", type=Path, default=RESULTS_DIR,
                    help="where the temporary cache and tars go (a directory on the disk to measure; removed "
                         "afterwards; default bench/results)")
@@ -158,11 +161,12 @@ def write_cache(root: Path, synthetic: np.ndarray, shard_pairs: int, fmt: str, q
     return seconds
 
 
-def read_cache(root: Path, r: int, take_batch: int, verify: bool, order: np.ndarray) -> float:
-    """Seconds to take every image once, random id order, a trainer batch of ids a call, into a batch buffer."""
+def read_cache(root: Path, r: int, take_batch: int, verify: bool, order: np.ndarray, device: torch.device) -> float:
+    """Seconds to take every image once, random id order, a trainer batch of ids a call, into a batch buffer
+    (JPEGs decoded on ``device``, as a trainer's reader does)."""
     buffer = torch.empty((take_batch, 3, r, r), dtype=torch.uint8)
     t0 = time.perf_counter()
-    reader = CacheReader(root, KEY, r, verify=verify)
+    reader = CacheReader(root, KEY, r, verify=verify, device=device)
     if len(reader) != len(order):
         raise RuntimeError(f"CacheReader sees {len(reader)} of {len(order)} images")
     for start in range(0, len(order), take_batch):
@@ -206,7 +210,8 @@ def read_png(tars: Path, synthetic: np.ndarray) -> tuple[float, bool]:
     return seconds, exact
 
 
-def bench_format(args: argparse.Namespace, root: Path, synthetic: np.ndarray, fmt: str, bar: tqdm) -> dict:
+def bench_format(args: argparse.Namespace, root: Path, synthetic: np.ndarray, fmt: str, device: torch.device,
+                 bar: tqdm) -> dict:
     """Write, read (cold and warm, with and without CRC) and size one cache format; JPEG's loss too."""
     n, r = len(synthetic), synthetic.shape[-1]
     order = np.random.default_rng(r).permutation(n)
@@ -218,7 +223,7 @@ def bench_format(args: argparse.Namespace, root: Path, synthetic: np.ndarray, fm
         bar.set_description(f"R={r}: {fmt} read {name}")
         if name.startswith("cold"):
             drop_page_cache(files)
-        reads[name] = n / read_cache(root, r, args.take_batch, name.endswith("_verify"), order)
+        reads[name] = n / read_cache(root, r, args.take_batch, name.endswith("_verify"), order, device)
     stored = sum(p.stat().st_size for p in (root / KEY).rglob("*") if p.is_file())
     shard_bytes = sum(p.stat().st_size for p in files)
     error = read_back(root, r, n).astype(np.float64) - synthetic
@@ -230,14 +235,14 @@ def bench_format(args: argparse.Namespace, root: Path, synthetic: np.ndarray, fm
             "mean_abs_error": float(np.abs(error).mean())}
 
 
-def bench_resolution(args: argparse.Namespace, r: int, work: Path, bar: tqdm) -> dict:
+def bench_resolution(args: argparse.Namespace, r: int, work: Path, device: torch.device, bar: tqdm) -> dict:
     image_bytes = 3 * r * r
     n = max(args.take_batch, round(args.mib * 2**20 / image_bytes))
     bar.set_description(f"R={r}: pixels")
     real, synthetic = digits_pairs(min(n, 256)) if r == 32 else photo_pairs(r, min(n, 64))
     tile = torch.arange(n) % len(real)
     images = synthetic[tile].numpy()  # (n, 3, R, R): what the cache stores
-    formats = {fmt: bench_format(args, work / f"{fmt}-{r}", images, fmt, bar) for fmt in FORMATS}
+    formats = {fmt: bench_format(args, work / f"{fmt}-{r}", images, fmt, device, bar) for fmt in FORMATS}
 
     tars = work / f"png-{r}"
     tars.mkdir(parents=True)
@@ -256,8 +261,8 @@ def bench_resolution(args: argparse.Namespace, r: int, work: Path, bar: tqdm) ->
 
     bar.set_description(f"R={r}: trainer")
     cfg = load_config(None, {"data.resolution": str(r)})
-    trainer = bench_training(cfg, torch.device("cpu"), real[tile], synthetic[tile], args.train_batch_size,
-                             args.train_steps, args.train_warmup, partial(Timer, torch.device("cpu")), bar)
+    trainer = bench_training(cfg, device, real[tile], synthetic[tile], args.train_batch_size,
+                             args.train_steps, args.train_warmup, partial(Timer, device), bar)
     for path in [*(work / f"{fmt}-{r}" for fmt in FORMATS), tars]:
         shutil.rmtree(path)
     rate = trainer["img_s"]
@@ -293,6 +298,7 @@ def filesystem(path: Path) -> str:
 def format_report(res: dict) -> str:
     m = res["meta"]
     lines = [f"machine     {m['cpu']} ({m['cpu_count']} logical cores), torch threads {m['threads']}",
+             f"device      {m['device_name']} ({m['device']}): the trainer step and the JPEG decode",
              f"disk        {m['filesystem']} (cold reads: pages dropped with posix_fadvise DONTNEED)",
              f"date        {m['date']}", load_line(m), ""]
     head = f"  {'format':<24}{'write':>9}{'cold':>9}{'warm':>9}{'cold/tr':>9}{'warm/tr':>9}{'B/image':>10}"
@@ -335,7 +341,7 @@ def plot(res: dict, path: Path) -> None:
         values += [png["write_s"], png["read_s"]["cold"], png["read_s"]["warm"]]
         colours += ["C2"] * 3
         ax.bar(range(len(values)), values, color=colours)
-        ax.axhline(row["trainer"]["img_s"], color="k", ls="--", label="trainer (1 CPU thread)")
+        ax.axhline(row["trainer"]["img_s"], color="k", ls="--", label=f"trainer ({res['meta']['device']})")
         ax.set_xticks(range(len(values)), labels, fontsize=6, rotation=45, ha="right")
         ax.set_yscale("log")
         ax.set_title(f"R = {row['resolution']}")
@@ -348,8 +354,8 @@ def plot(res: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
-    torch.set_num_threads(1)
-    out = results_path(args.out, "bench/cache.py")
+    device = setup_torch(args.device, args.threads)
+    out = results_path(args.out, "bench/cache.py", device.type)
     out.parent.mkdir(parents=True, exist_ok=True)
     args.dir.mkdir(parents=True, exist_ok=True)
     load_before, before = os.getloadavg()[0], cpu_snapshot()
@@ -357,11 +363,12 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         with tqdm(total=(len(FORMATS) + 1) * len(args.resolutions) + sum(args.train_steps + args.train_warmup
                                                         for _ in args.resolutions), dynamic_ncols=True) as bar:
-            rows = [bench_resolution(args, r, work, bar) for r in args.resolutions]
+            rows = [bench_resolution(args, r, work, device, bar) for r in args.resolutions]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res = {
         "meta": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+                 "device": str(device), "device_name": device_name(device),
                  "filesystem": filesystem(args.dir), "torch": torch.__version__,
                  **run_meta(load_before, other_cores_since(before), args.quick, "bench/cache.py", argv)},
         "config": {"resolutions": args.resolutions, "mib": args.mib, "shard_pairs": args.shard_pairs,

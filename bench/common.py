@@ -240,7 +240,8 @@ def load_line(m: dict[str, Any]) -> str:
 
 
 def import_pyplot(script: str) -> Any:
-    """matplotlib.pyplot on the Agg backend; exits with a hint naming ``script`` when matplotlib is missing."""
+    """matplotlib.pyplot on the Agg backend; exits with a hint naming ``script`` when matplotlib is missing
+    (``save_results`` checks first, and skips the plot with a warning instead)."""
     try:
         import matplotlib
     except ImportError:
@@ -248,6 +249,15 @@ def import_pyplot(script: str) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def has_matplotlib() -> bool:
+    """Whether matplotlib imports: it comes with the test and bench extras only."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def save_figure(fig: Any, path: Path) -> None:
@@ -261,21 +271,27 @@ def save_figure(fig: Any, path: Path) -> None:
 def save_results(res: dict[str, Any], out: Path, plot: Callable[[dict[str, Any], Path], None],
                  report: Callable[[dict[str, Any]], str], t0: float, started: float | None = None, *,
                  gap: bool = False, after_imports: bool = False) -> None:
-    """Plot ``res`` to the PNG next to ``out`` (named in ``res["plot"]``), add the run's wall time since ``t0``
-    (and, when ``started`` is given, the time since then as "measure_s") to its meta, write it as JSON to
-    ``out``, then print ``report(res)`` and where the files went (after a blank line with ``gap``, with the
-    time after imports with ``after_imports``)."""
+    """Add the run's wall time since ``t0`` (and, when ``started`` is given, the time since then as
+    "measure_s") to the meta of ``res``, write it as JSON to ``out``, then plot it to the PNG next to
+    ``out`` (named in ``res["plot"]``; None, with a warning, without matplotlib), then print
+    ``report(res)`` and where the files went (after a blank line with ``gap``, with the time after imports
+    with ``after_imports``). The JSON comes first so that a plot that fails loses no measurement."""
     png = out.with_suffix(".png")
-    plot(res, png)
-    res["plot"] = png.name  # next to the JSON
+    res["plot"] = png.name if has_matplotlib() else None  # next to the JSON
     res["meta"]["wall_s"] = time.perf_counter() - t0
     if started is not None:
         res["meta"]["measure_s"] = time.perf_counter() - started
     write_json(out, res)
+    if res["plot"]:
+        plot(res, png)
+    else:
+        print(f"{res['meta'].get('command', 'bench')}: WARNING: matplotlib is not installed: no plot "
+              f"(pip install matplotlib)", file=sys.stderr)
     print(report(res))
     times = f"{res['meta']['wall_s']:.1f}s in all" + (f", {res['meta']['measure_s']:.1f}s after imports"
                                                       if after_imports else "")
-    print(("\n" if gap else "") + f"wrote {out} and {png}; {times}")
+    written = f"{out} and {png}" if res["plot"] else f"{out}"
+    print(("\n" if gap else "") + f"wrote {written}; {times}")
 
 
 class Timer:

@@ -37,8 +37,25 @@ def test_quick_augment_benchmark_reports_every_rate(tmp_path: Path) -> None:
     assert statuses[0] == "not measured here"  # the 224 px targets: not measured by a 32 px run
     assert statuses[1] in ("PASS", "MISS") and res["targets"][1]["value"] == min(
         r["auto_over_torchvision"] for r in res["rows"])
-    assert res["meta"]["device_name"] and res["meta"]["date"]
+    assert res["meta"]["device_name"] and res["meta"]["date"] and res["config"]["dtype"] == "fp32"
     assert out.with_suffix(".png").stat().st_size > 0
     assert f"{statuses[1]:<17} CPU, one core: auto's backend not slower than torchvision" in proc.stdout
     if not torch.cuda.is_available():
         assert "triton      not measured here" in proc.stdout
+
+
+def test_without_matplotlib_the_json_is_written_and_the_plot_skipped(tmp_path: Path) -> None:
+    """matplotlib is only in the extras: a benchmark without it still saves every measurement."""
+    blocker = tmp_path / "blocked" / "matplotlib"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('matplotlib blocked for this test')\n")
+    out = tmp_path / "a.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--recipes", "no_augmentation",
+                           "--dtype", "bf16", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          cwd=SCRIPT.parent.parent, env={**os.environ, "TQDM_DISABLE": "1",
+                                                         "PYTHONPATH": str(blocker.parent)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["plot"] is None and not out.with_suffix(".png").exists()
+    assert res["config"]["dtype"] == "bf16" and res["rows"][0]["views_s"]["torch"] > 0
+    assert "WARNING: matplotlib is not installed: no plot" in proc.stderr

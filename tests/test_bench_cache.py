@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "cache.py"
 
 
@@ -39,6 +41,7 @@ def test_quick_cache_benchmark_reports_every_rate(tmp_path: Path) -> None:
     assert raw["bits_per_pixel"] >= 24 and jpeg["exact"] is False and 0 < jpeg["psnr_db"] < float("inf")
     assert row["webdataset_png"]["lossless"] is True and res["summary"]["png_lossless"] is True
     assert res["meta"]["filesystem"] and res["meta"]["cpu_count"] >= 1 and res["meta"]["date"]
+    assert res["meta"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert out.with_suffix(".png").stat().st_size > 0
     assert not list(tmp_path.glob(".cache-bench-*"))  # the temporary cache and tars are removed
     assert "R = 32" in proc.stdout and "raw .npy, CRC verify" in proc.stdout and "jpeg .npy, CRC verify" in proc.stdout

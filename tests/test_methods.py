@@ -3,6 +3,7 @@ optimisation step per method, the supervised baseline learning, the trainer's wi
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -273,3 +274,17 @@ def test_recipe_loads_and_has_the_papers_settings(path: Path) -> None:
     for pairing in ("real", "synthetic", "mixing", "sequential"):
         assert load_config(path, {"train.pairing": pairing}).train.pairing == pairing
     assert yaml.safe_load(path.read_text())["train"]["method"] == method
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_states_its_launch_and_a_memory_estimate_that_fits(path: Path) -> None:
+    """The comment's global batch, rank count, launch and memory estimate agree with the recipe's per-rank batch
+    (bench/memory.py measures the estimate); a changed batch without them fails here."""
+    text, cfg = path.read_text(), load_config(path)
+    scale = re.search(r"global batch (\d+) \((\d+) per rank x (\d+) ranks\)", text)
+    glob, per_rank, ranks = map(int, scale.groups())
+    assert per_rank == cfg.train.batch_size and per_rank * ranks == glob
+    assert f"takes {ranks} trainer ranks" in text and f"num_processes {ranks}" in text
+    assert "4+gen_gpus" not in text  # --num_processes counts trainer ranks only
+    gb, batch = map(int, re.search(r"# Memory: about (\d+) GB per trainer rank at (\d+) per rank", text).groups())
+    assert batch == cfg.train.batch_size and gb <= 70  # 10 GB of an 80 GB GPU left for context and allocator
