@@ -55,7 +55,8 @@ class RunMetrics:
                 "checksum_errors": self.port.checksum_errors, "generated": self.port.generated,
                 "evicted_unserved": self.port.evicted_unserved, "producer_busy_s": self.port.busy_s,
                 "producer_restarts": self.pool.restarts if self.pool else 0,
-                "producer_stalls": self.pool.stalls if self.pool else 0, "generated_per_s": self.producer_rate()}
+                "producer_stalls": self.pool.stalls if self.pool else 0,
+                "producer_notices": len(self.pool.notices) if self.pool else 0, "generated_per_s": self.producer_rate()}
 
     def record(self, step: int, epoch: int, stats: dict[str, float], data_wait_s: float, write: bool,
                **values: float) -> None:
@@ -127,7 +128,7 @@ class RunMetrics:
                 "producer_images_per_s": self.producer_rate() if self.port else None,
                 "generated": self.port.generated - self._generated0 if self.port else 0, "views": dict(self.totals),
                 "data_wait_s": run["data_wait_s"], "data_wait_share": run["data_wait_s"] / max(run["step_s"], 1e-9),
-                "view_wait_s": run["wait_s"]}
+                "view_wait_s": run["wait_s"], "notices": list(self.pool.notices) if self.pool else []}
 
     def _write(self, row: dict, prefix: str = "") -> None:
         self.file.write(json_text(row) + "\n")

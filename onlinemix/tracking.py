@@ -67,4 +67,5 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  waiting      {summary['data_wait_s']:.1f}s for input ({100 * summary['data_wait_share']:.0f}% of the "
         f"steps' time); the input pipeline waited {summary['view_wait_s']:.1f}s for missing views",
         f"  checkpoint   {summary['checkpoint']}",
+        *(f"  notice       {notice}" for notice in summary.get("notices", [])),
     ])

@@ -116,13 +116,17 @@ class CacheSink:
     def __init__(self, writer: ShardWriter, required: bool) -> None:
         self.writer = writer
         self.required = required
+        self._reported = False
 
     def put(self, pairs: Pairs) -> None:
         w = pairs.work
         for i in range(len(w.ids)):
             self.writer.add(int(w.ids[i]), w.seeds[i], int(w.epochs[i]), pairs.synthetic[i])
-        if self.required and self.writer.disabled:
+        if self.writer.disabled and self.required:
             raise CacheError(f"cache {self.writer.dir} stopped accepting pairs (see the warning above)")
+        if self.writer.disabled and not self._reported:  # online: the trainer's console and summary say so
+            notify(self.writer.disabled_reason)
+            self._reported = True
 
     def close(self) -> None:
         self.writer.close()
@@ -193,10 +197,22 @@ def error_message(error: BaseException) -> str:
     return " ".join(str(error).split())[:MAX_MESSAGE] or error.__class__.__name__
 
 
-def worker_main(spec: WorkerSpec, failures: Connection) -> None:
+_notices: Connection | None = None  # this worker process's channel for :func:`notify` (set by worker_main)
+
+
+def notify(message: str) -> None:
+    """Tell the pool's process something its user must see though the worker goes on (a cache that stopped
+    accepting pairs): the pool logs it on the trainer's console and keeps it for the run summary."""
+    if _notices is not None:
+        _notices.send(message)
+
+
+def worker_main(spec: WorkerSpec, failures: Connection, notices: Connection | None = None) -> None:
     """Entry point of a worker process (started with SIGINT and SIGTERM ignored: :meth:`WorkerPool._start`). An
     error is logged with its traceback (the worker's log, or stderr) and sent to the pool as
     (ready, message); the process then exits with status 1, without a second traceback."""
+    global _notices
+    _notices = notices
     _die_with_parent()
     make_current(spec.device)  # first: nothing may open a context on cuda:0, a trainer's GPU
     _setup_logging(spec)
@@ -238,14 +254,16 @@ class WorkerPool:
         self.max_restarts = max_restarts
         self.restarts = 0
         self._ctx = mp.get_context("spawn")
-        # One pipe per worker (kept across its restarts): the worker writes why it failed.
+        # Two pipes per worker (kept across its restarts): why it failed, and what it reports while it goes on.
         self._failures = [self._ctx.Pipe(duplex=False) for _ in specs]
+        self._notices = [self._ctx.Pipe(duplex=False) for _ in specs]
+        self.notices: list[str] = []  # every worker notice so far, "<worker>: <message>"
         self.procs = [self._process(i) for i in range(len(specs))]
 
     def _process(self, i: int) -> mp.process.BaseProcess:
         spec = self.specs[i]
-        return self._ctx.Process(target=worker_main, args=(spec, self._failures[i][1]), daemon=True,
-                                 name=f"onlinemix-{spec.job.kind.replace(' ', '-')}-{spec.index}")
+        return self._ctx.Process(target=worker_main, args=(spec, self._failures[i][1], self._notices[i][1]),
+                                 daemon=True, name=f"onlinemix-{spec.job.kind.replace(' ', '-')}-{spec.index}")
 
     @staticmethod
     def _start(p: mp.process.BaseProcess) -> None:
@@ -276,9 +294,13 @@ class WorkerPool:
         return failure
 
     def check(self) -> None:
-        """Restart workers that died (exited other than cleanly) while the restart budget lasts;
-        then raise :class:`WorkerDied`, naming the worker, how it died and its own error message.
-        A worker that failed before it was ready is not restarted: it would fail the same way."""
+        """Log the workers' notices; restart workers that died (exited other than cleanly) while the
+        restart budget lasts; then raise :class:`WorkerDied`, naming the worker, how it died and its own
+        error message. A worker that failed before it was ready is not restarted: it would fail the same way."""
+        for spec, (reader, _) in zip(self.specs, self._notices, strict=True):
+            while reader.poll():
+                self.notices.append(f"{spec.name}: {reader.recv()}")
+                log.warning("%s", self.notices[-1])
         for i, p in enumerate(self.procs):
             if p.exitcode in (None, 0):
                 continue

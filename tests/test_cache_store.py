@@ -169,7 +169,8 @@ def test_a_full_disk_stops_caching_with_a_warning_and_leaves_no_partial_file(tmp
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
-    assert w.disabled and "training goes on without caching" in caplog.text
+    assert w.disabled and "new pairs are no longer cached" in caplog.text
+    assert w.disabled_reason.startswith(f"cache {tmp_path / KEY}: it cannot be written (")
     write(w, range(128, 192))  # later pairs are dropped quietly, not half-written
     w.close()
     files = [p.name for p in (tmp_path / KEY).rglob("*") if p.is_file()]

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from onlinemix.cache import CacheReader, cache_key
 
-from conftest import run_training
+from conftest import REPO, run_training, train_command
 
 FAST = ["--train.batch-size", "64", "--probe.epochs", "20", "--train.epochs", "1", "--data.resolution", "16",
         "--probe.knn-every", "0"]
@@ -75,3 +77,26 @@ def test_warm_then_offline_is_the_papers_precompute_then_train(tmp_path: Path) -
     row = last_row(tmp_path / "offline")
     assert row["total_disk"] == STEPS * 64 and row["total_fallback"] == 0  # every image was warmed
     assert not list((tmp_path / "offline").glob("producer-*"))
+
+
+def test_a_cache_that_stops_accepting_pairs_is_reported_on_the_console_in_metrics_and_summary(
+        tmp_path: Path, no_leaked_segments) -> None:
+    """Its shards folder replaced by a file once the producer runs: the producer goes on without caching,
+    and the trainer's console, metrics.jsonl and run summary say so (it was in producer-0.log only)."""
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(train_command("--output-dir", str(tmp_path), "--run-name", "r", "--cache.shard-pairs", "8",
+                                          *FAST), cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not (shards := list((tmp_path / "cache").glob("*/shards"))) or not (tmp_path / "r" / "metrics.jsonl").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    shutil.rmtree(shards[0])
+    shards[0].write_text("not a folder")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    said = f"producer 0: cache {shards[0].parent}: it cannot be written (Not a directory); new pairs are no longer cached"
+    assert said in err and said in (tmp_path / "r" / "train.log").read_text()
+    assert f"  notice       {said}" in out
+    assert last_row(tmp_path / "r")["producer_notices"] == 1
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["notices"] == [said]

@@ -213,6 +213,7 @@ class ShardWriter:
         self.name = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns():x}"
         self.sequence = 0
         self.disabled = False
+        self.disabled_reason = ""  # why it stopped accepting pairs, for the trainer's console
         self.committed = 0
         self._pixels = np.empty((shard_pairs if fmt == "raw" else 0, 3, resolution, resolution), dtype=np.uint8)
         self._jpegs: list[np.ndarray] = []
@@ -276,8 +277,8 @@ class ShardWriter:
         self.disabled = True
         self._rows, self._jpegs = [], []
         kind = "the disk is full" if e.errno in DISK_FULL_ERRNOS else "it cannot be written"
-        log.warning("cache %s: %s (%s); training goes on without caching new pairs", self.dir, kind,
-                    e.strerror or e)
+        self.disabled_reason = f"cache {self.dir}: {kind} ({e.strerror or e}); new pairs are no longer cached"
+        log.warning("%s", self.disabled_reason)
 
     def close(self) -> None:
         self.flush()
