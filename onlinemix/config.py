@@ -114,10 +114,12 @@ class RingConfig:
 class StalenessConfig:
     max_reuse: int = opt(4, "times one synthetic view may serve before it is retired", low=1, high=1_000_000)
     max_age: int = opt(4, "epochs after which a synthetic view is too old to serve", low=0, high=1_000_000)
-    policy: str = opt("wait", "what a trainer does when an image has no acceptable synthetic view in the ring: "
-                      "'wait' for a producer (bounded by wait_timeout_s, then as 'cached'), "
-                      "'cached' = at once an older variation from the disk cache, else a real view, "
-                      "'real' = at once a second augmented real view", choices=("wait", "cached", "real"))
+    policy: str = opt("cached", "what a trainer does when an image has no acceptable synthetic view in the ring: "
+                      "'cached' = at once an older variation from the disk cache (cache.enabled), else a real "
+                      "view: never slower than training without generation; 'real' = at once a second augmented "
+                      "real view; 'wait' for a producer (bounded by wait_timeout_s, then as 'cached'), which "
+                      "slows the trainers to the producers' pace when generation is slower than training",
+                      choices=("wait", "cached", "real"))
     wait_timeout_s: float = opt(5.0, "longest a batch waits for missing views under the 'wait' policy",
                                 low=0.0, high=3600.0)
 
@@ -330,9 +332,6 @@ class Config:
             raise ConfigError(f"train.pairing={self.train.pairing} needs at least one producer: gen_gpus=0 is not "
                               "allowed (use offline=true to train from the disk cache, or train.pairing=real for "
                               "plain SSL)")
-        if self.staleness.policy == "cached" and not self.cache.enabled:
-            raise ConfigError("staleness.policy=cached serves variations from the disk cache: it needs "
-                              "cache.enabled=true (or use staleness.policy=real)")
         try:
             [int(x) for x in self.barlowtwins.projector.split("-")]
         except ValueError:

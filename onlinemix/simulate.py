@@ -148,7 +148,7 @@ class DiskCache:
     """The disk cache as the trainers see it: shards committed by each producer's writer, visible after
     the trainers' next index refresh; ``take`` serves the least used, then youngest, variation."""
 
-    def __init__(self, clock: _Clock, producers: int, shard_pairs: int, flush_s: float,
+    def __init__(self, clock: _Clock, images: int, producers: int, shard_pairs: int, flush_s: float,
                  refresh_s: float = CACHE_REFRESH_S) -> None:
         self.clock = clock
         self.shard_pairs = shard_pairs
@@ -160,12 +160,14 @@ class DiskCache:
         self._seen = 0
         self._refreshed = 0.0
         self._variations: dict[int, list[list[float]]] = {}  # id -> [[uses, created, epoch], ...]
+        self._covered = np.zeros(images, dtype=bool)  # by image id: has a variation the trainers can see
         self.served: list[tuple[int, int]] = []  # (image, variation epoch) of the views ``take`` served
 
     def warm(self, ids: np.ndarray, variations: int) -> None:
         """Variations 0 .. ``variations`` - 1 of every image, there before training starts (``cache warm``)."""
         for i in ids.tolist():
             self._variations.setdefault(i, []).extend([0, -math.inf, k] for k in range(variations))
+        self._covered[ids] = True
 
     def add(self, producer: int, work: Work) -> None:
         pending, now = self._pending[producer], self.clock.now
@@ -180,18 +182,22 @@ class DiskCache:
         """Images with at least one variation committed (visible at the trainers' next refresh)."""
         return len(set(self._variations) | {i for i, _, _ in self._committed})
 
+    def _refresh(self) -> None:
+        """The trainers' index refresh: shards committed since the last one become visible."""
+        for i, e, created in self._committed[self._seen:]:
+            self._variations.setdefault(i, []).append([0, created, e])
+            self._covered[i] = True
+        self._seen = len(self._committed)
+        self._refreshed = self.clock.now
+
     def take(self, ids: np.ndarray, missing: np.ndarray, epoch: int, result: TakeResult) -> np.ndarray:
         """Serve the ``missing`` entries of a batch from the cache; fills ``result``'s age and uses."""
         if self.clock.now - self._refreshed > self.refresh_s:
-            for i, e, created in self._committed[self._seen:]:
-                self._variations.setdefault(i, []).append([0, created, e])
-            self._seen = len(self._committed)
-            self._refreshed = self.clock.now
+            self._refresh()
         disk = np.zeros(len(ids), dtype=bool)
-        for j in np.flatnonzero(missing).tolist():
-            candidates = self._variations.get(int(ids[j]))
-            if not candidates:
-                continue
+        rows = np.flatnonzero(missing)
+        for j in rows[self._covered[ids[rows]]].tolist():  # no Python loop over images without a variation
+            candidates = self._variations[int(ids[j])]
             best = min(candidates, key=lambda v: serving_order(*v))
             self.served.append((int(ids[j]), int(best[2])))
             disk[j] = True
@@ -208,7 +214,7 @@ class _Producer:
     def __init__(self, sim: _Run, index: int) -> None:
         self.sim = sim
         self.index = index
-        self.port = producer_port(sim.ring, sim.cfg, sim.schedule.global_batch, index)
+        self.port = producer_port(sim.ring, sim.cfg, sim.schedule.global_batch, sim.producers, index)
         self.work = RingWork(self.port, sim.schedule, sim.cfg)
 
     def turn(self) -> None:
@@ -396,6 +402,7 @@ class _Run:
     schedule: EpochSchedule
     rates: Rates
     total_steps: int
+    producers: int
     clock: _Clock = field(default_factory=_Clock)
 
     def __post_init__(self) -> None:
@@ -407,15 +414,12 @@ class _Run:
 
 
 def simulate(cfg: Config, dataset_size: int, rates: Rates, *, producers: int | None = None, trainers: int = 1,
-             epochs: int | None = None, warm_variations: int = 0, represents: int | None = None) -> Simulation:
+             epochs: int | None = None, warm_variations: int = 0) -> Simulation:
     """Run ``cfg``'s online training of ``dataset_size`` images on a virtual clock.
 
     ``producers`` defaults to ``cfg.gen_gpus``; ``trainers`` ranks of ``cfg.train.batch_size`` make the
     global batch; ``epochs`` defaults to ``cfg.train.epochs``; ``warm_variations`` > 0 starts from a
     cache that holds that many variations of every image (``python -m onlinemix.cache warm``).
-    ``represents``: the ``dataset_size`` images stand for a dataset this large, so the ring's slots (down
-    to what the producers' lead needs) and the cache's commit and refresh delays shrink with it and keep
-    their size next to an epoch (the batches, rates and wait timeout, which act per step, stay).
     """
     producers = cfg.gen_gpus if producers is None else producers
     epochs = cfg.train.epochs if epochs is None else epochs
@@ -427,18 +431,11 @@ def simulate(cfg: Config, dataset_size: int, rates: Rates, *, producers: int | N
     if cfg.ring.slots < needed:
         raise ValueError(f"ring.slots={cfg.ring.slots} cannot hold the global batch ({global_batch}) plus one "
                          f"generator batch per producer: need at least {needed}")
-    scale = max(1.0, (represents or dataset_size) / dataset_size)
-    if scale > 1:
-        # Fewer slots hold pairs for less of an epoch, as the full ring does for the full dataset, but
-        # producers must still reach their lead (positions the trainers pass while a batch is made).
-        lead = (global_batch / rates.step_s) * (cfg.generator.batch_size / rates.gen_pairs_s) * cfg.producer.lead_factor
-        slots = min(cfg.ring.slots, max(needed + math.ceil(lead), round(cfg.ring.slots / scale)))
-        cfg = replace(cfg, ring=replace(cfg.ring, slots=slots))
+    cfg = replace(cfg, train=replace(cfg.train, epochs=epochs))  # producers claim nothing past the last epoch
     schedule = EpochSchedule(np.arange(dataset_size), global_batch, cfg.train.seed)
-    run = _Run(cfg, schedule, rates, epochs * schedule.steps_per_epoch)
+    run = _Run(cfg, schedule, rates, epochs * schedule.steps_per_epoch, producers)
     if cfg.cache.enabled:
-        run.disk = DiskCache(run.clock, producers, cfg.cache.shard_pairs, cfg.cache.flush_s / scale,
-                             CACHE_REFRESH_S / scale)
+        run.disk = DiskCache(run.clock, dataset_size, producers, cfg.cache.shard_pairs, cfg.cache.flush_s)
         if warm_variations:
             run.disk.warm(schedule.train_ids, warm_variations)
     for index in range(producers):
