@@ -132,8 +132,9 @@ class CacheConfig:
                    "empty = <output_dir>/cache")
     shard_pairs: int = opt(256, "pairs per cache shard; a producer commits a shard when it is full or after "
                            "flush_s", low=1, high=1_000_000)
-    flush_s: float = opt(30.0, "commit a partly filled shard after this many seconds, which bounds what a "
-                         "killed producer loses", low=0.0, high=86_400.0)
+    flush_s: float = opt(2.0, "commit a partly filled shard at the end of a producer batch this many seconds "
+                         "after the last commit: pairs of slow generation reach the trainers at their next cache "
+                         "refresh, and a killed producer loses at most this much", low=0.0, high=86_400.0)
     max_gb: float = opt(0.0, "size limit in GB: beyond it the oldest shards are evicted (0 = no limit)",
                         low=0.0, high=1e9)
     min_coverage: float = opt(0.95, "offline mode refuses to start when a smaller fraction of the training "

@@ -11,8 +11,8 @@ the policy's rules from :mod:`onlinemix.pairs` and count with its ``batch_stats`
 What is modelled is time and the disk cache's visibility: a producer's batch takes its pairs divided
 by the generation rate; a trainer step takes ``step_s`` plus any wait for its input; the input
 pipeline makes ``train.prefetch`` batches ahead, ``prepare_s`` each after the lookup; a producer
-commits a cache shard when it holds ``cache.shard_pairs`` pairs or at its first pair after
-``cache.flush_s``; trainers see new shards every ``CACHE_REFRESH_S`` and serve the least used, then
+commits a cache shard when it holds ``cache.shard_pairs`` pairs or at the end of a batch ``cache.flush_s``
+after its last commit; trainers see new shards every ``CACHE_REFRESH_S`` and serve the least used, then
 youngest, variation of an image. All trainer ranks of a node step in lockstep, so they are one
 consumer of the global batch.
 """
@@ -104,6 +104,7 @@ class Simulation:
     evicted_unserved: int   # pairs evicted from the ring before they ever served
     unserved_at_end: int    # pairs still in the ring, never served, when training ended
     disk_images: int = 0    # images with a variation the trainers can read from the disk cache at the end
+    batches: list[tuple[float, float, int]] = field(default_factory=list)  # producer batches: claimed, published, pairs
 
     def total(self) -> EpochResult:
         out = EpochResult(-1)
@@ -116,6 +117,10 @@ class Simulation:
     @property
     def stall_fraction(self) -> float:
         return sum(e.stall_s for e in self.epochs) / max(self.wall_s, 1e-12)
+
+    def generated_by(self, t: float) -> float:
+        """Pairs generated in the first ``t`` seconds, a batch in progress counted in proportion."""
+        return sum(n * min(1.0, max(0.0, (t - start) / max(end - start, 1e-12))) for start, end, n in self.batches)
 
     @property
     def waste_fraction(self) -> float:
@@ -170,13 +175,20 @@ class DiskCache:
         self._covered[ids] = True
 
     def add(self, producer: int, work: Work) -> None:
+        """A producer's batch into its writer (``CacheSink.put``): full shards commit as they fill, a partly
+        filled one at the end of the batch when ``flush_s`` has passed since the last commit."""
         pending, now = self._pending[producer], self.clock.now
         for i, e in zip(work.ids.tolist(), work.epochs.tolist(), strict=True):
             pending.append((i, e, now))
-            if len(pending) == self.shard_pairs or now - self._last_flush[producer] >= self.flush_s:
-                self._committed += pending
-                pending.clear()
-                self._last_flush[producer] = now
+            if len(pending) == self.shard_pairs:
+                self._commit(producer)
+        if now - self._last_flush[producer] >= self.flush_s:
+            self._commit(producer)
+
+    def _commit(self, producer: int) -> None:
+        self._committed += self._pending[producer]
+        self._pending[producer] = []
+        self._last_flush[producer] = self.clock.now
 
     def images(self) -> int:
         """Images with at least one variation committed (visible at the trainers' next refresh)."""
@@ -242,6 +254,7 @@ class _Producer:
         if sim.disk is not None:
             sim.disk.add(self.index, work)
         self.work.done(work, sim.clock.now - started)
+        sim.batches.append((started, sim.clock.now, len(work.ids)))
         self.turn()
 
 
@@ -410,6 +423,7 @@ class _Run:
         self.ring.clock_ns = lambda: round(self.clock.now * 1e9)
         self.pixels = np.zeros((max(self.cfg.generator.batch_size, 1), 3, 1, 1), dtype=np.uint8)
         self.disk: DiskCache | None = None
+        self.batches: list[tuple[float, float, int]] = []
         self.trainer = _Trainer(self)
 
 
@@ -447,4 +461,4 @@ def simulate(cfg: Config, dataset_size: int, rates: Rates, *, producers: int | N
     header = run.ring.header
     disk_images = run.disk.images() if run.disk is not None else 0
     return Simulation(run.trainer.epochs, run.clock.now, header.generated, header.evicted_unserved, unserved,
-                      disk_images)
+                      disk_images, run.batches)

@@ -120,6 +120,7 @@ class CacheSink:
         w = pairs.work
         for i in range(len(w.ids)):
             self.writer.add(int(w.ids[i]), w.seeds[i], int(w.epochs[i]), pairs.synthetic[i])
+        self.writer.flush_due()
         if self.required and self.writer.disabled:
             raise CacheError(f"cache {self.writer.dir} stopped accepting pairs (see the warning above)")
 

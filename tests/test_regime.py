@@ -3,11 +3,16 @@ clock, with the product's own claim, eviction and lookup code (onlinemix.simulat
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
 import pytest
 
+from onlinemix.cache import CacheReader, ShardWriter
 from onlinemix.config import load_config
 from onlinemix.plan import DeviceRates, predict_split
 from onlinemix.simulate import Rates, simulate
+from onlinemix.worker import CacheSink, Pairs, Work
 
 TRAIN_IMG_S = 2400.0  # one trainer device (a ResNet-50 on a GPU)
 IMAGES = 8960         # 70 steps of one default trainer batch (128) an epoch
@@ -68,3 +73,28 @@ def test_the_planner_matches_a_simulation_of_the_whole_run(ratio: float, produce
     assert split.synthetic == pytest.approx((total.fresh + total.cached + total.disk) / total.views, rel=0.05)
     assert split.variations_per_image == pytest.approx(total.new_variations / IMAGES, rel=0.05)
     assert split.throttled == (policy == "wait")
+
+
+def test_a_batch_handed_to_the_cache_is_readable_at_the_trainers_next_refresh(tmp_path) -> None:
+    # Slow generation: a batch of 16 every few seconds, far fewer than a shard's 256 pairs.
+    writer = ShardWriter(tmp_path, "key", {"dataset": "test"}, 4, shard_pairs=256, flush_s=0.05)
+    sink, reader = CacheSink(writer, required=False), CacheReader(tmp_path, "key", 4)
+    images = np.zeros((16, 3, 4, 4), dtype=np.uint8)
+    for batch in range(2):
+        time.sleep(0.06)  # the batch's generation outlasts flush_s
+        ids = np.arange(16 * batch, 16 * batch + 16)
+        sink.put(Pairs(Work(ids, [0] * 16, np.zeros(16, dtype=np.int64), ids), images, images))
+        assert reader.refresh() == 16  # the whole batch, not its first pair only: nothing waits for the next batch
+    assert writer.committed == 32
+
+
+def test_slowly_generated_pairs_reach_the_trainers_from_the_disk_cache_within_a_refresh() -> None:
+    # 1:1000 with one producer: a batch every 6.7 s. Its pairs serve from the ring in the epoch they were made
+    # for, and from the disk cache at any later occurrence of their images, from the next refresh (10 s) on.
+    cfg = config(staleness__max_reuse="1")
+    sim = run(cfg, 1000, producers=1, trainers=1, epochs=12)
+    made = [end for _, end, _ in sim.batches]
+    epoch_s = sim.epochs[0].epoch_s
+    first_disk = next(e.epoch for e in sim.epochs if e.disk)
+    assert first_disk * epoch_s <= made[0] + 10.0 + epoch_s  # served in the epoch after the first refresh at most
+    assert sim.disk_images == sim.generated
