@@ -233,8 +233,8 @@ class _Producer:
         if self.work.finished():
             return
         work = self.work.next()
-        if work is None:
-            self.sim.clock.after(IDLE_SLEEP_S, self.turn)
+        if work is None:  # polls again once the trainers move (the real loop polls every IDLE_SLEEP_S)
+            self.sim.idle.append(self)
             return
         self.sim.clock.after(len(work.ids) / self.sim.rates.gen_pairs_s, self.write, work, self.sim.clock.now, 0)
 
@@ -315,6 +315,7 @@ class _Trainer:
         if waits(st) and not result.found.all():
             missing = positions[~result.found]
             self.port.request(int(missing.min()), int(missing.max()) + 1)
+            sim.wake_producers()
             self.lookup.deadline = sim.clock.now + st.wait_timeout_s
             sim.clock.at(self.lookup.deadline, self.retry)
             return
@@ -358,6 +359,7 @@ class _Trainer:
         waited = sim.clock.now - lk.started if lk.deadline < math.inf else 0.0
         stats = {**batch_stats(lk.result, disk, waited), "new_variations": len(new)}
         self.port.publish_position((lk.step + 1) * sim.schedule.global_batch)
+        sim.wake_producers()
         sim.clock.after(sim.rates.prepare_s, self.prepared, lk.step, stats)
 
     def prepared(self, step: int, stats: dict[str, float]) -> None:
@@ -424,7 +426,15 @@ class _Run:
         self.pixels = np.zeros((max(self.cfg.generator.batch_size, 1), 3, 1, 1), dtype=np.uint8)
         self.disk: DiskCache | None = None
         self.batches: list[tuple[float, float, int]] = []
+        self.idle: list[_Producer] = []
         self.trainer = _Trainer(self)
+
+    def wake_producers(self) -> None:
+        """The trainers moved or asked for positions: idle producers poll again at their next turn. Nothing
+        else changes what a claim returns, so polling every IDLE_SLEEP_S in between would find nothing."""
+        for producer in self.idle:
+            self.clock.after(IDLE_SLEEP_S, producer.turn)
+        self.idle.clear()
 
 
 def simulate(cfg: Config, dataset_size: int, rates: Rates, *, producers: int | None = None, trainers: int = 1,
