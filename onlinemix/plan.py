@@ -165,13 +165,15 @@ def duration(seconds: float) -> str:
 
 
 def format_table(splits: list[Split], best: Split | None) -> str:
-    lines = [f"{'gen':>3} {'train':>5} {'img/s':>9} {'lost':>6} {'epoch':>9} {'run':>10} {'var/img':>7} "
-             f"{'fresh':>6} {'synth':>6} {'age':>5} {'cache GB':>9}"]
+    lines = [f"{'gen':>3} {'train':>5} {'img/s':>9} {'lost':>6} {'epoch':>9} {'run':>10} {'var/img':>8} "
+             f"{'fresh':>7} {'synth':>7} {'age':>5} {'cache GB':>9}"]
     for s in splits:
         mark = "  *" if s is best else ""
+        # Small shares keep two significant digits: slow generation serves a fraction of a percent.
+        var = f"{s.variations_per_image:.2f}" if s.variations_per_image >= 0.1 else f"{s.variations_per_image:.4f}"
         lines.append(f"{s.gen:>3} {s.train:>5} {s.throughput_img_s:>9.1f} {max(0.0, s.throttle):>6.1%} "
-                     f"{duration(s.epoch_s):>9} {duration(s.total_s):>10} {s.variations_per_image:>7.2f} "
-                     f"{s.fresh:>6.1%} {s.synthetic:>6.1%} {s.mean_age:>5.2f} {s.cache_gb:>9.2f}"
+                     f"{duration(s.epoch_s):>9} {duration(s.total_s):>10} {var:>8} "
+                     f"{s.fresh:>7.2%} {s.synthetic:>7.2%} {s.mean_age:>5.2f} {s.cache_gb:>9.2f}"
                      f"{'  !' if s.throttled else ''}{mark}")
     return "\n".join(lines)
 
@@ -197,7 +199,7 @@ def warm_first(cfg: Config, rates: DeviceRates, gpus: int, nodes: int, dataset_s
     text = (f"warm first: {k} variation(s) per image on all {devices} devices ({duration(warm_s)}), then offline "
             f"training on all of them ({duration(train_s)}): {duration(warm_s + train_s)} in all, cache "
             f"{dataset_size * k * 3 * stored * stored / 1e9:.2f} GB, a synthetic view for every image; against "
-            f"{duration(online.total_s)} online, a synthetic view for {online.synthetic:.0%} of them")
+            f"{duration(online.total_s)} online, a synthetic view for {online.synthetic:.1%} of them")
     if warm_s + train_s < online.total_s:
         return text + ": warming the cache first is better (python -m onlinemix.cache warm --variations " \
                       f"{k}, then train with --offline)"
