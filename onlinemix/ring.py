@@ -586,10 +586,11 @@ class ProducerPort:
 
     Lead: the trainers move ``rate`` positions per second (they publish it), ``trainer_batch`` at a time,
     and a batch takes ``batch_s`` seconds here (measured, smoothed), so claims start at the first trainer
-    batch they will look up after ``batch_s * lead_factor`` seconds (0 = at the trainers), however far that is: past the ring's size and
-    into later epochs when generation is much slower than training. What bounds a claim is room,
-    not distance: the unserved pairs waiting ahead of the trainers plus the claim must fit in
-    ``capacity`` slots (the ring less the trainers' batch and the other producers' batches in flight).
+    batch they will look up after ``batch_s * lead_factor`` seconds (0 = at the trainers), however far
+    that is: past the ring's size and into later epochs when generation is much slower than training.
+    What bounds a claim is room, not distance: the unserved pairs waiting ahead of the trainers plus
+    the claim must fit in ``capacity`` slots (the ring less the trainers' batch and the other
+    producers' batches in flight).
     """
 
     def __init__(self, ring: PairRing, capacity: int, lead_factor: float, index: int = 0,
@@ -637,9 +638,9 @@ class ProducerPort:
         ready_in = self._batch_s.value * self.lead_factor  # seconds until a batch claimed now is published
         if not self.trainer_batch:
             return int(rate * ready_in)
-        return self.trainer_batch * self.batches_passed(ready_in, rate)
+        return self.trainer_batch * self._batches_looked_up_within(ready_in, rate)
 
-    def batches_passed(self, seconds: float, rate: float) -> int:
+    def _batches_looked_up_within(self, seconds: float, rate: float) -> int:
         """Trainer batches looked up within ``seconds`` from now. The trainers take ``trainer_batch``
         positions at once, one batch every ``trainer_batch / rate`` seconds, the next one a step after they
         last published their position; a pair for a batch looked up before it is ready comes too late."""
