@@ -337,10 +337,12 @@ def test_producers_exit_when_the_trainer_is_killed(tmp_path: Path, no_leaked_seg
 
 
 def test_two_trainer_ranks_share_one_ring(tmp_path: Path, no_leaked_segments) -> None:
-    """torchrun with two gloo ranks: the second rank attaches to the ring by name and trains."""
+    """torchrun with two gloo ranks: the second rank attaches to the ring by name and trains (a run of two
+    seconds: its batches wait for their views, which the default never does, so that pairs reach both ranks)."""
     env = {**os.environ, "TQDM_DISABLE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "onlinemix.train",
+         "--staleness.policy", "wait",
          "--train.epochs", "1", "--train.batch-size", "32", "--probe.epochs", "50", "--data.resolution", "16",
          "--probe.knn-every", "0", "--output-dir", str(tmp_path), "--run-name", "ddp"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
