@@ -396,7 +396,8 @@ def test_death_of_one_trainer_rank_stops_the_whole_job_cleanly(tmp_path: Path, n
 
 def test_an_image_folder_run_prepares_a_store_and_every_process_reads_it(tmp_path: Path, no_leaked_segments) -> None:
     """An ImageFolder dataset: the run prepares a store once under the cache directory; the trainer
-    and the producer read it by id at the stored size (larger than the views), and so does the cache."""
+    and the producer read it by id at the stored size (larger than the views), and so does the cache.
+    Six steps in all: batches wait for their views (the default never does), so that pairs reach them."""
     import numpy as np
     from PIL import Image
 
@@ -408,7 +409,7 @@ def test_an_image_folder_run_prepares_a_store_and_every_process_reads_it(tmp_pat
     proc = run_training("--data.dataset", str(tmp_path / "tree"), "--data.stored-size", "24", "--train.epochs", "2",
                         "--train.batch-size", "16", "--generator.batch-size", "8", "--ring.slots", "64",
                         "--probe.epochs", "20", "--data.resolution", "16", "--probe.knn-every", "0",
-                        "--output-dir", str(tmp_path), "--run-name", "folder")
+                        "--staleness.policy", "wait", "--output-dir", str(tmp_path), "--run-name", "folder")
     assert proc.returncode == 0, proc.stderr[-3000:]
     stores = list((tmp_path / "cache" / "stores").iterdir())
     assert len(stores) == 1 and json.loads((stores[0] / "store.json").read_text())["size"] == 24
