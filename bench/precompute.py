@@ -10,7 +10,8 @@ For each K of --variations, with the tiny stub diffuser and the package's defaul
   its one CPU worker), then ``--offline`` training from that cache alone for --epochs;
 * online: producers and trainer together (one producer, ``--gen-gpus 1``) into an empty cache, with
   ``staleness.max_reuse = epochs / K`` and ``staleness.max_age = epochs``, so that each synthetic view may
-  serve as often as a precomputed one does and the number of distinct variations is comparable.
+  serve as often as a precomputed one does and the number of distinct variations is comparable, and
+  ``staleness.policy=wait`` (a batch waits for its views: online generation at its most, time aside).
 
 Both run in this process (``onlinemix.train.run``, as ``python -m onlinemix.train`` does), so interpreter
 start-up is left out of both; the warm's worker and the online producer start (spawn) and load the generator
@@ -157,10 +158,11 @@ def run_precompute(args: argparse.Namespace, work: Path, k: int, batch_size: int
 
 
 def run_online(args: argparse.Namespace, work: Path, k: int, batch_size: int) -> dict:
-    """Producers and trainer together, each view serving up to epochs / k times."""
+    """Producers and trainer together, each view serving up to epochs / k times; batches wait for their views
+    (policy ``wait``), so that online generation makes what it can before the trainer passes it."""
     cache_dir, name, reuse = work / f"online-{k}" / "cache", f"online-{k}", args.epochs // k
     train_s = timed_train([*flags({**overrides(args, cache_dir, batch_size), "staleness.max_reuse": str(reuse),
-                                   "staleness.max_age": str(args.epochs)}),
+                                   "staleness.max_age": str(args.epochs), "staleness.policy": "wait"}),
                            "--output-dir", str(work), "--run-name", name])
     return {"way": "online", "k": k, "setting": f"max_reuse={reuse}", "warm_s": 0.0, "train_s": train_s,
             "wall_s": train_s, "cache_variations": cache_variations(cache_dir, args.resolution),

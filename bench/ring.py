@@ -280,8 +280,8 @@ def ring_producer(name: str, p: int, k: int, r: int, write_batch: int, lead: int
                   barrier, results, poll_s: float, timeout: float, profile: bool) -> None:
     """Write pairs p*k .. p*k+k-1 (positions 0..k-1) in reserve/write/publish chunks of ``write_batch``.
 
-    Flow control: never more than ``lead`` positions ahead of the slowest consumer (as producers
-    claim positions within a lookahead of the trainers in the package), so the P producers never
+    Flow control: never more than ``lead`` positions ahead of the slowest consumer (the package's
+    producers bound their claims by the unserved pairs waiting instead), so the P producers never
     hold more than P * lead <= slots pairs nobody is asking for yet. While reserve() finds no free
     slot (the ring is full), wait and retry.
     """

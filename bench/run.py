@@ -58,6 +58,7 @@ BENCHES = (
     Bench("throughput", "generation vs training, the MixDiff step cost, the ring, the node split"),
     Bench("precompute", "cache warm + offline training vs online producers"),
     Bench("tradeoff", "the online system's simulator vs real runs; generation wasted, trainer stalls"),
+    Bench("planner", "the planner vs full simulations from 1:1 to 1:3000; throughput kept, waste, generation"),
 )
 
 

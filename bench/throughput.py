@@ -321,7 +321,7 @@ def bench_ring(cfg, real: np.ndarray, synthetic: np.ndarray, write_batch: int, t
     out = np.empty((take_batch, 2, 3, r, r), dtype=np.uint8)
     epochs = np.zeros(n, dtype=np.int64)
     ring = PairRing.create(n, r)
-    producer = ProducerPort(ring, lookahead=n, lead_factor=0.0)
+    producer = ProducerPort(ring, capacity=n, lead_factor=0.0)
     try:
         def ring_round() -> tuple[float, float]:
             if ring.occupancy()["free"] < n:  # write_pairs would wait for slots forever

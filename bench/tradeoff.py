@@ -1,6 +1,6 @@
 """The simulator (onlinemix.simulate) against real online runs: predicted and measured fractions side by side.
 
-    python bench/tradeoff.py              # five short CPU runs of the tiny stub, about 10 min on 2 busy cores
+    python bench/tradeoff.py              # six short CPU runs, about 12 min on 2 busy cores
     python bench/tradeoff.py --quick      # one run of one epoch on a fifth of the digits: a smoke test
     python bench/tradeoff.py --settings slow-real,wait --epochs 2
 
@@ -16,6 +16,11 @@ It also reports the two efficiency targets measured in the real runs: generated 
 evicted before they ever served (<= 5% of those generated) and the trainer's time stalled on data
 (<= 1% of wall under the ``real`` and ``cached`` policies; the first step, which waits for the input
 pipeline to fill, is start-up and left out).
+
+The ``slow-default`` setting runs where users do: generation hundreds of times slower than training
+(a 100-step generator), the default configuration, 10 epochs. It is also trained without generation
+(``train.pairing=real``, no producer), and the trainer must keep >= 98% of that speed with generation
+at least 100x slower than its training.
 """
 
 from __future__ import annotations
@@ -55,7 +60,13 @@ SETTINGS: dict[str, dict[str, str]] = {
     "wait": {"generator.steps": "4", "staleness.policy": "wait", "staleness.wait_timeout_s": "1"},
     "fast-wait": {"generator.steps": "1", "generator.guidance": "1", "train.batch_size": "64",
                   "staleness.policy": "wait", "staleness.max_reuse": "2"},
+    # Where users run: generation hundreds of times slower than training, the default policy, 10 epochs.
+    "slow-default": {"generator.steps": "100", "train.epochs": "10"},
 }
+# Settings also trained without generation, to compare the trainer's speed with the producer and without.
+NO_GENERATION = {"train.pairing": "real", "gen_gpus": "0"}
+SLOW = ("slow-default",)
+SLOW_RATIO, KEPT_TARGET = 100.0, 0.98  # generation at least this much slower than training; speed kept
 # Every run: tiny and short, metrics every step, no probes, shards committed often enough to be read back.
 COMMON = {"data.resolution": "16", "train.log_every": "1", "probe.enabled": "false", "probe.knn_every": "0",
           "cache.flush_s": "5", "train.cpu_threads": "1", "generator.cpu_threads": "1"}
@@ -126,6 +137,25 @@ def measured(run_dir: Path) -> dict:
     }
 
 
+def trainer_img_s(run_dir: Path) -> float:
+    """The trainer's images per second over its steps, the first (which fills the input pipeline) left out."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "step" in r][1:]
+    return load_config(run_dir / "config.yaml", {}).train.batch_size * len(steps) / sum(r["step_s"] for r in steps)
+
+
+def against_no_generation(name: str, overrides: dict[str, str], root: Path, gen_pairs_s: float) -> dict:
+    """The run's trainer speed against the same run without generation (trained once), and how many times
+    faster than generation its training is."""
+    if not (root / f"{name}-nogen" / "metrics.jsonl").is_file():
+        print(f"{name}: training without generation ({' '.join(f'{k}={v}' for k, v in NO_GENERATION.items())})",
+              flush=True)
+        train(f"{name}-nogen", {**overrides, **NO_GENERATION}, root)
+    with_gen, without = trainer_img_s(root / name), trainer_img_s(root / f"{name}-nogen")
+    return {"img_s": with_gen, "no_generation_img_s": without, "kept": with_gen / without,
+            "ratio": with_gen / gen_pairs_s}
+
+
 def prepare_s(steps: list[dict]) -> float:
     """The input pipeline's own time per batch (gather, views), its waits for producers excluded. While the
     trainer waits for its input, batches arrive one pipeline period apart, so a step that waited lasted
@@ -163,8 +193,13 @@ def targets(res: dict) -> list[dict]:
     """The simulator's tolerance at every point, and the waste and stall targets over the real runs."""
     runs = res["runs"].values()
     stalls = [run["measured"]["stall"] for run in runs if run["policy"] in ("real", "cached")]
+    slow = [run["speed"] for run in runs if "speed" in run]
     return [target("validation points within tolerance (share)", res["passed"] / res["points_total"], 1.0, ">=",
                    f"{res['passed']} of {res['points_total']}"),
+            target("training / generation speed of the slow runs (slowest generation least)",
+                   min((r["ratio"] for r in slow), default=None), SLOW_RATIO, ">="),
+            target("trainer speed kept in the slow runs, of the same run without generation (worst run)",
+                   min((r["kept"] for r in slow), default=None), KEPT_TARGET, ">="),
             target("generated pairs evicted unserved (worst run)", max(run["measured"]["waste"] for run in runs),
                    WASTE_TARGET, "<="),
             target("trainer stalled on data, real and cached policies (worst run)", max(stalls, default=None),
@@ -191,6 +226,11 @@ def format_report(res: dict) -> str:
             checks.append(f"stall {'ok' if m['stall'] <= STALL_TARGET else 'MISSED'}")
         lines.append(f"{name:<18} {m['gen_pairs_s']:>11.1f} {m['step_s']:>7.2f} {m['prepare_s']:>6.2f} {m['wall_s']:>7.1f} "
                      f"{p['wall_s']:>10.1f} {m['waste']:>6.1%} {m['stall']:>6.1%}  {', '.join(checks)}")
+    for name, run in res["runs"].items():
+        if "speed" in run:
+            r = run["speed"]
+            lines.append(f"{name}: training {r['ratio']:.0f}x faster than generation; trainer {r['img_s']:.0f} "
+                         f"img/s, {r['no_generation_img_s']:.0f} without generation: {r['kept']:.1%} kept")
     lines += ["", "targets", *map(target_line, res["targets"])]
     return "\n".join(lines)
 
@@ -233,16 +273,18 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
         for name in args.settings:
-            overrides = {**COMMON, **SETTINGS[name], "train.epochs": str(args.epochs),
-                         "data.real_fraction": str(args.real_fraction)}
+            overrides = {**COMMON, "train.epochs": str(args.epochs), "data.real_fraction": str(args.real_fraction),
+                         **SETTINGS[name]}
             run_dir = root / name
             if not (run_dir / "metrics.jsonl").is_file():
                 print(f"{name}: training ({' '.join(f'{k}={v}' for k, v in SETTINGS[name].items())})", flush=True)
                 train(name, overrides, root)
             meas = measured(run_dir)
             pred = predicted(run_dir, Rates(meas["gen_pairs_s"], meas["step_s"], meas["prepare_s"]))
-            runs[name] = {"overrides": overrides, "policy": SETTINGS[name]["staleness.policy"],
-                          "measured": meas, "predicted": pred}
+            runs[name] = {"overrides": overrides, "measured": meas, "predicted": pred,
+                          "policy": load_config(run_dir / "config.yaml", {}).staleness.policy}
+            if name in SLOW:
+                runs[name]["speed"] = against_no_generation(name, overrides, root, meas["gen_pairs_s"])
             all_points += points(name, meas, pred)
     res = {"meta": {"cpu_count": os.cpu_count(),
                     **run_meta(load_before, other_cores_since(before), args.quick, "bench/tradeoff.py", argv)},

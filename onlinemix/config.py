@@ -114,10 +114,12 @@ class RingConfig:
 class StalenessConfig:
     max_reuse: int = opt(4, "times one synthetic view may serve before it is retired", low=1, high=1_000_000)
     max_age: int = opt(4, "epochs after which a synthetic view is too old to serve", low=0, high=1_000_000)
-    policy: str = opt("wait", "what a trainer does when an image has no acceptable synthetic view in the ring: "
-                      "'wait' for a producer (bounded by wait_timeout_s, then as 'cached'), "
-                      "'cached' = at once an older variation from the disk cache, else a real view, "
-                      "'real' = at once a second augmented real view", choices=("wait", "cached", "real"))
+    policy: str = opt("cached", "what a trainer does when an image has no acceptable synthetic view in the ring: "
+                      "'cached' = at once an older variation from the disk cache (cache.enabled), else a real "
+                      "view: never slower than training without generation; 'real' = at once a second augmented "
+                      "real view; 'wait' for a producer (bounded by wait_timeout_s, then as 'cached'), which "
+                      "slows the trainers to the producers' pace when generation is slower than training",
+                      choices=("wait", "cached", "real"))
     wait_timeout_s: float = opt(5.0, "longest a batch waits for missing views under the 'wait' policy",
                                 low=0.0, high=3600.0)
 
@@ -130,8 +132,9 @@ class CacheConfig:
                    "empty = <output_dir>/cache")
     shard_pairs: int = opt(256, "pairs per cache shard; a producer commits a shard when it is full or after "
                            "flush_s", low=1, high=1_000_000)
-    flush_s: float = opt(30.0, "commit a partly filled shard after this many seconds, which bounds what a "
-                         "killed producer loses", low=0.0, high=86_400.0)
+    flush_s: float = opt(2.0, "commit a partly filled shard at the end of a producer batch this many seconds "
+                         "after the last commit: pairs of slow generation reach the trainers at their next cache "
+                         "refresh, and a killed producer loses at most this much", low=0.0, high=86_400.0)
     max_gb: float = opt(0.0, "size limit in GB: beyond it the oldest shards are evicted (0 = no limit)",
                         low=0.0, high=1e9)
     min_coverage: float = opt(0.95, "offline mode refuses to start when a smaller fraction of the training "
@@ -334,9 +337,6 @@ class Config:
             raise ConfigError(f"train.pairing={self.train.pairing} needs at least one producer: gen_gpus=0 is not "
                               "allowed (use offline=true to train from the disk cache, or train.pairing=real for "
                               "plain SSL)")
-        if self.staleness.policy == "cached" and not self.cache.enabled:
-            raise ConfigError("staleness.policy=cached serves variations from the disk cache: it needs "
-                              "cache.enabled=true (or use staleness.policy=real)")
         try:
             [int(x) for x in self.barlowtwins.projector.split("-")]
         except ValueError:

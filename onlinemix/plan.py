@@ -10,10 +10,11 @@ each image the run serves, how fresh the views are and how big the disk cache gr
 best split (``--objective fastest``, or ``freshest`` within ``--wall-hours``) and compares it with
 warming the cache first (``python -m onlinemix.cache warm`` on every device, then offline training).
 
-Large datasets are simulated on a subsample of ``--sim-images`` images per node for ``--sim-epochs``
-epochs, with the real batch sizes and rates (ring slots and cache delays scaled to the subsample's
-epoch); later epochs repeat the last simulated one's ring and generation while the disk cache keeps
-filling (each epoch's new variations cover more images), and counts scale back to the full dataset.
+Each node's whole share of the dataset is simulated, with its real ring, batches, rates and cache
+delays, for ``--sim-epochs`` epochs (by then the producers' lead and the ring's reuse have settled);
+later epochs repeat the mean of the last two simulated, except the disk cache's share, which keeps
+growing as each epoch's new variations cover more images. A split whose policy makes the trainers
+slower than they are without generation (``lost``: more than 2% of their speed) is flagged with ``!``.
 Every node trains its share of the dataset with its own ring.
 """
 
@@ -31,7 +32,10 @@ from tqdm import tqdm
 from .cli import add_config_options, at_least, parse_config_args
 from .config import Config, ConfigError, load_config
 from .pairs import reads_disk
-from .simulate import Rates, simulate
+from .simulate import EpochResult, Rates, Simulation, simulate
+
+THROTTLE_TOLERANCE = 0.02  # a split whose trainers lose more than this share of their speed is flagged
+MIN_BATCHES = 40  # producer batches a simulation lasts for at least: whole batches then count for little
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,11 @@ class Split:
     synthetic: float             # fresh + cached + disk
     mean_age: float              # epochs, of the synthetic views of the simulated epochs
     cache_gb: float              # synthetic images the producers write to the disk cache over the run
+    throttle: float              # share of the trainers' speed without generation that the policy costs them
+
+    @property
+    def throttled(self) -> bool:
+        return self.throttle > THROTTLE_TOLERANCE
 
 
 def read_rates(path: Path) -> dict[str, float]:
@@ -77,47 +86,68 @@ def read_rates(path: Path) -> dict[str, float]:
 
 
 def predict_split(cfg: Config, rates: DeviceRates, gen: int, train: int, nodes: int, dataset_size: int,
-                  sim_images: int, sim_epochs: int) -> Split:
-    """Simulate one node with ``gen`` producers and ``train`` trainers on its share of the dataset."""
+                  sim_epochs: int) -> Split:
+    """Simulate one node with ``gen`` producers and ``train`` trainers on its whole share of the dataset for
+    the first ``sim_epochs`` epochs, and project the rest of the run from them (:func:`project`)."""
     per_node = max(1, dataset_size // nodes)
-    images = min(per_node, sim_images)
-    scale = per_node / images
-    epochs = cfg.train.epochs
-    simulated = min(epochs, sim_epochs)
     step_s = cfg.train.batch_size / rates.train_img_s  # ranks step in lockstep, each on its own batch
-    sim = simulate(cfg, images, Rates(rates.gen_img_s, step_s), producers=gen, trainers=train, epochs=simulated,
-                   represents=per_node)
-    done, last = sim.epochs, sim.epochs[-1]
-    counts = {k: sum(getattr(e, k) for e in done) for k in ("fresh", "cached", "disk", "new_variations", "generated")}
+    epochs = epochs_to_simulate(cfg, rates.gen_img_s, step_s * (per_node // (train * cfg.train.batch_size)),
+                                sim_epochs)
+    sim = simulate(cfg, per_node, Rates(rates.gen_img_s, step_s), producers=gen, trainers=train, epochs=epochs)
+    run, total_s = project(sim, cfg, per_node)
+    global_batch = train * cfg.train.batch_size
+    trained = nodes * global_batch * (per_node // global_batch) * cfg.train.epochs  # full batches only
+    done = sim.epochs
     simulated_synthetic = sum(e.fresh + e.cached + e.disk for e in done)
-    age = sum(e.age_sum for e in done) / simulated_synthetic if simulated_synthetic else math.nan
-    views = sum(e.views for e in done)
-    # Later epochs repeat the last one's ring and generation; the disk cache keeps filling, so what the ring
-    # lacks comes from the cache for a growing share of the images (policies that read it).
-    ring = last.fresh + last.cached
-    covered = sim.disk_images / images
-    reads = cfg.cache.enabled and reads_disk(cfg.staleness, online=True)
-    for _ in range(epochs - simulated):
-        disk = (last.views - ring) * covered if reads else 0.0
-        for k, value in (("fresh", last.fresh), ("cached", last.cached), ("disk", disk),
-                         ("new_variations", last.new_variations), ("generated", last.generated)):
-            counts[k] += value
-        views += last.views
-        covered = 1 - (1 - covered) * (1 - min(1.0, last.generated / images))
-    epoch_s = last.epoch_s * scale
-    total_s = (sum(e.epoch_s for e in done) + (epochs - simulated) * last.epoch_s) * scale
-    synthetic = counts["fresh"] + counts["cached"] + counts["disk"]
     stored = cfg.data.stored_size or cfg.data.resolution
-    return Split(gen, train, nodes * per_node * epochs / total_s, epoch_s, total_s,
-                 counts["new_variations"] / images, counts["fresh"] / views, synthetic / views, age,
-                 nodes * counts["generated"] * scale * 3 * stored * stored / 1e9)
+    return Split(gen, train, trained / total_s, done[-1].epoch_s, total_s, run.new_variations / per_node,
+                 run.fresh / run.views, (run.fresh + run.cached + run.disk) / run.views,
+                 sum(e.age_sum for e in done) / simulated_synthetic if simulated_synthetic else math.nan,
+                 nodes * run.generated * 3 * stored * stored / 1e9,
+                 1 - trained / (nodes * train * rates.train_img_s) / total_s)
 
 
-def plan(cfg: Config, rates: DeviceRates, gpus: int, nodes: int, dataset_size: int, sim_images: int,
+def epochs_to_simulate(cfg: Config, gen_pairs_s: float, epoch_s: float, minimum: int) -> int:
+    """At least ``minimum`` epochs, and enough for every producer to make ``MIN_BATCHES`` batches (when
+    generation is thousands of times slower than training a batch can take several epochs, and a few
+    epochs would count whole batches or none), but never more than the run has."""
+    batch_s = cfg.generator.batch_size / gen_pairs_s
+    return min(cfg.train.epochs, max(minimum, math.ceil(MIN_BATCHES * batch_s / epoch_s)))
+
+
+def project(sim: Simulation, cfg: Config, images: int) -> tuple[EpochResult, float]:
+    """The whole run's view counts and its time in seconds: the simulated epochs, then each later one as
+    the mean of the settled ones (after ``max_age`` + 1 epochs, when ring reuse has settled, or the last
+    two), except the disk cache's share, which keeps growing from where the last epoch left it: every
+    epoch's new pairs cover a further share of the images, and the views the ring lacks come from the
+    cache for the covered ones (policies that read it)."""
+    out = sim.total()
+    total_s = sim.wall_s
+    later = cfg.train.epochs - len(sim.epochs)
+    if later <= 0:
+        return out, total_s
+    settled = sim.epochs[min(cfg.staleness.max_age + 1, len(sim.epochs) - 2):]
+    mean = {k: sum(getattr(e, k) for e in settled) / len(settled)
+            for k in ("fresh", "cached", "views", "generated", "new_variations", "epoch_s")}
+    lacking = mean["views"] - mean["fresh"] - mean["cached"]
+    last = sim.epochs[-1]
+    covered = last.disk / (last.disk + last.fallback) if last.disk + last.fallback else 0.0
+    reads = cfg.cache.enabled and reads_disk(cfg.staleness, online=True)
+    growth = 1 - min(1.0, mean["generated"] / images)
+    for _ in range(later):
+        covered = 1 - (1 - covered) * growth if reads else 0.0
+        out.disk += lacking * covered
+        out.fallback += lacking * (1 - covered)
+    for k in ("fresh", "cached", "generated", "new_variations"):
+        setattr(out, k, getattr(out, k) + later * mean[k])
+    return out, total_s + later * mean["epoch_s"]
+
+
+def plan(cfg: Config, rates: DeviceRates, gpus: int, nodes: int, dataset_size: int,
          sim_epochs: int) -> list[Split]:
     splits = []
     for gen in tqdm(range(1, gpus), desc="simulating splits", unit="split", leave=False):
-        splits.append(predict_split(cfg, rates, gen, gpus - gen, nodes, dataset_size, sim_images, sim_epochs))
+        splits.append(predict_split(cfg, rates, gen, gpus - gen, nodes, dataset_size, sim_epochs))
     return splits
 
 
@@ -135,13 +165,27 @@ def duration(seconds: float) -> str:
 
 
 def format_table(splits: list[Split], best: Split | None) -> str:
-    lines = [f"{'gen':>3} {'train':>5} {'img/s':>9} {'epoch':>9} {'run':>10} {'var/img':>7} {'fresh':>6} "
-             f"{'synth':>6} {'age':>5} {'cache GB':>9}"]
+    lines = [f"{'gen':>3} {'train':>5} {'img/s':>9} {'lost':>6} {'epoch':>9} {'run':>10} {'var/img':>8} "
+             f"{'fresh':>7} {'synth':>7} {'age':>5} {'cache GB':>9}"]
     for s in splits:
-        lines.append(f"{s.gen:>3} {s.train:>5} {s.throughput_img_s:>9.1f} {duration(s.epoch_s):>9} "
-                     f"{duration(s.total_s):>10} {s.variations_per_image:>7.2f} {s.fresh:>6.1%} {s.synthetic:>6.1%} "
-                     f"{s.mean_age:>5.2f} {s.cache_gb:>9.2f}{'  *' if s is best else ''}")
+        mark = "  *" if s is best else ""
+        # Small shares keep two significant digits: slow generation serves a fraction of a percent.
+        var = f"{s.variations_per_image:.2f}" if s.variations_per_image >= 0.1 else f"{s.variations_per_image:.4f}"
+        lines.append(f"{s.gen:>3} {s.train:>5} {s.throughput_img_s:>9.1f} {max(0.0, s.throttle):>6.1%} "
+                     f"{duration(s.epoch_s):>9} {duration(s.total_s):>10} {var:>8} "
+                     f"{s.fresh:>7.2%} {s.synthetic:>7.2%} {s.mean_age:>5.2f} {s.cache_gb:>9.2f}"
+                     f"{'  !' if s.throttled else ''}{mark}")
     return "\n".join(lines)
+
+
+def throttle_warning(splits: list[Split], policy: str) -> str | None:
+    """One line naming the splits where the policy makes the trainers slower than without generation."""
+    slow = [s for s in splits if s.throttled]
+    if not slow:
+        return None
+    which = ", ".join(f"{s.gen}+{s.train} ({s.throttle:.0%} of their speed lost)" for s in slow)
+    return (f"! policy {policy} throttles the trainers of {which}: they wait for views that generation cannot "
+            f"make in time; staleness.policy cached (the default) or real never waits")
 
 
 def warm_first(cfg: Config, rates: DeviceRates, gpus: int, nodes: int, dataset_size: int, online: Split) -> str:
@@ -155,7 +199,7 @@ def warm_first(cfg: Config, rates: DeviceRates, gpus: int, nodes: int, dataset_s
     text = (f"warm first: {k} variation(s) per image on all {devices} devices ({duration(warm_s)}), then offline "
             f"training on all of them ({duration(train_s)}): {duration(warm_s + train_s)} in all, cache "
             f"{dataset_size * k * 3 * stored * stored / 1e9:.2f} GB, a synthetic view for every image; against "
-            f"{duration(online.total_s)} online, a synthetic view for {online.synthetic:.0%} of them")
+            f"{duration(online.total_s)} online, a synthetic view for {online.synthetic:.1%} of them")
     if warm_s + train_s < online.total_s:
         return text + ": warming the cache first is better (python -m onlinemix.cache warm --variations " \
                       f"{k}, then train with --offline)"
@@ -186,10 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fastest: the shortest run; freshest: the most distinct variations per image within "
                         "--wall-hours (default fastest)")
     p.add_argument("--wall-hours", type=float, default=None, help="freshest: the longest acceptable run, in hours")
-    p.add_argument("--sim-images", type=at_least(1), default=8192,
-                   help="images per node the simulation runs on (a subsample of larger datasets; default 8192)")
-    p.add_argument("--sim-epochs", type=at_least(1), default=2,
-                   help="epochs simulated; later ones repeat the last (default 2)")
+    p.add_argument("--sim-epochs", type=at_least(2), default=None,
+                   help="epochs simulated, each on a node's whole share of the dataset; later ones are projected "
+                        "from the last two (default: staleness.max_age + 3, by when ring reuse has settled)")
     p.add_argument("--config", type=Path, default=None, help="YAML preset of the training run (see configs/)")
     add_config_options(p)
     return p
@@ -215,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--objective freshest needs --wall-hours (the longest acceptable run)")
     device = DeviceRates(**rates)
     try:
-        splits = plan(cfg, device, args.gpus, args.nodes, args.dataset_size, args.sim_images, args.sim_epochs)
+        sim_epochs = args.sim_epochs or cfg.staleness.max_age + 3
+        splits = plan(cfg, device, args.gpus, args.nodes, args.dataset_size, sim_epochs)
     except ValueError as e:
         sys.exit(f"error: {e}")
     best = best_split(splits, args.objective, args.wall_hours)
@@ -223,6 +267,9 @@ def main(argv: list[str] | None = None) -> None:
           f"per device {device.gen_img_s:g} pairs/s generated, {device.train_img_s:g} img/s trained; policy "
           f"{cfg.staleness.policy}, max_reuse {cfg.staleness.max_reuse}, ring {cfg.ring.slots} slots")
     print(format_table(splits, best))
+    warning = throttle_warning(splits, cfg.staleness.policy)
+    if warning:
+        print(warning)
     if best is None:
         print(f"* none: no split finishes within {args.wall_hours:g} h; the fastest takes "
               f"{duration(min(s.total_s for s in splits))}")

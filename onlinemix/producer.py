@@ -66,11 +66,12 @@ class RingWork:
         self.port.observe_batch(seconds * self.batch_size / len(work.ids))
 
 
-def producer_port(ring: PairRing, cfg: Config, node_batch: int, index: int) -> ProducerPort:
-    """The port of the node's producer ``index``: claims at most the slots its trainers' batch (their
-    slice of each global batch) leaves free ahead of them."""
-    return ProducerPort(ring, lookahead=max(cfg.generator.batch_size, ring.slots - node_batch),
-                        lead_factor=cfg.producer.lead_factor, index=index)
+def producer_port(ring: PairRing, cfg: Config, node_batch: int, producers: int, index: int) -> ProducerPort:
+    """The port of the node's producer ``index``: its claims and the unserved pairs waiting fit in the slots
+    that its trainers' batch (their slice of each global batch) and the other producers' batches leave."""
+    others = (producers - 1) * cfg.generator.batch_size
+    return ProducerPort(ring, capacity=max(cfg.generator.batch_size, ring.slots - node_batch - others),
+                        lead_factor=cfg.producer.lead_factor, index=index, trainer_batch=node_batch)
 
 
 @dataclass
@@ -95,7 +96,7 @@ class OnlineJob:
                                  self.node, self.nodes)
         ring = PairRing.attach(self.ring_name)
         try:
-            port = producer_port(ring, cfg, schedule.node_batch, spec.index - self.first_index)
+            port = producer_port(ring, cfg, schedule.node_batch, cfg.producers, spec.index - self.first_index)
             if spec.log_path is not None:
                 write_json(Path(spec.log_path).with_suffix(".json"),
                            {"pid": os.getpid(), "device": spec.device, "model": cfg.generator.model,

@@ -25,6 +25,7 @@ report readiness and the generator fingerprint). Header fields are attributes of
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import re
 import resource
@@ -83,6 +84,7 @@ class RingHeader:
     creator_pid = _Cell()
     # trainers -> producers
     trainer_pos = _Cell()         # the first position no trainer has asked for yet
+    trainer_pos_ns = _Cell()      # when it was published, on the ring's clock: the trainers' lookup phase
     trainer_rate_milli = _Cell()  # the trainers' smoothed speed, positions per 1000 s
     urgent_start = _Cell()        # positions [urgent_start, urgent_end) a waiting trainer needs first
     urgent_end = _Cell()
@@ -326,6 +328,12 @@ class PairRing:
             out[i] = bool(((rows[:, S.position] <= positions[i]) & (epochs[i] - rows[:, S.birth_epoch] <= max_age)).any())
         return out
 
+    def waiting(self, trainer_pos: int) -> int:
+        """Pairs published for positions the trainers have not reached yet that have never served:
+        the slots a producer's claims ahead of the trainers hold (call under the lock)."""
+        m = self.meta
+        return int(((m[:, S.state] == READY) & (m[:, S.uses] == 0) & (m[:, S.position] >= trainer_pos)).sum())
+
     def reserve(self, n: int, epoch: int, max_age: int) -> list[int]:
         """Take up to ``n`` slots for writing, least valuable first: free slots, slots of dead
         writers, pairs too old to serve in ``epoch``, then pairs for positions the trainers
@@ -527,6 +535,7 @@ class TrainerPort:
         """The first position no trainer has asked for yet: producers claim ahead of it, and pairs
         for earlier positions become evictable."""
         if self.leader:
+            self.ring.header.trainer_pos_ns = self.ring.clock_ns()
             self.ring.header.trainer_pos = position
 
     def publish_speed(self, positions: int, seconds: float) -> None:
@@ -585,16 +594,22 @@ class ProducerPort:
     its batch is ready, skips images that already have an unused view, writes and publishes
     pairs, and reports that it is ready and with which generator.
 
-    Lead: the trainers move ``rate`` positions per second (they publish it) and a batch takes
-    ``batch_s`` seconds here (measured, smoothed), so claims start ``rate * batch_s * lead_factor``
-    positions ahead of them (0 = at the trainers), never more than ``lookahead`` ahead.
+    Lead: the trainers move ``rate`` positions per second (they publish it), ``trainer_batch`` at a time,
+    and a batch takes ``batch_s`` seconds here (measured, smoothed), so claims start at the first trainer
+    batch they will look up after ``batch_s * lead_factor`` seconds (0 = at the trainers), however far
+    that is: past the ring's size and into later epochs when generation is much slower than training.
+    What bounds a claim is room, not distance: the unserved pairs waiting ahead of the trainers plus
+    the claim must fit in ``capacity`` slots (the ring less the trainers' batch and the other
+    producers' batches in flight).
     """
 
-    def __init__(self, ring: PairRing, lookahead: int, lead_factor: float, index: int = 0) -> None:
+    def __init__(self, ring: PairRing, capacity: int, lead_factor: float, index: int = 0,
+                 trainer_batch: int = 0) -> None:
         if not 0 <= index < MAX_PRODUCERS:
             raise RingError(f"producer index {index} out of range: a ring serves at most {MAX_PRODUCERS} producers")
         self.ring = ring
-        self.lookahead = lookahead
+        self.capacity = capacity
+        self.trainer_batch = trainer_batch  # positions the trainers look up at once (the node's batch)
         self.lead_factor = lead_factor
         self.index = index
         self._batch_s = Ewma()
@@ -625,16 +640,32 @@ class ProducerPort:
         self._batch_s.update(seconds)
 
     def lead(self) -> int:
-        """Positions ahead of the trainers where claims start."""
-        trainer_rate = self.ring.header.trainer_rate_milli / 1000.0
-        return int(trainer_rate * (self._batch_s.value or 0.0) * self.lead_factor)
+        """Positions ahead of the trainers where claims start: 0 with ``lead_factor`` 0, and until a batch has
+        been timed and the trainers have moved (the first pairs go where the trainers are)."""
+        rate = self.ring.header.trainer_rate_milli / 1000.0
+        if not (self.lead_factor and rate and self._batch_s.value):
+            return 0
+        ready_in = self._batch_s.value * self.lead_factor  # seconds until a batch claimed now is published
+        if not self.trainer_batch:
+            return int(rate * ready_in)
+        return self.trainer_batch * self._batches_looked_up_within(ready_in, rate)
+
+    def _batches_looked_up_within(self, seconds: float, rate: float) -> int:
+        """Trainer batches looked up within ``seconds`` from now. The trainers take ``trainer_batch``
+        positions at once, one batch every ``trainer_batch / rate`` seconds, the next one a step after they
+        last published their position; a pair for a batch looked up before it is ready comes too late."""
+        step_s = self.trainer_batch / rate
+        since = max(0.0, (self.ring.clock_ns() - self.ring.header.trainer_pos_ns) / 1e9)
+        return max(0, math.ceil((seconds + since) / step_s - 1))
 
     def claim(self, n: int) -> np.ndarray:
         """Reserve up to ``n`` positions to generate for; may return fewer or none.
 
         Positions a trainer is waiting for (:meth:`TrainerPort.request`) come first. Otherwise
         claims continue from where the last one ended, but never start closer to the trainers
-        than the lead and never reach more than ``lookahead`` positions ahead of them.
+        than the lead, and only as many as fit next to the unserved pairs already waiting
+        (:meth:`PairRing.waiting`): a full ring of pairs nobody has asked for yet stops claims,
+        whatever their distance from the trainers.
         """
         self.beat()
         lead = self.lead()
@@ -649,8 +680,8 @@ class ProducerPort:
                 if urgent_start <= header.gen_pos < end:  # claimed now: the next claim must not make them again
                     header.gen_pos = end
                 return np.arange(urgent_start, end, dtype=np.int64)
-            start = max(header.gen_pos, trainer + min(lead, max(0, self.lookahead - n)))
-            end = min(start + n, trainer + self.lookahead)
+            start = max(header.gen_pos, trainer + lead)
+            end = start + min(n, self.capacity - self.ring.waiting(trainer))
             if end <= start:
                 return np.empty(0, dtype=np.int64)
             header.gen_pos = end

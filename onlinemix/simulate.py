@@ -11,8 +11,8 @@ the policy's rules from :mod:`onlinemix.pairs` and count with its ``batch_stats`
 What is modelled is time and the disk cache's visibility: a producer's batch takes its pairs divided
 by the generation rate; a trainer step takes ``step_s`` plus any wait for its input; the input
 pipeline makes ``train.prefetch`` batches ahead, ``prepare_s`` each after the lookup; a producer
-commits a cache shard when it holds ``cache.shard_pairs`` pairs or at its first pair after
-``cache.flush_s``; trainers see new shards every ``CACHE_REFRESH_S`` and serve the least used, then
+commits a cache shard when it holds ``cache.shard_pairs`` pairs or at the end of a batch ``cache.flush_s``
+after its last commit; trainers see new shards every ``CACHE_REFRESH_S`` and serve the least used, then
 youngest, variation of an image. All trainer ranks of a node step in lockstep, so they are one
 consumer of the global batch.
 """
@@ -104,6 +104,7 @@ class Simulation:
     evicted_unserved: int   # pairs evicted from the ring before they ever served
     unserved_at_end: int    # pairs still in the ring, never served, when training ended
     disk_images: int = 0    # images with a variation the trainers can read from the disk cache at the end
+    batches: list[tuple[float, float, int]] = field(default_factory=list)  # producer batches: claimed, published, pairs
 
     def total(self) -> EpochResult:
         out = EpochResult(-1)
@@ -116,6 +117,10 @@ class Simulation:
     @property
     def stall_fraction(self) -> float:
         return sum(e.stall_s for e in self.epochs) / max(self.wall_s, 1e-12)
+
+    def generated_by(self, t: float) -> float:
+        """Pairs generated in the first ``t`` seconds, a batch in progress counted in proportion."""
+        return sum(n * min(1.0, max(0.0, (t - start) / max(end - start, 1e-12))) for start, end, n in self.batches)
 
     @property
     def waste_fraction(self) -> float:
@@ -148,7 +153,7 @@ class DiskCache:
     """The disk cache as the trainers see it: shards committed by each producer's writer, visible after
     the trainers' next index refresh; ``take`` serves the least used, then youngest, variation."""
 
-    def __init__(self, clock: _Clock, producers: int, shard_pairs: int, flush_s: float,
+    def __init__(self, clock: _Clock, images: int, producers: int, shard_pairs: int, flush_s: float,
                  refresh_s: float = CACHE_REFRESH_S) -> None:
         self.clock = clock
         self.shard_pairs = shard_pairs
@@ -160,38 +165,51 @@ class DiskCache:
         self._seen = 0
         self._refreshed = 0.0
         self._variations: dict[int, list[list[float]]] = {}  # id -> [[uses, created, epoch], ...]
+        self._covered = np.zeros(images, dtype=bool)  # by image id: has a variation the trainers can see
         self.served: list[tuple[int, int]] = []  # (image, variation epoch) of the views ``take`` served
 
     def warm(self, ids: np.ndarray, variations: int) -> None:
         """Variations 0 .. ``variations`` - 1 of every image, there before training starts (``cache warm``)."""
         for i in ids.tolist():
             self._variations.setdefault(i, []).extend([0, -math.inf, k] for k in range(variations))
+        self._covered[ids] = True
 
     def add(self, producer: int, work: Work) -> None:
+        """A producer's batch into its writer (``CacheSink.put``): full shards commit as they fill, a partly
+        filled one at the end of the batch when ``flush_s`` has passed since the last commit."""
         pending, now = self._pending[producer], self.clock.now
         for i, e in zip(work.ids.tolist(), work.epochs.tolist(), strict=True):
             pending.append((i, e, now))
-            if len(pending) == self.shard_pairs or now - self._last_flush[producer] >= self.flush_s:
-                self._committed += pending
-                pending.clear()
-                self._last_flush[producer] = now
+            if len(pending) == self.shard_pairs:
+                self._commit(producer)
+        if now - self._last_flush[producer] >= self.flush_s:
+            self._commit(producer)
+
+    def _commit(self, producer: int) -> None:
+        self._committed += self._pending[producer]
+        self._pending[producer] = []
+        self._last_flush[producer] = self.clock.now
 
     def images(self) -> int:
         """Images with at least one variation committed (visible at the trainers' next refresh)."""
         return len(set(self._variations) | {i for i, _, _ in self._committed})
 
+    def _refresh(self) -> None:
+        """The trainers' index refresh: shards committed since the last one become visible."""
+        for i, e, created in self._committed[self._seen:]:
+            self._variations.setdefault(i, []).append([0, created, e])
+            self._covered[i] = True
+        self._seen = len(self._committed)
+        self._refreshed = self.clock.now
+
     def take(self, ids: np.ndarray, missing: np.ndarray, epoch: int, result: TakeResult) -> np.ndarray:
         """Serve the ``missing`` entries of a batch from the cache; fills ``result``'s age and uses."""
         if self.clock.now - self._refreshed > self.refresh_s:
-            for i, e, created in self._committed[self._seen:]:
-                self._variations.setdefault(i, []).append([0, created, e])
-            self._seen = len(self._committed)
-            self._refreshed = self.clock.now
+            self._refresh()
         disk = np.zeros(len(ids), dtype=bool)
-        for j in np.flatnonzero(missing).tolist():
-            candidates = self._variations.get(int(ids[j]))
-            if not candidates:
-                continue
+        rows = np.flatnonzero(missing)
+        for j in rows[self._covered[ids[rows]]].tolist():  # no Python loop over images without a variation
+            candidates = self._variations[int(ids[j])]
             best = min(candidates, key=lambda v: serving_order(*v))
             self.served.append((int(ids[j]), int(best[2])))
             disk[j] = True
@@ -208,15 +226,15 @@ class _Producer:
     def __init__(self, sim: _Run, index: int) -> None:
         self.sim = sim
         self.index = index
-        self.port = producer_port(sim.ring, sim.cfg, sim.schedule.global_batch, index)
+        self.port = producer_port(sim.ring, sim.cfg, sim.schedule.global_batch, sim.producers, index)
         self.work = RingWork(self.port, sim.schedule, sim.cfg)
 
     def turn(self) -> None:
         if self.work.finished():
             return
         work = self.work.next()
-        if work is None:
-            self.sim.clock.after(IDLE_SLEEP_S, self.turn)
+        if work is None:  # polls again once the trainers move (the real loop polls every IDLE_SLEEP_S)
+            self.sim.idle.append(self)
             return
         self.sim.clock.after(len(work.ids) / self.sim.rates.gen_pairs_s, self.write, work, self.sim.clock.now, 0)
 
@@ -236,6 +254,7 @@ class _Producer:
         if sim.disk is not None:
             sim.disk.add(self.index, work)
         self.work.done(work, sim.clock.now - started)
+        sim.batches.append((started, sim.clock.now, len(work.ids)))
         self.turn()
 
 
@@ -296,6 +315,7 @@ class _Trainer:
         if waits(st) and not result.found.all():
             missing = positions[~result.found]
             self.port.request(int(missing.min()), int(missing.max()) + 1)
+            sim.wake_producers()
             self.lookup.deadline = sim.clock.now + st.wait_timeout_s
             sim.clock.at(self.lookup.deadline, self.retry)
             return
@@ -339,6 +359,7 @@ class _Trainer:
         waited = sim.clock.now - lk.started if lk.deadline < math.inf else 0.0
         stats = {**batch_stats(lk.result, disk, waited), "new_variations": len(new)}
         self.port.publish_position((lk.step + 1) * sim.schedule.global_batch)
+        sim.wake_producers()
         sim.clock.after(sim.rates.prepare_s, self.prepared, lk.step, stats)
 
     def prepared(self, step: int, stats: dict[str, float]) -> None:
@@ -396,6 +417,7 @@ class _Run:
     schedule: EpochSchedule
     rates: Rates
     total_steps: int
+    producers: int
     clock: _Clock = field(default_factory=_Clock)
 
     def __post_init__(self) -> None:
@@ -403,19 +425,25 @@ class _Run:
         self.ring.clock_ns = lambda: round(self.clock.now * 1e9)
         self.pixels = np.zeros((max(self.cfg.generator.batch_size, 1), 3, 1, 1), dtype=np.uint8)
         self.disk: DiskCache | None = None
+        self.batches: list[tuple[float, float, int]] = []
+        self.idle: list[_Producer] = []
         self.trainer = _Trainer(self)
+
+    def wake_producers(self) -> None:
+        """The trainers moved or asked for positions: idle producers poll again at their next turn. Nothing
+        else changes what a claim returns, so polling every IDLE_SLEEP_S in between would find nothing."""
+        for producer in self.idle:
+            self.clock.after(IDLE_SLEEP_S, producer.turn)
+        self.idle.clear()
 
 
 def simulate(cfg: Config, dataset_size: int, rates: Rates, *, producers: int | None = None, trainers: int = 1,
-             epochs: int | None = None, warm_variations: int = 0, represents: int | None = None) -> Simulation:
+             epochs: int | None = None, warm_variations: int = 0) -> Simulation:
     """Run ``cfg``'s online training of ``dataset_size`` images on a virtual clock.
 
     ``producers`` defaults to ``cfg.gen_gpus``; ``trainers`` ranks of ``cfg.train.batch_size`` make the
     global batch; ``epochs`` defaults to ``cfg.train.epochs``; ``warm_variations`` > 0 starts from a
     cache that holds that many variations of every image (``python -m onlinemix.cache warm``).
-    ``represents``: the ``dataset_size`` images stand for a dataset this large, so the ring's slots (down
-    to what the producers' lead needs) and the cache's commit and refresh delays shrink with it and keep
-    their size next to an epoch (the batches, rates and wait timeout, which act per step, stay).
     """
     producers = cfg.gen_gpus if producers is None else producers
     epochs = cfg.train.epochs if epochs is None else epochs
@@ -427,18 +455,11 @@ def simulate(cfg: Config, dataset_size: int, rates: Rates, *, producers: int | N
     if cfg.ring.slots < needed:
         raise ValueError(f"ring.slots={cfg.ring.slots} cannot hold the global batch ({global_batch}) plus one "
                          f"generator batch per producer: need at least {needed}")
-    scale = max(1.0, (represents or dataset_size) / dataset_size)
-    if scale > 1:
-        # Fewer slots hold pairs for less of an epoch, as the full ring does for the full dataset, but
-        # producers must still reach their lead (positions the trainers pass while a batch is made).
-        lead = (global_batch / rates.step_s) * (cfg.generator.batch_size / rates.gen_pairs_s) * cfg.producer.lead_factor
-        slots = min(cfg.ring.slots, max(needed + math.ceil(lead), round(cfg.ring.slots / scale)))
-        cfg = replace(cfg, ring=replace(cfg.ring, slots=slots))
+    cfg = replace(cfg, train=replace(cfg.train, epochs=epochs))  # producers claim nothing past the last epoch
     schedule = EpochSchedule(np.arange(dataset_size), global_batch, cfg.train.seed)
-    run = _Run(cfg, schedule, rates, epochs * schedule.steps_per_epoch)
+    run = _Run(cfg, schedule, rates, epochs * schedule.steps_per_epoch, producers)
     if cfg.cache.enabled:
-        run.disk = DiskCache(run.clock, producers, cfg.cache.shard_pairs, cfg.cache.flush_s / scale,
-                             CACHE_REFRESH_S / scale)
+        run.disk = DiskCache(run.clock, dataset_size, producers, cfg.cache.shard_pairs, cfg.cache.flush_s)
         if warm_variations:
             run.disk.warm(schedule.train_ids, warm_variations)
     for index in range(producers):
@@ -450,4 +471,4 @@ def simulate(cfg: Config, dataset_size: int, rates: Rates, *, producers: int | N
     header = run.ring.header
     disk_images = run.disk.images() if run.disk is not None else 0
     return Simulation(run.trainer.epochs, run.clock.now, header.generated, header.evicted_unserved, unserved,
-                      disk_images)
+                      disk_images, run.batches)

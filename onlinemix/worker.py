@@ -122,6 +122,7 @@ class CacheSink:
         w = pairs.work
         for i in range(len(w.ids)):
             self.writer.add(int(w.ids[i]), w.seeds[i], int(w.epochs[i]), pairs.synthetic[i])
+        self.writer.flush_due()
         if self.writer.disabled and self.required:
             raise CacheError(f"cache {self.writer.dir} stopped accepting pairs (see the warning above)")
         if self.writer.disabled and not self._reported:  # online: the trainer's console and summary say so

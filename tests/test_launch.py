@@ -166,7 +166,8 @@ def cached_pairs(cache_dir: Path) -> list[tuple[int, int]]:
 
 
 def test_two_nodes_each_with_its_own_ring_and_producer_train_one_model(tmp_path: Path, no_leaked_segments) -> None:
-    results = finish(start_nodes(tmp_path, "--train.epochs", "1"), timeout=240)
+    # Two steps in all: batches wait for their views (the default never does), so each node's pairs reach it.
+    results = finish(start_nodes(tmp_path, "--train.epochs", "1", "--staleness.policy", "wait"), timeout=240)
     assert [code for code, _ in results] == [0, 0], "\n".join(stderr[-3000:] for _, stderr in results)
     main, other = tmp_path / "node0" / "two", tmp_path / "node1" / "two"
     # The main process's files on node 0; each node's own ring and producer files, numbered apart.

@@ -155,34 +155,55 @@ def test_eviction_prefers_pairs_whose_image_has_a_newer_pair(ring: PairRing) -> 
     assert ring.reserve(1, 0, 100) == [slots[0]]  # then the oldest
 
 
-def producer_port(ring: PairRing, lookahead: int, lead: int = 0) -> ProducerPort:
+def producer_port(ring: PairRing, capacity: int, lead: int = 0) -> ProducerPort:
     """A producer's port whose lead is ``lead`` positions: trainers at ``lead`` positions/s, batches of 1 s."""
-    port = ProducerPort(ring, lookahead, lead_factor=1.0)
+    port = ProducerPort(ring, capacity, lead_factor=1.0)
     TrainerPort(ring, leader=True).publish_speed(lead, 1.0)
     port.observe_batch(1.0)
     return port
 
 
-def test_claims_stay_within_lookahead_and_serve_a_waiting_trainer_first(ring: PairRing) -> None:
-    port = producer_port(ring, lookahead=6)
+def test_claims_are_bounded_by_unserved_pairs_waiting_and_serve_a_waiting_trainer_first(ring: PairRing) -> None:
+    port = producer_port(ring, capacity=6)
     assert port.claim(4).tolist() == [0, 1, 2, 3]
+    for position in range(4):  # published for positions the trainers have not reached: 4 of 6 slots taken
+        put(ring, real_id=position, position=position)
     assert port.claim(4).tolist() == [4, 5]
-    assert port.claim(4).tolist() == []
+    for position in (4, 5):
+        put(ring, real_id=position, position=position)
+    assert port.claim(4).tolist() == []  # 6 unserved pairs wait
+    take(ring, [0], [0])  # one served: it no longer counts as waiting
+    assert port.claim(4).tolist() == [6]
     TrainerPort(ring, leader=False).request(1, 4)
     assert port.claim(2).tolist() == [1, 2]
     assert port.claim(2).tolist() == [3]
-    assert port.claim(2).tolist() == []
+    assert port.claim(2).tolist() == [7]  # then on from where claims had reached, within the room left
 
 
-def test_claims_start_where_the_trainers_will_be(ring: PairRing) -> None:
+def test_claims_start_where_the_trainers_will_be_however_far_that_is(ring: PairRing) -> None:
     trainers = TrainerPort(ring, leader=True)
     trainers.publish_position(100)
-    assert producer_port(ring, lookahead=1000, lead=50).claim(4).tolist() == [150, 151, 152, 153]
+    assert producer_port(ring, capacity=1000, lead=50).claim(4).tolist() == [150, 151, 152, 153]
     # Once ahead of the lead, claims simply continue.
-    assert producer_port(ring, lookahead=1000, lead=10).claim(2).tolist() == [154, 155]
-    # A lead beyond the lookahead is capped by it.
+    assert producer_port(ring, capacity=1000, lead=10).claim(2).tolist() == [154, 155]
+    # A lead far beyond the ring's 8 slots (into later epochs) is not capped by it.
     trainers.publish_position(1000)
-    assert producer_port(ring, lookahead=8, lead=50).claim(2).tolist() == [1006, 1007]
+    assert producer_port(ring, capacity=6, lead=50_000).claim(2).tolist() == [51_000, 51_001]
+
+
+def test_the_lead_is_the_first_trainer_batch_looked_up_after_a_batch_is_ready() -> None:
+    ring = PairRing.local(slots=8, resolution=R)
+    ring.clock_ns = iter([0, 0, 10**9]).__next__  # the ring's clock (ns) at each reading
+    trainers = TrainerPort(ring, leader=True)
+    trainers.publish_speed(100, 1.0)  # 100 positions/s, 50 at a time: a lookup every 0.5 s
+    trainers.publish_position(0)  # at t = 0
+    port = ProducerPort(ring, 6, lead_factor=1.0, trainer_batch=50)
+    port.observe_batch(1.2)
+    # Ready at 1.2 s: the lookups at 0.5 s and 1 s ([0, 50) and [50, 100)) come first.
+    assert port.lead() == 100
+    # Asked at t = 1 s, with no lookup published since: ready at 2.2 s, after those at 1.5 s and 2 s too.
+    assert port.lead() == 200
+    assert ProducerPort(ring, 6, lead_factor=0.0, trainer_batch=50).lead() == 0  # at the trainers
 
 
 def test_only_the_leading_trainer_publishes(ring: PairRing) -> None:
@@ -194,7 +215,7 @@ def test_only_the_leading_trainer_publishes(ring: PairRing) -> None:
 
 
 def test_lead_is_trainer_speed_times_smoothed_batch_time(ring: PairRing) -> None:
-    port = ProducerPort(ring, lookahead=10_000, lead_factor=1.5)
+    port = ProducerPort(ring, capacity=10_000, lead_factor=1.5)
     trainers = TrainerPort(ring, leader=True)
     trainers.publish_speed(100, 1.0)
     assert port.lead() == 0  # no batch measured yet: claim at the trainers
@@ -202,11 +223,11 @@ def test_lead_is_trainer_speed_times_smoothed_batch_time(ring: PairRing) -> None
     assert port.lead() == 300  # 100 positions/s x 2 s x 1.5
     port.observe_batch(4.0)  # smoothed: 0.8 x 2 + 0.2 x 4 = 2.4 s
     assert port.lead() == 360
-    assert ProducerPort(ring, lookahead=10_000, lead_factor=0.0).lead() == 0  # disabled
+    assert ProducerPort(ring, capacity=10_000, lead_factor=0.0).lead() == 0  # disabled
 
 
 def test_urgently_claimed_positions_are_not_claimed_again(ring: PairRing) -> None:
-    port = producer_port(ring, lookahead=100)
+    port = producer_port(ring, capacity=100)
     assert port.claim(2).tolist() == [0, 1]
     TrainerPort(ring, leader=True).request(2, 6)  # the claim pointer is inside the urgent positions
     assert port.claim(2).tolist() == [2, 3]
@@ -227,7 +248,7 @@ def test_evictions_of_pairs_that_never_served_are_counted() -> None:
     ring.reserve(2, 0, 100)
     port = TrainerPort(ring, leader=True)
     assert port.evicted_unserved == 2
-    ProducerPort(ring, lookahead=8, lead_factor=1.0).count_busy(1.5)
+    ProducerPort(ring, capacity=8, lead_factor=1.0).count_busy(1.5)
     assert port.busy_s == 1.5
 
 
@@ -235,7 +256,7 @@ def test_urgent_positions_the_trainers_have_passed_are_skipped(ring: PairRing) -
     trainers = TrainerPort(ring, leader=True)
     trainers.request(10, 20)
     trainers.publish_position(18)
-    assert producer_port(ring, lookahead=100).claim(8).tolist() == [18, 19]
+    assert producer_port(ring, capacity=100).claim(8).tolist() == [18, 19]
 
 
 def test_producers_report_readiness_and_one_fingerprint(ring: PairRing) -> None:

@@ -65,17 +65,29 @@ def test_the_planner_prints_every_split_marks_the_fastest_and_weighs_warming(tmp
     rates = tmp_path / "throughput.json"
     rates.write_text(json.dumps({"generation": {"best_img_s": 40.0}, "training": {"img_s": 100.0}}))
     plan_main(["--gpus", "3", "--dataset-size", "2000", "--epochs", "3", "--rates", str(rates),
-               "--sim-images", "256", "--sim-epochs", "2", "--train.batch-size", "32", "--staleness.policy", "cached"])
+               "--train.batch-size", "32"])
     out = capsys.readouterr().out.splitlines()
     assert out[0] == ("1 node(s) x 3 devices, 2000 images, 3 epochs; per device 40 pairs/s generated, 100 img/s "
                       "trained; policy cached, max_reuse 4, ring 2048 slots")
-    assert out[1].split() == ["gen", "train", "img/s", "epoch", "run", "var/img", "fresh", "synth", "age", "cache",
-                              "GB"]
+    assert out[1].split() == ["gen", "train", "img/s", "lost", "epoch", "run", "var/img", "fresh", "synth", "age",
+                              "cache", "GB"]
     rows = [line.split() for line in out[2:4]]
     assert [row[:2] for row in rows] == [["1", "2"], ["2", "1"]]
-    # Two trainers need 200 img/s and one producer makes 40: throughput is the trainers' (no policy wait).
-    assert float(rows[0][2]) == pytest.approx(200, rel=0.05)
-    assert float(rows[1][2]) == pytest.approx(100, rel=0.05)
-    assert rows[0][-1] == "*" and len(rows[1]) == 10
+    # Two trainers need 200 img/s and one producer makes 40: throughput is the trainers' (the default never waits).
+    assert float(rows[0][2]) == pytest.approx(200, rel=0.02) and rows[0][3] == "0.0%"
+    assert float(rows[1][2]) == pytest.approx(100, rel=0.02)
+    assert rows[0][-1] == "*" and len(rows[1]) == 11
     assert out[4] == "* best (fastest): 1 producer(s) + 2 trainer(s) per node"
     assert out[5].startswith("warm first: ") and out[5].endswith("online is better")
+
+
+def test_the_planner_flags_splits_where_waiting_throttles_the_trainers(capsys) -> None:
+    plan_main(["--gpus", "3", "--dataset-size", "2000", "--epochs", "3", "--gen-rate", "40", "--train-rate", "100",
+               "--train.batch-size", "32", "--staleness.policy", "wait", "--staleness.wait-timeout-s", "1"])
+    out = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in out[2:4]]
+    # One producer makes 40 pairs/s for trainers that take 200 images/s: most batches wait for views.
+    lost = [float(row[3].rstrip("%")) for row in rows]
+    assert lost[0] > 20 and rows[0][11] == "!"
+    assert float(rows[0][2]) == pytest.approx(200 * (1 - lost[0] / 100), rel=0.02)
+    assert out[4].startswith(f"! policy wait throttles the trainers of 1+2 ({lost[0]:.0f}% of their speed lost)")

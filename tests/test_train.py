@@ -360,10 +360,12 @@ def test_producers_exit_when_the_trainer_is_killed(tmp_path: Path, no_leaked_seg
 
 
 def test_two_trainer_ranks_share_one_ring(tmp_path: Path, no_leaked_segments) -> None:
-    """torchrun with two gloo ranks: the second rank attaches to the ring by name and trains."""
+    """torchrun with two gloo ranks: the second rank attaches to the ring by name and trains (a run of two
+    seconds: its batches wait for their views, which the default never does, so that pairs reach both ranks)."""
     env = {**os.environ, "TQDM_DISABLE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "onlinemix.train",
+         "--staleness.policy", "wait",
          "--train.epochs", "1", "--train.batch-size", "32", "--probe.epochs", "50", "--data.resolution", "16",
          "--probe.knn-every", "0", "--output-dir", str(tmp_path), "--run-name", "ddp"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -417,7 +419,8 @@ def test_death_of_one_trainer_rank_stops_the_whole_job_cleanly(tmp_path: Path, n
 
 def test_an_image_folder_run_prepares_a_store_and_every_process_reads_it(tmp_path: Path, no_leaked_segments) -> None:
     """An ImageFolder dataset: the run prepares a store once under the cache directory; the trainer
-    and the producer read it by id at the stored size (larger than the views), and so does the cache."""
+    and the producer read it by id at the stored size (larger than the views), and so does the cache.
+    Six steps in all: batches wait for their views (the default never does), so that pairs reach them."""
     import numpy as np
     from PIL import Image
 
@@ -429,7 +432,7 @@ def test_an_image_folder_run_prepares_a_store_and_every_process_reads_it(tmp_pat
     proc = run_training("--data.dataset", str(tmp_path / "tree"), "--data.stored-size", "24", "--train.epochs", "2",
                         "--train.batch-size", "16", "--generator.batch-size", "8", "--ring.slots", "64",
                         "--probe.epochs", "20", "--data.resolution", "16", "--probe.knn-every", "0",
-                        "--output-dir", str(tmp_path), "--run-name", "folder")
+                        "--staleness.policy", "wait", "--output-dir", str(tmp_path), "--run-name", "folder")
     assert proc.returncode == 0, proc.stderr[-3000:]
     stores = list((tmp_path / "cache" / "stores").iterdir())
     assert len(stores) == 1 and json.loads((stores[0] / "store.json").read_text())["size"] == 24

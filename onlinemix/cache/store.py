@@ -250,7 +250,14 @@ class ShardWriter:
 
     def _append(self, real_id: int, seed: int, epoch: int, stored: np.ndarray) -> None:
         self._rows.append((real_id, seed, epoch, crc32(stored)))
-        if len(self._rows) == self.shard_pairs or time.monotonic() - self._last_flush >= self.flush_s:
+        if len(self._rows) == self.shard_pairs:
+            self.flush()
+
+    def flush_due(self) -> None:
+        """Commit a partly filled shard when ``flush_s`` has passed since the last commit: called once a whole
+        batch has been added, so that none of its images waits for the next batch (which, when generation
+        is slow, comes many seconds later) before the trainers can see it."""
+        if time.monotonic() - self._last_flush >= self.flush_s:
             self.flush()
 
     def flush(self) -> None:
