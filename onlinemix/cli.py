@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 from collections.abc import Callable
@@ -91,9 +92,27 @@ def parse_config_args(parser: argparse.ArgumentParser,
     return args, overrides
 
 
+def positive_number(text: str) -> float:
+    """An argparse ``type``: a finite number > 0 (rates, durations)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not valid: expected a finite number > 0")
+    return value
+
+
+positive_number.__name__ = "number"
+# Usage lines for commands that take every config key as a flag: argparse's own lists them all (70 lines
+# before each argument error); --help still does.
+CONFIG_FLAGS_USAGE = "[--config FILE] [--section.key VALUE ...]  (--help lists every option)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onlinemix.train",
+        usage=f"%(prog)s [--resume auto|RUN_DIR|CHECKPOINT_DIR] [--gen-gpus N] {CONFIG_FLAGS_USAGE}",
         description="Self-supervised training with synthetic views generated on the fly (MixDiff). "
                     "Producers run a Stable Diffusion image-variation model and fill a shared-memory ring of "
                     "(real, synthetic) pairs; trainers consume it through accelerate. With no arguments, trains "

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .cli import add_config_options, at_least, parse_config_args
+from .cli import CONFIG_FLAGS_USAGE, add_config_options, at_least, parse_config_args, positive_number
 from .config import Config, ConfigError, load_config
 from .pairs import reads_disk
 from .simulate import EpochResult, Rates, Simulation, simulate
@@ -209,6 +209,8 @@ def warm_first(cfg: Config, rates: DeviceRates, gpus: int, nodes: int, dataset_s
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="onlinemix.plan",
+        usage="%(prog)s --gpus N --dataset-size N (--gen-rate R --train-rate R | --rates JSON) [--epochs N] "
+              f"{CONFIG_FLAGS_USAGE}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Predict, for every split of a node's devices into producers and trainers, the trainers' "
                     "throughput, epoch and run time, distinct variations per image, freshness and disk cache size, "
@@ -224,12 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-size", type=at_least(1), required=True, help="training images")
     p.add_argument("--epochs", type=at_least(1), default=None, help="training epochs (default: train.epochs)")
     p.add_argument("--rates", type=Path, default=None, help="benchmark JSON to read per-device rates from")
-    p.add_argument("--gen-rate", type=float, default=None, help="synthetic pairs per second one producer device makes")
-    p.add_argument("--train-rate", type=float, default=None, help="real images per second one trainer device uses")
+    p.add_argument("--gen-rate", type=positive_number, default=None, help="synthetic pairs per second one producer device makes")
+    p.add_argument("--train-rate", type=positive_number, default=None, help="real images per second one trainer device uses")
     p.add_argument("--objective", choices=("fastest", "freshest"), default="fastest",
                    help="fastest: the shortest run; freshest: the most distinct variations per image within "
                         "--wall-hours (default fastest)")
-    p.add_argument("--wall-hours", type=float, default=None, help="freshest: the longest acceptable run, in hours")
+    p.add_argument("--wall-hours", type=positive_number, default=None, help="freshest: the longest acceptable run, in hours")
     p.add_argument("--sim-epochs", type=at_least(2), default=None,
                    help="epochs simulated, each on a node's whole share of the dataset; later ones are projected "
                         "from the last two (default: staleness.max_age + 3, by when ring reuse has settled)")

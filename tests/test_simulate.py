@@ -91,3 +91,19 @@ def test_the_planner_flags_splits_where_waiting_throttles_the_trainers(capsys) -
     assert lost[0] > 20 and rows[0][11] == "!"
     assert float(rows[0][2]) == pytest.approx(200 * (1 - lost[0] / 100), rel=0.02)
     assert out[4].startswith(f"! policy wait throttles the trainers of 1+2 ({lost[0]:.0f}% of their speed lost)")
+
+
+@pytest.mark.parametrize("argv,said", [
+    (["--gpus", "8"], "the following arguments are required: --dataset-size"),
+    (["--gpus", "8", "--dataset-size", "100", "--gen-rate", "inf", "--train-rate", "10"],
+     "argument --gen-rate: inf is not valid: expected a finite number > 0"),
+    (["--gpus", "8", "--dataset-size", "100", "--gen-rate", "1", "--train-rate", "-3"],
+     "argument --train-rate: -3 is not valid: expected a finite number > 0"),
+])
+def test_the_planner_answers_an_argument_error_in_two_lines(argv: list[str], said: str, capsys) -> None:
+    """Not argparse's usage of every config key (70 lines) before the error."""
+    with pytest.raises(SystemExit) as e:
+        plan_main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 2 and err[0].startswith("usage: onlinemix.plan --gpus N")
+    assert err[1] == f"onlinemix.plan: error: {said}"
