@@ -85,7 +85,7 @@ def test_commands_from_any_folder_use_the_installed_packages(where: str, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     origin = Path(proc.stdout.strip().splitlines()[-1]).resolve()
     assert origin.is_relative_to(Path(str(metadata.distribution("kernels").locate_file(""))).resolve())
-    assert not origin.is_relative_to(REPO)
+    assert not origin.is_relative_to(REPO / "kernels")  # (CI's virtual environment may live in the repository)
 
 
 def lock_pins() -> dict[str, str]:
