@@ -23,6 +23,7 @@ import torch
 
 import onlinemix
 from onlinemix.generate import xformers_unusable
+from onlinemix.ring import SHM_DIR
 
 LIBRARIES = ("torch", "torchvision", "diffusers", "transformers", "accelerate", "huggingface_hub", "safetensors",
              "webdataset", "triton", "xformers", "kernels", "numpy")
@@ -96,7 +97,7 @@ def view_backend() -> tuple[str, str]:
 
 def shared_memory() -> dict | None:
     try:
-        usage = shutil.disk_usage("/dev/shm")
+        usage = shutil.disk_usage(SHM_DIR)
     except OSError:
         return None
     return {"size_gib": round(usage.total / GiB, 2), "free_gib": round(usage.free / GiB, 2)}
@@ -180,7 +181,7 @@ def format_report(info: dict) -> str:
     v = info["view_backend_auto"]
     lines.append(f"views (train.augment_backend=auto, {v['view_size']} px): {v['backend']} ({v['why']})")
     shm = info["shm"]
-    lines.append(f"/dev/shm: {shm['size_gib']} GiB, {shm['free_gib']} GiB free" if shm else "/dev/shm: not available")
+    lines.append(f"{SHM_DIR}: {shm['size_gib']} GiB, {shm['free_gib']} GiB free" if shm else f"{SHM_DIR}: not available")
     lines += [f"conflict: {c}" for c in info["conflicts"]] or ["conflicts: none"]
     return "\n".join(lines)
 
