@@ -39,18 +39,32 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from common import (
+    BenchParser,
+    Timer,
+    cpu_snapshot,
+    device_name,
+    import_pyplot,
+    int_list,
+    load_line,
+    other_cores_since,
+    results_path,
+    run_meta,
+    save_figure,
+    save_results,
+    setup_torch,
+    target,
+    target_line,
+)
 from tqdm.auto import tqdm
 
-from onlinemix.augment import augment_batch, build_transform, multicrop_sizes
-from onlinemix.batch_augment import augment_views
-from onlinemix.buffers import RecycledTensors
-from onlinemix.compiled_ops import COMPILE_MIN_SIZE, warm_up
-from onlinemix.view_params import ViewParams, view_generator
-from onlinemix.view_specs import ViewSpec, mixdiff_dino_specs, pair_specs, sample_specs
+from onlinemix.views.buffers import RecycledTensors
+from onlinemix.views.compiled import COMPILE_MIN_SIZE, warm_up
+from onlinemix.views.params import ViewParams, view_generator
+from onlinemix.views.recipes import augment_batch, build_transform, multicrop_sizes
+from onlinemix.views.specs import ViewSpec, mixdiff_dino_specs, pair_specs, sample_specs
+from onlinemix.views.torch_backend import augment_views
 
-from common import (BenchParser, Timer, cpu_snapshot, device_name, import_pyplot, int_list, load_line,
-                    other_cores_since, results_path, run_meta, save_figure, save_results, setup_torch, target,
-                    target_line)
 DEFAULTS = {  # (default run, --quick run)
     "resolutions": ("32,224", "32"),
     "batches": ("64,256", "8"),

@@ -47,19 +47,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import (
+    RESULTS_DIR,
+    BenchParser,
+    Timer,
+    cpu_name,
+    cpu_snapshot,
+    device_name,
+    import_pyplot,
+    load_line,
+    other_cores_since,
+    results_path,
+    run_meta,
+    save_figure,
+    save_results,
+    setup_torch,
+)
 from PIL import Image
+from throughput import bench_training
 from tqdm.auto import tqdm
 
 from onlinemix.cache.store import FORMATS, CacheReader, ShardWriter, Variation
 from onlinemix.cache.transfer import decode_png, variation_sample
-from onlinemix.files import fsync_path
-from onlinemix.config import CacheConfig, load_config
+from onlinemix.core.config import CacheConfig, load_config
+from onlinemix.core.files import fsync_path
 from onlinemix.data import load_real_images
-from onlinemix.generate import make_generator
-
-from common import (RESULTS_DIR, BenchParser, Timer, cpu_name, cpu_snapshot, device_name, import_pyplot, load_line,
-                    other_cores_since, results_path, run_meta, save_figure, save_results, setup_torch)
-from throughput import bench_training
+from onlinemix.generation.generator import make_generator
 
 KEY = "bench"
 DEFAULTS = {  # (default run, --quick run)

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from onlinemix.files import write_json
+from onlinemix.core.files import write_json
 
 if TYPE_CHECKING:
     import torch

@@ -46,15 +46,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import (
+    RESULTS_DIR,
+    BenchParser,
+    cpu_name,
+    cpu_snapshot,
+    import_pyplot,
+    int_list,
+    load_line,
+    other_cores_since,
+    results_path,
+    run_meta,
+    save_figure,
+    save_results,
+    target,
+    target_line,
+)
 from PIL import Image
 from tqdm.auto import tqdm
 
+from onlinemix.data.prepare import Settings, default_workers, prepare
 from onlinemix.data.sources import array_source
 from onlinemix.data.store import ImageStore
-from onlinemix.data.prepare import Settings, default_workers, prepare
-
-from common import (RESULTS_DIR, BenchParser, cpu_name, cpu_snapshot, import_pyplot, int_list, load_line,
-                    other_cores_since, results_path, run_meta, save_figure, save_results, target, target_line)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULTS = {  # (default run, --quick run)

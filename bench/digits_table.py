@@ -27,13 +27,22 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from common import (
+    BenchParser,
+    cpu_name,
+    cpu_snapshot,
+    import_pyplot,
+    load_line,
+    other_cores_since,
+    results_path,
+    run_meta,
+    save_figure,
+    save_results,
+)
 from tqdm.auto import tqdm
 
-from onlinemix.config import DataConfig
+from onlinemix.core.config import DataConfig
 from onlinemix.data import load_real_images
-
-from common import (BenchParser, cpu_name, cpu_snapshot, import_pyplot, load_line, other_cores_since, results_path,
-                    run_meta, save_figure, save_results)
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("simclr", "barlowtwins", "dino")

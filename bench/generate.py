@@ -56,24 +56,44 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
-import diffusers
+from common import (
+    BenchParser,
+    Timer,
+    cpu_snapshot,
+    device_name,
+    import_pyplot,
+    int_list,
+    load_line,
+    other_cores_since,
+    results_path,
+    run_meta,
+    save_figure,
+    save_results,
+    setup_torch,
+    target,
+    target_line,
+    torch_meta,
+)
 from diffusers import AutoencoderTiny, StableDiffusionImageVariationPipeline, UNet2DConditionModel
 from PIL import Image
 from torch.utils import flop_counter
+from tqdm.auto import tqdm
 from transformers import CLIPVisionModelWithProjection
 
-from onlinemix.config import GeneratorConfig
-from onlinemix.generate import (FULL_SIZE_RANDOM, SCHEDULERS, DiffusersVariationGenerator, GeneratorError,
-                                dtype_argument, model_location, resolve_dtype)
-from onlinemix.stub_diffuser import build_full_size_random_pipeline, build_stub_pipeline
-
-from common import (BenchParser, Timer, cpu_snapshot, device_name, import_pyplot, int_list, load_line,
-                    other_cores_since, results_path, run_meta, save_figure, save_results, setup_torch, target,
-                    target_line, torch_meta)
+from onlinemix.core.config import GeneratorConfig
+from onlinemix.generation.generator import (
+    FULL_SIZE_RANDOM,
+    SCHEDULERS,
+    DiffusersVariationGenerator,
+    GeneratorError,
+    dtype_argument,
+    model_location,
+    resolve_dtype,
+)
+from onlinemix.generation.stub import build_full_size_random_pipeline, build_stub_pipeline
 
 TARGET_OVERHEAD = 1.10  # generate() / bare pipe() on the stub, every row
 TARGET_PLAIN = 3.0      # x the plain diffusers call, H100-class GPU, batch >= 16

@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from onlinemix.files import write_json
+from onlinemix.core.files import write_json
 
 REPO = Path(__file__).resolve().parent.parent
 KILL_GRACE_S = 5.0

@@ -31,15 +31,24 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from common import (
+    BenchParser,
+    cpu_snapshot,
+    import_pyplot,
+    other_cores_since,
+    results_path,
+    run_meta,
+    save_figure,
+    save_results,
+    target,
+    target_line,
+)
 
-from onlinemix.augment import multicrop_sizes
-from onlinemix.config import Config, load_config
-from onlinemix.methods import DINO, StepInfo, build_method
-from onlinemix.view_specs import mixdiff_dino_specs
-from onlinemix.views import N_GLOBAL_CROPS, Views
-
-from common import (BenchParser, cpu_snapshot, import_pyplot, other_cores_since, results_path, run_meta,
-                    save_figure, save_results, target, target_line)
+from onlinemix.core.config import Config, load_config
+from onlinemix.methods.build import DINO, StepInfo, build_method
+from onlinemix.views.compose import N_GLOBAL_CROPS, Views
+from onlinemix.views.recipes import multicrop_sizes
+from onlinemix.views.specs import mixdiff_dino_specs
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "configs" / "recipes").glob("*.yaml"))

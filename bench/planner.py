@@ -1,4 +1,4 @@
-"""The planner (onlinemix.plan) against full simulations of the run it predicts, over the grid of
+"""The planner (onlinemix.tools.plan) against full simulations of the run it predicts, over the grid of
 generation/training ratios users run at and every split of a node.
 
     python bench/planner.py              # IN-100 (126,689 images), 20 epochs, 1:1 to 1:3000, 1-7 producers
@@ -8,8 +8,8 @@ generation/training ratios users run at and every split of a node.
 Every point is one node of ``--gpus`` devices, g of them producers making ``train-rate / ratio`` pairs/s
 each and the rest trainers taking ``--train-rate`` images/s each, with the default configuration (its
 ring, batches, staleness and cache) and ``--policy``. The planner's prediction of the split
-(:func:`onlinemix.plan.predict_split`: a few simulated epochs, the rest projected) is compared with
-the product's own code run over every epoch on the virtual clock (:func:`onlinemix.simulate.simulate`):
+(:func:`onlinemix.tools.plan.predict_split`: a few simulated epochs, the rest projected) is compared with
+the product's own code run over every epoch on the virtual clock (:func:`onlinemix.tools.simulate.simulate`):
 variations per image, synthetic share of second views and trainer throughput, each within 5%. The full
 simulation also gives the targets of online generation at that point: the trainers keep >= 98% of
 their speed without generation, the ring evicts <= 5% of the generated pairs before they serve, and
@@ -28,12 +28,24 @@ import argparse
 import math
 import os
 
-from onlinemix.config import load_config
-from onlinemix.plan import DeviceRates, Split, predict_split
-from onlinemix.simulate import Rates, Simulation, simulate
+from common import (
+    BenchParser,
+    cpu_snapshot,
+    import_pyplot,
+    int_list,
+    load_line,
+    other_cores_since,
+    results_path,
+    run_meta,
+    save_figure,
+    save_results,
+    target,
+    target_line,
+)
 
-from common import (BenchParser, cpu_snapshot, import_pyplot, int_list, load_line, other_cores_since, results_path,
-                    run_meta, save_figure, save_results, target, target_line)
+from onlinemix.core.config import load_config
+from onlinemix.tools.plan import DeviceRates, Split, predict_split
+from onlinemix.tools.simulate import Rates, Simulation, simulate
 
 AGREEMENT, KEPT, WASTE, GENERATION = 0.05, 0.98, 0.05, 0.95
 DEFAULTS = {

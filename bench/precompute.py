@@ -6,7 +6,7 @@
 
 For each K of --variations, with the tiny stub diffuser and the package's defaults otherwise:
 
-* precompute (the paper's way): ``cache warm --variations K`` into an empty cache (``onlinemix.warm.warm``,
+* precompute (the paper's way): ``cache warm --variations K`` into an empty cache (``onlinemix.generation.warm.warm``,
   its one CPU worker), then ``--offline`` training from that cache alone for --epochs;
 * online: producers and trainer together (one producer, ``--gen-gpus 1``) into an empty cache, with
   ``staleness.max_reuse = epochs / K`` and ``staleness.max_age = epochs``, so that each synthetic view may
@@ -45,15 +45,25 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import (
+    BenchParser,
+    cpu_name,
+    cpu_snapshot,
+    import_pyplot,
+    int_list,
+    load_line,
+    other_cores_since,
+    results_path,
+    run_meta,
+    save_figure,
+    save_results,
+)
 
 from onlinemix.cache import CacheReader, cache_keys
-from onlinemix.config import load_config
+from onlinemix.core.config import load_config
 from onlinemix.data import load_real_images, select_train_ids
+from onlinemix.generation.warm import warm
 from onlinemix.train import run as train_run
-from onlinemix.warm import warm
-
-from common import (BenchParser, cpu_name, cpu_snapshot, import_pyplot, int_list, load_line, other_cores_since,
-                    results_path, run_meta, save_figure, save_results)
 
 DEFAULTS = {  # (default run, --quick run)
     "variations": ("1,2", "1"),

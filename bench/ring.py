@@ -46,12 +46,25 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from common import (
+    SKEW_CORES,
+    BenchParser,
+    cpu_name,
+    cpu_snapshot,
+    import_pyplot,
+    int_list,
+    load_line,
+    other_cores_since,
+    results_path,
+    run_meta,
+    save_figure,
+    save_results,
+    target,
+    target_line,
+)
 from tqdm.auto import tqdm
 
-from onlinemix.ring import NAME_PREFIX, SHM_DIR, PairRing
-
-from common import (SKEW_CORES, BenchParser, cpu_name, cpu_snapshot, import_pyplot, int_list, load_line,
-                    other_cores_since, results_path, run_meta, save_figure, save_results, target, target_line)
+from onlinemix.exchange.ring import NAME_PREFIX, SHM_DIR, PairRing
 
 TARGET_MEMCPY = 0.5   # ring GB/s >= this x memcpy GB/s
 TARGET_QUEUE = 5.0    # ring pairs/s >= this x Queue pairs/s at the same P, C
@@ -257,7 +270,7 @@ def profile_ring_module(seconds: dict) -> None:
     """--profile: count the time this worker spends in flock (waiting for and taking the ring's lock) and in
     crc32 inside PairRing's own calls, by swapping the ring module's ``fcntl`` and ``crc32`` for counting
     wrappers in this worker process only (the package itself is not changed)."""
-    from onlinemix import ring as ring_module
+    from onlinemix.exchange import ring as ring_module
 
     seconds.setdefault("flock", 0.0)
     seconds.setdefault("crc32", 0.0)

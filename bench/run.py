@@ -26,11 +26,10 @@ from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
 
+from common import NOT_MEASURED, RESULTS_DIR
 from tqdm.auto import tqdm
 
-from onlinemix.files import write_json
-
-from common import NOT_MEASURED, RESULTS_DIR
+from onlinemix.core.files import write_json
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent

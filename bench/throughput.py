@@ -39,20 +39,33 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from common import (
+    BenchParser,
+    Timer,
+    cpu_snapshot,
+    import_pyplot,
+    int_list,
+    load_line,
+    other_cores_since,
+    results_path,
+    run_meta,
+    save_figure,
+    save_results,
+    setup_torch,
+    target,
+    target_line,
+    torch_meta,
+)
 from tqdm.auto import tqdm
 
-from accelerate import Accelerator
-
-from onlinemix.config import ConfigError, load_config
-from onlinemix.data import RealImages, load_real_images
-from onlinemix.generate import DiffusersVariationGenerator
 from onlinemix.cache.store import CacheReader, ShardWriter
-from onlinemix.pairs import BatchPairs, PairImages, PairSource
-from onlinemix.ring import PairRing, ProducerPort
+from onlinemix.core.config import ConfigError, load_config
+from onlinemix.data import RealImages, load_real_images
+from onlinemix.exchange.lookup import BatchPairs, PairImages, PairSource
+from onlinemix.exchange.ring import PairRing, ProducerPort
+from onlinemix.generation.generator import DiffusersVariationGenerator
 from onlinemix.train import Trainer
-
-from common import (BenchParser, Timer, cpu_snapshot, import_pyplot, int_list, load_line, other_cores_since,
-                    results_path, run_meta, save_figure, save_results, setup_torch, target, target_line, torch_meta)
 
 STEP_COST_TARGET = 1.05  # a MixDiff step with pairs ready <= this x a plain SimCLR step on the same batch
 STEP_COST_KEY = "bench-step-cost"

@@ -1,4 +1,4 @@
-"""The simulator (onlinemix.simulate) against real online runs: predicted and measured fractions side by side.
+"""The simulator (onlinemix.tools.simulate) against real online runs: predicted and measured fractions side by side.
 
     python bench/tradeoff.py              # six short CPU runs, about 12 min on 2 busy cores
     python bench/tradeoff.py --quick      # one run of one epoch on a fifth of the digits: a smoke test
@@ -38,13 +38,23 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from common import (
+    BenchParser,
+    cpu_snapshot,
+    import_pyplot,
+    load_line,
+    other_cores_since,
+    results_path,
+    run_meta,
+    save_figure,
+    save_results,
+    target,
+    target_line,
+)
 
-from onlinemix.config import load_config
+from onlinemix.core.config import load_config
 from onlinemix.data import load_real_images, select_train_ids
-from onlinemix.simulate import ORIGINS, Rates, simulate
-
-from common import (BenchParser, cpu_snapshot, import_pyplot, load_line, other_cores_since, results_path, run_meta,
-                    save_figure, save_results, target, target_line)
+from onlinemix.tools.simulate import ORIGINS, Rates, simulate
 
 REPO = Path(__file__).resolve().parent.parent
 RELATIVE_TOLERANCE, ABSOLUTE_TOLERANCE = 0.15, 0.05

@@ -47,27 +47,46 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from onlinemix.cache import CacheError, CacheReader, cache_key, cache_keys, check_writable, select_key
-from onlinemix.checkpoint import (CheckpointSchedule, checkpoint_dir, load_checkpoint, newest_checkpoint,
-                                  resume_point, save_checkpoint, scan)
-from onlinemix.cli import StopRequests, parse_args, stop_on_sigterm, stopped_by
-from onlinemix.config import (Config, ConfigError, GeneratorConfig, check_resume_overrides, load_config,
-                              needs_synthetic_views, save_config)
-from onlinemix.data import DataError, RealImages, StoreError, load_real_images, select_train_ids
-from onlinemix.devices import NodeLaunch, producer_devices, shared_with_trainers
-from onlinemix.files import unwritable_reason, write_json
-from onlinemix.methods import StepInfo, build_method
-from onlinemix.metrics import RunMetrics
-from onlinemix.optim import build_optimizer, cosine_with_warmup, scaled_lr
-from onlinemix.pairs import BatchPairs, PairImages, PairSource
-from onlinemix.prefetch import Prefetcher, Prepared, check_running, to_device
-from onlinemix.probe import compare_with_random_init, extract_features, format_probe, heldout_knn, heldout_linear
-from onlinemix.producer import ProducerPool
-from onlinemix.ring import PairRing, RingError, TrainerPort, remove_stale_segments
-from onlinemix.rundir import BACKBONE_FILE, CONFIG_FILE, CheckpointError, hold_run_dir
-from onlinemix.schedule import EpochSchedule
-from onlinemix.tracking import SUMMARY_FILE, chosen_tracker, format_summary, start_tracking
-from onlinemix.views import Augmentation, ViewComposer, Views, build_pairing, choose_backend, make_backend
-from onlinemix.worker import WorkerDied
+from onlinemix.core.cli import StopRequests, parse_args, stop_on_sigterm, stopped_by
+from onlinemix.core.config import (
+    Config,
+    ConfigError,
+    GeneratorConfig,
+    check_resume_overrides,
+    load_config,
+    needs_synthetic_views,
+    save_config,
+)
+from onlinemix.core.devices import NodeLaunch, producer_devices, shared_with_trainers
+from onlinemix.core.files import unwritable_reason, write_json
+from onlinemix.core.schedule import EpochSchedule
+from onlinemix.data import RealImages, load_real_images, select_train_ids
+from onlinemix.evaluation.probe import (
+    compare_with_random_init,
+    extract_features,
+    format_probe,
+    heldout_knn,
+    heldout_linear,
+)
+from onlinemix.exchange.lookup import BatchPairs, PairImages, PairSource
+from onlinemix.exchange.ring import PairRing, TrainerPort, remove_stale_segments
+from onlinemix.generation.producer import ProducerPool
+from onlinemix.methods.build import StepInfo, build_method
+from onlinemix.methods.optim import build_optimizer, cosine_with_warmup, scaled_lr
+from onlinemix.training.checkpoint import (
+    CheckpointSchedule,
+    checkpoint_dir,
+    load_checkpoint,
+    newest_checkpoint,
+    resume_point,
+    save_checkpoint,
+    scan,
+)
+from onlinemix.training.metrics import RunMetrics
+from onlinemix.training.prefetch import Prefetcher, Prepared, check_running, to_device
+from onlinemix.training.rundir import BACKBONE_FILE, CONFIG_FILE, hold_run_dir
+from onlinemix.training.tracking import SUMMARY_FILE, chosen_tracker, format_summary, start_tracking
+from onlinemix.views.compose import Augmentation, ViewComposer, Views, build_pairing, choose_backend, make_backend
 
 log = logging.getLogger("onlinemix")
 
@@ -118,7 +137,7 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
     def save_checkpoint(self, metrics: RunMetrics) -> None:
-        """Everything a resumed run needs to continue exactly (onlinemix/checkpoint.py): accelerate's state,
+        """Everything a resumed run needs to continue exactly (onlinemix/training/checkpoint.py): accelerate's state,
         and this rank's metrics totals and cache use counts."""
         counters = {"metrics": metrics.state(),
                     "cache_uses": [[shard, row, n] for (shard, row), n in sorted(self.cache_uses.items())]}
@@ -147,7 +166,7 @@ class Trainer:
         return pairs.get(ids, positions, epoch)
 
     def augment(self, batch: BatchPairs) -> Views:
-        """The batch's float views (CPU) for the configured method and pairing (onlinemix/views.py)."""
+        """The batch's float views (CPU) for the configured method and pairing (onlinemix/views/compose.py)."""
         return self.compose_views(batch.images, self.step // self.schedule.steps_per_epoch, self.step)
 
     def train_step(self, views: Views) -> float:
@@ -539,8 +558,7 @@ def main(argv: list[str] | None = None) -> None:
         run(argv)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    except (WorkerDied, RingError, CacheError, DataError, StoreError, CheckpointError, FileExistsError,
-            FileNotFoundError) as e:
+    except (UserError, FileExistsError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt as e:
         print(f"interrupted ({stopped_by(e).name}); producers stopped and shared memory released", file=sys.stderr)

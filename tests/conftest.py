@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from onlinemix.config import GeneratorConfig
-from onlinemix.ring import NAME_PREFIX, SHM_DIR
+from onlinemix.core.config import GeneratorConfig
+from onlinemix.exchange.ring import NAME_PREFIX, SHM_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from onlinemix.augment import (
+from onlinemix.views.recipes import (
     IMAGENET_MIN_SCALE,
     TINY_MIN_SCALE,
     MixDiffDinoCrops,

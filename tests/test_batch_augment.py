@@ -15,15 +15,31 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from onlinemix.augment import (DINO_GLOBAL_2, DINO_LOCAL, IMAGENET_MEAN, IMAGENET_STD, RECIPES, SOLARIZE_THRESHOLD,
-                               MixDiffDinoCrops, MultiCrop)
-from onlinemix.batch_augment import augment_views, sample_groups
-from onlinemix.compiled_ops import warm_up
-from onlinemix.photometric import (adjust_brightness_, adjust_contrast_, adjust_hue_, adjust_saturation_,
-                                   gaussian_blur, normalize_, solarize_, to_grayscale_)
-from onlinemix.resample import resample, resample_table, resized_crops, uses_native_uint8_path
-from onlinemix.view_params import ViewParams, sample_view_params, view_generator
-from onlinemix.view_specs import mixdiff_dino_specs, multicrop_specs, pair_specs, sample_specs
+from onlinemix.views.compiled import warm_up
+from onlinemix.views.params import ViewParams, sample_view_params, view_generator
+from onlinemix.views.photometric import (
+    adjust_brightness_,
+    adjust_contrast_,
+    adjust_hue_,
+    adjust_saturation_,
+    gaussian_blur,
+    normalize_,
+    solarize_,
+    to_grayscale_,
+)
+from onlinemix.views.recipes import (
+    DINO_GLOBAL_2,
+    DINO_LOCAL,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RECIPES,
+    SOLARIZE_THRESHOLD,
+    MixDiffDinoCrops,
+    MultiCrop,
+)
+from onlinemix.views.resample import resample, resample_table, resized_crops, uses_native_uint8_path
+from onlinemix.views.specs import mixdiff_dino_specs, multicrop_specs, pair_specs, sample_specs
+from onlinemix.views.torch_backend import augment_views, sample_groups
 
 FLOAT_ATOL = 1e-5
 MODES = {"bilinear": F.InterpolationMode.BILINEAR, "bicubic": F.InterpolationMode.BICUBIC}
@@ -176,11 +192,11 @@ def test_views_in_small_chunks_and_blocks_equal_one_of_each(monkeypatch: pytest.
                                                             block_bytes: int) -> None:
     x = images(16, 32, 32)
     params = sample_view_params(RECIPES["simclr"]["real"], 16, 32, 32, 32, view_generator(0, 0, 0))
-    monkeypatch.setattr("onlinemix.batch_augment.CPU_CHUNK_BYTES", 1 << 30)
-    monkeypatch.setattr("onlinemix.batch_augment.BLOCK_BYTES", 1 << 30)
+    monkeypatch.setattr("onlinemix.views.torch_backend.CPU_CHUNK_BYTES", 1 << 30)
+    monkeypatch.setattr("onlinemix.views.torch_backend.BLOCK_BYTES", 1 << 30)
     whole = augment_views(x, params)
-    monkeypatch.setattr("onlinemix.batch_augment.CPU_CHUNK_BYTES", chunk_bytes)
-    monkeypatch.setattr("onlinemix.batch_augment.BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr("onlinemix.views.torch_backend.CPU_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr("onlinemix.views.torch_backend.BLOCK_BYTES", block_bytes)
     assert torch.equal(augment_views(x, params), whole)
 
 
@@ -190,7 +206,7 @@ def test_tables_and_torchvisions_resize_make_the_same_views(monkeypatch: pytest.
     x = images(12, 40, 36)
     params = sample_view_params(RECIPES["simclr"]["real"].geometric_only(), 12, 40, 36, 24, view_generator(3, 0, 0))
     native = augment_views(x, params)
-    monkeypatch.setattr("onlinemix.batch_augment.NATIVE_RESIZE_DEVICES", ())
+    monkeypatch.setattr("onlinemix.views.torch_backend.NATIVE_RESIZE_DEVICES", ())
     tables = augment_views(x, params)
     if uses_native_uint8_path("bilinear"):
         assert torch.equal(tables, native)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "throughput.py"
 
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from onlinemix.ring import NAME_PREFIX, SHM_DIR
+from onlinemix.exchange.ring import NAME_PREFIX, SHM_DIR
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "ring.py"
 

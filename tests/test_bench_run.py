@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from onlinemix.ring import SHM_DIR
+from onlinemix.exchange.ring import SHM_DIR
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 

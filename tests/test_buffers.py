@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from onlinemix.buffers import MIN_BYTES, RecycledTensors
+from onlinemix.views.buffers import MIN_BYTES, RecycledTensors
 
 BIG = (4, 3, 160, 160)  # 1.2 MB of float32: above MIN_BYTES
 

@@ -20,20 +20,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_same_variation
 from PIL import Image
 
 from onlinemix.cache import __main__ as cache_main
 from onlinemix.cache.__main__ import main
-from onlinemix.cli import Terminated
 from onlinemix.cache.store import INDEX, QUARANTINE, SHARDS, CacheReader, cache_keys
 from onlinemix.cache.transfer import decode_png, encode_png
-from onlinemix.config import load_config
+from onlinemix.core.cli import Terminated
+from onlinemix.core.config import load_config
+from onlinemix.core.schedule import variation_seed
 from onlinemix.data import RealImages, load_real_images, select_train_ids
-from onlinemix.generate import make_generator
-from onlinemix.schedule import variation_seed
-from onlinemix.warm import WarmResult
-
-from conftest import assert_same_variation
+from onlinemix.generation.generator import make_generator
+from onlinemix.generation.warm import WarmResult
 
 REPO = Path(__file__).resolve().parent.parent
 N_IMAGES, N_TRAIN = 80, 64  # data.holdout_fraction 0.2

@@ -19,11 +19,11 @@ from onlinemix.cache import CacheError, CacheReader, ShardWriter, cache_key, che
 from onlinemix.cache.maintenance import verify_key
 from onlinemix.cache.migrate import SUFFIX, convert, migrate
 from onlinemix.cache.store import GENERATOR_FILE, INDEX, MIGRATE_COMMAND, QUARANTINE, SHARDS, read_record
-from onlinemix.config import StalenessConfig
+from onlinemix.core.config import StalenessConfig
 from onlinemix.data.prepare import Settings, prepare
 from onlinemix.data.sources import array_source
 from onlinemix.data.store import ImageStore
-from onlinemix.pairs import PairSource
+from onlinemix.exchange.lookup import PairSource
 
 R = 64
 KEY = cache_key("f" * 16, "photos")

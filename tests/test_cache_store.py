@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from isal.isal_zlib import crc32
 
 from onlinemix.cache import CacheError, CacheReader, Served, ShardWriter, cache_key, check_writable, select_key

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
-from onlinemix.cli import build_parser, parse_args
-from onlinemix.config import Config, ConfigError, leaves, load_config, save_config
-from onlinemix.registry import METHODS, PAIRINGS
+from onlinemix.core.cli import build_parser, parse_args
+from onlinemix.core.config import Config, ConfigError, leaves, load_config, save_config
+from onlinemix.core.registry import METHODS, PAIRINGS
 from onlinemix.train import main as train_main
 
 REPO = Path(__file__).resolve().parent.parent

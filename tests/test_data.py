@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from onlinemix.config import DataConfig
+from onlinemix.core.config import DataConfig
 from onlinemix.data import DataError, load_real_images, split_ids
 from onlinemix.data.decode import LabelledImages, load_image_source
 from onlinemix.data.store import ImageStore

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from onlinemix.dino import (
+from onlinemix.methods.dino import (
     DINOCenter,
     DINOHead,
     cancel_last_layer_gradients,

@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from onlinemix.config import Config, save_config
+from onlinemix.core.config import Config, save_config
 from onlinemix.data import load_image_source, load_real_images
 from onlinemix.data.prepare import Settings, prepare
-from onlinemix.eval import main
-from onlinemix.stats import main as stats_main
-from onlinemix.models import build_backbone
+from onlinemix.evaluation.evaluate import main
+from onlinemix.methods.backbones import build_backbone
+from onlinemix.tools.stats import main as stats_main
 
 R = 16  # image side of the tiny run
 
@@ -189,7 +189,7 @@ def test_bad_eval_set_syntax(run_dir: Path) -> None:
     assert error_of([str(run_dir), "--eval-set", "no-equals-sign"]) == "2"
 
 
-@pytest.mark.parametrize("command,prog", [(main, "onlinemix.eval"), (stats_main, "onlinemix.stats")])
+@pytest.mark.parametrize("command,prog", [(main, "onlinemix.evaluation.evaluate"), (stats_main, "onlinemix.tools.stats")])
 def test_argument_errors_name_the_command_as_it_is_run(command, prog: str, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         command(["--no-such-flag"])

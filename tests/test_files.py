@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onlinemix.files import json_text, unwritable_reason, write_json
-from onlinemix.metrics import RunMetrics
+from onlinemix.core.files import json_text, unwritable_reason, write_json
+from onlinemix.training.metrics import RunMetrics
 
 
 def strict_loads(text: str):

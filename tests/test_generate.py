@@ -11,12 +11,17 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-
-from onlinemix.config import GeneratorConfig
-from onlinemix.generate import MAX_RETRIES, SCHEDULERS, DiffusersVariationGenerator, GeneratorError, make_generator
-from onlinemix.tinymodel.__main__ import main as tinymodel_main
-
 from conftest import assert_same_variation
+
+from onlinemix.core.config import GeneratorConfig
+from onlinemix.generation.generator import (
+    MAX_RETRIES,
+    SCHEDULERS,
+    DiffusersVariationGenerator,
+    GeneratorError,
+    make_generator,
+)
+from onlinemix.tinymodel.__main__ import main as tinymodel_main
 
 RES = 32
 

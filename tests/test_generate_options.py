@@ -11,11 +11,11 @@ import pytest
 import torch
 from diffusers import AutoencoderTiny
 
-from onlinemix.config import GeneratorConfig, load_config
-from onlinemix.generate import DiffusersVariationGenerator
-from onlinemix.producer import ProducerPool
-from onlinemix.ring import PairRing
-from onlinemix.stub_diffuser import build_full_size_random_pipeline, build_stub_pipeline
+from onlinemix.core.config import GeneratorConfig, load_config
+from onlinemix.exchange.ring import PairRing
+from onlinemix.generation.generator import DiffusersVariationGenerator
+from onlinemix.generation.producer import ProducerPool
+from onlinemix.generation.stub import build_full_size_random_pipeline, build_stub_pipeline
 
 RES = 32
 

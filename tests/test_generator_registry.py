@@ -12,10 +12,10 @@ import textwrap
 import pytest
 import torch
 
-from onlinemix.cli import build_parser
-from onlinemix.config import ConfigError, GeneratorConfig, load_config
-from onlinemix.generate import VariationGenerator, make_generator
-from onlinemix.registry import GENERATORS
+from onlinemix.core.cli import build_parser
+from onlinemix.core.config import ConfigError, GeneratorConfig, load_config
+from onlinemix.core.registry import GENERATORS
+from onlinemix.generation.generator import VariationGenerator, make_generator
 
 RES = 16
 
@@ -66,12 +66,12 @@ def test_generate_module_imports_no_other_generator() -> None:
     does (so the check can see the import)."""
     code = textwrap.dedent("""
         import sys
-        from onlinemix.config import GeneratorConfig
-        from onlinemix.generate import make_generator
+        from onlinemix.core.config import GeneratorConfig
+        from onlinemix.generation.generator import make_generator
         make_generator(GeneratorConfig(steps=1), "cpu", 16)
-        print("onlinemix.versatile" in sys.modules)
+        print("onlinemix.generation.versatile" in sys.modules)
         make_generator(GeneratorConfig(model="stub", steps=1, pipeline="versatile"), "cpu", 16)
-        print("onlinemix.versatile" in sys.modules)
+        print("onlinemix.generation.versatile" in sys.modules)
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -23,9 +23,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from onlinemix.data.__main__ import main
 from onlinemix.data.decode import load_image_folder
+from onlinemix.data.prepare import PrepareError, Settings, pool_start_method, prepare
 from onlinemix.data.sources import array_source
 from onlinemix.data.store import ImageStore, StoreError, check_resolution, file_crc32, verify_store
-from onlinemix.data.prepare import PrepareError, Settings, pool_start_method, prepare
 from onlinemix.train import main as train_main
 
 REPO = Path(__file__).resolve().parent.parent

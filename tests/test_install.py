@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from onlinemix.env import shadowed_packages
-
 from conftest import REPO
+
+from onlinemix.tools.env import shadowed_packages
 
 LOCK = REPO / "constraints.txt"
 # Folders that Python puts first on sys.path: the current directory (python -m, python -m pytest), a
@@ -79,7 +78,7 @@ def test_commands_from_any_folder_use_the_installed_packages(where: str, tmp_pat
         info = json.loads(report.stdout)
         assert info["conflicts"] == [] and info["libraries"]["kernels"] == metadata.version("kernels")
 
-    load = ("import sys; from onlinemix.config import GeneratorConfig; from onlinemix.generate import make_generator; "
+    load = ("import sys; from onlinemix.core.config import GeneratorConfig; from onlinemix.generation.generator import make_generator; "
             "make_generator(GeneratorConfig(), 'cpu', 32); import kernels; print(kernels.__file__)")
     proc = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=300, cwd=cwd, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -126,8 +125,8 @@ def test_an_xformers_built_for_another_torch_is_not_used(tmp_path: Path, monkeyp
     for name in xformers_modules():
         monkeypatch.delitem(sys.modules, name)
 
-    from onlinemix.config import GeneratorConfig
-    from onlinemix.generate import GeneratorError, make_generator, xformers_unusable
+    from onlinemix.core.config import GeneratorConfig
+    from onlinemix.generation.generator import GeneratorError, make_generator, xformers_unusable
 
     try:
         assert "built for torch 2.0.0+cu118" in xformers_unusable()

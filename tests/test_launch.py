@@ -13,15 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 
-from onlinemix.config import ConfigError, load_config
+from onlinemix.core.config import ConfigError, load_config
+from onlinemix.core.devices import DeviceError, NodeLaunch, producer_devices, shared_with_trainers
+from onlinemix.core.schedule import EpochSchedule
 from onlinemix.data import load_real_images, select_train_ids
-from onlinemix.devices import DeviceError, NodeLaunch, producer_devices, shared_with_trainers
-from onlinemix.schedule import EpochSchedule
 from onlinemix.train import main as train_main
 from onlinemix.train import run
-
-from conftest import REPO
 
 # ------------------------------------------------------------------ producer placement (pure, no GPU needed)
 

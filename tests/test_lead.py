@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from onlinemix.config import load_config
+from onlinemix.core.config import load_config
+from onlinemix.core.schedule import EpochSchedule
 from onlinemix.data import load_real_images
-from onlinemix.producer import ProducerPool
-from onlinemix.ring import PairRing, TrainerPort
-from onlinemix.schedule import EpochSchedule
+from onlinemix.exchange.ring import PairRing, TrainerPort
+from onlinemix.generation.producer import ProducerPool
 
 BATCH = 32
 

@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from onlinemix.augment import eval_transform
-from onlinemix.config import Config, LinearEvalConfig, save_config
+from onlinemix.core.config import Config, LinearEvalConfig, save_config
 from onlinemix.data import load_real_images
 from onlinemix.data.prepare import Settings, prepare
-from onlinemix.eval import main
-from onlinemix.linear_eval import LinearProtocol, fit_linear_classifier, training_view
-from onlinemix.models import build_backbone
+from onlinemix.evaluation.evaluate import main
+from onlinemix.evaluation.linear import LinearProtocol, fit_linear_classifier, training_view
+from onlinemix.methods.backbones import build_backbone
+from onlinemix.views.recipes import eval_transform
 
 R = 16        # the views' side
 STORED = 20   # the store's side: training views are crops of it, test views its centre crop

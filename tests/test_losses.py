@@ -6,7 +6,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from onlinemix.losses import barlow_twins_loss, nt_xent
+from onlinemix.methods.losses import barlow_twins_loss, nt_xent
 
 
 def nt_xent_from_formula(z_a: torch.Tensor, z_b: torch.Tensor, tau: float) -> torch.Tensor:

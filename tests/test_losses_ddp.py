@@ -16,9 +16,9 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from onlinemix.dino import DINOCenter
-from onlinemix.distributed import all_reduce_sum_with_grad
-from onlinemix.losses import barlow_twins_loss, nt_xent
+from onlinemix.core.distributed import all_reduce_sum_with_grad
+from onlinemix.methods.dino import DINOCenter
+from onlinemix.methods.losses import barlow_twins_loss, nt_xent
 
 WORLD = 2
 LOCAL_BATCH = 4

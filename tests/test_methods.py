@@ -1,4 +1,4 @@
-"""Methods (onlinemix/methods.py): the views each loss takes, DINO's teacher and its inputs, one
+"""Methods (onlinemix/methods/build.py): the views each loss takes, DINO's teacher and its inputs, one
 optimisation step per method, the supervised baseline learning, the trainer's wiring, the recipes."""
 
 from __future__ import annotations
@@ -10,16 +10,23 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from test_views import RES, B, make_batch, source
 
-from onlinemix.config import Config, ConfigError, load_config, needs_synthetic_views
+from onlinemix.core.config import Config, ConfigError, load_config, needs_synthetic_views
+from onlinemix.core.registry import METHODS
 from onlinemix.data import RealImages, fraction_subset, select_train_ids
-from onlinemix.methods import DINO, StepInfo, Supervised, build_method
-from onlinemix.optim import build_optimizer
-from onlinemix.pairs import PairImages
-from onlinemix.registry import METHODS
-from onlinemix.views import Augmentation, ClassifierViews, MultiCrops, TwoViews, ViewComposer, Views, build_pairing
-
-from test_views import B, RES, make_batch, source
+from onlinemix.exchange.lookup import PairImages
+from onlinemix.methods.build import DINO, StepInfo, Supervised, build_method
+from onlinemix.methods.optim import build_optimizer
+from onlinemix.views.compose import (
+    Augmentation,
+    ClassifierViews,
+    MultiCrops,
+    TwoViews,
+    ViewComposer,
+    Views,
+    build_pairing,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 NUM_CLASSES = 3
@@ -50,7 +57,7 @@ def method_for(name: str, dino: dict[str, object] | None = None, **train: object
 
 def views_for(method, batch: PairImages | None = None, pairing: str = "mixdiff", epoch: int = 0,
               augmentation: str = "no_augmentation") -> Views:
-    """The batch's views as the trainer composes them for this method (onlinemix/views.py)."""
+    """The batch's views as the trainer composes them for this method (onlinemix/views/compose.py)."""
     cfg = make_cfg(pairing=pairing, augmentation=augmentation)
     compose = ViewComposer(method.view_plan, build_pairing(cfg.train), Augmentation.from_config(cfg), RES,
                            cfg.train.seed, torch.arange(100) % NUM_CLASSES)
@@ -200,7 +207,7 @@ def test_producer_and_trainer_schedule_the_same_ids(tmp_path: Path, monkeypatch)
     """The producers' job and the Trainer both build their EpochSchedule from select_train_ids."""
     from accelerate import Accelerator
 
-    from onlinemix import producer
+    from onlinemix.generation import producer
     from onlinemix.train import Trainer
 
     cfg = load_config(None, {"data.real_fraction": "0.5", "train.width": "4", "train.batch_size": "32"})
@@ -216,7 +223,7 @@ def test_producer_and_trainer_schedule_the_same_ids(tmp_path: Path, monkeypatch)
 
     monkeypatch.setattr(producer, "EpochSchedule", Recording)
     from onlinemix.data import load_real_images
-    from onlinemix.worker import WorkerSpec
+    from onlinemix.generation.worker import WorkerSpec
     real = load_real_images(cfg.data)
     job = producer.OnlineJob(ring_name="unused", global_batch=32)
     with pytest.raises(Stop), job.session(WorkerSpec(0, cfg, "cpu", 0, None, job), generator=None, real=real):
@@ -230,7 +237,7 @@ def test_trainer_builds_the_configured_optimizer_and_scaled_lr(tmp_path: Path) -
     from accelerate import Accelerator
 
     from onlinemix.data import load_real_images
-    from onlinemix.optim import LARS
+    from onlinemix.methods.optim import LARS
     from onlinemix.train import Trainer
 
     cfg = load_config(None, {"train.method": "barlowtwins", "train.optimizer": "lars", "train.lr": "0.2",

@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from onlinemix.cache import CacheReader, cache_key
-
 from conftest import REPO, run_training, train_command
+
+from onlinemix.cache import CacheReader, cache_key
 
 FAST = ["--train.batch-size", "64", "--probe.epochs", "20", "--train.epochs", "1", "--data.resolution", "16",
         "--probe.knn-every", "0"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from onlinemix.optim import (
+from onlinemix.methods.optim import (
     LARS,
     build_optimizer,
     cosine_with_warmup,

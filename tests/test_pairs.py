@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from onlinemix.cache import CacheReader, ShardWriter
-from onlinemix.config import StalenessConfig
-from onlinemix.pairs import PairSource
-from onlinemix.ring import PairRing, S, TrainerPort
-from onlinemix.worker import WorkerDied
+from onlinemix.core.config import StalenessConfig
+from onlinemix.exchange.lookup import PairSource
+from onlinemix.exchange.ring import PairRing, S, TrainerPort
+from onlinemix.generation.worker import WorkerDied
 
 R = 8
 IMAGES = torch.arange(4 * 3 * R * R, dtype=torch.int64).remainder(251).to(torch.uint8).view(4, 3, R, R)

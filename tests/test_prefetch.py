@@ -11,13 +11,13 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from onlinemix.config import load_config
+from onlinemix.core.config import load_config
 from onlinemix.data import load_real_images
-from onlinemix.pairs import PairSource
-from onlinemix.prefetch import Prefetcher, Prepared, check_running
-from onlinemix.ring import PairRing, S, TrainerPort
+from onlinemix.exchange.lookup import PairSource
+from onlinemix.exchange.ring import PairRing, S, TrainerPort
 from onlinemix.train import Trainer
-from onlinemix.views import Views
+from onlinemix.training.prefetch import Prefetcher, Prepared, check_running
+from onlinemix.views.compose import Views
 
 
 def made(step: int) -> Prepared:

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from onlinemix.config import load_config
-from onlinemix.models import build_backbone
-from onlinemix.probe import compare_with_random_init, format_probe, knn_scores, topk_accuracy
+from onlinemix.core.config import load_config
+from onlinemix.evaluation.probe import compare_with_random_init, format_probe, knn_scores, topk_accuracy
+from onlinemix.methods.backbones import build_backbone
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the tiny network gains nothing from more threads
 

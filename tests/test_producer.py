@@ -11,18 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from onlinemix import worker as worker_module
-from onlinemix.config import Config, load_config
-from onlinemix.data import load_real_images
-from onlinemix.generate import make_generator
-from onlinemix.metrics import RunMetrics
-from onlinemix.producer import OnlineJob, ProducerPool
-from onlinemix.ring import PairRing, S, TrainerPort
-from onlinemix.schedule import EpochSchedule, variation_seed
-from onlinemix.worker import WorkerDied, WorkerSpec, worker_main
-
 from conftest import assert_same_variation
+
+from onlinemix.core.config import Config, load_config
+from onlinemix.core.schedule import EpochSchedule, variation_seed
+from onlinemix.data import load_real_images
+from onlinemix.exchange.ring import PairRing, S, TrainerPort
+from onlinemix.generation import worker as worker_module
+from onlinemix.generation.generator import make_generator
+from onlinemix.generation.producer import OnlineJob, ProducerPool
+from onlinemix.generation.worker import WorkerDied, WorkerSpec, worker_main
+from onlinemix.training.metrics import RunMetrics
 
 
 @pytest.fixture

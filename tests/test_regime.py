@@ -1,5 +1,5 @@
 """Generation hundreds to thousands of times slower than training, where users run it: on the virtual
-clock, with the product's own claim, eviction and lookup code (onlinemix.simulate) and the planner."""
+clock, with the product's own claim, eviction and lookup code (onlinemix.tools.simulate) and the planner."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from onlinemix.cache import CacheReader, ShardWriter
-from onlinemix.config import load_config
-from onlinemix.plan import DeviceRates, predict_split
-from onlinemix.simulate import Rates, simulate
-from onlinemix.worker import CacheSink, Pairs, Work
+from onlinemix.core.config import load_config
+from onlinemix.generation.worker import CacheSink, Pairs, Work
+from onlinemix.tools.plan import DeviceRates, predict_split
+from onlinemix.tools.simulate import Rates, simulate
 
 TRAIN_IMG_S = 2400.0  # one trainer device (a ResNet-50 on a GPU)
 IMAGES = 8960         # 70 steps of one default trainer batch (128) an epoch

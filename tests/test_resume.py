@@ -19,21 +19,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, train_command
 from safetensors.torch import load_file
 
 from onlinemix.cache import writer_for
-from onlinemix.checkpoint import (COMPLETE_FILE, CheckpointSchedule, newest_checkpoint, prune, rank_state_file,
-                                  resume_point)
-from onlinemix.config import ConfigError, load_config
+from onlinemix.core.config import ConfigError, load_config
+from onlinemix.core.registry import METHODS, PAIRINGS
 from onlinemix.data import load_real_images, select_train_ids
-from onlinemix.generate import make_generator
-from onlinemix.registry import METHODS, PAIRINGS
-from onlinemix.rundir import CheckpointError, RunDirInUse, hold_run_dir
+from onlinemix.generation.generator import make_generator
+from onlinemix.generation.warm import RowsWork
+from onlinemix.generation.worker import CacheSink, generate_loop
 from onlinemix.train import run
-from onlinemix.warm import RowsWork
-from onlinemix.worker import CacheSink, generate_loop
-
-from conftest import REPO, train_command
+from onlinemix.training.checkpoint import (
+    COMPLETE_FILE,
+    CheckpointSchedule,
+    newest_checkpoint,
+    prune,
+    rank_state_file,
+    resume_point,
+)
+from onlinemix.training.rundir import CheckpointError, RunDirInUse, hold_run_dir
 
 # 45 training images (10% of the digits, a quarter of them) at 16 px; a tiny convnet on one thread.
 DATA = {"data.resolution": "16", "data.holdout_fraction": "0.9", "data.real_fraction": "0.25"}
@@ -223,7 +228,7 @@ def test_a_run_directory_taken_by_a_live_run_is_refused_before_anything_is_writt
 
 
 def test_a_killed_writer_does_not_hold_its_run_directory(tmp_path: Path) -> None:
-    hold = ("import sys, time; from pathlib import Path; from onlinemix.rundir import hold_run_dir\n"
+    hold = ("import sys, time; from pathlib import Path; from onlinemix.training.rundir import hold_run_dir\n"
             "with hold_run_dir(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:

@@ -12,9 +12,18 @@ from multiprocessing import shared_memory
 import numpy as np
 import pytest
 
-from onlinemix import ring as ring_module
-from onlinemix.ring import (READY, WRITING, PairRing, ProducerPort, RingError, RingHeader, S, TrainerPort,
-                            remove_stale_segments)
+from onlinemix.exchange import ring as ring_module
+from onlinemix.exchange.ring import (
+    READY,
+    WRITING,
+    PairRing,
+    ProducerPort,
+    RingError,
+    RingHeader,
+    S,
+    TrainerPort,
+    remove_stale_segments,
+)
 
 R = 8
 

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from onlinemix.ring import PairRing
+from onlinemix.exchange.ring import PairRing
 
 R = 16
 PAIRS = 1200

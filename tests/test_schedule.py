@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onlinemix.schedule import EpochSchedule, variation_seed
+from onlinemix.core.schedule import EpochSchedule, variation_seed
 
 # 103 non-contiguous ids, so ids and indices cannot be confused and 3 ids do not fit a full batch.
 TRAIN_IDS = np.arange(0, 2 * 103, 2, dtype=np.int64) + 7

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from onlinemix.config import load_config
-from onlinemix.plan import main as plan_main
-from onlinemix.simulate import Rates, simulate
+from onlinemix.core.config import load_config
+from onlinemix.tools.plan import main as plan_main
+from onlinemix.tools.simulate import Rates, simulate
 
 STOPPED = 1e-9  # pairs/s: a producer that never finishes a batch
 
@@ -105,5 +105,5 @@ def test_the_planner_answers_an_argument_error_in_two_lines(argv: list[str], sai
     with pytest.raises(SystemExit) as e:
         plan_main(argv)
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 2 and err[0].startswith("usage: onlinemix.plan --gpus N")
-    assert err[1] == f"onlinemix.plan: error: {said}"
+    assert e.value.code == 2 and len(err) == 2 and err[0].startswith("usage: onlinemix.tools.plan --gpus N")
+    assert err[1] == f"onlinemix.tools.plan: error: {said}"

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_files import strict_loads
 
 from onlinemix.cache import ShardWriter, cache_key
-from onlinemix.config import Config, save_config
+from onlinemix.core.config import Config, save_config
+from onlinemix.core.schedule import variation_seed
 from onlinemix.data import load_real_images
-from onlinemix.schedule import variation_seed
-from onlinemix.models import build_backbone
-from test_files import strict_loads
-from onlinemix.stats import (
+from onlinemix.methods.backbones import build_backbone
+from onlinemix.tools.stats import (
     frechet_distance,
     frechet_from_moments,
     main,

@@ -1,11 +1,13 @@
-"""The package's modules import only modules below them in the data flow.
+"""The package's folders are its stages, and each imports only from the stages below it.
 
-Layers, bottom to top: what every module may rely on; real data and view recipes; generators;
-the ring and the disk cache; generation workers and their jobs; a trainer batch's pair lookup (and
-the simulator, which runs it on a virtual clock);
-view composition; methods; monitoring; the commands. A module may import modules of lower
-layers, and of its own layer only where the list below orders them (left before right). A new
-module must be placed here, which is the point: where it sits is a decision, not an accident.
+Stages, bottom to top: ``core`` (what every module may rely on), ``data`` (real images), ``cache`` (the
+persistent store of generated pairs), ``exchange`` (the shared-memory ring and a trainer batch's pair lookup),
+``generation`` (generators, workers, producers), ``views`` (recipes and their backends), ``methods`` (the SSL
+methods, their losses and backbones), ``training`` (the loop's parts), ``evaluation``, ``tools`` (simulator,
+planner, stats), ``tinymodel`` (the bundled generator). A module may import any module of a lower stage, and a
+module of its own stage only where the list below orders it first. The commands (the package's top-level
+modules and every ``__main__``) may import any stage. A new module must be placed here, which is the point:
+where it sits is a decision, not an accident.
 """
 
 from __future__ import annotations
@@ -15,24 +17,26 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "onlinemix"
 
-LAYERS: list[list[str]] = [
-    ["registry", "config", "schedule", "distributed", "files"],
-    ["data.decode", "data.store", "data.sources", "data.prepare", "data", "augment", "stub_diffuser", "losses", "dino",
-     "models", "optim", "view_params", "view_specs", "resample", "photometric", "compiled_ops", "buffers", "batch_augment", "tinymodel", "tinymodel.model"],
-    ["generate", "versatile"],
-    ["ring", "cache.store", "cache.maintenance", "cache.migrate", "cache.transfer", "cache", "devices"],
-    ["worker"],
-    ["producer", "warm"],
-    ["pairs", "simulate"],
-    ["views"],
-    ["methods"],
-    ["prefetch"],
-    ["tracking", "metrics", "probe", "linear_eval", "rundir", "checkpoint"],
-    ["cli"],
-    ["train", "eval", "stats", "plan", "env", "__main__", "cache.__main__", "data.__main__", "tinymodel.train", "tinymodel.quality",
-     "tinymodel.__main__"],
+STAGES: list[tuple[str, list[str]]] = [
+    ("core", ["", "errors", "registry", "config", "files", "distributed", "schedule", "devices", "cli"]),
+    ("data", ["decode", "store", "sources", "prepare", ""]),
+    ("cache", ["store", "maintenance", "migrate", "transfer", ""]),
+    ("exchange", ["", "ring", "lookup"]),
+    ("generation", ["", "stub", "generator", "versatile", "worker", "producer", "warm"]),
+    ("views", ["", "recipes", "params", "specs", "resample", "photometric", "compiled", "buffers", "torch_backend",
+               "compose"]),
+    ("methods", ["", "backbones", "losses", "dino", "optim", "build"]),
+    ("training", ["", "tracking", "rundir", "checkpoint", "metrics", "prefetch"]),
+    ("evaluation", ["", "probe", "linear", "evaluate"]),
+    ("tools", ["", "simulate", "plan", "stats", "env"]),
+    ("tinymodel", ["", "model", "train", "quality"]),
 ]
+COMMANDS = ["train", "eval", "plan", "stats", "__main__", "data.__main__", "cache.__main__", "tinymodel.__main__"]
+LAYERS: list[list[str]] = [[f"{stage}.{m}".rstrip(".") for m in modules] for stage, modules in STAGES] + [COMMANDS]
+
 RANK = {name: (layer, position) for layer, names in enumerate(LAYERS) for position, name in enumerate(names)}
+# Commands do not import each other: each is its own entry point.
+RANK.update({name: (len(LAYERS) - 1, 0) for name in COMMANDS})
 
 
 def module_name(path: Path) -> str:
@@ -83,3 +87,19 @@ def test_no_module_imports_a_module_above_it() -> None:
             elif RANK[imported] >= RANK[name]:
                 upward.append(f"{name} (layer {RANK[name][0]}) imports {imported} (layer {RANK[imported][0]})")
     assert upward == []
+
+
+def test_each_stage_says_what_it_builds_on() -> None:
+    """A stage's ``__init__`` docstring ends with ``Builds on: ...``, the stages its modules import (commands
+    aside): the map a newcomer reads stays true."""
+    wrong = []
+    for stage, _ in STAGES:
+        doc = ast.get_docstring(ast.parse((PACKAGE / stage / "__init__.py").read_text())) or ""
+        said = [line for line in doc.splitlines() if line.startswith("Builds on:")]
+        written = said[-1].removeprefix("Builds on:").strip().rstrip(".") if said else "(missing)"
+        used = {imported.split(".")[0] for path in (PACKAGE / stage).rglob("*.py") if path.name != "__main__.py"
+                for imported in runtime_imports(path)} - {stage}
+        expected = ", ".join(s for s, _ in STAGES if s in used) or "nothing else in the package"
+        if written.split(" (")[0] != expected and not written.startswith(expected + " ("):
+            wrong.append(f"{stage}: docstring says {written!r}, imports {expected!r}")
+    assert wrong == []

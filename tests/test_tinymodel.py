@@ -13,11 +13,11 @@ from diffusers import AutoencoderKL, StableDiffusionImageVariationPipeline, UNet
 from safetensors.torch import load_file
 from transformers import CLIPVisionModelWithProjection
 
-from onlinemix.config import DataConfig, GeneratorConfig
+from onlinemix.core.config import DataConfig, GeneratorConfig
+from onlinemix.core.schedule import variation_seed
 from onlinemix.data import load_real_images
 from onlinemix.data.decode import load_digits
-from onlinemix.generate import make_generator, model_location
-from onlinemix.schedule import variation_seed
+from onlinemix.generation.generator import make_generator, model_location
 from onlinemix.tinymodel.model import NATIVE_SIZE
 from onlinemix.tinymodel.quality import drawn_as_trained, mild_augmentations, train_classifier
 from onlinemix.tinymodel.train import TrainSettings, draw_targets, train, training_images, with_noise

@@ -18,18 +18,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, ring_segments, run_training, train_command
 from PIL import Image
 from safetensors.torch import load_file
 
 from onlinemix import train as train_module
-from onlinemix.cli import Terminated
-from onlinemix.config import ConfigError
-from onlinemix.eval import main as eval_main
-from onlinemix.checkpoint import check_checkpoint
-from onlinemix.rundir import CheckpointError
+from onlinemix.core.cli import Terminated
+from onlinemix.core.config import ConfigError
+from onlinemix.evaluation.evaluate import main as eval_main
 from onlinemix.train import run
-
-from conftest import REPO, ring_segments, run_training, train_command
+from onlinemix.training.checkpoint import check_checkpoint
+from onlinemix.training.rundir import CheckpointError
 
 # 16 px and no per-epoch kNN: the same code paths at a quarter of the pixels.
 FAST = ["--train.batch-size", "64", "--probe.epochs", "100", "--data.resolution", "16", "--probe.knn-every", "0"]

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, run_training
 from safetensors.torch import load_file
 
-from onlinemix.registry import METHODS
+from onlinemix.core.registry import METHODS
 from onlinemix.train import run
-
-from conftest import REPO, run_training
 
 # 10% of the digits train (144 images): 4 steps of 32 per epoch, so each run takes seconds.
 SMALL = ["--train.batch-size", "32", "--data.holdout-fraction", "0.9", "--train.width", "8",

@@ -9,13 +9,17 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-
-from onlinemix.config import GeneratorConfig
-from onlinemix.generate import DiffusersVariationGenerator, GeneratorError, make_generator
-from onlinemix.versatile import (UNCOND_PIXEL, VersatileVariationGenerator, build_stub_versatile_pipeline,
-                                 encode_pixel_values, versatile_pipeline_class)
-
 from conftest import assert_same_variation
+
+from onlinemix.core.config import GeneratorConfig
+from onlinemix.generation.generator import DiffusersVariationGenerator, GeneratorError, make_generator
+from onlinemix.generation.versatile import (
+    UNCOND_PIXEL,
+    VersatileVariationGenerator,
+    build_stub_versatile_pipeline,
+    encode_pixel_values,
+    versatile_pipeline_class,
+)
 
 RES = 32
 CFG = GeneratorConfig(model="stub", steps=4)

@@ -15,9 +15,16 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from onlinemix.augment import RECIPES, ViewRecipe
-from onlinemix.view_params import (BRIGHTNESS, CONTRAST, HUE, SATURATION, sample_crops, sample_view_params,
-                                   view_generator)
+from onlinemix.views.params import (
+    BRIGHTNESS,
+    CONTRAST,
+    HUE,
+    SATURATION,
+    sample_crops,
+    sample_view_params,
+    view_generator,
+)
+from onlinemix.views.recipes import RECIPES, ViewRecipe
 
 N = 10_000
 ALPHA = 1e-3

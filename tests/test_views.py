@@ -1,4 +1,4 @@
-"""View composition (onlinemix/views.py): which image every view of every pairing comes from,
+"""View composition (onlinemix/views/compose.py): which image every view of every pairing comes from,
 the recipe following the source, DINO's crops, the supervised views and labels, the pairing registry."""
 
 from __future__ import annotations
@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from onlinemix.config import ConfigError, load_config, needs_synthetic_views
-from onlinemix.pairs import PairImages
-from onlinemix.registry import PAIRINGS
-from onlinemix.views import (
+from onlinemix.core.config import ConfigError, load_config, needs_synthetic_views
+from onlinemix.core.registry import PAIRINGS
+from onlinemix.exchange.lookup import PairImages
+from onlinemix.views.compose import (
     Augmentation,
     BatchedViews,
     ClassifierViews,

@@ -19,11 +19,10 @@ import torch
 
 pytest.importorskip("triton")
 
+from onlinemix.views.params import sample_view_params, view_generator  # noqa: E402
+from onlinemix.views.recipes import DINO_GLOBAL_2, DINO_LOCAL, RECIPES  # noqa: E402
+from onlinemix.views.torch_backend import augment_views  # noqa: E402
 from onlinemix_kernels.augment import augment_views_triton  # noqa: E402
-
-from onlinemix.augment import DINO_GLOBAL_2, DINO_LOCAL, RECIPES  # noqa: E402
-from onlinemix.batch_augment import augment_views  # noqa: E402
-from onlinemix.view_params import sample_view_params, view_generator  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = 2e-5
@@ -99,6 +98,6 @@ def test_wrong_inputs_are_refused() -> None:
 
 def test_the_trial_launch_that_chooses_triton_passes_where_the_kernels_run() -> None:
     """What ``train.augment_backend`` runs before choosing the kernels (here on the interpreter's CPU)."""
-    from onlinemix.views import triton_problem
+    from onlinemix.views.compose import triton_problem
 
     assert triton_problem(torch.device("cpu")) is None

@@ -1,9 +1,9 @@
-"""Fused Triton kernels for batched view augmentation; reference: onlinemix.batch_augment.augment_views.
+"""Fused Triton kernels for batched view augmentation; reference: onlinemix.views.torch_backend.augment_views.
 
 Given the same `ViewParams`, `augment_views_triton` computes what the torch backend computes:
 
 * `_views_kernel`, one pass from the uint8 source to the normalised view: the crop + resize from the
-  same per-sample integer tables (`onlinemix.resample`: torchvision's int16 weights, horizontal pass
+  same per-sample integer tables (`onlinemix.views.resample`: torchvision's int16 weights, horizontal pass
   rounded and saturated to uint8 before the vertical one, exact integer sums, so the resized pixels equal
   the torch backend's and torchvision's bit for bit; the horizontal pass is recomputed for each vertical
   tap instead of stored), the flip (reversed horizontal table), ColorJitter in each sample's drawn order,
@@ -29,11 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-from onlinemix.augment import IMAGENET_MEAN, IMAGENET_STD
-from onlinemix.photometric import GRAY_WEIGHTS, gaussian_kernels
-from onlinemix.batch_augment import crop_tables
-from onlinemix.resample import ResampleTable
-from onlinemix.view_params import BRIGHTNESS, CONTRAST, HUE, SATURATION, ViewParams
+from onlinemix.views.params import BRIGHTNESS, CONTRAST, HUE, SATURATION, ViewParams
+from onlinemix.views.photometric import GRAY_WEIGHTS, gaussian_kernels
+from onlinemix.views.recipes import IMAGENET_MEAN, IMAGENET_STD
+from onlinemix.views.resample import ResampleTable
+from onlinemix.views.torch_backend import crop_tables
 
 BLOCK = 1024  # output pixels per program
 OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

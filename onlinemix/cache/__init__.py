@@ -1,7 +1,24 @@
-"""Persistent on-disk cache of generated synthetic images: storage (``store``) and the ``cache`` command."""
+"""The persistent on-disk cache of every generated variation: shards and their keys (``store``), verification
+and eviction (``maintenance``), format migration, export and import, and the ``python -m onlinemix.cache``
+command.
 
-from .store import (CacheError, CacheReader, Served, ShardWriter, Variation, cache_key, cache_keys, check_writable,
-                    evict_to_limit, generator_description, select_key, writer_for)
+Builds on: core.
+"""
+
+from onlinemix.cache.store import (
+    CacheError,
+    CacheReader,
+    Served,
+    ShardWriter,
+    Variation,
+    cache_key,
+    cache_keys,
+    check_writable,
+    evict_to_limit,
+    generator_description,
+    select_key,
+    writer_for,
+)
 
 __all__ = ["CacheError", "CacheReader", "Served", "ShardWriter", "Variation", "cache_key", "cache_keys",
            "check_writable", "evict_to_limit", "generator_description", "select_key", "writer_for"]

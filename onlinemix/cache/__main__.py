@@ -12,15 +12,23 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import add_config_options, at_least, parse_config_args, stop_on_sigterm, stopped_by
-from ..config import Config, ConfigError, DataConfig, load_config
-from ..data import DataError, RealImages, load_real_images
-from ..files import json_text
-from .maintenance import describe_keys, format_info, format_verify, key_info, not_a_cache, quarantined, verify_key
-from .migrate import format_migrate, migrate
-from .store import FORMAT_VERSION, CacheError
-from .transfer import export, import_tars
-from ..warm import default_workers, summary, warm
+from onlinemix.cache.maintenance import (
+    describe_keys,
+    format_info,
+    format_verify,
+    key_info,
+    not_a_cache,
+    quarantined,
+    verify_key,
+)
+from onlinemix.cache.migrate import format_migrate, migrate
+from onlinemix.cache.store import FORMAT_VERSION, CacheError
+from onlinemix.cache.transfer import export, import_tars
+from onlinemix.core.cli import add_config_options, at_least, parse_config_args, stop_on_sigterm, stopped_by
+from onlinemix.core.config import Config, ConfigError, DataConfig, load_config
+from onlinemix.core.files import json_text
+from onlinemix.data import DataError, RealImages, load_real_images
+from onlinemix.generation.warm import default_workers, summary, warm
 
 COMMANDS = {
     "warm": "generate the variations of every training image into the cache (the paper's precompute): "

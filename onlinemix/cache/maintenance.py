@@ -17,8 +17,20 @@ import numpy as np
 from isal.isal_zlib import crc32
 from tqdm.auto import tqdm
 
-from .store import (FORMAT_VERSION, GENERATOR_FILE, INDEX, MIGRATE_COMMAND, QUARANTINE, SHARDS, cache_keys,
-                    check_layout, read_record, record_variations, stored_image, version_of)
+from onlinemix.cache.store import (
+    FORMAT_VERSION,
+    GENERATOR_FILE,
+    INDEX,
+    MIGRATE_COMMAND,
+    QUARANTINE,
+    SHARDS,
+    cache_keys,
+    check_layout,
+    read_record,
+    record_variations,
+    stored_image,
+    version_of,
+)
 
 RECORD_FIELDS = ("version", "shard", "format", "pairs", "resolution", "ids", "seeds", "epochs", "checksums")
 OLD_RECORD = f"a commit record of cache format 1 (real + synthetic pairs): `{MIGRATE_COMMAND}` converts it"

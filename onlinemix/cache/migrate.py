@@ -20,9 +20,20 @@ import numpy as np
 from isal.isal_zlib import crc32
 from tqdm.auto import tqdm
 
-from .maintenance import quarantine, scan_key
-from .store import (FORMAT_VERSION, GENERATOR_FILE, INDEX, CacheError, cache_keys, commit_shard, encode_jpeg,
-                    read_record, shard_record, version_of, write_description)
+from onlinemix.cache.maintenance import quarantine, scan_key
+from onlinemix.cache.store import (
+    FORMAT_VERSION,
+    GENERATOR_FILE,
+    INDEX,
+    CacheError,
+    cache_keys,
+    commit_shard,
+    encode_jpeg,
+    read_record,
+    shard_record,
+    version_of,
+    write_description,
+)
 
 log = logging.getLogger(__name__)
 

@@ -57,11 +57,12 @@ import numpy as np
 import torch
 from isal.isal_zlib import crc32
 
-from ..files import json_text, unwritable_reason, write_atomically
+from onlinemix.core.errors import UserError
+from onlinemix.core.files import json_text, unwritable_reason, write_atomically
 
 if TYPE_CHECKING:
-    from ..config import Config
-    from ..generate import VariationGenerator
+    from onlinemix.core.config import Config
+    from onlinemix.generation.generator import VariationGenerator
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ MIGRATE_COMMAND = "python -m onlinemix.cache migrate"
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """The cache cannot be used as configured."""
 
 

@@ -21,10 +21,20 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..files import json_text
-from .maintenance import check_shard, committed_records
-from .store import (INDEX, CacheError, ShardWriter, Variation, cache_key, cache_keys, check_layout, check_writable,
-                    record_variations, stored_image)
+from onlinemix.cache.maintenance import check_shard, committed_records
+from onlinemix.cache.store import (
+    INDEX,
+    CacheError,
+    ShardWriter,
+    Variation,
+    cache_key,
+    cache_keys,
+    check_layout,
+    check_writable,
+    record_variations,
+    stored_image,
+)
+from onlinemix.core.files import json_text
 
 PNG_COMPRESS_LEVEL = 6  # PIL's default: zlib level 6
 PARTIAL = ".partial"  # suffix of a tar while its export runs

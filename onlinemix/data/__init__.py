@@ -8,6 +8,8 @@ boundaries.
 - :mod:`onlinemix.data.store`: the prepared, memory-mapped image store, read by id;
 - :mod:`onlinemix.data.prepare` and :mod:`onlinemix.data.sources`: building a store;
 - ``python -m onlinemix.data``: prepare, info and verify stores.
+
+Builds on: core.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from typing import Union
 import numpy as np
 import torch
 
-from ..config import DataConfig
-from .decode import DataError, LabelledImages, load_digits, load_image_source
-from .prepare import PrepareBusy, PrepareError, Settings, default_workers
-from .prepare import prepare as prepare_store  # the name `prepare` stays the submodule
-from .store import ImageStore, StoreError, check_resolution, is_image_store
+from onlinemix.core.config import DataConfig
+from onlinemix.data.decode import DataError, LabelledImages, load_digits, load_image_source
+from onlinemix.data.prepare import PrepareBusy, PrepareError, Settings, default_workers
+from onlinemix.data.prepare import prepare as prepare_store  # the name `prepare` stays the submodule
+from onlinemix.data.store import ImageStore, StoreError, check_resolution, is_image_store
 
 log = logging.getLogger(__name__)
 

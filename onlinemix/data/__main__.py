@@ -8,9 +8,17 @@ import os
 import sys
 from pathlib import Path
 
-from .store import SKIPPED_FILE, StoreError, store_info, verify_store
-from .prepare import (DEFAULT_QUALITY, DEFAULT_SIZE, MAX_PIXELS, Interrupted, PrepareError, Settings,
-                      default_workers, prepare)
+from onlinemix.data.prepare import (
+    DEFAULT_QUALITY,
+    DEFAULT_SIZE,
+    MAX_PIXELS,
+    Interrupted,
+    PrepareError,
+    Settings,
+    default_workers,
+    prepare,
+)
+from onlinemix.data.store import SKIPPED_FILE, StoreError, store_info, verify_store
 
 EXIT_INTERRUPTED = 130
 

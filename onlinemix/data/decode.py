@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from onlinemix.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ WDS_IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The real dataset is missing, empty or unreadable."""
 
 

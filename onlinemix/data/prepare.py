@@ -30,9 +30,9 @@ import struct
 import sys
 import warnings
 from collections.abc import Iterator
-from contextlib import closing
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,11 +42,24 @@ from isal.isal_zlib import crc32
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from ..files import unwritable_reason, write_atomically
-from .decode import DataError, _to_rgb_tensor, to_rgb
-from .store import (CHUNK_TABLE, CHUNKS_DIR, COMMITS_DIR, FORMAT_VERSION, FORMATS, INDEX_FILE, LABELS_FILE,
-                         PREPARE_FILE, SKIPPED_FILE, STORE_FILE, chunk_path, commit_path, resume_command)
-from .sources import ChunkTask, Source, SourceImage, open_source
+from onlinemix.core.files import unwritable_reason, write_atomically
+from onlinemix.data.decode import DataError, _to_rgb_tensor, to_rgb
+from onlinemix.data.sources import ChunkTask, Source, SourceImage, open_source
+from onlinemix.data.store import (
+    CHUNK_TABLE,
+    CHUNKS_DIR,
+    COMMITS_DIR,
+    FORMAT_VERSION,
+    FORMATS,
+    INDEX_FILE,
+    LABELS_FILE,
+    PREPARE_FILE,
+    SKIPPED_FILE,
+    STORE_FILE,
+    chunk_path,
+    commit_path,
+    resume_command,
+)
 
 DEFAULT_SIZE = 224
 DEFAULT_QUALITY = 90
@@ -171,7 +184,7 @@ def default_workers() -> int:
 
 
 def write_parts_atomically(path: Path, parts: list[bytes]) -> None:
-    """``parts`` to ``path`` through :func:`onlinemix.files.write_atomically`; a full disk raises
+    """``parts`` to ``path`` through :func:`onlinemix.core.files.write_atomically`; a full disk raises
     DiskFull, nothing of the file kept."""
     try:
         write_atomically(path, lambda f: f.writelines(parts))

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .decode import IMAGE_SUFFIXES, DataError, _sample_image_key, load_digits
+from onlinemix.data.decode import IMAGE_SUFFIXES, DataError, _sample_image_key, load_digits
 
 if TYPE_CHECKING:
     import torch

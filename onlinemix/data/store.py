@@ -51,7 +51,8 @@ import numpy as np
 import torch
 from isal.isal_zlib import crc32
 
-from .decode import square_geometry
+from onlinemix.core.errors import UserError
+from onlinemix.data.decode import square_geometry
 
 FORMAT_VERSION = 1
 FORMATS = ("raw", "jpeg")
@@ -62,7 +63,7 @@ PREPARE_COMMAND = "python -m onlinemix.data prepare"
 VERIFY_BLOCK = 16 << 20  # bytes read at a time by verify
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """The image store is missing, incomplete, damaged, too new or unsuitable."""
 
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-from ..cli import at_least, config_value, run_command
-from ..config import GeneratorConfig
-from ..files import write_json
-from ..generate import model_location
-from ..stats import DEFAULT_GUIDANCE
-from .quality import format_quality, measure
-from .train import TrainSettings, train
+from onlinemix.core.cli import at_least, config_value, run_command
+from onlinemix.core.config import GeneratorConfig
+from onlinemix.core.files import write_json
+from onlinemix.generation.generator import model_location
+from onlinemix.tinymodel.quality import format_quality, measure
+from onlinemix.tinymodel.train import TrainSettings, train
+from onlinemix.tools.stats import DEFAULT_GUIDANCE
 
 log = logging.getLogger(__name__)
 BUNDLED = "digits-tiny"

@@ -9,8 +9,13 @@ denoises 3 x 8 x 8 latents, the digits' native resolution. The CLIP image encode
 from __future__ import annotations
 
 import torch
-from diffusers import (AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionImageVariationPipeline,
-                       UNet2DConditionModel)
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionImageVariationPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 NATIVE_SIZE = 8         # the digits' own resolution: the images the UNet denoises

@@ -34,13 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
-from ..config import DataConfig, GeneratorConfig
-from ..data import load_real_images
-from ..data.decode import load_digits
-from ..generate import model_location
-from ..stats import frechet_distance, mean_cosine_distance, variations_for
-from .model import NATIVE_SIZE
-from .train import TrainSettings, digit_blocks, draw_targets
+from onlinemix.core.config import DataConfig, GeneratorConfig
+from onlinemix.data import load_real_images
+from onlinemix.data.decode import load_digits
+from onlinemix.generation.generator import model_location
+from onlinemix.tinymodel.model import NATIVE_SIZE
+from onlinemix.tinymodel.train import TrainSettings, digit_blocks, draw_targets
+from onlinemix.tools.stats import frechet_distance, mean_cosine_distance, variations_for
 
 HIDDEN = 256
 AUGMENTED_COPIES = 4  # mild augmentations of each training digit the classifier learns from, besides the digit

@@ -31,12 +31,19 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from ..config import DataConfig
-from ..data import split_ids
-from ..data.decode import load_digits
-from ..files import unwritable_reason, write_json
-from ..generate import clip_resize
-from .model import CLIP_SIZE, NATIVE_SIZE, assemble_pipeline, build_components, clip_processor, training_scheduler
+from onlinemix.core.config import DataConfig
+from onlinemix.core.files import unwritable_reason, write_json
+from onlinemix.data import split_ids
+from onlinemix.data.decode import load_digits
+from onlinemix.generation.generator import clip_resize
+from onlinemix.tinymodel.model import (
+    CLIP_SIZE,
+    NATIVE_SIZE,
+    assemble_pipeline,
+    build_components,
+    clip_processor,
+    training_scheduler,
+)
 
 
 def setting(default: float, help: str):
