@@ -42,24 +42,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
+from accelerate.utils import InitProcessGroupKwargs
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from onlinemix.cache import CacheError, CacheReader, cache_key, cache_keys, check_writable, select_key
+from onlinemix.cache import check_writable
 from onlinemix.core.cli import StopRequests, parse_args, stop_on_sigterm, stopped_by
 from onlinemix.core.config import (
     Config,
     ConfigError,
-    GeneratorConfig,
-    check_resume_overrides,
-    load_config,
     needs_synthetic_views,
     save_config,
 )
-from onlinemix.core.devices import NodeLaunch, producer_devices, shared_with_trainers
+from onlinemix.core.devices import NodeLaunch, producer_devices
+from onlinemix.core.errors import UserError
 from onlinemix.core.files import unwritable_reason, write_json
-from onlinemix.core.schedule import EpochSchedule
 from onlinemix.data import RealImages, load_real_images, select_train_ids
 from onlinemix.evaluation.probe import (
     compare_with_random_init,
@@ -68,9 +65,8 @@ from onlinemix.evaluation.probe import (
     heldout_knn,
     heldout_linear,
 )
-from onlinemix.exchange.lookup import BatchPairs, PairImages, PairSource
-from onlinemix.exchange.ring import PairRing, TrainerPort, remove_stale_segments
-from onlinemix.generation.producer import ProducerPool
+from onlinemix.exchange.lookup import ORIGINS, BatchPairs, PairSource
+from onlinemix.exchange.ring import TrainerPort
 from onlinemix.methods.build import StepInfo, build_method
 from onlinemix.methods.optim import build_optimizer, cosine_with_warmup, scaled_lr
 from onlinemix.training.checkpoint import (
@@ -78,20 +74,17 @@ from onlinemix.training.checkpoint import (
     checkpoint_dir,
     load_checkpoint,
     newest_checkpoint,
-    resume_point,
     save_checkpoint,
-    scan,
 )
 from onlinemix.training.metrics import RunMetrics
-from onlinemix.training.prefetch import Prefetcher, Prepared, check_running, to_device
-from onlinemix.training.rundir import BACKBONE_FILE, CONFIG_FILE, hold_run_dir
+from onlinemix.training.node import NodePairs, local_world_size, node_schedule, open_pairs
+from onlinemix.training.prefetch import Prefetcher, Prepared, to_device
+from onlinemix.training.rundir import BACKBONE_FILE, hold_run_dir
+from onlinemix.training.start import make_run_dir, resolve_config, set_aside_metrics, setup_logging
 from onlinemix.training.tracking import SUMMARY_FILE, chosen_tracker, format_summary, start_tracking
 from onlinemix.views.compose import Augmentation, ViewComposer, Views, build_pairing, choose_backend, make_backend
 
 log = logging.getLogger("onlinemix")
-
-PRODUCER_START_TIMEOUT_S = 600.0
-
 
 class Trainer:
     """One trainer rank: model, optimizer, schedule and the training loop."""
@@ -102,10 +95,7 @@ class Trainer:
         self.run_dir = run_dir
         self.real = real
         tc = cfg.train
-        # The same ids as the producers' schedule (data.select_train_ids: train.real_fraction); positions
-        # count this node's samples, which its own ring and producers serve.
-        self.schedule = EpochSchedule(select_train_ids(real, cfg.data).numpy(),
-                                      tc.batch_size * accelerator.num_processes, tc.seed, *node_of(accelerator))
+        self.schedule = node_schedule(accelerator, real, cfg)  # this node's positions; its producers follow it
         self.total_steps = self.schedule.steps_per_epoch * tc.epochs
         self.warmup_steps = int(tc.warmup_epochs * self.schedule.steps_per_epoch)
         method = build_method(cfg, len(real.classes))  # initial weights depend on train.seed only
@@ -160,9 +150,7 @@ class Trainer:
     def batch_pairs(self, ids: np.ndarray, positions: np.ndarray, epoch: int, pairs: PairSource | None) -> BatchPairs:
         if pairs is None or not self.compose_views.pairing.at(epoch).uses_synthetic:
             # plain SSL (or the real phase of 'sequential'): two views of the real image
-            return BatchPairs(PairImages.real_only(self.real.images, ids),
-                              {"fresh": 0, "cached": 0, "disk": 0, "fallback": 0, "mean_age": float("nan"),
-                               "mean_reuse": float("nan"), "wait_s": 0.0})
+            return BatchPairs.real_only(self.real.images, ids)
         return pairs.get(ids, positions, epoch)
 
     def augment(self, batch: BatchPairs) -> Views:
@@ -220,13 +208,12 @@ class Trainer:
         views, copied = to_device(views, self.acc.device, copy_stream)
         return Prepared(step, views, batch.stats, batch.from_cache, copied)
 
-    def fit(self, pairs: PairSource | None, port: TrainerPort | None, pool: ProducerPool | None = None,
-            stop: threading.Event | None = None) -> tuple[RunMetrics, str | None]:
+    def fit(self, node: NodePairs, stop: threading.Event | None = None) -> tuple[RunMetrics, str | None]:
         """Train to ``train.epochs``; ``stop`` is the event the pair lookup's waits check (see prefetch.py).
         SIGINT or SIGTERM (on any rank) stops training after the current step, with a checkpoint. Returns
         the run's metrics (for its summary) and what stopped it, None when training ran to its end."""
-        tc = self.cfg.train
-        acc = self.acc
+        tc, acc = self.cfg.train, self.acc
+        pairs, port, pool = node.source, node.port, node.pool
         spe, node_batch = self.schedule.steps_per_epoch, self.schedule.node_batch
         metrics = RunMetrics(self.run_dir / "metrics.jsonl" if acc.is_main_process else None, port, pool,
                              acc.log if acc.trackers else None)
@@ -280,186 +267,10 @@ class Trainer:
                 self.save_checkpoint(metrics)
         if stop_reason is not None:
             return metrics, stop_reason
-        t = metrics.totals
-        log.info("trained %d steps; second views: %d fresh, %d cached, %d from disk, %d fallback",
-                 self.step, t["fresh"], t["cached"], t["disk"], t["fallback"])
+        log.info("trained %d steps; second views: %s", self.step,
+                 ", ".join(f"{metrics.totals[origin]} {origin}" for origin in ORIGINS))
         self.save_backbone()
         return metrics, None
-
-
-# ---------------------------------------------------------------------------- setup
-
-def resolve_config(args, overrides: dict[str, str]) -> tuple[Config, tuple[Path, Path | None] | None]:
-    """The run's config and, with ``--resume``, the run directory and checkpoint to continue from
-    (``checkpoint.resume_point``: the checkpoint is None for the run's newest complete one)."""
-    cfg = load_config(args.config, overrides)
-    if args.resume is None:
-        return cfg, None
-    run_dir, checkpoint = resume_point(args.resume, Path(cfg.output_dir), cfg.run_name)
-    resumed = load_config(run_dir / CONFIG_FILE, overrides)
-    check_resume_overrides(load_config(run_dir / CONFIG_FILE), resumed)
-    return resumed, (run_dir, checkpoint)
-
-
-def set_aside_metrics(run_dir: Path) -> str:
-    """Rename an earlier attempt's metrics.jsonl, whose steps a restart from step 0 trains again (kept, not
-    mixed with the new rows); returns what was done, for the log."""
-    old = run_dir / "metrics.jsonl"
-    if not old.exists():
-        return ""
-    aside = run_dir / f"metrics-before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-    old.rename(aside)
-    return f" (the earlier attempt's metrics kept as {aside.name})"
-
-
-def make_run_dir(cfg: Config, accelerator: Accelerator, resume: Path | None) -> Path:
-    """Rank 0 names the run directory; every rank gets the same path, and each node's local main process
-    creates it, so a node without a filesystem shared with the main process has one for what it writes
-    (its producers' files). A directory is taken once a run has started training there (its config.yaml
-    is written then, :func:`run`): a run that failed at start-up leaves only logs, and the corrected run
-    may use the same name."""
-    if resume is not None:
-        return resume
-    name = [cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.train.method}-{cfg.train.pairing}"]
-    name = broadcast_object_list(name) if accelerator.num_processes > 1 else name
-    run_dir = Path(cfg.output_dir) / name[0]
-    if accelerator.is_main_process:
-        if (run_dir / "config.yaml").exists():
-            resumable = "" if scan(run_dir)[0] else \
-                " (it has no complete checkpoint: --resume trains it from step 0 with its saved config)"
-            raise FileExistsError(f"run directory {run_dir} already holds a run that started training; pick another "
-                                  f"run_name, or --resume it{resumable}")
-    if accelerator.is_local_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    return run_dir
-
-
-def setup_logging(accelerator: Accelerator, run_dir: Path) -> None:
-    level = logging.INFO if accelerator.is_main_process else logging.WARNING
-    fmt = logging.Formatter(f"%(asctime)s rank{accelerator.process_index} %(levelname)s %(message)s")
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
-    if accelerator.is_main_process:
-        handlers.append(logging.FileHandler(run_dir / "train.log"))
-    for h in handlers:
-        h.setFormatter(fmt)
-    root = logging.getLogger()
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    for noisy in ("diffusers", "transformers", "accelerate"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def local_world_size(accelerator: Accelerator) -> int:
-    """Trainer processes on this node (torchrun and accelerate launch export LOCAL_WORLD_SIZE)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-
-
-def node_of(accelerator: Accelerator) -> tuple[int, int]:
-    """(this node's rank, the number of nodes): torchrun's GROUP_RANK (accelerate launch runs it too),
-    else from the ranks, which launchers number node by node."""
-    per_node = local_world_size(accelerator)
-    return int(os.environ.get("GROUP_RANK", accelerator.process_index // per_node)), accelerator.num_processes // per_node
-
-
-def start_generation(cfg: Config, accelerator: Accelerator, run_dir: Path, global_batch: int, devices: list[str],
-                     resolution: int, stack: ExitStack) -> tuple[TrainerPort, ProducerPool | None]:
-    """Each node's launching rank creates the node's ring and starts its producers on ``devices``; the
-    other local ranks attach by the name it writes to ``.ring-node<N>`` in the (node-local or shared)
-    run directory. Every rank gets its end of the ring; the launching rank leads (publishes position and
-    speed)."""
-    node, nodes = node_of(accelerator)
-    name_file = run_dir / f".ring-node{node}"
-    pool = None
-    if accelerator.is_local_main_process:
-        for stale in remove_stale_segments():
-            log.warning("removed shared-memory segment %s left by a dead run", stale)
-        ring = PairRing.create(cfg.ring.slots, resolution)
-        stack.callback(ring.close)
-        name_file.write_text(ring.name)
-        pool = ProducerPool(cfg, ring, devices, global_batch, run_dir, node, nodes)
-        stack.callback(pool.stop)
-        pool.start()
-        shared = shared_with_trainers(NodeLaunch.detect(local_world_size(accelerator)), devices)
-        if shared:
-            log.warning("producers share %s with trainer ranks: they take turns on it (producer.memory_fraction "
-                        "caps a producer's memory)", ", ".join(shared))
-        log.info("node %d of %d: ring %s: %d slots, %.1f MiB; %d producer(s) on %s", node, nodes, ring.name,
-                 ring.slots, ring.shm.size / 2**20, len(devices), ", ".join(devices))
-    accelerator.wait_for_everyone()
-    if not accelerator.is_local_main_process:
-        ring = PairRing.attach(name_file.read_text())
-        stack.callback(ring.close)
-    return TrainerPort(ring, leader=accelerator.is_local_main_process), pool
-
-
-def waiting_check(stop: threading.Event, pool: ProducerPool | None) -> None:
-    """What a trainer checks while it waits for missing pairs: the input pipeline closing and, on the
-    main thread only, dead producers (restarted there: a process started from the pipeline's thread
-    would be killed with that thread, as producers die with their parent, PR_SET_PDEATHSIG)."""
-    check_running(stop)
-    if pool is not None and threading.current_thread() is threading.main_thread():
-        pool.check()
-
-
-def wait_for_producers(port: TrainerPort, pool: ProducerPool | None, n: int) -> None:
-    """Block until every producer has loaded its generator, so the first batches are not all fallbacks."""
-    log.info("waiting for %d producer(s) to load the generator", n)
-    started = time.monotonic()
-    while port.ready_producers < n:
-        if pool is not None:
-            pool.check()
-        if time.monotonic() - started > PRODUCER_START_TIMEOUT_S:
-            raise TimeoutError(f"producers not ready after {PRODUCER_START_TIMEOUT_S:.0f}s; see producer-*.log")
-        time.sleep(0.05)
-    log.info("producers ready after %.1fs", time.monotonic() - started)
-
-
-def open_online_cache(cfg: Config, port: TrainerPort, resolution: int, device: torch.device) -> CacheReader:
-    """The disk cache the producers of this run write (their generator's key), read for older variations
-    (JPEG shards decoded on the trainer's ``device``)."""
-    return CacheReader(cfg.cache_root(), cache_key(port.fingerprint, cfg.data.dataset), resolution,
-                       cfg.cache.verify_reads, device)
-
-
-def adopt_cached_generator(cfg: Config, identity: dict, where: Path) -> None:
-    """An offline run trains from variations some generator made: its settings go into ``cfg`` (and so
-    config.yaml), not the configured ones. A generator.model set other than the default and different
-    from the cache's is refused: those variations are not what the user asked for."""
-    made_by = identity.get("model")
-    if made_by is None or made_by == cfg.generator.model:
-        return
-    if cfg.generator.model != GeneratorConfig().model:
-        raise ConfigError(f"offline: generator.model={cfg.generator.model}, but the cached pairs for this dataset, "
-                          f"resolution and guidance ({where}) were made by {made_by}; warm the cache with "
-                          f"{cfg.generator.model} first, or leave generator.model out to train from them")
-    log.warning("offline: the cached pairs in %s were made by generator.model=%s, not the configured %s: training "
-                "from them, and the run's config records %s", where, made_by, cfg.generator.model, made_by)
-    for name in ("model", "revision", "tiny_vae", "scheduler", "steps"):
-        if identity.get(name) not in (None, ""):
-            setattr(cfg.generator, name, identity[name])
-    if identity.get("stub_seed") is not None:
-        cfg.generator.stub_seed = identity["stub_seed"]
-
-
-def open_offline_cache(cfg: Config, train_ids: np.ndarray, resolution: int, device: torch.device) -> CacheReader:
-    """The cache an offline run trains from (pairs at the stored size ``resolution``); refuses to start
-    below ``cache.min_coverage`` of images with a variation that reads back intact (``CacheReader.coverage``)."""
-    root = cfg.cache_root()
-    key = select_key(root, cfg.data.dataset, resolution, cfg.generator.guidance, cfg.cache.fingerprint)
-    adopt_cached_generator(cfg, cache_keys(root)[key].get("identity", {}), root / key)
-    reader = CacheReader(root, key, resolution, cfg.cache.verify_reads, device)
-    covered = reader.coverage(train_ids)
-    missing = int((~covered).sum())
-    if covered.mean() < cfg.cache.min_coverage:
-        raise CacheError(f"offline: {missing} of {len(train_ids)} training images have no intact cached variation "
-                         f"in {root / key} (coverage {100 * covered.mean():.1f}% < cache.min_coverage "
-                         f"{100 * cfg.cache.min_coverage:.1f}%); warm the cache first with `python -m "
-                         "onlinemix.cache warm` (after `cache verify` when shards were reported corrupt above, so "
-                         "that warm regenerates their pairs), or lower cache.min_coverage")
-    log.info("offline: training from %s: %d pairs, %d of %d training images covered (%d will get a real "
-             "second view)", root / key, len(reader), len(train_ids) - missing, len(train_ids), missing)
-    return reader
 
 
 def run(argv: list[str] | None = None) -> dict | None:
@@ -511,22 +322,13 @@ def run(argv: list[str] | None = None) -> dict | None:
         finished_before = trainer.step >= trainer.total_steps  # a finished run resumed: its backbone, again
         stop = threading.Event()  # closes the input pipeline; the pair lookup's waits check it
         with ExitStack() as stack:
-            pairs, port, pool = None, None, None
-            if cfg.offline and synthetic and trainer.step < trainer.total_steps:
-                cache = open_offline_cache(cfg, trainer.schedule.train_ids, real.size, accelerator.device)
-                pairs = PairSource(None, cfg.staleness, real.images, cfg.ring.verify_checksums,
-                                   lambda: check_running(stop), cache)
-            elif online and trainer.step < trainer.total_steps:
-                port, pool = start_generation(cfg, accelerator, run_dir, trainer.schedule.global_batch, devices,
-                                              real.size, stack)
-                wait_for_producers(port, pool, len(devices))
-                cache = open_online_cache(cfg, port, real.size, accelerator.device) if cfg.cache.enabled else None
-                pairs = PairSource(port, cfg.staleness, real.images, cfg.ring.verify_checksums,
-                                   lambda: waiting_check(stop, pool), cache)
+            node = NodePairs()
+            if synthetic and trainer.step < trainer.total_steps:
+                node = open_pairs(cfg, accelerator, run_dir, trainer.schedule, real, devices, stop, stack)
             if accelerator.is_main_process:  # training starts: the run directory is taken (make_run_dir)
                 save_config(cfg, run_dir / "config.yaml")
             start_tracking(accelerator, cfg, run_dir)
-            metrics, stop_reason = trainer.fit(pairs, port, pool, stop)
+            metrics, stop_reason = trainer.fit(node, stop)
             if finished_before:
                 log.info("the run had already trained all %d steps: its backbone was written again from %s; "
                          "%s kept", trainer.total_steps, trainer.checkpoint, SUMMARY_FILE)

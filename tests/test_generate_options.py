@@ -12,6 +12,8 @@ import torch
 from diffusers import AutoencoderTiny
 
 from onlinemix.core.config import GeneratorConfig, load_config
+from onlinemix.core.schedule import EpochSchedule
+from onlinemix.data import load_real_images
 from onlinemix.exchange.ring import PairRing
 from onlinemix.generation.generator import DiffusersVariationGenerator
 from onlinemix.generation.producer import ProducerPool
@@ -80,7 +82,8 @@ def test_loading_from_a_local_directory_goes_through_from_pretrained(images, bas
 def test_producer_metadata_records_attention_and_fingerprint(tmp_path: Path, no_leaked_segments) -> None:
     cfg = load_config(None, {"train.batch_size": "32", "ring.slots": "64", "output_dir": str(tmp_path)})
     ring = PairRing.create(cfg.ring.slots, cfg.data.resolution)
-    pool = ProducerPool(cfg, ring, ["cpu"], 32, tmp_path)
+    schedule = EpochSchedule(load_real_images(cfg.data).train_ids.numpy(), 32, cfg.train.seed)
+    pool = ProducerPool(cfg, ring, ["cpu"], schedule, tmp_path)
     try:
         pool.start()
         while ring.header.ready_producers < 1:

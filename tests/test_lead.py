@@ -28,7 +28,7 @@ def simulate_trainer(tmp_path: Path, rate: float, lead_factor: float, steps: int
     real = load_real_images(cfg.data)
     schedule = EpochSchedule(real.train_ids.numpy(), BATCH, cfg.train.seed)
     ring = PairRing.create(cfg.ring.slots, cfg.data.resolution)
-    pool = ProducerPool(cfg, ring, ["cpu"], BATCH, tmp_path)
+    pool = ProducerPool(cfg, ring, ["cpu"], schedule, tmp_path)
     trainers = TrainerPort(ring, leader=True)
     out = np.zeros((BATCH, 2, 3, 32, 32), dtype=np.uint8)
     try:

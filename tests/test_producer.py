@@ -31,6 +31,11 @@ def cfg(tmp_path: Path) -> Config:
                               "producer.max_restarts": "1", "output_dir": str(tmp_path)})
 
 
+def trainer_schedule(cfg: Config) -> EpochSchedule:
+    """The schedule of one trainer rank with a batch of 32, which the producers follow."""
+    return EpochSchedule(load_real_images(cfg.data).train_ids.numpy(), 32, cfg.train.seed)
+
+
 def wait_until(predicate, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -45,7 +50,7 @@ def test_pairs_from_a_producer_process_match_a_local_regeneration(cfg: Config, t
     real = load_real_images(cfg.data)
     schedule = EpochSchedule(real.train_ids.numpy(), 32, cfg.train.seed)
     ring = PairRing.create(cfg.ring.slots, cfg.data.resolution)
-    pool = ProducerPool(cfg, ring, ["cpu"], 32, tmp_path)
+    pool = ProducerPool(cfg, ring, ["cpu"], schedule, tmp_path)
     try:
         pool.start()
         wait_until(lambda: (pool.check() or ring.header.generated) >= 24)
@@ -73,7 +78,7 @@ def test_a_generator_that_cannot_load_is_final_and_named(cfg: Config, tmp_path: 
     own message instead of spending producer.max_restarts on the same failure."""
     cfg.generator.model, cfg.producer.max_restarts = str(tmp_path / "no-such-model"), 3
     ring = PairRing.create(cfg.ring.slots, cfg.data.resolution)
-    pool = ProducerPool(cfg, ring, ["cpu"], 32, tmp_path)
+    pool = ProducerPool(cfg, ring, ["cpu"], trainer_schedule(cfg), tmp_path)
     try:
         pool.start()
         with pytest.raises(WorkerDied) as e:
@@ -95,7 +100,7 @@ def test_a_stuck_producer_is_reported_once_counted_and_restarted(cfg: Config, tm
     """SIGSTOP stands for a hung GPU call: the process lives, its loop no longer turns."""
     cfg.producer.stuck_s = 1.0
     ring = PairRing.create(cfg.ring.slots, cfg.data.resolution)
-    pool = ProducerPool(cfg, ring, ["cpu"], 32, tmp_path)
+    pool = ProducerPool(cfg, ring, ["cpu"], trainer_schedule(cfg), tmp_path)
     try:
         pool.start()
         pool.check()
@@ -130,7 +135,7 @@ def _kill_and_reap(pool: ProducerPool) -> int:
 def test_dead_producer_is_restarted_until_the_budget_is_spent(cfg: Config, tmp_path: Path, caplog,
                                                               no_leaked_segments) -> None:
     ring = PairRing.create(cfg.ring.slots, cfg.data.resolution)
-    pool = ProducerPool(cfg, ring, ["cpu"], 32, tmp_path)
+    pool = ProducerPool(cfg, ring, ["cpu"], trainer_schedule(cfg), tmp_path)
     try:
         pool.start()
         wait_until(lambda: (pool.check() or ring.header.ready_producers) == 1)
@@ -167,7 +172,7 @@ def test_a_worker_makes_its_device_current_before_anything_else(cfg: Config, mon
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
     monkeypatch.setattr(worker_module, "_die_with_parent", lambda: calls.append("die_with_parent"))
     monkeypatch.setattr(worker_module, "_setup_logging", lambda spec: calls.append("logging"))
-    spec = WorkerSpec(0, cfg, "cuda:2", os.getpid(), None, OnlineJob("unused", 32, 0, 1, 0))
+    spec = WorkerSpec(0, cfg, "cuda:2", os.getpid(), None, OnlineJob("unused", EpochSchedule(np.arange(64), 32, 0)))
     with pytest.raises(Selected):
         worker_main(spec, None)
     assert calls == ["die_with_parent", "set_device cuda:2"]

@@ -312,7 +312,7 @@ class Variation:
 @dataclass(frozen=True)
 class Served:
     """A variation taken from the cache: its synthetic image (the real one is the image store's)."""
-    image: torch.Tensor  # uint8 (3, R, R), on the CPU
+    image: torch.Tensor | None  # uint8 (3, R, R), on the CPU; None from the simulator's model, which has no pixels
     variation: Variation
     uses: int            # times it served before in this run
 

@@ -1,7 +1,7 @@
 """The order in which trainers see real images: a pure function of (seed, epoch).
 
-Producers rebuild the same schedule from the same inputs, so a *position* is all they need
-to know which image a trainer will ask for next. Each node has a ring and producers of its
+The trainers build it once per node and hand the same object to their producers (it travels in
+their job), so a *position* is all a producer needs to know which image a trainer will ask for next. Each node has a ring and producers of its
 own that serve only its trainers, so positions count the samples of one node's trainers from
 the start of training: node n of N takes slice n of each global batch (its ranks' slices,
 side by side). With one node, a position is a sample index of the whole run.
@@ -24,12 +24,20 @@ class EpochSchedule:
         self.train_ids = np.asarray(train_ids, dtype=np.int64)
         self.global_batch = global_batch
         self.seed = seed
-        self.node = node
+        self.node, self.nodes = node, nodes
         self.node_batch = global_batch // nodes
         self.steps_per_epoch = len(self.train_ids) // global_batch
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.train_ids)} training images cannot fill one global batch of {global_batch}")
         self.positions_per_epoch = self.steps_per_epoch * self.node_batch
+        self._order = lru_cache(maxsize=4)(self._compute_order)
+
+    def __getstate__(self) -> dict:
+        """Pickled for the producers without its cache of orders (an lru_cache does not pickle)."""
+        return {k: v for k, v in self.__dict__.items() if k != "_order"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
         self._order = lru_cache(maxsize=4)(self._compute_order)
 
     def _compute_order(self, epoch: int) -> np.ndarray:

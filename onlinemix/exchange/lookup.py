@@ -1,27 +1,47 @@
 """Pair lookup for one trainer batch: ring first, then the staleness policy (wait, disk cache, real).
 
-Every batch reports how its second views were obtained:
-- fresh: a synthetic view from the ring, serving for the first time;
-- cached: a synthetic view from the ring that has served before (within max_reuse and max_age);
-- disk: an older variation read from the disk cache (no max_reuse or max_age there);
-- fallback: no synthetic view in time, so a second augmented real view (plain SSL).
+:class:`BatchLookup` is the lookup as steps that never block: borrow what the ring has, ask the producers
+for what is missing, borrow again, then serve what is still missing from the disk cache or let it fall
+back to a real view. :class:`PairSource` drives it for a trainer, sleeping between polls;
+:mod:`onlinemix.tools.simulate` drives the same steps on a virtual clock. Every batch reports where its
+second views came from, a :class:`ViewOrigin` each.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Callable
+from enum import Enum
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
-from onlinemix.cache import CacheReader
+from onlinemix.cache import CacheReader, Served
 from onlinemix.core.config import StalenessConfig
 from onlinemix.exchange.ring import Loan, TakeResult, TrainerPort
 
 POLL_S = 0.005
 CACHE_REFRESH_S = 10.0
+
+
+class ViewOrigin(str, Enum):
+    """Where a batch's second view came from. The value names its counter in metrics, plans and simulations."""
+    FRESH = "fresh"        # a synthetic view from the ring, serving for the first time
+    CACHED = "cached"      # a synthetic view from the ring that has served before (within max_reuse and max_age)
+    DISK = "disk"          # an older variation read from the disk cache (no max_reuse or max_age there)
+    FALLBACK = "fallback"  # no synthetic view in time: a second augmented real view (plain SSL)
+
+
+ORIGINS = tuple(origin.value for origin in ViewOrigin)  # the counters, in report order
+SYNTHETIC_ORIGINS = ORIGINS[:-1]
+
+
+class VariationSource(Protocol):
+    """The disk cache as a lookup reads it: :class:`~onlinemix.cache.CacheReader`, or the simulator's model."""
+
+    def take(self, real_ids: Iterable[int]) -> list[Served | None]: ...
 
 
 @dataclass(frozen=True)
@@ -53,6 +73,11 @@ class BatchPairs:
     loans: list[Loan] = field(default_factory=list, repr=False)
     from_cache: list[tuple[str, int]] = field(default_factory=list)
 
+    @classmethod
+    def real_only(cls, images: torch.Tensor, ids: np.ndarray) -> BatchPairs:
+        """A batch of plain SSL (or a real phase of the pairing): no second view is counted."""
+        return cls(PairImages.real_only(images, ids), batch_stats(no_views(0), np.zeros(0, dtype=bool), 0.0))
+
     def release(self) -> None:
         """Give the ring its slots back (the gathered images are a copy and stay valid)."""
         for loan in self.loans:
@@ -66,9 +91,98 @@ class BatchPairs:
         self.release()
 
 
+class BatchLookup:
+    """One batch's lookup in the ring, as steps that never block.
+
+    Created, it borrows the freshest acceptable pair of every id. Under the ``wait`` policy
+    (:meth:`should_wait`) a driver asks the producers for the missing positions (:meth:`request_missing`)
+    and polls (:meth:`poll`) until the batch is :attr:`complete` or its deadline passes. The loans stay
+    pinned until :meth:`release`: the trainer copies its pairs out first; the simulator has no pixels.
+    """
+
+    def __init__(self, port: TrainerPort, ids: np.ndarray, positions: np.ndarray, epoch: int,
+                 staleness: StalenessConfig, verify: bool) -> None:
+        self.port, self.ids, self.positions, self.epoch = port, ids, positions, epoch
+        self.staleness, self.verify = staleness, verify
+        first = self._borrow(None)
+        self.loans: list[Loan] = [first]
+        self.result = TakeResult(*(a.copy() for a in (first.result.found, first.result.fresh, first.result.age,
+                                                       first.result.uses)))
+
+    def _borrow(self, skip: np.ndarray | None) -> Loan:
+        return self.port.borrow(self.ids, self.positions, self.epoch, max_reuse=self.staleness.max_reuse,
+                                max_age=self.staleness.max_age, skip=skip, verify=self.verify)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.result.found.all())
+
+    def should_wait(self) -> bool:
+        """Whether the policy waits for the producers before the disk cache (``wait``, with views missing)."""
+        return waits(self.staleness) and not self.complete
+
+    def request_missing(self) -> None:
+        """Ask the producers to claim the missing positions first."""
+        missing = self.positions[~self.result.found]
+        self.port.request(int(missing.min()), int(missing.max()) + 1)
+
+    def poll(self) -> bool:
+        """Borrow the views still missing; whether any arrived."""
+        loan = self._borrow(self.result.found)
+        more = loan.result
+        if not more.found.any():
+            return False
+        self.loans.append(loan)
+        result = self.result
+        result.age = np.where(more.found, more.age, result.age)
+        result.uses = np.where(more.found, more.uses, result.uses)
+        result.fresh |= more.fresh
+        result.found |= more.found
+        return True
+
+    def pairs(self) -> dict[int, np.ndarray]:
+        """Row -> its borrowed (2, 3, R, R) pair in shared memory, valid until :meth:`release`."""
+        return {i: loan.pair(i) for loan in self.loans for i in np.flatnonzero(loan.result.found)}
+
+    def served(self) -> list[tuple[int, int]]:
+        """(image id, epoch the view was made for) of every view the ring served."""
+        found = np.flatnonzero(self.result.found)
+        return list(zip(self.ids[found].tolist(), (self.epoch - self.result.age[found]).tolist(), strict=True))
+
+    def release(self) -> None:
+        """Give the loans back to the ring (each counts one use of its pairs)."""
+        for loan in self.loans:
+            self.port.give_back(loan)
+        self.loans = []
+
+
+def serve_from_cache(cache: VariationSource, ids: np.ndarray, epoch: int, result: TakeResult,
+                     other: torch.Tensor | None) -> tuple[np.ndarray, list[Served]]:
+    """Second views from the disk cache for the rows ``result`` has none: which rows it served, and the
+    variations served (their images into ``other``, unless None). Their age and reuse go into ``result``."""
+    disk = np.zeros(len(ids), dtype=bool)
+    taken: list[Served] = []
+    missing = np.flatnonzero(~result.found)
+    for i, served in zip(missing.tolist(), cache.take(ids[missing].tolist()), strict=True):
+        if served is None:
+            continue
+        if other is not None:
+            other[i] = served.image
+        disk[i] = True
+        taken.append(served)
+        result.age[i] = max(0, epoch - served.variation.epoch)
+        result.uses[i] = served.uses
+    return disk, taken
+
+
+def no_views(b: int) -> TakeResult:
+    """The ring's answer where there is no ring (offline): nothing found for any of ``b`` rows."""
+    return TakeResult(*(np.zeros(b, dtype=t) for t in (bool, bool, np.int64, np.int64)))
+
+
 class PairSource:
-    """Builds (real, second view) batches: the ring first, then the staleness policy, which may
-    turn to the disk cache. Offline there is no ring, and every view comes from the cache."""
+    """Builds (real, second view) batches for a trainer: :class:`BatchLookup` in the ring, waiting as the
+    policy says, then the disk cache. Offline there is no ring, and every view comes from the cache."""
 
     def __init__(self, ring: TrainerPort | None, staleness: StalenessConfig, images: torch.Tensor, verify: bool,
                  health_check: Callable[[], None], cache: CacheReader | None = None) -> None:
@@ -80,30 +194,40 @@ class PairSource:
         self.cache = cache
         self._refreshed = time.monotonic()
 
-    def _borrow(self, ids: np.ndarray, positions: np.ndarray, epoch: int, skip: np.ndarray | None) -> Loan:
-        return self.ring.borrow(ids, positions, epoch, max_reuse=self.staleness.max_reuse,
-                                max_age=self.staleness.max_age, skip=skip, verify=self.verify)
-
     def get(self, ids: np.ndarray, positions: np.ndarray, epoch: int) -> BatchPairs:
         """The batch for these ids; use it in a ``with`` block so its ring slots are given back."""
-        b = len(ids)
-        loans: list[Loan] = []
-        result, waited = TakeResult(*(np.zeros(b, dtype=t) for t in (bool, bool, np.int64, np.int64))), 0.0
-        try:
-            if self.ring is not None:
-                loans.append(self._borrow(ids, positions, epoch, None))
-                result, waited = self._wait_for_missing(ids, positions, epoch, loans)
-        except BaseException:
-            for loan in loans:
-                self.ring.give_back(loan)
-            raise
-        pairs: dict[int, np.ndarray] = {i: loan.pair(i) for loan in loans for i in np.flatnonzero(loan.result.found)}
+        if self.ring is None:
+            result, pairs, loans, waited = no_views(len(ids)), {}, [], 0.0
+        else:
+            lookup = BatchLookup(self.ring, ids, positions, epoch, self.staleness, self.verify)
+            try:
+                waited = self._wait(lookup) if lookup.should_wait() else 0.0
+            except BaseException:
+                lookup.release()
+                raise
+            result, pairs, loans = lookup.result, lookup.pairs(), lookup.loans
         real, other = self.gather(ids, pairs)
-        disk, from_cache = self._from_cache(ids, epoch, result, other) if self.cache is not None else \
-            (np.zeros(b, dtype=bool), [])
+        disk, taken = np.zeros(len(ids), dtype=bool), []
+        if self.cache is not None and reads_disk(self.staleness, online=self.ring is not None):
+            if time.monotonic() - self._refreshed > CACHE_REFRESH_S:  # producers keep committing shards
+                self.cache.refresh()
+                self._refreshed = time.monotonic()
+            disk, taken = serve_from_cache(self.cache, ids, epoch, result, other)
         synthetic = torch.from_numpy(result.found | disk)
         return BatchPairs(PairImages(real, other, synthetic, torch.from_numpy(ids).long()),
-                          batch_stats(result, disk, waited), loans, from_cache)
+                          batch_stats(result, disk, waited), loans,
+                          [(s.variation.shard, s.variation.row) for s in taken])
+
+    def _wait(self, lookup: BatchLookup) -> float:
+        """The ``wait`` policy: poll for the missing views until they are all there or the timeout passes."""
+        start = time.monotonic()
+        lookup.request_missing()
+        deadline = start + self.staleness.wait_timeout_s
+        while not lookup.complete and time.monotonic() < deadline:
+            self.health_check()
+            time.sleep(POLL_S)
+            lookup.poll()
+        return time.monotonic() - start
 
     def gather(self, ids: np.ndarray, pairs: dict[int, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's (real, second) uint8 (B, 3, R, R) images: row i copied out of the ring's ``pairs[i]``
@@ -117,55 +241,6 @@ class PairSource:
             real[rest] = self.images[torch.from_numpy(ids[rest])]
             other[rest] = real[rest]
         return real, other
-
-    def _from_cache(self, ids: np.ndarray, epoch: int, result: TakeResult,
-                    other: torch.Tensor) -> tuple[np.ndarray, list[tuple[str, int]]]:
-        """Second views from the disk cache where the ring had none (policy ``cached``, ``wait`` after its
-        timeout, and offline mode): the cache holds the synthetic image, the real one is already in the
-        batch. ``result`` gets the age and reuse of the views served. Returns which rows came from the
-        cache and the (shard, row) of each variation taken."""
-        disk = np.zeros(len(ids), dtype=bool)
-        taken: list[tuple[str, int]] = []
-        if not reads_disk(self.staleness, online=self.ring is not None):
-            return disk, taken
-        if time.monotonic() - self._refreshed > CACHE_REFRESH_S:  # producers keep committing shards
-            self.cache.refresh()
-            self._refreshed = time.monotonic()
-        missing = np.flatnonzero(~result.found)
-        for i, served in zip(missing.tolist(), self.cache.take(ids[missing].tolist()), strict=True):
-            if served is None:
-                continue
-            other[i] = served.image
-            disk[i] = True
-            taken.append((served.variation.shard, served.variation.row))
-            result.age[i] = max(0, epoch - served.variation.epoch)
-            result.uses[i] = served.uses
-        return disk, taken
-
-    def _wait_for_missing(self, ids: np.ndarray, positions: np.ndarray, epoch: int,
-                          loans: list[Loan]) -> tuple[TakeResult, float]:
-        """Under the ``wait`` policy, keep borrowing the ids still missing until the timeout."""
-        result = TakeResult(*(a.copy() for a in (loans[0].result.found, loans[0].result.fresh,
-                                                 loans[0].result.age, loans[0].result.uses)))
-        if not waits(self.staleness) or result.found.all():
-            return result, 0.0
-        start = time.monotonic()
-        missing = positions[~result.found]
-        self.ring.request(int(missing.min()), int(missing.max()) + 1)
-        deadline = start + self.staleness.wait_timeout_s
-        while not result.found.all() and time.monotonic() < deadline:
-            self.health_check()
-            time.sleep(POLL_S)
-            loan = self._borrow(ids, positions, epoch, result.found)
-            more = loan.result
-            if not more.found.any():
-                continue
-            loans.append(loan)
-            result.age = np.where(more.found, more.age, result.age)
-            result.uses = np.where(more.found, more.uses, result.uses)
-            result.fresh |= more.fresh
-            result.found |= more.found
-        return result, time.monotonic() - start
 
 
 def waits(staleness: StalenessConfig) -> bool:
@@ -182,8 +257,8 @@ def batch_stats(result: TakeResult, disk: np.ndarray, waited_s: float) -> dict[s
     """Counts of a batch's second views by origin, and the mean age and reuse of its synthetic ones."""
     ring, synthetic = result.found, result.found | disk
     n_ring, n_fresh, n_synthetic = int(ring.sum()), int(result.fresh.sum()), int(synthetic.sum())
-    return {"fresh": n_fresh, "cached": n_ring - n_fresh, "disk": int(disk.sum()),
-            "fallback": len(ring) - n_synthetic,
+    return {ViewOrigin.FRESH.value: n_fresh, ViewOrigin.CACHED.value: n_ring - n_fresh,
+            ViewOrigin.DISK.value: int(disk.sum()), ViewOrigin.FALLBACK.value: len(ring) - n_synthetic,
             "mean_age": float(result.age[synthetic].mean()) if n_synthetic else float("nan"),
             "mean_reuse": float(result.uses[synthetic].mean()) if n_synthetic else float("nan"),
             "wait_s": waited_s}

@@ -583,6 +583,12 @@ class TrainerPort:
         return self.ring.header.evicted_unserved
 
     @property
+    def unserved(self) -> int:
+        """Published pairs in the ring that have never served."""
+        with self.ring.locked():
+            return self.ring.waiting(0)
+
+    @property
     def busy_s(self) -> float:
         """Seconds producers spent on batches, waits for a free slot excluded (see ``ProducerPort.count_busy``)."""
         return self.ring.header.busy_ms / 1000

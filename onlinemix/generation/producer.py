@@ -23,7 +23,7 @@ from onlinemix.cache import writer_for
 from onlinemix.core.config import Config
 from onlinemix.core.files import write_json
 from onlinemix.core.schedule import EpochSchedule, variation_seed
-from onlinemix.data import RealImages, select_train_ids
+from onlinemix.data import RealImages
 from onlinemix.exchange.ring import PairRing, ProducerPort
 from onlinemix.generation.generator import VariationGenerator
 from onlinemix.generation.worker import CacheSink, RingSink, Sink, Work, WorkerPool, WorkerSpec
@@ -76,24 +76,18 @@ def producer_port(ring: PairRing, cfg: Config, node_batch: int, producers: int, 
 
 @dataclass
 class OnlineJob:
-    """The producer's job: ring positions in; pairs to the ring and (``cache.enabled``) the disk cache.
-
-    Node ``node`` of ``nodes`` has a ring of its own, serving its trainers' slice of each global batch;
-    its producers are numbered from ``first_index`` (unique across nodes, for their names and files)."""
+    """What a producer needs to follow its node's trainers: the ring's name and the trainers' own
+    schedule (the same object, pickled: the ids, their order and the node's slice of each global batch).
+    Its producers are numbered from ``first_index`` (unique across nodes, for their names and files)."""
     ring_name: str
-    global_batch: int
-    node: int = 0
-    nodes: int = 1
+    schedule: EpochSchedule
     first_index: int = 0
     kind: str = "producer"
 
     @contextmanager
     def session(self, spec: WorkerSpec, generator: VariationGenerator,
                 real: RealImages) -> Iterator[tuple[RingWork, list[Sink]]]:
-        cfg = spec.cfg
-        # The trainers' own schedule: the same ids (data.select_train_ids) in the same order.
-        schedule = EpochSchedule(select_train_ids(real, cfg.data).numpy(), self.global_batch, cfg.train.seed,
-                                 self.node, self.nodes)
+        cfg, schedule = spec.cfg, self.schedule
         ring = PairRing.attach(self.ring_name)
         try:
             port = producer_port(ring, cfg, schedule.node_batch, cfg.producers, spec.index - self.first_index)
@@ -129,9 +123,9 @@ class ProducerPool(WorkerPool):
     run directory. A live producer whose progress counter has not moved for ``producer.stuck_s`` is
     reported once and counted in ``stalls``; still stuck after twice that, it is killed and restarted."""
 
-    def __init__(self, cfg: Config, ring: PairRing, devices: list[str], global_batch: int, log_dir: Path,
-                 node: int = 0, nodes: int = 1) -> None:
-        job = OnlineJob(ring.name, global_batch, node, nodes, first_index=node * len(devices))
+    def __init__(self, cfg: Config, ring: PairRing, devices: list[str], schedule: EpochSchedule,
+                 log_dir: Path) -> None:
+        job = OnlineJob(ring.name, schedule, first_index=schedule.node * len(devices))
         specs = [WorkerSpec(job.first_index + i, cfg, device, os.getpid(),
                             str(log_dir / f"producer-{job.first_index + i}.log"), job)
                  for i, device in enumerate(devices)]

@@ -5,8 +5,9 @@ request, or when a view is retired or too old: the simulator calls the code that
 this process's memory (:meth:`PairRing.local`, 1-pixel pairs) whose birth times come from the virtual
 clock. Producers take their work from :class:`~onlinemix.generation.producer.RingWork` (claims ahead of the
 trainers by the measured lead, images with an unused view skipped) and write with
-:meth:`ProducerPort.place`; trainers look up with :meth:`TrainerPort.borrow` and ``give_back``, follow
-the policy's rules from :mod:`onlinemix.exchange.lookup` and count with its ``batch_stats``.
+:meth:`ProducerPort.place`; trainers drive the trainer's own lookup, :class:`~onlinemix.exchange.lookup.BatchLookup`
+(borrow, request, poll, release), serve from the disk cache with its ``serve_from_cache`` and count with its
+``batch_stats``. The simulator reads the ring only through the trainers' and producers' ports.
 
 What is modelled is time and the disk cache's visibility: a producer's batch takes its pairs divided
 by the generation rate; a trainer step takes ``step_s`` plus any wait for its input; the input
@@ -27,15 +28,21 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from onlinemix.cache.store import serving_order
+from onlinemix.cache.store import Served, Variation, serving_order
 from onlinemix.core.config import Config
 from onlinemix.core.schedule import EpochSchedule
-from onlinemix.exchange.lookup import CACHE_REFRESH_S, batch_stats, reads_disk, waits
-from onlinemix.exchange.ring import READY, WRITE_RETRY_S, Loan, PairRing, S, TakeResult, TrainerPort
+from onlinemix.exchange.lookup import (
+    CACHE_REFRESH_S,
+    ORIGINS,
+    SYNTHETIC_ORIGINS,
+    BatchLookup,
+    batch_stats,
+    reads_disk,
+    serve_from_cache,
+)
+from onlinemix.exchange.ring import WRITE_RETRY_S, PairRing, TrainerPort
 from onlinemix.generation.producer import RingWork, producer_port
 from onlinemix.generation.worker import IDLE_SLEEP_S, Work
-
-ORIGINS = ("fresh", "cached", "disk", "fallback")
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,7 @@ class EpochResult:
         return self.fresh + self.cached + self.disk + self.fallback
 
     def fractions(self) -> dict[str, float]:
+        """The share of the views from each origin."""
         return {k: getattr(self, k) / max(1, self.views) for k in ORIGINS}
 
     @property
@@ -87,7 +95,7 @@ class EpochResult:
     def add(self, stats: dict[str, float]) -> None:
         for k in ORIGINS:
             setattr(self, k, getattr(self, k) + int(stats[k]))
-        synthetic = stats["fresh"] + stats["cached"] + stats["disk"]
+        synthetic = sum(stats[k] for k in SYNTHETIC_ORIGINS)
         if synthetic:
             self.age_sum += stats["mean_age"] * synthetic
             self.reuse_sum += stats["mean_reuse"] * synthetic
@@ -109,8 +117,8 @@ class Simulation:
     def total(self) -> EpochResult:
         out = EpochResult(-1)
         for e in self.epochs:
-            for name in ("fresh", "cached", "disk", "fallback", "age_sum", "reuse_sum", "stall_s", "wait_s",
-                         "epoch_s", "generated", "evicted_unserved", "new_variations"):
+            for name in (*ORIGINS, "age_sum", "reuse_sum", "stall_s", "wait_s", "epoch_s", "generated",
+                         "evicted_unserved", "new_variations"):
                 setattr(out, name, getattr(out, name) + getattr(e, name))
         return out
 
@@ -166,7 +174,6 @@ class DiskCache:
         self._refreshed = 0.0
         self._variations: dict[int, list[list[float]]] = {}  # id -> [[uses, created, epoch], ...]
         self._covered = np.zeros(images, dtype=bool)  # by image id: has a variation the trainers can see
-        self.served: list[tuple[int, int]] = []  # (image, variation epoch) of the views ``take`` served
 
     def warm(self, ids: np.ndarray, variations: int) -> None:
         """Variations 0 .. ``variations`` - 1 of every image, there before training starts (``cache warm``)."""
@@ -202,21 +209,21 @@ class DiskCache:
         self._seen = len(self._committed)
         self._refreshed = self.clock.now
 
-    def take(self, ids: np.ndarray, missing: np.ndarray, epoch: int, result: TakeResult) -> np.ndarray:
-        """Serve the ``missing`` entries of a batch from the cache; fills ``result``'s age and uses."""
+    def take(self, real_ids: list[int]) -> list[Served | None]:
+        """:meth:`CacheReader.take <onlinemix.cache.CacheReader.take>` without pixels: one variation of each
+        image, the least used, then youngest, or None where the trainers can see none."""
         if self.clock.now - self._refreshed > self.refresh_s:
             self._refresh()
-        disk = np.zeros(len(ids), dtype=bool)
-        rows = np.flatnonzero(missing)
-        for j in rows[self._covered[ids[rows]]].tolist():  # no Python loop over images without a variation
-            candidates = self._variations[int(ids[j])]
-            best = min(candidates, key=lambda v: serving_order(*v))
-            self.served.append((int(ids[j]), int(best[2])))
-            disk[j] = True
-            result.age[j] = max(0, epoch - int(best[2]))
-            result.uses[j] = int(best[0])
+        out: list[Served | None] = []
+        for i in real_ids:
+            if not self._covered[i]:
+                out.append(None)
+                continue
+            best = min(self._variations[i], key=lambda v: serving_order(*v))
+            uses, created, epoch = best
+            out.append(Served(None, Variation("", 0, i, 0, int(epoch), created, 0), int(uses)))
             best[0] += 1
-        return disk
+        return out
 
 
 class _Producer:
@@ -258,18 +265,6 @@ class _Producer:
         self.turn()
 
 
-@dataclass
-class _Lookup:
-    """The pair lookup of one step in progress."""
-    step: int
-    ids: np.ndarray
-    positions: np.ndarray
-    started: float
-    loans: list[Loan]
-    result: TakeResult
-    deadline: float = math.inf
-
-
 class _Trainer:
     """The trainer ranks of a node as one consumer of the global batch, with the input pipeline of
     ``prefetch.Prefetcher``: the lookup of step k+1 starts once step k is queued (at most ``prefetch``
@@ -280,7 +275,8 @@ class _Trainer:
         self.port = TrainerPort(sim.ring, leader=True)
         self.depth = sim.cfg.train.prefetch
         self.next_lookup = 0
-        self.lookup: _Lookup | None = None
+        self.lookup: BatchLookup | None = None  # the lookup in progress: its step, start and deadline follow
+        self.lookup_step, self.lookup_started, self.deadline = 0, 0.0, math.inf
         self.queue: deque[tuple[int, dict[str, float]]] = deque()
         self.blocked: tuple[int, dict[str, float]] | None = None  # prepared, waiting for room in the queue
         self.steps = 0
@@ -301,66 +297,50 @@ class _Trainer:
             self.want()
 
     def begin_lookup(self) -> None:
-        sim, st = self.sim, self.sim.cfg.staleness
+        sim = self.sim
         step = self.next_lookup
         self.next_lookup += 1
         gb = sim.schedule.global_batch
         positions = np.arange(step * gb, (step + 1) * gb, dtype=np.int64)
-        ids = sim.schedule.ids_at(positions)
-        loan = self.port.borrow(ids, positions, step // sim.schedule.steps_per_epoch, max_reuse=st.max_reuse,
-                                max_age=st.max_age, verify=False)
-        first = loan.result
-        result = TakeResult(first.found.copy(), first.fresh.copy(), first.age.copy(), first.uses.copy())
-        self.lookup = _Lookup(step, ids, positions, sim.clock.now, [loan], result)
-        if waits(st) and not result.found.all():
-            missing = positions[~result.found]
-            self.port.request(int(missing.min()), int(missing.max()) + 1)
+        self.lookup = BatchLookup(self.port, sim.schedule.ids_at(positions), positions,
+                                  step // sim.schedule.steps_per_epoch, sim.cfg.staleness, verify=False)
+        self.lookup_step, self.lookup_started, self.deadline = step, sim.clock.now, math.inf
+        if self.lookup.should_wait():
+            self.lookup.request_missing()
             sim.wake_producers()
-            self.lookup.deadline = sim.clock.now + st.wait_timeout_s
-            sim.clock.at(self.lookup.deadline, self.retry)
+            self.deadline = sim.clock.now + sim.cfg.staleness.wait_timeout_s
+            sim.clock.at(self.deadline, self.retry)
             return
         self.finish_lookup()
 
     def published(self) -> None:
         """Producers published pairs: a waiting lookup tries again now (the real one polls every few ms)."""
-        if self.lookup is not None and self.lookup.deadline < math.inf:
+        if self.lookup is not None and self.deadline < math.inf:
             self.retry()
 
     def retry(self) -> None:
-        lk, st = self.lookup, self.sim.cfg.staleness
-        if lk is None:
+        if self.lookup is None:
             return
-        loan = self.port.borrow(lk.ids, lk.positions, lk.step // self.sim.schedule.steps_per_epoch,
-                                max_reuse=st.max_reuse, max_age=st.max_age, skip=lk.result.found, verify=False)
-        more, result = loan.result, lk.result
-        lk.loans.append(loan)
-        result.age = np.where(more.found, more.age, result.age)
-        result.uses = np.where(more.found, more.uses, result.uses)
-        result.fresh |= more.fresh
-        result.found |= more.found
-        if result.found.all() or self.sim.clock.now >= lk.deadline:
+        self.lookup.poll()
+        if self.lookup.complete or self.sim.clock.now >= self.deadline:
             self.finish_lookup()
 
     def finish_lookup(self) -> None:
-        sim, lk = self.sim, self.lookup
+        sim, lookup = self.sim, self.lookup
         self.lookup = None
-        meta = sim.ring.meta
-        served = [(int(meta[slot, S.real_id]), int(meta[slot, S.birth_epoch]))
-                  for loan in lk.loans for slot in loan.slots[loan.slots >= 0].tolist()]
-        for loan in lk.loans:
-            self.port.give_back(loan)
-        disk = np.zeros(len(lk.ids), dtype=bool)
+        served = lookup.served()
+        lookup.release()
+        disk = np.zeros(len(lookup.ids), dtype=bool)
         if sim.disk is not None and reads_disk(sim.cfg.staleness, online=True):
-            disk = sim.disk.take(lk.ids, ~lk.result.found, lk.step // sim.schedule.steps_per_epoch, lk.result)
-            served += sim.disk.served
-            sim.disk.served.clear()
+            disk, taken = serve_from_cache(sim.disk, lookup.ids, lookup.epoch, lookup.result, None)
+            served += [(s.variation.real_id, s.variation.epoch) for s in taken]
         new = set(served) - self.seen
         self.seen |= new
-        waited = sim.clock.now - lk.started if lk.deadline < math.inf else 0.0
-        stats = {**batch_stats(lk.result, disk, waited), "new_variations": len(new)}
-        self.port.publish_position((lk.step + 1) * sim.schedule.global_batch)
+        waited = sim.clock.now - self.lookup_started if self.deadline < math.inf else 0.0
+        stats = {**batch_stats(lookup.result, disk, waited), "new_variations": len(new)}
+        self.port.publish_position((self.lookup_step + 1) * sim.schedule.global_batch)
         sim.wake_producers()
-        sim.clock.after(sim.rates.prepare_s, self.prepared, lk.step, stats)
+        sim.clock.after(sim.rates.prepare_s, self.prepared, self.lookup_step, stats)
 
     def prepared(self, step: int, stats: dict[str, float]) -> None:
         if self.depth > 0 and len(self.queue) >= self.depth:
@@ -466,9 +446,7 @@ def simulate(cfg: Config, dataset_size: int, rates: Rates, *, producers: int | N
         run.clock.at(0.0, _Producer(run, index).turn)
     run.clock.at(0.0, run.trainer.start)
     run.clock.run(lambda: run.trainer.steps == run.total_steps)
-    meta = run.ring.meta
-    unserved = int(((meta[:, S.state] == READY) & (meta[:, S.uses] == 0)).sum())
-    header = run.ring.header
+    port = run.trainer.port
     disk_images = run.disk.images() if run.disk is not None else 0
-    return Simulation(run.trainer.epochs, run.clock.now, header.generated, header.evicted_unserved, unserved,
+    return Simulation(run.trainer.epochs, run.clock.now, port.generated, port.evicted_unserved, port.unserved,
                       disk_images, run.batches)

@@ -14,14 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from onlinemix.core.files import json_text
+from onlinemix.exchange.lookup import ORIGINS, SYNTHETIC_ORIGINS
 from onlinemix.exchange.ring import TrainerPort
 from onlinemix.generation.producer import ProducerPool
 from onlinemix.training.tracking import scalars
 
 log = logging.getLogger(__name__)
-
-COUNTS = ("fresh", "cached", "disk", "fallback")
-SYNTHETIC = ("fresh", "cached", "disk")
 
 
 class RunMetrics:
@@ -31,7 +29,7 @@ class RunMetrics:
         self.port = port  # the ring's counters, None without producers
         self.pool = pool  # producer restarts and stalls, on the rank that started the producers
         self.tracker = tracker  # each written row, e.g. Accelerator.log (rows go to metrics.jsonl either way)
-        self.totals = dict.fromkeys(COUNTS, 0)
+        self.totals = dict.fromkeys(ORIGINS, 0)
         self._run = {"steps": 0, "step": 0, "wait_s": 0.0, "data_wait_s": 0.0, "step_s": 0.0}
         self._epoch = self._empty_epoch()
         self._started = time.monotonic()
@@ -39,7 +37,7 @@ class RunMetrics:
 
     @staticmethod
     def _empty_epoch() -> dict[str, float]:
-        return {**dict.fromkeys(COUNTS, 0), "age_sum": 0.0, "reuse_sum": 0.0, "wait_s": 0.0, "data_wait_s": 0.0,
+        return {**dict.fromkeys(ORIGINS, 0), "age_sum": 0.0, "reuse_sum": 0.0, "wait_s": 0.0, "data_wait_s": 0.0,
                 "steps": 0,
                 "started": time.monotonic()}
 
@@ -66,8 +64,8 @@ class RunMetrics:
         e["data_wait_s"] += data_wait_s
         run.update(steps=run["steps"] + 1, step=step, wait_s=run["wait_s"] + stats["wait_s"],
                    data_wait_s=run["data_wait_s"] + data_wait_s, step_s=run["step_s"] + values.get("step_s", 0.0))
-        synthetic = sum(stats[k] for k in SYNTHETIC)
-        for k in COUNTS:
+        synthetic = sum(stats[k] for k in SYNTHETIC_ORIGINS)
+        for k in ORIGINS:
             self.totals[k] += stats[k]
             e[k] += stats[k]
         if synthetic:
@@ -87,8 +85,8 @@ class RunMetrics:
         e = self._epoch
         if not e["steps"]:
             return
-        synthetic = sum(e[k] for k in SYNTHETIC)
-        row = {"epoch_end": epoch, **values, **{k: e[k] for k in COUNTS},
+        synthetic = sum(e[k] for k in SYNTHETIC_ORIGINS)
+        row = {"epoch_end": epoch, **values, **{k: e[k] for k in ORIGINS},
                "mean_age": e["age_sum"] / synthetic if synthetic else math.nan,
                "mean_reuse": e["reuse_sum"] / synthetic if synthetic else math.nan,
                "wait_s": e["wait_s"], "data_wait_s": e["data_wait_s"], "epoch_s": time.monotonic() - e["started"],
