@@ -82,7 +82,8 @@ from onlinemix.training.prefetch import Prefetcher, Prepared, to_device
 from onlinemix.training.rundir import BACKBONE_FILE, hold_run_dir
 from onlinemix.training.start import make_run_dir, resolve_config, set_aside_metrics, setup_logging
 from onlinemix.training.tracking import SUMMARY_FILE, chosen_tracker, format_summary, start_tracking
-from onlinemix.views.compose import Augmentation, ViewComposer, Views, build_pairing, choose_backend, make_backend
+from onlinemix.views.backends import choose_backend, make_backend
+from onlinemix.views.compose import Augmentation, ViewComposer, Views, build_pairing
 
 log = logging.getLogger("onlinemix")
 

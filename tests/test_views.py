@@ -9,15 +9,14 @@ import torch
 from onlinemix.core.config import ConfigError, load_config, needs_synthetic_views
 from onlinemix.core.registry import PAIRINGS
 from onlinemix.exchange.lookup import PairImages
+from onlinemix.views.backends import BatchedViews, PerImageViews, choose_backend, make_backend
 from onlinemix.views.compose import (
     Augmentation,
-    BatchedViews,
     ClassifierViews,
     MixDiff,
     Mixing,
     MultiCrops,
     Pairing,
-    PerImageViews,
     Real,
     Sequential,
     Synthetic,
@@ -25,8 +24,6 @@ from onlinemix.views.compose import (
     ViewComposer,
     ViewPlan,
     build_pairing,
-    choose_backend,
-    make_backend,
 )
 
 RES = 16

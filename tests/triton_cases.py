@@ -98,6 +98,6 @@ def test_wrong_inputs_are_refused() -> None:
 
 def test_the_trial_launch_that_chooses_triton_passes_where_the_kernels_run() -> None:
     """What ``train.augment_backend`` runs before choosing the kernels (here on the interpreter's CPU)."""
-    from onlinemix.views.compose import triton_problem
+    from onlinemix.views.backends import triton_problem
 
     assert triton_problem(torch.device("cpu")) is None

@@ -43,7 +43,7 @@ from onlinemix.evaluation.linear import LinearProtocol, fit_linear_classifier, t
 from onlinemix.evaluation.probe import extract_features, fit_linear_probe, knn_scores, topk_accuracy
 from onlinemix.methods.backbones import seeded_backbone
 from onlinemix.training.rundir import Checkpoint, load_backbone, resolve_checkpoint
-from onlinemix.views.compose import choose_backend
+from onlinemix.views.backends import choose_backend
 
 log = logging.getLogger(__name__)
 

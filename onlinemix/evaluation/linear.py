@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from onlinemix.core.config import LinearEvalConfig
 from onlinemix.data import Images
-from onlinemix.views.compose import ViewBackend, make_backend
+from onlinemix.views.backends import ViewBackend, make_backend
 from onlinemix.views.recipes import ViewRecipe
 from onlinemix.views.specs import ViewSpec
 

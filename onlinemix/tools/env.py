@@ -89,7 +89,7 @@ def triton_kernels_status() -> tuple[bool, str]:
 
 
 def view_backend() -> tuple[str, str]:
-    from onlinemix.views.compose import choose_backend
+    from onlinemix.views.backends import choose_backend
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return choose_backend("auto", device, REPORT_VIEW_SIZE)
@@ -186,11 +186,15 @@ def format_report(info: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m onlinemix env",
                                      description="Print the versions, devices and choices a bug report needs.")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     info = collect()
     print(json.dumps(info, indent=2) if args.json else format_report(info))
     return 1 if info["conflicts"] else 0
