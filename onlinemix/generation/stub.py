@@ -26,7 +26,7 @@ from diffusers import (
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 STUB_CLIP_SIZE = 32
-FULL_SIZE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "sd-image-variations"
+FULL_SIZE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "sd-image-variations"
 
 
 def tiny_components(seed: int, conditioning_dim: int) -> tuple[UNet2DConditionModel, AutoencoderKL,
