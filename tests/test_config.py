@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 import subprocess
 import sys
@@ -341,6 +342,80 @@ def test_help_lists_every_key_with_its_help() -> None:
         flag = "--" + key.replace("_", "-")
         assert flag in text, f"--help lacks {flag}"
         assert squash(f.metadata["help"]) in text, f"--help lacks the help text of {key}"
+
+
+def help_groups(text: str) -> dict[str, list[str]]:
+    """The flags each group of ``--help`` lists (first spelling), by title, in the order shown."""
+    groups: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line and not line.startswith(" ") and line.endswith(":"):
+            title = groups.setdefault(line.removesuffix(":"), [])
+        elif line.startswith("  -") and groups:
+            title.append(line.split()[0].rstrip(","))
+    return groups
+
+
+def test_help_shows_the_common_settings_first_and_each_sections_advanced_ones_after() -> None:
+    groups = help_groups(build_parser().format_help())
+    titles = list(groups)
+    assert titles[:2] == ["options", "common settings"]
+    sections = list(dict.fromkeys(key.split(".")[0] if "." in key else "run" for key, _, _ in leaves()))
+    assert titles[2:] == [f"advanced {section} settings" for section in sections]
+    common = [key for key, f, _ in leaves() if f.metadata["common"]]
+    assert {"gen_gpus", "data.dataset", "generator.model", "train.method", "train.pairing", "train.epochs"} <= {*common}
+    assert groups["common settings"] == ["--config", "--resume", *("--" + key.replace("_", "-") for key in common)]
+    for key, f, _ in leaves():
+        section = key.split(".")[0] if "." in key else "run"
+        assert ("--" + key.replace("_", "-") in groups[f"advanced {section} settings"]) != f.metadata["common"], key
+
+
+def test_usage_stays_one_short_line() -> None:
+    usage = build_parser().format_usage()
+    assert len(usage.splitlines()) == 1 and "--section.key VALUE" in usage and "--dino" not in usage
+
+
+def test_a_method_section_flag_reaches_the_method_section() -> None:
+    args, overrides = parse_args(["--dino.teacher_temp", "0.05", "--simclr.temperature", "0.3"])
+    assert vars(args)["dino.teacher_temp"] == "0.05"  # a declared flag, not passed on as an unknown key
+    cfg = load_config(None, overrides)
+    assert (cfg.dino.teacher_temp, cfg.simclr.temperature) == (0.05, 0.3)
+    with pytest.raises(ConfigError, match=re.escape("dino.teacher_temp='0' is not valid: expected float >= 0.0001")):
+        load_config(None, {"dino.teacher_temp": "0"})
+
+
+def test_a_saved_config_with_method_sections_loads_unchanged(tmp_path: Path) -> None:
+    cfg = load_config(None, {"train.method": "dino", "dino.teacher_temp": "0.05", "barlowtwins.lambda": "0.01"})
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert list(saved)[list(saved).index("train") + 1:][:3] == ["simclr", "barlowtwins", "dino"]
+    assert saved["dino"]["teacher_temp"] == 0.05
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert load_config(write_yaml(tmp_path, {"dino": {"teacher_temp": 0.05}})).dino.teacher_temp == 0.05
+    assert pickle.loads(pickle.dumps(cfg)) == cfg  # as a producer receives it
+
+
+def test_a_process_that_imports_only_core_has_every_method_section() -> None:
+    """What a spawned producer and the cache, plan and stats commands rely on: core finds the methods'
+    sections itself, for flags, presets and pickled configs alike."""
+    cfg = load_config(None, {"dino.teacher_temp": "0.05"})
+    code = ("import pickle, sys\n"
+            "from onlinemix.core.cli import add_config_options, parse_config_args\n"
+            "from onlinemix.core.config import load_config\n"
+            "assert not any(m.startswith('onlinemix.methods') for m in sys.modules)\n"
+            "import argparse; parser = argparse.ArgumentParser(); add_config_options(parser)\n"
+            "args, overrides = parse_config_args(parser, ['--dino.teacher-temp', '0.05'])\n"
+            "assert vars(args)['dino.teacher_temp'] == '0.05'\n"
+            "assert load_config(None, overrides) == pickle.loads(sys.stdin.buffer.read())\n"
+            "print(load_config(None, overrides).dino.teacher_temp)\n")
+    proc = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(cfg), capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().strip() == "0.05"
+
+
+def test_the_settings_that_shape_a_checkpoint_are_fixed_on_resume() -> None:
+    assert [key for key, f, _ in leaves() if f.metadata["fixed_on_resume"]] == [
+        "train.method", "train.backbone", "train.width", "train.optimizer", "simclr.proj_dim", "barlowtwins.projector",
+        "dino.out_dim", "dino.hidden_dim", "dino.bottleneck_dim", "dino.use_bn", "dino.norm_last_layer"]
 
 
 def test_parse_args_accepts_both_spellings() -> None:

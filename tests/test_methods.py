@@ -1,8 +1,9 @@
-"""Methods (onlinemix/methods/build.py): the views each loss takes, DINO's teacher and its inputs, one
+"""Methods (onlinemix/methods/): the views each loss takes, DINO's teacher and its inputs, one
 optimisation step per method, the supervised baseline learning, the trainer's wiring, the recipes."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -12,12 +13,14 @@ import torch
 import yaml
 from test_views import RES, B, make_batch, source
 
-from onlinemix.core.config import Config, ConfigError, load_config, needs_synthetic_views
-from onlinemix.core.registry import METHODS
+from onlinemix.core.config import Config, ConfigError, leaves, load_config, needs_synthetic_views
+from onlinemix.core.registry import METHODS, resolve
 from onlinemix.data import RealImages, fraction_subset, select_train_ids
 from onlinemix.exchange.lookup import PairImages
-from onlinemix.methods.build import DINO, StepInfo, Supervised, build_method
+from onlinemix.methods.build import StepInfo, build_method
+from onlinemix.methods.dino import DINO
 from onlinemix.methods.optim import build_optimizer
+from onlinemix.methods.supervised import Supervised
 from onlinemix.views.compose import (
     Augmentation,
     ClassifierViews,
@@ -184,6 +187,19 @@ def test_real_pairing_needs_no_producers(method: str) -> None:
     assert not needs_synthetic_views(cfg)
 
 
+@pytest.mark.parametrize("name", METHODS.names())
+def test_each_method_declares_its_settings_next_to_its_code_and_gets_them(name: str) -> None:
+    cls = METHODS.load(name)
+    reference = METHODS.settings().get(name)
+    if reference is None:  # the supervised baseline has no settings of its own
+        assert name not in {key.split(".")[0] for key, _, _ in leaves()}
+        return
+    section = resolve(reference)
+    assert section.__module__ == cls.__module__ and type(getattr(Config(), name)) is section
+    assert {key.split(".")[1] for key, _, _ in leaves() if key.startswith(f"{name}.")} == {
+        f.name.removesuffix("_") for f in dataclasses.fields(section)}
+
+
 def test_bad_barlowtwins_projector_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="barlowtwins.projector"):
         load_config(None, {"barlowtwins.projector": "8192x8192"})
@@ -203,34 +219,29 @@ def test_real_fraction_selects_one_nested_stratified_subset() -> None:
     assert torch.equal(ids_half, fraction_subset(real.train_ids, 0.5, 0, labels))
 
 
-def test_producer_and_trainer_schedule_the_same_ids(tmp_path: Path, monkeypatch) -> None:
-    """The producers' job and the Trainer both build their EpochSchedule from select_train_ids."""
+def test_producers_follow_the_trainers_own_schedule(tmp_path: Path) -> None:
+    """The producers' job carries the trainers' EpochSchedule itself (train.real_fraction's ids, their order):
+    pickled for a spawned producer, it names the same image at every position, across epochs."""
+    import pickle
+
     from accelerate import Accelerator
 
-    from onlinemix.generation import producer
+    from onlinemix.data import load_real_images
+    from onlinemix.exchange.ring import PairRing
+    from onlinemix.generation.producer import ProducerPool
     from onlinemix.train import Trainer
 
-    cfg = load_config(None, {"data.real_fraction": "0.5", "train.width": "4", "train.batch_size": "32"})
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    class Recording:
-        def __init__(self, train_ids, global_batch, seed, node=0, nodes=1):
-            seen["producer"] = np.asarray(train_ids)
-            raise Stop
-
-    monkeypatch.setattr(producer, "EpochSchedule", Recording)
-    from onlinemix.data import load_real_images
-    from onlinemix.generation.worker import WorkerSpec
+    cfg = load_config(None, {"data.real_fraction": "0.5", "train.width": "4", "train.batch_size": "32",
+                             "output_dir": str(tmp_path)})
     real = load_real_images(cfg.data)
-    job = producer.OnlineJob(ring_name="unused", global_batch=32)
-    with pytest.raises(Stop), job.session(WorkerSpec(0, cfg, "cpu", 0, None, job), generator=None, real=real):
-        pass
     trainer = Trainer(cfg, Accelerator(cpu=True), tmp_path, real)
-    assert np.array_equal(trainer.schedule.train_ids, seen["producer"])
-    assert len(seen["producer"]) == round(0.5 * len(real.train_ids))
+    assert len(trainer.schedule.train_ids) == round(0.5 * len(real.train_ids))
+    ring = PairRing.local(64)
+    job = ProducerPool(cfg, ring, ["cpu"], trainer.schedule, tmp_path).specs[0].job
+    assert job.schedule is trainer.schedule
+    copy = pickle.loads(pickle.dumps(job.schedule))
+    positions = np.arange(0, 3 * trainer.schedule.positions_per_epoch, 7)
+    assert np.array_equal(copy.ids_at(positions), trainer.schedule.ids_at(positions))
 
 
 def test_trainer_builds_the_configured_optimizer_and_scaled_lr(tmp_path: Path) -> None:

@@ -15,14 +15,24 @@ from typing import Any
 from onlinemix.core.config import ConfigError, leaves, parse_value
 from onlinemix.core.errors import UserError
 
+COMMON_SETTINGS = "common settings"
 
-def add_config_options(parser: argparse.ArgumentParser) -> None:
+
+def add_config_options(parser: argparse.ArgumentParser, common: argparse._ArgumentGroup | None = None) -> None:
     """One ``--section.key`` flag per config leaf (dest = the dotted key, default None = not given);
-    ``config_overrides`` collects the ones given. Shared by every command that takes a config."""
+    ``config_overrides`` collects the ones given. Shared by every command that takes a config.
+
+    ``--help`` lists the leaves declared ``common`` first, in ``common`` (a new "common settings" group
+    when not given; a command adds its own everyday flags to it), then every other leaf in an "advanced
+    SECTION settings" group per section: the few settings most runs change are not lost among the
+    hundred that tune a method or the pipeline."""
+    if common is None:
+        common = parser.add_argument_group(COMMON_SETTINGS)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for key, f, tp in leaves():
         section = key.split(".")[0] if "." in key else "run"
-        group = groups.setdefault(section, parser.add_argument_group(f"{section} options"))
+        group = common if f.metadata["common"] else groups.setdefault(
+            section, parser.add_argument_group(f"advanced {section} settings"))
         flags = ["--" + key.replace("_", "-")]
         if "_" in key:
             flags.append("--" + key)
@@ -116,14 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "Producers run a Stable Diffusion image-variation model and fill a shared-memory ring of "
                     "(real, synthetic) pairs; trainers consume it through accelerate. With no arguments, trains "
                     "the embedded default: SimCLR + MixDiff, tiny convnet, bundled digits, digits-tiny variation model, CPU.")
-    parser.add_argument("--config", type=Path, default=None,
+    common = parser.add_argument_group(COMMON_SETTINGS)
+    common.add_argument("--config", type=Path, default=None,
                         help="YAML preset (see configs/); command-line flags override it")
-    parser.add_argument("--resume", default=None, metavar="auto|RUN_DIR|CHECKPOINT_DIR",
+    common.add_argument("--resume", default=None, metavar="auto|RUN_DIR|CHECKPOINT_DIR",
                         help="continue a run from a complete checkpoint, with its saved config (flags given here "
                              "still override it, e.g. more --train.epochs): RUN_DIR's newest, that checkpoint "
                              "directory, or 'auto': the newest of run --run-name in --output-dir (of any run "
                              "there without --run-name)")
-    add_config_options(parser)
+    add_config_options(parser, common)
     return parser
 
 

@@ -5,6 +5,16 @@ loader, the command-line parser and ``--help`` all derive from the same declarat
 Validation happens before any process or file is created: an unknown key, a wrong type
 or an out-of-range value raises :class:`ConfigError` naming the key, the value and what
 is allowed.
+
+A method's settings are declared next to its code (``DINOConfig`` in onlinemix/methods/dino.py)
+and join :class:`Config` as a section named after the method, through the method's entry in
+``registry.METHODS`` (its ``settings`` reference). ``Config`` knows those sections by name when it
+is defined, and imports a section's class the first time it needs it: to make a default section or
+to walk the leaves for parsing, ``--help`` or validation. So every process that builds or parses a
+config has every method's section, whatever it imported before (a producer unpickling its config in
+a spawned process, ``python -m onlinemix.cache`` taking ``--dino.*`` flags), and core imports no
+method module when it is itself imported: the methods import core, and importing them from here
+would be circular.
 """
 
 from __future__ import annotations
@@ -15,13 +25,14 @@ import math
 import re
 import typing
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from onlinemix.core.errors import UserError
-from onlinemix.core.registry import GENERATORS, METHODS, PAIRINGS
+from onlinemix.core.registry import GENERATORS, METHODS, PAIRINGS, resolve
 
 
 class ConfigError(UserError, ValueError):
@@ -29,9 +40,12 @@ class ConfigError(UserError, ValueError):
 
 
 def opt(default: Any, help: str, *, low: float | None = None, high: float | None = None,
-        choices: tuple[str, ...] | None = None) -> Any:
-    """Declare a config leaf with its documentation and allowed values."""
-    return field(default=default, metadata={"help": help, "low": low, "high": high, "choices": choices})
+        choices: tuple[str, ...] | None = None, common: bool = False, fixed_on_resume: bool = False) -> Any:
+    """Declare a config leaf with its documentation and allowed values. ``common``: a setting most runs
+    set, which ``--help`` lists first; ``fixed_on_resume``: it shapes a checkpoint's weights or optimizer
+    state, so ``--resume`` may not change it."""
+    return field(default=default, metadata={"help": help, "low": low, "high": high, "choices": choices,
+                                            "common": common, "fixed_on_resume": fixed_on_resume})
 
 
 @dataclass
@@ -39,9 +53,9 @@ class DataConfig:
     dataset: str = opt("digits", "'digits' (bundled 8x8 handwritten digits, 1,797 images, 10 classes), a prepared "
                        "image store (python -m onlinemix.data prepare), or an ImageFolder directory (one "
                        "sub-directory per class) or webdataset shards (a .tar, a directory of them or a brace "
-                       "pattern), which a run prepares into a store under <cache dir>/stores once")
+                       "pattern), which a run prepares into a store under <cache dir>/stores once", common=True)
     resolution: int = opt(32, "side R in pixels of the training views (random resized crops of the stored images)",
-                          low=8, high=1024)
+                          low=8, high=1024, common=True)
     stored_size: int = opt(0, "side S of the stored real images, which the ring and the cache also hold and the "
                            "views are cropped from; 0 = data.resolution. A prepared store sets it (its --size); for "
                            "ImageNet-style training at 224 the paper's crops want 256", low=0, high=2048)
@@ -63,17 +77,17 @@ class GeneratorConfig:
                      "shipped in the package: python -m onlinemix.tinymodel), 'stub' (tiny random-weight diffuser, the "
                      "fastest), 'full-size-random' (the real architecture with random weights, for speed measurements) "
                      "or a hub id / local directory of a StableDiffusionImageVariationPipeline, e.g. "
-                     "lambdalabs/sd-image-variations-diffusers")
+                     "lambdalabs/sd-image-variations-diffusers", common=True)
     pipeline: str = opt("sd-image-variation", f"which diffusers pipeline generates: {GENERATORS.describe()}",
                         choices=GENERATORS.names())
     revision: str = opt("v2.0", "hub revision of an SD image-variation model (ignored for 'stub', 'digits-tiny', local "
                         "directories and Versatile Diffusion)")
-    steps: int = opt(10, "denoising steps per image", low=1, high=1000)
+    steps: int = opt(10, "denoising steps per image", low=1, high=1000, common=True)
     guidance: float = opt(3.0, "classifier-free guidance scale k (k <= 1 disables guidance and halves the cost)",
-                          low=0.0, high=50.0)
+                          low=0.0, high=50.0, common=True)
     resolution: int = opt(0, "side of the generated images before they are resized to data.resolution; "
                           "0 = the size digits-tiny was trained at (8) for it, data.resolution for the others "
-                          "(right for the stub; the real model is trained at 512)", low=0, high=2048)
+                          "(right for the stub; the real model is trained at 512)", low=0, high=2048, common=True)
     scheduler: str = opt("dpm++", "sampler", choices=("dpm++", "ddim", "pndm", "euler"))
     dtype: str = opt("auto", "generator precision; auto = fp16 on GPU, fp32 on CPU",
                      choices=("auto", "fp16", "bf16", "fp32"))
@@ -120,7 +134,7 @@ class StalenessConfig:
                       "view: never slower than training without generation; 'real' = at once a second augmented "
                       "real view; 'wait' for a producer (bounded by wait_timeout_s, then as 'cached'), which "
                       "slows the trainers to the producers' pace when generation is slower than training",
-                      choices=("wait", "cached", "real"))
+                      choices=("wait", "cached", "real"), common=True)
     wait_timeout_s: float = opt(5.0, "longest a batch waits for missing views under the 'wait' policy",
                                 low=0.0, high=3600.0)
 
@@ -151,24 +165,28 @@ class CacheConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = opt("simclr", "training method (onlinemix/methods/build.py; settings in the section named after it, "
-                      "e.g. dino.*): " + METHODS.describe(), choices=METHODS.names())
+    method: str = opt("simclr", "training method (onlinemix/methods/; settings in the section named after it, "
+                      "e.g. dino.*): " + METHODS.describe(), choices=METHODS.names(), common=True,
+                      fixed_on_resume=True)
     pairing: str = opt("mixdiff", "view composition (onlinemix/views/compose.py): " + PAIRINGS.describe()
-                       + ". A missing synthetic view falls back to the real image", choices=PAIRINGS.names())
+                       + ". A missing synthetic view falls back to the real image", choices=PAIRINGS.names(),
+                       common=True)
     sequential_real_epochs: int = opt(0, "pairing 'sequential': epochs on real pairs before switching to synthetic "
                                       "ones; 0 = half of train.epochs", low=0, high=100_000)
     augmentation: str = opt("simclr", "view augmentation recipe (onlinemix/views/recipes.py): 'simclr' (MixDiff's real / "
                             "synthetic branch recipes; DINO's multi-crop recipe for dino) or 'no_augmentation' "
                             "(resize and flip only; DINO keeps its crops and drops colour, blur, solarisation)",
                             choices=("simclr", "no_augmentation"))
-    backbone: str = opt("tinycnn", "backbone network", choices=("tinycnn", "resnet18", "resnet50"))
-    width: int = opt(32, "channel width of the tinycnn backbone", low=4, high=1024)
-    epochs: int = opt(10, "training epochs over the real images", low=0, high=100_000)
-    batch_size: int = opt(128, "real images per batch per trainer rank", low=2, high=65536)
+    backbone: str = opt("tinycnn", "backbone network", choices=("tinycnn", "resnet18", "resnet50"), common=True,
+                        fixed_on_resume=True)
+    width: int = opt(32, "channel width of the tinycnn backbone", low=4, high=1024, fixed_on_resume=True)
+    epochs: int = opt(10, "training epochs over the real images", low=0, high=100_000, common=True)
+    batch_size: int = opt(128, "real images per batch per trainer rank", low=2, high=65536, common=True)
     optimizer: str = opt("adamw", "optimizer (onlinemix/methods/optim.py); biases and norm parameters get no weight decay "
-                         "(and no LARS trust ratio)", choices=("adamw", "sgd", "lars"))
+                         "(and no LARS trust ratio)", choices=("adamw", "sgd", "lars"),
+                         fixed_on_resume=True)
     lr: float = opt(2e-3, "peak learning rate (before train.lr_scaling); linear warm-up, then cosine decay to "
-                    "train.final_lr", low=0.0, high=100.0)
+                    "train.final_lr", low=0.0, high=100.0, common=True)
     lr_scaling: str = opt("none", "'linear' multiplies train.lr by global batch / 256 (SimCLR, BarlowTwins, DINO's "
                           "rule); 'none' uses it as given", choices=("none", "linear"))
     final_lr: float = opt(0.0, "learning rate at the end of the cosine decay (not scaled)", low=0.0, high=100.0)
@@ -204,44 +222,6 @@ class TrainConfig:
 
 
 @dataclass
-class SimCLRConfig:
-    """train.method 'simclr'."""
-    proj_dim: int = opt(64, "output size of SimCLR's projection head (Linear-BN-ReLU-Linear, hidden = backbone "
-                        "features)", low=2, high=65536)
-    temperature: float = opt(0.2, "NT-Xent temperature tau", low=1e-4, high=10.0)
-
-
-@dataclass
-class BarlowTwinsConfig:
-    """train.method 'barlowtwins'."""
-    projector: str = opt("128-128", "projector layer sizes, '-'-separated (Linear-BN-ReLU between layers; the "
-                         "official ResNet-50 one is 8192-8192-8192)")
-    lambda_: float = opt(0.0051, "weight lambda of the off-diagonal (redundancy) term", low=0.0, high=100.0)
-
-
-@dataclass
-class DINOConfig:
-    """train.method 'dino'."""
-    out_dim: int = opt(256, "prototypes K of the DINO head (official: 65536)", low=2, high=1_000_000)
-    hidden_dim: int = opt(128, "hidden width of the head's MLP (official: 2048)", low=2, high=65536)
-    bottleneck_dim: int = opt(64, "bottleneck before the weight-normalised last layer (official: 256)",
-                              low=2, high=65536)
-    use_bn: bool = opt(False, "BatchNorm in the head's MLP (official: false)")
-    norm_last_layer: bool = opt(True, "freeze the last layer's weight-norm magnitude at 1 (official: true)")
-    student_temp: float = opt(0.1, "student softmax temperature", low=1e-4, high=10.0)
-    teacher_temp: float = opt(0.04, "teacher softmax temperature after the warm-up", low=1e-4, high=10.0)
-    warmup_teacher_temp: float = opt(0.04, "teacher temperature at epoch 0", low=1e-4, high=10.0)
-    warmup_teacher_temp_epochs: int = opt(0, "epochs of linear teacher-temperature warm-up", low=0)
-    momentum: float = opt(0.996, "base EMA momentum of the teacher (cosine to 1 over training)", low=0.0, high=1.0)
-    center_momentum: float = opt(0.9, "EMA momentum of the teacher-output center", low=0.0, high=1.0)
-    freeze_last_layer_epochs: int = opt(1, "epochs during which the head's last layer gets no update", low=0)
-    global_crop_min: float = opt(0.4, "global crops cover [this, 1] of the image; local crops [0.05, this] "
-                                 "(official: 0.4 for ViTs, 0.14 for ResNet-50)", low=0.06, high=1.0)
-    local_crops: int = opt(8, "local crops per image for the single-source pairings (real, synthetic, mixing, "
-                           "sequential); mixdiff always uses the paper's 6 real + 2 synthetic", low=0, high=64)
-
-
-@dataclass
 class ProbeConfig:
     enabled: bool = opt(True, "after training, fit a linear probe on frozen features of real images")
     epochs: int = opt(300, "full-batch optimisation steps of the probe", low=1, high=100_000)
@@ -274,22 +254,52 @@ class LinearEvalConfig:
     weight_decay: float = opt(0.0, "SGD weight decay", low=0.0, high=10.0)
 
 
+class MethodSettings:
+    """Base of a method's config section: a dataclass of ``opt`` leaves, declared in the method's module
+    and named by its entry in ``registry.METHODS``."""
+
+    def check_consistency(self) -> None:
+        """Reject values that are valid one by one but cannot run (called by ``Config.check_consistency``)."""
+
+
+def _new_section(reference: str) -> MethodSettings:
+    """A method's section with its defaults."""
+    return resolve(reference)()
+
+
+def _with_method_sections(cls: type) -> type:
+    """Insert after ``train`` (which chooses the method) one field per method that has settings, named
+    after it, holding the section its entry in ``registry.METHODS`` names (``build_method`` hands the
+    method its own); the section's class is imported on first use."""
+    annotations: dict[str, Any] = {}
+    for name, annotation in cls.__annotations__.items():
+        annotations[name] = annotation
+        if name == "train":
+            for method, reference in METHODS.settings().items():
+                annotations[method] = MethodSettings
+                setattr(cls, method, field(default_factory=partial(_new_section, reference),
+                                           metadata={"section": reference}))
+    cls.__annotations__ = annotations
+    return cls
+
+
 @dataclass
+@_with_method_sections
 class Config:
     gen_gpus: int = opt(1, "producer processes per node; each takes one GPU after the node's trainer ranks' "
                         "(cuda:T..cuda:T+gen_gpus-1 for T trainer ranks), or runs on the CPU when there is no GPU",
-                        low=0, high=64)
+                        low=0, high=64, common=True)
     gen_devices: str = opt("", "comma-separated devices of the node's producers, one producer each, instead of "
                            "gen_gpus' placement: e.g. cuda:0 (one GPU shared with the trainer, time-sliced), "
                            "cuda:6,cuda:7, cpu; '' = gen_gpus")
-    output_dir: str = opt("runs", "directory under which each run gets its own sub-directory")
-    run_name: str = opt("", "name of the run directory (default: timestamp, method and pairing)")
+    output_dir: str = opt("runs", "directory under which each run gets its own sub-directory", common=True)
+    run_name: str = opt("", "name of the run directory (default: timestamp, method and pairing)", common=True)
     report_to: str = opt("auto", "experiment tracker of the main process (accelerate's): 'tensorboard' (event files "
                          "in the run directory), 'wandb', 'none'; 'auto' = tensorboard when it is installed. "
                          "metrics.jsonl is always written", choices=("auto", "tensorboard", "wandb", "none"))
     offline: bool = opt(False, "cache-warm offline mode: train from the disk cache alone, with no producer "
                         "process (the paper's precomputed setting); images without a cached variation get a "
-                        "real second view")
+                        "real second view", common=True)
     data: DataConfig = field(default_factory=DataConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     producer: ProducerConfig = field(default_factory=ProducerConfig)
@@ -297,10 +307,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     staleness: StalenessConfig = field(default_factory=StalenessConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    # One section per method that has settings, named after it (build_method hands the method its own).
-    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
-    barlowtwins: BarlowTwinsConfig = field(default_factory=BarlowTwinsConfig)
-    dino: DINOConfig = field(default_factory=DINOConfig)
+    # Here, one section per method with settings, named after it: simclr, barlowtwins, dino (_with_method_sections).
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     linear_eval: LinearEvalConfig = field(default_factory=LinearEvalConfig)
 
@@ -338,11 +345,9 @@ class Config:
             raise ConfigError(f"train.pairing={self.train.pairing} needs at least one producer: gen_gpus=0 is not "
                               "allowed (use offline=true to train from the disk cache, or train.pairing=real for "
                               "plain SSL)")
-        try:
-            [int(x) for x in self.barlowtwins.projector.split("-")]
-        except ValueError:
-            raise ConfigError(f"barlowtwins.projector={self.barlowtwins.projector!r} is not valid: "
-                              "expected layer sizes separated by '-', e.g. 8192-8192-8192") from None
+        for f in dataclasses.fields(self):
+            if "section" in f.metadata:
+                getattr(self, f.name).check_consistency()
         if self.staleness.policy == "wait" and self.staleness.wait_timeout_s <= 0:
             raise ConfigError("staleness.policy=wait needs staleness.wait_timeout_s > 0 "
                               "(use staleness.policy=real to never wait)")
@@ -412,13 +417,23 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
     return {_config_key(f): f for f in dataclasses.fields(cls)}
 
 
+def _typed_fields(cls: type) -> dict[str, tuple[dataclasses.Field, type]]:
+    """A section's fields by config key, with their types (a method's section imported from its module)."""
+    hints = typing.get_type_hints(cls)
+    return {key: (f, resolve(f.metadata["section"]) if "section" in f.metadata else hints[f.name])
+            for key, f in _fields(cls).items()}
+
+
 # Keys that moved into a method's own section: an old preset or flag is told the new key.
 MOVED_KEYS: dict[str, str] = {
     "train.proj_dim": "simclr.proj_dim",
     "train.temperature": "simclr.temperature",
     "train.barlowtwins_projector": "barlowtwins.projector",
     "train.barlowtwins_lambda": "barlowtwins.lambda",
-    **{f"train.dino_{key}": f"dino.{key}" for key in _fields(DINOConfig)},
+    **{f"train.dino_{key}": f"dino.{key}" for key in (
+        "out_dim", "hidden_dim", "bottleneck_dim", "use_bn", "norm_last_layer", "student_temp", "teacher_temp",
+        "warmup_teacher_temp", "warmup_teacher_temp_epochs", "momentum", "center_momentum",
+        "freeze_last_layer_epochs", "global_crop_min", "local_crops")},
 }
 
 
@@ -435,9 +450,7 @@ def _unknown_key(prefix: str, name: str, known: typing.Iterable[str], allowed: s
 def leaves(cls: type = Config, prefix: str = "") -> list[tuple[str, dataclasses.Field, type]]:
     """All leaf fields as (dotted key, field, type), sections expanded."""
     out = []
-    hints = typing.get_type_hints(cls)
-    for key, f in _fields(cls).items():
-        tp = hints[f.name]
+    for key, (f, tp) in _typed_fields(cls).items():
         if _is_section(tp):
             out += leaves(tp, f"{prefix}{key}.")
         else:
@@ -495,15 +508,13 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, tp: type, from_text: boo
 def _build(cls: type, data: dict[str, Any], prefix: str, from_text: bool) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = _fields(cls)
+    known = _typed_fields(cls)
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in known:
             raise _unknown_key(prefix, str(name), known, f"; allowed in this section: {', '.join(known)}")
-        f = known[name]
-        tp = hints[f.name]
+        f, tp = known[name]
         if _is_section(tp):
             kwargs[f.name] = _build(tp, value, f"{key}.", from_text)
         else:
@@ -529,19 +540,15 @@ def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# What a checkpoint's weights and optimizer state are shaped by: none may differ on --resume.
-FIXED_ON_RESUME = ("train.method", "train.backbone", "train.width", "train.optimizer", "simclr.proj_dim",
-                   "barlowtwins.projector", "dino.out_dim", "dino.hidden_dim", "dino.bottleneck_dim", "dino.use_bn",
-                   "dino.norm_last_layer")
-
-
 def check_resume_overrides(saved: Config, resumed: Config) -> None:
-    """Refuse, before anything loads, a --resume that changes what the checkpoint's state is shaped by."""
+    """Refuse, before anything loads, a --resume that changes what the checkpoint's state is shaped by
+    (the leaves declared ``fixed_on_resume``)."""
+    fixed = [key for key, f, _ in leaves() if f.metadata["fixed_on_resume"]]
     old, new = _flat(to_dict(saved)), _flat(to_dict(resumed))
-    changed = [f"{key} {old[key]!r} -> {new[key]!r}" for key in FIXED_ON_RESUME if old[key] != new[key]]
+    changed = [f"{key} {old[key]!r} -> {new[key]!r}" for key in fixed if old[key] != new[key]]
     if changed:
         raise ConfigError(f"--resume cannot change {', '.join(changed)}: the checkpoint's weights and optimizer "
-                          f"state are shaped by them (fixed on resume: {', '.join(FIXED_ON_RESUME)}); start a new "
+                          f"state are shaped by them (fixed on resume: {', '.join(fixed)}); start a new "
                           "run for another setting")
 
 

@@ -3,9 +3,14 @@
 Each registry maps a name to a ``"module:attribute"`` reference and a one-line description.
 The configuration takes its allowed values and ``--help`` text from here, and the code that
 builds a run resolves a name with :meth:`Registry.load`. References are imported on first use,
-so validating a config or printing ``--help`` imports no model code, and a module that is only
-needed when chosen (Versatile Diffusion's deprecated pipeline) is never imported otherwise.
-Adding a method, pairing or generator is one entry here plus its implementation.
+so a module that is only needed when chosen (Versatile Diffusion's deprecated pipeline) is never
+imported otherwise. Adding a method, pairing or generator is one entry here plus its implementation.
+
+A method with settings also names its config section (``settings``), a dataclass declared in the
+method's own module: the config gives it a section named after the method (``dino.*``) and imports it
+when a config is first built or listed (see onlinemix/core/config.py). These references are strings,
+as the targets are, so that core imports no stage above it: the layer test reads import statements
+and does not see them.
 """
 
 from __future__ import annotations
@@ -15,10 +20,17 @@ from dataclasses import dataclass
 from typing import Any
 
 
+def resolve(reference: str) -> Any:
+    """The object at ``"package.module:attribute"``, its module imported now if it was not yet."""
+    module, _, attribute = reference.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
 @dataclass(frozen=True)
 class Entry:
-    target: str       # "package.module:attribute"
+    target: str         # "package.module:attribute"
     description: str
+    settings: str = ""  # "package.module:attribute" of the entry's config section; "" = it has none
 
 
 class Registry:
@@ -42,15 +54,21 @@ class Registry:
         """The object registered as ``name``, imported now if it was not yet."""
         if name not in self._entries:
             raise KeyError(f"unknown {self.key} {name!r}; known: {', '.join(self._entries)}")
-        module, _, attribute = self._entries[name].target.partition(":")
-        return getattr(importlib.import_module(module), attribute)
+        return resolve(self._entries[name].target)
+
+    def settings(self) -> dict[str, str]:
+        """Name -> reference of the config section, for the entries that have one, in registration order."""
+        return {name: entry.settings for name, entry in self._entries.items() if entry.settings}
 
 
 METHODS = Registry("train.method", {
-    "simclr": Entry("onlinemix.methods.build:SimCLR", "NT-Xent, negatives gathered across ranks"),
-    "barlowtwins": Entry("onlinemix.methods.build:BarlowTwins", "cross-correlation of the two branches"),
-    "dino": Entry("onlinemix.methods.build:DINO", "self-distillation, EMA teacher, multi-crop"),
-    "supervised": Entry("onlinemix.methods.build:Supervised",
+    "simclr": Entry("onlinemix.methods.simclr:SimCLR", "NT-Xent, negatives gathered across ranks",
+                    settings="onlinemix.methods.simclr:SimCLRConfig"),
+    "barlowtwins": Entry("onlinemix.methods.barlow_twins:BarlowTwins", "cross-correlation of the two branches",
+                         settings="onlinemix.methods.barlow_twins:BarlowTwinsConfig"),
+    "dino": Entry("onlinemix.methods.dino:DINO", "self-distillation, EMA teacher, multi-crop",
+                  settings="onlinemix.methods.dino:DINOConfig"),
+    "supervised": Entry("onlinemix.methods.supervised:Supervised",
                         "linear classifier on the backbone, cross-entropy on the real images' labels, views from "
                         "the pairing: the paper's supervised baseline"),
 })

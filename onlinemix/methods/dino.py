@@ -1,5 +1,6 @@
-"""DINO: the self-distillation loss, projection head, centering, schedules and EMA teacher,
-following the official implementation (facebookresearch/dino).
+"""DINO: the method, its settings (the ``dino`` section), and its parts: the self-distillation
+loss, projection head, centering, schedules and EMA teacher, following the official implementation
+(facebookresearch/dino).
 
 MixDiff's multi-crop: the student sees 1 global + 6 local crops of the real image and
 1 global + 2 local crops of its synthetic variation (10 views); the EMA teacher sees the two
@@ -8,6 +9,11 @@ different views, the paper's sum over X_t in {x_1^g, x~_2^g}, X_s in V~, X_s != 
 teacher view skips only the student view that is the same crop, 2 * (10 - 1) = 18 pairs.
 Pass the student views with the two globals first, real then synthetic, matching the
 teacher's order, and the default ``same_view`` is right.
+
+The teacher is an EMA copy of the student kept *outside* the module's registered children: it is
+not wrapped by DDP, not seen by the optimizer and not in ``model.safetensors``; the trainer moves
+it to the device and registers it with ``accelerator.register_for_checkpointing``
+(``outside_modules``), so checkpoints carry it (``custom_checkpoint_0.pkl``).
 """
 
 from __future__ import annotations
@@ -15,12 +21,41 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from onlinemix.core.config import MethodSettings, opt
 from onlinemix.core.distributed import all_reduce_mean_no_grad
+from onlinemix.methods.base import SSLMethod, StepInfo
+from onlinemix.views.compose import MultiCrops, Views
+
+
+@dataclass
+class DINOConfig(MethodSettings):
+    """train.method 'dino'."""
+    out_dim: int = opt(256, "prototypes K of the DINO head (official: 65536)", low=2, high=1_000_000,
+                       fixed_on_resume=True)
+    hidden_dim: int = opt(128, "hidden width of the head's MLP (official: 2048)", low=2, high=65536,
+                          fixed_on_resume=True)
+    bottleneck_dim: int = opt(64, "bottleneck before the weight-normalised last layer (official: 256)",
+                              low=2, high=65536, fixed_on_resume=True)
+    use_bn: bool = opt(False, "BatchNorm in the head's MLP (official: false)", fixed_on_resume=True)
+    norm_last_layer: bool = opt(True, "freeze the last layer's weight-norm magnitude at 1 (official: true)",
+                                fixed_on_resume=True)
+    student_temp: float = opt(0.1, "student softmax temperature", low=1e-4, high=10.0)
+    teacher_temp: float = opt(0.04, "teacher softmax temperature after the warm-up", low=1e-4, high=10.0)
+    warmup_teacher_temp: float = opt(0.04, "teacher temperature at epoch 0", low=1e-4, high=10.0)
+    warmup_teacher_temp_epochs: int = opt(0, "epochs of linear teacher-temperature warm-up", low=0)
+    momentum: float = opt(0.996, "base EMA momentum of the teacher (cosine to 1 over training)", low=0.0, high=1.0)
+    center_momentum: float = opt(0.9, "EMA momentum of the teacher-output center", low=0.0, high=1.0)
+    freeze_last_layer_epochs: int = opt(1, "epochs during which the head's last layer gets no update", low=0)
+    global_crop_min: float = opt(0.4, "global crops cover [this, 1] of the image; local crops [0.05, this] "
+                                 "(official: 0.4 for ViTs, 0.14 for ResNet-50)", low=0.06, high=1.0)
+    local_crops: int = opt(8, "local crops per image for the single-source pairings (real, synthetic, mixing, "
+                           "sequential); mixdiff always uses the paper's 6 real + 2 synthetic", low=0, high=64)
 
 
 def dino_pairs(num_teacher_views: int, num_student_views: int,
@@ -151,3 +186,71 @@ def momentum_at(step: int, total_steps: int, base_momentum: float) -> float:
     """Teacher EMA momentum: cosine from ``base_momentum`` at step 0 to 1 at ``total_steps``, so
     the teacher moves less and less as training converges."""
     return 1.0 - (1.0 - base_momentum) * (math.cos(math.pi * step / total_steps) + 1.0) / 2.0
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+class DINOTeacher(nn.Module):
+    """The EMA teacher (backbone + head) and the center of its outputs: one checkpointable object."""
+
+    def __init__(self, student: nn.ModuleDict, out_dim: int, center_momentum: float) -> None:
+        super().__init__()
+        self.net = make_teacher(student)
+        self.center = DINOCenter(out_dim, center_momentum)
+
+
+def _multi_forward(backbone: nn.Module, head: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Head outputs per view; consecutive views of one size go through the backbone together."""
+    out, i = [], 0
+    while i < len(views):
+        j = i
+        while j < len(views) and views[j].shape[-2:] == views[i].shape[-2:]:
+            j += 1
+        out += list(head(backbone(torch.cat(views[i:j]))).chunk(j - i))
+        i = j
+    return out
+
+
+class DINO(SSLMethod):
+    """Self-distillation with an EMA teacher on the two global views, multi-crop for the student."""
+
+    def __init__(self, backbone: nn.Module, cfg: DINOConfig) -> None:
+        super().__init__(backbone)
+        self.cfg = cfg
+        self.head = DINOHead(backbone.out_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, num_layers=3,
+                             use_bn=cfg.use_bn, norm_last_layer=cfg.norm_last_layer)
+        self.view_plan = MultiCrops(cfg.global_crop_min, cfg.local_crops)
+        # Bypass nn.Module.__setattr__: the teacher must not be a child (see the module docstring).
+        object.__setattr__(self, "teacher", DINOTeacher(self.student(), cfg.out_dim, cfg.center_momentum))
+        self._teacher_out: list[torch.Tensor] = []
+
+    def student(self) -> nn.ModuleDict:
+        """The student's networks, in the teacher's layout (no copy)."""
+        return nn.ModuleDict({"backbone": self.backbone, "head": self.head})
+
+    def outside_modules(self) -> list[nn.Module]:
+        return [self.teacher]
+
+    def forward(self, views: Views, info: StepInfo) -> tuple[torch.Tensor, dict[str, float]]:
+        """The student on every crop, the teacher on the global ones."""
+        cfg = self.cfg
+        student_out = _multi_forward(self.backbone, self.head, views.images)
+        with torch.no_grad():
+            teacher_out = _multi_forward(self.teacher.net["backbone"], self.teacher.net["head"],
+                                         views.images[:views.n_global])
+        temp = teacher_temperature(info.epoch, cfg.warmup_teacher_temp, cfg.teacher_temp,
+                                   cfg.warmup_teacher_temp_epochs)
+        loss = dino_loss(student_out, teacher_out, self.teacher.center.center, cfg.student_temp, temp)
+        self._teacher_out = [t.detach() for t in teacher_out]
+        return loss, {"teacher_temp": temp}
+
+    def after_backward(self, info: StepInfo) -> None:
+        cancel_last_layer_gradients(self.head, info.epoch, self.cfg.freeze_last_layer_epochs)
+
+    def after_step(self, info: StepInfo) -> None:
+        momentum = momentum_at(info.step, info.total_steps, self.cfg.momentum)
+        ema_update(self.teacher.net, self.student(), momentum)
+        if self._teacher_out:
+            self.teacher.center.update(self._teacher_out)
+            self._teacher_out = []
