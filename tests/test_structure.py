@@ -22,7 +22,7 @@ STAGES: list[tuple[str, list[str]]] = [
     ("data", ["decode", "store", "sources", "prepare", ""]),
     ("cache", ["store", "maintenance", "migrate", "transfer", ""]),
     ("exchange", ["", "ring", "lookup"]),
-    ("generation", ["", "stub", "generator", "versatile", "worker", "producer", "warm"]),
+    ("generation", ["", "stub", "speedups", "generator", "versatile", "worker", "producer", "warm"]),
     ("views", ["", "recipes", "params", "specs", "resample", "photometric", "compiled", "buffers", "torch_backend",
                "backends", "compose"]),
     ("methods", ["", "backbones", "losses", "base", "simclr", "barlow_twins", "dino", "supervised", "optim",
@@ -30,7 +30,7 @@ STAGES: list[tuple[str, list[str]]] = [
     ("training", ["", "tracking", "rundir", "checkpoint", "start", "metrics", "prefetch", "node"]),
     ("evaluation", ["", "probe", "linear", "evaluate"]),
     ("tools", ["", "simulate", "plan", "stats", "env"]),
-    ("tinymodel", ["", "model", "train", "quality"]),
+    ("tinymodel", ["", "model", "train", "distill", "quality"]),
 ]
 COMMANDS = ["train", "eval", "plan", "stats", "__main__", "data.__main__", "cache.__main__", "tinymodel.__main__"]
 LAYERS: list[list[str]] = [[f"{stage}.{m}".rstrip(".") for m in modules] for stage, modules in STAGES] + [COMMANDS]

@@ -74,7 +74,8 @@ class DataConfig:
 @dataclass
 class GeneratorConfig:
     model: str = opt("digits-tiny", "'digits-tiny' (a small image-variation model trained on the bundled digits, "
-                     "shipped in the package: python -m onlinemix.tinymodel), 'stub' (tiny random-weight diffuser, the "
+                     "shipped in the package: python -m onlinemix.tinymodel), 'digits-tiny-student' (its few-step "
+                     "student with guidance built in), 'stub' (tiny random-weight diffuser, the "
                      "fastest), 'full-size-random' (the real architecture with random weights, for speed measurements) "
                      "or a hub id / local directory of a StableDiffusionImageVariationPipeline, e.g. "
                      "lambdalabs/sd-image-variations-diffusers", common=True)
@@ -99,6 +100,15 @@ class GeneratorConfig:
     tiny_vae: str = opt("", "hub id or local directory of an AutoencoderTiny decoder (e.g. madebyollin/taesd) "
                         "used instead of the full VAE; '' = the model's own VAE")
     vae_slicing: bool = opt(False, "decode one image at a time (less peak memory, same output)")
+    deep_cache_interval: int = opt(1, "reuse the UNet's deep features (DeepCache): a full UNet pass every N steps, "
+                                   "the N-1 between run only its outermost blocks on the features cached at the "
+                                   "last full pass; 1 = off (docs/generators.md: measured speed and quality)",
+                                   low=1, high=50)
+    tome_ratio: float = opt(0.0, "token merging in self-attention (ToMe for SD, tomesd): the share of tokens merged "
+                            "in the full-resolution transformer blocks; 0 = off", low=0.0, high=0.75)
+    guidance_fraction: float = opt(1.0, "classifier-free guidance on the first fraction of the UNet calls only; the "
+                                   "rest run the conditional pass alone (half their cost); 1 = every step",
+                                   low=0.0, high=1.0)
     seed: int = opt(0, "base seed; each image's seed derives from (seed, image id, epoch)", low=0)
     stub_seed: int = opt(0, "seed of the tiny stub diffuser's random weights", low=0)
     cpu_threads: int = opt(1, "torch threads per producer when it runs on the CPU", low=1, high=256)

@@ -18,6 +18,7 @@ import importlib.util
 import json
 import logging
 import math
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -38,6 +39,7 @@ from transformers.utils import logging as transformers_logging
 
 from onlinemix.core.config import GeneratorConfig
 from onlinemix.core.registry import GENERATORS
+from onlinemix.generation.speedups import FastUNet, SpeedupError, Speedups
 from onlinemix.generation.stub import build_full_size_random_pipeline, build_stub_pipeline
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,9 @@ SCHEDULERS = {"dpm++": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "pndm
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PREPROCESSING_VERSION = 1  # bump when the input preprocessing changes the output
 FULL_SIZE_RANDOM = "full-size-random"
-BUNDLED_MODELS = {"digits-tiny": "assets/digits-tiny"}  # name -> directory in the package (python -m onlinemix.tinymodel)
+# name -> directory in the package (python -m onlinemix.tinymodel train / distill)
+BUNDLED_MODELS = {"digits-tiny": "assets/digits-tiny", "digits-tiny-student": "assets/digits-tiny-student"}
+DISTILLATION_FILE = "distillation.json"  # in a few-step student's directory: how it runs (distilled_settings)
 DEFAULT_HUB_MODEL = "lambdalabs/sd-image-variations-diffusers"  # the MixDiff paper's weights
 MAX_RETRIES = 3
 BLANK_STD = 1e-3  # a generated image whose pixels vary less than this (on [0, 1]) is blank
@@ -157,9 +161,23 @@ def load_pipeline(cfg: GeneratorConfig, device: torch.device, dtype: torch.dtype
         pipe.vae.to(memory_format=torch.channels_last)
     if cfg.vae_slicing:
         pipe.vae.enable_slicing()
+    speed_up(pipe, "unet", Speedups.from_config(cfg))
     if cfg.compile:
-        pipe.unet = torch.compile(pipe.unet)
+        if isinstance(pipe.unet, FastUNet):
+            pipe.unet.unet = torch.compile(pipe.unet.unet)
+        else:
+            pipe.unet = torch.compile(pipe.unet)
     return pipe
+
+
+def speed_up(pipe, unet_name: str, speedups: Speedups) -> None:
+    """Put the pipeline's UNet (attribute ``unet_name``) behind the training-free speed-ups that are on."""
+    if not speedups.active:
+        return
+    try:
+        setattr(pipe, unet_name, FastUNet(getattr(pipe, unet_name), speedups))
+    except SpeedupError as e:
+        raise GeneratorError(str(e)) from e
 
 
 class DiffusersVariationGenerator:
@@ -171,7 +189,7 @@ class DiffusersVariationGenerator:
     kind = "sd-image-variation"
 
     def __init__(self, cfg: GeneratorConfig, device: torch.device | str, resolution: int) -> None:
-        self.cfg = cfg
+        self.cfg = distilled_settings(cfg)
         self.device = torch.device(device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.resolution = resolution
@@ -208,7 +226,8 @@ class DiffusersVariationGenerator:
 
     def identity(self) -> dict:
         """Everything that changes the output images. channels_last, compile and slicing change
-        speed and memory, not the images, so they are not part of it."""
+        speed and memory, not the images, so they are not part of it; a training-free speed-up that is
+        on is (one that is off leaves the identity as it was before the option existed)."""
         random_weights = self.cfg.model in ("stub", FULL_SIZE_RANDOM)
         return {"pipeline": self.kind, "model": self.cfg.model,
                 "revision": "" if random_weights or self.cfg.model in BUNDLED_MODELS else self.cfg.revision,
@@ -216,7 +235,7 @@ class DiffusersVariationGenerator:
                 "local_weights": local_weights_digest(model_location(self.cfg.model)),
                 "dtype": str(self.dtype), "scheduler": self.cfg.scheduler, "steps": self.cfg.steps,
                 "guidance": self.cfg.guidance, "size": self.gen_size, "resolution": self.resolution,
-                "preprocessing": PREPROCESSING_VERSION}
+                "preprocessing": PREPROCESSING_VERSION, **Speedups.from_config(self.cfg).identity()}
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """[0, 1] pixels at the CLIP size -> CLIP pixel values in the generator's dtype."""
@@ -228,9 +247,17 @@ class DiffusersVariationGenerator:
 
     def _run(self, pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
+        self._begin_speedups()
         out = self.pipe(pixels, height=self.gen_size, width=self.gen_size, num_inference_steps=self.cfg.steps,
                         guidance_scale=self.cfg.guidance, generator=generators, output_type="pt").images
         return out.float()
+
+    def _begin_speedups(self) -> None:
+        """Tell the sped-up UNet how many calls this pipeline call makes and whether it guides."""
+        unet = next((m for m in self.pipe.components.values() if isinstance(m, FastUNet)), None)
+        if unet is not None:
+            self.pipe.scheduler.set_timesteps(self.cfg.steps, device=self.device)
+            unet.begin(len(self.pipe.scheduler.timesteps), guided=self.cfg.guidance > 1.0)
 
     @torch.inference_mode()
     def generate(self, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
@@ -253,6 +280,29 @@ class DiffusersVariationGenerator:
         if out.shape[-1] != self.resolution:
             out = F.interpolate(out, size=(self.resolution, self.resolution), mode="bilinear", antialias=True)
         return (out.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def distillation_record(model: str) -> dict | None:
+    """A few-step student's ``distillation.json`` (bundled or local directory), None for other models."""
+    try:
+        path = Path(model_location(model)) / DISTILLATION_FILE
+    except FileNotFoundError:
+        return None
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def distilled_settings(cfg: GeneratorConfig) -> GeneratorConfig:
+    """A few-step student (``python -m onlinemix.tinymodel distill``) runs as it was trained: DDIM, its own
+    steps, no separate guidance pass (the teacher's guidance is built in). Other models run as configured."""
+    record = distillation_record(cfg.model)
+    if record is None:
+        return cfg
+    settings = replace(cfg, scheduler="ddim", steps=int(record["student_steps"]), guidance=1.0)
+    if (cfg.scheduler, cfg.steps, cfg.guidance) != (settings.scheduler, settings.steps, settings.guidance):
+        log.info("%s is a %d-step student of %s (guidance %g built in): it runs %d DDIM steps without a guidance "
+                 "pass, whatever generator.steps, scheduler and guidance say", cfg.model, settings.steps,
+                 record["teacher"]["model"], record["teacher"]["guidance"], settings.steps)
+    return settings
 
 
 def clip_resize(images: torch.Tensor, size: int) -> torch.Tensor:

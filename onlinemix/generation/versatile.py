@@ -59,7 +59,9 @@ from onlinemix.generation.generator import (
     GeneratorError,
     dtype_argument,
     quiet_loading,
+    speed_up,
 )
+from onlinemix.generation.speedups import Speedups
 from onlinemix.generation.stub import tiny_components
 
 log = logging.getLogger(__name__)
@@ -161,7 +163,9 @@ def load_versatile_pipeline(cfg: GeneratorConfig, device: torch.device, dtype: t
         pipe = versatile_pipeline_class().from_pretrained(cfg.model, **dtype_argument(dtype))
     pipe.scheduler = SCHEDULERS[cfg.scheduler].from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    pipe.to(device)
+    speed_up(pipe, "image_unet", Speedups.from_config(cfg))
+    return pipe
 
 
 class VersatileVariationGenerator(DiffusersVariationGenerator):
