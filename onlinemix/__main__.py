@@ -10,7 +10,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         listing = "\n".join(f"  {name:6} {what}" for name, what in COMMANDS.items())
         print(f"usage: python -m onlinemix <command>\n\ncommands:\n{listing}\n\n"
-              "training, evaluation and the cache: python -m onlinemix.train | onlinemix.evaluation.evaluate | onlinemix.cache --help",
+              "training, evaluation and the cache: python -m onlinemix.train | onlinemix.eval | onlinemix.cache --help",
               file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     from onlinemix.tools.env import main as env_main

@@ -189,7 +189,7 @@ def test_bad_eval_set_syntax(run_dir: Path) -> None:
     assert error_of([str(run_dir), "--eval-set", "no-equals-sign"]) == "2"
 
 
-@pytest.mark.parametrize("command,prog", [(main, "onlinemix.evaluation.evaluate"), (stats_main, "onlinemix.tools.stats")])
+@pytest.mark.parametrize("command,prog", [(main, "onlinemix.eval"), (stats_main, "onlinemix.stats")])
 def test_argument_errors_name_the_command_as_it_is_run(command, prog: str, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         command(["--no-such-flag"])

@@ -93,7 +93,22 @@ def test_the_planner_flags_splits_where_waiting_throttles_the_trainers(capsys) -
     assert out[4].startswith(f"! policy wait throttles the trainers of 1+2 ({lost[0]:.0f}% of their speed lost)")
 
 
+def test_the_planner_shows_variations_per_image_with_and_without_a_speedup(capsys) -> None:
+    plan_main(["--gpus", "3", "--dataset-size", "2000", "--epochs", "3", "--gen-rate", "10", "--train-rate", "100",
+               "--train.batch-size", "32", "--speedup", "fast=4"])
+    out = capsys.readouterr().out.splitlines()
+    start = out.index("distinct variations per image over the run (and the run's time), per generation speed-up:")
+    assert out[start + 1].split() == ["gen", "train", "plain", "x1", "fast", "x4"]
+    for line in out[start + 2:start + 4]:
+        cells = line.replace("(", " ").replace(")", " ").split()
+        plain, fast = float(cells[2]), float(cells[4])
+        assert fast > 2 * plain > 0  # four times the generation rate: several times the variations
+        assert cells[3] == cells[5]  # the trainers set the run's time (the default policy never waits)
+
+
 @pytest.mark.parametrize("argv,said", [
+    (["--gpus", "8", "--dataset-size", "100", "--gen-rate", "1", "--train-rate", "10", "--speedup", "x"],
+     "argument --speedup: 'x': expected NAME=FACTOR with a factor > 0, e.g. deep-cache=2.1"),
     (["--gpus", "8"], "the following arguments are required: --dataset-size"),
     (["--gpus", "8", "--dataset-size", "100", "--gen-rate", "inf", "--train-rate", "10"],
      "argument --gen-rate: inf is not valid: expected a finite number > 0"),
@@ -105,5 +120,5 @@ def test_the_planner_answers_an_argument_error_in_two_lines(argv: list[str], sai
     with pytest.raises(SystemExit) as e:
         plan_main(argv)
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 2 and err[0].startswith("usage: onlinemix.tools.plan --gpus N")
-    assert err[1] == f"onlinemix.tools.plan: error: {said}"
+    assert e.value.code == 2 and len(err) == 2 and err[0].startswith("usage: onlinemix.plan --gpus N")
+    assert err[1] == f"onlinemix.plan: error: {said}"

@@ -233,7 +233,7 @@ def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="onlinemix.evaluation.evaluate",
+        prog="onlinemix.eval",
         description="Evaluate frozen backbones on real images, top-1/top-5, on the run's held-out split and extra "
                     "evaluation sets, by two protocols: 'fast' (features computed once; linear probe and weighted "
                     "kNN) and 'linear' (the paper's linear evaluation: a linear classifier trained with SGD on "

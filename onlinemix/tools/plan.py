@@ -2,6 +2,7 @@
 
     python -m onlinemix.plan --gpus 8 --dataset-size 126689 --epochs 100 --rates bench/results/throughput-cuda.json
     python -m onlinemix.plan --gpus 8 --nodes 4 --dataset-size 1281167 --epochs 100 --gen-rate 9.5 --train-rate 1400
+    python -m onlinemix.plan --gpus 8 --dataset-size 126689 --gen-rate 1.3 --train-rate 2500 --speedup deep-cache=2.1
 
 For every split of a node's ``--gpus`` devices (g producers, the rest trainers) it simulates the run
 (:func:`onlinemix.tools.simulate.simulate`: the product's own ring, claim, eviction and lookup rules on a
@@ -9,6 +10,9 @@ virtual clock) and prints the trainers' throughput, epoch and run time, how many
 each image the run serves, how fresh the views are and how big the disk cache grows. It marks the
 best split (``--objective fastest``, or ``freshest`` within ``--wall-hours``) and compares it with
 warming the cache first (``python -m onlinemix.cache warm`` on every device, then offline training).
+With ``--speedup NAME=FACTOR`` (a generation speed-up measured by ``bench/generate.py``, e.g. deep-feature
+reuse or a distilled student) it plans every split again at that many times the generation rate and shows
+the distinct variations per image a run serves with and without each.
 
 Each node's whole share of the dataset is simulated, with its real ring, batches, rates and cache
 delays, for ``--sim-epochs`` epochs (by then the producers' lead and the ring's reuse have settled);
@@ -151,6 +155,34 @@ def plan(cfg: Config, rates: DeviceRates, gpus: int, nodes: int, dataset_size: i
     return splits
 
 
+def parse_speedup(text: str) -> tuple[str, float]:
+    """``NAME=FACTOR``: a generation speed-up and how many times the plain rate it makes images."""
+    name, sep, factor = text.partition("=")
+    try:
+        value = float(factor)
+    except ValueError:
+        value = math.nan
+    if not sep or not name or not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=FACTOR with a factor > 0, e.g. deep-cache=2.1")
+    return name, value
+
+
+def with_speedups(cfg: Config, rates: DeviceRates, gpus: int, nodes: int, dataset_size: int, sim_epochs: int,
+                  plain: list[Split], speedups: list[tuple[str, float]]) -> str:
+    """Per split, the distinct variations per image and the run time at the plain generation rate and at
+    each sped-up one."""
+    columns = [("plain", 1.0, plain)] + [
+        (name, factor, plan(cfg, DeviceRates(rates.gen_img_s * factor, rates.train_img_s), gpus, nodes,
+                            dataset_size, sim_epochs)) for name, factor in speedups]
+    header = f"{'gen':>3} {'train':>5}" + "".join(f" {f'{name} x{factor:g}':>24}" for name, factor, _ in columns)
+    lines = ["distinct variations per image over the run (and the run's time), per generation speed-up:", header]
+    for row in range(len(plain)):
+        cells = "".join(f" {per_image(s[row].variations_per_image):>12} ({duration(s[row].total_s):>9})"
+                        for _, _, s in columns)
+        lines.append(f"{plain[row].gen:>3} {plain[row].train:>5}{cells}")
+    return "\n".join(lines)
+
+
 def best_split(splits: list[Split], objective: str, wall_hours: float | None) -> Split | None:
     """The fastest split, or the one serving the most variations per image within ``wall_hours`` (None: none fits)."""
     if objective == "fastest":
@@ -164,15 +196,19 @@ def duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+def per_image(variations: float) -> str:
+    """Variations per image; small shares keep two significant digits (slow generation serves a fraction of
+    a percent)."""
+    return f"{variations:.2f}" if variations >= 0.1 else f"{variations:.4f}"
+
+
 def format_table(splits: list[Split], best: Split | None) -> str:
     lines = [f"{'gen':>3} {'train':>5} {'img/s':>9} {'lost':>6} {'epoch':>9} {'run':>10} {'var/img':>8} "
              f"{'fresh':>7} {'synth':>7} {'age':>5} {'cache GB':>9}"]
     for s in splits:
         mark = "  *" if s is best else ""
-        # Small shares keep two significant digits: slow generation serves a fraction of a percent.
-        var = f"{s.variations_per_image:.2f}" if s.variations_per_image >= 0.1 else f"{s.variations_per_image:.4f}"
         lines.append(f"{s.gen:>3} {s.train:>5} {s.throughput_img_s:>9.1f} {max(0.0, s.throttle):>6.1%} "
-                     f"{duration(s.epoch_s):>9} {duration(s.total_s):>10} {var:>8} "
+                     f"{duration(s.epoch_s):>9} {duration(s.total_s):>10} {per_image(s.variations_per_image):>8} "
                      f"{s.fresh:>7.2%} {s.synthetic:>7.2%} {s.mean_age:>5.2f} {s.cache_gb:>9.2f}"
                      f"{'  !' if s.throttled else ''}{mark}")
     return "\n".join(lines)
@@ -208,7 +244,7 @@ def warm_first(cfg: Config, rates: DeviceRates, gpus: int, nodes: int, dataset_s
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="onlinemix.tools.plan",
+        prog="onlinemix.plan",
         usage="%(prog)s --gpus N --dataset-size N (--gen-rate R --train-rate R | --rates JSON) [--epochs N] "
               f"{CONFIG_FLAGS_USAGE}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -235,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim-epochs", type=at_least(2), default=None,
                    help="epochs simulated, each on a node's whole share of the dataset; later ones are projected "
                         "from the last two (default: staleness.max_age + 3, by when ring reuse has settled)")
+    p.add_argument("--speedup", type=parse_speedup, action="append", default=[], metavar="NAME=FACTOR",
+                   help="a generation speed-up measured by bench/generate.py (images/s against the plain pipeline), "
+                        "e.g. deep-cache=2.1; every split is planned again with it; repeat for more")
     p.add_argument("--config", type=Path, default=None, help="YAML preset of the training run (see configs/)")
     add_config_options(p)
     return p
@@ -278,6 +317,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"* best ({args.objective}): {best.gen} producer(s) + {best.train} trainer(s) per node")
     print(warm_first(cfg, device, args.gpus, args.nodes, args.dataset_size, best))
+    if args.speedup:
+        print(with_speedups(cfg, device, args.gpus, args.nodes, args.dataset_size, sim_epochs, splits, args.speedup))
 
 
 if __name__ == "__main__":

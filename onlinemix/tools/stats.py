@@ -224,7 +224,7 @@ def plot(result: dict, path: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="onlinemix.tools.stats",
+        prog="onlinemix.stats",
         description="Diversity and Frechet distance of generated variations against their real images, per "
                     "guidance scale (MixDiff Figure 7). Writes stats.json and stats.png.")
     parser.add_argument("run_dir", type=Path, nargs="?", default=None,
