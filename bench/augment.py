@@ -11,7 +11,7 @@ For each recipe, resolution R and batch B, one run times, side by side:
   per call (the blurred recipes at 224 px), on as many as fit (at least --torchvision-images): its cost per
   image hardly depends on B;
 * torch: `view_params.sample_view_params` + `batch_augment.augment_views` on --device (sampling included),
-  into recycled output batches on the CPU (`buffers.RecycledTensors`), as `views.BatchedViews` runs it;
+  into recycled output batches on the CPU (`buffers.RecycledTensors`), as `views.backends.BatchedViews` runs it;
 * compiled: the same with hue compiled by TorchInductor (`compiled_ops`; CPU only, skipped by --quick), which
   `train.augment_backend=auto` uses on the CPU for views of at least `COMPILE_MIN_SIZE` px;
 * triton: the same parameters through `onlinemix_kernels.augment.augment_views_triton` (CUDA only).
@@ -39,23 +39,11 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from common import (
-    BenchParser,
-    Timer,
-    cpu_snapshot,
-    device_name,
-    import_pyplot,
-    int_list,
-    load_line,
-    other_cores_since,
-    results_path,
-    run_meta,
-    save_figure,
-    save_results,
-    setup_torch,
-    target,
-    target_line,
-)
+from common import BenchParser, int_list, output_path, save_results, setup_torch, target
+from machine import LoadWatch, device_name
+from plots import import_pyplot, save_figure
+from report import load_line, targets_block
+from timing import Timer
 from tqdm.auto import tqdm
 
 from onlinemix.views.buffers import RecycledTensors
@@ -278,7 +266,7 @@ def format_report(res: dict) -> str:
     lines.append(f"compiled    {m['compiled']}")
     if res["meta"]["device"] == "cpu" or not torch.cuda.is_available():
         lines.append("triton      not measured here (needs CUDA)")
-    lines += ["", "Targets", *(target_line(t) for t in res["targets"])]
+    lines += targets_block(res["targets"])
     return "\n".join(lines)
 
 
@@ -303,16 +291,15 @@ def plot(res: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = setup_torch(args.device, args.threads)
-    args.out = results_path(args.out, "bench/augment.py", device.type)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out = output_path(args.out, "bench/augment.py", device.type)
     started = time.perf_counter()
-    load_before, before = os.getloadavg()[0], cpu_snapshot()
+    load = LoadWatch()
     compiled, compiled_status = compiled_backend(device, args.quick)
     rows = measure(args, device, compiled)
     res = {
         "meta": {"device": str(device), "device_name": device_name(device), "cpu_count": os.cpu_count(),
                  "threads": torch.get_num_threads(), "torch": torch.__version__, "compiled": compiled_status,
-                 **run_meta(load_before, other_cores_since(before), args.quick, "bench/augment.py", argv)},
+                 **load.meta(args.quick, "bench/augment.py", argv)},
         "config": {"resolutions": args.resolutions, "batches": args.batches, "recipes": args.recipes,
                    "dtype": args.dtype,
                    "repeats": args.repeats, "torchvision_images": args.torchvision_images,

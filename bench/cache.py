@@ -41,33 +41,21 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
-from functools import partial
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import (
-    RESULTS_DIR,
-    BenchParser,
-    Timer,
-    cpu_name,
-    cpu_snapshot,
-    device_name,
-    import_pyplot,
-    load_line,
-    other_cores_since,
-    results_path,
-    run_meta,
-    save_figure,
-    save_results,
-    setup_torch,
-)
-from PIL import Image
-from throughput import bench_training
+from common import RESULTS_DIR, BenchParser, int_list, output_path, save_results, scratch_dir, setup_torch
+from machine import LoadWatch, cpu_meta, device_name, mount_of
+from photos import photo_pairs
+from plots import import_pyplot, save_figure
+from report import Column, Table, load_line, machine_line
+from shards import description, write_shards
 from tqdm.auto import tqdm
+from trainstep import add_trainer_flags, bench_training
 
-from onlinemix.cache.store import FORMATS, CacheReader, ShardWriter, Variation
+from onlinemix.cache.store import FORMATS, CacheReader, Variation
 from onlinemix.cache.transfer import decode_png, variation_sample
 from onlinemix.core.config import CacheConfig, load_config
 from onlinemix.core.files import fsync_path
@@ -103,16 +91,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jpeg-quality", type=int, default=CacheConfig().jpeg_quality,
                    help="quality of the jpeg format (default: cache.jpeg_quality)")
     p.add_argument("--take-batch", type=int, default=128, help="images taken per call, as one trainer batch (default 128)")
-    p.add_argument("--train-batch-size", type=int, default=None, help=f"trainer batch {q('train_batch_size')}")
-    p.add_argument("--train-steps", type=int, default=None, help=f"timed trainer steps {q('train_steps')}")
-    p.add_argument("--train-warmup", type=int, default=None, help=f"untimed trainer steps {q('train_warmup')}")
+    add_trainer_flags(p)
     p.add_torch_flags("They run the trainer step and, on a GPU, the JPEG decode.")
     p.add_argument("--dir", type=Path, default=RESULTS_DIR,
                    help="where the temporary cache and tars go (a directory on the disk to measure; removed "
                         "afterwards; default bench/results)")
     args = p.parse(argv)
-    args.resolutions = sorted({int(r) for r in str(args.resolutions).split(",") if r.strip()})
-    if not args.resolutions or min(args.resolutions) < 8 or args.mib <= 0 or args.shard_pairs < 1 \
+    args.resolutions = sorted(set(int_list(p, "--resolutions", args.resolutions)))
+    if min(args.resolutions) < 8 or args.mib <= 0 or args.shard_pairs < 1 \
             or not 1 <= args.jpeg_quality <= 100:
         p.error("--resolutions must be >= 8, --mib > 0, --shard-pairs >= 1, --jpeg-quality in 1..100")
     return args
@@ -126,25 +112,6 @@ def digits_pairs(n_distinct: int) -> tuple[torch.Tensor, torch.Tensor]:
     real = load_real_images(cfg.data).images[:n_distinct]
     synthetic = make_generator(cfg.generator, "cpu", cfg.data.resolution).generate(real, list(range(len(real))))
     return real, synthetic
-
-
-def photo_pairs(resolution: int, n_distinct: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random crops (a quarter to all of the area, random flips) of a photograph, resized to R."""
-    import matplotlib.cbook
-
-    with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")) as img:
-        photo = img.convert("RGB")
-    rng = np.random.default_rng(seed)
-    w, h = photo.size
-
-    def crop() -> torch.Tensor:
-        side = int(min(w, h) * np.sqrt(rng.uniform(0.25, 1.0)))
-        x, y = rng.integers(0, w - side + 1), rng.integers(0, h - side + 1)
-        out = photo.crop((x, y, x + side, y + side)).resize((resolution, resolution), Image.Resampling.BICUBIC)
-        arr = np.asarray(out)[:, ::-1] if rng.random() < 0.5 else np.asarray(out)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
-
-    return torch.stack([crop() for _ in range(n_distinct)]), torch.stack([crop() for _ in range(n_distinct)])
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -161,13 +128,8 @@ def drop_page_cache(paths: list[Path]) -> None:
 
 def write_cache(root: Path, synthetic: np.ndarray, shard_pairs: int, fmt: str, quality: int) -> float:
     """Seconds to commit every image through ShardWriter (encoding, CRC32, np.save, fsync, rename, record)."""
-    r = synthetic.shape[-1]
     t0 = time.perf_counter()
-    writer = ShardWriter(root, KEY, {"fingerprint": KEY, "identity": {}, "dataset": "bench"}, r, shard_pairs,
-                         flush_s=float("inf"), fmt=fmt, quality=quality)
-    for i, image in enumerate(synthetic):
-        writer.add(i, i, 0, image)
-    writer.close()
+    writer = write_shards(root, KEY, synthetic, shard_pairs, fmt=fmt, quality=quality)
     seconds = time.perf_counter() - t0
     if writer.committed != len(synthetic):
         raise RuntimeError(f"ShardWriter committed {writer.committed} of {len(synthetic)} images")
@@ -200,7 +162,7 @@ def write_png(tars: Path, synthetic: np.ndarray, shard_pairs: int) -> float:
     """Seconds to PNG-encode every image into webdataset tars of ``shard_pairs`` samples, fsynced."""
     import webdataset as wds
 
-    desc = {"fingerprint": KEY, "identity": {}, "dataset": "bench", "resolution": synthetic.shape[-1]}
+    desc = {**description(KEY), "resolution": synthetic.shape[-1]}
     t0 = time.perf_counter()
     with wds.ShardWriter(str(tars / "bench-%06d.tar"), maxcount=shard_pairs, verbose=0) as sink:
         for i, image in enumerate(synthetic):
@@ -275,7 +237,7 @@ def bench_resolution(args: argparse.Namespace, r: int, work: Path, device: torch
     bar.set_description(f"R={r}: trainer")
     cfg = load_config(None, {"data.resolution": str(r)})
     trainer = bench_training(cfg, device, real[tile], synthetic[tile], args.train_batch_size,
-                             args.train_steps, args.train_warmup, partial(Timer, device), bar)
+                             args.train_steps, args.train_warmup, bar)
     for path in [*(work / f"{fmt}-{r}" for fmt in FORMATS), tars]:
         shutil.rmtree(path)
     rate = trainer["img_s"]
@@ -293,44 +255,51 @@ def bench_resolution(args: argparse.Namespace, r: int, work: Path, device: torch
     }
 
 
-def filesystem(path: Path) -> str:
-    """The filesystem type and device under ``path`` (longest matching mount point in /proc/mounts)."""
-    best = ("", "?", "?")
-    try:
-        for line in Path("/proc/mounts").read_text().splitlines():
-            dev, mount, fstype = line.split()[:3]
-            if str(path.resolve()).startswith(mount) and len(mount) > len(best[0]):
-                best = (mount, dev, fstype)
-    except OSError:
-        pass
-    return f"{best[2]} on {best[1]}"
-
-
 # ----------------------------------------------------------------------------- output
+
+def rate(title: str, key: str, width: int = 9) -> Column:
+    """A ``FORMAT_TABLE`` column of images/s (or bytes) without decimals."""
+    return Column(title, width, lambda r: f"{r[key]:,.0f}", gap="")
+
+
+def over_trainer(title: str, key: str) -> Column:
+    """A ``FORMAT_TABLE`` column of read / trainer, with the record's digits."""
+    return Column(title, 9, lambda r: f"{r[key]:{r['digits']}}x", gap="")
+
+
+FORMAT_TABLE = Table(Column("format", 24, lambda r: r["label"], "<"), rate("write", "write"), rate("cold", "cold"),
+                     rate("warm", "warm"), over_trainer("cold/tr", "cold_tr"), over_trainer("warm/tr", "warm_tr"),
+                     rate("B/image", "bytes", 10))
+
+
+def format_rows(row: dict) -> list[dict]:
+    """The records of one resolution's ``FORMAT_TABLE``: each cache format with and without CRC verification,
+    then the PNG tars; images/s, and read / trainer ("tr")."""
+    over = row["read_over_trainer"]
+    records = [{"label": f"{fmt} .npy, {label}", "write": f["write_s"], "cold": f["read_s"][f"cold_{verify}"],
+                "warm": f["read_s"][f"warm_{verify}"], "cold_tr": over[f"{fmt}_cold_{verify}"],
+                "warm_tr": over[f"{fmt}_warm_{verify}"], "bytes": f["bytes_per_image"], "digits": ".0f"}
+               for fmt, f in row["formats"].items()
+               for verify, label in (("verify", "CRC verify"), ("noverify", "no verify"))]
+    png = row["webdataset_png"]
+    return records + [{"label": "webdataset PNG tar", "write": png["write_s"], "cold": png["read_s"]["cold"],
+                       "warm": png["read_s"]["warm"], "cold_tr": over["png_cold"], "warm_tr": over["png_warm"],
+                       "bytes": png["bytes_per_image"], "digits": ".1f"}]
+
 
 def format_report(res: dict) -> str:
     m = res["meta"]
-    lines = [f"machine     {m['cpu']} ({m['cpu_count']} logical cores), torch threads {m['threads']}",
+    lines = [machine_line(m, f", torch threads {m['threads']}"),
              f"device      {m['device_name']} ({m['device']}): the trainer step and the JPEG decode",
              f"disk        {m['filesystem']} (cold reads: pages dropped with posix_fadvise DONTNEED)",
              f"date        {m['date']}", load_line(m), ""]
-    head = f"  {'format':<24}{'write':>9}{'cold':>9}{'warm':>9}{'cold/tr':>9}{'warm/tr':>9}{'B/image':>10}"
     for row in res["resolutions"]:
         tr, png, fmts = row["trainer"], row["webdataset_png"], row["formats"]
+        ratio, jpeg = row["jpeg_over_raw"], fmts["jpeg"]
         lines += [f"R = {row['resolution']} ({row['images']} synthetic images, {row['pixels']}); images/s; trainer "
                   f"{tr['img_s']:.1f} img/s (batch {tr['batch_size']}, {100 * tr['augment_fraction']:.0f}% augment)",
-                  head]
-        for fmt, f in fmts.items():
-            for verify, label in (("verify", "CRC verify"), ("noverify", "no verify")):
-                lines.append(f"  {fmt + ' .npy, ' + label:<24}{f['write_s']:>9,.0f}{f['read_s']['cold_' + verify]:>9,.0f}"
-                             f"{f['read_s']['warm_' + verify]:>9,.0f}"
-                             f"{row['read_over_trainer'][f'{fmt}_cold_{verify}']:>8.0f}x"
-                             f"{row['read_over_trainer'][f'{fmt}_warm_{verify}']:>8.0f}x{f['bytes_per_image']:>10,.0f}")
-        lines.append(f"  {'webdataset PNG tar':<24}{png['write_s']:>9,.0f}{png['read_s']['cold']:>9,.0f}"
-                     f"{png['read_s']['warm']:>9,.0f}{row['read_over_trainer']['png_cold']:>8.1f}x"
-                     f"{row['read_over_trainer']['png_warm']:>8.1f}x{png['bytes_per_image']:>10,.0f}")
-        ratio, jpeg = row["jpeg_over_raw"], fmts["jpeg"]
-        lines += [f"  jpeg / raw: write {ratio['write']:.2f}x, read {ratio['read_cold']:.2f}x cold, "
+                  FORMAT_TABLE.header(), *(FORMAT_TABLE.row(r) for r in format_rows(row)),
+                  f"  jpeg / raw: write {ratio['write']:.2f}x, read {ratio['read_cold']:.2f}x cold, "
                   f"{ratio['read_warm']:.2f}x warm, bytes {ratio['bytes']:.3f}x; jpeg q{res['config']['jpeg_quality']} "
                   f"{jpeg['bits_per_pixel']:.2f} bits/pixel, PSNR {jpeg['psnr_db']:.1f} dB, mean |error| "
                   f"{jpeg['mean_abs_error']:.2f}; raw round trip {'exact' if fmts['raw']['exact'] else 'NOT EXACT'}, "
@@ -339,6 +308,7 @@ def format_report(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
+    """A bar chart per resolution: images/s written and read (cold, warm) per format, the trainer's as a line."""
     plt = import_pyplot("bench/cache.py")
     rows = res["resolutions"]
     fig, axes = plt.subplots(1, len(rows), figsize=(4.6 * len(rows), 4), squeeze=False)
@@ -368,25 +338,19 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
     device = setup_torch(args.device, args.threads)
-    out = results_path(args.out, "bench/cache.py", device.type)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    args.dir.mkdir(parents=True, exist_ok=True)
-    load_before, before = os.getloadavg()[0], cpu_snapshot()
-    work = Path(tempfile.mkdtemp(prefix=".cache-bench-", dir=args.dir))
-    try:
-        with tqdm(total=(len(FORMATS) + 1) * len(args.resolutions) + sum(args.train_steps + args.train_warmup
-                                                        for _ in args.resolutions), dynamic_ncols=True) as bar:
+    out = output_path(args.out, "bench/cache.py", device.type)
+    with scratch_dir(args.dir, ".cache-bench-") as work:
+        load = LoadWatch()
+        steps = len(FORMATS) + 1 + args.train_steps + args.train_warmup  # progress steps per resolution
+        with tqdm(total=steps * len(args.resolutions), dynamic_ncols=True) as bar:
             rows = [bench_resolution(args, r, work, device, bar) for r in args.resolutions]
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     res = {
-        "meta": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-                 "device": str(device), "device_name": device_name(device),
-                 "filesystem": filesystem(args.dir), "torch": torch.__version__,
-                 **run_meta(load_before, other_cores_since(before), args.quick, "bench/cache.py", argv)},
+        "meta": {**cpu_meta(), "threads": torch.get_num_threads(), "device": str(device),
+                 "device_name": device_name(device), "filesystem": mount_of(args.dir), "torch": torch.__version__,
+                 **load.meta(args.quick, "bench/cache.py", argv)},
         "config": {"resolutions": args.resolutions, "mib": args.mib, "shard_pairs": args.shard_pairs,
-                   "jpeg_quality": args.jpeg_quality, "take_batch": args.take_batch, "train_batch_size": args.train_batch_size,
-                   "train_steps": args.train_steps},
+                   "jpeg_quality": args.jpeg_quality, "take_batch": args.take_batch,
+                   "train_batch_size": args.train_batch_size, "train_steps": args.train_steps},
         "resolutions": rows,
         "targets": [],  # none: read / trainer says how far the cache is from limiting training
         "summary": {"png_lossless": all(r["webdataset_png"]["lossless"] for r in rows),

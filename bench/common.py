@@ -1,35 +1,39 @@
-"""Helpers shared by the benchmark scripts in bench/: the command line every benchmark starts from
-(``BenchParser``: --device/--threads, --out, --quick and flag defaults that depend on --quick),
-integer-list flags, torch device and thread set-up, machine naming, background-load measurement,
-run metadata for the JSON, the report's "load" line, targets in the one shape every benchmark's JSON
-uses (``target``, read by bench/run.py), the matplotlib import guard and the writing of the PNG and
-JSON results.
+"""The command line and the results every benchmark in bench/ shares: ``BenchParser`` (--device/--threads,
+--out, --quick and flag defaults that depend on --quick), list flags, torch device and thread set-up,
+targets in the one shape every benchmark's JSON lists them (``target``, read by bench/run.py), the files
+of a run (its scratch directory, a child Python's environment, a training run's metrics) and the writing of
+the JSON and PNG results.
 
 Imported as ``from common import ...`` (the scripts run as ``python bench/<name>.py``, so bench/ is
-``sys.path[0]``). torch, diffusers and transformers are imported inside the functions that need them,
-so that bench/ring.py can import this module without importing torch at start-up.
+``sys.path[0]``). torch is imported inside the functions that need it, so that bench/ring.py can import
+this module without importing torch at start-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import operator
 import os
-import platform
+import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Callable
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from plots import has_matplotlib
 
 from onlinemix.core.files import write_json
 
 if TYPE_CHECKING:
     import torch
 
-SKEW_CORES = 0.2  # other processes using more cores than this while measuring: flagged as skewed
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
 
 Defaults = dict[str, tuple[Any, Any]]  # flag dest -> (value in a default run, value in a --quick run)
 
@@ -88,12 +92,25 @@ class BenchParser(argparse.ArgumentParser):
             if value is not None and value < minimum:
                 self.error(f"--{key.replace('_', '-')} must be >= {minimum}")
 
+    def require_fraction(self, args: argparse.Namespace, *keys: str) -> None:
+        """A usage error for the first flag of ``keys`` outside (0, 1]."""
+        for key in keys:
+            if not 0 < getattr(args, key) <= 1:
+                self.error(f"--{key.replace('_', '-')} must be in (0, 1]")
+
 
 def results_path(out: Path | None, script: str, device_type: str | None = None) -> Path:
     """Where a benchmark writes its JSON: ``out`` (--out) when given, else bench/results/<script's stem>.json,
     or <stem>-<device type>.json for a benchmark of one torch device."""
     stem = Path(script).stem
     return out or RESULTS_DIR / (f"{stem}-{device_type}.json" if device_type else f"{stem}.json")
+
+
+def output_path(out: Path | None, script: str, device_type: str | None = None) -> Path:
+    """``results_path``, with its directory made."""
+    path = results_path(out, script, device_type)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def int_list(p: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
@@ -105,6 +122,26 @@ def int_list(p: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
     if not values or min(values) < 1:
         p.error(f"{flag} expects positive integers, got {text!r}")
     return values
+
+
+def choice_list(p: argparse.ArgumentParser, flag: str, text: str, allowed: tuple[str, ...]) -> list[str]:
+    """The comma-separated values of ``flag``, each one of ``allowed``, repeats dropped; else ``p.error``."""
+    values = [v.strip() for v in str(text).split(",") if v.strip()]
+    bad = [v for v in values if v not in allowed]
+    if not values or bad:
+        p.error(f"{flag} expects comma-separated values among {', '.join(allowed)}, got {text!r}")
+    return list(dict.fromkeys(values))
+
+
+def only_list(p: argparse.ArgumentParser, text: str | None, names: list[str], kind: str) -> list[str] | None:
+    """The comma-separated names of --only, each one of ``names`` (else ``p.error`` names the unknown
+    ``kind``s); None when --only was not given: everything runs."""
+    if text is None:
+        return None
+    only = [n.strip() for n in text.split(",") if n.strip()]
+    if unknown := sorted(set(only) - set(names)):
+        p.error(f"--only: unknown {kind}(s) {', '.join(unknown)}; known: {', '.join(names)}")
+    return only
 
 
 def setup_torch(device_flag: str | None, threads: int | None) -> torch.device:
@@ -119,87 +156,6 @@ def setup_torch(device_flag: str | None, threads: int | None) -> torch.device:
     elif device.type == "cpu":
         torch.set_num_threads(1)
     return device
-
-
-# ----------------------------------------------------------------------------- machine info
-
-def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux), else platform.processor() or platform.machine()."""
-    name = platform.processor()
-    try:  # platform.processor() is often empty on Linux
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return name or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name for a CUDA device, else the CPU's name with its logical core count."""
-    if device.type == "cuda":
-        import torch
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_name()} ({os.cpu_count()} logical cores)"
-
-
-def torch_meta(device: torch.device, threads_default: bool) -> dict[str, Any]:
-    """Device, thread and version entries of the JSON "meta" of the torch/diffusers benchmarks."""
-    import diffusers
-    import numpy as np
-    import torch
-    import transformers
-    return {
-        "device": str(device), "device_name": device_name(device), "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(), "threads_default": threads_default,
-        "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-        "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform(),
-    }
-
-
-# ----------------------------------------------------------------------------- background load
-
-def busy_cpu_s() -> float | None:
-    """CPU seconds all processes on the machine have spent so far (Linux /proc/stat), or None."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except (OSError, IndexError):
-        return None
-    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in (fields + ["0"] * 8)[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_s() -> float:
-    """CPU seconds of this process and its waited-for children so far (user + system)."""
-    return sum(os.times()[:4])
-
-
-CpuSnapshot = tuple[float | None, float, float]  # (busy_cpu_s(), own_cpu_s(), time.perf_counter())
-
-
-def cpu_snapshot() -> CpuSnapshot:
-    """Machine CPU seconds, own CPU seconds and wall clock now; pass it to ``other_cores_since`` later."""
-    return busy_cpu_s(), own_cpu_s(), time.perf_counter()
-
-
-def other_cores_since(before: CpuSnapshot) -> float | None:
-    """Cores other processes used on average since ``before`` (None where /proc/stat is unreadable)."""
-    busy_before, own_before, wall_before = before
-    busy_after, own_after, wall_after = cpu_snapshot()
-    return (None if busy_before is None or busy_after is None else
-            max(0.0, (busy_after - busy_before) - (own_after - own_before)) / (wall_after - wall_before))
-
-
-def run_meta(load_before: float, other_cores: float | None, quick: bool, script: str,
-             argv: list[str] | None) -> dict[str, Any]:
-    """Load, date and command entries of the JSON "meta" (the 1-min load average after is read now)."""
-    return {
-        "loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0],
-        "other_processes_cores": other_cores,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": quick,
-        "command": " ".join([f"python {script}", *(sys.argv[1:] if argv is None else argv)]),
-    }
 
 
 # ----------------------------------------------------------------------------- targets
@@ -222,51 +178,32 @@ def target(name: str, value: float | None, goal: float, op: str = ">=", detail: 
     return {"name": name, "value": value, "goal": goal, "op": op, "status": status, "detail": detail}
 
 
-def target_line(t: dict[str, Any]) -> str:
-    """A report line for one ``target``: status, name, value against the goal, detail."""
-    value = "" if t["value"] is None else f": {t['value']:.3g} (goal {t['op']} {t['goal']:g})"
-    return f"  {t['status']:<17} {t['name']}{value}" + (f"; {t['detail']}" if t["detail"] else "")
+# ----------------------------------------------------------------------------- files
 
-
-# ----------------------------------------------------------------------------- output
-
-def load_line(m: dict[str, Any]) -> str:
-    """The report's "load" line from the JSON meta, with a warning when the run was skewed."""
-    return ("load        " + ("other processes used n/a" if m["other_processes_cores"] is None else
-                              f"other processes used {m['other_processes_cores']:.2f} cores on average while measuring")
-            + f" (1-min load average {m['loadavg_1min_before']:.2f} before, {m['loadavg_1min_after']:.2f} after)"
-            + (f"\n            WARNING: other processes competed for the {m['cpu_count']} cores; the numbers are skewed"
-               if (m["other_processes_cores"] or 0) > SKEW_CORES else ""))
-
-
-def import_pyplot(script: str) -> Any:
-    """matplotlib.pyplot on the Agg backend; exits with a hint naming ``script`` when matplotlib is missing
-    (``save_results`` checks first, and skips the plot with a warning instead)."""
+@contextmanager
+def scratch_dir(parent: Path, prefix: str) -> Iterator[Path]:
+    """A new directory under ``parent`` (made if missing) for a run's temporary files, removed afterwards
+    whatever happens, so that no run leaves images, stores or caches behind."""
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
-        import matplotlib
-    except ImportError:
-        sys.exit(f"{script}: the plot needs matplotlib (pip install matplotlib)")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
-def has_matplotlib() -> bool:
-    """Whether matplotlib imports: it comes with the test and bench extras only."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def run_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of a training run's metrics.jsonl: one per logged step, one per epoch's end."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def save_figure(fig: Any, path: Path) -> None:
-    """Lay out ``fig``, write it to ``path`` as a PNG at 110 dpi and close it."""
-    import matplotlib.pyplot as plt
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def repo_env(**extra: str) -> dict[str, str]:
+    """This process's environment, plus ``extra``, for a child Python that imports the package of this
+    checkout first."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **extra}
 
+
+# ----------------------------------------------------------------------------- results
 
 def save_results(res: dict[str, Any], out: Path, plot: Callable[[dict[str, Any], Path], None],
                  report: Callable[[dict[str, Any]], str], t0: float, started: float | None = None, *,
@@ -292,26 +229,3 @@ def save_results(res: dict[str, Any], out: Path, plot: Callable[[dict[str, Any],
                                                       if after_imports else "")
     written = f"{out} and {png}" if res["plot"] else f"{out}"
     print(("\n" if gap else "") + f"wrote {written}; {times}")
-
-
-class Timer:
-    """Wall-clock span that waits for queued CUDA work at both ends; ``with Timer(device) as t`` then ``t.seconds``."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.seconds = float("nan")
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            import torch
-
-            torch.cuda.synchronize(self.device)
-
-    def __enter__(self) -> "Timer":
-        self._sync()
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._sync()
-        self.seconds = time.perf_counter() - self.start

@@ -27,24 +27,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import (
-    BenchParser,
-    cpu_name,
-    cpu_snapshot,
-    import_pyplot,
-    load_line,
-    other_cores_since,
-    results_path,
-    run_meta,
-    save_figure,
-    save_results,
-)
+from common import REPO, BenchParser, output_path, save_results
+from machine import LoadWatch, cpu_meta
+from plots import import_pyplot, save_figure
+from report import load_line
 from tqdm.auto import tqdm
 
 from onlinemix.core.config import DataConfig
 from onlinemix.data import load_real_images
 
-REPO = Path(__file__).resolve().parent.parent
 METHODS = ("simclr", "barlowtwins", "dino")
 PAIRINGS = ("real", "synthetic", "mixdiff")
 DEFAULTS = {"epochs": (10, 1)}
@@ -59,7 +50,6 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--runs-dir", type=Path, default=None, help="keep the run directories here (default: removed)")
     args = p.parse(argv)
     p.require_at_least(args, 1, "epochs")
-    args.out = results_path(args.out, "bench/digits_table.py")
     return args
 
 
@@ -125,8 +115,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.perf_counter()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    load_before, before = os.getloadavg()[0], cpu_snapshot()
+    out = output_path(args.out, "bench/digits_table.py")
+    load = LoadWatch()
     runs_dir = args.runs_dir or Path(tempfile.mkdtemp(prefix=".digits-table-"))
     table: dict[str, dict[str, Any]] = {}
     cells = [(m, p) for m in METHODS for p in PAIRINGS]
@@ -136,14 +126,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         table.setdefault(method, {})[pairing] = summarize(runs)
     if args.runs_dir is None:
         shutil.rmtree(runs_dir, ignore_errors=True)
-    res = {"meta": {"cpu": cpu_name(), "cpu_count": os.cpu_count(),
+    res = {"meta": {**cpu_meta(),
                     "total_run_s": sum(c["seconds"] for row in table.values() for c in row.values()),
-                    **run_meta(load_before, other_cores_since(before), args.quick, "bench/digits_table.py", argv)},
+                    **load.meta(args.quick, "bench/digits_table.py", argv)},
            "config": {"epochs": args.epochs, "seeds": args.seeds, "generator": "digits-tiny",
                       "heldout": len(load_real_images(DataConfig()).holdout_ids)},
            "table": table}
-    save_results(res, args.out, plot, format_report, _T0, started)
-    args.out.with_suffix(".md").write_text(markdown(res) + "\n")
+    save_results(res, out, plot, format_report, _T0, started)
+    out.with_suffix(".md").write_text(markdown(res) + "\n")
     return res
 
 

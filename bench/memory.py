@@ -31,26 +31,18 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from common import (
-    BenchParser,
-    cpu_snapshot,
-    import_pyplot,
-    other_cores_since,
-    results_path,
-    run_meta,
-    save_figure,
-    save_results,
-    target,
-    target_line,
-)
+from common import REPO, BenchParser, output_path, save_results, target
+from machine import LoadWatch
+from plots import import_pyplot, save_figure
+from report import targets_block
 
 from onlinemix.core.config import Config, load_config
-from onlinemix.methods.build import DINO, StepInfo, build_method
+from onlinemix.methods.build import StepInfo, build_method
+from onlinemix.methods.dino import DINO
 from onlinemix.views.compose import N_GLOBAL_CROPS, Views
 from onlinemix.views.recipes import multicrop_sizes
 from onlinemix.views.specs import mixdiff_dino_specs
 
-REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "configs" / "recipes").glob("*.yaml"))
 GPU_GB = 80.0
 HEADROOM_GB = 10.0     # CUDA context, workspaces, allocator caching and fragmentation, gathered negatives
@@ -162,7 +154,7 @@ def format_report(res: dict) -> str:
                      f"{'yes' if r['fits'] else 'NO':>6}{r['largest_fitting_batch']:>10}")
     lines += ["", f"fits: total <= {GPU_GB - HEADROOM_GB:g} GB ({HEADROOM_GB:g} GB of an {GPU_GB:g} GB GPU left for "
                   f"the CUDA context, workspaces, allocator and gathered negatives)",
-              "", "Targets", *(target_line(t) for t in res["targets"])]
+              *targets_block(res["targets"])]
     return "\n".join(lines)
 
 
@@ -186,13 +178,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
-    out = results_path(args.out, "bench/memory.py")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = output_path(args.out, "bench/memory.py")
     started = time.perf_counter()
-    load_before, before = os.getloadavg()[0], cpu_snapshot()
+    load = LoadWatch()
     rows = [estimate(recipe, args) for recipe in args.recipes]
     res = {"meta": {"cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    **run_meta(load_before, other_cores_since(before), args.quick, "bench/memory.py", argv)},
+                    **load.meta(args.quick, "bench/memory.py", argv)},
            "config": {"recipes": [str(r) for r in args.recipes], "sizes": args.sizes, "gpu_gb": GPU_GB,
                       "headroom_gb": HEADROOM_GB, "batch_size": args.batch_size, "resolution": args.resolution},
            "rows": rows,

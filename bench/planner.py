@@ -28,20 +28,10 @@ import argparse
 import math
 import os
 
-from common import (
-    BenchParser,
-    cpu_snapshot,
-    import_pyplot,
-    int_list,
-    load_line,
-    other_cores_since,
-    results_path,
-    run_meta,
-    save_figure,
-    save_results,
-    target,
-    target_line,
-)
+from common import BenchParser, int_list, output_path, save_results, target
+from machine import LoadWatch
+from plots import import_pyplot, save_figure
+from report import load_line, targets_block
 
 from onlinemix.core.config import load_config
 from onlinemix.tools.plan import DeviceRates, Split, predict_split
@@ -150,7 +140,7 @@ def format_report(res: dict) -> str:
                      f"{pl['synthetic']:>10.2%}/{fu['synthetic']:<10.2%} "
                      f"{pl['throughput_img_s']:>8.0f}/{fu['throughput_img_s']:<8.0f} {p['kept']:>6.1%} "
                      f"{p['evicted_unserved']:>7.1%} {gen:>6}  {'ok' if p['agrees'] else 'MISS'}{flag}")
-    lines += ["", "targets", *map(target_line, res["targets"])]
+    lines += targets_block(res["targets"], "targets")
     return "\n".join(lines)
 
 
@@ -174,9 +164,8 @@ def plot(res: dict, path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
-    out = results_path(args.out, "bench/planner.py")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    load_before, before = os.getloadavg()[0], cpu_snapshot()
+    out = output_path(args.out, "bench/planner.py")
+    load = LoadWatch()
     points = []
     for ratio in args.ratios:
         for gen in args.producers:
@@ -184,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"1:{ratio:g} {gen}+{args.gpus - gen}: planner {points[-1]['plan_s']:.1f}s, full simulation "
                   f"{points[-1]['sim_s']:.1f}s", flush=True)
     res = {"meta": {"cpu_count": os.cpu_count(),
-                    **run_meta(load_before, other_cores_since(before), args.quick, "bench/planner.py", argv)},
+                    **load.meta(args.quick, "bench/planner.py", argv)},
            "args": {k: getattr(args, k) for k in ("ratios", "producers", "gpus", "train_rate", "dataset_size",
                                                   "epochs", "policy")},
            "points": points}

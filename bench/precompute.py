@@ -38,26 +38,14 @@ import time
 _T0 = time.perf_counter()  # before the heavy imports: the reported wall time includes them
 
 import argparse
-import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from common import (
-    BenchParser,
-    cpu_name,
-    cpu_snapshot,
-    import_pyplot,
-    int_list,
-    load_line,
-    other_cores_since,
-    results_path,
-    run_meta,
-    save_figure,
-    save_results,
-)
+from common import BenchParser, int_list, output_path, run_metrics, save_results, scratch_dir
+from machine import LoadWatch, cpu_meta
+from plots import import_pyplot, save_figure
+from report import load_line, machine_line
 
 from onlinemix.cache import CacheReader, cache_keys
 from onlinemix.core.config import load_config
@@ -102,8 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad := [k for k in args.variations if args.epochs % k]:
         p.error(f"--variations {','.join(map(str, bad))} must divide --epochs {args.epochs}: the matching online run "
                 f"serves each view epochs / K times")
-    if not 0 < args.real_fraction <= 1:
-        p.error("--real-fraction must be in (0, 1]")
+    p.require_fraction(args, "real_fraction")
     return args
 
 
@@ -138,8 +125,7 @@ def cache_variations(cache_dir: Path, resolution: int) -> int:
 
 def served(run_dir: Path, offline: bool) -> dict:
     """Second views by origin over the run's epochs, and the first servings among them (see the module doc)."""
-    epochs = [row for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-              if "epoch_end" in row]
+    epochs = [row for row in run_metrics(run_dir) if "epoch_end" in row]
     counts = {k: sum(row[k] for row in epochs) for k in ("fresh", "cached", "disk", "fallback")}
     first = (sum(row["disk"] for row in epochs if row["mean_reuse"] == 0) if offline else counts["fresh"])
     return {**counts, "first_servings": first, "second_views": sum(counts.values()), "epochs": len(epochs)}
@@ -201,7 +187,7 @@ def pareto(rows: list[dict]) -> list[str]:
 
 def format_report(res: dict) -> str:
     m, c = res["meta"], res["config"]
-    lines = [f"machine     {m['cpu']} ({m['cpu_count']} logical cores)", f"date        {m['date']}", load_line(m),
+    lines = [machine_line(m), f"date        {m['date']}", load_line(m),
              f"setup       digits at {c['resolution']} px, {c['images']} training images (data.real_fraction "
              f"{c['real_fraction']:g}), batch {c['batch_size']}, {c['epochs']} epochs, stub generator; warm: 1 "
              f"worker; online: 1 producer, max_age {c['epochs']}", "",
@@ -245,21 +231,16 @@ def plot(res: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
-    out = results_path(args.out, "bench/precompute.py")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    args.dir.mkdir(parents=True, exist_ok=True)
+    out = output_path(args.out, "bench/precompute.py")
     images = train_images(args)
     batch_size = largest_divisor(images, args.batch_size)
-    load_before, before = os.getloadavg()[0], cpu_snapshot()
-    work = Path(tempfile.mkdtemp(prefix=".precompute-bench-", dir=args.dir))
-    try:
+    load = LoadWatch()
+    with scratch_dir(args.dir, ".precompute-bench-") as work:
         rows = [derive(run(args, work, k, batch_size), images)
                 for k in args.variations for run in (run_precompute, run_online)]
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     res = {
-        "meta": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                 **run_meta(load_before, other_cores_since(before), args.quick, "bench/precompute.py", argv)},
+        "meta": {**cpu_meta(), "torch": torch.__version__,
+                 **load.meta(args.quick, "bench/precompute.py", argv)},
         "config": {"variations": args.variations, "epochs": args.epochs, "resolution": args.resolution,
                    "real_fraction": args.real_fraction, "images": images, "batch_size": batch_size},
         "rows": rows,

@@ -26,13 +26,12 @@ from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
 
-from common import NOT_MEASURED, RESULTS_DIR
+from common import BENCH_DIR, NOT_MEASURED, REPO, RESULTS_DIR, only_list
+from report import cell, last_line
 from tqdm.auto import tqdm
 
 from onlinemix.core.files import write_json
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
 FAILED = "FAILED"
 NO_TARGET = "no target"
 
@@ -77,11 +76,6 @@ def shown(path: Path) -> Path:
     return path.relative_to(REPO) if path.is_relative_to(REPO) else path
 
 
-def last_line(text: str) -> str:
-    """The last non-blank line of a script's output: its error, when it failed."""
-    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "no output")
-
-
 def run_bench(bench: Bench, out_dir: Path, quick: bool) -> dict:
     """Run one script in its own process; what it reported, or why it failed."""
     out, log = out_dir / f"{bench.name}.json", out_dir / f"{bench.name}.log"
@@ -95,7 +89,8 @@ def run_bench(bench: Bench, out_dir: Path, quick: bool) -> dict:
            "seconds": time.perf_counter() - started, "returncode": proc.returncode}
     if proc.returncode != 0 or not out.is_file():
         why = f"exit status {proc.returncode}" if proc.returncode else f"wrote no {out.name}"
-        return {**row, "status": FAILED, "error": f"{why}: {last_line(log.read_text(errors='replace'))}"}
+        error = last_line(log.read_text(errors="replace")) or "no output"
+        return {**row, "status": FAILED, "error": f"{why}: {error}"}
     res = json.loads(out.read_text())
     if not isinstance(res.get("targets"), list):
         return {**row, "status": FAILED, "error": f"{out.name} has no \"targets\" list: list them with common.target"}
@@ -117,11 +112,6 @@ def summary_rows(results: list[dict]) -> list[dict]:
             rows += [{"bench": r["bench"], "status": t["status"], "target": t["name"], "value": t["value"],
                       "goal": t["goal"], "op": t["op"]} for t in r["targets"]]
     return rows
-
-
-def cell(text: str) -> str:
-    """``text`` in a Markdown table cell (a "|" in it escaped)."""
-    return text.replace("|", r"\|")
 
 
 def format_summary(summary: dict) -> str:
@@ -177,11 +167,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=None,
                    help="where the JSON, PNG, logs and summary go (default bench/results/<date>-<device>)")
     args = p.parse_args(argv)
-    if args.only is not None:
-        only = [n.strip() for n in args.only.split(",") if n.strip()]
-        if unknown := sorted(set(only) - set(names)):
-            p.error(f"--only: unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(names)}")
-        args.only = only
+    args.only = only_list(p, args.only, names, "benchmark")
     return args
 
 

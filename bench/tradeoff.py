@@ -30,7 +30,6 @@ import time
 _T0 = time.perf_counter()  # before the heavy imports: the reported wall time includes them
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -38,25 +37,15 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import (
-    BenchParser,
-    cpu_snapshot,
-    import_pyplot,
-    load_line,
-    other_cores_since,
-    results_path,
-    run_meta,
-    save_figure,
-    save_results,
-    target,
-    target_line,
-)
+from common import REPO, BenchParser, output_path, repo_env, run_metrics, save_results, target
+from machine import LoadWatch
+from plots import import_pyplot, save_figure
+from report import load_line, targets_block
 
 from onlinemix.core.config import load_config
 from onlinemix.data import load_real_images, select_train_ids
 from onlinemix.tools.simulate import ORIGINS, Rates, simulate
 
-REPO = Path(__file__).resolve().parent.parent
 RELATIVE_TOLERANCE, ABSOLUTE_TOLERANCE = 0.15, 0.05
 WASTE_TARGET, STALL_TARGET = 0.05, 0.01
 STALLED_S, MIN_STALLED = 0.05, 5  # a step that waited this long for its input; how many make a pipeline period
@@ -111,8 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown or not args.settings:
         p.error(f"--settings: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(SETTINGS)}")
     p.require_at_least(args, 1, "epochs")
-    if not 0 < args.real_fraction <= 1:
-        p.error("--real-fraction must be in (0, 1]")
+    p.require_fraction(args, "real_fraction")
     return args
 
 
@@ -122,7 +110,7 @@ def train(name: str, overrides: dict[str, str], root: Path) -> None:
     """One real online run in a child process, in ``root / name``."""
     flags = [f"--{k}={v}" for k, v in {**overrides, "output_dir": str(root), "run_name": name,
                                        "cache.dir": str(root / f"{name}-cache")}.items()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = repo_env(OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "onlinemix.train", *flags], cwd=REPO, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
@@ -131,7 +119,7 @@ def train(name: str, overrides: dict[str, str], root: Path) -> None:
 
 def measured(run_dir: Path) -> dict:
     """What a run's metrics.jsonl says: per-epoch fractions, the rates it saw, waste and stall."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = run_metrics(run_dir)
     steps, epochs = [r for r in rows if "step" in r], [r for r in rows if "epoch_end" in r]
     last = steps[-1]
     wall = sum(r["step_s"] for r in steps[1:])  # the first step waits for the pipeline to fill: start-up, not stall
@@ -149,7 +137,7 @@ def measured(run_dir: Path) -> dict:
 
 def trainer_img_s(run_dir: Path) -> float:
     """The trainer's images per second over its steps, the first (which fills the input pipeline) left out."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = run_metrics(run_dir)
     steps = [r for r in rows if "step" in r][1:]
     return load_config(run_dir / "config.yaml", {}).train.batch_size * len(steps) / sum(r["step_s"] for r in steps)
 
@@ -241,7 +229,7 @@ def format_report(res: dict) -> str:
             r = run["speed"]
             lines.append(f"{name}: training {r['ratio']:.0f}x faster than generation; trainer {r['img_s']:.0f} "
                          f"img/s, {r['no_generation_img_s']:.0f} without generation: {r['kept']:.1%} kept")
-    lines += ["", "targets", *map(target_line, res["targets"])]
+    lines += targets_block(res["targets"], "targets")
     return "\n".join(lines)
 
 
@@ -276,9 +264,8 @@ def plot(res: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
-    out = results_path(args.out, "bench/tradeoff.py")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    load_before, before = os.getloadavg()[0], cpu_snapshot()
+    out = output_path(args.out, "bench/tradeoff.py")
+    load = LoadWatch()
     runs, all_points = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
@@ -297,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
                 runs[name]["speed"] = against_no_generation(name, overrides, root, meas["gen_pairs_s"])
             all_points += points(name, meas, pred)
     res = {"meta": {"cpu_count": os.cpu_count(),
-                    **run_meta(load_before, other_cores_since(before), args.quick, "bench/tradeoff.py", argv)},
+                    **load.meta(args.quick, "bench/tradeoff.py", argv)},
            "tolerance": {"relative": RELATIVE_TOLERANCE, "absolute": ABSOLUTE_TOLERANCE},
            "runs": runs, "points": all_points,
            "passed": sum(pt["pass"] for pt in all_points), "points_total": len(all_points)}

@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 import gpu_check  # noqa: E402
-from gpu_check import FAIL, MISS, PASS, Step, Verdict  # noqa: E402
+import steprunner  # noqa: E402
+from steprunner import FAIL, MISS, PASS, Step, Verdict  # noqa: E402
 
 
 def read_figure(name: str):
@@ -60,7 +61,7 @@ def test_a_failing_and_a_hanging_step_are_failed_rows_and_the_run_goes_on(tmp_pa
         python_step("no-result", "pass", 30, judge=lambda out: Verdict(PASS, (out / "absent.json").read_text())),
     ]
     meta = {"device": "test"}
-    rows = gpu_check.run_steps(steps, out, meta, grace_s=0.5)
+    rows = steprunner.run_steps(steps, out, meta, grace_s=0.5)
 
     assert [(r["step"], r["status"]) for r in rows] == [("fails", FAIL), ("hangs", FAIL), ("ok", PASS),
                                                         ("misses", MISS), ("no-result", FAIL)]
@@ -74,12 +75,12 @@ def test_a_failing_and_a_hanging_step_are_failed_rows_and_the_run_goes_on(tmp_pa
     assert ok["figure"] == "12.5 img/s" and ok["reason"] == "" and ok["target"] == "ok's target"
     assert misses["reason"] == "slower than the target"
     assert no_result["reason"].startswith("no readable result (FileNotFoundError")
-    assert gpu_check.exit_status(rows) == 1
-    assert gpu_check.exit_status([ok, misses]) == 0  # a MISS is a finding, not a failure
+    assert steprunner.exit_status(rows) == 1
+    assert steprunner.exit_status([ok, misses]) == 0  # a MISS is a finding, not a failure
 
     report = json.loads((out / "gpu_check.json").read_text())
     assert report == {"meta": meta, "finished": True, "steps": rows, "failed": ["fails", "hangs", "no-result"]}
-    table = gpu_check.format_table(rows)
+    table = steprunner.format_table(rows)
     assert "| hangs | FAIL | - | hangs's target |" in table and "| ok | PASS | 12.5 img/s | ok's target |" in table
     assert "hangs: FAIL: killed at its limit of 1.5s (log: hangs.log)" in table
 
@@ -87,12 +88,12 @@ def test_a_failing_and_a_hanging_step_are_failed_rows_and_the_run_goes_on(tmp_pa
 def test_the_report_holds_every_finished_step_while_a_step_runs(tmp_path: Path) -> None:
     """A check that is itself killed keeps the rows of the steps before."""
     out = tmp_path / "out"
-    report = out / gpu_check.REPORT
+    report = out / steprunner.REPORT
     seen = []
     steps = [python_step("first", "pass", 30, judge=lambda o: Verdict(PASS, "ran")),
              python_step("second", "pass", 30, judge=lambda o: seen.append(json.loads(report.read_text()))
                          or Verdict(PASS, "ran"))]
-    gpu_check.run_steps(steps, out, {}, grace_s=0.5)
+    steprunner.run_steps(steps, out, {}, grace_s=0.5)
     (during,) = seen
     assert during["finished"] is False and [r["step"] for r in during["steps"]] == ["first"]
 
@@ -103,7 +104,7 @@ def test_a_step_gets_its_environment_and_its_stdout_file(tmp_path: Path) -> None
                        stdout="e.json", env={"GONE": None})
     os.environ["GONE"] = "set in the parent"
     try:
-        row = gpu_check.run_step(step, tmp_path)
+        row = steprunner.run_step(step, tmp_path)
     finally:
         del os.environ["GONE"]
     assert row["status"] == PASS and row["figure"] == "[None, '1']"
@@ -111,7 +112,7 @@ def test_a_step_gets_its_environment_and_its_stdout_file(tmp_path: Path) -> None
 
 def test_the_step_limits_fit_the_eight_minutes() -> None:
     steps = gpu_check.gpu_steps(Path("/out"))
-    worst = sum(s.limit_s + gpu_check.KILL_GRACE_S for s in steps)
+    worst = sum(s.limit_s + steprunner.KILL_GRACE_S for s in steps)
     assert worst <= 430, worst  # with the install check and start-up, under 480 s
     assert len({s.name for s in steps}) == len(steps)
 

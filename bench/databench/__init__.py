@@ -1,0 +1,1 @@
+"""bench/data.py's parts: the memory of processes sharing a store (``memory``) and the report (``report``)."""
