@@ -49,6 +49,7 @@ class Bench:
 
 BENCHES = (
     Bench("generate", "the generator vs the plain diffusers call and the FLOP bound"),
+    Bench("speedups", "generation speed-ups and the distilled student vs the plain pipeline, with their quality"),
     Bench("ring", "pairs through the shared-memory ring vs memcpy and a multiprocessing Queue"),
     Bench("cache", "the cache's raw and jpeg shards and PNG tars vs the trainer's rate"),
     Bench("data", "the image store vs memcpy and ImageFolder + DataLoader"),
@@ -57,6 +58,7 @@ BENCHES = (
     Bench("precompute", "cache warm + offline training vs online producers"),
     Bench("tradeoff", "the online system's simulator vs real runs; generation wasted, trainer stalls"),
     Bench("planner", "the planner vs full simulations from 1:1 to 1:3000; throughput kept, waste, generation"),
+    Bench("memory", "each recipe's per-rank GPU memory, estimated on the CPU, vs an 80 GB GPU"),
 )
 
 
