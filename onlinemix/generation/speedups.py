@@ -76,13 +76,23 @@ class FastUNet(nn.Module):
         self._guided_calls = 0
         self._deep: torch.Tensor | None = None
         self._recording = False
-        unet.up_blocks[-1].register_forward_pre_hook(self._record, with_kwargs=True)
+        self._hook = unet.up_blocks[-1].register_forward_pre_hook(self._record, with_kwargs=True)
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["unet"], name)
+
+    def unwrap(self) -> nn.Module:
+        """The plain UNet back, its token-merging patch and the feature hook removed (to measure another
+        option on the same weights)."""
+        self._hook.remove()
+        if self.speedups.tome_ratio > 0:
+            import tomesd
+
+            tomesd.remove_patch(self.unet)
+        return self.unet
 
     def begin(self, calls: int, guided: bool) -> None:
         """A pipeline call with ``calls`` UNet calls starts, ``guided``: the pipeline doubles each batch for

@@ -52,7 +52,7 @@ class DistillSettings:
     images: int = setting(0, "training images the teacher samples, the first ones of the split (0 = all)")
     steps: int = setting(3000, "optimizer steps of the student")
     batch_size: int = setting(64, "training pairs per step")
-    lr: float = setting(1e-4, "AdamW learning rate (cosine decay with warm-up), starting from the teacher's weights")
+    lr: float = setting(3e-4, "AdamW learning rate (cosine decay with warm-up), starting from the teacher's weights")
 
 
 @dataclass

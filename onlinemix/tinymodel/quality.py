@@ -122,13 +122,21 @@ def drawn_as_trained(model: str, ids: torch.Tensor, size: int) -> torch.Tensor |
     return (drawn.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def measure(gen_cfg: GeneratorConfig, scales: list[float], num_images: int, seed_guidance: float = 3.0) -> dict:
+def digits_classifier() -> DigitClassifier:
+    """The classifier ``measure`` judges variations by, trained on the real training digits (seeded)."""
+    real = load_real_images(DataConfig())
+    return train_classifier(real.images[real.train_ids], real.labels[real.train_ids])
+
+
+def measure(gen_cfg: GeneratorConfig, scales: list[float], num_images: int, seed_guidance: float = 3.0,
+            classifier: DigitClassifier | None = None) -> dict:
     """Every measurement of the module docstring, on the first ``num_images`` held-out digits at the
-    default run's resolution; variations seeded by (generator.seed, image id), a second set by seed + 1."""
+    default run's resolution; variations seeded by (generator.seed, image id), a second set by seed + 1.
+    ``classifier``: :func:`digits_classifier`'s, trained here when not given (it is the same every time)."""
     gen_cfg = replace(gen_cfg, resolution=NATIVE_SIZE)
     real = load_real_images(DataConfig())
     device = torch.device("cpu")
-    classifier = train_classifier(real.images[real.train_ids], real.labels[real.train_ids])
+    classifier = classifier or digits_classifier()
     ids = real.holdout_ids[:num_images]
     images, labels = real.images[ids], real.labels[ids]
     real_features = classifier.features(images)
