@@ -23,9 +23,8 @@ no guidance pass.
 from __future__ import annotations
 
 import copy
-import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,13 +34,9 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from tqdm.auto import tqdm
 
 from onlinemix.core.config import DataConfig, GeneratorConfig
-from onlinemix.core.files import unwritable_reason, write_json
 from onlinemix.data import load_real_images
 from onlinemix.generation.generator import DISTILLATION_FILE, DiffusersVariationGenerator
-
-
-def setting(default: float, help: str):
-    return field(default=default, metadata={"help": help})
+from onlinemix.tinymodel.train import check_out, save_model, setting
 
 
 @dataclass
@@ -118,11 +113,7 @@ def distill(teacher_cfg: GeneratorConfig, data: DataConfig, out: Path, settings:
     ``loss.png``."""
     if not 1 <= settings.student_steps <= 8:
         raise ValueError(f"--student-steps {settings.student_steps}: a few-step student takes 1 to 8 steps")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a directory for the student")
-    problem = unwritable_reason(out.parent)
-    if problem:
-        raise ValueError(f"--out {out}: its folder {out.parent} cannot hold the student ({problem})")
+    check_out(out)
     started = time.monotonic()
     torch.manual_seed(settings.seed)
     teacher = DiffusersVariationGenerator(replace(teacher_cfg, dtype="fp32"), "cpu", data.resolution)
@@ -151,20 +142,13 @@ def distill(teacher_cfg: GeneratorConfig, data: DataConfig, out: Path, settings:
 
     pipe = teacher.pipe
     pipe.unet, pipe.scheduler = student, scheduler
-    pipe.to(dtype=torch.float16)
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    pipe.save_pretrained(staging, safe_serialization=True)
     record = {"settings": asdict(settings), "student_steps": settings.student_steps,
               "timesteps": scheduler.timesteps.tolist(),
               "teacher": {"model": teacher_cfg.model, "steps": teacher_cfg.steps, "guidance": teacher_cfg.guidance,
                           "scheduler": teacher_cfg.scheduler, "fingerprint": teacher.fingerprint},
               "training_pairs": len(samples.noise), "teacher_seconds": round(sampled_s, 1),
               "seconds": round(time.monotonic() - started, 1), "loss": losses}
-    write_json(staging / DISTILLATION_FILE, record)
-    plot_loss(losses, staging / "loss.png", settings.student_steps)
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
+    save_model(pipe, out, DISTILLATION_FILE, record, lambda path: plot_loss(losses, path, settings.student_steps))
     return record
 
 

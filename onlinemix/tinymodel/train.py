@@ -22,11 +22,13 @@ runs on images the model did not learn.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import StableDiffusionImageVariationPipeline
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
@@ -198,11 +200,7 @@ def train_denoiser(unet: torch.nn.Module, image_encoder: torch.nn.Module, vae: t
 def train(out: Path, settings: TrainSettings) -> dict:
     """Train from ``settings.seed`` and save the pipeline to ``out`` (fp16 safetensors, replacing what
     was there once complete), with ``training.json`` (settings and losses) and ``loss.png``."""
-    if out.exists() and not out.is_dir():  # checked before the training, not after it
-        raise ValueError(f"--out {out} is a file; give a directory for the model")
-    problem = unwritable_reason(out.parent)
-    if problem:
-        raise ValueError(f"--out {out}: its folder {out.parent} cannot hold the model ({problem})")
+    check_out(out)
     torch.use_deterministic_algorithms(True)
     rng = torch.Generator().manual_seed(settings.seed)
     data = training_images()
@@ -210,17 +208,33 @@ def train(out: Path, settings: TrainSettings) -> dict:
     vae_losses = train_vae(vae, data.blocks, settings, rng)
     set_latent_scaling(vae, draw_targets(data.blocks, settings, rng))
     denoiser_losses = train_denoiser(unet, image_encoder, vae, data, settings, rng)
-    pipe = assemble_pipeline(unet, vae, image_encoder).to(dtype=torch.float16)
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    pipe.save_pretrained(staging, safe_serialization=True)
     log = {"settings": asdict(settings), "training_images": len(data.blocks),
            "vae_loss": vae_losses, "denoiser_loss": denoiser_losses}
-    write_json(staging / "training.json", log)
-    plot_losses(log, staging / "loss.png")
+    save_model(assemble_pipeline(unet, vae, image_encoder), out, "training.json", log,
+               lambda path: plot_losses(log, path))
+    return log
+
+
+def check_out(out: Path) -> None:
+    """Refuse an output directory that cannot take a model, before the training rather than after it."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory for the model")
+    problem = unwritable_reason(out.parent)
+    if problem:
+        raise ValueError(f"--out {out}: its folder {out.parent} cannot hold the model ({problem})")
+
+
+def save_model(pipe: StableDiffusionImageVariationPipeline, out: Path, record_name: str, record: dict,
+               plot: Callable[[Path], None]) -> None:
+    """Save ``pipe`` in fp16 safetensors with its JSON record and loss plot to ``out``, replacing what was there
+    only once all of it is written."""
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe.to(dtype=torch.float16).save_pretrained(staging, safe_serialization=True)
+    write_json(staging / record_name, record)
+    plot(staging / "loss.png")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
-    return log
 
 
 def plot_losses(log: dict, path: Path) -> None:
