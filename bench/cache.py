@@ -23,7 +23,7 @@ For each resolution R, N synthetic images (``--mib`` of raw pixels) are
   thread feeds more than one trainer rank.
 
 JPEG's loss is reported as PSNR and mean absolute error against the written pixels, and its size as
-bits per stored pixel, from which the README's disk estimates for ImageNet are computed.
+bits per stored pixel, from which the disk estimates for ImageNet in docs/cache.md are computed.
 Pixels: at 32 px the bundled digits and the stub generator's variations of them (what the default
 cache holds); at larger R random crops of a photograph (matplotlib's sample Grace Hopper), since
 JPEG and PNG sizes and speeds depend on content and digits compress far better than photos.

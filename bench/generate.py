@@ -33,7 +33,7 @@ compile, channels_last and tiny VAE off. Every other value of every factor gets 
 differs from the baseline in that factor alone. Last, a 'combined' row joins, for dtype,
 attention, compile and channels_last, the value that was fastest in its own rows, at the largest
 batch size and the baseline's steps (tiny VAE stays off: it changes the images). ``--full-matrix``
-measures the whole cartesian product instead. See bench/README.md.
+measures the whole cartesian product instead. See docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -211,7 +211,7 @@ def machine_meta(argv: Sequence[str]) -> dict[str, Any]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     names = [s.name for s in gpu_steps(Path("."))]
     p = argparse.ArgumentParser(prog="python bench/gpu_check.py", description=__doc__.split("\n\n")[0],
-                                epilog="steps, in order: " + ", ".join(names) + ". bench/README.md explains the table.")
+                                epilog="steps, in order: " + ", ".join(names) + ". docs/benchmarks.md explains the table.")
     p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results" / "gpu-check",
                    help="where the logs, each step's JSON and gpu_check.json go (default bench/results/gpu-check)")
     p.add_argument("--only", default=None, help="comma-separated steps to run (default: all)")

@@ -6,7 +6,7 @@
 #
 # First it checks that what the steps import is installed, and installs it from the lock when it is not
 # (pip install -c constraints.txt -e ".[test]": matplotlib, pytest, accelerate); then bench/gpu_check.py runs
-# the steps, each in its own process group, killed at its limit. See bench/gpu_check.py and bench/README.md
+# the steps, each in its own process group, killed at its limit. See bench/gpu_check.py and docs/benchmarks.md
 # for the steps and how to read the table. Exit status: 0 no step failed, 1 a step failed, 2 no CUDA device
 # or an install that does not import.
 set -uo pipefail

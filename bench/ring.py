@@ -24,7 +24,7 @@ For each resolution R and each (P producers, C consumers):
 
 Every consumer checks every pair it receives against the pair its producer wrote (an id stamp
 and a checksum of the whole pair), and the script checks that each pair arrived exactly once;
-``all_pairs_intact`` in the JSON records the outcome per row. See bench/README.md.
+``all_pairs_intact`` in the JSON records the outcome per row. See docs/benchmarks.md.
 """
 
 from __future__ import annotations

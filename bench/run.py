@@ -49,7 +49,6 @@ class Bench:
 
 BENCHES = (
     Bench("generate", "the generator vs the plain diffusers call and the FLOP bound"),
-    Bench("speedups", "generation speed-ups and the distilled student vs the plain pipeline, with their quality"),
     Bench("ring", "pairs through the shared-memory ring vs memcpy and a multiprocessing Queue"),
     Bench("cache", "the cache's raw and jpeg shards and PNG tars vs the trainer's rate"),
     Bench("data", "the image store vs memcpy and ImageFolder + DataLoader"),
@@ -59,6 +58,7 @@ BENCHES = (
     Bench("tradeoff", "the online system's simulator vs real runs; generation wasted, trainer stalls"),
     Bench("planner", "the planner vs full simulations from 1:1 to 1:3000; throughput kept, waste, generation"),
     Bench("memory", "each recipe's per-rank GPU memory, estimated on the CPU, vs an 80 GB GPU"),
+    Bench("speedups", "generation speed-ups and the distilled student vs the plain pipeline, with their quality"),
 )
 
 
@@ -162,7 +162,7 @@ def exit_status(summary: dict) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     names = [b.name for b in BENCHES]
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
-                                epilog="benchmarks, in order: " + ", ".join(names) + ". bench/README.md explains "
+                                epilog="benchmarks, in order: " + ", ".join(names) + ". docs/benchmarks.md explains "
                                        "how to read each one.")
     p.add_argument("--quick", action="store_true", help="each script's --quick settings (smaller, noisier)")
     p.add_argument("--only", default=None, help="comma-separated benchmarks to run (default: all)")

@@ -203,7 +203,7 @@ def plot(res: dict[str, Any], png) -> None:
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.axhline(1, color="grey", lw=0.5)
     ax.set(xlabel="class kept on held-out digits (%)", ylabel="images/s vs plain digits-tiny",
-           title="digits-tiny: speed-up against quality", yscale="log")
+           title="digits-tiny: speed-up against quality")
     names = [n for n in OPTIONS if n != "plain"]
     width = 0.8 / max(1, len(sizes))
     for i, (size, rates) in enumerate(sizes.items()):

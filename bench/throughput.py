@@ -18,7 +18,7 @@ Four measurements, each on the current device:
    copy of the same bytes with the same batching;
 4. a gen/train split model for a node of ``--node-gpus`` devices, derived from 1 and 2.
 
-See bench/README.md for how to read the output.
+See docs/benchmarks.md for how to read the output.
 """
 
 from __future__ import annotations

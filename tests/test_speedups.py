@@ -132,3 +132,11 @@ def test_versatile_diffusion_takes_the_speedups(images) -> None:
     assert fast.fingerprint != plain.fingerprint
     out = fast.generate(images, SEEDS)
     assert out.shape == images.shape and not torch.equal(out, plain.generate(images, SEEDS))
+
+
+def test_compiling_the_unet_keeps_the_sped_up_images(images) -> None:
+    """torch.compile wraps the UNet behind the speed-ups: the feature hook and the shallow pass still apply."""
+    plain = generator(deep_cache_interval=2).generate(images, SEEDS)
+    compiled = generator(deep_cache_interval=2, compile=True)
+    assert isinstance(compiled.pipe.unet, FastUNet)
+    assert (compiled.generate(images, SEEDS).int() - plain.int()).abs().max() <= 1
