@@ -135,8 +135,12 @@ def test_versatile_diffusion_takes_the_speedups(images) -> None:
 
 
 def test_compiling_the_unet_keeps_the_sped_up_images(images) -> None:
-    """torch.compile wraps the UNet behind the speed-ups: the feature hook and the shallow pass still apply."""
-    plain = generator(deep_cache_interval=2).generate(images, SEEDS)
+    """torch.compile wraps the UNet behind the speed-ups: the feature hook and the shallow pass still apply.
+    Compiled kernels round differently (a few pixels move by a few levels after ten steps); the option
+    itself moves the images ten times as much, which a lost hook or a skipped shallow pass would undo."""
+    plain = generator().generate(images, SEEDS).float()
+    sped = generator(deep_cache_interval=2).generate(images, SEEDS).float()
     compiled = generator(deep_cache_interval=2, compile=True)
     assert isinstance(compiled.pipe.unet, FastUNet)
-    assert (compiled.generate(images, SEEDS).int() - plain.int()).abs().max() <= 1
+    rounding = (compiled.generate(images, SEEDS).float() - sped).abs().mean()
+    assert rounding < (sped - plain).abs().mean() / 10
