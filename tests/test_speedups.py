@@ -134,13 +134,15 @@ def test_versatile_diffusion_takes_the_speedups(images) -> None:
     assert out.shape == images.shape and not torch.equal(out, plain.generate(images, SEEDS))
 
 
-def test_compiling_the_unet_keeps_the_sped_up_images(images) -> None:
-    """torch.compile wraps the UNet behind the speed-ups: the feature hook and the shallow pass still apply.
-    Compiled kernels round differently (a few pixels move by a few levels after ten steps); the option
-    itself moves the images ten times as much, which a lost hook or a skipped shallow pass would undo."""
+def test_compiling_keeps_the_sped_up_images_and_refuses_deep_feature_reuse(images) -> None:
+    """torch.compile wraps the UNet behind guidance on part of the steps; compiled kernels round differently
+    (a few pixels move by a few levels after ten steps), the option itself moves the images ten times as much.
+    Deep-feature reuse records its feature with a module hook, which Dynamo does not guard on: refused."""
     plain = generator().generate(images, SEEDS).float()
-    sped = generator(deep_cache_interval=2).generate(images, SEEDS).float()
-    compiled = generator(deep_cache_interval=2, compile=True)
+    sped = generator(guidance_fraction=0.5).generate(images, SEEDS).float()
+    compiled = generator(guidance_fraction=0.5, compile=True)
     assert isinstance(compiled.pipe.unet, FastUNet)
     rounding = (compiled.generate(images, SEEDS).float() - sped).abs().mean()
     assert rounding < (sped - plain).abs().mean() / 10
+    with pytest.raises(GeneratorError, match="do not combine"):
+        generator(deep_cache_interval=2, compile=True)

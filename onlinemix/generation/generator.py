@@ -161,6 +161,11 @@ def load_pipeline(cfg: GeneratorConfig, device: torch.device, dtype: torch.dtype
         pipe.vae.to(memory_format=torch.channels_last)
     if cfg.vae_slicing:
         pipe.vae.enable_slicing()
+    if cfg.compile and cfg.deep_cache_interval > 1:
+        # Dynamo does not guard on module hooks: a compiled UNet may run a graph traced without the feature
+        # hook (another UNet of the process compiled first), and deep-feature reuse would silently be off.
+        raise GeneratorError("generator.compile and generator.deep_cache_interval > 1 do not combine yet: a "
+                             "compiled UNet may skip the hook that records the deep features; choose one")
     speed_up(pipe, "unet", Speedups.from_config(cfg))
     if cfg.compile:
         if isinstance(pipe.unet, FastUNet):
