@@ -76,7 +76,9 @@ class FastUNet(nn.Module):
         self._guided_calls = 0
         self._deep: torch.Tensor | None = None
         self._recording = False
-        self._hook = unet.up_blocks[-1].register_forward_pre_hook(self._record, with_kwargs=True)
+        # Only deep-feature reuse records anything: the other options add no hook to the UNet's passes.
+        self._hook = (unet.up_blocks[-1].register_forward_pre_hook(self._record, with_kwargs=True)
+                      if speedups.deep_cache_interval > 1 else None)
 
     def __getattr__(self, name: str):
         try:
@@ -87,7 +89,8 @@ class FastUNet(nn.Module):
     def unwrap(self) -> nn.Module:
         """The plain UNet back, its token-merging patch and the feature hook removed (to measure another
         option on the same weights)."""
-        self._hook.remove()
+        if self._hook is not None:
+            self._hook.remove()
         if self.speedups.tome_ratio > 0:
             import tomesd
 

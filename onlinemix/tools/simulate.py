@@ -265,6 +265,15 @@ class _Producer:
         self.turn()
 
 
+@dataclass
+class _Lookup:
+    """The pair lookup of one step in progress, and when its wait for the producers ends."""
+    batch: BatchLookup
+    step: int
+    started: float
+    deadline: float = math.inf
+
+
 class _Trainer:
     """The trainer ranks of a node as one consumer of the global batch, with the input pipeline of
     ``prefetch.Prefetcher``: the lookup of step k+1 starts once step k is queued (at most ``prefetch``
@@ -275,8 +284,7 @@ class _Trainer:
         self.port = TrainerPort(sim.ring, leader=True)
         self.depth = sim.cfg.train.prefetch
         self.next_lookup = 0
-        self.lookup: BatchLookup | None = None  # the lookup in progress: its step, start and deadline follow
-        self.lookup_step, self.lookup_started, self.deadline = 0, 0.0, math.inf
+        self.lookup: _Lookup | None = None
         self.queue: deque[tuple[int, dict[str, float]]] = deque()
         self.blocked: tuple[int, dict[str, float]] | None = None  # prepared, waiting for room in the queue
         self.steps = 0
@@ -302,45 +310,47 @@ class _Trainer:
         self.next_lookup += 1
         gb = sim.schedule.global_batch
         positions = np.arange(step * gb, (step + 1) * gb, dtype=np.int64)
-        self.lookup = BatchLookup(self.port, sim.schedule.ids_at(positions), positions,
-                                  step // sim.schedule.steps_per_epoch, sim.cfg.staleness, verify=False)
-        self.lookup_step, self.lookup_started, self.deadline = step, sim.clock.now, math.inf
-        if self.lookup.should_wait():
-            self.lookup.request_missing()
+        batch = BatchLookup(self.port, sim.schedule.ids_at(positions), positions,
+                            step // sim.schedule.steps_per_epoch, sim.cfg.staleness, verify=False)
+        self.lookup = _Lookup(batch, step, sim.clock.now)
+        if batch.should_wait():
+            batch.request_missing()
             sim.wake_producers()
-            self.deadline = sim.clock.now + sim.cfg.staleness.wait_timeout_s
-            sim.clock.at(self.deadline, self.retry)
+            self.lookup.deadline = sim.clock.now + sim.cfg.staleness.wait_timeout_s
+            sim.clock.at(self.lookup.deadline, self.retry)
             return
         self.finish_lookup()
 
     def published(self) -> None:
         """Producers published pairs: a waiting lookup tries again now (the real one polls every few ms)."""
-        if self.lookup is not None and self.deadline < math.inf:
+        if self.lookup is not None and self.lookup.deadline < math.inf:
             self.retry()
 
     def retry(self) -> None:
-        if self.lookup is None:
+        lookup = self.lookup
+        if lookup is None:
             return
-        self.lookup.poll()
-        if self.lookup.complete or self.sim.clock.now >= self.deadline:
+        lookup.batch.poll()
+        if lookup.batch.complete or self.sim.clock.now >= lookup.deadline:
             self.finish_lookup()
 
     def finish_lookup(self) -> None:
         sim, lookup = self.sim, self.lookup
         self.lookup = None
-        served = lookup.served()
-        lookup.release()
-        disk = np.zeros(len(lookup.ids), dtype=bool)
+        batch = lookup.batch
+        served = batch.served()
+        batch.release()
+        disk = np.zeros(len(batch.ids), dtype=bool)
         if sim.disk is not None and reads_disk(sim.cfg.staleness, online=True):
-            disk, taken = serve_from_cache(sim.disk, lookup.ids, lookup.epoch, lookup.result, None)
+            disk, taken = serve_from_cache(sim.disk, batch.ids, batch.epoch, batch.result, None)
             served += [(s.variation.real_id, s.variation.epoch) for s in taken]
         new = set(served) - self.seen
         self.seen |= new
-        waited = sim.clock.now - self.lookup_started if self.deadline < math.inf else 0.0
-        stats = {**batch_stats(lookup.result, disk, waited), "new_variations": len(new)}
-        self.port.publish_position((self.lookup_step + 1) * sim.schedule.global_batch)
+        waited = sim.clock.now - lookup.started if lookup.deadline < math.inf else 0.0
+        stats = {**batch_stats(batch.result, disk, waited), "new_variations": len(new)}
+        self.port.publish_position((lookup.step + 1) * sim.schedule.global_batch)
         sim.wake_producers()
-        sim.clock.after(sim.rates.prepare_s, self.prepared, self.lookup_step, stats)
+        sim.clock.after(sim.rates.prepare_s, self.prepared, lookup.step, stats)
 
     def prepared(self, step: int, stats: dict[str, float]) -> None:
         if self.depth > 0 and len(self.queue) >= self.depth:
