@@ -65,7 +65,8 @@ from onlinemix.evaluation.probe import (
     heldout_knn,
     heldout_linear,
 )
-from onlinemix.exchange.lookup import ORIGINS, BatchPairs, PairSource
+from onlinemix.exchange.aim import AimPublisher, is_aimed
+from onlinemix.exchange.lookup import ORIGINS, BatchPairs, PairSource, SecondViews
 from onlinemix.exchange.ring import TrainerPort
 from onlinemix.methods.build import StepInfo, build_method
 from onlinemix.methods.optim import build_optimizer, cosine_with_warmup, scaled_lr
@@ -176,6 +177,12 @@ class Trainer:
         self.method.after_step(info)
         return loss.item()
 
+    def publish_aim(self, aim: AimPublisher, second: SecondViews) -> None:
+        """Tell the producers what this step's pairs taught: the images' aim scores and noise levels."""
+        similarity = self.method.pair_similarity
+        aim.publish(second.ids, second.synthetic, second.uses, second.age,
+                    None if similarity is None else similarity.cpu().numpy())
+
     def online_probes(self, epoch: int) -> dict[str, float]:
         """The kNN (every ``probe.knn_every`` epochs) and linear (``probe.linear_every``) monitors on
         held-out real images, on the main process."""
@@ -207,7 +214,7 @@ class Trainer:
         with torch.cuda.stream(copy_stream) if copy_stream is not None else nullcontext():
             views = self.compose_views(batch.images, epoch, step)  # a batched backend works on the device
         views, copied = to_device(views, self.acc.device, copy_stream)
-        return Prepared(step, views, batch.stats, batch.from_cache, copied)
+        return Prepared(step, views, batch.stats, batch.from_cache, copied, batch.second)
 
     def fit(self, node: NodePairs, stop: threading.Event | None = None) -> tuple[RunMetrics, str | None]:
         """Train to ``train.epochs``; ``stop`` is the event the pair lookup's waits check (see prefetch.py).
@@ -223,6 +230,7 @@ class Trainer:
         if pairs is not None and pairs.cache is not None:
             pairs.cache.restore_uses(self.cache_uses)
         checkpoint_due = CheckpointSchedule(acc, tc.checkpoint_every, tc.checkpoint_every_s)
+        aim = AimPublisher(port, self.cfg.generator) if port is not None and is_aimed(self.cfg.generator) else None
         stop_reason = None
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process,
                    desc="train", unit="step", dynamic_ncols=True)
@@ -241,6 +249,8 @@ class Trainer:
                     t0 = time.monotonic()
                     batch, data_wait_s = pipeline.next()
                     loss = self.train_step(batch.views)
+                    if aim is not None and batch.second is not None:
+                        self.publish_aim(aim, batch.second)
                     self.step += 1
                     self.cache_uses.update(batch.from_cache)
                     step_s = time.monotonic() - t0

@@ -83,7 +83,8 @@ def test_a_batch_handed_to_the_cache_is_readable_at_the_trainers_next_refresh(tm
     for batch in range(2):
         time.sleep(0.06)  # the batch's generation outlasts flush_s
         ids = np.arange(16 * batch, 16 * batch + 16)
-        sink.put(Pairs(Work(ids, [0] * 16, np.zeros(16, dtype=np.int64), ids), images, images))
+        work = Work(ids, [0] * 16, np.zeros(16, dtype=np.int64), ids)
+        sink.put(Pairs(work, images, images, np.zeros(16, dtype=np.float32)))
         assert reader.refresh() == 16  # the whole batch, not its first pair only: nothing waits for the next batch
     assert writer.committed == 32
 

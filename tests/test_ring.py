@@ -174,30 +174,30 @@ def producer_port(ring: PairRing, capacity: int, lead: int = 0) -> ProducerPort:
 
 def test_claims_are_bounded_by_unserved_pairs_waiting_and_serve_a_waiting_trainer_first(ring: PairRing) -> None:
     port = producer_port(ring, capacity=6)
-    assert port.claim(4).tolist() == [0, 1, 2, 3]
+    assert port.claim(4).positions.tolist() == [0, 1, 2, 3]
     for position in range(4):  # published for positions the trainers have not reached: 4 of 6 slots taken
         put(ring, real_id=position, position=position)
-    assert port.claim(4).tolist() == [4, 5]
+    assert port.claim(4).positions.tolist() == [4, 5]
     for position in (4, 5):
         put(ring, real_id=position, position=position)
-    assert port.claim(4).tolist() == []  # 6 unserved pairs wait
+    assert port.claim(4).positions.tolist() == []  # 6 unserved pairs wait
     take(ring, [0], [0])  # one served: it no longer counts as waiting
-    assert port.claim(4).tolist() == [6]
+    assert port.claim(4).positions.tolist() == [6]
     TrainerPort(ring, leader=False).request(1, 4)
-    assert port.claim(2).tolist() == [1, 2]
-    assert port.claim(2).tolist() == [3]
-    assert port.claim(2).tolist() == [7]  # then on from where claims had reached, within the room left
+    assert port.claim(2).positions.tolist() == [1, 2]
+    assert port.claim(2).positions.tolist() == [3]
+    assert port.claim(2).positions.tolist() == [7]  # then on from where claims had reached, within the room left
 
 
 def test_claims_start_where_the_trainers_will_be_however_far_that_is(ring: PairRing) -> None:
     trainers = TrainerPort(ring, leader=True)
     trainers.publish_position(100)
-    assert producer_port(ring, capacity=1000, lead=50).claim(4).tolist() == [150, 151, 152, 153]
+    assert producer_port(ring, capacity=1000, lead=50).claim(4).positions.tolist() == [150, 151, 152, 153]
     # Once ahead of the lead, claims simply continue.
-    assert producer_port(ring, capacity=1000, lead=10).claim(2).tolist() == [154, 155]
+    assert producer_port(ring, capacity=1000, lead=10).claim(2).positions.tolist() == [154, 155]
     # A lead far beyond the ring's 8 slots (into later epochs) is not capped by it.
     trainers.publish_position(1000)
-    assert producer_port(ring, capacity=6, lead=50_000).claim(2).tolist() == [51_000, 51_001]
+    assert producer_port(ring, capacity=6, lead=50_000).claim(2).positions.tolist() == [51_000, 51_001]
 
 
 def test_the_lead_is_the_first_trainer_batch_looked_up_after_a_batch_is_ready() -> None:
@@ -237,11 +237,11 @@ def test_lead_is_trainer_speed_times_smoothed_batch_time(ring: PairRing) -> None
 
 def test_urgently_claimed_positions_are_not_claimed_again(ring: PairRing) -> None:
     port = producer_port(ring, capacity=100)
-    assert port.claim(2).tolist() == [0, 1]
+    assert port.claim(2).positions.tolist() == [0, 1]
     TrainerPort(ring, leader=True).request(2, 6)  # the claim pointer is inside the urgent positions
-    assert port.claim(2).tolist() == [2, 3]
-    assert port.claim(2).tolist() == [4, 5]
-    assert port.claim(2).tolist() == [6, 7]  # not 2 and 3 again
+    assert port.claim(2).positions.tolist() == [2, 3]
+    assert port.claim(2).positions.tolist() == [4, 5]
+    assert port.claim(2).positions.tolist() == [6, 7]  # not 2 and 3 again
 
 
 def test_evictions_of_pairs_that_never_served_are_counted() -> None:
@@ -265,7 +265,7 @@ def test_urgent_positions_the_trainers_have_passed_are_skipped(ring: PairRing) -
     trainers = TrainerPort(ring, leader=True)
     trainers.request(10, 20)
     trainers.publish_position(18)
-    assert producer_port(ring, capacity=100).claim(8).tolist() == [18, 19]
+    assert producer_port(ring, capacity=100).claim(8).positions.tolist() == [18, 19]
 
 
 def test_producers_report_readiness_and_one_fingerprint(ring: PairRing) -> None:

@@ -1,9 +1,9 @@
 """The package's folders are its stages, and each imports only from the stages below it.
 
 Stages, bottom to top: ``core`` (what every module may rely on), ``data`` (real images), ``cache`` (the
-persistent store of generated pairs), ``exchange`` (the shared-memory ring and a trainer batch's pair lookup),
-``generation`` (generators, workers, producers), ``views`` (recipes and their backends), ``methods`` (the SSL
-methods, their losses and backbones), ``training`` (the loop's parts), ``evaluation``, ``tools`` (simulator,
+persistent store of generated pairs), ``exchange`` (the shared-memory ring, the trainers' aim scores and a
+trainer batch's pair lookup), ``generation`` (generators, workers, producers), ``views`` (recipes and their
+backends), ``methods`` (the SSL methods, their losses and backbones), ``training`` (the loop's parts), ``evaluation``, ``tools`` (simulator,
 planner, stats), ``tinymodel`` (the bundled generator). A module may import any module of a lower stage, and a
 module of its own stage only where the list below orders it first. The commands (the package's top-level
 modules and every ``__main__``) may import any stage. A new module must be placed here, which is the point:
@@ -21,7 +21,7 @@ STAGES: list[tuple[str, list[str]]] = [
     ("core", ["", "errors", "registry", "config", "files", "distributed", "schedule", "devices", "cli"]),
     ("data", ["decode", "store", "sources", "prepare", ""]),
     ("cache", ["store", "maintenance", "migrate", "transfer", ""]),
-    ("exchange", ["", "ring", "lookup"]),
+    ("exchange", ["", "ring", "aim", "lookup"]),
     ("generation", ["", "stub", "speedups", "generator", "versatile", "worker", "producer", "warm"]),
     ("views", ["", "recipes", "params", "specs", "resample", "photometric", "compiled", "buffers", "torch_backend",
                "backends", "compose"]),

@@ -12,6 +12,7 @@ Layout under the cache root (``cache.dir``), format version 2::
                                jpeg: uint8 (total bytes,), n baseline JPEGs back to back
     <key>/index/<name>.json    the shard's commit record: version, format (raw | jpeg), quality and the
                                byte length of each JPEG (jpeg), ids, seeds, epochs, CRC32 of each stored image
+                               and, when any is not 0, the noise level each was made with (docs/aim.md)
     quarantine/<key>/...       shards (and records) that ``verify`` found corrupt
 
 ``<key>`` is the generator fingerprint (which covers model, dtype, scheduler, steps,
@@ -171,11 +172,14 @@ def write_description(key_dir: Path, resolution: int, description: dict) -> None
 
 
 def shard_record(name: str, fmt: str, quality: int, resolution: int, rows: Sequence[tuple[int, int, int, int]],
-                 lengths: Sequence[int], created: float) -> dict:
-    """The commit record of a shard of ``rows`` (real id, seed, epoch, CRC32 of the stored image)."""
+                 lengths: Sequence[int], created: float, noises: Sequence[float] = ()) -> dict:
+    """The commit record of a shard of ``rows`` (real id, seed, epoch, CRC32 of the stored image); ``noises``,
+    the level each image was made with, is recorded when one is not 0 (an absent list means all 0)."""
     record = {"version": FORMAT_VERSION, "shard": f"{name}.npy", "format": fmt, "pairs": len(rows),
               "resolution": resolution, "created": created, "ids": [r[0] for r in rows],
               "seeds": [r[1] for r in rows], "epochs": [r[2] for r in rows], "checksums": [r[3] for r in rows]}
+    if any(noises):
+        record["noises"] = [round(float(x), 3) for x in noises]
     if fmt == "jpeg":
         record.update(quality=quality, lengths=list(lengths))
     return record
@@ -219,6 +223,7 @@ class ShardWriter:
         self._pixels = np.empty((shard_pairs if fmt == "raw" else 0, 3, resolution, resolution), dtype=np.uint8)
         self._jpegs: list[np.ndarray] = []
         self._rows: list[tuple[int, int, int, int]] = []  # real id, seed, epoch, CRC32 of the stored bytes
+        self._noises: list[float] = []  # the noise level each was made with
         self._last_flush = time.monotonic()
         try:
             (self.dir / SHARDS).mkdir(parents=True, exist_ok=True)
@@ -228,8 +233,9 @@ class ShardWriter:
         except OSError as e:
             self._give_up(e)
 
-    def add(self, real_id: int, seed: int, epoch: int, synthetic: np.ndarray) -> None:
-        """Buffer one synthetic image (uint8 (3, R, R)) of real image ``real_id``, encoded as the cache's format."""
+    def add(self, real_id: int, seed: int, epoch: int, synthetic: np.ndarray, noise: float = 0.0) -> None:
+        """Buffer one synthetic image (uint8 (3, R, R)) of real image ``real_id``, made with noise level ``noise``,
+        encoded as the cache's format."""
         if self.disabled:
             return
         if self.format == "raw":
@@ -238,19 +244,20 @@ class ShardWriter:
         else:
             stored = encode_jpeg(synthetic, self.quality)
             self._jpegs.append(stored)
-        self._append(real_id, seed, epoch, stored)
+        self._append(real_id, seed, epoch, stored, noise)
 
-    def add_jpeg(self, real_id: int, seed: int, epoch: int, data: np.ndarray) -> None:
+    def add_jpeg(self, real_id: int, seed: int, epoch: int, data: np.ndarray, noise: float = 0.0) -> None:
         """Buffer an already encoded JPEG as it is (import: a JPEG is never decoded and encoded again)."""
         if self.format != "jpeg":
             raise ValueError(f"add_jpeg needs a jpeg writer; this one writes {self.format}")
         if self.disabled:
             return
         self._jpegs.append(data)
-        self._append(real_id, seed, epoch, data)
+        self._append(real_id, seed, epoch, data, noise)
 
-    def _append(self, real_id: int, seed: int, epoch: int, stored: np.ndarray) -> None:
+    def _append(self, real_id: int, seed: int, epoch: int, stored: np.ndarray, noise: float) -> None:
         self._rows.append((real_id, seed, epoch, crc32(stored)))
+        self._noises.append(noise)
         if len(self._rows) == self.shard_pairs:
             self.flush()
 
@@ -269,7 +276,7 @@ class ShardWriter:
         n = len(self._rows)
         data = self._pixels[:n] if self.format == "raw" else np.concatenate(self._jpegs)
         record = shard_record(f"{self.name}-{self.sequence:06d}", self.format, self.quality, self.resolution,
-                              self._rows, [len(j) for j in self._jpegs], time.time())
+                              self._rows, [len(j) for j in self._jpegs], time.time(), self._noises)
         try:
             commit_shard(self.dir, data, record)
         except OSError as e:
@@ -277,13 +284,13 @@ class ShardWriter:
             return
         self.sequence += 1
         self.committed += n
-        self._rows, self._jpegs = [], []
+        self._rows, self._jpegs, self._noises = [], [], []
         if self.max_bytes:
             evict_to_limit(self.root, self.max_bytes)
 
     def _give_up(self, e: OSError) -> None:
         self.disabled = True
-        self._rows, self._jpegs = [], []
+        self._rows, self._jpegs, self._noises = [], [], []
         kind = "the disk is full" if e.errno in DISK_FULL_ERRNOS else "it cannot be written"
         self.disabled_reason = f"cache {self.dir}: {kind} ({e.strerror or e}); new pairs are no longer cached"
         log.warning("%s", self.disabled_reason)
@@ -307,6 +314,7 @@ class Variation:
     format: str = "raw"
     offset: int = 0  # jpeg: where its bytes start in the shard, and how many
     length: int = 0
+    noise: float = 0.0  # the noise level on the image embedding it was made with (docs/aim.md)
 
 
 @dataclass(frozen=True)
@@ -328,12 +336,13 @@ def read_record(path: Path) -> dict | None:
 
 def record_variations(record: dict) -> list[Variation]:
     """The variations a (current version) commit record lists, in shard order."""
-    fmt, rows = record["format"], zip(record["ids"], record["seeds"], record["epochs"], record["checksums"])
-    if fmt == "raw":
-        return [Variation(record["shard"], row, *r[:3], record["created"], r[3])
+    noises = record.get("noises") or [0.0] * len(record["ids"])
+    rows = zip(record["ids"], record["seeds"], record["epochs"], record["checksums"], noises)
+    if record["format"] == "raw":
+        return [Variation(record["shard"], row, *r[:3], record["created"], r[3], noise=r[4])
                 for row, r in enumerate(rows)]
     offsets = np.concatenate([[0], np.cumsum(record["lengths"])]).tolist()
-    return [Variation(record["shard"], row, *r[:3], record["created"], r[3], fmt, offsets[row], length)
+    return [Variation(record["shard"], row, *r[:3], record["created"], r[3], "jpeg", offsets[row], length, r[4])
             for row, (r, length) in enumerate(zip(rows, record["lengths"]))]
 
 

@@ -56,10 +56,12 @@ def decode_png(data: bytes) -> np.ndarray:
 
 def variation_sample(v: Variation, stored: np.ndarray, desc: dict, real: np.ndarray | None = None) -> dict:
     """One webdataset sample of a cached variation, its synthetic image as stored (and ``real``, when given)."""
-    meta = {"real_id": v.real_id, "seed": v.seed, "epoch": v.epoch, "fingerprint": desc["fingerprint"],
+    meta = {"real_id": v.real_id, "seed": v.seed, "epoch": v.epoch, "noise": v.noise,
+            "fingerprint": desc["fingerprint"],
             "guidance": desc.get("identity", {}).get("guidance"), "dataset": desc["dataset"],
             "resolution": desc["resolution"], "identity": desc.get("identity", {})}
-    sample = {"__key__": f"{v.real_id}-{v.seed}", "json": json_text(meta).encode()}
+    key = f"{v.real_id}-{v.seed}" + (f"-n{round(v.noise * 1000)}" if v.noise else "")  # the cache's distinct triple
+    sample = {"__key__": key, "json": json_text(meta).encode()}
     if v.format == "jpeg":
         sample["synthetic.jpg"] = stored.tobytes()
     else:
@@ -150,14 +152,14 @@ class _Importer:
     def __init__(self, root: Path, shard_pairs: int, fmt: str, quality: int) -> None:
         self.root, self.shard_pairs, self.format, self.quality = root, shard_pairs, fmt, quality
         self.writers: dict[tuple[str, str], ShardWriter] = {}
-        self.present: dict[str, set[tuple[int, int]]] = {}
+        self.present: dict[str, set[tuple[int, int, float]]] = {}  # per cache key: (real id, seed, noise)
         self.added = self.skipped = 0
 
-    def _writer(self, meta: dict, fmt: str) -> tuple[ShardWriter, set[tuple[int, int]]]:
+    def _writer(self, meta: dict, fmt: str) -> tuple[ShardWriter, set[tuple[int, int, float]]]:
         key = cache_key(meta["fingerprint"], meta["dataset"])
         if key not in self.present:
-            self.present[key] = {pair for record, _ in committed_records(self.root, key)
-                                 for pair in zip(record["ids"], record["seeds"], strict=True)}
+            self.present[key] = {(v.real_id, v.seed, v.noise) for record, _ in committed_records(self.root, key)
+                                 for v in record_variations(record)}
         if (key, fmt) not in self.writers:
             desc = {"fingerprint": meta["fingerprint"], "identity": meta.get("identity") or {"guidance": meta["guidance"]},
                     "dataset": meta["dataset"]}
@@ -182,16 +184,17 @@ class _Importer:
         if shape != (3, r, r):
             raise CacheError(f"{where}: synthetic image {shape}, its json says an RGB image of resolution {r}")
         writer, present = self._writer(meta, "jpeg" if jpeg is not None else self.format)
-        if (meta["real_id"], meta["seed"]) in present:
+        variation = (meta["real_id"], meta["seed"], round(float(meta.get("noise", 0.0)), 3))
+        if variation in present:
             self.skipped += 1
             return
         if jpeg is not None:
-            writer.add_jpeg(meta["real_id"], meta["seed"], meta["epoch"], np.frombuffer(jpeg, dtype=np.uint8))
+            writer.add_jpeg(*variation[:2], meta["epoch"], np.frombuffer(jpeg, dtype=np.uint8), variation[2])
         else:
-            writer.add(meta["real_id"], meta["seed"], meta["epoch"], synthetic)
+            writer.add(*variation[:2], meta["epoch"], synthetic, variation[2])
         if writer.disabled:
             raise CacheError(f"cache {self.root} stopped accepting pairs (see the warning above)")
-        present.add((meta["real_id"], meta["seed"]))
+        present.add(variation)
         self.added += 1
 
     def close(self) -> None:

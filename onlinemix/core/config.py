@@ -34,6 +34,8 @@ import yaml
 from onlinemix.core.errors import UserError
 from onlinemix.core.registry import GENERATORS, METHODS, PAIRINGS, resolve
 
+AIMS = ("none", "stale", "hard")  # generator.aim: the producers' order when they cannot cover every position
+
 
 class ConfigError(UserError, ValueError):
     """A configuration value is unknown, mistyped, out of range or inconsistent."""
@@ -109,6 +111,20 @@ class GeneratorConfig:
     guidance_fraction: float = opt(1.0, "classifier-free guidance on the first fraction of the UNet calls only; the "
                                    "rest run the conditional pass alone (half their cost); 1 = every step",
                                    low=0.0, high=1.0)
+    aim: str = opt("none", "which images producers generate for first when they cannot cover every position ahead "
+                   "of the trainers (docs/aim.md): 'none' = in the trainers' order; 'stale' = images whose newest "
+                   "variation has served most and is oldest, or that have none; 'hard' = images whose last "
+                   "(real, synthetic) pair the model matched worst, or that have none", choices=AIMS)
+    strength: str = opt("fixed", "how different each variation is from its image (noise on its CLIP image "
+                        "embedding, docs/aim.md): 'fixed' = generator.noise for every image; 'adaptive' = each "
+                        "image's level moves within [noise_min, noise_max] from the model's pair similarity: "
+                        "pairs easier than the batch's median get more noise next time, harder ones less",
+                        choices=("fixed", "adaptive"))
+    noise: float = opt(0.0, "noise on the image embedding, relative to its norm, of every variation (generator."
+                       "strength=fixed) or of an image's first one (adaptive); 0 = the model's own variations",
+                       low=0.0, high=2.0)
+    noise_min: float = opt(0.0, "lowest noise level generator.strength=adaptive gives an image", low=0.0, high=2.0)
+    noise_max: float = opt(0.5, "highest noise level generator.strength=adaptive gives an image", low=0.0, high=2.0)
     seed: int = opt(0, "base seed; each image's seed derives from (seed, image id, epoch)", low=0)
     stub_seed: int = opt(0, "seed of the tiny stub diffuser's random weights", low=0)
     cpu_threads: int = opt(1, "torch threads per producer when it runs on the CPU", low=1, high=256)
@@ -124,6 +140,11 @@ class ProducerConfig:
                          "call) is reported once and counted (metrics: producer_stalls); still stuck after twice "
                          "as long, it is killed and restarted (within max_restarts). Longer than the slowest "
                          "batch, torch.compile's first call included; 0 = never", low=0.0, high=86_400.0)
+    max_pairs_per_epoch: int = opt(0, "generation budget: a node's producers generate at most about this many pairs "
+                                   "per epoch of training, paced along it (by the time the trainers are at "
+                                   "position p, at most budget x p / positions per epoch, plus a batch), so that "
+                                   "generation stays as scarce as a slower generator would keep it; 0 = no limit",
+                                   low=0)
     memory_fraction: float = opt(0.0, "largest share of its GPU's memory a producer's PyTorch allocator may take "
                                  "(torch.cuda.set_per_process_memory_fraction), e.g. 0.3 when it shares a trainer's "
                                  "GPU (gen_devices); 0 = no limit", low=0.0, high=1.0)
@@ -205,6 +226,9 @@ class TrainConfig:
     clip_grad: float = opt(0.0, "clip the global gradient norm to this value (accelerator.clip_grad_norm_); "
                            "0 = off. DINO uses 3.0 (per parameter in the official code, global here)",
                            low=0.0, high=1e6)
+    pair_weighting: bool = opt(False, "weight each pair's term of the loss by how well the model matches its two "
+                               "views (cosine similarity of their embeddings, mapped to [0, 1], detached, batch mean "
+                               "1), so that a variation that lost its image counts less (docs/aim.md)")
     warmup_epochs: float = opt(1.0, "epochs of linear learning-rate warm-up", low=0.0, high=10_000.0)
     seed: int = opt(0, "seed of the model initialisation, data order and augmentations", low=0)
     cpu_threads: int = opt(0, "torch threads of a trainer on the CPU; 0 = cores left after the producers",
@@ -358,6 +382,7 @@ class Config:
         for f in dataclasses.fields(self):
             if "section" in f.metadata:
                 getattr(self, f.name).check_consistency()
+        self.check_aim()
         if self.staleness.policy == "wait" and self.staleness.wait_timeout_s <= 0:
             raise ConfigError("staleness.policy=wait needs staleness.wait_timeout_s > 0 "
                               "(use staleness.policy=real to never wait)")
@@ -369,6 +394,21 @@ class Config:
                               f"{self.cache.shard_pairs} images at data.resolution={self.data.resolution}, so every "
                               f"shard would be evicted as soon as it is written: set cache.max_gb to at least "
                               f"{math.ceil(min_bytes / 1e6) / 1e3:g} (0 = no limit), or lower cache.shard_pairs")
+
+    def check_aim(self) -> None:
+        """The aiming settings (docs/aim.md) must describe something that can run."""
+        g = self.generator
+        if g.noise_min > g.noise_max:
+            raise ConfigError(f"generator.noise_min={g.noise_min:g} is above generator.noise_max={g.noise_max:g}")
+        if g.strength == "adaptive" and not g.noise_min <= g.noise <= g.noise_max:
+            raise ConfigError(f"generator.strength=adaptive starts every image at generator.noise={g.noise:g}, which "
+                              f"must lie within [noise_min, noise_max] = [{g.noise_min:g}, {g.noise_max:g}]")
+        if (g.noise or g.strength == "adaptive") and g.pipeline != "sd-image-variation":
+            raise ConfigError(f"generator.noise and generator.strength=adaptive perturb the CLIP image embedding of "
+                              f"the sd-image-variation pipeline; generator.pipeline={g.pipeline} does not support them")
+        if self.train.pair_weighting and self.train.method == "supervised":
+            raise ConfigError("train.pair_weighting weighs the pairs of a self-supervised loss; train.method="
+                              "supervised has none")
 
     def cache_shard_bytes(self) -> int:
         """An upper bound of one full cache shard on disk: its raw synthetic images (a JPEG shard is smaller),

@@ -63,15 +63,30 @@ class PairImages:
         return cls(real, real, torch.zeros(len(ids), dtype=torch.bool), torch.from_numpy(ids).long())
 
 
+@dataclass(frozen=True)
+class SecondViews:
+    """Per row of a batch, what its second view was: what the trainers' aim scores read (onlinemix/exchange/aim.py)."""
+    ids: np.ndarray        # int64 (B,): the real images
+    synthetic: np.ndarray  # bool (B,): a synthetic variation (ring or disk), not a fallback
+    uses: np.ndarray       # int (B,): times that variation had served before (where synthetic)
+    age: np.ndarray        # int (B,): epochs since it was made (where synthetic)
+
+    @classmethod
+    def of(cls, ids: np.ndarray, result: TakeResult, disk: np.ndarray) -> SecondViews:
+        return cls(ids, result.found | disk, result.uses.copy(), result.age.copy())
+
+
 @dataclass
 class BatchPairs:
-    """One batch's gathered images, how its second views were obtained, the disk cache's variations
-    it took ((shard, row): the trainer counts their uses, which a resumed run continues from) and the
-    ring slots it borrowed: ``with batch:`` (or :meth:`release`) hands them back; the images stay valid."""
+    """One batch's gathered images, how its second views were obtained (counts, and per row), the disk
+    cache's variations it took ((shard, row): the trainer counts their uses, which a resumed run continues
+    from) and the ring slots it borrowed: ``with batch:`` (or :meth:`release`) hands them back; the images
+    stay valid."""
     images: PairImages
     stats: dict[str, float] = field(default_factory=dict)
     loans: list[Loan] = field(default_factory=list, repr=False)
     from_cache: list[tuple[str, int]] = field(default_factory=list)
+    second: SecondViews | None = None  # None: no second view was looked up (plain SSL)
 
     @classmethod
     def real_only(cls, images: torch.Tensor, ids: np.ndarray) -> BatchPairs:
@@ -216,7 +231,7 @@ class PairSource:
         synthetic = torch.from_numpy(result.found | disk)
         return BatchPairs(PairImages(real, other, synthetic, torch.from_numpy(ids).long()),
                           batch_stats(result, disk, waited), loans,
-                          [(s.variation.shard, s.variation.row) for s in taken])
+                          [(s.variation.shard, s.variation.row) for s in taken], SecondViews.of(ids, result, disk))
 
     def _wait(self, lookup: BatchLookup) -> float:
         """The ``wait`` policy: poll for the missing views until they are all there or the timeout passes."""

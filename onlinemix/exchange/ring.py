@@ -1,10 +1,11 @@
 """Shared-memory ring of (real, synthetic) uint8 image pairs.
 
 Layout of one segment: a header of int64 counters, one int64 progress counter per producer
-(:data:`MAX_PRODUCERS`), a table of int64 slot metadata and the pixel array ``(slots, 2, 3, R, R)``
-uint8. Only slot indices and counters ever move
-between processes. A producer writes each pair into its slot once; a trainer borrows the
-slot, gathers the pixels into its batch and gives the slot back before augmenting.
+(:data:`MAX_PRODUCERS`), a table of int64 slot metadata, a float32 table of one row per real image
+(its aim score and noise level, :class:`I`) and the pixel array ``(slots, 2, 3, R, R)`` uint8. Only
+slot indices, counters and the image table ever move between processes. A producer writes each pair
+into its slot once; a trainer borrows the slot, gathers the pixels into its batch and gives the slot back
+before augmenting.
 
 Concurrency: slot *state transitions* happen under an ``flock`` on the segment's own
 file, which the kernel releases when a holder dies, so a killed process can never leave
@@ -99,6 +100,8 @@ class RingHeader:
     checksum_errors = _Cell()     # corrupt pairs found (and dropped) by readers
     ready_producers = _Cell()     # producers that loaded their generator
     fingerprint = _Cell()         # their generator fingerprint (16 hex digits), once one is ready
+    budget_used = _Cell()         # pairs claimed under producer.max_pairs_per_epoch (ProducerPort.take_budget)
+    images = _Cell()              # rows of the image table: the real images' ids are its indices
 
     def __init__(self, cells: np.ndarray) -> None:
         self.cells = cells
@@ -106,11 +109,23 @@ class RingHeader:
 
 class S:
     """Columns of the slot table: one int64 row per slot."""
-    state, real_id, position, seed, birth_epoch, birth_ns, uses, pins, writer_pid, checksum = range(10)
-    COUNT = 10
+    state, real_id, position, seed, birth_epoch, birth_ns, uses, pins, writer_pid, checksum, noise_milli = range(11)
+    COUNT = 11
+
+
+class I:  # noqa: E742 (the image table's columns, as S is the slot table's)
+    """Columns of the image table: one float32 row per real image, written by the trainers and read by the
+    producers without a lock (a torn read of one float is impossible; a stale one only delays its effect)."""
+    score, noise = range(2)
+    COUNT = 2
 
 class RingError(UserError, RuntimeError):
     """The ring cannot be created or attached."""
+
+
+def noise_in_milli(noises) -> np.ndarray:
+    """Noise levels as the slot table keeps them: integer thousandths."""
+    return np.rint(np.asarray(noises, dtype=np.float64) * 1000).astype(np.int64)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -123,9 +138,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def ring_nbytes(slots: int, resolution: int) -> int:
-    return (8 * len(RingHeader.FIELDS) + 8 * MAX_PRODUCERS + 8 * S.COUNT * slots
+def ring_nbytes(slots: int, resolution: int, images: int = 0) -> int:
+    return (8 * len(RingHeader.FIELDS) + 8 * MAX_PRODUCERS + 8 * S.COUNT * slots + _image_table_nbytes(images)
             + slots * 2 * 3 * resolution * resolution)
+
+
+def _image_table_nbytes(images: int) -> int:
+    """The image table, padded to 8 bytes so that the pixels after it stay aligned."""
+    return -(-4 * I.COUNT * images // 8) * 8
 
 
 def remove_stale_segments() -> list[str]:
@@ -168,6 +188,13 @@ class TakeResult:
 
 
 @dataclass
+class Claim:
+    """Positions claimed by a producer: it may generate for at most ``most`` of them (all, unless aimed)."""
+    positions: np.ndarray   # int64, consecutive
+    most: int
+
+
+@dataclass
 class Loan:
     """Pairs lent by :meth:`PairRing.borrow`: pinned slots, read in place until given back."""
     ring: PairRing
@@ -202,6 +229,9 @@ class PairRing:
         offset += self.progress.nbytes
         self.meta = np.ndarray((self.slots, S.COUNT), dtype=np.int64, buffer=buf, offset=offset)
         offset += self.meta.nbytes
+        images = self.header.images
+        self.image_table = np.ndarray((images, I.COUNT), dtype=np.float32, buffer=buf, offset=offset)
+        offset += _image_table_nbytes(images)
         r = self.resolution
         self.pixels = np.ndarray((self.slots, 2, 3, r, r), dtype=np.uint8, buffer=buf, offset=offset)
         # Across processes the segment's own file is locked too; a local ring needs only the thread lock.
@@ -211,17 +241,23 @@ class PairRing:
 
     # ------------------------------------------------------------------ lifetime
     @staticmethod
-    def _initialise(buf: memoryview | bytearray, slots: int, resolution: int) -> None:
+    def _initialise(buf: memoryview | bytearray, slots: int, resolution: int, images: int, noise: float) -> None:
         cells = np.ndarray((len(RingHeader.FIELDS),), dtype=np.int64, buffer=buf)
         cells[:] = 0
         header = RingHeader(cells)
-        header.slots, header.resolution, header.creator_pid = slots, resolution, os.getpid()
-        np.ndarray((MAX_PRODUCERS + slots * S.COUNT,), dtype=np.int64, buffer=buf, offset=cells.nbytes)[:] = 0
+        header.slots, header.resolution, header.creator_pid, header.images = slots, resolution, os.getpid(), images
+        counters = np.ndarray((MAX_PRODUCERS + slots * S.COUNT,), dtype=np.int64, buffer=buf, offset=cells.nbytes)
+        counters[:] = 0
+        table = np.ndarray((images, I.COUNT), dtype=np.float32, buffer=buf, offset=cells.nbytes + counters.nbytes)
+        table[:, I.score] = np.inf  # no image has a variation yet: every aim ranks it first
+        table[:, I.noise] = noise
         header.magic = MAGIC  # last: a reader never sees a half-initialised ring as valid
 
     @classmethod
-    def create(cls, slots: int, resolution: int) -> PairRing:
-        nbytes = ring_nbytes(slots, resolution)
+    def create(cls, slots: int, resolution: int, images: int = 0, noise: float = 0.0) -> PairRing:
+        """A new segment of ``slots`` pairs at ``resolution``, with an image table of ``images`` rows (the real
+        images' ids index it) whose noise levels start at ``noise``."""
+        nbytes = ring_nbytes(slots, resolution, images)
         if not SHM_DIR.is_dir():
             raise RingError(f"{SHM_DIR} does not exist: the ring needs POSIX shared memory (Linux)")
         free = shutil.disk_usage(SHM_DIR).free
@@ -241,15 +277,15 @@ class PairRing:
         except OSError as e:
             raise RingError(f"cannot create the ring's {nbytes / 2**20:.1f} MiB of shared memory in {SHM_DIR} "
                             f"({e.strerror or e}); lower ring.slots or data.resolution") from e
-        cls._initialise(shm.buf, slots, resolution)
+        cls._initialise(shm.buf, slots, resolution, images, noise)
         return cls(shm.buf, shm, owner=True)
 
     @classmethod
-    def local(cls, slots: int, resolution: int = 1) -> PairRing:
+    def local(cls, slots: int, resolution: int = 1, images: int = 0, noise: float = 0.0) -> PairRing:
         """A ring in this process's own memory, with the same slot rules: what the simulator runs
         (``onlinemix.tools.simulate``) on a virtual clock, with 1-pixel pairs."""
-        buf = bytearray(ring_nbytes(slots, resolution))
-        cls._initialise(buf, slots, resolution)
+        buf = bytearray(ring_nbytes(slots, resolution, images))
+        cls._initialise(buf, slots, resolution, images, noise)
         return cls(buf)
 
     @classmethod
@@ -271,7 +307,7 @@ class PairRing:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
-        del self.header, self.progress, self.meta, self.pixels
+        del self.header, self.progress, self.meta, self.image_table, self.pixels
         if self.shm is None:
             return
         self.shm.close()
@@ -389,18 +425,23 @@ class PairRing:
         self.pixels[slot, 1] = synthetic
         return crc32(self.pixels[slot])
 
-    def publish(self, slot: int, *, real_id: int, position: int, seed: int, birth_epoch: int, checksum: int) -> None:
+    def publish(self, slot: int, *, real_id: int, position: int, seed: int, birth_epoch: int, checksum: int,
+                noise: float = 0.0) -> None:
         self.publish_many([slot], real_ids=[real_id], positions=[position], seeds=[seed],
-                          birth_epochs=[birth_epoch], checksums=[checksum])
+                          birth_epochs=[birth_epoch], checksums=[checksum], noises=[noise])
 
-    def publish_many(self, slots: list[int], *, real_ids, positions, seeds, birth_epochs, checksums) -> None:
+    def publish_many(self, slots: list[int], *, real_ids, positions, seeds, birth_epochs, checksums,
+                     noises=None) -> None:
         """Make written slots ``READY``, a whole batch in one locked step: one lock round trip per
-        batch instead of per pair, which matters when trainers hold the lock often."""
+        batch instead of per pair, which matters when trainers hold the lock often. ``noises``: the
+        noise level each variation was made with (None: 0), kept in thousandths."""
         slots = np.asarray(slots, dtype=np.int64)
         m = self.meta
+        noise_milli = np.zeros(len(slots), dtype=np.int64) if noises is None else noise_in_milli(noises)
         with self.locked():
             for column, values in ((S.real_id, real_ids), (S.position, positions), (S.seed, seeds),
-                                   (S.birth_epoch, birth_epochs), (S.checksum, checksums)):
+                                   (S.birth_epoch, birth_epochs), (S.checksum, checksums),
+                                   (S.noise_milli, noise_milli)):
                 m[slots, column] = values
             m[slots, S.birth_ns] = self.clock_ns()
             m[slots, S.uses] = 0
@@ -558,6 +599,19 @@ class TrainerPort:
     def give_back(self, loan: Loan) -> None:
         self.ring.give_back(loan)
 
+    def publish_scores(self, ids: np.ndarray, scores: np.ndarray) -> None:
+        """Set the aim scores of images ``ids``: producers short of time generate for the highest first.
+        Written without the lock; every rank writes its own rows (an image is in one rank's batch at a time)."""
+        self.ring.image_table[ids, I.score] = scores
+
+    def noise_levels(self, ids: np.ndarray) -> np.ndarray:
+        """The noise level the next variation of each image in ``ids`` will be made with."""
+        return self.ring.image_table[ids, I.noise].copy()
+
+    def publish_noise(self, ids: np.ndarray, levels: np.ndarray) -> None:
+        """Set the noise level of the next variation of images ``ids`` (without the lock, as the scores)."""
+        self.ring.image_table[ids, I.noise] = levels
+
     @property
     def ready_producers(self) -> int:
         return self.ring.header.ready_producers
@@ -612,7 +666,7 @@ class ProducerPort:
     """
 
     def __init__(self, ring: PairRing, capacity: int, lead_factor: float, index: int = 0,
-                 trainer_batch: int = 0) -> None:
+                 trainer_batch: int = 0, producers: int = 1) -> None:
         if not 0 <= index < MAX_PRODUCERS:
             raise RingError(f"producer index {index} out of range: a ring serves at most {MAX_PRODUCERS} producers")
         self.ring = ring
@@ -620,6 +674,7 @@ class ProducerPort:
         self.trainer_batch = trainer_batch  # positions the trainers look up at once (the node's batch)
         self.lead_factor = lead_factor
         self.index = index
+        self.producers = producers  # of the node: they share the positions the trainers pass
         self._batch_s = Ewma()
         self._slot_wait_s = 0.0  # waits for a free slot since the last count_busy
 
@@ -666,14 +721,24 @@ class ProducerPort:
         since = max(0.0, (self.ring.clock_ns() - self.ring.header.trainer_pos_ns) / 1e9)
         return max(0, math.ceil((seconds + since) / step_s - 1))
 
-    def claim(self, n: int) -> np.ndarray:
-        """Reserve up to ``n`` positions to generate for; may return fewer or none.
+    def passed_per_batch(self) -> int:
+        """Positions the trainers pass while this producer makes one batch, its share among the node's producers:
+        the window an aimed claim chooses from (0 until a batch has been timed and the trainers have moved)."""
+        rate = self.ring.header.trainer_rate_milli / 1000.0
+        if not (rate and self._batch_s.value):
+            return 0
+        return int(rate * self._batch_s.value / self.producers)
+
+    def claim(self, n: int, window: int = 0) -> Claim:
+        """Reserve positions to generate for, at most ``n`` of them; may return fewer or none.
 
         Positions a trainer is waiting for (:meth:`TrainerPort.request`) come first. Otherwise
         claims continue from where the last one ended, but never start closer to the trainers
         than the lead, and only as many as fit next to the unserved pairs already waiting
         (:meth:`PairRing.waiting`): a full ring of pairs nobody has asked for yet stops claims,
-        whatever their distance from the trainers.
+        whatever their distance from the trainers. With a ``window`` larger than that count the claim
+        spans ``window`` positions, of which the producer generates for the most deserving (aim): the
+        others are passed over for good.
         """
         self.beat()
         lead = self.lead()
@@ -687,19 +752,35 @@ class ProducerPort:
                 header.urgent_start = end
                 if urgent_start <= header.gen_pos < end:  # claimed now: the next claim must not make them again
                     header.gen_pos = end
-                return np.arange(urgent_start, end, dtype=np.int64)
+                return Claim(np.arange(urgent_start, end, dtype=np.int64), end - urgent_start)
             start = max(header.gen_pos, trainer + lead)
-            end = start + min(n, self.capacity - self.ring.waiting(trainer))
-            if end <= start:
-                return np.empty(0, dtype=np.int64)
-            header.gen_pos = end
-        return np.arange(start, end, dtype=np.int64)
+            most = min(n, self.capacity - self.ring.waiting(trainer))
+            if most <= 0:
+                return Claim(np.empty(0, dtype=np.int64), 0)
+            header.gen_pos = start + max(most, window)
+        return Claim(np.arange(start, start + max(most, window), dtype=np.int64), most)
+
+    def take_budget(self, wanted: int, allowed: int) -> int:
+        """Count up to ``wanted`` pairs against a budget of ``allowed`` pairs so far for the node's producers;
+        returns how many may be generated now."""
+        with self.ring.locked():
+            granted = max(0, min(wanted, allowed - self.ring.header.budget_used))
+            self.ring.header.budget_used += granted
+        return granted
+
+    def scores(self, ids: np.ndarray) -> np.ndarray:
+        """The trainers' aim scores of images ``ids`` (read without the lock)."""
+        return self.ring.image_table[ids, I.score].copy()
+
+    def noise_levels(self, ids: np.ndarray) -> np.ndarray:
+        """The noise level the trainers set for the next variation of each image in ``ids``."""
+        return self.ring.image_table[ids, I.noise].copy()
 
     def has_unused_view(self, ids: np.ndarray, positions: np.ndarray, epochs: np.ndarray, max_age: int) -> np.ndarray:
         return self.ring.has_unused_view(ids, positions, epochs, max_age)
 
     def place(self, real: np.ndarray, synthetic: np.ndarray, ids: np.ndarray, positions: np.ndarray,
-              seeds: list[int], epochs: np.ndarray, max_age: int) -> int:
+              seeds: list[int], epochs: np.ndarray, max_age: int, noises: np.ndarray | None = None) -> int:
         """Write and publish the first pairs given, as many as slots can be reserved for now
         (:meth:`PairRing.reserve`: least valuable first); returns how many (0: the ring is full)."""
         ring = self.ring
@@ -709,11 +790,11 @@ class ProducerPort:
         n = len(slots)
         checksums = [ring.write(slot, real[j], synthetic[j]) for j, slot in enumerate(slots)]
         ring.publish_many(slots, real_ids=ids[:n], positions=positions[:n], seeds=seeds[:n],
-                          birth_epochs=epochs[:n], checksums=checksums)
+                          birth_epochs=epochs[:n], checksums=checksums, noises=None if noises is None else noises[:n])
         return n
 
     def write_pairs(self, real: np.ndarray, synthetic: np.ndarray, ids: np.ndarray, positions: np.ndarray,
-                    seeds: list[int], epochs: np.ndarray, max_age: int) -> int:
+                    seeds: list[int], epochs: np.ndarray, max_age: int, noises: np.ndarray | None = None) -> int:
         """Write and publish pairs as slots become free; waits (until the ring closes) while it is full.
         Returns how many were written: fewer than given when the ring closed first."""
         i = 0
@@ -721,7 +802,8 @@ class ProducerPort:
             self.beat()
             if self.ring.closed:
                 return i
-            written = self.place(real[i:], synthetic[i:], ids[i:], positions[i:], seeds[i:], epochs[i:], max_age)
+            written = self.place(real[i:], synthetic[i:], ids[i:], positions[i:], seeds[i:], epochs[i:], max_age,
+                                 None if noises is None else noises[i:])
             if not written:
                 started = time.perf_counter()
                 time.sleep(WRITE_RETRY_S)

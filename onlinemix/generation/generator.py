@@ -18,11 +18,14 @@ import importlib.util
 import json
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import (
@@ -55,6 +58,7 @@ DISTILLATION_FILE = "distillation.json"  # in a few-step student's directory: ho
 DEFAULT_HUB_MODEL = "lambdalabs/sd-image-variations-diffusers"  # the MixDiff paper's weights
 MAX_RETRIES = 3
 BLANK_STD = 1e-3  # a generated image whose pixels vary less than this (on [0, 1]) is blank
+NOISE_SEED_SALT = 0x5EED_0F_E  # an image's embedding noise is drawn from its seed xor this, not its latents' stream
 
 
 class GeneratorError(RuntimeError):
@@ -71,13 +75,15 @@ class VariationGenerator(Protocol):
     dtype: torch.dtype     # the precision it generates in
     retries: int           # non-finite or blank images regenerated so far
     resolution: int        # side of the images it returns (the ring's and the cache's)
+    noise: float           # the noise level of a variation when none is given (generator.noise)
 
     def identity(self) -> dict:
         """Everything that changes the output images (what ``fingerprint`` hashes)."""
         ...
 
-    def generate(self, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        """uint8 (B, 3, H, W) images and one seed per image -> one uint8 variation per image."""
+    def generate(self, images: torch.Tensor, seeds: list[int], noises: np.ndarray | None = None) -> torch.Tensor:
+        """uint8 (B, 3, H, W) images, one seed and one noise level (None: ``noise`` for all) per image -> one
+        uint8 variation per image."""
         ...
 
 
@@ -192,9 +198,11 @@ class DiffusersVariationGenerator:
     ``_clip_processor``, ``_prepare``, ``identity`` and ``preprocess``."""
 
     kind = "sd-image-variation"
+    perturbs_embedding = True  # supports per-image noise on the image embedding (generator.noise, strength)
 
     def __init__(self, cfg: GeneratorConfig, device: torch.device | str, resolution: int) -> None:
         self.cfg = distilled_settings(cfg)
+        self.noise = cfg.noise
         self.device = torch.device(device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.resolution = resolution
@@ -250,11 +258,12 @@ class DiffusersVariationGenerator:
         """uint8 (B, 3, H, W) -> CLIP pixel values, as the model was trained: squash, bicubic, no antialias."""
         return self.normalize(clip_resize(images.to(self.device), self.clip_size))
 
-    def _run(self, pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    def _run(self, pixels: torch.Tensor, seeds: list[int], noises: np.ndarray) -> torch.Tensor:
         generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
         self._begin_speedups()
-        out = self.pipe(pixels, height=self.gen_size, width=self.gen_size, num_inference_steps=self.cfg.steps,
-                        guidance_scale=self.cfg.guidance, generator=generators, output_type="pt").images
+        with embedding_noise(self.pipe, noises, seeds):
+            out = self.pipe(pixels, height=self.gen_size, width=self.gen_size, num_inference_steps=self.cfg.steps,
+                            guidance_scale=self.cfg.guidance, generator=generators, output_type="pt").images
         return out.float()
 
     def _begin_speedups(self) -> None:
@@ -265,12 +274,17 @@ class DiffusersVariationGenerator:
             unet.begin(len(self.pipe.scheduler.timesteps), guided=self.cfg.guidance > 1.0)
 
     @torch.inference_mode()
-    def generate(self, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    def generate(self, images: torch.Tensor, seeds: list[int], noises: np.ndarray | None = None) -> torch.Tensor:
         images = to_rgb_uint8(images)
         if len(seeds) != images.shape[0]:
             raise ValueError(f"got {images.shape[0]} images but {len(seeds)} seeds")
+        noises = np.full(len(seeds), self.noise, dtype=np.float32) if noises is None else np.asarray(noises)
+        if len(noises) != len(seeds) or (noises < 0).any():
+            raise ValueError(f"expected {len(seeds)} noise levels >= 0, got {noises.tolist()}")
+        if noises.any() and not self.perturbs_embedding:
+            raise GeneratorError(f"the {self.kind} generator does not support noise on the image embedding")
         pixels = self.preprocess(images)
-        out = self._run(pixels, seeds)
+        out = self._run(pixels, seeds, noises)
         # Non-finite (fp16 overflow) or blank outputs are regenerated with a new seed, never passed on.
         for attempt in range(1, MAX_RETRIES + 2):
             bad = unusable_images(out).nonzero().flatten()
@@ -281,10 +295,49 @@ class DiffusersVariationGenerator:
                                      f"retries (dtype {self.dtype}; try generator.dtype=bf16 or fp32)")
             self.retries += len(bad)
             log.warning("generator produced %d non-finite or blank images; regenerating (attempt %d)", len(bad), attempt)
-            out[bad] = self._run(pixels[bad], [seeds[i] + attempt * 1_000_003 for i in bad.tolist()])
+            out[bad] = self._run(pixels[bad], [seeds[i] + attempt * 1_000_003 for i in bad.tolist()],
+                                 noises[bad.cpu().numpy()])
         if out.shape[-1] != self.resolution:
             out = F.interpolate(out, size=(self.resolution, self.resolution), mode="bilinear", antialias=True)
         return (out.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def perturb_embeddings(embeds: torch.Tensor, levels: np.ndarray, seeds: list[int]) -> torch.Tensor:
+    """Image embeddings (B, ..., D) moved by noise of relative size ``levels`` (B,): each row e becomes
+    |e| * normalize(e / |e| + level * n / sqrt(D)), n ~ N(0, I) drawn from the image's seed on the CPU (the same
+    on every device), so its norm, which the UNet saw in training, stays. Rows at level 0 stay exactly as they are."""
+    out = embeds.clone()
+    dim = embeds.shape[-1]
+    for i in np.flatnonzero(levels).tolist():
+        e = embeds[i].float()
+        n = torch.randn(e.shape, generator=torch.Generator().manual_seed(int(seeds[i]) ^ NOISE_SEED_SALT))
+        direction = F.normalize(e / e.norm(dim=-1, keepdim=True) + float(levels[i]) * n.to(e.device) / dim**0.5,
+                                dim=-1)
+        out[i] = (direction * e.norm(dim=-1, keepdim=True)).to(embeds.dtype)
+    return out
+
+
+@contextmanager
+def embedding_noise(pipe: StableDiffusionImageVariationPipeline, levels: np.ndarray,
+                    seeds: list[int]) -> Iterator[None]:
+    """For one pipeline call, perturb each image's CLIP image embedding by its noise level
+    (:func:`perturb_embeddings`); with classifier-free guidance only the conditional half, the unconditional
+    embedding being zeros. Nothing changes when every level is 0."""
+    if not levels.any():
+        yield
+        return
+    encode = pipe._encode_image
+
+    def noisy_encode(image, device, num_images_per_prompt, do_classifier_free_guidance):
+        embeds = encode(image, device, num_images_per_prompt, do_classifier_free_guidance)
+        b = len(levels)
+        return torch.cat([embeds[:-b], perturb_embeddings(embeds[-b:], levels, seeds)])
+
+    pipe._encode_image = noisy_encode
+    try:
+        yield
+    finally:
+        del pipe._encode_image  # the class's method again
 
 
 def distillation_record(model: str) -> dict | None:

@@ -19,11 +19,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from onlinemix.cache import writer_for
 from onlinemix.core.config import Config
 from onlinemix.core.files import write_json
 from onlinemix.core.schedule import EpochSchedule, variation_seed
 from onlinemix.data import RealImages
+from onlinemix.exchange.aim import choose_positions
 from onlinemix.exchange.ring import PairRing, ProducerPort
 from onlinemix.generation.generator import VariationGenerator
 from onlinemix.generation.worker import CacheSink, RingSink, Sink, Work, WorkerPool, WorkerSpec
@@ -33,7 +36,12 @@ log = logging.getLogger(__name__)
 
 class RingWork:
     """Online work: positions claimed from the ring ahead of the trainers, minus the images
-    that already have an unused view waiting for them and the positions past the end of training."""
+    that already have an unused view waiting for them and the positions past the end of training.
+
+    Aimed (``generator.aim`` other than none), a claim spans the positions the trainers pass while one
+    batch is made, and the batch goes to its highest-scoring images (:mod:`onlinemix.exchange.aim`).
+    Under a budget (``producer.max_pairs_per_epoch``) work waits until the trainers' progress allows it.
+    Each image's variation is made with the noise level the trainers set for it."""
 
     def __init__(self, port: ProducerPort, schedule: EpochSchedule, cfg: Config) -> None:
         self.port = port
@@ -41,23 +49,40 @@ class RingWork:
         self.batch_size = cfg.generator.batch_size
         self.max_age = cfg.staleness.max_age
         self.base_seed = cfg.generator.seed
+        self.aimed = cfg.generator.aim != "none"
+        self.adaptive = cfg.generator.strength == "adaptive"
+        self.budget_per_epoch = cfg.producer.max_pairs_per_epoch
         self.end = cfg.train.epochs * schedule.positions_per_epoch  # no trainer asks for a position past it
 
     def finished(self) -> bool:
         return self.port.closed
 
+    def budget_allowed(self) -> int:
+        """Pairs the budget allows in all by now: its share of the trainers' progress, plus one batch to start on."""
+        done = self.port.ring.header.trainer_pos / self.schedule.positions_per_epoch
+        return int(self.budget_per_epoch * done) + self.batch_size
+
     def next(self) -> Work | None:
         while not self.port.closed:
-            positions = self.port.claim(self.batch_size)
-            positions = positions[positions < self.end]
+            n = self.batch_size
+            if self.budget_per_epoch:
+                n = min(n, self.budget_allowed() - self.port.ring.header.budget_used)
+                if n <= 0:
+                    return None
+            claim = self.port.claim(n, self.port.passed_per_batch() if self.aimed else 0)
+            positions = claim.positions[claim.positions < self.end]
             if len(positions) == 0:
                 return None
             ids, epochs = self.schedule.ids_at(positions), self.schedule.epoch_of(positions)
-            todo = ~self.port.has_unused_view(ids, positions, epochs, self.max_age)
-            if todo.any():
+            todo = np.flatnonzero(~self.port.has_unused_view(ids, positions, epochs, self.max_age))
+            if self.aimed:
+                todo = choose_positions(todo, self.port.scores(ids[todo]), claim.most)
+            if self.budget_per_epoch:
+                todo = todo[:self.port.take_budget(len(todo), self.budget_allowed())]
+            if len(todo):
                 ids, epochs = ids[todo], epochs[todo]
                 seeds = [variation_seed(self.base_seed, int(i), int(e)) for i, e in zip(ids, epochs, strict=True)]
-                return Work(ids, seeds, epochs, positions[todo])
+                return Work(ids, seeds, epochs, positions[todo], self.port.noise_levels(ids) if self.adaptive else None)
         return None
 
     def done(self, work: Work, seconds: float) -> None:
@@ -71,7 +96,8 @@ def producer_port(ring: PairRing, cfg: Config, node_batch: int, producers: int, 
     that its trainers' batch (their slice of each global batch) and the other producers' batches leave."""
     others = (producers - 1) * cfg.generator.batch_size
     return ProducerPort(ring, capacity=max(cfg.generator.batch_size, ring.slots - node_batch - others),
-                        lead_factor=cfg.producer.lead_factor, index=index, trainer_batch=node_batch)
+                        lead_factor=cfg.producer.lead_factor, index=index, trainer_batch=node_batch,
+                        producers=producers)
 
 
 @dataclass

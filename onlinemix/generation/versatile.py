@@ -177,6 +177,7 @@ class VersatileVariationGenerator(DiffusersVariationGenerator):
     """
 
     kind = PIPELINE_KIND
+    perturbs_embedding = False  # VD conditions on every CLIP token; noise on them is not defined here
 
     def _load_pipeline(self):
         return load_versatile_pipeline(self.cfg, self.device, self.dtype)

@@ -54,15 +54,17 @@ def default_workers() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
 
 
-def missing_pairs(reader: CacheReader, train_ids: np.ndarray, base_seed: int, variations: int) -> np.ndarray:
+def missing_pairs(reader: CacheReader, train_ids: np.ndarray, base_seed: int, variations: int,
+                  noise: float = 0.0) -> np.ndarray:
     """(image id, variation k) rows the cache lacks, variation-major: the first variation of every
     image comes before any second one, so a partial warm already covers the whole dataset.
-    A pair counts as present when the cache holds that image with that seed (the seed fixes the output)."""
+    A pair counts as present when the cache holds that image with that seed and noise level (they fix the output)."""
     rows = []
+    noise = round(noise, 3)
     for k in range(variations):
         for i in train_ids.tolist():
             seed = variation_seed(base_seed, i, k)
-            if not any(v.seed == seed for v in reader.variations(i)):
+            if not any(v.seed == seed and v.noise == noise for v in reader.variations(i)):
                 rows.append((i, k))
     return np.array(rows, dtype=np.int64).reshape(-1, 2)
 
@@ -201,7 +203,7 @@ def warm(cfg: Config, variations: int, workers: int) -> WarmResult:
         desc = _gather_ready(pool)
         key = cache_key(desc["fingerprint"], cfg.data.dataset)
         todo = missing_pairs(CacheReader(root, key, real.size, verify=False), train_ids,
-                             cfg.generator.seed, variations)
+                             cfg.generator.seed, variations, cfg.generator.noise)
         skipped = len(train_ids) * variations - len(todo)
         print(f"cache key {key}: {skipped} of {len(train_ids) * variations} pairs already cached, "
               f"{len(todo)} to generate with {workers} worker(s)", file=sys.stderr)

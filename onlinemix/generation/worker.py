@@ -65,14 +65,17 @@ class Work:
     seeds: list[int]
     epochs: np.ndarray     # stored with each pair: the epoch it serves (online) or its variation index (warm)
     positions: np.ndarray  # the schedule positions they serve (online); zeros for warm
+    noises: np.ndarray | None = None  # float (B,): the noise level of each variation (None: generator.noise)
 
 
 @dataclass
 class Pairs:
-    """A generated batch: uint8 (B, 3, R, R) real and synthetic images for ``work``."""
+    """A generated batch: uint8 (B, 3, R, R) real and synthetic images for ``work``, and the noise level
+    each synthetic image was made with."""
     work: Work
     real: np.ndarray
     synthetic: np.ndarray
+    noises: np.ndarray
 
 
 class WorkSource(Protocol):
@@ -101,7 +104,8 @@ class RingSink:
 
     def put(self, pairs: Pairs) -> None:
         w = pairs.work
-        self.port.write_pairs(pairs.real, pairs.synthetic, w.ids, w.positions, w.seeds, w.epochs, self.max_age)
+        self.port.write_pairs(pairs.real, pairs.synthetic, w.ids, w.positions, w.seeds, w.epochs, self.max_age,
+                              pairs.noises)
 
     def close(self) -> None:
         pass
@@ -122,7 +126,7 @@ class CacheSink:
     def put(self, pairs: Pairs) -> None:
         w = pairs.work
         for i in range(len(w.ids)):
-            self.writer.add(int(w.ids[i]), w.seeds[i], int(w.epochs[i]), pairs.synthetic[i])
+            self.writer.add(int(w.ids[i]), w.seeds[i], int(w.epochs[i]), pairs.synthetic[i], float(pairs.noises[i]))
         self.writer.flush_due()
         if self.writer.disabled and self.required:
             raise CacheError(f"cache {self.writer.dir} stopped accepting pairs (see the warning above)")
@@ -169,7 +173,8 @@ def generate_loop(generator: VariationGenerator, images: torch.Tensor, source: W
             continue
         started = time.perf_counter()
         real = images[torch.from_numpy(work.ids)]
-        pairs = Pairs(work, real.numpy(), generator.generate(real, work.seeds).cpu().numpy())
+        noises = np.full(len(work.ids), generator.noise, dtype=np.float32) if work.noises is None else work.noises
+        pairs = Pairs(work, real.numpy(), generator.generate(real, work.seeds, noises).cpu().numpy(), noises)
         for sink in sinks:
             sink.put(pairs)
         source.done(work, time.perf_counter() - started)

@@ -53,4 +53,4 @@ class BarlowTwins(SSLMethod):
     def forward(self, views: Views, info: StepInfo) -> tuple[torch.Tensor, dict[str, float]]:
         view_a, view_b = views.images
         z_a, z_b = self.projector(self.backbone(view_a)), self.projector(self.backbone(view_b))
-        return barlow_twins_loss(z_a, z_b, self.lambda_), {}
+        return barlow_twins_loss(z_a, z_b, self.lambda_, weights=self.observe_pairs(z_a, z_b)), {}

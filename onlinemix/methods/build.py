@@ -23,4 +23,6 @@ def build_method(cfg: Config, num_classes: int) -> SSLMethod:
     backbone = seeded_backbone(cfg.train)
     if cls is Supervised:
         return Supervised(backbone, num_classes)
-    return cls(backbone, getattr(cfg, cfg.train.method))
+    method = cls(backbone, getattr(cfg, cfg.train.method))
+    method.weigh_pairs = cfg.train.pair_weighting
+    return method

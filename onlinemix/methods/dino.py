@@ -74,7 +74,8 @@ def dino_pairs(num_teacher_views: int, num_student_views: int,
 
 
 def dino_loss(student_out: Sequence[torch.Tensor], teacher_out: Sequence[torch.Tensor], center: torch.Tensor,
-              student_temp: float, teacher_temp: float, same_view: Sequence[int] | None = None) -> torch.Tensor:
+              student_temp: float, teacher_temp: float, same_view: Sequence[int] | None = None,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over ``dino_pairs`` of the cross-entropy H(teacher, student), each averaged over the
     batch. Teacher probabilities are softmax((t - center) / teacher_temp), detached: centering
     and sharpening are what keep the teacher from collapsing; it learns only through the EMA.
@@ -83,6 +84,7 @@ def dino_loss(student_out: Sequence[torch.Tensor], teacher_out: Sequence[torch.T
     (global) view; ``same_view[t]``: the student view that is the same crop as teacher view
     ``t`` (see ``dino_pairs``). Each rank's value is its local batch mean, so DDP's gradient
     averaging equals one process on the global batch. Computed in fp32 whatever autocast does.
+    ``weights`` (B,), mean 1: each image's share of every pair's batch mean (``train.pair_weighting``).
     """
     pairs = dino_pairs(len(teacher_out), len(student_out), same_view)
     device = student_out[0].device
@@ -90,7 +92,8 @@ def dino_loss(student_out: Sequence[torch.Tensor], teacher_out: Sequence[torch.T
         teacher_probs = [F.softmax((t.detach().float() - center.float()) / teacher_temp, dim=-1)
                          for t in teacher_out]
         student_log_probs = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student_out]
-        total = sum(torch.sum(-teacher_probs[t] * student_log_probs[s], dim=-1).mean() for t, s in pairs)
+        per_image = [torch.sum(-teacher_probs[t] * student_log_probs[s], dim=-1) for t, s in pairs]
+        total = sum((h if weights is None else h * weights).mean() for h in per_image)
     return total / len(pairs)
 
 
@@ -241,7 +244,10 @@ class DINO(SSLMethod):
                                          views.images[:views.n_global])
         temp = teacher_temperature(info.epoch, cfg.warmup_teacher_temp, cfg.teacher_temp,
                                    cfg.warmup_teacher_temp_epochs)
-        loss = dino_loss(student_out, teacher_out, self.teacher.center.center, cfg.student_temp, temp)
+        # The pair signal: the teacher's outputs for the two globals (real and synthetic under MixDiff).
+        weights = self.observe_pairs(teacher_out[0], teacher_out[1])
+        loss = dino_loss(student_out, teacher_out, self.teacher.center.center, cfg.student_temp, temp,
+                         weights=weights)
         self._teacher_out = [t.detach() for t in teacher_out]
         return loss, {"teacher_temp": temp}
 

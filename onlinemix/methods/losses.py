@@ -36,7 +36,8 @@ def _without_autocast(z: torch.Tensor) -> torch.autocast:
     return torch.autocast(device_type=z.device.type, enabled=False)
 
 
-def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, gather: bool = True) -> torch.Tensor:
+def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, gather: bool = True,
+            weights: torch.Tensor | None = None) -> torch.Tensor:
     """SimCLR's NT-Xent over 2N embeddings: the positive of z_a[i] is z_b[i] and vice versa;
     the other 2N - 2 embeddings are negatives. Cosine similarity, temperature tau.
 
@@ -46,14 +47,16 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, gather: bo
     one process on the global batch of 2NW embeddings, while this rank's 2N rows are the only
     anchors and the loss is their mean: the mean over ranks is then the global loss. All ranks
     must pass the same N (all_gather needs equal shapes: use drop_last). With ``gather=False``
-    each rank contrasts only within its local batch.
+    each rank contrasts only within its local batch. ``weights`` (N,), mean 1: each pair's two anchors
+    count this much in the mean (``train.pair_weighting``).
     """
     _check_pair(z_a, z_b)
     with _without_autocast(z_a):
-        return _nt_xent(z_a, z_b, temperature, gather)
+        return _nt_xent(z_a, z_b, temperature, gather, weights)
 
 
-def _nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, gather: bool) -> torch.Tensor:
+def _nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, gather: bool,
+             weights: torch.Tensor | None) -> torch.Tensor:
     n = z_a.shape[0]
     a = F.normalize(_at_least_fp32(z_a), dim=1)
     b = F.normalize(_at_least_fp32(z_b), dim=1)
@@ -71,7 +74,9 @@ def _nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, gather: b
     own = torch.where(rows < n, local, local + total)
     positive = torch.where(rows < n, local + total, local)
     logits = logits.index_put((rows, own), logits.new_tensor(float("-inf")))
-    return F.cross_entropy(logits, positive)
+    if weights is None:
+        return F.cross_entropy(logits, positive)
+    return (F.cross_entropy(logits, positive, reduction="none") * weights.repeat(2)).mean()
 
 
 def _batch_norm_global(z: torch.Tensor, global_batch: torch.Tensor, eps: float) -> torch.Tensor:
@@ -83,7 +88,8 @@ def _batch_norm_global(z: torch.Tensor, global_batch: torch.Tensor, eps: float) 
     return centred / torch.sqrt(var + eps)
 
 
-def barlow_twins_loss(z_a: torch.Tensor, z_b: torch.Tensor, lambd: float, eps: float = 1e-5) -> torch.Tensor:
+def barlow_twins_loss(z_a: torch.Tensor, z_b: torch.Tensor, lambd: float, eps: float = 1e-5,
+                      weights: torch.Tensor | None = None) -> torch.Tensor:
     """BarlowTwins: sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2, with C the cross-correlation
     of the two branches' embeddings batch-normalised over the global batch.
 
@@ -99,13 +105,17 @@ def barlow_twins_loss(z_a: torch.Tensor, z_b: torch.Tensor, lambd: float, eps: f
     global gradient's share from its rows, and DDP's averaging divides their sum by W: the
     update is 1/W of the right one, silently shrinking the step as GPUs are added (and shifting
     the balance against weight decay).
+
+    ``weights`` (N,), mean 1: each pair's share of the cross-correlation (``train.pair_weighting``); the
+    batch-normalisation statistics stay unweighted.
     """
     _check_pair(z_a, z_b)
     with _without_autocast(z_a):
-        return _barlow_twins_loss(z_a, z_b, lambd, eps)
+        return _barlow_twins_loss(z_a, z_b, lambd, eps, weights)
 
 
-def _barlow_twins_loss(z_a: torch.Tensor, z_b: torch.Tensor, lambd: float, eps: float) -> torch.Tensor:
+def _barlow_twins_loss(z_a: torch.Tensor, z_b: torch.Tensor, lambd: float, eps: float,
+                       weights: torch.Tensor | None) -> torch.Tensor:
     # The global batch size as a tensor: ranks may hold different N, and no host sync is needed.
     local_batch = torch.tensor(float(z_a.shape[0]), device=z_a.device)
     global_batch = all_reduce_mean_no_grad(local_batch) * world_size()
@@ -113,6 +123,8 @@ def _barlow_twins_loss(z_a: torch.Tensor, z_b: torch.Tensor, lambd: float, eps: 
     b = _batch_norm_global(_at_least_fp32(z_b), global_batch, eps)
     # Autograd-aware, unlike a plain in-place dist.all_reduce: its backward hands every rank
     # the gradient of all W (equal) losses, which DDP's averaging turns back into one.
+    if weights is not None:
+        a = a * weights[:, None]
     c = all_reduce_sum_with_grad(a.T @ b / global_batch)
     on_diag = (1 - c.diagonal()).square().sum()
     off_diag = c.square().sum() - c.diagonal().square().sum()

@@ -33,4 +33,4 @@ class SimCLR(SSLMethod):
     def forward(self, views: Views, info: StepInfo) -> tuple[torch.Tensor, dict[str, float]]:
         view_a, view_b = views.images
         z_a, z_b = self.projector(self.backbone(torch.cat([view_a, view_b]))).chunk(2)
-        return nt_xent(z_a, z_b, self.temperature), {}
+        return nt_xent(z_a, z_b, self.temperature, weights=self.observe_pairs(z_a, z_b)), {}

@@ -64,8 +64,9 @@ def node_of(accelerator: Accelerator) -> tuple[int, int]:
 
 
 def start_generation(cfg: Config, accelerator: Accelerator, run_dir: Path, schedule: EpochSchedule, devices: list[str],
-                     resolution: int, stack: ExitStack) -> tuple[TrainerPort, ProducerPool | None]:
-    """Each node's launching rank creates the node's ring and starts its producers on ``devices``; the
+                     resolution: int, images: int, stack: ExitStack) -> tuple[TrainerPort, ProducerPool | None]:
+    """Each node's launching rank creates the node's ring (pairs at ``resolution``, an image table of ``images``
+    rows) and starts its producers on ``devices``; the
     other local ranks attach by the name it writes to ``.ring-node<N>`` in the (node-local or shared)
     run directory. Every rank gets its end of the ring; the launching rank leads (publishes position and
     speed)."""
@@ -75,7 +76,7 @@ def start_generation(cfg: Config, accelerator: Accelerator, run_dir: Path, sched
     if accelerator.is_local_main_process:
         for stale in remove_stale_segments():
             log.warning("removed shared-memory segment %s left by a dead run", stale)
-        ring = PairRing.create(cfg.ring.slots, resolution)
+        ring = PairRing.create(cfg.ring.slots, resolution, images, cfg.generator.noise)
         stack.callback(ring.close)
         name_file.write_text(ring.name)
         pool = ProducerPool(cfg, ring, devices, schedule, run_dir)
@@ -172,7 +173,7 @@ def open_pairs(cfg: Config, accelerator: Accelerator, run_dir: Path, schedule: E
         cache = open_offline_cache(cfg, schedule.train_ids, real.size, accelerator.device)
         return NodePairs(PairSource(None, cfg.staleness, real.images, cfg.ring.verify_checksums,
                                     lambda: check_running(stop), cache))
-    port, pool = start_generation(cfg, accelerator, run_dir, schedule, devices, real.size, stack)
+    port, pool = start_generation(cfg, accelerator, run_dir, schedule, devices, real.size, len(real.images), stack)
     wait_for_producers(port, pool, len(devices))
     cache = open_online_cache(cfg, port, real.size, accelerator.device) if cfg.cache.enabled else None
     return NodePairs(PairSource(port, cfg.staleness, real.images, cfg.ring.verify_checksums,

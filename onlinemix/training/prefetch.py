@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from onlinemix.core.devices import make_current
+from onlinemix.exchange.lookup import SecondViews
 from onlinemix.views.compose import Views
 
 POLL_S = 0.1
@@ -39,6 +40,7 @@ class Prepared:
     stats: dict[str, float]
     from_cache: list[tuple[str, int]]
     copied: torch.cuda.Event | None = None
+    second: SecondViews | None = None  # per row, what its second view was (for the aim scores)
 
     def wait(self) -> None:
         """Make the current CUDA stream wait for the copy, and keep the memory alive for it."""

@@ -1,0 +1,97 @@
+"""Generation aimed by the trainers: which images get the scarce fresh variations, and how different they are.
+
+Producers make far fewer variations than trainers consume, and only the trainers see what each pair
+taught the model. So after every step the trainers write one score per image into the ring's image
+table (:meth:`~onlinemix.exchange.ring.TrainerPort.publish_scores`), and producers that cannot cover every
+position the trainers pass generate first for the highest-scoring images (:func:`choose_positions`),
+still for positions ahead of the trainers, so each pair is on time for the batch that needs it.
+``generator.aim`` picks the score:
+
+- ``none``: no scores; producers generate in the trainers' order (claims of one batch each).
+- ``stale``: how worn the image's newest variation is: 1 + the times it has served + its age in epochs.
+- ``hard``: how badly the model matched the image's last (real, synthetic) pair: 1 - the cosine similarity
+  of the two views' embeddings, in [0, 2].
+
+Under both, an image that has never had a synthetic view scores infinity: it comes first. A batch row
+whose second view was real (a fallback) leaves its image's score as it was.
+
+``generator.strength=adaptive`` moves each image's noise level (how far its next variation strays from
+the image, :mod:`onlinemix.generation.generator`) by the same similarity: a pair the model matched more
+easily than the batch's median gets a step more noise, a harder one a step less, within
+``[noise_min, noise_max]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onlinemix.core.config import GeneratorConfig
+from onlinemix.exchange.ring import TrainerPort
+
+NOISE_STEPS = 4  # an adaptive level crosses [noise_min, noise_max] in this many steps
+
+
+def stale_scores(uses: np.ndarray, age: np.ndarray) -> np.ndarray:
+    """Score of images whose second view was synthetic: ``uses`` times it had served before, ``age`` epochs old."""
+    return (1 + uses + age).astype(np.float32)
+
+
+def hard_scores(similarity: np.ndarray) -> np.ndarray:
+    """Score of images from the cosine similarity of their (real, synthetic) pair's embeddings."""
+    return (1 - similarity).astype(np.float32)
+
+
+def next_noise(levels: np.ndarray, similarity: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Each image's noise level after a step: one step up where its pair was easier to match (higher similarity)
+    than the median of those given, one down where harder, unchanged at the median; kept within [low, high]."""
+    if len(similarity) == 0:
+        return levels
+    step = (high - low) / NOISE_STEPS
+    direction = np.sign(similarity - np.median(similarity))
+    return np.clip(levels + step * direction, low, high).astype(np.float32)
+
+
+def choose_positions(positions: np.ndarray, scores: np.ndarray, most: int) -> np.ndarray:
+    """The (at most) ``most`` positions of the highest scores, in position order; ties go to the earlier
+    position, so that without scores (all equal) this is the trainers' order."""
+    if len(positions) <= most:
+        return positions
+    best = np.argsort(-scores, kind="stable")[:most]
+    return positions[np.sort(best)]
+
+
+def is_aimed(cfg: GeneratorConfig) -> bool:
+    """Whether the trainers publish anything for the producers: a score to aim by, or adaptive noise levels."""
+    return cfg.aim != "none" or cfg.strength == "adaptive"
+
+
+class AimPublisher:
+    """A trainer rank's side: after each step, the scores and noise levels of the images it trained on."""
+
+    def __init__(self, port: TrainerPort, cfg: GeneratorConfig) -> None:
+        self.port = port
+        self.aim = cfg.aim
+        self.adaptive = cfg.strength == "adaptive"
+        self.low, self.high = cfg.noise_min, cfg.noise_max
+
+    @property
+    def needs_similarity(self) -> bool:
+        return self.aim == "hard" or self.adaptive
+
+    def publish(self, ids: np.ndarray, synthetic: np.ndarray, uses: np.ndarray, age: np.ndarray,
+                similarity: np.ndarray | None) -> None:
+        """One step's rows: image ids, whether their second view was synthetic, how often it had served before
+        and its age, and the (B,) cosine similarity of each row's two views (None when the method has none)."""
+        rows = np.flatnonzero(synthetic)
+        if len(rows) == 0:
+            return
+        ids = ids[rows]
+        if self.aim == "stale":
+            self.port.publish_scores(ids, stale_scores(uses[rows], age[rows]))
+        if similarity is None:
+            return
+        if self.aim == "hard":
+            self.port.publish_scores(ids, hard_scores(similarity[rows]))
+        if self.adaptive:
+            levels = next_noise(self.port.noise_levels(ids), similarity[rows], self.low, self.high)
+            self.port.publish_noise(ids, levels)
