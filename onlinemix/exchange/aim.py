@@ -8,12 +8,14 @@ still for positions ahead of the trainers, so each pair is on time for the batch
 ``generator.aim`` picks the score:
 
 - ``none``: no scores; producers generate in the trainers' order (claims of one batch each).
-- ``stale``: how worn the image's newest variation is: 1 + the times it has served + its age in epochs.
-- ``hard``: how badly the model matched the image's last (real, synthetic) pair: 1 - the cosine similarity
-  of the two views' embeddings, in [0, 2].
+- ``stale``: how worn the image's variation is: 1 + the times it had served + its age in epochs; an image
+  whose second view was real (no variation was there for it) scores infinity.
+- ``hard``: how badly the model matched the image's last pair: 1 - the cosine similarity of the embeddings
+  of its two views, in [0, 2], whether the second view was a variation or, for want of one, a second real
+  view. So where generation is scarce and most images have never had a variation, it still ranks them by
+  how slowly the model learns them (the examples that gain most from augmentation, TADA).
 
-Under both, an image that has never had a synthetic view scores infinity: it comes first. A batch row
-whose second view was real (a fallback) leaves its image's score as it was.
+An image no batch has held yet scores infinity: every aim ranks it first.
 
 ``generator.strength=adaptive`` moves each image's noise level (how far its next variation strays from
 the image, :mod:`onlinemix.generation.generator`) by the same similarity: a pair the model matched more
@@ -82,16 +84,13 @@ class AimPublisher:
                 similarity: np.ndarray | None) -> None:
         """One step's rows: image ids, whether their second view was synthetic, how often it had served before
         and its age, and the (B,) cosine similarity of each row's two views (None when the method has none)."""
-        rows = np.flatnonzero(synthetic)
-        if len(rows) == 0:
-            return
-        ids = ids[rows]
         if self.aim == "stale":
-            self.port.publish_scores(ids, stale_scores(uses[rows], age[rows]))
+            self.port.publish_scores(ids, np.where(synthetic, stale_scores(uses, age), np.float32(np.inf)))
         if similarity is None:
             return
         if self.aim == "hard":
-            self.port.publish_scores(ids, hard_scores(similarity[rows]))
-        if self.adaptive:
-            levels = next_noise(self.port.noise_levels(ids), similarity[rows], self.low, self.high)
-            self.port.publish_noise(ids, levels)
+            self.port.publish_scores(ids, hard_scores(similarity))
+        rows = np.flatnonzero(synthetic)
+        if self.adaptive and len(rows):
+            levels = next_noise(self.port.noise_levels(ids[rows]), similarity[rows], self.low, self.high)
+            self.port.publish_noise(ids[rows], levels)

@@ -16,6 +16,12 @@ commits a cache shard when it holds ``cache.shard_pairs`` pairs or at the end of
 after its last commit; trainers see new shards every ``CACHE_REFRESH_S`` and serve the least used, then
 youngest, variation of an image. All trainer ranks of a node step in lockstep, so they are one
 consumer of the global batch.
+
+Aimed generation (``generator.aim``, :mod:`onlinemix.exchange.aim`) runs as in training: after each step the
+trainers publish the scores of its images through their port, and producers choose by them. What the
+simulator cannot know is the model: for ``hard`` and adaptive strength it stands in a fixed, random pair
+similarity per image (:func:`stand_in_similarity`), so a simulation shows where generation goes, not what
+the model learns from it.
 """
 
 from __future__ import annotations
@@ -31,11 +37,13 @@ import numpy as np
 from onlinemix.cache.store import Served, Variation, serving_order
 from onlinemix.core.config import Config
 from onlinemix.core.schedule import EpochSchedule
+from onlinemix.exchange.aim import AimPublisher, is_aimed
 from onlinemix.exchange.lookup import (
     CACHE_REFRESH_S,
     ORIGINS,
     SYNTHETIC_ORIGINS,
     BatchLookup,
+    SecondViews,
     batch_stats,
     reads_disk,
     serve_from_cache,
@@ -113,6 +121,13 @@ class Simulation:
     unserved_at_end: int    # pairs still in the ring, never served, when training ended
     disk_images: int = 0    # images with a variation the trainers can read from the disk cache at the end
     batches: list[tuple[float, float, int]] = field(default_factory=list)  # producer batches: claimed, published, pairs
+    generated_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # each pair's image
+    similarity: np.ndarray | None = None  # the stand-in pair similarity of each image (aimed runs)
+
+    @property
+    def images_varied(self) -> int:
+        """Distinct images the producers made at least one variation of."""
+        return len(np.unique(self.generated_ids))
 
     def total(self) -> EpochResult:
         out = EpochResult(-1)
@@ -260,6 +275,7 @@ class _Producer:
             return
         if sim.disk is not None:
             sim.disk.add(self.index, work)
+        sim.generated_ids.append(work.ids)
         self.work.done(work, sim.clock.now - started)
         sim.batches.append((started, sim.clock.now, len(work.ids)))
         self.turn()
@@ -285,8 +301,9 @@ class _Trainer:
         self.depth = sim.cfg.train.prefetch
         self.next_lookup = 0
         self.lookup: _Lookup | None = None
-        self.queue: deque[tuple[int, dict[str, float]]] = deque()
-        self.blocked: tuple[int, dict[str, float]] | None = None  # prepared, waiting for room in the queue
+        self.queue: deque[tuple[int, dict[str, float], SecondViews]] = deque()
+        self.blocked: tuple[int, dict[str, float], SecondViews] | None = None  # prepared, waiting for room
+        self.aim = AimPublisher(self.port, sim.cfg.generator) if is_aimed(sim.cfg.generator) else None
         self.steps = 0
         self.busy = False
         self.idle_since = 0.0
@@ -350,13 +367,14 @@ class _Trainer:
         stats = {**batch_stats(batch.result, disk, waited), "new_variations": len(new)}
         self.port.publish_position((lookup.step + 1) * sim.schedule.global_batch)
         sim.wake_producers()
-        sim.clock.after(sim.rates.prepare_s, self.prepared, lookup.step, stats)
+        sim.clock.after(sim.rates.prepare_s, self.prepared, lookup.step, stats,
+                        SecondViews.of(batch.ids, batch.result, disk))
 
-    def prepared(self, step: int, stats: dict[str, float]) -> None:
+    def prepared(self, step: int, stats: dict[str, float], second: SecondViews) -> None:
         if self.depth > 0 and len(self.queue) >= self.depth:
-            self.blocked = (step, stats)
+            self.blocked = (step, stats, second)
             return
-        self.queue.append((step, stats))
+        self.queue.append((step, stats, second))
         if self.depth > 0 and self.next_lookup < self.sim.total_steps:
             self.begin_lookup()
         self.want()
@@ -370,16 +388,19 @@ class _Trainer:
             if self.depth == 0 and self.lookup is None and self.next_lookup == self.steps:
                 self.begin_lookup()
             return
-        _, stats = self.queue.popleft()
+        _, stats, second = self.queue.popleft()
         self.busy = True
         if self.blocked is not None:
             blocked, self.blocked = self.blocked, None
             self.prepared(*blocked)
-        self.sim.clock.after(self.sim.rates.step_s, self.step_done, stats, self.sim.clock.now - self.idle_since)
+        self.sim.clock.after(self.sim.rates.step_s, self.step_done, stats, second,
+                             self.sim.clock.now - self.idle_since)
 
-    def step_done(self, stats: dict[str, float], data_wait_s: float) -> None:
+    def step_done(self, stats: dict[str, float], second: SecondViews, data_wait_s: float) -> None:
         sim, now = self.sim, self.sim.clock.now
         self.busy = False
+        if self.aim is not None:  # what the trainer publishes after its step (Trainer.publish_aim)
+            self.aim.publish(second.ids, second.synthetic, second.uses, second.age, sim.similarity[second.ids])
         self.port.publish_speed(sim.schedule.global_batch, now - self.last_end)
         self.epoch.add(stats)
         self.epoch.stall_s += data_wait_s
@@ -411,8 +432,11 @@ class _Run:
     clock: _Clock = field(default_factory=_Clock)
 
     def __post_init__(self) -> None:
-        self.ring = PairRing.local(self.cfg.ring.slots)
+        images = len(self.schedule.train_ids)
+        self.ring = PairRing.local(self.cfg.ring.slots, images=images, noise=self.cfg.generator.noise)
         self.ring.clock_ns = lambda: round(self.clock.now * 1e9)
+        self.similarity = stand_in_similarity(images, self.cfg.train.seed)
+        self.generated_ids: list[np.ndarray] = []
         self.pixels = np.zeros((max(self.cfg.generator.batch_size, 1), 3, 1, 1), dtype=np.uint8)
         self.disk: DiskCache | None = None
         self.batches: list[tuple[float, float, int]] = []
@@ -458,5 +482,11 @@ def simulate(cfg: Config, dataset_size: int, rates: Rates, *, producers: int | N
     run.clock.run(lambda: run.trainer.steps == run.total_steps)
     port = run.trainer.port
     disk_images = run.disk.images() if run.disk is not None else 0
+    generated_ids = np.concatenate(run.generated_ids) if run.generated_ids else np.zeros(0, dtype=np.int64)
     return Simulation(run.trainer.epochs, run.clock.now, port.generated, port.evicted_unserved, port.unserved,
-                      disk_images, run.batches)
+                      disk_images, run.batches, generated_ids, run.similarity if is_aimed(cfg.generator) else None)
+
+
+def stand_in_similarity(images: int, seed: int) -> np.ndarray:
+    """The simulator's model: each image's pair similarity, fixed for the run and uniform in [0, 1]."""
+    return np.random.default_rng(seed).random(images).astype(np.float32)
