@@ -16,7 +16,10 @@ Four measurements, each on the current device:
 3. ring: pairs/s through ``PairRing`` (``ProducerPort.write_pairs``: reserve, write, one
    ``publish_many`` per batch; then take) against a plain numpy
    copy of the same bytes with the same batching;
-4. a gen/train split model for a node of ``--node-gpus`` devices, derived from 1 and 2.
+4. a gen/train split model for a node of ``--node-gpus`` devices, derived from 1 and 2;
+5. claims: a producer's claim with generation aimed by the trainers (``generator.aim=hard``) against one in
+   the trainers' order, where generation is scarce: trainers at 5,000 images/s, a producer batch of 4 s,
+   an image table of ``--claim-images`` rows (target: the aimed claim <= 1% of the batch's time).
 
 See docs/benchmarks.md for how to read the output.
 """
@@ -36,6 +39,7 @@ import torch
 from common import BenchParser, int_list, output_path, save_results, setup_torch, target
 from gencalls import GeneratorCalls
 from machine import LoadWatch, torch_meta
+from throughputbench.claims import bench_claims
 from throughputbench.report import format_report, plot
 from throughputbench.ring import bench_ring
 from throughputbench.split import split_model
@@ -48,6 +52,9 @@ from onlinemix.data import load_real_images
 from onlinemix.generation.generator import DiffusersVariationGenerator
 
 STEP_COST_TARGET = 1.05  # a MixDiff step with pairs ready <= this x a plain SimCLR step on the same batch
+CLAIM_SHARE_TARGET = 0.01  # an aimed claim <= this share of a producer batch's time
+SCARCE_TRAINER_RATE = 5000.0  # images/s one trainer eats where one GPU generates a few pairs/s ...
+SCARCE_BATCH_S = 4.0  # ... 16 of them in this many seconds
 
 # Values used when a flag is not given: (default run, --quick run).
 DEFAULTS = {
@@ -58,6 +65,8 @@ DEFAULTS = {
     "train_warmup": (3, 1),
     "ring_pairs": (2048, 256),
     "ring_repeats": (3, 1),
+    "claim_images": (1_281_167, 100_000),
+    "claim_repeats": (50, 5),
 }
 
 
@@ -104,6 +113,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"{q('ring_pairs')}")
     p.add_argument("--ring-repeats", type=int, default=None,
                    help=f"timed ring rounds (and numpy rounds), after one warm-up round {q('ring_repeats')}")
+    p.add_argument("--claim-images", type=int, default=None,
+                   help=f"images of the dataset the claims choose from (default: ImageNet-1K's) {q('claim_images')}")
+    p.add_argument("--claim-repeats", type=int, default=None,
+                   help=f"timed claims of each kind; the median counts {q('claim_repeats')}")
     p.add_argument("--node-gpus", type=int, default=8,
                    help="devices per node for the gen/train split table (default 8); the table has one row per "
                         "split g generators + (node-gpus - g) trainers, g = 1 .. node-gpus-1")
@@ -113,7 +126,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse(argv)
     args.gen_batch_sizes = int_list(p, "--gen-batch-sizes", args.gen_batch_sizes)
     args.max_reuse = int_list(p, "--max-reuse", args.max_reuse)
-    p.require_at_least(args, 1, "gen_repeats", "train_batch_size", "train_steps", "ring_pairs", "ring_repeats")
+    p.require_at_least(args, 1, "gen_repeats", "train_batch_size", "train_steps", "ring_pairs", "ring_repeats",
+                       "claim_repeats")
+    p.require_at_least(args, 1024, "claim_images")  # one node batch of the trainers
     if args.train_batch_size < 2:
         p.error("--train-batch-size must be >= 2 (NT-Xent needs negatives, BatchNorm needs > 1 sample)")
     p.require_at_least(args, 0, "train_warmup")
@@ -178,6 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
         idx = np.arange(args.ring_pairs) % len(real)
         ring = bench_ring(cfg, real.images.numpy()[idx], synthetic.numpy()[idx], cfg.generator.batch_size,
                           args.train_batch_size, args.ring_repeats, bar)
+        claims = bench_claims(args.claim_images, SCARCE_TRAINER_RATE, SCARCE_BATCH_S, args.claim_repeats)
 
     load.stop()
     best = max(gen_rows, key=lambda r: r["wrapper_img_s"])
@@ -198,12 +214,18 @@ def main(argv: list[str] | None = None) -> dict:
         "training": training,
         "step_cost": step_cost,
         "ring": ring,
+        "claims": claims,
         "split": split_model(training["img_s"], generation["best_img_s"], args.node_gpus, args.max_reuse),
         "targets": [target("MixDiff step with pairs ready (from a warm cache) / plain SimCLR step, same batch",
                            step_cost["mixdiff_over_simclr"], STEP_COST_TARGET, "<=",
                            f"median step {1e3 * step_cost['median_step_s']['mixdiff']:.1f} vs "
                            f"{1e3 * step_cost['median_step_s']['simclr']:.1f} ms, batch {step_cost['batch_size']}, "
-                           f"{step_cost['steps']} steps each")],
+                           f"{step_cost['steps']} steps each"),
+                    target("aimed claim (generator.aim=hard) / a producer batch's time, generation scarce",
+                           claims["aimed_share_of_batch"], CLAIM_SHARE_TARGET, "<=",
+                           f"{1e3 * claims['aimed_claim_s']:.2f} ms over {claims['aimed_span']:,} positions of "
+                           f"{claims['images']:,} images vs {1e3 * claims['plain_claim_s']:.2f} ms unaimed, "
+                           f"batch {claims['batch_s']:g} s")],
     }
     save_results(res, out, plot, format_report, _T0, started, gap=True, after_imports=True)
     return res

@@ -20,11 +20,13 @@ from tqdm.auto import tqdm
 from onlinemix.cache.store import CacheReader
 from onlinemix.core.config import Config
 from onlinemix.data import RealImages
+from onlinemix.exchange.aim import AimPublisher
 from onlinemix.exchange.lookup import BatchPairs, PairImages, PairSource
+from onlinemix.exchange.ring import PairRing, TrainerPort
 from onlinemix.train import Trainer
 
 STEP_COST_KEY = "bench-step-cost"
-STEP_PARTS = ("lookup", "augment", "compute")
+STEP_PARTS = ("lookup", "augment", "compute", "aim")
 
 
 def add_trainer_flags(p: BenchParser) -> None:
@@ -108,13 +110,17 @@ def bench_step_cost(cfg: Config, device: torch.device, real_images: torch.Tensor
     (``PairSource`` without a ring: ``CacheReader.take``, then the gather), so it never waits for a
     producer; plain SimCLR gathers the real images alone. Then each makes its two views and steps.
     Both trainers start from the same weights and get the same ids; they take turns, the first of
-    each turn alternating, so that drift of the machine hits both alike. Lookup, augmentation and
-    compute are timed apart; the ratio is of the median step.
+    each turn alternating, so that drift of the machine hits both alike. MixDiff's step also publishes
+    what its pairs taught, as an aimed run's trainer does with the most work (``generator.aim=hard``,
+    ``strength=adaptive``: a score and a noise level per image, into a ring's image table). Lookup,
+    augmentation, compute and that publication are timed apart; the ratio is of the median step.
     """
     trainers = {"mixdiff": build_trainer(cfg, device, real_images, batch_size, "mixdiff"),
                 "simclr": build_trainer(cfg, device, real_images, batch_size, "real")}
     gen = torch.Generator().manual_seed(cfg.train.seed)
     times: dict[str, dict[str, list[float]]] = {k: {part: [] for part in STEP_PARTS} for k in trainers}
+    ring = PairRing.local(slots=1, images=len(real_images))
+    aim = AimPublisher(TrainerPort(ring, leader=True), replace(cfg.generator, aim="hard", strength="adaptive"))
     with tempfile.TemporaryDirectory() as cache_dir:
         pairs = PairSource(None, cfg.staleness, real_images, cfg.ring.verify_checksums, lambda: None,
                            warm_cache(Path(cache_dir), synthetic_images))
@@ -127,9 +133,12 @@ def bench_step_cost(cfg: Config, device: torch.device, real_images: torch.Tensor
                 views = trainer.augment(batch)
             with Timer(device) as t_compute:
                 trainer.train_step(views)
+            with Timer(device) as t_aim:
+                if name == "mixdiff":
+                    trainer.publish_aim(aim, batch.second)
             trainer.step += 1
             if timed:
-                for part, t in zip(STEP_PARTS, (t_lookup, t_aug, t_compute)):
+                for part, t in zip(STEP_PARTS, (t_lookup, t_aug, t_compute, t_aim)):
                     times[name][part].append(t.seconds)
 
         for i in range(warmup + steps):
