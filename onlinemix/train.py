@@ -231,6 +231,8 @@ class Trainer:
             pairs.cache.restore_uses(self.cache_uses)
         checkpoint_due = CheckpointSchedule(acc, tc.checkpoint_every, tc.checkpoint_every_s)
         aim = AimPublisher(port, self.cfg.generator) if port is not None and is_aimed(self.cfg.generator) else None
+        if aim is not None and acc.is_main_process:
+            log.info("generation aimed by the trainers: %s", aim.describe())
         stop_reason = None
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process,
                    desc="train", unit="step", dynamic_ncols=True)

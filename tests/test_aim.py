@@ -249,6 +249,8 @@ def test_an_aimed_online_run_trains_and_caches_each_variations_noise(tmp_path: P
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "aimed" / "metrics.jsonl").read_text().splitlines()]
     assert [r for r in rows if "step" in r][-1]["total_fresh"] > 0
+    assert "aim hard (the pairs the model matches worst first); noise adapted per image within [0, 0.3]" in \
+        (tmp_path / "aimed" / "train.log").read_text()
     records = list((tmp_path / "cache").glob("*/index/*.json"))
     noises = {x for r in records for x in json.loads(r.read_text()).get("noises", [])}
     assert 0.1 in noises and all(0 <= x <= 0.3 for x in noises)

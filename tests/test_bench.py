@@ -28,8 +28,12 @@ def test_quick_benchmark_writes_complete_results(tmp_path: Path) -> None:
     assert all(len(cost["step_s"][k]) == cost["steps"] and cost["parts_s_mean"][k]["lookup"] > 0
                for k in ("mixdiff", "simclr"))
     assert cost["mixdiff_over_simclr"] == cost["median_step_s"]["mixdiff"] / cost["median_step_s"]["simclr"]
-    (step_target,) = res["targets"]
+    assert cost["parts_s_mean"]["mixdiff"]["aim"] > 0  # the trainers publish scores and noise levels
+    step_target, claim_target = res["targets"]
     assert step_target["value"] == cost["mixdiff_over_simclr"] and step_target["status"] in ("PASS", "MISS")
+    claims = res["claims"]  # an aimed claim spans the positions passed during a batch; an unaimed one a batch
+    assert claims["aimed_span"] > claims["plain_span"] == 16 and claims["aimed_claim_s"] > 0
+    assert claim_target["value"] == claims["aimed_share_of_batch"] and claim_target["status"] in ("PASS", "MISS")
     assert res["ring"]["ring_pairs_s"] > 0 and res["ring"]["numpy_pairs_s"] > 0
 
     split = res["split"]

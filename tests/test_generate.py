@@ -8,6 +8,7 @@ import re
 import warnings
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -216,13 +217,13 @@ def test_sdpa_requested(gen: DiffusersVariationGenerator) -> None:
 
 
 def fake_run(gen: DiffusersVariationGenerator, nan_calls: int | None, nan_image: int = 1
-             ) -> tuple[Callable[[torch.Tensor, list[int]], torch.Tensor], list[list[int]]]:
+             ) -> tuple[Callable[[torch.Tensor, list[int], np.ndarray], torch.Tensor], list[list[int]]]:
     """A stand-in for ``_run``: the first call yields 0.25 everywhere (but one black pixel, so
     images are not blank) with NaN in ``nan_image``; the next ``nan_calls - 1`` calls yield
     all-NaN, later ones 0.75. ``None``: NaN for ever."""
     calls: list[list[int]] = []
 
-    def run(pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    def run(pixels: torch.Tensor, seeds: list[int], noises: np.ndarray) -> torch.Tensor:
         calls.append(list(seeds))
         out = torch.full((len(seeds), 3, gen.gen_size, gen.gen_size), 0.25 if len(calls) == 1 else 0.75)
         out[:, :, 0, 0] = 0.0
@@ -266,8 +267,8 @@ def test_blank_image_is_regenerated(fresh_gen: DiffusersVariationGenerator, monk
     real_run = fresh_gen._run
     calls = []
 
-    def run_with_one_blank(pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        out = real_run(pixels, seeds)
+    def run_with_one_blank(pixels: torch.Tensor, seeds: list[int], noises: np.ndarray) -> torch.Tensor:
+        out = real_run(pixels, seeds, noises)
         if not calls:
             out[2] = 0.0
         calls.append(seeds)
@@ -309,8 +310,8 @@ def test_non_finite_output_of_the_real_pipeline_is_regenerated(fresh_gen: Diffus
     real_run = fresh_gen._run
     calls = []
 
-    def run_with_one_nan(pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        out = real_run(pixels, seeds)
+    def run_with_one_nan(pixels: torch.Tensor, seeds: list[int], noises: np.ndarray) -> torch.Tensor:
+        out = real_run(pixels, seeds, noises)
         if not calls:
             out[0, 0, 0, 0] = float("nan")
         calls.append(seeds)

@@ -79,9 +79,13 @@ class AimPublisher:
         self.adaptive = cfg.strength == "adaptive"
         self.low, self.high = cfg.noise_min, cfg.noise_max
 
-    @property
-    def needs_similarity(self) -> bool:
-        return self.aim == "hard" or self.adaptive
+    def describe(self) -> str:
+        """The settings in force, for the run's log."""
+        order = {"none": "producers generate in the trainers' order", "stale": "the most worn variations first",
+                 "hard": "the pairs the model matches worst first"}[self.aim]
+        strength = (f"noise adapted per image within [{self.low:g}, {self.high:g}]" if self.adaptive
+                    else "noise fixed")
+        return f"aim {self.aim} ({order}); {strength}"
 
     def publish(self, ids: np.ndarray, synthetic: np.ndarray, uses: np.ndarray, age: np.ndarray,
                 similarity: np.ndarray | None) -> None:
