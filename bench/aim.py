@@ -8,14 +8,22 @@ trainers' order, on the bundled digits with digits-tiny.
     python bench/aim.py --method barlowtwins --epochs 6
     python bench/aim.py --quick                           # 1 epoch, 2 seeds: checks the script, not the settings
 
-Every setting gets the same budget: as many generated pairs as there are training images. ``precompute``
-warms one variation per image into a fresh cache (``python -m onlinemix.cache warm --variations 1``, timed
-with the run) and trains offline from it; the online settings run producers held to
-``producer.max_pairs_per_epoch = ceil(budget / epochs)``, each with a fresh cache directory. Each run is
-``python -m onlinemix.train`` in its own process (digits_table's ``train_once``), scored by the end-of-run
-linear probe and the last epoch's kNN top-1 on the held-out real digits. Results: a Markdown table (mean and
-95% Student t interval over seeds, the paired difference to ``uniform``, the pairs generated, the second
-views by origin, seconds per run) printed and written next to the JSON at --out, and a PNG plot.
+Every setting gets the same budget: as many generated pairs as there are training images (1,438).
+``precompute`` warms one variation per image into a fresh cache (``python -m onlinemix.cache warm
+--variations 1``, one worker, timed with the run) and trains offline from it; the online settings run their
+producer held to ``producer.max_pairs_per_epoch = ceil(budget / epochs)``, each with a fresh cache
+directory. Each run is ``python -m onlinemix.train`` in its own process (digits_table's ``train_once``), with
+``generator.seed`` = ``train.seed``, scored by the end-of-run linear probe and the last epoch's kNN top-1 on
+the held-out real digits.
+
+Results: a Markdown table printed and written next to the JSON at --out, and a PNG. Per setting: mean and
+95% Student t interval over seeds, the paired difference to ``uniform`` (same seeds), the pairs generated
+as each run counts them and the distinct images in its cache, the second views by origin, wall and CPU
+seconds per run (CPU seconds change less with other load). A WARNING names online settings whose runs
+left the budget unspent, and whether their producers fell behind the cap or stopped generating; the
+settings are then not compared at one budget. The default 6 epochs keep the cap (240 pairs per epoch)
+within one CPU producer's reach and the full run (7 settings x 5 seeds) at an estimated 40 minutes on 2 idle
+cores (one seed of the seven took 20 minutes and 611 CPU seconds pinned to one core shared with other work).
 """
 
 from __future__ import annotations

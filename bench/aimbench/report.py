@@ -35,6 +35,7 @@ def summarize(runs: list[dict[str, Any]], baseline: list[dict[str, Any]] | None)
                 "shares": {o: views[o] / total if total else 0.0 for o in ORIGINS},
                 "wall_s_mean": statistics.fmean(r["wall_s"] for r in runs),
                 "wall_s_total": sum(r["wall_s"] for r in runs),
+                "cpu_s_mean": statistics.fmean(r.get("cpu_s", 0.0) for r in runs),
                 "warm_s_mean": statistics.fmean(r["warm_s"] for r in runs)})
     return out
 
@@ -58,15 +59,16 @@ def markdown(res: dict[str, Any]) -> str:
     """One row per setting: the two scores with their intervals, their paired differences to uniform, the
     pairs generated, the second views by origin and the wall time per run."""
     lines = [f"| setting | linear top-1 | Δ linear vs {BASELINE} | kNN top-1 | Δ kNN vs {BASELINE} | pairs generated "
-             "| images covered | fresh / cached / disk / fallback (%) | s per run |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| images covered | fresh / cached / disk / fallback (%) | s per run | CPU s per run |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, s in res["settings"].items():
         sm = s["summary"]
         shares = (" / ".join(f"{100 * sm['shares'][o]:.0f}" for o in ORIGINS) if any(sm["shares"].values())
                   else "none counted")  # real pairs: no second view has an origin
         lines.append(f"| {name} | {_ci(sm['linear_top1'])} | {_ci(sm[f'linear_top1_vs_{BASELINE}'], True)} "
                      f"| {_ci(sm['knn_top1'])} | {_ci(sm[f'knn_top1_vs_{BASELINE}'], True)} | {_generated(sm)} "
-                     f"| {sm['images_covered_mean']:.0f} | {shares} | {sm['wall_s_mean']:.0f} |")
+                     f"| {sm['images_covered_mean']:.0f} | {shares} | {sm['wall_s_mean']:.0f} "
+                     f"| {sm['cpu_s_mean']:.0f} |")
     c, m = res["config"], res["meta"]
     lines.append(f"\nTop-1 (%) on the {c['heldout']} held-out real digits: mean [95% Student t interval] over seeds "
                  f"{', '.join(map(str, c['seeds']))}; Δ = the paired difference to {BASELINE} over the same seeds. "
@@ -76,14 +78,34 @@ def markdown(res: dict[str, Any]) -> str:
                  f"as the run reports them (precompute: by the warm); images covered: distinct images in the run's "
                  f"cache. Second views over all runs of a setting. {m['total_run_s'] / 60:.1f} min of runs on "
                  f"{m['cpu_count']} cores ({m['cpu']}).")
-    short = [f"{name} {s['summary']['generated_min']}" for name, s in res["settings"].items()
-             if s.get("online") and s["summary"]["generated_min"] < 0.95 * c["budget"]]
-    if short:
-        lines.append(f"\nWARNING: the budget was not spent: the fewest pairs an online run generated were "
-                     f"{', '.join(short)}, of {c['budget']}; the producers could not keep up with the cap of "
-                     f"{c['max_pairs_per_epoch']} per epoch, so the settings are not compared at one budget "
-                     f"(more --epochs lowers the cap and gives them the time).")
+    if short := budget_shortfalls(res):
+        lines.append(f"\nWARNING: online runs left the budget of {c['budget']} pairs unspent, so these settings are "
+                     f"not compared at one budget: " + "; ".join(short) + ".")
     return "\n".join(lines)
+
+
+def short_runs(res: dict[str, Any], name: str, spent: float = 0.95) -> list[dict[str, Any]]:
+    """The runs of online setting ``name`` that generated less than ``spent`` of the budget."""
+    s = res["settings"][name]
+    return [r for r in s["runs"] if s.get("online") and r["generated"] < spent * res["config"]["budget"]]
+
+
+def budget_shortfalls(res: dict[str, Any]) -> list[str]:
+    """Per online setting whose runs left the budget unspent, its fewest pairs and why: the producers stopped
+    generating (no pair in the last epoch: they stopped claiming, a fault of the run) or fell behind the cap
+    (a generator too slow for it: more epochs lower the cap)."""
+    out = []
+    for name in res["settings"]:
+        if not (short := short_runs(res, name)):
+            continue
+        stopped = [r for r in short if len(g := r.get("generated_by_epoch", [])) > 1 and g[-1] == g[-2]]
+        why = (f"generation stopped before the end in {len(stopped)} of {len(short)} short runs (no pair in "
+               f"the last epoch; seed {stopped[0]['seed']}: " + ", ".join(map(str, stopped[0]['generated_by_epoch']))
+               + " pairs in all by each epoch's end)" if stopped else
+               f"the producers fell behind the cap of {res['config']['max_pairs_per_epoch']} per epoch "
+               f"(more --epochs lowers it)")
+        out.append(f"{name} generated as few as {min(r['generated'] for r in short)}: {why}")
+    return out
 
 
 def format_report(res: dict[str, Any]) -> str:
@@ -91,7 +113,8 @@ def format_report(res: dict[str, Any]) -> str:
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
-    """Per score, each setting's mean with its 95% interval; a dashed line at ``real``'s mean."""
+    """Per score, each setting's mean with its 95% interval, hollow where runs left the budget unspent; a dashed
+    line at ``real``'s mean."""
     plt = import_pyplot("bench/aim.py")
     names = list(res["settings"])
     fig, axes = plt.subplots(1, len(SCORES), figsize=(4.2 * len(SCORES), 3.6))
@@ -100,15 +123,22 @@ def plot(res: dict[str, Any], path: Path) -> None:
         xs = [i for i, c in enumerate(cells) if c is not None]
         means = [cells[i]["mean"] for i in xs]
         errs = [cells[i]["half"] or 0.0 for i in xs]
-        ax.errorbar(xs, means, yerr=errs, fmt="o", capsize=4)
+        for x, mean, err in zip(xs, means, errs):
+            hollow = bool(short_runs(res, names[x]))
+            ax.errorbar([x], [mean], yerr=[err], fmt="o", capsize=4, c="C0", mfc="none" if hollow else "C0",
+                        label="budget unspent" if hollow else None)
         ref = res["settings"].get(REFERENCE, {}).get("summary", {}).get(score)
         if ref is not None:
             ax.axhline(ref["mean"], ls="--", c="grey", label=f"{REFERENCE} (mean)")
-            ax.legend(fontsize=8, loc="lower right")
+        handles, labels = ax.get_legend_handles_labels()
+        if handles:
+            unique = dict(zip(labels, handles))
+            ax.legend(unique.values(), unique.keys(), fontsize=8, loc="best")
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         low, high = ax.get_ylim()
         ax.set(ylabel=label, title=label.split(" (")[0], ylim=(low, min(high, 100.5)))
     c = res["config"]
+    seeds = len(c["seeds"])
     fig.suptitle(f"digits, {c['method']}, {c['epochs']} epoch{'s' * (c['epochs'] != 1)}, budget {c['budget']} pairs, "
-                 f"{len(c['seeds'])} seeds (95% t intervals)", fontsize=10)
+                 f"{seeds} seed{'s' * (seeds != 1)} (95% t intervals)", fontsize=10)
     save_figure(fig, path)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -79,7 +80,8 @@ def train_help() -> str:
 def missing_flags(settings: list[Setting], help_text: str) -> dict[str, list[str]]:
     """Per setting, the training flags it needs that ``help_text`` does not list (settings lacking none are left
     out): a checkout without them cannot run that setting."""
-    missing = {s.name: [f for f in s.flags() if not re.search(re.escape(f) + r"\b", help_text)] for s in settings}
+    listed = set(re.findall(r"--[\w.-]+", help_text))
+    missing = {s.name: [f for f in s.flags() if f not in listed] for s in settings}
     return {name: flags for name, flags in missing.items() if flags}
 
 
@@ -132,24 +134,35 @@ def cache_counts(root: Path) -> dict[str, int]:
     return {"pairs": sum(i["pairs"] for i in infos), "images": sum(i["images"] for i in infos)}
 
 
+def children_cpu_s() -> float:
+    """CPU seconds (user and system) of the finished child processes so far: a run's CPU time, which load from
+    other processes skews far less than its wall time, so that run times can be compared across machines."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_once(setting: Setting, method: str, epochs: int, seed: int, cap: int, threads: int | None,
              work: Path) -> dict[str, Any]:
     """One run of ``setting`` with ``seed``: its scores, the pairs generated and where its second views came from.
 
-    ``wall_s`` counts a precompute's warm as well as its training."""
+    ``wall_s`` and ``cpu_s`` count a precompute's warm as well as its training."""
     preset = write_preset(setting, method, seed, cap, threads, work)
+    cpu_before = children_cpu_s()
     warmed, warm_s = warm(preset) if setting.precompute else (0, 0.0)
     probe = train_once(preset, epochs, seed, work)
+    cpu_s = children_cpu_s() - cpu_before
     run_dir = work / f"{setting.name}-seed{seed}"
     summary = json.loads((run_dir / "summary.json").read_text())
-    knn = [row["knn_top1"] for row in run_metrics(run_dir) if "epoch_end" in row and "knn_top1" in row]
+    ends = [row for row in run_metrics(run_dir) if "epoch_end" in row]
+    knn = [row["knn_top1"] for row in ends if "knn_top1" in row]
     views = {o: int(summary.get("views", {}).get(o, 0)) for o in ORIGINS}
     total = sum(views.values())
     return {"seed": seed, "linear_top1": probe["top1"], "random_init_top1": probe["random_init_top1"],
             "knn_top1": knn[-1] if knn else None,
             "generated": warmed if setting.precompute else int(summary.get("generated", 0)),
+            "generated_by_epoch": [int(row.get("generated", 0)) for row in ends],  # in all, at each epoch's end
             "cache": cache_counts(work / f"{setting.name}-seed{seed}-cache"),
             "views": views, "shares": {o: views[o] / total if total else 0.0 for o in ORIGINS},
-            "warm_s": warm_s, "train_s": probe["seconds"], "wall_s": warm_s + probe["seconds"],
+            "warm_s": warm_s, "train_s": probe["seconds"], "wall_s": warm_s + probe["seconds"], "cpu_s": cpu_s,
             "trainer_images_per_s": summary.get("trainer_images_per_s"),
             "producer_images_per_s": summary.get("producer_images_per_s")}
