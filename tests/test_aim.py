@@ -71,15 +71,17 @@ def test_scores_and_noise_written_by_a_trainer_are_read_by_a_producer_of_another
         ring.close()
 
 
-def test_an_aimed_claim_spans_the_positions_passed_during_a_batch_and_counts_its_room() -> None:
+def test_an_aimed_claim_spans_as_many_positions_per_pair_as_it_may_make() -> None:
     ring = PairRing.local(slots=16, images=IMAGES)
     port = ProducerPort(ring, capacity=16, lead_factor=0, producers=2)
     TrainerPort(ring, leader=True).publish_speed(1000, 1.0)  # 1000 positions/s
     port.observe_batch(0.05)  # a batch takes 50 ms: 50 positions pass, 25 for each of the 2 producers
-    assert port.passed_per_batch() == 25
-    claim = port.claim(4, window=port.passed_per_batch())
+    assert port.passed_per_batch() == pytest.approx(25)
+    claim = port.claim(4, positions_per_pair=6.25)
     assert claim.positions.tolist() == list(range(25)) and claim.most == 4
-    assert port.claim(4).positions.tolist() == [25, 26, 27, 28]  # the window's other positions are passed over
+    assert port.claim(4).positions.tolist() == [25, 26, 27, 28]  # the span's other positions are passed over
+    small = ProducerPort(ring, capacity=2, lead_factor=0).claim(4, positions_per_pair=6.25)
+    assert small.most == 2 and len(small.positions) == 12  # room for 2 pairs: the span of 2
 
 
 def aimed_work(aim: str, scores: np.ndarray, **producer: str) -> tuple[RingWork, PairRing, EpochSchedule]:
@@ -108,6 +110,24 @@ def test_aimed_producers_generate_for_the_highest_scores_ahead_of_the_trainers()
     ring = plain.port.ring
     TrainerPort(ring, leader=True).publish_position(8)
     assert plain.next().positions.tolist() == [8, 9, 10, 11]  # unaimed: the trainers' order
+
+
+def test_an_aimed_producer_spends_its_budget_at_the_trainers_pace_to_the_end() -> None:
+    """Claims under a budget span the positions the budget gives their pairs: the claim pointer keeps pace with
+    the trainers instead of running to the end of training while the budget trickles in."""
+    # 4 pairs an epoch of 64 positions, fewer than the 40 / 4 = 10 positions a pair takes to make allow: the budget
+    # binds, and a claim spans 16 positions per pair.
+    work, ring, schedule = aimed_work("hard", np.random.default_rng(1).random(IMAGES), max_pairs_per_epoch="4")
+    assert work.positions_per_pair() == 16
+    trainers, made = TrainerPort(ring, leader=True), 0
+    for position in range(0, work.end, 8):  # the trainers' batches, one after another
+        trainers.publish_position(position)
+        while (batch := work.next()) is not None:
+            made += len(batch.ids)
+            assert (batch.positions >= position).all()
+        # at most an epoch and a batch ahead (a claim past the end of training makes nothing, so it may go there)
+        assert min(ring.header.gen_pos, work.end) <= position + 2 * schedule.positions_per_epoch
+    assert made >= 4 * (work.end // schedule.positions_per_epoch) - 4  # the budget spent, all along training
 
 
 def test_a_generation_budget_is_paced_along_training() -> None:

@@ -721,24 +721,25 @@ class ProducerPort:
         since = max(0.0, (self.ring.clock_ns() - self.ring.header.trainer_pos_ns) / 1e9)
         return max(0, math.ceil((seconds + since) / step_s - 1))
 
-    def passed_per_batch(self) -> int:
-        """Positions the trainers pass while this producer makes one batch, its share among the node's producers:
-        the window an aimed claim chooses from (0 until a batch has been timed and the trainers have moved)."""
+    def passed_per_batch(self) -> float:
+        """Positions the trainers pass while this producer makes one batch, its share among the node's producers
+        (0 until a batch has been timed and the trainers have moved)."""
         rate = self.ring.header.trainer_rate_milli / 1000.0
         if not (rate and self._batch_s.value):
-            return 0
-        return int(rate * self._batch_s.value / self.producers)
+            return 0.0
+        return rate * self._batch_s.value / self.producers
 
-    def claim(self, n: int, window: int = 0) -> Claim:
+    def claim(self, n: int, positions_per_pair: float = 0.0) -> Claim:
         """Reserve positions to generate for, at most ``n`` of them; may return fewer or none.
 
         Positions a trainer is waiting for (:meth:`TrainerPort.request`) come first. Otherwise
         claims continue from where the last one ended, but never start closer to the trainers
         than the lead, and only as many as fit next to the unserved pairs already waiting
         (:meth:`PairRing.waiting`): a full ring of pairs nobody has asked for yet stops claims,
-        whatever their distance from the trainers. With a ``window`` larger than that count the claim
-        spans ``window`` positions, of which the producer generates for the most deserving (aim): the
-        others are passed over for good.
+        whatever their distance from the trainers. With ``positions_per_pair`` above 1 (aim: the positions
+        the trainers pass for each pair the producers can make), a claim of that count spans as many
+        positions per pair, of which the producer generates for the most deserving: the others are passed
+        over for good. The span grows with the pairs claimed, so claims keep the trainers' pace.
         """
         self.beat()
         lead = self.lead()
@@ -757,8 +758,9 @@ class ProducerPort:
             most = min(n, self.capacity - self.ring.waiting(trainer))
             if most <= 0:
                 return Claim(np.empty(0, dtype=np.int64), 0)
-            header.gen_pos = start + max(most, window)
-        return Claim(np.arange(start, start + max(most, window), dtype=np.int64), most)
+            span = max(most, int(most * positions_per_pair))
+            header.gen_pos = start + span
+        return Claim(np.arange(start, start + span, dtype=np.int64), most)
 
     def take_budget(self, wanted: int, allowed: int) -> int:
         """Count up to ``wanted`` pairs against a budget of ``allowed`` pairs so far for the node's producers;

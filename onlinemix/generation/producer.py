@@ -38,8 +38,9 @@ class RingWork:
     """Online work: positions claimed from the ring ahead of the trainers, minus the images
     that already have an unused view waiting for them and the positions past the end of training.
 
-    Aimed (``generator.aim`` other than none), a claim spans the positions the trainers pass while one
-    batch is made, and the batch goes to its highest-scoring images (:mod:`onlinemix.exchange.aim`).
+    Aimed (``generator.aim`` other than none), a claim spans the positions the trainers pass while its pairs
+    are made (or that the budget gives them), and they go to its highest-scoring images
+    (:mod:`onlinemix.exchange.aim`).
     Under a budget (``producer.max_pairs_per_epoch``) work waits until the trainers' progress allows it.
     Each image's variation is made with the noise level the trainers set for it."""
 
@@ -62,6 +63,14 @@ class RingWork:
         done = self.port.ring.header.trainer_pos / self.schedule.positions_per_epoch
         return int(self.budget_per_epoch * done) + self.batch_size
 
+    def positions_per_pair(self) -> float:
+        """The positions the trainers pass for each pair the producers can make: in the time a pair takes, or
+        under a budget the positions it gives a pair, whichever is more. An aimed claim spans that many per pair."""
+        per_pair = self.port.passed_per_batch() / self.batch_size
+        if self.budget_per_epoch:
+            per_pair = max(per_pair, self.schedule.positions_per_epoch / self.budget_per_epoch)
+        return per_pair
+
     def next(self) -> Work | None:
         while not self.port.closed:
             n = self.batch_size
@@ -69,7 +78,7 @@ class RingWork:
                 n = min(n, self.budget_allowed() - self.port.ring.header.budget_used)
                 if n <= 0:
                     return None
-            claim = self.port.claim(n, self.port.passed_per_batch() if self.aimed else 0)
+            claim = self.port.claim(n, self.positions_per_pair() if self.aimed else 0.0)
             positions = claim.positions[claim.positions < self.end]
             if len(positions) == 0:
                 return None
