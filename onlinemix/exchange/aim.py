@@ -39,7 +39,8 @@ def stale_scores(uses: np.ndarray, age: np.ndarray) -> np.ndarray:
 
 
 def hard_scores(similarity: np.ndarray) -> np.ndarray:
-    """Score of images from the cosine similarity of their (real, synthetic) pair's embeddings."""
+    """Score of images from the cosine similarity of their last pair's embeddings (real and synthetic, or two
+    real views)."""
     return (1 - similarity).astype(np.float32)
 
 

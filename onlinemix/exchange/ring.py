@@ -762,6 +762,16 @@ class ProducerPort:
             header.gen_pos = start + span
         return Claim(np.arange(start, start + span, dtype=np.int64), most)
 
+    @property
+    def trainer_position(self) -> int:
+        """The first position no trainer has asked for yet (:meth:`TrainerPort.publish_position`)."""
+        return self.ring.header.trainer_pos
+
+    @property
+    def budget_used(self) -> int:
+        """Pairs the node's producers have claimed under a budget (:meth:`take_budget`)."""
+        return self.ring.header.budget_used
+
     def take_budget(self, wanted: int, allowed: int) -> int:
         """Count up to ``wanted`` pairs against a budget of ``allowed`` pairs so far for the node's producers;
         returns how many may be generated now."""

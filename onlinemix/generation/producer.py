@@ -60,7 +60,7 @@ class RingWork:
 
     def budget_allowed(self) -> int:
         """Pairs the budget allows in all by now: its share of the trainers' progress, plus one batch to start on."""
-        done = self.port.ring.header.trainer_pos / self.schedule.positions_per_epoch
+        done = self.port.trainer_position / self.schedule.positions_per_epoch
         return int(self.budget_per_epoch * done) + self.batch_size
 
     def positions_per_pair(self) -> float:
@@ -75,7 +75,7 @@ class RingWork:
         while not self.port.closed:
             n = self.batch_size
             if self.budget_per_epoch:
-                n = min(n, self.budget_allowed() - self.port.ring.header.budget_used)
+                n = min(n, self.budget_allowed() - self.port.budget_used)
                 if n <= 0:
                     return None
             claim = self.port.claim(n, self.positions_per_pair() if self.aimed else 0.0)
