@@ -80,8 +80,14 @@ def test_an_aimed_claim_spans_as_many_positions_per_pair_as_it_may_make() -> Non
     claim = port.claim(4, positions_per_pair=6.25)
     assert claim.positions.tolist() == list(range(25)) and claim.most == 4
     assert port.claim(4).positions.tolist() == [25, 26, 27, 28]  # the span's other positions are passed over
+    # The trainers moved 20 positions: a claim reaches 25 past them, from the 29 claimed already.
+    TrainerPort(ring, leader=True).publish_position(20)
+    assert port.claim(4, positions_per_pair=6.25).positions.tolist() == list(range(29, 45))
+    TrainerPort(ring, leader=True).publish_position(40)  # room for 2 pairs: 12 positions past them, from 45
     small = ProducerPort(ring, capacity=2, lead_factor=0).claim(4, positions_per_pair=6.25)
-    assert small.most == 2 and len(small.positions) == 12  # room for 2 pairs: the span of 2
+    assert small.most == 2 and small.positions.tolist() == list(range(45, 52))
+    assert port.claim(4, positions_per_pair=6.25).positions.tolist() == list(range(52, 65))
+    assert port.claim(4, positions_per_pair=6.25).positions.tolist() == [65, 66, 67, 68]  # at the reach: its pairs
 
 
 def aimed_work(aim: str, scores: np.ndarray, **producer: str) -> tuple[RingWork, PairRing, EpochSchedule]:

@@ -737,9 +737,11 @@ class ProducerPort:
         than the lead, and only as many as fit next to the unserved pairs already waiting
         (:meth:`PairRing.waiting`): a full ring of pairs nobody has asked for yet stops claims,
         whatever their distance from the trainers. With ``positions_per_pair`` above 1 (aim: the positions
-        the trainers pass for each pair the producers can make), a claim of that count spans as many
-        positions per pair, of which the producer generates for the most deserving: the others are passed
-        over for good. The span grows with the pairs claimed, so claims keep the trainers' pace.
+        the trainers pass for each pair the producers can make), a claim reaches as many positions per pair
+        beyond the lead, of which the producer generates for the most deserving: the others are passed over
+        for good. Where earlier claims reach already (they spanned more than the trainers passed meanwhile)
+        it spans less, down to its pairs alone; so claims keep the trainers' pace and never run away to the
+        end of training.
         """
         self.beat()
         lead = self.lead()
@@ -758,7 +760,7 @@ class ProducerPort:
             most = min(n, self.capacity - self.ring.waiting(trainer))
             if most <= 0:
                 return Claim(np.empty(0, dtype=np.int64), 0)
-            span = max(most, int(most * positions_per_pair))
+            span = max(most, trainer + lead + int(most * positions_per_pair) - start)
             header.gen_pos = start + span
         return Claim(np.arange(start, start + span, dtype=np.int64), most)
 
