@@ -6,9 +6,9 @@ trained on real pairs, on synthetic pairs only and with MixDiff, with digits-tin
     python bench/digits_table.py --quick          # 1 epoch each: checks the script, not the methods
 
 Each run is ``python -m onlinemix.train --config <experiment>`` in its own process (the default run's
-model, data and probe; --epochs overrides the configs' train.epochs). The score is the end-of-run
-linear probe's top-1 on the held-out real digits, next to the same probe on the backbone at its random
-initialisation. Results: a Markdown table and JSON at --out, and a bar plot next to them.
+model, data and probe; --epochs overrides the configs' train.epochs), with a disk cache of its own. The
+score is the end-of-run linear probe's top-1 on the held-out real digits, next to the same probe on the
+backbone at its random initialisation. Results: a Markdown table and JSON at --out, and a bar plot next to them.
 """
 
 from __future__ import annotations
@@ -53,11 +53,12 @@ def parse_args(argv: list[str] | None):
     return args
 
 
-def train_once(config: Path, epochs: int, seed: int, runs: Path) -> dict[str, Any]:
-    """One run; its probe results and wall time. A failed run stops the table with the run's own error."""
+def train_once(config: Path, epochs: int, seed: int, runs: Path, *flags: str) -> dict[str, Any]:
+    """One run (with ``flags`` added to its command); its probe results and wall time. A failed run stops the
+    table with the run's own error."""
     name = f"{config.stem}-seed{seed}"
     command = [sys.executable, "-m", "onlinemix.train", "--config", str(config), "--train.epochs", str(epochs),
-               "--train.seed", str(seed), "--output-dir", str(runs), "--run-name", name]
+               "--train.seed", str(seed), "--output-dir", str(runs), "--run-name", name, *flags]
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, "TQDM_DISABLE": "1"})
@@ -122,7 +123,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cells = [(m, p) for m in METHODS for p in PAIRINGS]
     for method, pairing in tqdm(cells, desc="runs", unit="config", file=sys.stderr):
         config = REPO / "configs" / "experiments" / f"digits-{method}-{pairing}.yaml"
-        runs = [train_once(config, args.epochs, seed, runs_dir) for seed in args.seeds]
+        # A cache of its own per run: sharing one, later cells would serve earlier cells' variations and fall
+        # back to real views less, so a cell's synthetic share would depend on the order of the runs.
+        runs = [train_once(config, args.epochs, seed, runs_dir, "--cache.dir",
+                           str(runs_dir / f"{config.stem}-seed{seed}-cache")) for seed in args.seeds]
         table.setdefault(method, {})[pairing] = summarize(runs)
     if args.runs_dir is None:
         shutil.rmtree(runs_dir, ignore_errors=True)
