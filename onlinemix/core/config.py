@@ -114,7 +114,7 @@ class GeneratorConfig:
     aim: str = opt("none", "which images producers generate for first when they cannot cover every position ahead "
                    "of the trainers (docs/aim.md): 'none' = in the trainers' order; 'stale' = images whose newest "
                    "variation has served most and is oldest, or that have none; 'hard' = images whose last "
-                   "(real, synthetic) pair the model matched worst, or that have none", choices=AIMS)
+                   "pair (real and synthetic, or two real views) the model matched worst", choices=AIMS)
     strength: str = opt("fixed", "how different each variation is from its image (noise on its CLIP image "
                         "embedding, docs/aim.md): 'fixed' = generator.noise for every image; 'adaptive' = each "
                         "image's level moves within [noise_min, noise_max] from the model's pair similarity: "

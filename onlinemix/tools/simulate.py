@@ -435,7 +435,8 @@ class _Run:
         images = len(self.schedule.train_ids)
         self.ring = PairRing.local(self.cfg.ring.slots, images=images, noise=self.cfg.generator.noise)
         self.ring.clock_ns = lambda: round(self.clock.now * 1e9)
-        self.similarity = stand_in_similarity(images, self.cfg.train.seed)
+        # The model the trainers' scores stand in for: only an aimed run reads it.
+        self.similarity = stand_in_similarity(images, self.cfg.train.seed) if is_aimed(self.cfg.generator) else None
         self.generated_ids: list[np.ndarray] = []
         self.pixels = np.zeros((max(self.cfg.generator.batch_size, 1), 3, 1, 1), dtype=np.uint8)
         self.disk: DiskCache | None = None
@@ -484,7 +485,7 @@ def simulate(cfg: Config, dataset_size: int, rates: Rates, *, producers: int | N
     disk_images = run.disk.images() if run.disk is not None else 0
     generated_ids = np.concatenate(run.generated_ids) if run.generated_ids else np.zeros(0, dtype=np.int64)
     return Simulation(run.trainer.epochs, run.clock.now, port.generated, port.evicted_unserved, port.unserved,
-                      disk_images, run.batches, generated_ids, run.similarity if is_aimed(cfg.generator) else None)
+                      disk_images, run.batches, generated_ids, run.similarity)
 
 
 def stand_in_similarity(images: int, seed: int) -> np.ndarray:
