@@ -16,9 +16,11 @@ from onlinemix.cache.store import (
     check_writable,
     evict_to_limit,
     generator_description,
+    recorded_noise,
     select_key,
     writer_for,
 )
 
 __all__ = ["CacheError", "CacheReader", "Served", "ShardWriter", "Variation", "cache_key", "cache_keys",
-           "check_writable", "evict_to_limit", "generator_description", "select_key", "writer_for"]
+           "check_writable", "evict_to_limit", "generator_description", "recorded_noise", "select_key",
+           "writer_for"]

@@ -171,6 +171,11 @@ def write_description(key_dir: Path, resolution: int, description: dict) -> None
         {**description, "version": FORMAT_VERSION, "resolution": resolution}, indent=2).encode()))
 
 
+def recorded_noise(level: float) -> float:
+    """A noise level as commit records keep it and compare it: thousandths, as the ring's slots hold them."""
+    return round(float(level), 3)
+
+
 def shard_record(name: str, fmt: str, quality: int, resolution: int, rows: Sequence[tuple[int, int, int, int]],
                  lengths: Sequence[int], created: float, noises: Sequence[float] = ()) -> dict:
     """The commit record of a shard of ``rows`` (real id, seed, epoch, CRC32 of the stored image); ``noises``,
@@ -179,7 +184,7 @@ def shard_record(name: str, fmt: str, quality: int, resolution: int, rows: Seque
               "resolution": resolution, "created": created, "ids": [r[0] for r in rows],
               "seeds": [r[1] for r in rows], "epochs": [r[2] for r in rows], "checksums": [r[3] for r in rows]}
     if any(noises):
-        record["noises"] = [round(float(x), 3) for x in noises]
+        record["noises"] = [recorded_noise(x) for x in noises]
     if fmt == "jpeg":
         record.update(quality=quality, lengths=list(lengths))
     return record

@@ -32,6 +32,7 @@ from onlinemix.cache.store import (
     check_layout,
     check_writable,
     record_variations,
+    recorded_noise,
     stored_image,
 )
 from onlinemix.core.files import json_text
@@ -184,7 +185,7 @@ class _Importer:
         if shape != (3, r, r):
             raise CacheError(f"{where}: synthetic image {shape}, its json says an RGB image of resolution {r}")
         writer, present = self._writer(meta, "jpeg" if jpeg is not None else self.format)
-        variation = (meta["real_id"], meta["seed"], round(float(meta.get("noise", 0.0)), 3))
+        variation = (meta["real_id"], meta["seed"], recorded_noise(meta.get("noise", 0.0)))
         if variation in present:
             self.skipped += 1
             return

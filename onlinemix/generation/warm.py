@@ -28,7 +28,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from onlinemix.cache import CacheError, CacheReader, cache_key, check_writable, generator_description, writer_for
+from onlinemix.cache import (
+    CacheError,
+    CacheReader,
+    cache_key,
+    check_writable,
+    generator_description,
+    recorded_noise,
+    writer_for,
+)
 from onlinemix.core.config import Config
 from onlinemix.core.devices import NodeLaunch, producer_devices
 from onlinemix.core.schedule import variation_seed
@@ -60,7 +68,7 @@ def missing_pairs(reader: CacheReader, train_ids: np.ndarray, base_seed: int, va
     image comes before any second one, so a partial warm already covers the whole dataset.
     A pair counts as present when the cache holds that image with that seed and noise level (they fix the output)."""
     rows = []
-    noise = round(noise, 3)
+    noise = recorded_noise(noise)
     for k in range(variations):
         for i in train_ids.tolist():
             seed = variation_seed(base_seed, i, k)
